@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install torch + deps, build the extension, run the main job
+#   make test   the same set-up, then the test suite
+# Inside an existing environment with torch: pip install --no-build-isolation -e .
+
+PY         ?= python3
+VENV       ?= .venv
+PYTHON     := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup build demo test bench bench-cpu clean
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# The editable install compiles csrc/ into disseg_kernels/_C*.so; it reruns when a source
+# changes. flock serialises concurrent builds of the same tree.
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
+	flock .build.lock $(PYTHON) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.built
+
+build: $(VENV)/.built
+
+demo: $(VENV)/.built
+	$(VENV)/bin/disseg demo
+
+test: $(VENV)/.built
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.built
+	$(PYTHON) -m benchmarks.bench_dispersive
+
+clean:
+	rm -rf build disseg_kernels/_C*.so $(VENV)/.built

@@ -1,0 +1,8 @@
+"""disseg-kernels: fused kernels for Med-DisSeg (dispersive loss, attention calibration,
+window attention), each with a plain-PyTorch reference, C++ CPU, Triton and CUDA
+backends chosen in one place (``disseg_kernels._backend``)."""
+
+from ._backend import BACKENDS, BackendUnavailable, available_backends  # noqa: F401
+from .ops.dispersive import DispersiveLoss, dispersive_loss  # noqa: F401
+
+__version__ = "0.1.0"

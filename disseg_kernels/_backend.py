@@ -1,0 +1,141 @@
+"""Backend choice for every op family, in one place.
+
+Backends:
+    "reference"  plain PyTorch (``disseg_kernels.reference``), any device, float64-capable
+    "cpu"        the C++ kernels of ``csrc/*.cpp`` (``disseg_kernels._C``), CPU tensors
+    "cuda"       the CUDA kernels of ``csrc/*.cu``, CUDA tensors
+    "triton"     the Triton kernels of ``disseg_kernels/triton``, CUDA tensors, or CPU
+                 tensors under ``TRITON_INTERPRET=1`` (how they are tested without a GPU)
+    "auto"       the fastest backend available for the tensor's device
+
+A requested backend that cannot run raises ``BackendUnavailable`` naming it and saying
+why; only ``"auto"`` chooses, and it never chooses silently among failing options: it
+falls back to the reference only when no fused backend exists for the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+# Which backends each op family implements. An op family appears under one name in
+# every folder: csrc/<name>.cpp, csrc/<name>.cu, disseg_kernels/triton/<name>.py,
+# disseg_kernels/reference/<name>.py, tests/test_<name>.py, benchmarks/bench_<name>.py.
+FAMILIES: dict[str, frozenset[str]] = {
+    "dispersive": frozenset({"reference", "cpu", "cuda", "triton"}),
+}
+
+# The C++ operator that proves a family's compiled kernels are present in _C.
+_CPP_OPS: dict[str, str] = {
+    "dispersive": "dispersive_fused",
+}
+
+# Preference order of "auto", per device type.
+_AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was requested by name and cannot run; the message says why."""
+
+
+@functools.lru_cache(maxsize=None)
+def extension_error() -> str | None:
+    """None when ``disseg_kernels._C`` loads, else why it does not."""
+    try:
+        from disseg_kernels import _C  # noqa: F401
+    except ImportError as exc:  # not built, or built against another torch
+        return (
+            f"the C++ extension disseg_kernels._C is not importable ({exc}); "
+            "build it with `pip install --no-build-isolation -e .`"
+        )
+    return None
+
+
+def _cpp_kernel_error(family: str, dispatch_key: str) -> str | None:
+    err = extension_error()
+    if err:
+        return err
+    op = _CPP_OPS.get(family)
+    if op is None or not hasattr(torch.ops.disseg, op):
+        return f"the extension has no compiled kernel for '{family}'"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"disseg::{op}", dispatch_key):
+        if dispatch_key == "CUDA":
+            return (
+                "the extension was built without its CUDA kernels (no nvcc or no CUDA "
+                "build of torch at build time, or DISSEG_SKIP_CUDA_BUILD was set)"
+            )
+        return f"the extension has no {dispatch_key} kernel for '{family}'"
+    return None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+def unavailable_reason(family: str, backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run ``family`` on ``device``, else the reason it cannot."""
+    implemented = FAMILIES[family]
+    if backend not in implemented:
+        return f"'{family}' has no {backend} implementation (it has: {', '.join(sorted(implemented))})"
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"it runs on CPU tensors and the input is on {device}"
+        return _cpp_kernel_error(family, "CPU")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"it runs on CUDA tensors and the input is on {device}"
+        return _cpp_kernel_error(family, "CUDA")
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return (
+            f"Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
+            f"and the input is on {device}"
+        )
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve(family: str, backend: str, device: torch.device | str) -> str:
+    """The backend that will run ``family`` on ``device`` (never "auto").
+
+    Raises ``ValueError`` for an unknown name and ``BackendUnavailable`` for a named
+    backend that cannot run here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend != "auto":
+        reason = unavailable_reason(family, backend, device)
+        if reason:
+            raise BackendUnavailable(f"backend={backend!r} cannot run '{family}': {reason}")
+        return backend
+    for candidate in _AUTO_ORDER.get(device.type, ()):
+        if candidate in FAMILIES[family] and unavailable_reason(family, candidate, device) is None:
+            return candidate
+    return "reference"
+
+
+def available_backends(family: str, device: torch.device | str) -> list[str]:
+    """Every backend (auto excluded) that can run ``family`` on ``device``."""
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if b in FAMILIES[family] and unavailable_reason(family, b, device) is None]

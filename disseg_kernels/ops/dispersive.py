@@ -1,0 +1,184 @@
+"""The dispersive loss: public API, the ``disseg::dispersive`` custom op and its autograd.
+
+The loss is a scalar, so every fused kernel returns the loss and dL/dz together from one
+call (the gradient is computed while the tiles are hot, never from an N×N buffer); the
+backward pass only scales that gradient by grad_output. The custom op is registered with
+``torch.library`` (schema, fake implementation, autograd), so ``torch.compile`` sees one
+opaque node and ``opcheck`` passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend
+from ..reference.dispersive import DIAGONALS, VARIANTS, dispersive_loss_reference
+
+# The integer codes the compiled kernels use for the variants (csrc/dispersive.cpp,
+# csrc/dispersive.cu and triton/dispersive.py share them).
+VARIANT_CODES = {name: code for code, name in enumerate(VARIANTS)}
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _run_kernel(backend, z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad):
+    code = VARIANT_CODES[variant]
+    if backend in ("cpu", "cuda"):
+        return torch.ops.disseg.dispersive_fused(
+            z, code, tau, margin, include_diagonal, scale_by_dim, need_grad
+        )
+    if backend == "triton":
+        from ..triton.dispersive import dispersive_fused_triton
+
+        return dispersive_fused_triton(z, code, tau, margin, include_diagonal, scale_by_dim, need_grad)
+    raise ValueError(f"no fused kernel for backend {backend!r}")
+
+
+@torch.library.custom_op("disseg::dispersive", mutates_args=())
+def _dispersive_op(
+    z: torch.Tensor,
+    variant: str,
+    tau: float,
+    margin: float,
+    include_diagonal: bool,
+    scale_by_dim: bool,
+    need_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dL/dz) of a contiguous (N, D) z; dL/dz is empty when ``need_grad`` is False."""
+    loss, grad = _run_kernel(backend, z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad)
+    return loss, grad
+
+
+@_dispersive_op.register_fake
+def _(z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad, backend):
+    loss = z.new_empty((), dtype=_loss_dtype(z.dtype))
+    grad = torch.empty_like(z) if need_grad else z.new_empty((0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0:
+        raise RuntimeError(
+            "dispersive_loss was computed without its gradient (z did not require grad "
+            "or grad mode was off) and cannot be differentiated"
+        )
+    return (grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None)
+
+
+_dispersive_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite):
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() < 2:
+        raise ValueError(f"z must have shape (N, *) with at least 2 dimensions, got shape {tuple(z.shape)}")
+    if not z.dtype.is_floating_point:
+        raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0 or not math.isfinite(tau):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0 or not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
+    if diagonal not in DIAGONALS:
+        raise ValueError(f"diagonal must be one of {DIAGONALS}, got {diagonal!r}")
+    if not isinstance(scale_by_dim, bool):
+        raise TypeError(f"scale_by_dim must be a bool, got {scale_by_dim!r}")
+    if check_finite and not torch.isfinite(z).all():
+        raise ValueError("z holds a non-finite value (NaN or inf); check_finite=True rejects it")
+
+
+def dispersive_loss(
+    z: torch.Tensor,
+    variant: str = "infonce_l2",
+    tau: float = 0.5,
+    margin: float = 1.0,
+    diagonal: str = "exclude",
+    scale_by_dim: bool = False,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Dispersive loss of the rows of ``z`` (``shared/spec/dispersive.md``).
+
+    Args:
+        z: (N, *) hidden representations, flattened to Z ∈ R^{N×D}; float64, float32,
+            bfloat16 or float16 (half types accumulate in float32); any strides.
+        variant: ``"infonce_l2"`` (d = ‖z_i − z_j‖), ``"infonce_l2sq"`` (d = ‖z_i − z_j‖²),
+            ``"infonce_cosine"`` (d = 1 − ẑ_i·ẑ_j), ``"hinge"`` (mean of max(0, ε − d)²)
+            or ``"covariance"`` (Σ_{a≠b} C_ab² of the row-centred covariance, from the
+            N×N Gram matrix, never the D×D one).
+        tau: temperature τ > 0 of the InfoNCE variants: L = log mean_P exp(−d/τ),
+            computed as a logsumexp.
+        margin: ε > 0 of the hinge variant.
+        diagonal: ``"exclude"`` (pairs i ≠ j, Med-DisSeg) or ``"include"`` (all N²).
+        scale_by_dim: divide every distance by D.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        check_finite: reject NaN/inf in z (a device sync; off by default).
+
+    Returns:
+        A 0-d tensor: z's dtype, float32 for half inputs. N < 2 gives 0 with a zero
+        gradient.
+    """
+    _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite)
+    chosen = _backend.resolve("dispersive", backend, z.device)
+    if chosen == "reference":
+        return dispersive_loss_reference(z, variant, float(tau), float(margin), diagonal, scale_by_dim)
+    n = z.shape[0]
+    flat = z.reshape(n, -1)
+    if n < 2 or flat.shape[1] == 0:
+        return (flat.sum() * 0.0).to(_loss_dtype(z.dtype))
+    need_grad = torch.is_grad_enabled() and z.requires_grad
+    loss, _ = _dispersive_op(
+        flat.contiguous(),
+        variant,
+        float(tau),
+        float(margin),
+        diagonal == "include",
+        scale_by_dim,
+        need_grad,
+        chosen,
+    )
+    return loss
+
+
+class DispersiveLoss(torch.nn.Module):
+    """Module form of :func:`dispersive_loss`, with the same options."""
+
+    def __init__(
+        self,
+        variant: str = "infonce_l2",
+        tau: float = 0.5,
+        margin: float = 1.0,
+        diagonal: str = "exclude",
+        scale_by_dim: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        # Validate once here, with a dummy input, so a bad option fails at construction.
+        _validate(torch.zeros(2, 1), variant, tau, margin, diagonal, scale_by_dim, False)
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        self.variant, self.tau, self.margin = variant, float(tau), float(margin)
+        self.diagonal, self.scale_by_dim, self.backend = diagonal, scale_by_dim, backend
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return dispersive_loss(z, self.variant, self.tau, self.margin, self.diagonal, self.scale_by_dim, self.backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"variant={self.variant!r}, tau={self.tau}, margin={self.margin}, "
+            f"diagonal={self.diagonal!r}, scale_by_dim={self.scale_by_dim}, backend={self.backend!r}"
+        )

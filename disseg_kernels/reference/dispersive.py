@@ -1,0 +1,98 @@
+"""The dispersive loss, in plain PyTorch, line by line against ``shared/spec/dispersive.md``.
+
+This is the executable form of the spec: every fused backend is tested against it, and
+its gradients come from autograd (float64-capable, double-backward included). It builds
+N×N matrices, so it is meant for tests and small inputs, not for N = 65,536.
+
+``eager_dispersive_loss`` is the other thing in this file: the authors' formulation
+(cdist → mask → exp → mean → log, optionally with their ``+ 1e-8``), which the benchmarks
+time as "eager" and the tests use to show why the stable loss is needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+VARIANTS = ("infonce_l2", "infonce_l2sq", "infonce_cosine", "hinge", "covariance")
+DIAGONALS = ("exclude", "include")
+
+
+def _flatten(z: torch.Tensor) -> torch.Tensor:
+    """(N, *) → (N, D); half types are read as they are and computed in float32."""
+    z = z.reshape(z.shape[0], -1)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    return z
+
+
+def pairwise_distance(z: torch.Tensor, variant: str, scale_by_dim: bool) -> torch.Tensor:
+    """d_ij of the spec's "Distances" section, (N, N)."""
+    n, dim = z.shape
+    if variant in ("infonce_l2", "hinge"):
+        # Exact differences (no Gram-matrix cancellation); cdist's backward gives the
+        # subgradient 0 where d_ij = 0 (duplicate rows).
+        d = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist")
+    elif variant == "infonce_l2sq":
+        d = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").square()
+    elif variant == "infonce_cosine":
+        zhat = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        d = 1.0 - zhat @ zhat.T
+    else:
+        raise ValueError(f"variant {variant!r} has no pairwise distance")
+    if scale_by_dim:
+        d = d / dim
+    return d
+
+
+def dispersive_loss_reference(
+    z: torch.Tensor,
+    variant: str = "infonce_l2",
+    tau: float = 0.5,
+    margin: float = 1.0,
+    diagonal: str = "exclude",
+    scale_by_dim: bool = False,
+) -> torch.Tensor:
+    """L of the spec for z of shape (N, *); a 0-d tensor (float32 for half inputs)."""
+    z = _flatten(z)
+    n = z.shape[0]
+    if n < 2:
+        return z.sum() * 0.0  # a zero that keeps the graph: zero gradient
+
+    if variant == "covariance":
+        zc = z - z.mean(dim=0, keepdim=True)
+        gram = zc @ zc.T  # N×N; never the D×D covariance
+        col_sq = zc.square().sum(dim=0)  # Σ_i Z̄_ia², (D,)
+        return (gram.square().sum() - col_sq.square().sum()) / (n - 1) ** 2
+
+    d = pairwise_distance(z, variant, scale_by_dim)
+    if diagonal == "exclude":
+        pairs = ~torch.eye(n, dtype=torch.bool, device=z.device)
+        d = d[pairs]  # the N(N-1) off-diagonal pairs
+    else:
+        d = d.reshape(-1)  # all N² pairs
+    if variant == "hinge":
+        return torch.relu(margin - d).square().mean()
+    # log((1/|P|) Σ exp(-d/τ)) as a max-subtracted logsumexp, never log(mean(exp)).
+    return torch.logsumexp(-d / tau, dim=0) - math.log(d.numel())
+
+
+def eager_dispersive_loss(
+    z: torch.Tensor, tau: float = 0.5, squared: bool = False, authors_eps: bool = False
+) -> torch.Tensor:
+    """The authors' eager formulation: cdist → mask → exp → mean → log, via autograd.
+
+    With ``authors_eps`` it is their ``log(mean(exp(-d/τ)) + 1e-8)``, which underflows to
+    the constant log(1e-8) = -18.42 with a zero gradient once every d/τ is above ~104.
+    Runs in z's own dtype (this is the "eager PyTorch" every error bound is measured
+    against) and builds N×N matrices.
+    """
+    z = z.reshape(z.shape[0], -1)
+    n = z.shape[0]
+    d = torch.cdist(z, z)
+    if squared:
+        d = d.square()
+    mask = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    e = torch.exp(-d[mask] / tau).mean()
+    return torch.log(e + 1e-8) if authors_eps else torch.log(e)

@@ -1,0 +1,21 @@
+"""Shared test set-up.
+
+Without a GPU, Triton kernels run under the interpreter on CPU tensors: the variable must
+be set before triton is first imported, so it is set here.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
