@@ -1,0 +1,439 @@
+"""The dispersive loss: every fused backend against the plain-PyTorch reference.
+
+What these tests protect:
+- the reference itself computes the spec (checked against a loop written from the formula);
+- every fused backend (C++ CPU; Triton, under the interpreter without a GPU; CUDA with one)
+  gives the reference's value and float64 gradient, on odd sizes, for every variant and
+  option, in float32 within twice eager PyTorch's own error, in bf16/fp16 likewise;
+- the stable loss stays alive at the model's scale where the authors' form is dead;
+- the edge cases of the spec (N = 1, duplicate rows, non-contiguous input, grad_output ≠ 1,
+  int32-overflowing sizes) and the error messages of the API;
+- torch.compile(fullgraph=True) and torch.library.opcheck.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import disseg_kernels
+from disseg_kernels import BackendUnavailable, dispersive_loss
+from disseg_kernels._backend import unavailable_reason
+from disseg_kernels.reference import (
+    VARIANTS,
+    dispersive_loss_reference,
+    eager_dispersive_loss,
+)
+
+
+def _device_for(backend: str) -> str:
+    if backend == "cuda":
+        return "cuda"
+    if backend == "triton":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+FUSED = ["cpu", "triton", "cuda"]
+
+
+def _fused_param(backend):
+    reason = unavailable_reason("dispersive", backend, torch.device(_device_for(backend)))
+    return pytest.param(backend, marks=pytest.mark.skipif(reason is not None, reason=str(reason)), id=backend)
+
+
+FUSED_PARAMS = [_fused_param(b) for b in FUSED]
+
+
+def _interpreted(backend: str) -> bool:
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+def _loss_and_grad(z, backend, **opts):
+    z = z.detach().clone().requires_grad_(True)
+    loss = dispersive_loss(z, backend=backend, **opts)
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss.detach(), grad
+
+
+def _ref_loss_and_grad(z, **opts):
+    z = z.detach().double().clone().requires_grad_(True)
+    loss = dispersive_loss_reference(z, **opts)
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss.detach(), grad
+
+
+def _eager_loss_and_grad(z, **opts):
+    z = z.detach().clone().requires_grad_(True)
+    loss = eager_dispersive_loss(z, **opts)
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss.detach(), grad
+
+
+def _sample(n, d, dtype=torch.float32, device="cpu", seed=0):
+    """Rows scaled so that distances are O(1): the regime where eager's float32 is sound."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) / math.sqrt(max(d, 1))).to(dtype).to(device)
+
+
+# --------------------------------------------------------------------------------------
+# The reference is the spec
+
+
+def _loop_loss(z, variant, tau, margin, diagonal, scale_by_dim):
+    """The spec's formulas as loops over pairs, float64, no vectorisation tricks."""
+    n, dim = z.shape
+    rows = z.tolist()
+    if variant == "covariance":
+        mean = [sum(r[a] for r in rows) / n for a in range(dim)]
+        zc = [[r[a] - mean[a] for a in range(dim)] for r in rows]
+        cov = [[sum(zc[i][a] * zc[i][b] for i in range(n)) / (n - 1) for b in range(dim)] for a in range(dim)]
+        return sum(cov[a][b] ** 2 for a in range(dim) for b in range(dim) if a != b)
+    pairs = [(i, j) for i in range(n) for j in range(n) if diagonal == "include" or i != j]
+    ds = []
+    for i, j in pairs:
+        if variant == "infonce_cosine":
+            ni = max(math.sqrt(sum(x * x for x in rows[i])), 1e-12)
+            nj = max(math.sqrt(sum(x * x for x in rows[j])), 1e-12)
+            d = 1 - sum(x * y for x, y in zip(rows[i], rows[j])) / (ni * nj)
+        else:
+            d = math.sqrt(sum((x - y) ** 2 for x, y in zip(rows[i], rows[j])))
+            if variant == "infonce_l2sq":
+                d = d * d
+        ds.append(d / dim if scale_by_dim else d)
+    if variant == "hinge":
+        return sum(max(0.0, margin - d) ** 2 for d in ds) / len(ds)
+    return math.log(sum(math.exp(-d / tau) for d in ds) / len(ds))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("diagonal,scale_by_dim", [("exclude", False), ("include", True)])
+def test_reference_matches_spec_loops(variant, diagonal, scale_by_dim):
+    """The reference (vectorised, logsumexp) equals the spec written as plain loops."""
+    z = torch.randn(5, 4, dtype=torch.float64) * 0.7
+    opts = dict(variant=variant, tau=0.3, margin=1.5, diagonal=diagonal, scale_by_dim=scale_by_dim)
+    got = float(dispersive_loss_reference(z, **opts))
+    assert got == pytest.approx(_loop_loss(z, **opts), rel=1e-10, abs=1e-12)
+
+
+def test_stable_loss_alive_where_authors_form_is_dead():
+    """At the model's scale (N = 8, D = 262,144, unit variance) the authors'
+    log(mean(exp)) + 1e-8 returns log(1e-8) = -18.42 with a zero gradient; the stable
+    loss is about -1447 with a gradient of norm about 1.6, on every backend."""
+    z = torch.randn(8, 262144, generator=torch.Generator().manual_seed(0))
+    dead, dead_grad = _eager_loss_and_grad(z, authors_eps=True)
+    assert float(dead) == pytest.approx(math.log(1e-8), rel=1e-6)
+    assert float(dead_grad.abs().max()) == 0.0
+
+    ref, ref_grad = _ref_loss_and_grad(z)
+    assert float(ref) == pytest.approx(-1447, rel=0.01)
+    assert float(ref_grad.norm()) == pytest.approx(1.6, rel=0.1)
+    for backend in disseg_kernels.available_backends("dispersive", "cpu"):
+        if backend == "reference" or _interpreted(backend):
+            continue
+        loss, grad = _loss_and_grad(z, backend)
+        assert float(loss) == pytest.approx(float(ref), rel=1e-6), backend
+        rel = float((grad.double() - ref_grad).norm() / ref_grad.norm())
+        assert rel < 1e-5, f"{backend}: relative gradient error {rel:.2e}"
+
+
+# --------------------------------------------------------------------------------------
+# Fused backends against the reference
+
+
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "diagonal,scale_by_dim", [("exclude", False), ("include", False), ("exclude", True)], ids=["excl", "incl", "scaled"]
+)
+def test_gradcheck_float64(backend, variant, diagonal, scale_by_dim):
+    """Analytic float64 gradient of each fused backend equals finite differences."""
+    device = _device_for(backend)
+    z = _sample(6, 5, torch.float64, device, seed=1).mul_(2.0).requires_grad_(True)
+    fn = lambda t: dispersive_loss(  # noqa: E731
+        t, variant=variant, tau=0.7, margin=1.3, diagonal=diagonal, scale_by_dim=scale_by_dim, backend=backend
+    )
+    assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+SHAPES_CPU = list(itertools.product([2, 3, 37, 300], [1, 7, 211, 1000]))
+SHAPES_INTERP = list(itertools.product([2, 3, 37, 300], [1, 7, 64, 128]))
+
+
+def _shapes(backend):
+    return SHAPES_INTERP if _interpreted(backend) else SHAPES_CPU
+
+
+def _err(a, b):
+    return float((a.double() - b.double()).abs().max())
+
+
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parity_float32_grid(backend, variant):
+    """float32 loss and gradient within twice eager float32's own error against float64,
+    on odd sizes (N = 2, 3, 37, 300; D = 1, 7, 211, 1000)."""
+    device = _device_for(backend)
+    for n, d in _shapes(backend):
+        opts = dict(variant=variant, tau=0.5, margin=1.0)
+        z = _sample(n, d, seed=n * 1000 + d)
+        ref, ref_g = _ref_loss_and_grad(z, **opts)
+        eag, eag_g = _eager_loss_and_grad(z, **opts)
+        got, got_g = _loss_and_grad(z.to(device), backend, **opts)
+        assert got.dtype == torch.float32 and got_g.dtype == torch.float32 and got_g.shape == z.shape
+        scale = max(1.0, abs(float(ref)))
+        gscale = max(float(ref_g.abs().max()), 1e-30)
+        assert _err(got, ref) <= 2 * _err(eag, ref) + 2e-6 * scale, (n, d, float(got), float(ref), float(eag))
+        assert _err(got_g, ref_g) <= 2 * _err(eag_g, ref_g) + 2e-5 * gscale, (n, d)
+
+
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("diagonal,scale_by_dim", [("include", False), ("exclude", True), ("include", True)])
+def test_parity_options(backend, variant, diagonal, scale_by_dim):
+    """diagonal='include' and scale_by_dim, with a non-default tau and margin."""
+    device = _device_for(backend)
+    opts = dict(variant=variant, tau=0.37, margin=0.8, diagonal=diagonal, scale_by_dim=scale_by_dim)
+    for n, d in [(3, 7), (37, 64)]:
+        z = _sample(n, d, seed=7) * (d if scale_by_dim else 1.0)
+        ref, ref_g = _ref_loss_and_grad(z, **opts)
+        got, got_g = _loss_and_grad(z.to(device), backend, **opts)
+        assert float(got) == pytest.approx(float(ref), rel=1e-5, abs=1e-6)
+        assert _err(got_g, ref_g) <= 1e-4 * max(float(ref_g.abs().max()), 1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_half_precision_within_twice_eager_error(backend, dtype, variant):
+    """bf16/fp16 inputs, float32 accumulation: error against float64 (of the same rounded
+    input) at most twice that of eager PyTorch computing in that dtype."""
+    device = _device_for(backend)
+    opts = dict(variant=variant)
+    for n, d in [(37, 64), (300, 7)] + ([] if _interpreted(backend) else [(64, 1000)]):
+        z = _sample(n, d, dtype, seed=n + d)
+        ref, ref_g = _ref_loss_and_grad(z, **opts)
+        eag, eag_g = _eager_loss_and_grad(z, **opts)
+        got, got_g = _loss_and_grad(z.to(device), backend, **opts)
+        assert got.dtype == torch.float32 and got_g.dtype == dtype
+        scale = max(1.0, abs(float(ref)))
+        gscale = float(ref_g.abs().max())
+        assert _err(got, ref) <= 2 * _err(eag, ref) + 1e-5 * scale, (n, d, float(got), float(ref), float(eag))
+        # the gradient is returned in the input dtype: its own rounding is the floor
+        floor = 2 * torch.finfo(dtype).eps * gscale
+        assert _err(got_g, ref_g) <= 2 * _err(eag_g, ref_g) + floor, (n, d)
+
+
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_many_samples_regime(backend, variant):
+    """Sizes that span several row and column tiles (and, on CPU, the tiled regime)."""
+    device = _device_for(backend)
+    n, d = (520, 33) if _interpreted(backend) else (1500, 96)
+    z = _sample(n, d, seed=3) * 3.0
+    ref, ref_g = _ref_loss_and_grad(z, variant=variant)
+    got, got_g = _loss_and_grad(z.to(device), backend, variant=variant)
+    assert float(got) == pytest.approx(float(ref), rel=2e-5, abs=1e-5)
+    assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max())
+
+
+# --------------------------------------------------------------------------------------
+# Edge cases
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED_PARAMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_single_sample_is_zero_with_zero_gradient(backend, variant):
+    """N = 1 (a last batch of one) gives 0 and a zero gradient, not a crash or NaN."""
+    z = torch.randn(1, 3, 4, device=_device_for(backend), requires_grad=True)
+    loss = dispersive_loss(z, variant=variant, backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED_PARAMS)
+@pytest.mark.parametrize("variant", ["infonce_l2", "hinge", "infonce_l2sq", "infonce_cosine"])
+def test_duplicate_rows_finite_with_zero_subgradient(backend, variant):
+    """Duplicate rows (d = 0) give a finite loss and the subgradient 0 for the pair."""
+    device = _device_for(backend)
+    base = _sample(4, 9, torch.float64, seed=5)
+    z = torch.cat([base, base[:2]]).to(device)  # rows 4, 5 duplicate rows 0, 1
+    ref, ref_g = _ref_loss_and_grad(z.cpu(), variant=variant)
+    got, got_g = _loss_and_grad(z.float(), backend, variant=variant)
+    assert torch.isfinite(got) and torch.isfinite(got_g).all()
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+    assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max())
+    # all rows equal: every distance is 0, every pair contributes the subgradient 0
+    same = base[:1].repeat(5, 1).float().to(device)
+    _, g = _loss_and_grad(same, backend, variant=variant)
+    # exactly 0 for the L2 family; the cosine projection leaves float rounding
+    assert float(g.abs().max()) <= (1e-6 if variant == "infonce_cosine" else 0.0)
+
+
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
+def test_non_contiguous_and_nd_input(backend):
+    """A transposed (non-contiguous) 4-D input: same loss, gradient in its own layout."""
+    device = _device_for(backend)
+    base = _sample(6, 48, seed=11).reshape(6, 3, 4, 4).to(device)
+    z = base.transpose(1, 3)  # (6, 4, 4, 3), non-contiguous
+    assert not z.is_contiguous()
+    ref, ref_g = _ref_loss_and_grad(z.cpu())
+    got, got_g = _loss_and_grad(z, backend)
+    assert got_g.shape == z.shape
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+    assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max())
+
+
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
+def test_grad_output_not_one(backend):
+    """The loss is not the last layer: the gradient scales with grad_output."""
+    device = _device_for(backend)
+    z = _sample(9, 13, seed=2).to(device).requires_grad_(True)
+    (3.7 * dispersive_loss(z, variant="infonce_l2sq", backend=backend)).backward()
+    _, ref_g = _ref_loss_and_grad(z.detach().cpu(), variant="infonce_l2sq")
+    assert _err(z.grad, 3.7 * ref_g) <= 1e-4 * float(3.7 * ref_g.abs().max())
+
+
+def test_no_grad_forward_matches():
+    """Under no_grad the fused op skips the gradient and returns the same value."""
+    z = _sample(40, 16, seed=4)
+    for backend in disseg_kernels.available_backends("dispersive", "cpu"):
+        with torch.no_grad():
+            a = dispersive_loss(z, backend=backend)
+        b, _ = _loss_and_grad(z, backend)
+        assert float(a) == pytest.approx(float(b), rel=1e-6), backend
+
+
+def _mem_available_gb():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+@pytest.mark.skipif(
+    unavailable_reason("dispersive", "cpu", torch.device("cpu")) is not None, reason="C++ extension not built"
+)
+def test_n_squared_overflows_int32():
+    """N = 46,341 (N² > 2³¹) in the tiled regime: no int32 offset overflow. Two clusters
+    of equal rows give the loss and gradient in closed form."""
+    n, a, tau = 46341, 0.9, 0.5
+    z = torch.zeros(n, 1)
+    z[1::2] = a
+    n1 = n // 2
+    n0 = n - n1
+    loss, grad = _loss_and_grad(z, "cpu", variant="infonce_l2sq", tau=tau)
+    e = math.exp(-a * a / tau)
+    total = n0 * (n0 - 1) + n1 * (n1 - 1) + 2 * n0 * n1 * e
+    assert float(loss) == pytest.approx(math.log(total / (n * (n - 1))), rel=1e-5)
+    # grad_i = -(4/τ) Σ_j p_ij (z_i − z_j), p_ij = e^{-d_ij/τ} / total
+    g0 = -(4 / tau) * n1 * (e / total) * (0 - a)
+    g1 = -(4 / tau) * n0 * (e / total) * (a - 0)
+    assert float(grad[0]) == pytest.approx(g0, rel=1e-4)
+    assert float(grad[1]) == pytest.approx(g1, rel=1e-4)
+
+
+@pytest.mark.skipif(_mem_available_gb() < 12, reason="needs about 9 GB of free memory")
+@pytest.mark.skipif(
+    unavailable_reason("dispersive", "cpu", torch.device("cpu")) is not None, reason="C++ extension not built"
+)
+def test_n_times_d_overflows_int32():
+    """N·D > 2³¹ elements (bf16, 4.3 GB): rows c_i·1_D have d_ij = |c_i − c_j|·√D, so a
+    (N, 1) proxy with rows c_i·√D gives the loss, and its gradient / √D every element."""
+    n, d = 8, 2**28 + 8
+    c = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5, -0.5, 3.0, -2.0]) * 1e-4
+    z = c[:, None].to(torch.bfloat16).expand(n, d)  # a stride-0 view: the op makes it contiguous
+    proxy = (c.to(torch.bfloat16).double() * math.sqrt(d))[:, None]
+    ref, ref_g = _ref_loss_and_grad(proxy, variant="infonce_l2")
+    got, got_g = _loss_and_grad(z, "cpu", variant="infonce_l2")
+    assert float(got) == pytest.approx(float(ref), rel=1e-4)
+    expect = (ref_g[:, 0] / math.sqrt(d)).float()
+    for i in range(n):
+        row = got_g[i]
+        assert float(row[0]) == pytest.approx(float(expect[i]), rel=2e-2)
+        assert float(row[-1]) == pytest.approx(float(expect[i]), rel=2e-2)
+    del z, got_g
+
+
+# --------------------------------------------------------------------------------------
+# API
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(variant="l3"), "variant"),
+        (dict(tau=0.0), "tau"),
+        (dict(tau=-1.0), "tau"),
+        (dict(tau=float("nan")), "tau"),
+        (dict(margin=0.0), "margin"),
+        (dict(diagonal="maybe"), "diagonal"),
+        (dict(backend="fpga"), "backend"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=match):
+        dispersive_loss(z, **kwargs)
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        dispersive_loss(torch.randn(5))
+    with pytest.raises(TypeError, match="floating-point"):
+        dispersive_loss(torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="non-finite"):
+        dispersive_loss(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), check_finite=True)
+    with pytest.raises(ValueError, match="tau"):
+        disseg_kernels.DispersiveLoss(tau=-2)
+
+
+def test_unavailable_backend_says_why():
+    """A named backend that cannot run raises with the reason; auto never raises."""
+    z = torch.randn(4, 3)
+    with pytest.raises(BackendUnavailable, match="backend='cuda'.*CUDA tensors"):
+        dispersive_loss(z, backend="cuda")
+    assert torch.isfinite(dispersive_loss(z, backend="auto"))
+
+
+def test_module_matches_function():
+    z = _sample(10, 20, seed=9)
+    mod = disseg_kernels.DispersiveLoss(variant="infonce_cosine", tau=0.2)
+    assert float(mod(z)) == pytest.approx(float(dispersive_loss(z, variant="infonce_cosine", tau=0.2)), rel=1e-6)
+    assert "infonce_cosine" in repr(mod)
+
+
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
+def test_opcheck(backend):
+    """Schema, fake tensor, autograd registration and AOT dispatch of disseg::dispersive."""
+    device = _device_for(backend)
+    for variant, need_grad in [("infonce_l2", True), ("hinge", True), ("covariance", False)]:
+        z = _sample(11, 6, device=device, seed=1).requires_grad_(need_grad)
+        args = (z, variant, 0.5, 1.0, False, False, need_grad, backend)
+        torch.library.opcheck(torch.ops.disseg.dispersive.default, args)
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED_PARAMS if b.values[0] != "triton"])
+def test_torch_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) of a function calling dispersive_loss: no graph
+    break, same value and gradient as eager."""
+    device = _device_for(backend)
+    torch._dynamo.reset()
+
+    def step(z):
+        return 2.0 * dispersive_loss(z.tanh(), variant="infonce_l2", backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z1 = _sample(12, 5, device=device, seed=6).requires_grad_(True)
+    z2 = z1.detach().clone().requires_grad_(True)
+    a, b = compiled(z1), step(z2)
+    a.backward()
+    b.backward()
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+    assert torch.allclose(z1.grad, z2.grad, rtol=1e-5, atol=1e-7)
