@@ -27,11 +27,13 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # disseg_kernels/reference/<name>.py, tests/test_<name>.py, benchmarks/bench_<name>.py.
 FAMILIES: dict[str, frozenset[str]] = {
     "dispersive": frozenset({"reference", "cpu", "cuda", "triton"}),
+    "window_attention": frozenset({"reference"}),
 }
 
 # The C++ operator that proves a family's compiled kernels are present in _C.
 _CPP_OPS: dict[str, str] = {
     "dispersive": "dispersive_fused",
+    "window_attention": "window_attention_forward",
 }
 
 # Preference order of "auto", per device type.
