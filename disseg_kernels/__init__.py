@@ -4,6 +4,9 @@ backends chosen in one place (``disseg_kernels._backend``)."""
 
 from ._backend import BACKENDS, BackendUnavailable, available_backends  # noqa: F401
 from .ops.dispersive import DispersiveLoss, dispersive_loss  # noqa: F401
+from .ops.gates import CBAM, ELAT, CBATGates, ChannelAttention, SpatialAttention  # noqa: F401
+from .ops.multiscale import multiscale_concat  # noqa: F401
+from .ops.telu import TeLU, telu  # noqa: F401
 from .ops.window_attention import ContrastDrivenFeatureAggregation, window_attention  # noqa: F401
 
 __version__ = "0.1.0"

@@ -28,12 +28,18 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 FAMILIES: dict[str, frozenset[str]] = {
     "dispersive": frozenset({"reference", "cpu", "cuda", "triton"}),
     "window_attention": frozenset({"reference"}),
+    "telu": frozenset({"reference", "cpu", "triton"}),
+    "gates": frozenset({"reference", "cpu", "triton"}),
+    "multiscale": frozenset({"reference", "cpu", "triton"}),
 }
 
 # The C++ operator that proves a family's compiled kernels are present in _C.
 _CPP_OPS: dict[str, str] = {
     "dispersive": "dispersive_fused",
     "window_attention": "window_attention_forward",
+    "telu": "telu_fwd",
+    "gates": "gates_pool_hw",
+    "multiscale": "multiscale_fwd",
 }
 
 # Preference order of "auto", per device type.
