@@ -1,0 +1,248 @@
+"""Training configuration: one dataclass, every hyperparameter a command-line flag.
+
+Resolution order (later wins): the dataclass defaults, the JSON file given by
+``--config``, then the flags actually typed on the command line. The resolved config is
+saved in the run folder (``config.json``) and in every checkpoint, so a run can be
+evaluated or resumed without retyping it.
+
+Flags are generated from the fields: ``batch_size`` is ``--batch-size``; booleans have a
+``--no-`` form (``--fused`` / ``--no-fused``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class UserError(Exception):
+    """A problem with what the user gave us (a path, a flag, a data file).
+
+    The command line prints the message and exits with status 2, without a traceback.
+    """
+
+    exit_code = 2
+
+
+def _f(default, help, choices=None, group="training"):
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- what to train
+    stage: int = _f(1, "1 = Stage I (MedDisSeg1), 2 = Stage II (MedDisSeg2)", [1, 2], "run")
+    data: Optional[str] = _f(None, "dataset ROOT (images/, masks/, train.txt, val.txt); "
+                             "omitted: the embedded synthetic dataset, generated into OUT/data", group="run")
+    init: Optional[str] = _f(None, "Stage II: Stage I checkpoint to start from (encoder copied)", group="run")
+    out: str = _f("runs/disseg", "run folder (logs, config, checkpoints)", group="run")
+    resume: bool = _f(False, "continue the run in OUT from OUT/last.pt", group="run")
+    epochs: int = _f(300, "maximum number of epochs", group="run")
+
+    # ---------------------------------------------------------------- model
+    encoder: str = _f("resnet50", "encoder", ["resnet50", "resnet34", "resnet18"], "model")
+    pretrained: Optional[str] = _f(None, "torchvision-format ResNet state dict (local file) "
+                                   "for the encoder; nothing is downloaded", group="model")
+    fused: bool = _f(True, "route TeLU, gates, CDFA and the dispersive loss through "
+                     "disseg_kernels (--no-fused: plain PyTorch)", group="model")
+    dispersive: bool = _f(True, "add the dispersive loss", group="model")
+    disp_variant: str = _f("infonce_l2", "dispersive loss variant",
+                           ["infonce_l2", "infonce_l2sq", "infonce_cosine", "hinge", "covariance"], "model")
+    disp_tau: float = _f(0.5, "dispersive temperature tau", group="model")
+    disp_weight: float = _f(0.2, "lambda: weight applied to the dispersive loss", group="model")
+    disp_feature: str = _f("f4", "feature the dispersive loss is computed on", group="model")
+    disp_granularity: str = _f("sample", "sample: N=B, D=C*H*W (the paper's); pixel: N=B*H*W, D=C",
+                               ["sample", "pixel"], "model")
+    disp_backend: str = _f("auto", "dispersive loss backend", group="model")
+
+    # ---------------------------------------------------------------- optimisation
+    size: int = _f(256, "training (and default evaluation) input size, square, multiple of 16")
+    batch_size: int = _f(8, "batch size")
+    lr: float = _f(1e-4, "Adam learning rate of everything but the encoder")
+    lr_encoder: float = _f(1e-4, "Adam learning rate of the encoder")
+    weight_decay: float = _f(0.0, "Adam weight decay")
+    plateau_patience: int = _f(30, "ReduceLROnPlateau patience (epochs, on validation loss)")
+    plateau_factor: float = _f(0.1, "ReduceLROnPlateau factor")
+    early_stop_patience: int = _f(100, "stop after this many epochs without a better validation mIoU")
+    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)")
+    drop_last: bool = _f(True, "drop the last incomplete training batch (when the split has more "
+                         "than one batch)")
+
+    # ---------------------------------------------------------------- augmentation
+    rotate_deg: float = _f(35.0, "rotation range +-degrees", group="augmentation")
+    rotate_p: float = _f(0.3, "rotation probability", group="augmentation")
+    hflip_p: float = _f(0.3, "horizontal flip probability", group="augmentation")
+    vflip_p: float = _f(0.3, "vertical flip probability", group="augmentation")
+    dropout_p: float = _f(0.3, "coarse dropout probability", group="augmentation")
+    dropout_holes: int = _f(10, "coarse dropout: at most this many holes", group="augmentation")
+    dropout_size: int = _f(32, "coarse dropout: holes of at most this many pixels square "
+                           "(at the training size)", group="augmentation")
+    jitter_brightness: float = _f(0.3, "Stage I strong copy: brightness jitter", group="augmentation")
+    jitter_contrast: float = _f(0.3, "Stage I strong copy: contrast jitter", group="augmentation")
+    jitter_saturation: float = _f(0.3, "Stage I strong copy: saturation jitter", group="augmentation")
+    jitter_hue: float = _f(0.1, "Stage I strong copy: hue jitter", group="augmentation")
+    gray_p: float = _f(0.5, "Stage I strong copy: random grayscale probability", group="augmentation")
+    blur_kx: int = _f(1, "Stage I strong copy: Gaussian blur kernel width (odd)", group="augmentation")
+    blur_ky: int = _f(7, "Stage I strong copy: Gaussian blur kernel height (odd)", group="augmentation")
+    blur_sigma_min: float = _f(0.1, "Stage I strong copy: blur sigma lower bound", group="augmentation")
+    blur_sigma_max: float = _f(3.0, "Stage I strong copy: blur sigma upper bound", group="augmentation")
+    normalize: str = _f("imagenet", "input normalisation after augmentation", ["imagenet", "none"],
+                        "augmentation")
+
+    # ---------------------------------------------------------------- machinery
+    device: str = _f("auto", "device (auto: cuda if available)", ["auto", "cpu", "cuda"], "machinery")
+    amp: str = _f("none", "autocast dtype", ["none", "bf16", "fp16"], "machinery")
+    seed: int = _f(0, "seed of everything (data order, augmentation, initialisation)", group="machinery")
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes)",
+                             group="machinery")
+    workers: int = _f(0, "data-loading worker processes", group="machinery")
+    threads: int = _f(0, "torch intra-op CPU threads (0: torch's default)", group="machinery")
+    save_every_steps: int = _f(0, "also write last.pt every N training steps (0: end of epoch only)",
+                               group="machinery")
+    progress: bool = _f(True, "tqdm progress bar", group="machinery")
+    empty_policy: str = _f("nan", "metrics when prediction and mask are both empty: nan (skip) "
+                           "or one (score 1)", ["nan", "one"], "machinery")
+    threshold: float = _f(0.5, "probability threshold of the metrics", group="machinery")
+
+    # ---------------------------------------------------------------- embedded dataset
+    synth_train: int = _f(160, "synthetic dataset: training images", group="synthetic")
+    synth_val: int = _f(40, "synthetic dataset: validation images", group="synthetic")
+    synth_test: int = _f(0, "synthetic dataset: test images", group="synthetic")
+    synth_size: int = _f(128, "synthetic dataset: image size", group="synthetic")
+    synth_seed: int = _f(0, "synthetic dataset: seed", group="synthetic")
+
+    def validate(self) -> "TrainConfig":
+        """Check values that argparse cannot; raise UserError naming the field and value."""
+        def bad(name, why):
+            raise UserError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                bad(f.name, f"must be one of {choices}")
+        if self.size <= 0 or self.size % 16:
+            bad("size", "must be a positive multiple of 16")
+        for name in ("batch_size", "epochs", "synth_size"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be positive")
+        for name in ("workers", "threads", "save_every_steps", "dropout_holes", "dropout_size",
+                     "plateau_patience", "early_stop_patience", "synth_test"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        for name in ("synth_train", "synth_val"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("lr", "lr_encoder"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be > 0")
+        for name in ("rotate_p", "hflip_p", "vflip_p", "dropout_p", "gray_p", "threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                bad(name, "must lie in [0, 1]")
+        if not 0.0 < self.plateau_factor < 1.0:
+            bad("plateau_factor", "must lie in (0, 1)")
+        if self.grad_clip < 0:
+            bad("grad_clip", "must be >= 0 (0: off)")
+        for name in ("blur_kx", "blur_ky"):
+            if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
+                bad(name, "must be a positive odd integer")
+        if not 0 < self.blur_sigma_min <= self.blur_sigma_max:
+            bad("blur_sigma_min", f"need 0 < blur_sigma_min <= blur_sigma_max ({self.blur_sigma_max})")
+        if not 0 <= self.jitter_hue <= 0.5:
+            bad("jitter_hue", "must lie in [0, 0.5]")
+        for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation", "disp_weight"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if not self.disp_tau > 0:
+            bad("disp_tau", "must be > 0")
+        if self.stage == 1 and self.init is not None:
+            bad("init", "only Stage II starts from a checkpoint (--stage 2)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------
+# argparse from the dataclass
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_type(f: dataclasses.Field):
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if "bool" in t:
+        return bool
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip=()) -> None:
+    """One flag per field; defaults are suppressed so that only typed flags override."""
+    parser.add_argument("--config", metavar="JSON", default=argparse.SUPPRESS,
+                        help="JSON file of config values (flags typed here override it)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        g = f.metadata.get("group", "training")
+        if g not in groups:
+            groups[g] = parser.add_argument_group(g)
+        kind = _parse_type(f)
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            groups[g].add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_)
+        else:
+            choices = f.metadata.get("choices")
+            groups[g].add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                                   choices=choices, metavar=None if choices else f.name.upper(), help=help_)
+
+
+def load_json_config(path: str, cls=TrainConfig) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"--config={path!r}: no such file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            values = json.load(fh)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config={path!r}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config={path!r}: not valid JSON, line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config={path!r}: must hold a JSON object of config values")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in names:
+            raise UserError(f"--config={path!r}: unknown key {key!r}")
+        kind = _parse_type(names[key])
+        ok = value is None or (isinstance(value, bool) if kind is bool else
+                               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                               isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                               isinstance(value, str))
+        if not ok:
+            raise UserError(f"--config={path!r}: key {key!r} = {value!r} is not a {kind.__name__}")
+        if kind is float and value is not None:
+            values[key] = float(value)
+    return values
+
+
+def resolve_config(ns: argparse.Namespace, cls=TrainConfig, base: Optional[dict] = None) -> TrainConfig:
+    """defaults <- base (e.g. a saved run's config) <- --config JSON <- typed flags."""
+    values: dict[str, Any] = {}
+    if base:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values.update({k: v for k, v in base.items() if k in known})
+    given = vars(ns)
+    if "config" in given:
+        values.update(load_json_config(given["config"], cls))
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in given.items() if k in names})
+    return cls(**values).validate()
