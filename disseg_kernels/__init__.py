@@ -10,3 +10,5 @@ from .ops.telu import TeLU, telu  # noqa: F401
 from .ops.window_attention import ContrastDrivenFeatureAggregation, window_attention  # noqa: F401
 
 __version__ = "0.1.0"
+from .distributed import DistributedDispersiveLoss, distributed_dispersive_loss  # noqa: F401,E402
+from .bank import NegativeBank, dispersive_loss_with_bank  # noqa: F401,E402
