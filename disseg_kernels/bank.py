@@ -31,6 +31,7 @@ from .distributed import (
     _Comm,
     _check_bank,
     _check_common,
+    _flat,
     _GlobalDispersive,
     _validate,
 )
@@ -66,7 +67,7 @@ class NegativeBank(torch.nn.Module):
     @torch.no_grad()
     def enqueue(self, z: torch.Tensor) -> None:
         """Append the rows of z (N, *) (detached); the oldest rows are overwritten."""
-        flat = z.detach().reshape(z.shape[0], -1)
+        flat = _flat(z.detach())
         if flat.shape[1] != self.dim:
             raise ValueError(f"z must have dim = {self.dim} features per row, got shape {tuple(z.shape)}")
         n = flat.shape[0]
@@ -87,7 +88,7 @@ class NegativeBank(torch.nn.Module):
         """Enqueue every rank's rows, in rank order, so all ranks keep the same bank.
         Every rank of ``group`` must call it; ranks may hold different numbers of rows.
         Without an initialised process group it is :meth:`enqueue`."""
-        flat = z.detach().reshape(z.shape[0], -1)
+        flat = _flat(z.detach())
         comm = _Comm(group)
         if comm.world == 1:
             self.enqueue(flat)
@@ -141,7 +142,7 @@ def dispersive_loss_with_bank(
     """
     _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite)
     _check_common(variant, False, "auto", tile, bank)
-    flat = z.reshape(z.shape[0], -1)
+    flat = _flat(z)
     bank_rows = _check_bank(bank, flat.shape[1], z)
     if bank_rows is not None and bank_rows.shape[0] == 0:
         bank_rows = None

@@ -487,7 +487,8 @@ class _GlobalDispersive(torch.autograd.Function):
 
 
 def _flat(z: torch.Tensor) -> torch.Tensor:
-    return z.reshape(z.shape[0], -1)
+    """(N, *) → (N, D); explicit D, so that N = 0 (a rank with no rows) reshapes too."""
+    return z.reshape(z.shape[0], math.prod(z.shape[1:]))
 
 
 def _check_bank(bank, dim, z):
@@ -498,7 +499,7 @@ def _check_bank(bank, dim, z):
         if rows is None:
             raise TypeError(f"bank must be a tensor of rows or a NegativeBank, got {type(bank).__name__}")
         bank = rows()
-    bank = bank.detach().reshape(bank.shape[0], -1)
+    bank = _flat(bank.detach())
     if bank.shape[1] != dim:
         raise ValueError(
             f"bank rows must have D = {dim} features like z (z of shape {tuple(z.shape)}), "

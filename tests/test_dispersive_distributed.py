@@ -1,0 +1,359 @@
+"""Global-batch dispersion under torch.distributed, and the negatives bank.
+
+What these tests protect:
+- ``distributed_dispersive_loss`` on 2 and 3 gloo processes (spawned here, loopback):
+  the value equals the single-process reference on torch.cat of all ranks' z, and each
+  rank's gradient equals its rows of the single-process gradient (float64, 1e-10), for
+  every variant, both communication modes (all-gather, ring), both covariance routes,
+  diagonal="include" + scale_by_dim, uneven batch sizes, a rank with one sample and a
+  rank with none; ``ddp_scale`` multiplies only the gradient, by W;
+- a bank shared by the ranks (filled with ``enqueue_global``) gives the bank formula of
+  the global batch; two DDP SGD steps (loss × W convention via ``ddp_scale``, a bank
+  filled after step 1) equal one process on the doubled batch;
+- the bank formula itself: ``dispersive_loss_bank_reference`` equals the definition
+  written as loops over the pairs of a concatenation, the tiled ``dispersive_loss_with_bank``
+  equals it (value and gradient), the bank gets no gradient, K = 0 is the spec's loss;
+- ``NegativeBank``: FIFO with wrap-around, partial fill, state_dict round trip.
+
+All workers run every case in one spawn per world size (the start-up dominates); the
+parent computes the references and asserts, one test per case.
+"""
+
+import math
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from disseg_kernels import NegativeBank, dispersive_loss, dispersive_loss_with_bank, distributed_dispersive_loss
+from disseg_kernels.reference import VARIANTS, dispersive_loss_reference
+from disseg_kernels.reference.dispersive_bank import dispersive_loss_bank_reference
+
+D = 6
+SIZES = {2: [5, 3], 3: [4, 1, 6]}  # uneven; world 3 has a rank with a single sample
+EMPTY_RANK_SIZES = {2: [3, 0], 3: [3, 0, 2]}
+OPTS = dict(tau=0.4, margin=1.7)
+BANK_K = 7
+
+
+def _global_z(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, D, generator=g, dtype=torch.float64) * 0.7
+    if n > 4:
+        z[4] = z[0]  # a duplicate row across ranks (d = 0: subgradient 0)
+    return z
+
+
+def _bank_rows(seed=99):
+    return torch.randn(BANK_K, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _cases(world):
+    """(key, sizes, seed, kwargs) of every distributed case."""
+    cases = []
+    for variant in VARIANTS:
+        for ring in (False, True):
+            cov_modes = ("gram", "dxd") if variant == "covariance" else ("auto",)
+            for cm in cov_modes:
+                base = dict(variant=variant, ring=ring, covariance_mode=cm, **OPTS)
+                tag = f"{variant}-{'ring' if ring else 'gather'}-{cm}"
+                cases.append((f"{tag}-uneven", SIZES[world], 1, base))
+                cases.append((f"{tag}-incl-scaled", SIZES[world], 2, dict(base, diagonal="include", scale_by_dim=True)))
+                cases.append((f"{tag}-empty-rank", EMPTY_RANK_SIZES[world], 3, base))
+    return cases
+
+
+def _bank_cases():
+    out = []
+    for variant in ("infonce_l2", "infonce_l2sq", "infonce_cosine", "hinge"):
+        for ring in (False, True):
+            out.append((f"bank-{variant}-{'ring' if ring else 'gather'}", dict(variant=variant, ring=ring, **OPTS)))
+    return out
+
+
+def _slice(z, sizes, rank):
+    start = sum(sizes[:rank])
+    return z[start : start + sizes[rank]]
+
+
+def _worker(rank, world, port, outdir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        results = {}
+        for key, sizes, seed, kw in _cases(world):
+            z = _slice(_global_z(sum(sizes), seed), sizes, rank).clone().requires_grad_(True)
+            loss = distributed_dispersive_loss(z, **kw)
+            loss.backward()
+            results[key] = (loss.detach(), z.grad)
+
+        # ddp_scale: same value, gradient × W
+        z = _slice(_global_z(sum(SIZES[world]), 1), SIZES[world], rank).clone().requires_grad_(True)
+        loss = distributed_dispersive_loss(z, variant="infonce_l2", ddp_scale=True, **OPTS)
+        loss.backward()
+        results["ddp_scale"] = (loss.detach(), z.grad)
+
+        # a bank shared by all ranks, filled by enqueue_global (rank order)
+        bank = NegativeBank(D, BANK_K + 3, dtype=torch.float64)
+        bank.enqueue_global(_slice(_bank_rows(), [3, 4] + [0] * (world - 2), rank))
+        results["bank_rows"] = (bank.negatives().clone(), torch.zeros(0))
+        for key, kw in _bank_cases():
+            z = _slice(_global_z(sum(SIZES[world]), 4), SIZES[world], rank).clone().requires_grad_(True)
+            loss = distributed_dispersive_loss(z, bank=bank, **kw)
+            loss.backward()
+            results[key] = (loss.detach(), z.grad)
+
+        results["ddp_params"] = (_ddp_two_steps(rank, world), torch.zeros(0))
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, D), torch.nn.Tanh(), torch.nn.Linear(D, D)).double()
+
+
+def _ddp_batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randn(8, D, generator=g, dtype=torch.float64)
+
+
+def _ddp_two_steps(rank, world):
+    """Two SGD steps under DDP on rank slices of an 8-sample batch, bank filled after step 1."""
+    model = torch.nn.parallel.DistributedDataParallel(_tiny_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bank = NegativeBank(D, 16, dtype=torch.float64)
+    sizes = [8 // world + (1 if r < 8 % world else 0) for r in range(world)]
+    for step in range(2):
+        x, y = (_slice(t, sizes, rank) for t in _ddp_batch(step))
+        out = model(x)
+        # the task loss is a local mean: DDP averages it over ranks, which is the global
+        # mean after weighting rank k by n_k·W/N (1 for equal slices)
+        task = torch.nn.functional.mse_loss(out, y) * (len(x) * world / 8)
+        loss = task + 0.3 * distributed_dispersive_loss(out, bank=bank, ddp_scale=True, **OPTS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bank.enqueue_global(out)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def spawned(request):
+    world = request.param
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(_worker, args=(world, _free_port(), outdir), nprocs=world, join=True)
+        per_rank = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
+    return world, per_rank
+
+
+def _ref(z, variant, bank=None, ring=None, covariance_mode=None, **opts):
+    z = z.clone().requires_grad_(True)
+    if bank is None:
+        loss = dispersive_loss_reference(z, variant=variant, **opts)
+    else:
+        loss = dispersive_loss_bank_reference(z, bank, variant=variant, **opts)
+    (g,) = torch.autograd.grad(loss, z)
+    return loss.detach(), g
+
+
+def _assert_matches(per_rank, key, ref_loss, ref_grad, grad_factor=1.0):
+    for rank, res in enumerate(per_rank):
+        loss, _ = res[key]
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-10, abs=1e-12), (key, rank)
+    grad = torch.cat([res[key][1] for res in per_rank])
+    assert grad.shape == ref_grad.shape
+    assert torch.allclose(grad, grad_factor * ref_grad, rtol=1e-9, atol=1e-12), (key, (grad - ref_grad).abs().max())
+
+
+CASE_KEYS = [key for key, *_ in _cases(3)]
+
+
+@pytest.mark.parametrize("key", CASE_KEYS)
+def test_global_loss_and_rank_gradients_equal_single_process(spawned, key):
+    """Every variant × mode × case: value on every rank and the concatenated per-rank
+    gradients equal the single-process reference on the concatenated batch."""
+    world, per_rank = spawned
+    key_, sizes, seed, kw = next(c for c in _cases(world) if c[0] == key)
+    ref_loss, ref_grad = _ref(_global_z(sum(sizes), seed), **kw)
+    _assert_matches(per_rank, key, ref_loss, ref_grad)
+
+
+def test_ddp_scale_multiplies_only_the_gradient(spawned):
+    world, per_rank = spawned
+    ref_loss, ref_grad = _ref(_global_z(sum(SIZES[world]), 1), "infonce_l2", **OPTS)
+    _assert_matches(per_rank, "ddp_scale", ref_loss, ref_grad, grad_factor=world)
+
+
+@pytest.mark.parametrize("key", [k for k, _ in _bank_cases()])
+def test_distributed_with_shared_bank(spawned, key):
+    """The bank (filled by enqueue_global, same on every rank) adds N·K pairs of the
+    global batch; value and gradients equal the bank reference."""
+    world, per_rank = spawned
+    expected_bank = _bank_rows()
+    for res in per_rank:
+        assert torch.equal(res["bank_rows"][0], expected_bank)
+    kw = dict(next(k for n, k in _bank_cases() if n == key))
+    kw.pop("ring")
+    ref_loss, ref_grad = _ref(_global_z(sum(SIZES[world]), 4), bank=expected_bank, **kw)
+    _assert_matches(per_rank, key, ref_loss, ref_grad)
+
+
+def test_ddp_two_steps_match_one_process_doubled_batch(spawned):
+    """DDP (gradient averaging) + ddp_scale=True + a bank filled after step 1: the
+    parameters after two SGD steps equal one process trained on the whole batch."""
+    world, per_rank = spawned
+    model = _tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bank = NegativeBank(D, 16, dtype=torch.float64)
+    for step in range(2):
+        x, y = _ddp_batch(step)
+        out = model(x)
+        loss = torch.nn.functional.mse_loss(out, y) + 0.3 * dispersive_loss_with_bank(out, bank, **OPTS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bank.enqueue(out)
+    expect = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    for res in per_rank:
+        assert torch.allclose(res["ddp_params"][0], expect, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# Single process: the bank formula, the tiled bank loss, NegativeBank
+
+
+def _loop_bank_loss(z, bank, variant, tau, margin, diagonal, scale_by_dim):
+    """The bank definition as loops over the pairs of cat(z, bank), float64."""
+    allrows = torch.cat([z, bank]).tolist()
+    n, k, dim = z.shape[0], bank.shape[0], z.shape[1]
+    pairs = [(i, j) for i in range(n) for j in range(n) if diagonal == "include" or i != j]
+    pairs += [(i, n + b) for i in range(n) for b in range(k)]
+    ds = []
+    for i, j in pairs:
+        a, b = allrows[i], allrows[j]
+        if variant == "infonce_cosine":
+            na = max(math.sqrt(sum(x * x for x in a)), 1e-12)
+            nb = max(math.sqrt(sum(x * x for x in b)), 1e-12)
+            d = 1 - sum(x * y for x, y in zip(a, b)) / (na * nb)
+        else:
+            d = math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
+            if variant == "infonce_l2sq":
+                d = d * d
+        ds.append(d / dim if scale_by_dim else d)
+    if variant == "hinge":
+        return sum(max(0.0, margin - d) ** 2 for d in ds) / len(ds)
+    return math.log(sum(math.exp(-d / tau) for d in ds) / len(ds))
+
+
+PAIR_VARIANTS = [v for v in VARIANTS if v != "covariance"]
+
+
+@pytest.mark.parametrize("variant", PAIR_VARIANTS)
+@pytest.mark.parametrize("diagonal,scale_by_dim", [("exclude", False), ("include", True)])
+def test_bank_reference_is_the_formula_and_tiled_matches(variant, diagonal, scale_by_dim):
+    """reference == loops over the pairs of the concatenation; the tiled bank loss (tile
+    smaller than N and K) == reference in value and gradient; the bank gets no gradient."""
+    z = torch.randn(7, 5, dtype=torch.float64) * 0.8
+    bank = torch.randn(9, 5, dtype=torch.float64).requires_grad_(True)
+    opts = dict(variant=variant, tau=0.3, margin=1.5, diagonal=diagonal, scale_by_dim=scale_by_dim)
+    ref = dispersive_loss_bank_reference(z, bank, **opts)
+    assert float(ref) == pytest.approx(_loop_bank_loss(z, bank.detach(), **opts), rel=1e-10, abs=1e-12)
+
+    zr = z.clone().requires_grad_(True)
+    (g_ref, g_bank) = torch.autograd.grad(dispersive_loss_bank_reference(zr, bank, **opts), [zr, bank],
+                                          allow_unused=True)
+    assert g_bank is None  # detached: no gradient flows into the bank
+    zt = z.clone().requires_grad_(True)
+    got = dispersive_loss_with_bank(zt, bank, tile=4, **opts)
+    got.backward()
+    got = got.detach()
+    assert bank.grad is None
+    assert float(got) == pytest.approx(float(ref), rel=1e-10, abs=1e-12)
+    assert torch.allclose(zt.grad, g_ref, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("variant", PAIR_VARIANTS)
+def test_bank_edge_cases(variant):
+    """K = 0 is the spec's loss; N = 1 with K > 0 has only bank pairs (non-zero, finite)."""
+    z = torch.randn(6, 3, 2, dtype=torch.float64)
+    empty = torch.zeros(0, 6, dtype=torch.float64)
+    a = dispersive_loss_with_bank(z, empty, variant=variant)
+    assert float(a) == pytest.approx(float(dispersive_loss(z, variant=variant, backend="reference")), rel=1e-12)
+    one = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)
+    bank = torch.randn(4, 6, dtype=torch.float64)
+    loss = dispersive_loss_with_bank(one, bank, variant=variant)
+    loss.backward()
+    ref, ref_g = _ref(one.detach(), variant, bank=bank)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-10)
+    assert torch.allclose(one.grad, ref_g, rtol=1e-9, atol=1e-13)
+
+
+def test_bank_float32_and_bf16_storage():
+    """float32 z with a bf16-stored bank: the loss reads the bank in float32."""
+    z = torch.randn(20, 16)
+    bank = NegativeBank(16, 32, dtype=torch.bfloat16)
+    bank.enqueue(torch.randn(12, 16))
+    got = dispersive_loss_with_bank(z, bank)
+    ref = dispersive_loss_bank_reference(z.double(), bank.negatives().double())
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_negative_bank_fifo():
+    """Partial fill uses only valid rows; wrap-around overwrites the oldest; an enqueue
+    larger than the bank keeps the newest rows; state_dict restores pointer and count."""
+    bank = NegativeBank(2, 5, dtype=torch.float64)
+    rows = torch.arange(20, dtype=torch.float64).reshape(10, 2)
+    assert len(bank) == 0 and bank.negatives().shape == (0, 2)
+    bank.enqueue(rows[:3])
+    assert torch.equal(bank.negatives(), rows[:3])
+    bank.enqueue(rows[3:7])  # wraps: slots 3, 4, 0, 1
+    assert len(bank) == 5
+    assert sorted(bank.negatives()[:, 0].tolist()) == sorted(rows[2:7, 0].tolist())
+    other = NegativeBank(2, 5, dtype=torch.float64)
+    other.load_state_dict(bank.state_dict())
+    bank.enqueue(rows[7:8])
+    other.enqueue(rows[7:8])
+    assert torch.equal(bank.rows, other.rows) and int(bank.ptr) == int(other.ptr) == 3
+    bank.enqueue(rows)  # 10 rows into 5 slots: the newest 5 remain
+    assert sorted(bank.negatives()[:, 0].tolist()) == sorted(rows[5:, 0].tolist())
+    with pytest.raises(ValueError, match="dim"):
+        bank.enqueue(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="size"):
+        NegativeBank(2, 0)
+
+
+def test_errors_name_the_argument():
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="covariance"):
+        dispersive_loss_with_bank(z, torch.randn(2, 3), variant="covariance")
+    with pytest.raises(ValueError, match="bank rows must have D = 3"):
+        dispersive_loss_with_bank(z, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="covariance_mode"):
+        distributed_dispersive_loss(z, covariance_mode="fast")
+    with pytest.raises(ValueError, match="tau"):
+        distributed_dispersive_loss(z, tau=0)
+    with pytest.raises(ValueError, match="group"):
+        distributed_dispersive_loss(z, group=object())
+
+
+def test_single_process_without_group_is_dispersive_loss():
+    """No process group: the distributed loss is the ordinary loss (both modes)."""
+    z = torch.randn(9, 4, dtype=torch.float64)
+    for ring in (False, True):
+        a = distributed_dispersive_loss(z, variant="infonce_cosine", ring=ring)
+        b = dispersive_loss_reference(z, variant="infonce_cosine")
+        assert float(a) == pytest.approx(float(b), rel=1e-12)
