@@ -8,8 +8,8 @@ What these tests protect:
   diagonal="include" + scale_by_dim, uneven batch sizes, a rank with one sample and a
   rank with none; ``ddp_scale`` multiplies only the gradient, by W;
 - a bank shared by the ranks (filled with ``enqueue_global``) gives the bank formula of
-  the global batch; two DDP SGD steps (loss × W convention via ``ddp_scale``, a bank
-  filled after step 1) equal one process on the doubled batch;
+  the global batch; two SGD steps with DDP's gradient averaging (``ddp_scale`` cancels
+  it; a bank filled after step 1) equal one process on the whole batch;
 - the bank formula itself: ``dispersive_loss_bank_reference`` equals the definition
   written as loops over the pairs of a concatenation, the tiled ``dispersive_loss_with_bank``
   equals it (value and gradient), the bank gets no gradient, K = 0 is the spec's loss;
@@ -119,15 +119,25 @@ def _tiny_model():
     return torch.nn.Sequential(torch.nn.Linear(4, D), torch.nn.Tanh(), torch.nn.Linear(D, D)).double()
 
 
+@torch.no_grad()
+def _sgd_step(model, lr=0.1):
+    """Plain SGD (torch.optim's first step imports torch._dynamo: seconds per process)."""
+    for p in model.parameters():
+        p -= lr * p.grad
+        p.grad = None
+
+
 def _ddp_batch(step):
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randn(8, D, generator=g, dtype=torch.float64)
 
 
 def _ddp_two_steps(rank, world):
-    """Two SGD steps under DDP on rank slices of an 8-sample batch, bank filled after step 1."""
-    model = torch.nn.parallel.DistributedDataParallel(_tiny_model())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    """Two SGD steps with DDP's gradient averaging on rank slices of an 8-sample batch, bank
+    filled after step 1. The averaging is done as DDP does it (all-reduce SUM / W of every
+    parameter gradient after backward) without DDP itself, whose constructor imports
+    torch._dynamo (~4-8 s per process here)."""
+    model = _tiny_model()
     bank = NegativeBank(D, 16, dtype=torch.float64)
     sizes = [8 // world + (1 if r < 8 % world else 0) for r in range(world)]
     for step in range(2):
@@ -137,9 +147,11 @@ def _ddp_two_steps(rank, world):
         # mean after weighting rank k by n_k·W/N (1 for equal slices)
         task = torch.nn.functional.mse_loss(out, y) * (len(x) * world / 8)
         loss = task + 0.3 * distributed_dispersive_loss(out, bank=bank, ddp_scale=True, **OPTS)
-        opt.zero_grad()
         loss.backward()
-        opt.step()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        _sgd_step(model)
         bank.enqueue_global(out)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -212,19 +224,17 @@ def test_distributed_with_shared_bank(spawned, key):
 
 
 def test_ddp_two_steps_match_one_process_doubled_batch(spawned):
-    """DDP (gradient averaging) + ddp_scale=True + a bank filled after step 1: the
+    """DDP's gradient averaging + ddp_scale=True + a bank filled after step 1: the
     parameters after two SGD steps equal one process trained on the whole batch."""
     world, per_rank = spawned
     model = _tiny_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     bank = NegativeBank(D, 16, dtype=torch.float64)
     for step in range(2):
         x, y = _ddp_batch(step)
         out = model(x)
         loss = torch.nn.functional.mse_loss(out, y) + 0.3 * dispersive_loss_with_bank(out, bank, **OPTS)
-        opt.zero_grad()
         loss.backward()
-        opt.step()
+        _sgd_step(model)
         bank.enqueue(out)
     expect = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     for res in per_rank:
