@@ -1,0 +1,261 @@
+"""Data layout, validation, binarisation, augmentations, sampler, splits and the synthetic set.
+Protects: every faulty dataset is refused before training with the file and the line; the
+image formats users have load; masks binarise robustly; augmentations keep image and mask
+aligned and are reproducible from (seed, epoch, index); resumed epochs see the batches they
+had not seen; the embedded dataset is deterministic."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import data as D
+from models.synthetic import ensure_synthetic, generate, make_sample
+
+NUCLEI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nuclei-dsb2018"
+
+
+def _write_set(root, names=("a", "b", "c"), img_ext=".jpg", mask_ext=".png", size=(20, 16)):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n in names:
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / "images" / (n + img_ext))
+        m = np.zeros((size[1], size[0]), np.uint8)
+        m[4:10, 5:12] = 255
+        Image.fromarray(m).save(root / "masks" / (n + mask_ext))
+    return root
+
+
+def _split(root, split, lines):
+    (root / f"{split}.txt").write_text("".join(x + "\n" for x in lines))
+
+
+def test_names_with_and_without_extension_mixed_extensions(tmp_path):
+    root = _write_set(tmp_path)
+    _split(root, "train", ["a", "b.jpg", "", "c"])
+    s = D.load_split(str(root), "train")
+    assert [x.name for x in s] == ["a", "b", "c"]
+    assert s[1].image.endswith("b.jpg") and s[1].mask.endswith("b.png")
+    assert s[2].source.endswith("train.txt:4")
+
+
+@pytest.mark.parametrize("fault,expect", [
+    ("missing_mask", "train.txt:2: no mask for 'b'"),
+    ("missing_image", "train.txt:3: no image for 'zzz'"),
+    ("size_mismatch", "train.txt:1: size mismatch"),
+    ("unreadable", "train.txt:2: "),
+    ("empty_split", "train.txt: the split file is empty"),
+    ("duplicate", "train.txt:3: 'a.jpg' is listed twice (first on line 1)"),
+    ("no_split", "train.txt: split file not found"),
+    ("ambiguous", "train.txt:1: image for 'a' is ambiguous"),
+])
+def test_validation_names_file_and_line(tmp_path, fault, expect):
+    root = _write_set(tmp_path)
+    lines = ["a", "b", "c"]
+    if fault == "missing_mask":
+        os.remove(root / "masks" / "b.png")
+    elif fault == "missing_image":
+        lines = ["a", "b", "zzz"]
+    elif fault == "size_mismatch":
+        Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "a.png")
+    elif fault == "unreadable":
+        (root / "images" / "b.jpg").write_bytes(b"not an image at all")
+    elif fault == "empty_split":
+        lines = ["", "  "]
+    elif fault == "duplicate":
+        lines = ["a.jpg", "b", "a.jpg"]
+    elif fault == "ambiguous":
+        Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(root / "images" / "a.png")
+    if fault != "no_split":
+        _split(root, "train", lines)
+    with pytest.raises(D.DataError) as e:
+        D.check_dataset(str(root), ("train",))
+    assert expect in str(e.value)
+    if fault == "unreadable":
+        assert "b.jpg" in str(e.value)
+
+
+def test_truncated_image_is_unreadable(tmp_path):
+    root = _write_set(tmp_path, names=("a",), img_ext=".png")
+    p = root / "images" / "a.png"
+    p.write_bytes(p.read_bytes()[:60])
+    _split(root, "val", ["a"])
+    with pytest.raises(D.DataError, match=r"val.txt:1: .*a.png: unreadable"):
+        D.check_dataset(str(root), ("val",))
+
+
+def test_image_modes_load(tmp_path):
+    """RGB, RGBA, gray, palette and 16-bit images all give (H, W, 3) float in [0, 1]."""
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    cases = {
+        "rgb.png": Image.fromarray(rgb),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full((6, 7), 128, np.uint8)]), "RGBA"),
+        "gray.png": Image.fromarray(rgb[..., 0]),
+        "pal.png": Image.fromarray(rgb).convert("P"),
+        "g16.png": Image.fromarray((np.arange(42).reshape(6, 7) * 1000).astype(np.uint16)),
+        "g16.tif": Image.fromarray((np.arange(42).reshape(6, 7) * 1000).astype(np.uint16)),
+    }
+    for fn, img in cases.items():
+        img.save(tmp_path / fn)
+        a = D.load_image(str(tmp_path / fn))
+        assert a.shape == (6, 7, 3) and a.dtype == np.float32, fn
+        assert 0.0 <= a.min() and a.max() <= 1.0, fn
+    np.testing.assert_allclose(D.load_image(str(tmp_path / "rgba.png")), rgb / 255.0, atol=1e-6)
+    g16 = D.load_image(str(tmp_path / "g16.png"))
+    assert g16[0, 0, 0] == 0.0 and g16[-1, -1, 0] == pytest.approx(1.0)  # stretched [0, max]
+
+
+def test_mask_binarisation():
+    """8-bit 0/255 masks with JPEG-like ringing use > 127; label images use > 0."""
+    m = np.zeros((10, 10), np.uint8)
+    m[2:6, 2:6] = 255
+    noisy = m.copy()
+    noisy[6, 2:6] = 40  # ringing below an edge
+    noisy[2, 2] = 200
+    got = D.binarize_mask(Image.fromarray(noisy))
+    assert got.sum() == 16 and not got[6].any()
+    labels = np.zeros((10, 10), np.uint8)  # GlaS-style instance labels 1..3
+    labels[0:2, 0:2], labels[5:7, 5:7], labels[8:10, 0:3] = 1, 2, 3
+    assert D.binarize_mask(Image.fromarray(labels)).sum() == 4 + 4 + 6
+    many = (np.arange(100).reshape(10, 10) % 150).astype(np.uint8)  # labels crossing 127
+    many[0, :] = 0
+    assert D.binarize_mask(Image.fromarray(many)).sum() == (many > 0).sum()
+    l16 = np.zeros((4, 4), np.uint16)
+    l16[1, 1], l16[2, 2] = 1, 700
+    assert D.binarize_mask(Image.fromarray(l16)).sum() == 2
+    pal = Image.fromarray(labels).convert("P")
+    assert D.binarize_mask(pal).sum() == 14
+    rgb = Image.fromarray(np.dstack([m, m, m]))
+    assert D.binarize_mask(rgb).sum() == 16
+
+
+def test_dataset_resizes_and_keeps_binary(tmp_path):
+    root = _write_set(tmp_path, size=(40, 30))
+    _split(root, "train", ["a", "b"])
+    ds = D.SegDataset(D.load_split(str(root), "train"), 32)
+    img, msk, i = ds[1]
+    assert img.shape == (3, 32, 32) and msk.shape == (1, 32, 32) and i == 1
+    assert set(msk.unique().tolist()) <= {0.0, 1.0}
+
+
+def _aligned_pair(size=32):
+    m = torch.zeros(1, size, size)
+    m[0, 5:14, 8:25] = 1
+    return m.expand(3, -1, -1).clone(), m.clone()
+
+
+def test_augment_pair_alignment_and_reproducibility():
+    img, msk = _aligned_pair()
+    always = D.AugConfig(rotate_p=1.0, hflip_p=1.0, vflip_p=1.0, dropout_p=0.0)
+    for s in range(5):
+        a_img, a_msk = D.augment_pair(img, msk, always, torch.Generator().manual_seed(s))
+        # Geometric transforms move the image and the mask together.
+        assert ((a_img[0] > 0.5).float() - a_msk[0]).abs().mean() < 0.02
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    cfg = D.AugConfig()
+    for _ in range(3):
+        x1, y1 = D.augment_pair(img, msk, cfg, g1)
+        x2, y2 = D.augment_pair(img, msk, cfg, g2)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_flips_exact_and_dropout_image_only():
+    img = torch.arange(3 * 8 * 8, dtype=torch.float32).view(3, 8, 8) / 192
+    msk = (torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    h = D.AugConfig(rotate_p=0, hflip_p=1, vflip_p=0, dropout_p=0)
+    x, y = D.augment_pair(img, msk, h, torch.Generator().manual_seed(0))
+    assert torch.equal(x, img.flip(-1)) and torch.equal(y, msk.flip(-1))
+    drop = D.AugConfig(rotate_p=0, hflip_p=0, vflip_p=0, dropout_p=1, dropout_holes=10, dropout_size=3)
+    x, y = D.augment_pair(img + 0.1, msk, drop, torch.Generator().manual_seed(3))
+    holes = (x == 0).all(0)
+    assert holes.any() and torch.equal(y, msk)  # the target is unchanged
+    assert holes.sum() <= 10 * 9
+
+
+def test_strong_photometric():
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = D.PhotometricConfig()
+    a = D.strong_photometric(x, cfg, torch.Generator().manual_seed(1))
+    b = D.strong_photometric(x, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, x)
+    gray = D.strong_photometric(x, D.PhotometricConfig(gray_p=1.0), torch.Generator().manual_seed(2))
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    # The (1, 7) kernel blurs vertically only: an image constant along columns is untouched.
+    cols = torch.rand(1, 3, 1, 16).expand(1, 3, 16, 16).contiguous()
+    blur_only = D.PhotometricConfig(jitter_brightness=0, jitter_contrast=0, jitter_saturation=0, jitter_hue=0, gray_p=0)
+    out = D.strong_photometric(cols, blur_only, torch.Generator().manual_seed(3))
+    assert torch.allclose(out, cols, atol=1e-6)
+    rows = cols.transpose(-1, -2).contiguous()
+    assert not torch.allclose(D.strong_photometric(rows, blur_only, torch.Generator().manual_seed(3)), rows, atol=1e-3)
+
+
+def test_hsv_round_trip():
+    x = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(D.hsv_to_rgb(D.rgb_to_hsv(x)), x, atol=1e-5)
+
+
+def test_sampler_resume_mid_epoch_and_epoch_orders():
+    s = D.EpochBatchSampler(11, 3, seed=5, shuffle=True, drop_last=True)
+    s.set_epoch(2)
+    full = list(s)
+    assert len(full) == 3 and sorted(i for b in full for i, _ in b) != list(range(11))  # last dropped
+    s.set_epoch(2, start_batch=1)
+    assert list(s) == full[1:] and len(s) == 2
+    s.set_epoch(3)
+    assert list(s) != full
+    s2 = D.EpochBatchSampler(11, 3, seed=5, shuffle=True, drop_last=True)
+    s2.set_epoch(2)
+    assert list(s2) == full
+
+
+def test_dataset_augmentation_depends_on_epoch_and_index_only(tmp_path):
+    root = _write_set(tmp_path)
+    _split(root, "train", ["a", "b", "c"])
+    samples = D.load_split(str(root), "train")
+    cfg = D.AugConfig(rotate_p=1, dropout_p=1)
+    d1, d2 = D.SegDataset(samples, 16, cfg, seed=1), D.SegDataset(samples, 16, cfg, seed=1)
+    assert torch.equal(d1[(2, 4)][0], d2[(2, 4)][0])
+    assert not torch.equal(d1[(2, 4)][0], d1[(2, 5)][0])
+    d1[(0, 4)]  # loading another sample first changes nothing
+    assert torch.equal(d1[(2, 4)][0], d2[(2, 4)][0])
+
+
+def test_make_splits_reproducible(tmp_path):
+    root = _write_set(tmp_path, names=[f"n{i:02d}" for i in range(20)])
+    p1 = D.make_splits(str(root), seed=3, val=0.2, test=0.1)
+    assert len(p1["val"]) == 4 and len(p1["test"]) == 2 and len(p1["train"]) == 14
+    assert not set(p1["val"]) & set(p1["train"])
+    with pytest.raises(D.UserError, match="already exists"):
+        D.make_splits(str(root), seed=3)
+    p2 = D.make_splits(str(root), seed=3, val=0.2, test=0.1, force=True)
+    assert p1 == p2
+    assert D.load_split(str(root), "val")[0].name == p1["val"][0]
+
+
+def test_synthetic_deterministic_and_varied(tmp_path):
+    a, b = make_sample(0, 5, 64), make_sample(0, 5, 64)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(make_sample(1, 5, 64)[0], a[0])
+    fractions = [make_sample(0, i, 48)[1].mean() / 255 for i in range(40)]
+    assert min(fractions) == 0.0  # some images have no target
+    assert max(fractions) > 0.12 and min(f for f in fractions if f > 0) < 0.05  # small to large
+    root = tmp_path / "syn"
+    generate(str(root), 6, 3, 2, 48, seed=0)
+    assert len(D.load_split(str(root), "train")) == 6 and len(D.load_split(str(root), "test")) == 2
+    first = (root / "images" / "synth_00001.png").read_bytes()
+    assert ensure_synthetic(str(root), 6, 3, 2, 48, 0) is False  # reused
+    assert ensure_synthetic(str(root), 6, 3, 2, 48, 1) is True  # another seed: regenerated
+    assert (root / "images" / "synth_00001.png").read_bytes() != first
+
+
+@pytest.mark.skipif(not NUCLEI.is_dir(), reason=f"real-data fixture {NUCLEI} absent")
+def test_nuclei_fixture_loads():
+    splits = D.check_dataset(str(NUCLEI), ("train", "val"))
+    assert len(splits["train"]) == 12 and len(splits["val"]) == 4
+    img, msk, _ = D.SegDataset(splits["val"], 128)[0]
+    assert img.shape == (3, 128, 128) and 0.05 < msk.mean() < 0.5

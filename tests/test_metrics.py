@@ -1,0 +1,150 @@
+"""Metrics against an independent computation written out here by hand (plain Python loops
+over pixels, numpy's percentile), never the project's code checked against itself.
+Protects: the confusion-count formulas, HD95's boundary/percentile definition (MONAI's /
+medpy's), the empty-mask policy, one-pixel masks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.metrics import batch_metrics, hd95, image_metrics, summarize
+
+
+def _hand(pred, gt):
+    """Confusion counts and the six ratios by loops; None where 0/0."""
+    H, W = len(pred), len(pred[0])
+    tp = fp = fn = tn = 0
+    for i in range(H):
+        for j in range(W):
+            p, g = pred[i][j], gt[i][j]
+            tp += p and g
+            fp += p and not g
+            fn += (not p) and g
+            tn += (not p) and (not g)
+
+    def r(a, b):
+        return a / b if b else None
+
+    return {"iou": r(tp, tp + fp + fn), "dice": r(2 * tp, 2 * tp + fp + fn), "recall": r(tp, tp + fn),
+            "precision": r(tp, tp + fp), "f2": r(5 * tp, 5 * tp + 4 * fn + fp), "accuracy": (tp + tn) / (H * W)}
+
+
+def _hand_boundary(m):
+    H, W = len(m), len(m[0])
+    pts = []
+    for i in range(H):
+        for j in range(W):
+            if not m[i][j]:
+                continue
+            for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                a, b = i + di, j + dj
+                if not (0 <= a < H and 0 <= b < W) or not m[a][b]:
+                    pts.append((i, j))
+                    break
+    return pts
+
+
+def _hand_hd95(pred, gt):
+    bp, bg = _hand_boundary(pred), _hand_boundary(gt)
+    if not bp or not bg:
+        return None
+
+    def directed(a, b):
+        return [min(math.hypot(p[0] - q[0], p[1] - q[1]) for q in b) for p in a]
+
+    return max(np.percentile(directed(bp, bg), 95), np.percentile(directed(bg, bp), 95))
+
+
+def _blob(H, W, cy, cx, r):
+    return [[(i - cy) ** 2 + (j - cx) ** 2 <= r * r for j in range(W)] for i in range(H)]
+
+
+def _t(m):
+    return torch.tensor(m, dtype=torch.bool)
+
+
+CASES = {
+    "overlap": (_blob(20, 24, 9, 10, 5), _blob(20, 24, 11, 13, 6)),
+    "disjoint": (_blob(20, 20, 4, 4, 2), _blob(20, 20, 15, 14, 3)),
+    "random": ((np.random.default_rng(1).random((17, 19)) > 0.6).tolist(),
+               (np.random.default_rng(2).random((17, 19)) > 0.5).tolist()),
+    "one_pixel_both": ([[i == 3 and j == 4 for j in range(8)] for i in range(8)],
+                       [[i == 5 and j == 1 for j in range(8)] for i in range(8)]),
+    "one_pixel_same": ([[i == 2 and j == 2 for j in range(6)] for i in range(6)],
+                       [[i == 2 and j == 2 for j in range(6)] for i in range(6)]),
+    "one_pixel_vs_blob": ([[i == 10 and j == 10 for j in range(20)] for i in range(20)], _blob(20, 20, 10, 10, 4)),
+    "touching_border": ([[j < 3 for j in range(10)] for i in range(10)], [[j < 5 for j in range(10)] for i in range(10)]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_metrics_match_hand_computation(name):
+    pred, gt = CASES[name]
+    want = _hand(pred, gt)
+    got = image_metrics(_t(pred), _t(gt), "nan")
+    for k, v in want.items():
+        if v is None:
+            assert math.isnan(got[k]), (k, got[k])
+        else:
+            assert got[k] == pytest.approx(v, abs=1e-12), k
+    want_hd = _hand_hd95(pred, gt)
+    assert got["hd95"] == pytest.approx(want_hd, abs=1e-9)
+
+
+def test_one_pixel_values():
+    """Two single pixels 2 rows and 3 columns apart: HD95 is their distance, Dice 0."""
+    pred, gt = CASES["one_pixel_both"]
+    got = image_metrics(_t(pred), _t(gt))
+    assert got["hd95"] == pytest.approx(math.hypot(2, 3))
+    assert got["dice"] == 0.0 and got["iou"] == 0.0
+    same = image_metrics(*map(_t, CASES["one_pixel_same"]))
+    assert same["dice"] == 1.0 and same["hd95"] == 0.0 and same["accuracy"] == 1.0
+
+
+def test_empty_policy_both_empty():
+    z = torch.zeros(8, 9, dtype=torch.bool)
+    nan = image_metrics(z, z, "nan")
+    for k in ("iou", "dice", "recall", "precision", "f2", "hd95"):
+        assert math.isnan(nan[k]), k
+    assert nan["accuracy"] == 1.0
+    one = image_metrics(z, z, "one")
+    assert all(one[k] == 1.0 for k in ("iou", "dice", "recall", "precision", "f2", "accuracy"))
+    assert one["hd95"] == 0.0
+
+
+@pytest.mark.parametrize("policy", ["nan", "one"])
+def test_one_side_empty(policy):
+    """Only one mask empty: the case is a failure under either policy."""
+    z = torch.zeros(10, 10, dtype=torch.bool)
+    m = _t(_blob(10, 10, 5, 5, 2))
+    fp_only = image_metrics(m, z, policy)  # predicted something where there is nothing
+    assert fp_only["iou"] == 0 and fp_only["dice"] == 0 and fp_only["precision"] == 0 and fp_only["f2"] == 0
+    assert math.isnan(fp_only["recall"]) and math.isnan(fp_only["hd95"])
+    assert fp_only["accuracy"] == pytest.approx(_hand([[bool(v) for v in r] for r in m.tolist()],
+                                                      [[False] * 10] * 10)["accuracy"])
+    missed = image_metrics(z, m, policy)
+    assert missed["recall"] == 0 and math.isnan(missed["precision"]) and missed["dice"] == 0
+
+
+def test_batch_metrics_threshold_and_summary():
+    """Logits > 0 is probability > 0.5; the summary's means skip NaN cases."""
+    gt = torch.zeros(3, 1, 6, 6)
+    gt[0, 0, 1:4, 1:4] = 1
+    logits = torch.full((3, 1, 6, 6), -5.0)
+    logits[0, 0, 1:4, 1:3] = 5.0  # 6 of 9 pixels
+    rows = batch_metrics(logits, gt, with_hd95=False)
+    assert rows[0]["dice"] == pytest.approx(2 * 6 / (2 * 6 + 3))
+    assert math.isnan(rows[1]["dice"])  # both empty, policy nan
+    s = summarize(rows)
+    assert s["mDSC"] == pytest.approx(rows[0]["dice"])
+    assert s["n_images"] == 3
+    rows_one = batch_metrics(logits, gt, empty_policy="one", with_hd95=False)
+    assert summarize(rows_one)["mDSC"] == pytest.approx((rows[0]["dice"] + 2) / 3)
+
+
+def test_hd95_large_masks_chunked():
+    """Boundaries longer than one distance chunk give the same value as the hand loop."""
+    a, b = _blob(64, 64, 30, 30, 25), _blob(64, 64, 34, 31, 22)
+    assert hd95(_t(a), _t(b)) == pytest.approx(_hand_hd95(a, b), abs=1e-9)
