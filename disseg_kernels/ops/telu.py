@@ -25,8 +25,72 @@ def telu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     return _telu_fused(x, chosen)
 
 
-def _telu_fused(x, backend):  # replaced below once the fused op is defined
-    return telu_reference(x)
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_non_overlapping_and_dense()
+
+
+def _run_fwd(x, backend):
+    if backend == "cpu":
+        return torch.ops.disseg.telu_fwd(x)
+    if backend == "triton":
+        from ..triton.telu import telu_fwd_triton
+
+        return telu_fwd_triton(x)
+    raise ValueError(f"no fused TeLU kernel for backend {backend!r}")
+
+
+def _run_bwd(grad, x, backend):
+    if backend == "cpu":
+        return torch.ops.disseg.telu_bwd(grad, x)
+    if backend == "triton":
+        from ..triton.telu import telu_bwd_triton
+
+        return telu_bwd_triton(grad, x)
+    raise ValueError(f"no fused TeLU kernel for backend {backend!r}")
+
+
+@torch.library.custom_op("disseg::telu", mutates_args=())
+def _telu_op(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """x · tanh(eˣ) of a dense x (any layout), in x's dtype and strides."""
+    return _run_fwd(x, backend)
+
+
+@_telu_op.register_fake
+def _(x, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("disseg::telu_backward", mutates_args=())
+def _telu_backward_op(grad: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """grad · telu'(x), finite for every finite x."""
+    if grad.stride() != x.stride():
+        grad = torch.empty_like(x).copy_(grad)  # an upstream op handed back another layout
+    return _run_bwd(grad, x, backend)
+
+
+@_telu_backward_op.register_fake
+def _(grad, x, backend):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(x)
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return _telu_backward_op(grad, x, ctx.backend), None
+
+
+_telu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _telu_fused(x, backend):
+    if not _dense(x):
+        x = x.contiguous()  # a strided view with gaps: the kernels need a dense tensor
+    return _telu_op(x, backend)
 
 
 class TeLU(torch.nn.Module):

@@ -1,0 +1,477 @@
+// Attention gates, C++ CPU kernels. See shared/spec/attention.md and
+// disseg_kernels/ops/gates.py (the engine that calls them).
+//
+// Every kernel reads x (B, C, H, W) in its own layout: NCHW-contiguous (the spatial
+// index p = h*W + w has stride 1) or channels_last (the channel has stride 1); the loops
+// run along the unit-stride dimension, so neither layout is copied. The small gate
+// tensors are dense (B, C) or (B, P) in the accumulation type (float for float/half/
+// bfloat16 inputs, double for double). A gate that is absent (nullopt) is 1.
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace disseg {
+namespace {
+
+struct Geometry {
+  int64_t B, C, P, sB, sC, sP;
+  bool p_unit;  // NCHW-like: p has stride 1 (else the channel has stride 1)
+};
+
+Geometry geometry(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 4, name, ": x must be (B, C, H, W), got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), name, ": x must be a CPU tensor, got ", x.device());
+  Geometry g{x.size(0), x.size(1), x.size(2) * x.size(3), x.stride(0), x.stride(1), x.stride(3), true};
+  TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == x.size(3) * x.stride(3), name,
+              ": x's H and W must be mergeable (contiguous or channels_last), got strides ", x.strides());
+  if (g.P == 1 || g.sP == 1) {
+    g.p_unit = true;
+    if (g.P == 1) g.sP = 1;
+  } else if (g.C == 1 || g.sC == 1) {
+    g.p_unit = false;
+    if (g.C == 1) g.sC = 1;
+  } else {
+    TORCH_CHECK(false, name, ": x must be contiguous or channels_last, got strides ", x.strides());
+  }
+  return g;
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A small gate tensor: nullopt, or a (B, n) tensor of the accumulation type.
+template <typename acc_t>
+const acc_t* gate_ptr(const std::optional<at::Tensor>& t, int64_t B, int64_t n, at::ScalarType acc, const char* what,
+                      at::Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->numel() == B * n, what, " must have ", B * n, " elements (B·", n, "), got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == acc, what, " must be ", acc, ", got ", t->scalar_type());
+  keep = t->contiguous();
+  return keep.data_ptr<acc_t>();
+}
+
+constexpr int64_t kBlock = 512;
+
+}  // namespace
+
+// Mean, max and first arg-max over p = (h, w) of y = x · S[b, p]; each (B, C).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_cpu(const at::Tensor& x, const std::optional<at::Tensor>& S) {
+  auto g = geometry(x, "gates_pool_hw");
+  auto acc = acc_type(x);
+  auto mean = at::empty({g.B, g.C}, x.options().dtype(acc));
+  auto mx = at::empty({g.B, g.C}, x.options().dtype(acc));
+  auto idx = at::empty({g.B, g.C}, x.options().dtype(at::kLong));
+  if (x.numel() == 0) return {mean.zero_(), mx.zero_(), idx.zero_()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_pool_hw", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor ks;
+    const acc_t* sp = gate_ptr<acc_t>(S, g.B, g.P, acc, "S", ks);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    acc_t* mean_p = mean.data_ptr<acc_t>();
+    acc_t* max_p = mx.data_ptr<acc_t>();
+    int64_t* idx_p = idx.data_ptr<int64_t>();
+    const acc_t inv = acc_t(1) / acc_t(g.P);
+    if (g.p_unit) {
+      at::parallel_for(0, g.B * g.C, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<acc_t> row(g.P);
+        for (int64_t bc = lo; bc < hi; ++bc) {
+          const int64_t b = bc / g.C, c = bc % g.C;
+          const scalar_t* xr = xp + b * g.sB + c * g.sC;
+          const acc_t* sr = sp ? sp + b * g.P : nullptr;
+          acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
+          acc_t* rw = row.data();
+          if (sr) {
+_Pragma("omp simd reduction(+ : sum) reduction(max : best)")
+            for (int64_t p = 0; p < g.P; ++p) {
+              acc_t v = acc_t(xr[p]) * sr[p];
+              rw[p] = v;
+              sum += v;
+              best = v > best ? v : best;
+            }
+          } else {
+_Pragma("omp simd reduction(+ : sum) reduction(max : best)")
+            for (int64_t p = 0; p < g.P; ++p) {
+              acc_t v = acc_t(xr[p]);
+              rw[p] = v;
+              sum += v;
+              best = v > best ? v : best;
+            }
+          }
+          int64_t bi = 0;
+          while (bi < g.P - 1 && !(rw[bi] == best)) ++bi;
+          mean_p[bc] = sum * inv;
+          max_p[bc] = best;
+          idx_p[bc] = bi;
+        }
+      });
+    } else {
+      const int64_t nblk = (g.C + kBlock - 1) / kBlock;
+      at::parallel_for(0, g.B * nblk, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<acc_t> sum(kBlock), best(kBlock);
+        std::vector<int64_t> bi(kBlock);
+        for (int64_t t = lo; t < hi; ++t) {
+          const int64_t b = t / nblk, c0 = (t % nblk) * kBlock, n = std::min(kBlock, g.C - c0);
+          std::fill(sum.begin(), sum.begin() + n, acc_t(0));
+          std::fill(best.begin(), best.begin() + n, -std::numeric_limits<acc_t>::infinity());
+          std::fill(bi.begin(), bi.begin() + n, int64_t(0));
+          acc_t* su = sum.data();
+          acc_t* be = best.data();
+          int64_t* bx = bi.data();
+          for (int64_t p = 0; p < g.P; ++p) {
+            const scalar_t* xr = xp + b * g.sB + p * g.sP + c0;
+            const acc_t s = sp ? sp[b * g.P + p] : acc_t(1);
+_Pragma("omp simd")
+            for (int64_t c = 0; c < n; ++c) {
+              acc_t v = acc_t(xr[c]) * s;
+              su[c] += v;
+              const bool gt = v > be[c];
+              be[c] = gt ? v : be[c];
+              bx[c] = gt ? p : bx[c];
+            }
+          }
+          for (int64_t c = 0; c < n; ++c) {
+            mean_p[b * g.C + c0 + c] = su[c] * inv;
+            max_p[b * g.C + c0 + c] = be[c];
+            idx_p[b * g.C + c0 + c] = bx[c];
+          }
+        }
+      });
+    }
+  });
+  return {mean, mx, idx};
+}
+
+// Mean, max and first arg-max over c of y = x · G[b, c]; each (B, P).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gates_pool_c_cpu(const at::Tensor& x, const std::optional<at::Tensor>& G) {
+  auto g = geometry(x, "gates_pool_c");
+  auto acc = acc_type(x);
+  auto mean = at::empty({g.B, g.P}, x.options().dtype(acc));
+  auto mx = at::empty({g.B, g.P}, x.options().dtype(acc));
+  auto idx = at::empty({g.B, g.P}, x.options().dtype(at::kLong));
+  if (x.numel() == 0) return {mean.zero_(), mx.zero_(), idx.zero_()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_pool_c", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor kg;
+    const acc_t* gp = gate_ptr<acc_t>(G, g.B, g.C, acc, "G", kg);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    acc_t* mean_p = mean.data_ptr<acc_t>();
+    acc_t* max_p = mx.data_ptr<acc_t>();
+    int64_t* idx_p = idx.data_ptr<int64_t>();
+    const acc_t inv = acc_t(1) / acc_t(g.C);
+    if (g.p_unit) {
+      const int64_t nblk = (g.P + kBlock - 1) / kBlock;
+      at::parallel_for(0, g.B * nblk, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<acc_t> sum(kBlock), best(kBlock);
+        std::vector<int64_t> bi(kBlock);
+        for (int64_t t = lo; t < hi; ++t) {
+          const int64_t b = t / nblk, p0 = (t % nblk) * kBlock, n = std::min(kBlock, g.P - p0);
+          std::fill(sum.begin(), sum.begin() + n, acc_t(0));
+          std::fill(best.begin(), best.begin() + n, -std::numeric_limits<acc_t>::infinity());
+          std::fill(bi.begin(), bi.begin() + n, int64_t(0));
+          acc_t* su = sum.data();
+          acc_t* be = best.data();
+          int64_t* bx = bi.data();
+          for (int64_t c = 0; c < g.C; ++c) {
+            const scalar_t* xr = xp + b * g.sB + c * g.sC + p0;
+            const acc_t w = gp ? gp[b * g.C + c] : acc_t(1);
+_Pragma("omp simd")
+            for (int64_t p = 0; p < n; ++p) {
+              acc_t v = acc_t(xr[p]) * w;
+              su[p] += v;
+              const bool gt = v > be[p];
+              be[p] = gt ? v : be[p];
+              bx[p] = gt ? c : bx[p];
+            }
+          }
+          for (int64_t p = 0; p < n; ++p) {
+            mean_p[b * g.P + p0 + p] = su[p] * inv;
+            max_p[b * g.P + p0 + p] = be[p];
+            idx_p[b * g.P + p0 + p] = bx[p];
+          }
+        }
+      });
+    } else {
+      at::parallel_for(0, g.B * g.P, 64, [&](int64_t lo, int64_t hi) {
+        std::vector<acc_t> row(g.C);
+        acc_t* rw = row.data();
+        for (int64_t bp = lo; bp < hi; ++bp) {
+          const int64_t b = bp / g.P, p = bp % g.P;
+          const scalar_t* xr = xp + b * g.sB + p * g.sP;
+          const acc_t* gr = gp ? gp + b * g.C : nullptr;
+          acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
+_Pragma("omp simd reduction(+ : sum) reduction(max : best)")
+          for (int64_t c = 0; c < g.C; ++c) {
+            acc_t v = acc_t(xr[c]) * (gr ? gr[c] : acc_t(1));
+            rw[c] = v;
+            sum += v;
+            best = v > best ? v : best;
+          }
+          int64_t bi = 0;
+          while (bi < g.C - 1 && !(rw[bi] == best)) ++bi;
+          mean_p[bp] = sum * inv;
+          max_p[bp] = best;
+          idx_p[bp] = bi;
+        }
+      });
+    }
+  });
+  return {mean, mx, idx};
+}
+
+// out = x · G[b, c] · S[b, p], in x's dtype and layout.
+at::Tensor gates_apply_cpu(const at::Tensor& x, const std::optional<at::Tensor>& G, const std::optional<at::Tensor>& S) {
+  auto g = geometry(x, "gates_apply");
+  auto acc = acc_type(x);
+  auto out = at::empty_like(x);
+  TORCH_CHECK(out.strides() == x.strides(), "gates_apply: could not allocate the output in x's layout");
+  if (x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor kg, ks;
+    const acc_t* gp = gate_ptr<acc_t>(G, g.B, g.C, acc, "G", kg);
+    const acc_t* sp = gate_ptr<acc_t>(S, g.B, g.P, acc, "S", ks);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (g.p_unit) {
+      at::parallel_for(0, g.B * g.C, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t bc = lo; bc < hi; ++bc) {
+          const int64_t b = bc / g.C, c = bc % g.C, off = b * g.sB + c * g.sC;
+          const acc_t w = gp ? gp[bc] : acc_t(1);
+          const acc_t* sr = sp ? sp + b * g.P : nullptr;
+          const scalar_t* xr = xp + off;
+          scalar_t* orow = op + off;
+          if (sr) {
+_Pragma("omp simd")
+            for (int64_t p = 0; p < g.P; ++p) orow[p] = scalar_t(acc_t(xr[p]) * w * sr[p]);
+          } else {
+_Pragma("omp simd")
+            for (int64_t p = 0; p < g.P; ++p) orow[p] = scalar_t(acc_t(xr[p]) * w);
+          }
+        }
+      });
+    } else {
+      at::parallel_for(0, g.B * g.P, 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t bp = lo; bp < hi; ++bp) {
+          const int64_t b = bp / g.P, p = bp % g.P, off = b * g.sB + p * g.sP;
+          const acc_t s = sp ? sp[bp] : acc_t(1);
+          const acc_t* gr = gp ? gp + b * g.C : nullptr;
+          const scalar_t* xr = xp + off;
+          scalar_t* orow = op + off;
+          if (gr) {
+_Pragma("omp simd")
+            for (int64_t c = 0; c < g.C; ++c) orow[c] = scalar_t(acc_t(xr[c]) * gr[c] * s);
+          } else {
+_Pragma("omp simd")
+            for (int64_t c = 0; c < g.C; ++c) orow[c] = scalar_t(acc_t(xr[c]) * s);
+          }
+        }
+      });
+    }
+  });
+  return out;
+}
+
+// U[b, c] = Σ_p R·x·S[b, p] and V[b, p] = Σ_c R·x·G[b, c], in one read of x (and of R,
+// which must have x's strides). R, G, S absent = 1.
+std::tuple<at::Tensor, at::Tensor> gates_reduce_cpu(const at::Tensor& x, const std::optional<at::Tensor>& R,
+                                                    const std::optional<at::Tensor>& G,
+                                                    const std::optional<at::Tensor>& S) {
+  auto g = geometry(x, "gates_reduce");
+  auto acc = acc_type(x);
+  const bool has_r = R.has_value() && R->defined();
+  if (has_r) {
+    TORCH_CHECK(R->sizes() == x.sizes() && R->strides() == x.strides() && R->scalar_type() == x.scalar_type(),
+                "gates_reduce: R must match x in shape, strides and dtype; got ", R->sizes(), " ", R->strides());
+  }
+  auto U = at::zeros({g.B, g.C}, x.options().dtype(acc));
+  auto V = at::zeros({g.B, g.P}, x.options().dtype(acc));
+  if (x.numel() == 0) return {U, V};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor kg, ks;
+    const acc_t* gp = gate_ptr<acc_t>(G, g.B, g.C, acc, "G", kg);
+    const acc_t* sp = gate_ptr<acc_t>(S, g.B, g.P, acc, "S", ks);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = has_r ? R->const_data_ptr<scalar_t>() : nullptr;
+    acc_t* up = U.data_ptr<acc_t>();
+    acc_t* vp = V.data_ptr<acc_t>();
+    // One thread per batch element keeps the (B, P) or (B, C) accumulations race-free;
+    // with fewer batch elements than threads, the planes are split and merged instead.
+    const int64_t nthreads = at::get_num_threads();
+    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((nthreads + g.B - 1) / g.B, g.p_unit ? g.C : g.P));
+    std::vector<acc_t> part_u(splits > 1 ? g.B * splits * g.C : 0), part_v(splits > 1 ? g.B * splits * g.P : 0);
+    at::parallel_for(0, g.B * splits, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> tmp(g.p_unit ? g.P : g.C);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t b = t / splits, k = t % splits;
+        acc_t* ur = splits > 1 ? part_u.data() + t * g.C : up + b * g.C;
+        acc_t* vr = splits > 1 ? part_v.data() + t * g.P : vp + b * g.P;
+        const acc_t* gr = gp ? gp + b * g.C : nullptr;
+        const acc_t* sr = sp ? sp + b * g.P : nullptr;
+        acc_t* tw = tmp.data();
+        if (g.p_unit) {
+          const int64_t c_lo = g.C * k / splits, c_hi = g.C * (k + 1) / splits;
+          for (int64_t c = c_lo; c < c_hi; ++c) {
+            const int64_t off = b * g.sB + c * g.sC;
+            const scalar_t* xr = xp + off;
+            const scalar_t* rr = rp ? rp + off : nullptr;
+            const acc_t w = gr ? gr[c] : acc_t(1);
+            acc_t u = 0;
+_Pragma("omp simd reduction(+ : u)")
+            for (int64_t p = 0; p < g.P; ++p) {
+              acc_t v = acc_t(xr[p]) * (rr ? acc_t(rr[p]) : acc_t(1));
+              u += v * (sr ? sr[p] : acc_t(1));
+              vr[p] += v * w;
+            }
+            ur[c] = u;
+          }
+        } else {
+          const int64_t p_lo = g.P * k / splits, p_hi = g.P * (k + 1) / splits;
+          for (int64_t p = p_lo; p < p_hi; ++p) {
+            const int64_t off = b * g.sB + p * g.sP;
+            const scalar_t* xr = xp + off;
+            const scalar_t* rr = rp ? rp + off : nullptr;
+            const acc_t s = sr ? sr[p] : acc_t(1);
+            acc_t v = 0;
+_Pragma("omp simd reduction(+ : v)")
+            for (int64_t c = 0; c < g.C; ++c) {
+              acc_t t2 = acc_t(xr[c]) * (rr ? acc_t(rr[c]) : acc_t(1));
+              v += t2 * (gr ? gr[c] : acc_t(1));
+              ur[c] += t2 * s;
+            }
+            vr[p] = v;
+          }
+        }
+        (void)tw;
+      }
+    });
+    if (splits > 1) {
+      for (int64_t b = 0; b < g.B; ++b) {
+        for (int64_t k = 0; k < splits; ++k) {
+          const acc_t* pu = part_u.data() + (b * splits + k) * g.C;
+          const acc_t* pv = part_v.data() + (b * splits + k) * g.P;
+          for (int64_t c = 0; c < g.C; ++c) up[b * g.C + c] += pu[c];
+          for (int64_t p = 0; p < g.P; ++p) vp[b * g.P + p] += pv[p];
+        }
+      }
+    }
+  });
+  return {U, V};
+}
+
+// dx = grad · G[b, c] · S[b, p] + Σ_k L[k, b, c] · Rk[k, b, p], in x's dtype and layout
+// (grad must have x's strides). L is (K, B, C), Rk is (K, B, P), K ≥ 0.
+at::Tensor gates_grad_x_cpu(const std::optional<at::Tensor>& grad, const at::Tensor& x,
+                            const std::optional<at::Tensor>& G, const std::optional<at::Tensor>& S,
+                            const at::Tensor& L, const at::Tensor& Rk) {
+  auto g = geometry(x, "gates_grad_x");
+  auto acc = acc_type(x);
+  const bool has_grad = grad.has_value() && grad->defined();
+  if (has_grad) {
+    TORCH_CHECK(grad->sizes() == x.sizes() && grad->strides() == x.strides() && grad->scalar_type() == x.scalar_type(),
+                "gates_grad_x: grad must match x in shape, strides and dtype; got ", grad->sizes(), " ",
+                grad->strides());
+  }
+  TORCH_CHECK(L.dim() == 3 && L.size(1) == g.B && L.size(2) == g.C && L.scalar_type() == acc,
+              "gates_grad_x: L must be (K, B, C) of ", acc, ", got ", L.sizes(), " ", L.scalar_type());
+  TORCH_CHECK(Rk.dim() == 3 && Rk.size(0) == L.size(0) && Rk.size(1) == g.B && Rk.size(2) == g.P &&
+                  Rk.scalar_type() == acc,
+              "gates_grad_x: Rk must be (K, B, P) of ", acc, ", got ", Rk.sizes(), " ", Rk.scalar_type());
+  const int64_t K = L.size(0);
+  auto Lc = L.contiguous();
+  auto Rc = Rk.contiguous();
+  auto dx = at::empty_like(x);
+  TORCH_CHECK(dx.strides() == x.strides(), "gates_grad_x: could not allocate dx in x's layout");
+  if (x.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_grad_x", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor kg, ks;
+    const acc_t* gp = gate_ptr<acc_t>(G, g.B, g.C, acc, "G", kg);
+    const acc_t* sp = gate_ptr<acc_t>(S, g.B, g.P, acc, "S", ks);
+    const scalar_t* gr_p = has_grad ? grad->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* lp = Lc.const_data_ptr<acc_t>();
+    const acc_t* rp = Rc.const_data_ptr<acc_t>();
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    if (g.p_unit) {
+      at::parallel_for(0, g.B * g.C, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<acc_t> buf(kBlock);
+        acc_t* bw = buf.data();
+        for (int64_t bc = lo; bc < hi; ++bc) {
+          const int64_t b = bc / g.C, c = bc % g.C, off = b * g.sB + c * g.sC;
+          const acc_t w = gp ? gp[bc] : acc_t(1);
+          const acc_t* sr = sp ? sp + b * g.P : nullptr;
+          for (int64_t p0 = 0; p0 < g.P; p0 += kBlock) {
+            const int64_t n = std::min(kBlock, g.P - p0);
+            if (gr_p) {
+              const scalar_t* gr = gr_p + off + p0;
+_Pragma("omp simd")
+              for (int64_t p = 0; p < n; ++p) bw[p] = acc_t(gr[p]) * w * (sr ? sr[p0 + p] : acc_t(1));
+            } else {
+              std::fill(bw, bw + n, acc_t(0));
+            }
+            for (int64_t k = 0; k < K; ++k) {
+              const acc_t l = lp[(k * g.B + b) * g.C + c];
+              const acc_t* rr = rp + (k * g.B + b) * g.P + p0;
+_Pragma("omp simd")
+              for (int64_t p = 0; p < n; ++p) bw[p] += l * rr[p];
+            }
+            scalar_t* dr = dp + off + p0;
+_Pragma("omp simd")
+            for (int64_t p = 0; p < n; ++p) dr[p] = scalar_t(bw[p]);
+          }
+        }
+      });
+    } else {
+      at::parallel_for(0, g.B * g.P, 16, [&](int64_t lo, int64_t hi) {
+        std::vector<acc_t> buf(g.C);
+        acc_t* bw = buf.data();
+        for (int64_t bp = lo; bp < hi; ++bp) {
+          const int64_t b = bp / g.P, p = bp % g.P, off = b * g.sB + p * g.sP;
+          const acc_t s = sp ? sp[bp] : acc_t(1);
+          const acc_t* gr = gp ? gp + b * g.C : nullptr;
+          if (gr_p) {
+            const scalar_t* grr = gr_p + off;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < g.C; ++c) bw[c] = acc_t(grr[c]) * (gr ? gr[c] : acc_t(1)) * s;
+          } else {
+            std::fill(bw, bw + g.C, acc_t(0));
+          }
+          for (int64_t k = 0; k < K; ++k) {
+            const acc_t r = rp[(k * g.B + b) * g.P + p];
+            const acc_t* lr = lp + (k * g.B + b) * g.C;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < g.C; ++c) bw[c] += lr[c] * r;
+          }
+          scalar_t* dr = dp + off;
+_Pragma("omp simd")
+          for (int64_t c = 0; c < g.C; ++c) dr[c] = scalar_t(bw[c]);
+        }
+      });
+    }
+  });
+  return dx;
+}
+
+TORCH_LIBRARY_FRAGMENT(disseg, m) {
+  m.def("gates_pool_hw(Tensor x, Tensor? S) -> (Tensor, Tensor, Tensor)");
+  m.def("gates_pool_c(Tensor x, Tensor? G) -> (Tensor, Tensor, Tensor)");
+  m.def("gates_apply(Tensor x, Tensor? G, Tensor? S) -> Tensor");
+  m.def("gates_reduce(Tensor x, Tensor? R, Tensor? G, Tensor? S) -> (Tensor, Tensor)");
+  m.def("gates_grad_x(Tensor? grad, Tensor x, Tensor? G, Tensor? S, Tensor L, Tensor Rk) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(disseg, CPU, m) {
+  m.impl("gates_pool_hw", &gates_pool_hw_cpu);
+  m.impl("gates_pool_c", &gates_pool_c_cpu);
+  m.impl("gates_apply", &gates_apply_cpu);
+  m.impl("gates_reduce", &gates_reduce_cpu);
+  m.impl("gates_grad_x", &gates_grad_x_cpu);
+}
+
+}  // namespace disseg
