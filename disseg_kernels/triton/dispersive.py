@@ -46,6 +46,8 @@ _VARIANT_NAMES = ("infonce_l2", "infonce_l2sq", "infonce_cosine", "hinge", "cova
 
 # N at or below which the split-D (few samples, huge D) path is used.
 SMALL_N_MAX = 64
+# D at or below which the row kernel computes exact differences instead of the Gram trick.
+_DIRECT_MAX_D = 8
 # Widest output-column chunk one row program keeps in registers.
 _MAX_DO = 256
 
@@ -54,7 +56,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 # Relative threshold under which d^2 computed from the Gram matrix is rounding noise and the
 # pair is treated as a duplicate (d = 0, subgradient 0, never 1/0).
-_DUP_EPS_FP32 = 1e-6
+_DUP_EPS_FP32 = 1e-7
 _DUP_EPS_FP64 = 1e-12
 
 _LOG2E = 1.4426950408889634
@@ -86,6 +88,7 @@ def _dispersive_rows_kernel(
     VARIANT: tl.constexpr,
     INCLUDE_DIAG: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    DIRECT_D: tl.constexpr,  # D <= 8: exact differences on the CUDA cores instead of the Gram trick (0: off)
     SINGLE_K: tl.constexpr,  # all of D in one BLOCK_K chunk (then BLOCK_DO == BLOCK_K)
     BLOCK_K: tl.constexpr,
     BLOCK_DO: tl.constexpr,
@@ -93,6 +96,7 @@ def _dispersive_rows_kernel(
     GRAM_PREC: tl.constexpr,
     PV_DTYPE: tl.constexpr,  # operand dtype of the weights @ Z_J product
     PV_PREC: tl.constexpr,
+    TF32_ROUND: tl.constexpr,  # truncate the weights to TF32 (the fp16 path's PV product)
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot cannot multiply bfloat16, run it in fp32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -112,7 +116,7 @@ def _dispersive_rows_kernel(
     n_i = tl.load(SQN + rows, mask=row_ok, other=0.0)
     if VARIANT == 2:
         rinv_i = tl.load(RINV + rows, mask=row_ok, other=0.0)
-    if SINGLE_K:
+    if SINGLE_K and DIRECT_D == 0:
         zi = tl.load(Z + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < D), other=0.0)
         if UPCAST:
             zi = zi.to(tl.float32)
@@ -126,7 +130,17 @@ def _dispersive_rows_kernel(
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        if SINGLE_K:
+        if DIRECT_D > 0:
+            # Few features: d^2 = sum_k (z_ik - z_jk)^2 exactly, no n_i + n_j - 2G cancellation.
+            d2x = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+            g = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+            for k in tl.static_range(DIRECT_D):
+                zik = tl.load(Z + rows * D + k, mask=row_ok, other=0.0).to(ACC)
+                zjk = tl.load(Z + cols * D + k, mask=col_ok, other=0.0).to(ACC)
+                diff = zik[:, None] - zjk[None, :]
+                d2x += diff * diff
+                g += zik[:, None] * zjk[None, :]
+        elif SINGLE_K:
             zj = tl.load(Z + cols[:, None] * D + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < D), other=0.0)
             if UPCAST:
                 zj = zj.to(tl.float32)
@@ -154,8 +168,12 @@ def _dispersive_rows_kernel(
         else:
             n_j = tl.load(SQN + cols, mask=col_ok, other=0.0)
             nsum = n_i[:, None] + n_j[None, :]
-            d2 = nsum - 2.0 * g
-            dup = d2 <= dup_eps * nsum
+            if DIRECT_D > 0:
+                d2 = d2x
+                dup = d2 == 0.0
+            else:
+                d2 = nsum - 2.0 * g
+                dup = d2 <= dup_eps * nsum
             if INCLUDE_DIAG:
                 dup = dup | (rows[:, None] == cols[None, :])
             d2 = tl.where(dup, 0.0, d2)
@@ -170,7 +188,6 @@ def _dispersive_rows_kernel(
             s_i += tl.sum(h * h, 1)
             if NEED_GRAD:
                 w = (-2.0 * scale) * h * rs
-                r_i += tl.sum(w, 1)
         else:
             e2 = tl.where(valid, -d * e_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(e2, 1))
@@ -182,25 +199,44 @@ def _dispersive_rows_kernel(
             if NEED_GRAD:
                 if VARIANT == 0:
                     w = p * rs
-                    r_i = r_i * alpha + tl.sum(w, 1)
                 elif VARIANT == 1:
-                    w = p
+                    w = tl.where(dup, 0.0, p)  # exact: z_i - z_j = 0 there
                 else:
                     w = p * rinv_j[None, :]
                     r_i = r_i * alpha + tl.sum(p * ghat, 1)
                 acc = acc * alpha[:, None]
+                if VARIANT != 2:
+                    r_i = r_i * alpha
 
         if NEED_GRAD:
-            if SINGLE_K:
-                zv = zj
+            # Round the weights once, to what the tensor cores will read, and sum the same
+            # rounded values into r_i: then r_i z_i - sum_j w_ij z_j = sum_j w_ij (z_i - z_j)
+            # up to fp32 accumulation, even where w_ij is large (near-duplicate rows).
+            if DIRECT_D > 0:
+                # acc_i += sum_j w_ij (z_j - z_i) column by column (cosine: sum_j w_ij z_j).
+                for k in tl.static_range(DIRECT_D):
+                    zjk = tl.load(Z + cols * D + k, mask=col_ok, other=0.0).to(ACC)
+                    if VARIANT == 2:
+                        ck = tl.sum(w * zjk[None, :], 1)
+                    else:
+                        zik = tl.load(Z + rows * D + k, mask=row_ok, other=0.0).to(ACC)
+                        ck = tl.sum(w * (zjk[None, :] - zik[:, None]), 1)
+                    acc += tl.where(dcols[None, :] == k, ck[:, None], 0.0)
             else:
-                zv = tl.load(Z + cols[:, None] * D + dcols[None, :], mask=col_ok[:, None] & dcol_ok[None, :], other=0.0)
-            wv = w.to(PV_DTYPE)
-            zv = zv.to(PV_DTYPE)
-            if UPCAST:
-                wv = wv.to(tl.float32)
-                zv = zv.to(tl.float32)
-            acc = tl.dot(wv, zv, acc, input_precision=PV_PREC, out_dtype=ACC)
+                if TF32_ROUND:
+                    w = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                wv = w.to(PV_DTYPE)
+                if VARIANT != 2:
+                    r_i += tl.sum(wv.to(ACC), 1)
+                if SINGLE_K:
+                    zv = zj
+                else:
+                    zv = tl.load(Z + cols[:, None] * D + dcols[None, :], mask=col_ok[:, None] & dcol_ok[None, :], other=0.0)
+                zv = zv.to(PV_DTYPE)
+                if UPCAST:
+                    wv = wv.to(tl.float32)
+                    zv = zv.to(tl.float32)
+                acc = tl.dot(wv, zv, acc, input_precision=PV_PREC, out_dtype=ACC)
 
     if pid_d == 0:
         if VARIANT == 3:
@@ -209,14 +245,14 @@ def _dispersive_rows_kernel(
             tl.store(M_OUT + rows, m_i * 0.6931471805599453, mask=row_ok)
         tl.store(S_OUT + rows, s_i, mask=row_ok)
     if NEED_GRAD:
-        if VARIANT == 1:
-            a_i = s_i
-        elif VARIANT == 2:
+        if VARIANT == 2:
             a_i = r_i * tl.load(PROJ + rows, mask=row_ok, other=0.0)
         else:
             a_i = r_i
         out_mask = row_ok[:, None] & dcol_ok[None, :]
-        if SINGLE_K:
+        if DIRECT_D > 0:
+            zo = tl.load(Z + rows[:, None] * D + dcols[None, :], mask=out_mask, other=0.0).to(ACC)
+        elif SINGLE_K:
             zo = zi.to(ACC)
         else:
             zo = tl.load(Z + rows[:, None] * D + dcols[None, :], mask=out_mask, other=0.0).to(ACC)
@@ -297,8 +333,9 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
     args = (z, sqn, rinv, proj, out, m_out, s_out, n, d, min(triton.next_power_of_2(n), 16384), params)
     meta = dict(
         VARIANT=variant, INCLUDE_DIAG=bool(include_diagonal), NEED_GRAD=bool(need_grad), SINGLE_K=single,
+        DIRECT_D=d if d <= _DIRECT_MAX_D else 0,
         BLOCK_K=block_k, BLOCK_DO=block_do, ACC=ACC, GRAM_PREC=GRAM_PREC, PV_DTYPE=PV_DTYPE, PV_PREC=PV_PREC,
-        UPCAST=_interpret() and z.dtype == torch.bfloat16,
+        TF32_ROUND=PV_PREC == "tf32", UPCAST=_interpret() and z.dtype == torch.bfloat16,
     )
     if autotune is None:
         autotune = not _interpret() and os.environ.get("DISSEG_TRITON_AUTOTUNE", "1") != "0"
@@ -380,6 +417,8 @@ def _rowmix_kernel(
     mask = row_ok[:, None] & (cols[None, :] < D)
     zt = tl.load(Z + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(CDT)
     out = tl.dot(c, zt, input_precision="ieee", out_dtype=CDT)
+    if OUT.dtype.element_ty != CDT:
+        out = out.to(tl.float32)  # float64 -> half goes through float32 (the interpreter needs it)
     tl.store(OUT + rows[:, None] * D + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -432,7 +471,7 @@ def _small_coefficients(gram, variant, tau, margin, include_diagonal, scale):
     loss = lse - math.log(pairs)
     p = (e - lse).exp()
     if variant == INFONCE_L2SQ:
-        return loss, (-4.0 * scale / tau) * laplacian(p)
+        return loss, (-4.0 * scale / tau) * laplacian(p.masked_fill(dup, 0.0))  # exact: z_i = z_j there
     if variant == INFONCE_L2:
         return loss, (-2.0 / tau) * laplacian(p * scale * inv_dist)
     # cosine: g_i = (2s/tau) sum_j p_ij zhat_j, dz_i = rinv_i (g_i - (zhat_i . g_i) zhat_i)
@@ -450,7 +489,9 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
     loss, c = _small_coefficients(gram, variant, tau, margin, include_diagonal, scale)
     grad = None
     if need_grad:
-        cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
+        # float64 products: cheap at these N (the pass is memory-bound) and exact enough that
+        # cancelling terms (the cosine projection, equal rows) leave no float32 residue.
+        cdt = torch.float64
         c_pad = torch.zeros((block_n, block_n), device=z.device, dtype=cdt)
         c_pad[:n, :n] = c
         grad = torch.empty_like(z)
@@ -469,7 +510,10 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
 
 def _covariance(z, need_grad):
     n, d = z.shape
-    zc = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
+    # Few samples: memory-bound, so float64 costs nothing and keeps the cancelling terms
+    # (||G||_F^2 - sum c_a^2, Zc Zc^T Zc - Zc diag(c)) exact; many samples: float32 GEMMs.
+    wide = z.dtype == torch.float64 or n <= SMALL_N_MAX
+    zc = z.to(torch.float64 if wide else torch.float32)
     zc = zc - zc.mean(0, keepdim=True)
     col = zc.square().sum(0)  # c_a = sum_i Zc_ia^2
     denom = float(n - 1) ** 2
