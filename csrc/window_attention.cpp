@@ -92,11 +92,13 @@ struct Geometry {
   inline int64_t off(int64_t dy, int64_t dx) const { return (dy + 2 * r) * O + (dx + 2 * r); }
 };
 
-template <typename T>
+template <typename T, int KS>
 void forward_kernel(const T* v, const T* logits, T* y, const Geometry& g) {
-  const int64_t H = g.H, W = g.W, C = g.C, hd = g.hd, k = g.k, r = g.r, kk = g.kk;
+  const int64_t H = g.H, W = g.W, C = g.C, hd = g.hd;
+  const int64_t k = KS > 0 ? KS : g.k, r = k / 2, kk = k * k, O = 2 * k - 1, OO = O * O;
+  auto off = [=](int64_t a, int64_t b) { return (a + 2 * r) * O + (b + 2 * r); };
   at::parallel_for(0, g.B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> e(kk * kk), w(g.OO);
+    std::vector<T> e(kk * kk), w(OO);
     std::vector<int64_t> rows(kk);
     for (int64_t bq = begin; bq < end; ++bq) {
       const int64_t b = bq / H, qy = bq % H;
@@ -122,7 +124,7 @@ void forward_kernel(const T* v, const T* logits, T* y, const Geometry& g) {
             T sum = 0;
             for (int64_t t = 0; t < kk; ++t) sum += ei[t];
             const T inv = T(1) / sum;
-            for (int64_t t = 0; t < kk; ++t) w[g.off(t / k - r - sy, t % k - r - sx)] += ei[t] * inv;
+            for (int64_t t = 0; t < kk; ++t) w[off(t / k - r - sy, t % k - r - sx)] += ei[t] * inv;
           }
           T* out = yq + h * hd;
           std::fill(out, out + hd, T(0));
@@ -132,7 +134,7 @@ void forward_kernel(const T* v, const T* logits, T* y, const Geometry& g) {
             for (int64_t dx = -2 * r; dx <= 2 * r; ++dx) {
               const int64_t sx = qx + dx;
               if (sx < 0 || sx >= W) continue;
-              axpy(out, v + ((b * H + sy) * W + sx) * C + h * hd, w[g.off(dy, dx)], hd);
+              axpy(out, v + ((b * H + sy) * W + sx) * C + h * hd, w[off(dy, dx)], hd);
             }
           }
         }
@@ -142,23 +144,25 @@ void forward_kernel(const T* v, const T* logits, T* y, const Geometry& g) {
 }
 
 // D[b, a, h, o] = dy[b, a, h] · v[b, a + o, h] (0 where a + o is outside).
-template <typename T>
+template <typename T, int KS>
 void offset_dots_kernel(const T* dy, const T* v, T* D, const Geometry& g) {
-  const int64_t H = g.H, W = g.W, C = g.C, hd = g.hd, r = g.r;
+  const int64_t H = g.H, W = g.W, C = g.C, hd = g.hd;
+  const int64_t k = KS > 0 ? KS : g.k, r = k / 2, O = 2 * k - 1, OO = O * O;
+  auto off = [=](int64_t a, int64_t b) { return (a + 2 * r) * O + (b + 2 * r); };
   at::parallel_for(0, g.B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ba = begin; ba < end; ++ba) {
       const int64_t b = ba / H, ay = ba % H;
       for (int64_t ax = 0; ax < W; ++ax) {
         const T* dya = dy + ((b * H + ay) * W + ax) * C;
-        T* Da = D + ((b * H + ay) * W + ax) * g.heads * g.OO;
+        T* Da = D + ((b * H + ay) * W + ax) * g.heads * OO;
         for (int64_t h = 0; h < g.heads; ++h) {
-          T* Dh = Da + h * g.OO;
+          T* Dh = Da + h * OO;
           for (int64_t dyo = -2 * r; dyo <= 2 * r; ++dyo) {
             const int64_t sy = ay + dyo;
             for (int64_t dxo = -2 * r; dxo <= 2 * r; ++dxo) {
               const int64_t sx = ax + dxo;
               const bool inside = sy >= 0 && sy < H && sx >= 0 && sx < W;
-              Dh[g.off(dyo, dxo)] =
+              Dh[off(dyo, dxo)] =
                   inside ? dot(dya + h * hd, v + ((b * H + sy) * W + sx) * C + h * hd, hd) : T(0);
             }
           }
@@ -169,9 +173,11 @@ void offset_dots_kernel(const T* dy, const T* v, T* D, const Geometry& g) {
 }
 
 // Per window p: lse of its k² rows and (if D) dlogits = A ⊙ (dA − Σ_t A ⊙ dA).
-template <typename T>
+template <typename T, int KS>
 void logits_grad_kernel(const T* logits, const T* D, T* dlogits, T* lse, const Geometry& g) {
-  const int64_t H = g.H, W = g.W, k = g.k, r = g.r, kk = g.kk;
+  const int64_t H = g.H, W = g.W;
+  const int64_t k = KS > 0 ? KS : g.k, r = k / 2, kk = k * k, O = 2 * k - 1, OO = O * O;
+  auto off = [=](int64_t a, int64_t b) { return (a + 2 * r) * O + (b + 2 * r); };
   at::parallel_for(0, g.B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> e(kk * kk), m(kk);
     for (int64_t bp = begin; bp < end; ++bp) {
@@ -201,11 +207,11 @@ void logits_grad_kernel(const T* logits, const T* D, T* dlogits, T* lse, const G
               std::fill(dls, dls + kk, T(0));
               continue;
             }
-            const T* Dq = D + ((b * H + qy) * W + qx) * g.heads * g.OO + h * g.OO;
+            const T* Dq = D + ((b * H + qy) * W + qx) * g.heads * OO + h * OO;
             const T inv = T(1) / sum;
             T gsum = 0;
             for (int64_t t = 0; t < kk; ++t) {
-              const T dA = Dq[g.off(t / k - r - sy, t % k - r - sx)];
+              const T dA = Dq[off(t / k - r - sy, t % k - r - sx)];
               dls[t] = dA;
               gsum += es[t] * inv * dA;
             }
@@ -218,11 +224,13 @@ void logits_grad_kernel(const T* logits, const T* D, T* dlogits, T* lse, const G
 }
 
 // dv[r] = Σ_{o'} w'[o'] · dy[r + o'].
-template <typename T>
+template <typename T, int KS>
 void value_grad_kernel(const T* dy, const T* logits, const T* lse, T* dv, const Geometry& g) {
-  const int64_t H = g.H, W = g.W, C = g.C, hd = g.hd, k = g.k, r = g.r, kk = g.kk;
+  const int64_t H = g.H, W = g.W, C = g.C, hd = g.hd;
+  const int64_t k = KS > 0 ? KS : g.k, r = k / 2, kk = k * k, O = 2 * k - 1, OO = O * O;
+  auto off = [=](int64_t a, int64_t b) { return (a + 2 * r) * O + (b + 2 * r); };
   at::parallel_for(0, g.B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> e(kk * kk), w(g.OO);
+    std::vector<T> e(kk * kk), w(OO);
     std::vector<int64_t> taps(kk);
     for (int64_t br = begin; br < end; ++br) {
       const int64_t b = br / H, ry = br % H;
@@ -244,7 +252,7 @@ void value_grad_kernel(const T* dy, const T* logits, const T* lse, T* dv, const 
           std::fill(w.begin(), w.end(), T(0));
           for (int64_t i = 0; i < n; ++i) {
             const int64_t t = taps[i], ty = t / k - r, tx = t % k - r;
-            for (int64_t s = 0; s < kk; ++s) w[g.off(s / k - r - ty, s % k - r - tx)] += e[i * kk + s];
+            for (int64_t s = 0; s < kk; ++s) w[off(s / k - r - ty, s % k - r - tx)] += e[i * kk + s];
           }
           T* out = out_r + h * hd;
           std::fill(out, out + hd, T(0));
@@ -254,13 +262,27 @@ void value_grad_kernel(const T* dy, const T* logits, const T* lse, T* dv, const 
             for (int64_t dxo = -2 * r; dxo <= 2 * r; ++dxo) {
               const int64_t qx = rx + dxo;
               if (qx < 0 || qx >= W) continue;
-              axpy(out, dy + ((b * H + qy) * W + qx) * C + h * hd, w[g.off(dyo, dxo)], hd);
+              axpy(out, dy + ((b * H + qy) * W + qx) * C + h * hd, w[off(dyo, dxo)], hd);
             }
           }
         }
       }
     }
   });
+}
+
+template <typename T, int KS>
+void backward_impl(const at::Tensor& dy, const at::Tensor& v, const at::Tensor& logits, at::Tensor& dv,
+                   at::Tensor& dlogits, at::Tensor& lse, const Geometry& g, bool need_dv, bool need_dlogits) {
+  at::Tensor D;
+  if (need_dlogits) {
+    D = at::empty({g.B, g.H * g.W, g.heads, g.OO}, v.options());
+    offset_dots_kernel<T, KS>(dy.data_ptr<T>(), v.data_ptr<T>(), D.data_ptr<T>(), g);
+  }
+  logits_grad_kernel<T, KS>(logits.data_ptr<T>(), need_dlogits ? D.data_ptr<T>() : nullptr,
+                            need_dlogits ? dlogits.data_ptr<T>() : nullptr, lse.data_ptr<T>(), g);
+  D.reset();
+  if (need_dv) value_grad_kernel<T, KS>(dy.data_ptr<T>(), logits.data_ptr<T>(), lse.data_ptr<T>(), dv.data_ptr<T>(), g);
 }
 
 void check_inputs(const at::Tensor& v, const at::Tensor& logits, int64_t kernel_size, const char* fn) {
@@ -299,7 +321,10 @@ at::Tensor window_attention_forward_cpu(const at::Tensor& v_in, const at::Tensor
   const Geometry g(v_in, logits, kernel_size);
   at::Tensor y = at::empty({g.B, g.H, g.W, g.C}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "window_attention_forward_cpu", [&] {
-    forward_kernel<scalar_t>(v.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g);
+    if (kernel_size == 3)
+      forward_kernel<scalar_t, 3>(v.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g);
+    else
+      forward_kernel<scalar_t, 0>(v.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g);
   });
   y = y.permute({0, 3, 1, 2});  // (B, C, H, W), channels-last memory
   return half ? y.to(v_in.scalar_type()) : y;
@@ -325,19 +350,12 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
               "window_attention_backward: internal error, dlogits strides differ from logits");
   at::Tensor lse = at::empty({g.B, g.H * g.W, g.heads, kk}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "window_attention_backward_cpu", [&] {
-    at::Tensor D;
-    if (need_dlogits) {
-      D = at::empty({g.B, g.H * g.W, g.heads, g.OO}, v.options());
-      offset_dots_kernel<scalar_t>(dy.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g);
-    }
-    logits_grad_kernel<scalar_t>(logits.data_ptr<scalar_t>(), need_dlogits ? D.data_ptr<scalar_t>() : nullptr,
-                                 need_dlogits ? dlogits.data_ptr<scalar_t>() : nullptr, lse.data_ptr<scalar_t>(), g);
-    D.reset();
-    if (need_dv) {
-      value_grad_kernel<scalar_t>(dy.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                                  dv.data_ptr<scalar_t>(), g);
-    }
+    if (kernel_size == 3)
+      backward_impl<scalar_t, 3>(dy, v, logits, dv, dlogits, lse, g, need_dv, need_dlogits);
+    else
+      backward_impl<scalar_t, 0>(dy, v, logits, dv, dlogits, lse, g, need_dv, need_dlogits);
   });
+
   if (need_dv) {
     dv = dv.permute({0, 3, 1, 2});
     if (half) dv = dv.to(dt);
