@@ -140,7 +140,7 @@ def environment() -> dict:
     import PIL
 
     env = {"python": platform.python_version(), "platform": platform.platform(),
-           "torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+           "torch": str(torch.__version__), "numpy": np.__version__, "pillow": PIL.__version__,
            "git": git_hash(), "argv": sys.argv, "cpu_threads": torch.get_num_threads(),
            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
@@ -394,7 +394,7 @@ class Trainer:
                 "global_step": self.global_step, "best_metric": self.best_metric,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "running": self.running, "history": self.history, "rng": rng_state(),
-                "versions": {"torch": torch.__version__}}
+                "versions": {"torch": str(torch.__version__)}}
 
     def _restore(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])

@@ -1,0 +1,247 @@
+"""Trainer, losses, checkpoints, resume, evaluation and inference at tiny sizes.
+Protects: the spec's loss formulas (DiceBCE over the batch, λ as configured, β and the
+complementary term); both stages train and leave their files; a run SIGKILLed mid-epoch and
+resumed ends with bitwise the same weights as an uninterrupted one (deterministic mode);
+a checkpoint write interrupted midway leaves the previous file intact."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import SegOutput
+from models.config import TrainConfig
+from models.evaluate import evaluate
+from models.losses import consistency, dice_bce, stage1_loss, stage2_loss
+from models.predict import predict
+from models.synthetic import generate
+from models.trainer import Trainer, load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    generate(str(root), n_train=12, n_val=4, n_test=0, size=48, seed=0)
+    return str(root)
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=data, out=str(out), encoder="resnet18", size=32, batch_size=4, epochs=1,
+                threads=1, progress=False, seed=0, lr=1e-3, lr_encoder=1e-3, dropout_size=4)
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+
+
+# ------------------------------------------------------------------------------ losses
+
+def test_dice_bce_over_whole_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 5, 6, generator=g)
+    y = (torch.rand(3, 1, 5, 6, generator=g) > 0.5).float()
+    p = 1 / (1 + torch.exp(-x.double()))
+    bce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    assert float(dice_bce(x, y)) == pytest.approx(float(bce + dice), rel=1e-5)
+
+
+def test_stage1_loss_formula_and_lambda():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
+    y = (torch.rand(2, 1, 4, 4, generator=g) > 0.5).float()
+    d1, d2 = torch.tensor(-3.0), torch.tensor(-5.0)
+    out, out2 = SegOutput(mask=a, disp_loss=d1), SegOutput(mask=b, disp_loss=d2)
+    cons = (F.binary_cross_entropy(torch.sigmoid(a), (torch.sigmoid(b) > 0.5).float())
+            + F.binary_cross_entropy(torch.sigmoid(b), (torch.sigmoid(a) > 0.5).float()))
+    assert float(consistency(a, b)) == pytest.approx(float(cons), rel=1e-5)
+    for lam in (0.0, 0.2, 0.6):
+        total, _ = stage1_loss(out, out2, y, lam)
+        want = dice_bce(a, y) + dice_bce(b, y) + cons + lam * (d1 + d2)
+        assert float(total) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_stage2_loss_formula():
+    g = torch.Generator().manual_seed(2)
+    m, fg, bg, uc = (torch.randn(2, 1, 6, 5, generator=g) for _ in range(4))
+    y = (torch.rand(2, 1, 6, 5, generator=g) > 0.5).float()
+    out = SegOutput(mask=m, fg=fg, bg=bg, uncertainty=uc, disp_loss=torch.tensor(-2.0))
+    pf, pb, pu = torch.sigmoid(fg), torch.sigmoid(bg), torch.sigmoid(uc)
+    b1 = 1 / math.tanh(float(pf.sum()) / 30)
+    b2 = 1 / math.tanh(float(pb.sum()) / 30)
+    e = torch.exp(torch.stack([pf, pb, pu]))
+    qf, qb, qu = e / e.sum(0)
+    comp = ((qf * qb).sum() + (qf * qu).sum() + (qb * qu).sum()) / (2 * 6 * 5)
+    want = dice_bce(m, y) + b1 * dice_bce(fg, y) + b2 * dice_bce(bg, 1 - y) + comp + 0.2 * (-2.0)
+    total, parts = stage2_loss(out, y, 0.2)
+    assert float(total) == pytest.approx(float(want), rel=1e-5)
+    assert float(parts["beta_fg"]) == pytest.approx(b1, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ training
+
+def test_two_stages_evaluate_predict(tiny_data, tmp_path):
+    s1 = Trainer(_cfg(tiny_data, tmp_path / "s1", stage=1), log=lambda s: None).run()
+    for fn in ("config.json", "env.json", "metrics.csv", "metrics.json", "curves.png", "best.pt", "last.pt",
+               "summary.json"):
+        assert (tmp_path / "s1" / fn).is_file(), fn
+    env = json.loads((tmp_path / "s1" / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["git"]
+    rows = json.loads((tmp_path / "s1" / "metrics.json").read_text())
+    assert len(rows) == 1 and {"train_loss", "val_loss", "val_mIoU", "val_mDSC"} <= set(rows[0])
+    assert s1["steps"] == 3
+    cfg2 = _cfg(tiny_data, tmp_path / "s2", stage=2, init=str(tmp_path / "s1" / "best.pt"))
+    Trainer(cfg2, log=lambda s: None).run()
+    transfer = json.loads((tmp_path / "s2" / "transfer.json").read_text())
+    assert any(k.startswith("encoder.") for k in transfer["copied"]) and transfer["left"]
+    s1_enc = load_checkpoint(str(tmp_path / "s1" / "best.pt"))["model"]
+    ck2 = load_checkpoint(str(tmp_path / "s2" / "best.pt"))
+    assert ck2["config"]["stage"] == 2 and ck2["model"].keys() != s1_enc.keys()
+
+    ev = evaluate(str(tmp_path / "s2" / "best.pt"), tiny_data, "val", str(tmp_path / "ev"), log=lambda s: None)
+    assert ev["n_images"] == 4 and (tmp_path / "ev" / "per_case.csv").is_file()
+    assert 0.0 <= ev["mean_accuracy"] <= 1.0
+    native = evaluate(str(tmp_path / "s2" / "best.pt"), tiny_data, "val", None, native=True, log=lambda s: None)
+    assert native["resolution"] == "native"
+    names = predict(str(tmp_path / "s1" / "best.pt"), os.path.join(tiny_data, "images"), str(tmp_path / "pred"),
+                    names=["synth_00012"], mask_dir=os.path.join(tiny_data, "masks"), log=lambda s: None)
+    assert names == ["synth_00012"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "pred" / "masks" / "synth_00012.png").size == (48, 48)  # native size
+    assert (tmp_path / "pred" / "overlays" / "synth_00012.png").is_file()
+
+
+def test_amp_bf16_step_runs(tiny_data, tmp_path):
+    t = Trainer(_cfg(tiny_data, tmp_path / "amp", amp="bf16", epochs=1), log=lambda s: None)
+    t.setup()
+    x, y, _ = next(iter(t._loader(t.train_ds, t.sampler)))
+    loss, _ = t.train_step(x, y)
+    assert math.isfinite(loss)
+
+
+def test_grad_clip_and_early_stop(tiny_data, tmp_path):
+    s = Trainer(_cfg(tiny_data, tmp_path / "es", epochs=5, early_stop_patience=1, grad_clip=0.5,
+                     lr=1e-9, lr_encoder=1e-9), log=lambda s: None).run()
+    assert s["stopped_early"] and s["epochs_run"] < 5
+
+
+_KILLER = r"""
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[3])
+from models.config import TrainConfig
+from models.trainer import Trainer
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+kill_at = int(sys.argv[2])
+def hook(t):
+    if t.global_step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+Trainer(cfg, log=lambda s: None, step_hook=hook).run()
+"""
+
+
+def test_resume_after_sigkill_is_identical(tiny_data, tmp_path):
+    """SIGKILL at step 5 (epoch 2, mid-epoch; last.pt holds step 4), resume with the CLI:
+    the final weights equal an uninterrupted run's bit for bit."""
+    from models.cli import main
+
+    kw = dict(stage=1, epochs=2, deterministic=True, save_every_steps=1)
+    killed = _cfg(tiny_data, tmp_path / "killed", **kw)
+    proc = subprocess.run([sys.executable, "-c", _KILLER, json.dumps(killed.to_dict()), "5", str(REPO)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ck = load_checkpoint(str(tmp_path / "killed" / "last.pt"))
+    assert (ck["epoch"], ck["batch"], ck["global_step"]) == (1, 1, 4)
+    assert main(["train", "--out", str(tmp_path / "killed"), "--resume", "--threads", "1"]) == 0
+
+    ref = Trainer(_cfg(tiny_data, tmp_path / "ref", **kw), log=lambda s: None)
+    ref.run()
+    a = load_checkpoint(str(tmp_path / "killed" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "ref" / "last.pt"))
+    assert a["global_step"] == b["global_step"] == 6
+    for k, v in b["model"].items():
+        assert torch.equal(a["model"][k], v), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    """An exception midway through the write (here: in fsync, after the bytes went to the
+    temporary file) leaves the old checkpoint loadable and no temporary behind."""
+    from models import trainer as T
+
+    path = str(tmp_path / "last.pt")
+    save_checkpoint({"format": T.CHECKPOINT_FORMAT, "v": torch.arange(5)}, path)
+
+    def boom(fd):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(T.os, "fsync", boom)
+    with pytest.raises(OSError, match="disk on fire"):
+        save_checkpoint({"format": T.CHECKPOINT_FORMAT, "v": torch.zeros(10**5)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["v"], torch.arange(5))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+_WRITE_KILLED = r"""
+import os, signal, sys, torch
+sys.path.insert(0, sys.argv[2])
+from models import trainer as T
+real_write = None
+class Half:
+    def __init__(self, f): self.f = f
+def kill_in_fsync(fd):
+    os.kill(os.getpid(), signal.SIGKILL)
+T.os.fsync = kill_in_fsync
+T.save_checkpoint({"format": T.CHECKPOINT_FORMAT, "v": torch.zeros(10**6)}, sys.argv[1])
+"""
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
+    from models import trainer as T
+
+    path = str(tmp_path / "best.pt")
+    save_checkpoint({"format": T.CHECKPOINT_FORMAT, "v": torch.arange(3)}, path)
+    proc = subprocess.run([sys.executable, "-c", _WRITE_KILLED, path, str(REPO)], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.equal(load_checkpoint(path)["v"], torch.arange(3))
+    leftovers = [f for f in os.listdir(tmp_path) if f != "best.pt"]
+    assert leftovers and all(".tmp" in f for f in leftovers)  # the half-written temporary
+    T.remove_stale_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["best.pt"]
+
+
+def test_plot_skipped_without_matplotlib(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    from models.trainer import plot_curves
+
+    real = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    assert plot_curves([{"epoch": 1}], str(tmp_path / "c.png")) is False
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib" in err
