@@ -92,6 +92,14 @@ def _worker(rank, world, port, outdir):
             loss.backward()
             results[key] = (loss.detach(), z.grad)
 
+        # float32 and bf16 inputs (bf16 travels as bf16, accumulates in float32)
+        for dtype in (torch.float32, torch.bfloat16):
+            for ring in (False, True):
+                z = _slice(_global_z(sum(SIZES[world]), 5), SIZES[world], rank).to(dtype).requires_grad_(True)
+                loss = distributed_dispersive_loss(z, variant="infonce_l2", ring=ring, **OPTS)
+                loss.backward()
+                results[f"{dtype}-{ring}"] = (loss.detach(), z.grad)
+
         # ddp_scale: same value, gradient × W
         z = _slice(_global_z(sum(SIZES[world]), 1), SIZES[world], rank).clone().requires_grad_(True)
         loss = distributed_dispersive_loss(z, variant="infonce_l2", ddp_scale=True, **OPTS)
@@ -201,6 +209,23 @@ def test_global_loss_and_rank_gradients_equal_single_process(spawned, key):
     key_, sizes, seed, kw = next(c for c in _cases(world) if c[0] == key)
     ref_loss, ref_grad = _ref(_global_z(sum(sizes), seed), **kw)
     _assert_matches(per_rank, key, ref_loss, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("ring", [False, True], ids=["gather", "ring"])
+def test_low_precision_inputs(spawned, dtype, ring):
+    """float32 and bf16 z: loss in float32, gradient in z's dtype, close to the float64
+    reference of the same rounded input (bf16: within its rounding of the gradient)."""
+    world, per_rank = spawned
+    z = _global_z(sum(SIZES[world]), 5).to(dtype)
+    ref_loss, ref_grad = _ref(z.double(), "infonce_l2", **OPTS)
+    grad = torch.cat([res[f"{dtype}-{ring}"][1] for res in per_rank])
+    assert grad.dtype == dtype
+    for res in per_rank:
+        assert res[f"{dtype}-{ring}"][0].dtype == torch.float32
+        assert float(res[f"{dtype}-{ring}"][0]) == pytest.approx(float(ref_loss), rel=1e-6)
+    tol = (1e-5 if dtype == torch.float32 else 1e-2) * float(ref_grad.abs().max())
+    assert float((grad.double() - ref_grad).abs().max()) <= tol
 
 
 def test_ddp_scale_multiplies_only_the_gradient(spawned):
