@@ -56,5 +56,77 @@ def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], ba
     return _multiscale_fused(tensors, scales, chosen)
 
 
-def _multiscale_fused(tensors, scales, backend):  # replaced once the fused op lands
-    return multiscale_concat_reference(tensors, scales)
+def _run_fwd(tensors, scales, backend):
+    if backend == "cpu":
+        return torch.ops.disseg.multiscale_fwd(tensors, scales)
+    if backend == "triton":
+        from ..triton.multiscale import multiscale_fwd_triton
+
+        return multiscale_fwd_triton(tensors, scales)
+    raise ValueError(f"no fused multiscale kernel for backend {backend!r}")
+
+
+def _run_bwd(grad, c0, t, scale, backend):
+    if scale == 1:
+        return grad[:, c0 : c0 + t.shape[1]].clone(memory_format=torch.preserve_format)
+    if backend == "cpu":
+        return torch.ops.disseg.multiscale_bwd(grad, c0, t.shape[1], t.shape[2], t.shape[3], t)
+    if backend == "triton":
+        from ..triton.multiscale import multiscale_bwd_triton
+
+        return multiscale_bwd_triton(grad, c0, t)
+    raise ValueError(f"no fused multiscale kernel for backend {backend!r}")
+
+
+@torch.library.custom_op("disseg::multiscale_concat", mutates_args=())
+def _multiscale_op(tensors: list[torch.Tensor], scales: list[int], backend: str) -> torch.Tensor:
+    """cat of the upsampled inputs, written straight into the output's channel slices."""
+    return _run_fwd(tensors, scales, backend)
+
+
+def _out_format(t):
+    return torch.channels_last if (t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()) else torch.contiguous_format
+
+
+@_multiscale_op.register_fake
+def _(tensors, scales, backend):
+    t0 = tensors[0]
+    c = sum(t.shape[1] for t in tensors)
+    return t0.new_empty((t0.shape[0], c, t0.shape[2] * scales[0], t0.shape[3] * scales[0])).contiguous(
+        memory_format=_out_format(t0)
+    )
+
+
+@torch.library.custom_op("disseg::multiscale_concat_backward", mutates_args=())
+def _multiscale_backward_op(grad: torch.Tensor, tensors: list[torch.Tensor], scales: list[int], backend: str) -> list[torch.Tensor]:
+    """The gradient of each input: its channel slice of grad, accumulated onto its pixels."""
+    out, c0 = [], 0
+    for t, s in zip(tensors, scales):
+        out.append(_run_bwd(grad, c0, t, s, backend))
+        c0 += t.shape[1]
+    return out
+
+
+@_multiscale_backward_op.register_fake
+def _(grad, tensors, scales, backend):
+    return [torch.empty_like(t) for t in tensors]
+
+
+def _setup_context(ctx, inputs, output):
+    tensors, scales, backend = inputs
+    ctx.scales, ctx.backend = list(scales), backend
+    # Only the shapes are needed; the inputs themselves are saved as shape carriers.
+    ctx.shapes = [(t.shape, t.dtype, t.device, _out_format(t)) for t in tensors]
+
+
+def _backward(ctx, grad):
+    likes = [torch.empty(0, dtype=d, device=dev).new_empty(s).contiguous(memory_format=f) for s, d, dev, f in ctx.shapes]
+    grads = _multiscale_backward_op(grad, likes, ctx.scales, ctx.backend)
+    return list(grads), None, None
+
+
+_multiscale_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _multiscale_fused(tensors, scales, backend):
+    return _multiscale_op(tensors, scales, backend)

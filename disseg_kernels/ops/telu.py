@@ -26,7 +26,8 @@ def telu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
 
 def _dense(x: torch.Tensor) -> bool:
-    return x.is_non_overlapping_and_dense()
+    """Contiguous or channels_last: one linear memory order shared by x, y and dx."""
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def _run_fwd(x, backend):
@@ -89,7 +90,7 @@ _telu_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _telu_fused(x, backend):
     if not _dense(x):
-        x = x.contiguous()  # a strided view with gaps: the kernels need a dense tensor
+        x = x.contiguous()  # another layout (e.g. a sliced view): the kernels need a dense one
     return _telu_op(x, backend)
 
 

@@ -16,8 +16,9 @@ _BLOCK = 1024
 
 @triton.jit
 def _tanh_pos(u, e):
-    u2 = u * u
-    series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0))))
+    us = tl.minimum(u, 0.05)  # the series is only used below 0.05; keep it finite elsewhere
+    u2 = us * us
+    series = us * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0))))
     return tl.where(u < 0.05, series, (1.0 - e) / (1.0 + e))
 
 
@@ -47,7 +48,7 @@ def _telu_bwd_kernel(g_ptr, x_ptr, dx_ptr, n, BLOCK: tl.constexpr):
 def _check(x):
     if x.dtype == torch.float64:
         raise ValueError("the Triton TeLU kernels compute in float32; float64 runs on the 'cpu' or 'reference' backend")
-    if not x.is_non_overlapping_and_dense():
+    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         raise ValueError(f"x must be dense (any layout), got strides {x.stride()}")
 
 

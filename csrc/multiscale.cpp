@@ -1,0 +1,169 @@
+// Multi-scale upsample-and-concatenate, C++ CPU kernel. See shared/spec/attention.md.
+//
+// out = cat([up_{s_i}(x_i)], dim=1), bilinear with align_corners=True (the source
+// coordinate of output row o is o·(H_i − 1)/(H_o − 1), as in ATen's upsample_bilinear2d).
+// Each input is read once and each output element written once, straight into its
+// channel slice; no upsampled intermediate. Inputs and output are indexed through their
+// strides (NCHW or channels_last, the output in the layout of the first input).
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace disseg {
+namespace {
+
+template <typename acc_t>
+struct Taps {
+  std::vector<int64_t> i0, i1;
+  std::vector<acc_t> l0, l1;
+};
+
+template <typename acc_t>
+Taps<acc_t> taps(int64_t in, int64_t out) {
+  Taps<acc_t> t;
+  t.i0.resize(out), t.i1.resize(out), t.l0.resize(out), t.l1.resize(out);
+  const acc_t scale = out > 1 ? acc_t(in - 1) / acc_t(out - 1) : acc_t(0);
+  for (int64_t o = 0; o < out; ++o) {
+    const acc_t src = scale * acc_t(o);
+    int64_t i0 = static_cast<int64_t>(src);
+    if (i0 > in - 1) i0 = in - 1;
+    const int64_t step = i0 < in - 1 ? 1 : 0;
+    const acc_t l1 = src - acc_t(i0);
+    t.i0[o] = i0, t.i1[o] = i0 + step, t.l0[o] = acc_t(1) - l1, t.l1[o] = l1;
+  }
+  return t;
+}
+
+}  // namespace
+
+at::Tensor multiscale_fwd_cpu(at::TensorList tensors, at::IntArrayRef scales) {
+  TORCH_CHECK(!tensors.empty(), "multiscale_fwd: tensors must not be empty");
+  TORCH_CHECK(scales.size() == tensors.size(), "multiscale_fwd: scales must have one entry per tensor, got ",
+              scales.size(), " for ", tensors.size());
+  const auto& t0 = tensors[0];
+  const int64_t B = t0.size(0), H = t0.size(2) * scales[0], W = t0.size(3) * scales[0];
+  int64_t Ctot = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && t.scalar_type() == t0.scalar_type() && t.size(0) == B,
+                "multiscale_fwd: tensors[", i, "] must be a 4-d CPU tensor with tensors[0]'s batch size and dtype");
+    TORCH_CHECK(scales[i] >= 1 && t.size(2) * scales[i] == H && t.size(3) * scales[i] == W, "multiscale_fwd: tensors[",
+                i, "] upsampled by ", scales[i], " is not ", H, "x", W);
+    Ctot += t.size(1);
+  }
+  const auto fmt = (t0.is_contiguous(at::MemoryFormat::ChannelsLast) && !t0.is_contiguous())
+                       ? at::MemoryFormat::ChannelsLast
+                       : at::MemoryFormat::Contiguous;
+  auto out = at::empty({B, Ctot, H, W}, t0.options().memory_format(fmt));
+  const bool c_unit = fmt == at::MemoryFormat::ChannelsLast;
+  const int64_t osB = out.stride(0), osC = out.stride(1), osH = out.stride(2), osW = out.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t0.scalar_type(), "multiscale_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    int64_t c0 = 0;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const auto& t = tensors[i];
+      const int64_t C = t.size(1), Hi = t.size(2), Wi = t.size(3);
+      const int64_t sB = t.stride(0), sC = t.stride(1), sH = t.stride(2), sW = t.stride(3);
+      const scalar_t* ip = t.const_data_ptr<scalar_t>();
+      const auto th = taps<acc_t>(Hi, H);
+      const auto tw = taps<acc_t>(Wi, W);
+      scalar_t* ob = op + c0 * osC;
+      if (c_unit) {
+        at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t bh = lo; bh < hi; ++bh) {
+            const int64_t b = bh / H, oh = bh % H;
+            const acc_t a0 = th.l0[oh], a1 = th.l1[oh];
+            const scalar_t* r0 = ip + b * sB + th.i0[oh] * sH;
+            const scalar_t* r1 = ip + b * sB + th.i1[oh] * sH;
+            for (int64_t ow = 0; ow < W; ++ow) {
+              const acc_t b0 = tw.l0[ow], b1 = tw.l1[ow];
+              const int64_t w0 = tw.i0[ow] * sW, w1 = tw.i1[ow] * sW;
+              scalar_t* o = ob + b * osB + oh * osH + ow * osW;
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t cc = c * sC;
+                o[c * osC] = scalar_t(a0 * (b0 * acc_t(r0[w0 + cc]) + b1 * acc_t(r0[w1 + cc])) +
+                                      a1 * (b0 * acc_t(r1[w0 + cc]) + b1 * acc_t(r1[w1 + cc])));
+              }
+            }
+          }
+        });
+      } else {
+        at::parallel_for(0, B * C * H, 16, [&](int64_t lo, int64_t hi) {
+          for (int64_t r = lo; r < hi; ++r) {
+            const int64_t b = r / (C * H), c = (r / H) % C, oh = r % H;
+            const acc_t a0 = th.l0[oh], a1 = th.l1[oh];
+            const scalar_t* r0 = ip + b * sB + c * sC + th.i0[oh] * sH;
+            const scalar_t* r1 = ip + b * sB + c * sC + th.i1[oh] * sH;
+            scalar_t* o = ob + b * osB + c * osC + oh * osH;
+            for (int64_t ow = 0; ow < W; ++ow) {
+              const acc_t b0 = tw.l0[ow], b1 = tw.l1[ow];
+              const int64_t w0 = tw.i0[ow] * sW, w1 = tw.i1[ow] * sW;
+              o[ow * osW] = scalar_t(a0 * (b0 * acc_t(r0[w0]) + b1 * acc_t(r0[w1])) +
+                                     a1 * (b0 * acc_t(r1[w0]) + b1 * acc_t(r1[w1])));
+            }
+          }
+        });
+      }
+      c0 += C;
+    }
+  });
+  return out;
+}
+
+// The gradient of one input from its channel slice [c0, c0 + C) of grad_out: every
+// output pixel adds its four weighted taps into the (small) input plane.
+at::Tensor multiscale_bwd_cpu(const at::Tensor& grad_out, int64_t c0, int64_t C, int64_t Hi, int64_t Wi,
+                              const at::Tensor& like) {
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.device().is_cpu(), "multiscale_bwd: grad_out must be a 4-d CPU tensor");
+  const int64_t B = grad_out.size(0), H = grad_out.size(2), W = grad_out.size(3);
+  TORCH_CHECK(c0 >= 0 && c0 + C <= grad_out.size(1), "multiscale_bwd: channel slice [", c0, ", ", c0 + C,
+              ") outside grad_out's ", grad_out.size(1), " channels");
+  auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto gin = at::zeros({B, C, Hi, Wi}, grad_out.options().dtype(acc));  // (B, C, Hi, Wi) accumulation planes
+  const int64_t gsB = grad_out.stride(0), gsC = grad_out.stride(1), gsH = grad_out.stride(2), gsW = grad_out.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "multiscale_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>() + c0 * gsC;
+    acc_t* ap = gin.data_ptr<acc_t>();
+    const auto th = taps<acc_t>(Hi, H);
+    const auto tw = taps<acc_t>(Wi, W);
+    at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t bc = lo; bc < hi; ++bc) {
+        const int64_t b = bc / C, c = bc % C;
+        acc_t* plane = ap + bc * Hi * Wi;
+        const scalar_t* g = gp + b * gsB + c * gsC;
+        for (int64_t oh = 0; oh < H; ++oh) {
+          const acc_t a0 = th.l0[oh], a1 = th.l1[oh];
+          acc_t* p0 = plane + th.i0[oh] * Wi;
+          acc_t* p1 = plane + th.i1[oh] * Wi;
+          for (int64_t ow = 0; ow < W; ++ow) {
+            const acc_t v = acc_t(g[oh * gsH + ow * gsW]);
+            const acc_t b0 = tw.l0[ow] * v, b1 = tw.l1[ow] * v;
+            const int64_t w0 = tw.i0[ow], w1 = tw.i1[ow];
+            p0[w0] += a0 * b0;
+            p0[w1] += a0 * b1;
+            p1[w0] += a1 * b0;
+            p1[w1] += a1 * b1;
+          }
+        }
+      }
+    });
+  });
+  return gin.to(like.scalar_type()).contiguous(like.suggest_memory_format());
+}
+
+TORCH_LIBRARY_FRAGMENT(disseg, m) {
+  m.def("multiscale_fwd(Tensor[] tensors, int[] scales) -> Tensor");
+  m.def("multiscale_bwd(Tensor grad_out, int c0, int C, int Hi, int Wi, Tensor like) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(disseg, CPU, m) {
+  m.impl("multiscale_fwd", &multiscale_fwd_cpu);
+  m.impl("multiscale_bwd", &multiscale_bwd_cpu);
+}
+
+}  // namespace disseg
