@@ -1,0 +1,197 @@
+"""The `disseg` command at tiny sizes: every subcommand runs; each bad input gives its
+message and a non-zero exit without a traceback and leaves the run folder untouched;
+--config JSON and flags combine; the real nuclei fixture goes end to end through the
+loader, trainer and evaluator (skipped if the fixture is absent)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.cli import main
+from models.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[1]
+NUCLEI = REPO / ".." / "shared" / "data" / "nuclei-dsb2018"
+TINY = ["--encoder", "resnet18", "--size", "32", "--batch-size", "4", "--threads", "1", "--no-progress",
+        "--lr", "1e-3", "--lr-encoder", "1e-3", "--dropout-size", "4"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny synthetic dataset and a one-epoch Stage I run trained through the CLI."""
+    base = tmp_path_factory.mktemp("cli")
+    data = base / "data"
+    generate(str(data), n_train=8, n_val=4, n_test=2, size=48, seed=0)
+    out = base / "s1"
+    assert main(["train", "--stage", "1", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    return data, out
+
+
+def _run_bad(argv, capsys, code=2):
+    rc = main(argv)
+    cap = capsys.readouterr()
+    assert rc == code, (rc, cap.err)
+    assert "Traceback" not in cap.err and "Traceback" not in cap.out
+    return cap.err
+
+
+def _dataset(tmp_path, n=4):
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((32, 32, 3), 25 * i, np.uint8)).save(root / "images" / f"im{i}.jpg")
+        m = np.zeros((32, 32), np.uint8)
+        m[8:20, 8:20] = 255
+        Image.fromarray(m).save(root / "masks" / f"im{i}.png")
+    (root / "train.txt").write_text("im0\nim1\nim2\n")
+    (root / "val.txt").write_text("im3\n")
+    return root
+
+
+BAD_DATA = {
+    "missing_mask": (lambda r: os.remove(r / "masks" / "im1.png"), "train.txt:2: no mask for 'im1'"),
+    "size_mismatch": (lambda r: Image.fromarray(np.zeros((9, 9), np.uint8)).save(r / "masks" / "im2.png"),
+                      "train.txt:3: size mismatch"),
+    "unreadable": (lambda r: (r / "images" / "im3.jpg").write_bytes(b"\x00garbage"), "val.txt:1:"),
+    "empty_split": (lambda r: (r / "val.txt").write_text("\n"), "val.txt: the split file is empty"),
+    "duplicate": (lambda r: (r / "train.txt").write_text("im0\nim1\nim0.jpg\n"),
+                  "train.txt:3: 'im0.jpg' is listed twice (first on line 1)"),
+    "no_images_dir": (lambda r: os.rename(r / "images", r / "imgs"), "images: folder not found"),
+}
+
+
+@pytest.mark.parametrize("fault", list(BAD_DATA))
+def test_bad_dataset_message_exit_and_untouched_out(tmp_path, capsys, fault):
+    root = _dataset(tmp_path)
+    breaker, expect = BAD_DATA[fault]
+    breaker(root)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    err = _run_bad(["train", "--data", str(root), "--out", str(out), *TINY], capsys)
+    assert expect in err
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_bad_flags_and_files(tmp_path, capsys, trained):
+    data, s1 = trained
+    cases = [
+        (["train", "--size", "30", "--out", str(tmp_path / "a")], "--size=30: must be a positive multiple of 16"),
+        (["train", "--stage", "1", "--init", "x.pt", "--out", str(tmp_path / "a")], "--init='x.pt': only Stage II"),
+        (["train", "--stage", "2", "--data", str(data), "--init", str(tmp_path / "nope.pt"), "--out",
+          str(tmp_path / "a"), *TINY], "nope.pt: checkpoint not found"),
+        (["train", "--out", str(tmp_path / "empty"), "--resume"], "--resume: "),
+        (["train", "--data", str(data), "--out", str(s1), *TINY], "already holds a run"),
+        (["train", "--config", str(tmp_path / "none.json")], "no such file"),
+        (["train", "--rotate-p", "1.5", "--out", str(tmp_path / "a")], "--rotate-p=1.5: must lie in [0, 1]"),
+        (["train", "--pretrained", str(tmp_path / "r18.pth"), "--data", str(data), "--out", str(tmp_path / "a")],
+         "r18.pth'"),
+        (["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(data)], "checkpoint not found"),
+        (["evaluate", "--checkpoint", str(s1 / "best.pt"), "--data", str(tmp_path / "nodata")],
+         "dataset folder not found"),
+        (["predict", "--checkpoint", str(s1 / "best.pt"), "--input", str(tmp_path), "--out", str(tmp_path / "p")],
+         "no images"),
+        (["make-splits", str(tmp_path / "nothing")], "folder not found"),
+    ]
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"lr": 0.1,, }')
+    cases.append((["train", "--config", str(bad_json)], "not valid JSON, line 1"))
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"learning_rate": 0.1}')
+    cases.append((["train", "--config", str(unknown)], "unknown key 'learning_rate'"))
+    garbage_ckpt = tmp_path / "garbage.pt"
+    garbage_ckpt.write_bytes(b"definitely not a checkpoint")
+    cases.append((["evaluate", "--checkpoint", str(garbage_ckpt), "--data", str(data)], "not a readable checkpoint"))
+    before = sorted(os.listdir(s1))
+    for argv, expect in cases:
+        err = _run_bad(argv, capsys)
+        assert expect in err, (argv, err)
+    assert sorted(os.listdir(s1)) == before
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--stage", "3"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_config_json_and_flag_override(tmp_path, trained):
+    data, _ = trained
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"disp_weight": 0.6, "batch_size": 2, "hflip_p": 0.0}))
+    out = tmp_path / "r"
+    rc = main(["train", "--config", str(cfg_file), "--data", str(data), "--out", str(out), "--epochs", "1",
+               *TINY])  # TINY says --batch-size 4: the typed flag wins
+    assert rc == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["disp_weight"] == 0.6 and saved["hflip_p"] == 0.0 and saved["batch_size"] == 4
+
+
+def test_evaluate_predict_make_splits(tmp_path, trained, capsys):
+    data, s1 = trained
+    assert main(["evaluate", "--checkpoint", str(s1 / "best.pt"), "--data", str(data), "--split", "test",
+                 "--out", str(tmp_path / "ev"), "--native", "--empty-policy", "one"]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["n_images"] == 2 and summary["empty_policy"] == "one" and summary["resolution"] == "native"
+    assert {"mIoU", "mDSC", "Rec.", "Prec."} <= set(summary)
+    lines = (tmp_path / "ev" / "per_case.csv").read_text().splitlines()
+    assert lines[0].startswith("name,iou,dice,recall,precision,f2,accuracy,hd95") and len(lines) == 3
+    assert main(["predict", "--checkpoint", str(s1 / "best.pt"), "--input", str(data / "images"),
+                 "--out", str(tmp_path / "pr")]) == 0
+    assert len(os.listdir(tmp_path / "pr" / "masks")) == 14
+    ds = _dataset(tmp_path, n=10)
+    for f in ("train.txt", "val.txt"):
+        os.remove(ds / f)
+    assert main(["make-splits", str(ds), "--seed", "1", "--val", "0.2", "--test", "0.2"]) == 0
+    assert len((ds / "val.txt").read_text().split()) == 2 and len((ds / "train.txt").read_text().split()) == 6
+
+
+def test_demo_tiny(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--size", "32", "--synth-train", "8", "--synth-val", "4",
+               "--synth-size", "32", "--epochs1", "1", "--epochs2", "1", "--batch-size", "4", "--threads", "1",
+               "--no-progress"])
+    assert rc == 0
+    for p in ("stage1/best.pt", "stage1/curves.png", "stage2/best.pt", "stage2/metrics.csv", "stage2/transfer.json",
+              "eval/per_case.csv", "eval/summary.json", "demo_summary.json"):
+        assert (out / p).is_file(), p
+    assert len(os.listdir(out / "overlays" / "overlays")) == 4
+    assert "validation Dice" in capsys.readouterr().out
+
+
+def test_console_script_entry_point():
+    """`python -m models.cli` (what the `disseg` script runs) prints help and exits 0."""
+    r = subprocess.run([sys.executable, "-m", "models.cli", "--help"], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 0 and "make-splits" in r.stdout
+
+
+@pytest.mark.skipif(not NUCLEI.is_dir(), reason=f"real-data fixture {NUCLEI} absent")
+def test_nuclei_end_to_end_smoke(tmp_path):
+    """Real microscopy through the real loader, trainer and evaluator (1 epoch; the accuracy
+    run is scripts/nuclei.sh)."""
+    out = tmp_path / "nuc"
+    assert main(["train", "--stage", "1", "--data", str(NUCLEI), "--out", str(out), "--epochs", "1",
+                 "--encoder", "resnet18", "--size", "64", "--batch-size", "4", "--threads", "1", "--no-progress"]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(NUCLEI), "--out",
+                 str(out / "ev"), "--native"]) == 0
+    s = json.loads((out / "ev" / "summary.json").read_text())
+    assert s["n_images"] == 4 and s["resolution"] == "native"
