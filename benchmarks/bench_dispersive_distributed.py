@@ -27,8 +27,8 @@ counted the same way by hand). Peak memory: CUDA ``max_memory_allocated``; CPU t
 resident set above the level before the call, sampled (noisy).
 
 The markdown also writes the scaling model (bytes per rank, ring steps) with its
-predictions for 8 GPUs. Writes benchmarks/results/dispersive_distributed_<device>_<date>.csv
-and .md. ``main(argv)`` is importable.
+predictions for 8 GPUs. Writes benchmarks/results/dispersive_distributed_<device>[_quick]_<date>
+.csv and .md. ``main(argv)`` is importable.
 """
 
 from __future__ import annotations
@@ -362,7 +362,8 @@ def main(argv=None):
             rows += run_world(world, args.device, cases, reps)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"dispersive_distributed_{args.device}_{date:%Y-%m-%d}"
+    mode = "_quick" if args.quick else ""
+    stem = args.out / f"dispersive_distributed_{args.device}{mode}_{date:%Y-%m-%d}"
     fields = ["world", "n_per_rank", "D", "variant", "method", "time_ms", "bytes_per_rank", "comm_detail",
               "peak_extra_mb", "loss"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
