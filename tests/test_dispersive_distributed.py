@@ -392,3 +392,74 @@ def test_single_process_without_group_is_dispersive_loss():
         a = distributed_dispersive_loss(z, variant="infonce_cosine", ring=ring)
         b = dispersive_loss_reference(z, variant="infonce_cosine")
         assert float(a) == pytest.approx(float(b), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# The row-statistics primitive: the contract a fused kernel implements
+
+
+def _brute_row_stats(rows, cols, variant, tau, margin, self_offset, include_diagonal, grad_weight):
+    """The per-row quantities of _row_stats from full (n, m) matrices, float64."""
+    n, m = rows.shape[0], cols.shape[0]
+    if variant == "infonce_cosine":
+        dist_ = None
+        d = 1.0 - rows @ cols.T
+    else:
+        dist_ = torch.cdist(rows, cols, compute_mode="donot_use_mm_for_euclid_dist")
+        d = dist_.square() if variant == "infonce_l2sq" else dist_
+    keep = torch.ones(n, m, dtype=torch.bool)
+    if self_offset is not None and not include_diagonal:
+        i = torch.arange(n)
+        keep[i, i + self_offset] = False
+    if variant == "hinge":
+        h = torch.relu(margin - d) * keep
+        w = torch.where(dist_ > 0, h / dist_, 0.0) * grad_weight
+        return None, h.square().sum(1), w.sum(1), w @ cols
+    logits = (-d / tau).masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(logits, dim=1)
+    p = torch.exp(logits - lse[:, None])  # row softmax: e / s
+    if variant == "infonce_cosine":
+        w = p * grad_weight
+    elif variant == "infonce_l2":
+        w = p * torch.where(dist_ > 0, 1.0 / dist_, 0.0) * grad_weight
+    else:
+        w = p * 2.0 * grad_weight
+    return lse, None, w.sum(1), w @ cols
+
+
+@pytest.mark.parametrize("variant", PAIR_VARIANTS)
+@pytest.mark.parametrize("self_offset,include_diagonal", [(None, False), (3, False), (3, True)])
+def test_row_stats_contract(variant, self_offset, include_diagonal):
+    """_row_stats (the interface a kernel implements) against full matrices: m + log s is
+    the row logsumexp, r/s and acc/s the softmax-weighted sums (InfoNCE); s, r, acc the
+    plain sums (hinge); and the result does not depend on the tile size or on splitting
+    the columns into blocks merged online (how the ring calls it)."""
+    from disseg_kernels.distributed import _merge, _row_stats
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    cols = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    if self_offset is not None:
+        cols[self_offset : self_offset + 7] = rows  # rows are columns 3..9
+    cols[12] = rows[0]  # a duplicate that is not the row itself (d = 0, weight 0 for l2)
+    if variant == "infonce_cosine":
+        rows = rows / rows.norm(dim=1, keepdim=True)
+        cols = cols / cols.norm(dim=1, keepdim=True)
+    args = dict(variant=variant, tau=0.6, margin=2.0, scale_by_dim=False, include_diagonal=include_diagonal,
+                grad_weight=2.0, need_grad=True)
+    lse, s_ref, r_ref, acc_ref = _brute_row_stats(rows, cols, variant, 0.6, 2.0, self_offset, include_diagonal, 2.0)
+    for tile in (1, 4, 1024):
+        st = _row_stats(rows, cols, self_offset=self_offset, tile=tile, **args)
+        # the same columns in two blocks, merged (the ring's way)
+        a = _row_stats(rows, cols[:5], self_offset=self_offset, tile=tile, **args)
+        b = _row_stats(rows, cols[5:], self_offset=None if self_offset is None else self_offset - 5, tile=tile, **args)
+        for stats in (st, _merge(a, b, variant)):
+            if variant == "hinge":
+                assert torch.allclose(stats.s, s_ref, rtol=1e-12, atol=1e-14)
+                assert torch.allclose(stats.r, r_ref, rtol=1e-12, atol=1e-14)
+                assert torch.allclose(stats.acc, acc_ref, rtol=1e-12, atol=1e-14)
+            else:
+                assert torch.allclose(stats.m + stats.s.log(), lse, rtol=1e-12, atol=1e-12)
+                if variant != "infonce_cosine":  # cosine's r is unused (the projection needs acc only)
+                    assert torch.allclose(stats.r / stats.s, r_ref, rtol=1e-12, atol=1e-14)
+                assert torch.allclose(stats.acc / stats.s[:, None], acc_ref, rtol=1e-12, atol=1e-14)
