@@ -372,17 +372,21 @@ def main(argv=None):
         for r in rows:
             w.writerow(dict(machine=machine, date=date.isoformat(timespec="seconds"), **r))
 
+    command = " ".join(["python -m benchmarks.bench_dispersive_distributed", *(sys.argv[1:] if argv is None else argv)])
     md = [
         "# Global-batch dispersive loss: communication and time",
         "",
         f"Machine: {machine}; torch {torch.__version__}; {date:%Y-%m-%d %H:%M} UTC; "
         f"{'NCCL' if args.device == 'cuda' else 'gloo on loopback'}; variant {args.variant}; "
         f"median of {reps} after a warm-up, slowest rank.",
-        f"Command: `python -m benchmarks.bench_dispersive_distributed {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(),
+        f"Command: `{command}`",
+        "Bytes are counted exactly; times on a shared CPU with W processes on few cores are noisy "
+        "(repeat runs differ by 2× or more on the 2-core development machine).",
         "",
         *notes,
         "",
-        "| W | n/rank | D | method | fwd+bwd ms | bytes/rank | bytes / baseline bytes | speed-up vs baseline | peak extra MB |",
+        "| W | n/rank | D | method | fwd+bwd ms | bytes/rank | bytes / baseline bytes | speed-up vs baseline "
+        "| peak extra MB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:

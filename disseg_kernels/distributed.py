@@ -68,7 +68,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .reference.dispersive import VARIANTS
 from .ops.dispersive import _validate
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -616,4 +615,4 @@ class DistributedDispersiveLoss(torch.nn.Module):
         )
 
 
-__all__ = ["distributed_dispersive_loss", "DistributedDispersiveLoss", "count_communication", "VARIANTS"]
+__all__ = ["distributed_dispersive_loss", "DistributedDispersiveLoss", "count_communication"]
