@@ -1,7 +1,8 @@
 """Global-batch dispersion under torch.distributed, and the negatives bank.
 
 What these tests protect:
-- ``distributed_dispersive_loss`` on 2 and 3 gloo processes (spawned here, loopback):
+- ``distributed_dispersive_loss`` on 2 and 3 gloo ranks (spawned here, loopback; the 2
+  ranks are a ``group=`` subgroup, global ranks 1 and 2):
   the value equals the single-process reference on torch.cat of all ranks' z, and each
   rank's gradient equals its rows of the single-process gradient (float64, 1e-10), for
   every variant, both communication modes (all-gather, ring), both covariance routes,
@@ -15,8 +16,9 @@ What these tests protect:
   equals it (value and gradient), the bank gets no gradient, K = 0 is the spec's loss;
 - ``NegativeBank``: FIFO with wrap-around, partial fill, state_dict round trip.
 
-All workers run every case in one spawn per world size (the start-up dominates); the
-parent computes the references and asserts, one test per case.
+One spawn of 3 processes runs every case (process start-up dominates): the 3-rank cases
+on the default group, the 2-rank ones on a subgroup of global ranks 1 and 2; the parent
+computes the references and asserts, one test per case.
 """
 
 import math
@@ -80,46 +82,61 @@ def _slice(z, sizes, rank):
     return z[start : start + sizes[rank]]
 
 
-def _worker(rank, world, port, outdir):
+SUBGROUP = [1, 2]  # the 2-rank cases run on this subgroup of the 3 processes
+
+
+def _worker(rank, nprocs, port, outdir):
+    """One spawn of 3 processes: the 3-rank cases on the default group, then the 2-rank
+    cases on the subgroup of global ranks 1, 2 (group ranks 0, 1: exercises ``group=``
+    and the group-to-global rank mapping of the ring)."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nprocs)
     try:
         torch.set_num_threads(1)
-        results = {}
-        for key, sizes, seed, kw in _cases(world):
-            z = _slice(_global_z(sum(sizes), seed), sizes, rank).clone().requires_grad_(True)
-            loss = distributed_dispersive_loss(z, **kw)
-            loss.backward()
-            results[key] = (loss.detach(), z.grad)
-
-        # float32 and bf16 inputs (bf16 travels as bf16, accumulates in float32)
-        for dtype in (torch.float32, torch.bfloat16):
-            for ring in (False, True):
-                z = _slice(_global_z(sum(SIZES[world]), 5), SIZES[world], rank).to(dtype).requires_grad_(True)
-                loss = distributed_dispersive_loss(z, variant="infonce_l2", ring=ring, **OPTS)
-                loss.backward()
-                results[f"{dtype}-{ring}"] = (loss.detach(), z.grad)
-
-        # ddp_scale: same value, gradient × W
-        z = _slice(_global_z(sum(SIZES[world]), 1), SIZES[world], rank).clone().requires_grad_(True)
-        loss = distributed_dispersive_loss(z, variant="infonce_l2", ddp_scale=True, **OPTS)
-        loss.backward()
-        results["ddp_scale"] = (loss.detach(), z.grad)
-
-        # a bank shared by all ranks, filled by enqueue_global (rank order)
-        bank = NegativeBank(D, BANK_K + 3, dtype=torch.float64)
-        bank.enqueue_global(_slice(_bank_rows(), [3, 4] + [0] * (world - 2), rank))
-        results["bank_rows"] = (bank.negatives().clone(), torch.zeros(0))
-        for key, kw in _bank_cases():
-            z = _slice(_global_z(sum(SIZES[world]), 4), SIZES[world], rank).clone().requires_grad_(True)
-            loss = distributed_dispersive_loss(z, bank=bank, **kw)
-            loss.backward()
-            results[key] = (loss.detach(), z.grad)
-
-        results["ddp_params"] = (_ddp_two_steps(rank, world), torch.zeros(0))
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        sub = dist.new_group(SUBGROUP)  # every process must call new_group
+        out = {3: _run_cases(rank, 3, None)}
+        if rank in SUBGROUP:
+            out[2] = _run_cases(SUBGROUP.index(rank), 2, sub)
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _run_cases(rank, world, group):
+    """Every distributed case for this rank (its rank within ``group``)."""
+    results = {}
+    for key, sizes, seed, kw in _cases(world):
+        z = _slice(_global_z(sum(sizes), seed), sizes, rank).clone().requires_grad_(True)
+        loss = distributed_dispersive_loss(z, group=group, **kw)
+        loss.backward()
+        results[key] = (loss.detach(), z.grad)
+
+    # float32 and bf16 inputs (bf16 travels as bf16, accumulates in float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        for ring in (False, True):
+            z = _slice(_global_z(sum(SIZES[world]), 5), SIZES[world], rank).to(dtype).requires_grad_(True)
+            loss = distributed_dispersive_loss(z, group=group, variant="infonce_l2", ring=ring, **OPTS)
+            loss.backward()
+            results[f"{dtype}-{ring}"] = (loss.detach(), z.grad)
+
+    # ddp_scale: same value, gradient × W
+    z = _slice(_global_z(sum(SIZES[world]), 1), SIZES[world], rank).clone().requires_grad_(True)
+    loss = distributed_dispersive_loss(z, group=group, variant="infonce_l2", ddp_scale=True, **OPTS)
+    loss.backward()
+    results["ddp_scale"] = (loss.detach(), z.grad)
+
+    # a bank shared by all ranks, filled by enqueue_global (rank order)
+    bank = NegativeBank(D, BANK_K + 3, dtype=torch.float64)
+    bank.enqueue_global(_slice(_bank_rows(), [3, 4] + [0] * (world - 2), rank), group=group)
+    results["bank_rows"] = (bank.negatives().clone(), torch.zeros(0))
+    for key, kw in _bank_cases():
+        z = _slice(_global_z(sum(SIZES[world]), 4), SIZES[world], rank).clone().requires_grad_(True)
+        loss = distributed_dispersive_loss(z, group=group, bank=bank, **kw)
+        loss.backward()
+        results[key] = (loss.detach(), z.grad)
+
+    results["ddp_params"] = (_ddp_two_steps(rank, world, group), torch.zeros(0))
+    return results
 
 
 def _tiny_model():
@@ -140,7 +157,7 @@ def _ddp_batch(step):
     return torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randn(8, D, generator=g, dtype=torch.float64)
 
 
-def _ddp_two_steps(rank, world):
+def _ddp_two_steps(rank, world, group):
     """Two SGD steps with DDP's gradient averaging on rank slices of an 8-sample batch, bank
     filled after step 1. The averaging is done as DDP does it (all-reduce SUM / W of every
     parameter gradient after backward) without DDP itself, whose constructor imports
@@ -154,13 +171,13 @@ def _ddp_two_steps(rank, world):
         # the task loss is a local mean: DDP averages it over ranks, which is the global
         # mean after weighting rank k by n_k·W/N (1 for equal slices)
         task = torch.nn.functional.mse_loss(out, y) * (len(x) * world / 8)
-        loss = task + 0.3 * distributed_dispersive_loss(out, bank=bank, ddp_scale=True, **OPTS)
+        loss = task + 0.3 * distributed_dispersive_loss(out, group=group, bank=bank, ddp_scale=True, **OPTS)
         loss.backward()
         for p in model.parameters():
-            dist.all_reduce(p.grad)
+            dist.all_reduce(p.grad, group=group)
             p.grad /= world
         _sgd_step(model)
-        bank.enqueue_global(out)
+        bank.enqueue_global(out, group=group)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
@@ -170,13 +187,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
-def spawned(request):
-    world = request.param
+@pytest.fixture(scope="module")
+def spawned_all():
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(world, _free_port(), outdir), nprocs=world, join=True)
-        per_rank = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
-    return world, per_rank
+        mp.spawn(_worker, args=(3, _free_port(), outdir), nprocs=3, join=True)
+        return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(3)]
+
+
+@pytest.fixture(params=[2, 3], ids=["world2", "world3"])
+def spawned(request, spawned_all):
+    """(world, per-rank results in group-rank order) of the 2-rank subgroup or all 3."""
+    world = request.param
+    ranks = SUBGROUP if world == 2 else range(3)
+    return world, [spawned_all[r][world] for r in ranks]
 
 
 def _ref(z, variant, bank=None, ring=None, covariance_mode=None, **opts):
