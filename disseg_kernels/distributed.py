@@ -540,7 +540,9 @@ def distributed_dispersive_loss(
 ) -> torch.Tensor:
     """Dispersive loss of the global batch: the rows of every rank of ``group``.
 
-    Every rank of ``group`` must call it (it runs collectives). The value, identical on
+    Every rank of ``group`` must call it (it runs collectives), with the same options and
+    the same bank; an argument error raised on one rank only (a bad option) leaves the
+    others waiting in a collective, so build the options identically. The value, identical on
     every rank, equals the single-process ``dispersive_loss(torch.cat(all ranks' z))``;
     ``z`` receives exactly its rows of the single-process gradient (times W with
     ``ddp_scale``). Without an initialised process group it is the single-process loss.
@@ -566,9 +568,18 @@ def distributed_dispersive_loss(
     Returns:
         0-d tensor (z's dtype; float32 for half inputs).
     """
-    _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite)
+    _validate(z, variant, tau, margin, diagonal, scale_by_dim, False)
     _check_common(variant, ring, covariance_mode, tile, bank)
     comm = _Comm(group)
+    if check_finite:
+        # agreed by every rank, so that all raise together instead of leaving the others
+        # waiting in a collective
+        ok = comm.all_reduce(torch.isfinite(z).all().to(torch.float32).reshape(1),
+                             op=dist.ReduceOp.MIN if comm.active else None, name="all_reduce(check)")
+        if float(ok[0]) == 0.0:
+            raise ValueError(
+                "z holds a non-finite value (NaN or inf) on at least one rank; check_finite=True rejects it"
+            )
     flat = _flat(z)
     bank_rows = _check_bank(bank, flat.shape[1], z)
     opts = dict(variant=variant, tau=float(tau), margin=float(margin), include_diagonal=diagonal == "include",

@@ -136,6 +136,16 @@ def _run_cases(rank, world, group):
         results[key] = (loss.detach(), z.grad)
 
     results["ddp_params"] = (_ddp_two_steps(rank, world, group), torch.zeros(0))
+
+    # check_finite: a NaN on the last rank only; every rank raises (none is left waiting)
+    z = _slice(_global_z(sum(SIZES[world]), 1), SIZES[world], rank).clone()
+    if rank == world - 1:
+        z[0, 0] = float("nan")
+    try:
+        distributed_dispersive_loss(z, group=group, check_finite=True)
+        results["check_finite"] = "no error"
+    except ValueError as exc:
+        results["check_finite"] = str(exc)
     return results
 
 
@@ -249,6 +259,13 @@ def test_low_precision_inputs(spawned, dtype, ring):
         assert float(res[f"{dtype}-{ring}"][0]) == pytest.approx(float(ref_loss), rel=1e-6)
     tol = (1e-5 if dtype == torch.float32 else 1e-2) * float(ref_grad.abs().max())
     assert float((grad.double() - ref_grad).abs().max()) <= tol
+
+
+def test_check_finite_raises_on_every_rank(spawned):
+    """A NaN on one rank makes every rank raise (agreed by an all-reduce), not hang."""
+    _, per_rank = spawned
+    for res in per_rank:
+        assert "non-finite" in res["check_finite"] and "at least one rank" in res["check_finite"]
 
 
 def test_ddp_scale_multiplies_only_the_gradient(spawned):
