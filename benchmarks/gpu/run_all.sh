@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine (H100/H200): build, GPU tests, GPU benchmarks.
+#
+#   OUT=/some/dir bash benchmarks/gpu/run_all.sh        # from the repository root
+#
+# Needs torch (CUDA build), triton and nvcc on the machine (not our .venv); no network.
+# Every stage runs under `timeout` and the script goes on after a failing stage; the whole
+# run stays under TOTAL_BUDGET_S (default 465 s, i.e. < 8 minutes). Everything is logged to
+# $OUT/log.txt; $OUT also receives (at most 8 files):
+#   log.txt          every stage's output and a summary table of the stages
+#   env.txt          GPU, driver, torch/triton/nvcc versions
+#   pytest.txt       the GPU tests' output (also in log.txt)
+#   results.md       every benchmark markdown table written during this run, concatenated
+#   results.tar.gz   every benchmark CSV and markdown file written during this run
+#
+# Other op families add their benchmark stages to STAGES below ("name|timeout_s|command").
+# ONLY=build,tests runs a subset of the stages (comma-separated names).
+set -u
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/benchmarks/results/gpu_run}"
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+PY="${PYTHON:-python}"
+TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-465}"
+START=$(date +%s)
+MARKER="$(mktemp)"  # benchmark files newer than this are collected at the end
+: > "$LOG"
+
+export DISSEG_CUDA_ARCHS="${DISSEG_CUDA_ARCHS:-90}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export DISSEG_FORCE_CUDA_BUILD=TRUE
+unset TRITON_INTERPRET
+
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+# ---------------------------------------------------------------------------------------
+# Stage bodies (functions, so a stage is one line in STAGES)
+# ---------------------------------------------------------------------------------------
+
+stage_env() {
+  {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+    nvcc --version | tail -2 || echo "nvcc: not found"
+    "$PY" -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name())"
+    "$PY" -c "import triton; print('triton', triton.__version__)" || true
+    "$PY" -c "import pytest; print('pytest', pytest.__version__)" || echo "pytest: not installed"
+    nproc
+  } 2>&1 | tee "$OUT/env.txt"
+}
+
+stage_build() {
+  # --no-deps: the machine has no network; torch, numpy etc. are already there.
+  "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 40
+  "$PY" - <<'EOF'
+import torch, disseg_kernels
+from disseg_kernels import _backend
+for fam in sorted(_backend.FAMILIES):
+    print(fam, "available on cuda:", _backend.available_backends(fam, "cuda"))
+    r = _backend.unavailable_reason(fam, "cuda", torch.device("cuda"))
+    if r:
+        print("  cuda backend unavailable:", r)
+EOF
+}
+
+stage_tests() {
+  # Fixed Triton blocks in the tests (autotuning every shape of the grid would take minutes).
+  DISSEG_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q -x -p no:cacheprovider \
+    -k "(cuda or triton or gpu) and not cuda_compile" 2>&1 | tee "$OUT/pytest.txt" | tail -n 60
+  return "${PIPESTATUS[0]}"
+}
+
+BENCH_D="$PY -m benchmarks.bench_dispersive --device cuda --repeats 3"
+
+# name | timeout (s) | command
+STAGES=(
+  "env|20|stage_env"
+  "build|170|stage_build"
+  "tests|110|stage_tests"
+  # bf16: the regimes up to N = 262,144 at D = 128, plus (16384, 256) against eager and torch.compile
+  "bench_dispersive_bf16|110|$BENCH_D --dtype bfloat16 --shapes 8x262144,2048x1024,16384x128,16384x256,65536x128,262144x128"
+  # fp32: the same sweep (eager/compile where they fit; compile only at (16384, 256))
+  "bench_dispersive_fp32|90|$BENCH_D --dtype float32 --no-compile --shapes 8x262144,2048x1024,16384x128,65536x128,262144x128"
+  "bench_dispersive_fp32_vs_compile|50|$BENCH_D --dtype float32 --shapes 16384x256"
+)
+
+# ---------------------------------------------------------------------------------------
+
+declare -a SUMMARY
+for entry in "${STAGES[@]}"; do
+  name="${entry%%|*}"
+  rest="${entry#*|}"
+  limit="${rest%%|*}"
+  cmd="${rest#*|}"
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
+  now=$(date +%s)
+  left=$((TOTAL_BUDGET_S - (now - START)))
+  if [ "$left" -lt 15 ]; then
+    log "SKIP $name: only ${left}s of the ${TOTAL_BUDGET_S}s budget left"
+    SUMMARY+=("$name|skipped|0")
+    continue
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  log "BEGIN $name (timeout ${limit}s): $cmd"
+  t0=$(date +%s)
+  if declare -F "${cmd%% *}" >/dev/null; then
+    export -f "${cmd%% *}" log
+    export OUT LOG PY
+    timeout --kill-after=10 "$limit" bash -c "$cmd" >>"$LOG" 2>&1
+  else
+    timeout --kill-after=10 "$limit" bash -c "$cmd" >>"$LOG" 2>&1
+  fi
+  rc=$?
+  dt=$(($(date +%s) - t0))
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMEOUT"; elif [ "$rc" -eq 0 ]; then status="ok"; else status="FAIL(rc=$rc)"; fi
+  log "END $name: $status in ${dt}s"
+  SUMMARY+=("$name|$status|$dt")
+done
+
+# Collect the benchmark tables written during this run.
+mapfile -t NEW < <(find benchmarks/results -maxdepth 1 -type f \( -name '*.csv' -o -name '*.md' \) -newer "$MARKER" | sort)
+if [ "${#NEW[@]}" -gt 0 ]; then
+  tar czf "$OUT/results.tar.gz" "${NEW[@]}"
+  : > "$OUT/results.md"
+  for f in "${NEW[@]}"; do
+    case "$f" in *.md) { echo "<!-- $f -->"; cat "$f"; echo; } >> "$OUT/results.md" ;; esac
+  done
+fi
+rm -f "$MARKER"
+
+{
+  echo
+  echo "== summary (total $(($(date +%s) - START))s of ${TOTAL_BUDGET_S}s) =="
+  for s in "${SUMMARY[@]}"; do
+    IFS='|' read -r n st dt <<<"$s"
+    printf '%-36s %-14s %5ss\n' "$n" "$st" "$dt"
+  done
+  echo "files: ${NEW[*]:-none}"
+} | tee -a "$LOG"
