@@ -26,7 +26,7 @@ from PIL import Image
 
 from .data import write_text_atomic
 
-VERSION = 1
+VERSION = 2
 
 
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -77,7 +77,7 @@ def make_sample(seed: int, index: int, size: int = 128, empty_rate: float = 0.1)
     mask = np.zeros((size, size), dtype=bool)
     target = rng.uniform() >= empty_rate
     if target:
-        r0 = rng.uniform(0.06, 0.30)  # small to large
+        r0 = rng.uniform(0.08, 0.30)  # small to large
         cx, cy = rng.uniform(r0 * 0.6 + 0.05, 1 - r0 * 0.6 - 0.05, 2)
         theta = np.arctan2(yy - cy, xx - cx)
         dist = np.hypot(xx - cx, yy - cy)
@@ -87,10 +87,10 @@ def make_sample(seed: int, index: int, size: int = 128, empty_rate: float = 0.1)
         mask = dist < radius
         soft = _blur(mask.astype(np.float64), rng.uniform(0.8, 2.0) * size / 128)
         # Low contrast: slightly brighter and paler, with its own finer texture.
-        contrast = rng.uniform(0.10, 0.20)
+        contrast = rng.uniform(0.16, 0.28)
         own_tex = _noise(rng, size, scales=(1.0, 3.0), weights=(0.6, 0.4))
         lum = lum + soft * (contrast + 0.05 * own_tex)
-        tint = np.array([0.02, 0.06, 0.05]) * rng.uniform(0.5, 1.5)
+        tint = np.array([0.02, 0.08, 0.06]) * rng.uniform(0.7, 1.5)
     else:
         soft = np.zeros((size, size))
         tint = np.zeros(3)

@@ -503,7 +503,7 @@ class Trainer:
         t_start = time.time()
         stopped_early = False
         while self.epoch < cfg.epochs:
-            epoch_t0 = time.time()
+            epoch_t0, epoch_c0 = time.time(), time.process_time()
             self.sampler.set_epoch(self.epoch, self.batch)
             loader = self._loader(self.train_ds, self.sampler)
             nb = self.sampler.num_batches()
@@ -536,7 +536,8 @@ class Trainer:
                    "val_recall": val["Rec."], "val_precision": val["Prec."], "val_f2": val["mean_f2"],
                    "val_accuracy": val["mean_accuracy"],
                    "lr_encoder": self.optimizer.param_groups[0]["lr"], "lr": self.optimizer.param_groups[1]["lr"],
-                   "epoch_seconds": round(time.time() - epoch_t0, 3)}
+                   "epoch_seconds": round(time.time() - epoch_t0, 3),
+                   "epoch_cpu_seconds": round(time.process_time() - epoch_c0, 3)}
             self.history.append(row)
             metric = val["mIoU"] if not math.isnan(val["mIoU"]) else -math.inf
             improved = metric > self.best_metric
@@ -553,7 +554,8 @@ class Trainer:
             self._write_logs()
             self.log(f"stage {cfg.stage} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
                      f"dice {row['train_dice']:.3f} | val loss {row['val_loss']:.4f} mIoU {row['val_mIoU']:.4f} "
-                     f"mDSC {row['val_mDSC']:.4f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s)")
+                     f"mDSC {row['val_mDSC']:.4f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s, "
+                     f"cpu {row['epoch_cpu_seconds']:.1f}s)")
             if self.bad_epochs >= cfg.early_stop_patience > 0:
                 self.log(f"early stop: no better validation mIoU for {self.bad_epochs} epochs")
                 stopped_early = True
