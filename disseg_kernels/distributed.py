@@ -16,16 +16,20 @@ without an N×N buffer (:func:`_row_stats`). With ℓ_ij = −d_ij/τ, a column 
 
     m_i   = max_j ℓ_ij                          (running max, online as in FlashAttention)
     s_i   = Σ_j exp(ℓ_ij − m_i)
-    r_i   = Σ_j g_j exp(ℓ_ij − m_i) w_ij        w = 1/‖z_i − z_j‖ (l2, 0 where d = 0), 2 (l2sq)
-    acc_i = Σ_j g_j exp(ℓ_ij − m_i) w_ij z_j    (cosine: Σ_j g_j exp(ℓ_ij − m_i) ẑ_j)
+    acc_i = Σ_j g_j exp(ℓ_ij − m_i) w_ij (z_i − z_j)   w = 1/‖z_i − z_j‖ (l2, 0 where d = 0), 2 (l2sq)
+            (cosine: Σ_j g_j exp(ℓ_ij − m_i) ẑ_j)
+
+acc_i is computed as r_i·(z_i − c) − Σ_j (…)(z_j − c) with r_i = Σ_j g_j exp(…) w_ij and c
+the mean of the row tile: distances are translation invariant, and the shift removes the
+cancellation of r_i z_i − Σ_j (…) z_j when the rows share a large common offset.
 
 Then LSE = logsumexp_i (m_i + log s_i) over the rows of ALL ranks (one all-reduce of a
 max and one of a sum), L = LSE − log|P|, and row i's gradient is local:
 
-    l2, l2sq:  ∂L/∂z_i = −(1/τ)(1/D)^[scale_by_dim] · exp(m_i − LSE) · (r_i z_i − acc_i)
+    l2, l2sq:  ∂L/∂z_i = −(1/τ)(1/D)^[scale_by_dim] · exp(m_i − LSE) · acc_i
     cosine:    ∂L/∂z_i = (1/τ)(1/D)^[scale_by_dim] · exp(m_i − LSE) · (I − ẑ_iẑ_iᵀ) acc_i / ‖z_i‖
-    hinge:     s_i = Σ_j h_ij², r_i = Σ_j g_j h_ij/‖z_i − z_j‖, h = max(0, ε − d); L = Σ_i s_i / |P|,
-               ∂L/∂z_i = −(2/|P|)(1/D)^[scale_by_dim] (r_i z_i − acc_i)
+    hinge:     s_i = Σ_j h_ij², acc_i = Σ_j g_j h_ij (z_i − z_j)/‖z_i − z_j‖, h = max(0, ε − d);
+               L = Σ_i s_i / |P|, ∂L/∂z_i = −(2/|P|)(1/D)^[scale_by_dim] acc_i
     covariance (Gram identity, Z̄ = Z − global column mean, K = Z̄Z̄ᵀ, c_a = Σ_i Z̄_ia²):
                s_i = Σ_j K_ij², acc_i = Σ_j K_ij z̄_j;
                L = (Σ_i s_i − Σ_a c_a²)/(N−1)², ∂L/∂z_i = 4/(N−1)² (acc_i − z̄_i ⊙ c)
@@ -83,13 +87,12 @@ class RowStats(NamedTuple):
 
     m (n,): running max of ℓ_ij (−inf where no column was seen; 0 for hinge/covariance);
     s (n,): Σ exp(ℓ − m) (InfoNCE), Σ h² (hinge) or Σ K² (covariance);
-    r (n,): the gradient weight sum (InfoNCE l2/l2sq, hinge; 0 otherwise);
-    acc (n, D): the weighted sum of columns, empty (n, 0) when need_grad is False.
+    acc (n, D): the weighted sum of differences z_i − z_j (l2, l2sq, hinge) or of columns
+        (cosine: ẑ_j, covariance: z̄_j); empty (n, 0) when need_grad is False.
     """
 
     m: torch.Tensor
     s: torch.Tensor
-    r: torch.Tensor
     acc: torch.Tensor
 
 
@@ -98,7 +101,6 @@ def _empty_stats(n: int, dim: int, variant: str, dtype, device, need_grad: bool)
     return RowStats(
         torch.full((n,), m0, dtype=dtype, device=device),
         torch.zeros(n, dtype=dtype, device=device),
-        torch.zeros(n, dtype=dtype, device=device),
         torch.zeros(n, dim if need_grad else 0, dtype=dtype, device=device),
     )
 
@@ -106,12 +108,12 @@ def _empty_stats(n: int, dim: int, variant: str, dtype, device, need_grad: bool)
 def _merge(a: RowStats, b: RowStats, variant: str) -> RowStats:
     """Online combination of two column sets' statistics for the same rows."""
     if variant not in _INFONCE:
-        return RowStats(a.m, a.s + b.s, a.r + b.r, a.acc + b.acc)
+        return RowStats(a.m, a.s + b.s, a.acc + b.acc)
     m = torch.maximum(a.m, b.m)
     safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     ca = torch.where(torch.isinf(a.m), torch.zeros_like(m), torch.exp(a.m - safe))
     cb = torch.where(torch.isinf(b.m), torch.zeros_like(m), torch.exp(b.m - safe))
-    return RowStats(m, a.s * ca + b.s * cb, a.r * ca + b.r * cb, a.acc * ca[:, None] + b.acc * cb[:, None])
+    return RowStats(m, a.s * ca + b.s * cb, a.acc * ca[:, None] + b.acc * cb[:, None])
 
 
 def _row_stats(
@@ -137,20 +139,26 @@ def _row_stats(
     - ``self_offset``: column ``i + self_offset`` is row i itself (its pair is dropped when
       ``include_diagonal`` is False; ignored by covariance); None when the two sets are
       disjoint;
-    - ``grad_weight`` multiplies r and acc: 2 for batch columns, 1 for bank columns;
+    - ``grad_weight`` multiplies acc: 2 for batch columns, 1 for bank columns;
     - ``scale_by_dim`` divides d by D = z_rows.shape[1];
     - memory O(rows × tile): row tiles × column tiles, an online max per row.
 
-    Returns a :class:`RowStats`; r and acc are unscaled by 1/τ, 1/D, exp(m − LSE).
+    Returns a :class:`RowStats`; acc is unscaled by 1/τ, 1/D, exp(m − LSE).
     """
     n, dim = z_rows.shape
+    shift = variant not in ("infonce_cosine", "covariance")
     out = []
     for r0 in range(0, n, tile):
         rows = z_rows[r0 : r0 + tile]
         nr = rows.shape[0]
+        if shift:  # translation invariance: work on z − c, c = the row tile's mean
+            c = rows.mean(0)
+            rows = rows - c
         st = _empty_stats(nr, dim, variant, z_rows.dtype, z_rows.device, need_grad)
         for c0 in range(0, z_cols.shape[0], tile):
             cols = z_cols[c0 : c0 + tile]
+            if shift:
+                cols = cols - c
             st = _merge(st, _tile_stats(rows, cols, r0, c0, variant, tau, margin, scale_by_dim,
                                         include_diagonal, self_offset, grad_weight, need_grad), variant)
         out.append(st)
@@ -174,7 +182,7 @@ def _tile_stats(rows, cols, r0, c0, variant, tau, margin, scale_by_dim, include_
         k = rows @ cols.T
         s = k.square().sum(1)
         acc = (k * grad_weight) @ cols if need_grad else rows.new_zeros(nr, 0)
-        return RowStats(rows.new_zeros(nr), s, rows.new_zeros(nr), acc)
+        return RowStats(rows.new_zeros(nr), s, acc)
 
     if variant == "infonce_cosine":
         dist_ = None
@@ -193,9 +201,9 @@ def _tile_stats(rows, cols, r0, c0, variant, tau, margin, scale_by_dim, include_
             h = torch.where(drop, zero, h)
         s = h.square().sum(1)
         if not need_grad:
-            return RowStats(rows.new_zeros(nr), s, rows.new_zeros(nr), rows.new_zeros(nr, 0))
+            return RowStats(rows.new_zeros(nr), s, rows.new_zeros(nr, 0))
         w = torch.where(dist_ > 0, h / dist_, zero) * grad_weight
-        return RowStats(rows.new_zeros(nr), s, w.sum(1), w @ cols)
+        return RowStats(rows.new_zeros(nr), s, w.sum(1)[:, None] * rows - w @ cols)
 
     logits = -d / tau
     if drop is not None:
@@ -205,14 +213,14 @@ def _tile_stats(rows, cols, r0, c0, variant, tau, margin, scale_by_dim, include_
     e = torch.exp(logits - safe[:, None])
     s = e.sum(1)
     if not need_grad:
-        return RowStats(m, s, rows.new_zeros(nr), rows.new_zeros(nr, 0))
+        return RowStats(m, s, rows.new_zeros(nr, 0))
     if variant == "infonce_cosine":
-        ew = e * grad_weight
-    elif variant == "infonce_l2":
+        return RowStats(m, s, (e * grad_weight) @ cols)
+    if variant == "infonce_l2":
         ew = e * torch.where(dist_ > 0, 1.0 / dist_, zero) * grad_weight
     else:  # infonce_l2sq: ∂‖z_i − z_j‖²/∂z_i = 2(z_i − z_j)
         ew = e * (2.0 * grad_weight)
-    return RowStats(m, s, ew.sum(1), ew @ cols)
+    return RowStats(m, s, ew.sum(1)[:, None] * rows - ew @ cols)
 
 
 # --------------------------------------------------------------------------------------
@@ -406,7 +414,7 @@ def _global_loss_and_grad(
         loss = total / npairs
         grad = None
         if need_grad:
-            grad = -(2.0 / npairs) * inv_d * (stats.r[:, None] * zc - stats.acc)
+            grad = -(2.0 / npairs) * inv_d * stats.acc
         return loss, None if grad is None else grad.to(z.dtype)
 
     # InfoNCE: global logsumexp of the per-row (m_i + log s_i)
@@ -428,7 +436,7 @@ def _global_loss_and_grad(
         grad = torch.where(norm > 1e-12, proj / norm.clamp_min(1e-12), stats.acc / 1e-12)
         grad = (inv_d / tau) * coef[:, None] * grad
     else:
-        grad = -(inv_d / tau) * coef[:, None] * (stats.r[:, None] * zc - stats.acc)
+        grad = -(inv_d / tau) * coef[:, None] * stats.acc
     return loss, grad.to(z.dtype)
 
 
