@@ -27,7 +27,7 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # disseg_kernels/reference/<name>.py, tests/test_<name>.py, benchmarks/bench_<name>.py.
 FAMILIES: dict[str, frozenset[str]] = {
     "dispersive": frozenset({"reference", "cpu", "cuda", "triton"}),
-    "window_attention": frozenset({"reference", "cpu", "triton"}),
+    "window_attention": frozenset({"reference", "cpu", "cuda", "triton"}),
     "telu": frozenset({"reference", "cpu", "triton"}),
     "gates": frozenset({"reference", "cpu", "triton"}),
     "multiscale": frozenset({"reference", "cpu", "triton"}),
