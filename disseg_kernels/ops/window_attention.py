@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..reference.window_attention import window_attention_reference
+from .telu import TeLU
 
 _FAMILY = "window_attention"
 
@@ -202,21 +203,15 @@ def window_attention(
 # --------------------------------------------------------------------------- the block
 
 
-class _TeLU(nn.Module):
-    """TeLU(x) = x · tanh(eˣ), Med-DisSeg's activation in place of ConDSeg's ReLU."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.tanh(torch.exp(x))
-
-
 class _CBT(nn.Module):
-    """3×3 conv (no bias) → BatchNorm → TeLU: ``conv.0`` / ``conv.1`` as in the authors'
-    state dicts, so their checkpoints load by name."""
+    """3×3 conv (no bias) → BatchNorm → TeLU (x · tanh(eˣ), Med-DisSeg's activation in place
+    of ConDSeg's ReLU): ``conv.0`` / ``conv.1`` as in the authors' state dicts, so their
+    checkpoints load by name. TeLU is disseg_kernels' (fused or eager with the block)."""
 
-    def __init__(self, in_c: int, out_c: int):
+    def __init__(self, in_c: int, out_c: int, fused: bool, backend: str):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(in_c, out_c, 3, padding=1, bias=False), nn.BatchNorm2d(out_c))
-        self.telu = _TeLU()
+        self.telu = TeLU(fused=fused, backend="reference" if backend == "reference" else "auto")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.telu(self.conv(x))
@@ -284,8 +279,8 @@ class ContrastDrivenFeatureAggregation(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(out_c, out_c)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.input_cbt = nn.Sequential(_CBT(in_c, out_c), _CBT(out_c, out_c))
-        self.output_cbt = nn.Sequential(_CBT(out_c, out_c), _CBT(out_c, out_c))
+        self.input_cbt = nn.Sequential(_CBT(in_c, out_c, fused, backend), _CBT(out_c, out_c, fused, backend))
+        self.output_cbt = nn.Sequential(_CBT(out_c, out_c, fused, backend), _CBT(out_c, out_c, fused, backend))
 
     # (B, C, H, W) guide → (B, heads, h·w, k², k²) scaled logits, a view of the Linear's
     # (B, h, w, heads·k⁴) output
