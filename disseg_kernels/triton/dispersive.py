@@ -18,7 +18,9 @@ Two regimes, two kernel sets:
   gradient rows by exp(m_i - LSE). When D is too wide for the accumulator to stay in
   registers (D > 256), the output columns are split over a second grid axis and the
   Gram tile is recomputed per column chunk.
-* Few samples, huge D (N <= ``SMALL_N_MAX``, e.g. N = 8, D = 262,144):
+  For D <= 8 the row kernel computes exact differences sum_k (z_ik - z_jk)^2 (and the
+  cosine projection term by term) instead of the Gram trick, for any N.
+* Few samples, huge D (N <= ``SMALL_N_MAX`` and D > 8, e.g. N = 8, D = 262,144):
   ``_gram_partial_kernel`` splits the reduction over D and accumulates each chunk's
   N x N Gram matrix in float64 (fp32 products are exact in float64), the partials are
   summed in float64, the N x N math (distances, softmax, weights) is done in float64 by
@@ -56,7 +58,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 # Relative threshold under which d^2 computed from the Gram matrix is rounding noise and the
 # pair is treated as a duplicate (d = 0, subgradient 0, never 1/0).
-_DUP_EPS_FP32 = 1e-7
+_DUP_EPS_FP32 = 2e-6
 _DUP_EPS_FP64 = 1e-12
 
 _LOG2E = 1.4426950408889634
@@ -75,7 +77,7 @@ def _interpret() -> bool:
 @triton.jit
 def _dispersive_rows_kernel(
     Z,  # (N, D) input, any supported dtype, contiguous
-    SQN,  # (N,) ||z_i||^2 in ACC dtype
+    SQN,  # (N,) ACC dtype: ||z_i||^2 (L2 family), max(||z_i||, 1e-12) (cosine)
     RINV,  # (N,) 1 / max(||z_i||, 1e-12) (cosine only)
     PROJ,  # (N,) RINV where ||z_i|| > 1e-12 else 0 (cosine only)
     OUT,  # (N, D) ACC dtype: a_i z_i - sum_j u_ij z_j (unnormalised gradient rows)
@@ -116,6 +118,9 @@ def _dispersive_rows_kernel(
     n_i = tl.load(SQN + rows, mask=row_ok, other=0.0)
     if VARIANT == 2:
         rinv_i = tl.load(RINV + rows, mask=row_ok, other=0.0)
+        if DIRECT_D > 0:
+            nrm_i = tl.load(SQN + rows, mask=row_ok, other=1.0)
+            has_norm_i = tl.load(PROJ + rows, mask=row_ok, other=0.0) > 0
     if SINGLE_K and DIRECT_D == 0:
         zi = tl.load(Z + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < D), other=0.0)
         if UPCAST:
@@ -134,12 +139,17 @@ def _dispersive_rows_kernel(
             # Few features: d^2 = sum_k (z_ik - z_jk)^2 exactly, no n_i + n_j - 2G cancellation.
             d2x = tl.zeros((BLOCK_M, BLOCK_N), ACC)
             g = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+            if VARIANT == 2:
+                nrm_j = tl.load(SQN + cols, mask=col_ok, other=1.0)
             for k in tl.static_range(DIRECT_D):
                 zik = tl.load(Z + rows * D + k, mask=row_ok, other=0.0).to(ACC)
                 zjk = tl.load(Z + cols * D + k, mask=col_ok, other=0.0).to(ACC)
-                diff = zik[:, None] - zjk[None, :]
-                d2x += diff * diff
-                g += zik[:, None] * zjk[None, :]
+                if VARIANT == 2:
+                    # zhat by division, as the reference computes it (exactly +-1 at D = 1)
+                    g += (zik / nrm_i)[:, None] * (zjk / nrm_j)[None, :]
+                else:
+                    diff = zik[:, None] - zjk[None, :]
+                    d2x += diff * diff
         elif SINGLE_K:
             zj = tl.load(Z + cols[:, None] * D + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < D), other=0.0)
             if UPCAST:
@@ -163,7 +173,10 @@ def _dispersive_rows_kernel(
 
         if VARIANT == 2:
             rinv_j = tl.load(RINV + cols, mask=col_ok, other=0.0)
-            ghat = g * rinv_i[:, None] * rinv_j[None, :]
+            if DIRECT_D > 0:
+                ghat = g
+            else:
+                ghat = g * rinv_i[:, None] * rinv_j[None, :]
             d = scale * (1.0 - ghat)
         else:
             n_j = tl.load(SQN + cols, mask=col_ok, other=0.0)
@@ -202,7 +215,7 @@ def _dispersive_rows_kernel(
                 elif VARIANT == 1:
                     w = tl.where(dup, 0.0, p)  # exact: z_i - z_j = 0 there
                 else:
-                    w = p * rinv_j[None, :]
+                    w = p if DIRECT_D > 0 else p * rinv_j[None, :]
                     r_i = r_i * alpha + tl.sum(p * ghat, 1)
                 acc = acc * alpha[:, None]
                 if VARIANT != 2:
@@ -213,13 +226,15 @@ def _dispersive_rows_kernel(
             # rounded values into r_i: then r_i z_i - sum_j w_ij z_j = sum_j w_ij (z_i - z_j)
             # up to fp32 accumulation, even where w_ij is large (near-duplicate rows).
             if DIRECT_D > 0:
-                # acc_i += sum_j w_ij (z_j - z_i) column by column (cosine: sum_j w_ij z_j).
+                # acc_i += sum_j w_ij (z_j - z_i) column by column; cosine: the projected
+                # sum_j w_ij (zhat_j - ghat_ij zhat_i), exactly 0 at D = 1 as in the reference.
                 for k in tl.static_range(DIRECT_D):
                     zjk = tl.load(Z + cols * D + k, mask=col_ok, other=0.0).to(ACC)
+                    zik = tl.load(Z + rows * D + k, mask=row_ok, other=0.0).to(ACC)
                     if VARIANT == 2:
-                        ck = tl.sum(w * zjk[None, :], 1)
+                        zik = tl.where(has_norm_i, zik / nrm_i, 0.0)
+                        ck = tl.sum(w * ((zjk / nrm_j)[None, :] - ghat * zik[:, None]), 1)
                     else:
-                        zik = tl.load(Z + rows * D + k, mask=row_ok, other=0.0).to(ACC)
                         ck = tl.sum(w * (zjk[None, :] - zik[:, None]), 1)
                     acc += tl.where(dcols[None, :] == k, ck[:, None], 0.0)
             else:
@@ -245,7 +260,9 @@ def _dispersive_rows_kernel(
             tl.store(M_OUT + rows, m_i * 0.6931471805599453, mask=row_ok)
         tl.store(S_OUT + rows, s_i, mask=row_ok)
     if NEED_GRAD:
-        if VARIANT == 2:
+        if DIRECT_D > 0:
+            a_i = tl.zeros((BLOCK_M,), ACC)  # acc already holds the whole bracket
+        elif VARIANT == 2:
             a_i = r_i * tl.load(PROJ + rows, mask=row_ok, other=0.0)
         else:
             a_i = r_i
@@ -314,8 +331,10 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
     del zf
     if variant == INFONCE_COSINE:
         norm = sqn.sqrt()
-        rinv = 1.0 / norm.clamp_min(1e-12)
+        nrm = norm.clamp_min(1e-12)
+        rinv = 1.0 / nrm
         proj = torch.where(norm > 1e-12, rinv, torch.zeros_like(rinv))
+        sqn = nrm
     else:
         rinv = proj = sqn  # unused by the kernel
     m_out = torch.empty(n, device=z.device, dtype=acc_dtype)
@@ -577,7 +596,7 @@ def dispersive_fused_triton(
     scale = 1.0 / d if scale_by_dim else 1.0
     if variant_code == COVARIANCE:
         loss, grad = _covariance(z, need_grad)
-    elif _path == "small" or (_path == "auto" and n <= SMALL_N_MAX):
+    elif _path == "small" or (_path == "auto" and n <= SMALL_N_MAX and d > _DIRECT_MAX_D):
         loss, grad = _small_path(z, variant_code, float(tau), float(margin), include_diagonal, scale, need_grad)
     else:
         loss, grad = _rows_path(z, variant_code, float(tau), float(margin), include_diagonal, scale, need_grad,

@@ -1,0 +1,156 @@
+"""Triton dispersive kernels, path by path (disseg_kernels/triton/dispersive.py).
+
+tests/test_dispersive.py checks the public op on every backend; this file forces each of the
+Triton kernels' code paths (the row-block online-logsumexp kernel, its split output columns
+for D > 256, its exact-difference mode for D <= 8, the float64 split-D Gram path, the
+autotuned launch) on shapes that the public dispatch would not send there, and checks them
+against the float64 reference. Without a GPU it runs under TRITON_INTERPRET=1 at small
+sizes (tests/conftest.py sets it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from disseg_kernels._backend import unavailable_reason
+from disseg_kernels.reference.dispersive import VARIANTS, dispersive_loss_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_reason = unavailable_reason("dispersive", "triton", torch.device(DEVICE))
+pytestmark = pytest.mark.skipif(_reason is not None, reason=str(_reason))
+
+if _reason is None:
+    import triton
+
+    from disseg_kernels.triton import dispersive as tdisp
+
+
+def _ref(z, code, tau=0.5, margin=1.0, include=False, scale_by_dim=False):
+    z64 = z.detach().cpu().double().requires_grad_(True)
+    loss = dispersive_loss_reference(
+        z64, VARIANTS[code], tau, margin, "include" if include else "exclude", scale_by_dim
+    )
+    (grad,) = torch.autograd.grad(loss, z64)
+    return loss.detach(), grad
+
+
+def _z(n, d, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64) * (scale / math.sqrt(d))
+    return z.to(dtype).to(DEVICE)
+
+
+def _check(z, code, path, tol, **opts):
+    loss, grad = tdisp.dispersive_fused_triton(
+        z, code, opts.get("tau", 0.5), opts.get("margin", 1.0), opts.get("include", False),
+        opts.get("scale_by_dim", False), True, _path=path,
+    )
+    ref, ref_g = _ref(z, code, **opts)
+    assert loss.dtype == (torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype)
+    assert grad.dtype == z.dtype and grad.shape == z.shape
+    assert torch.isfinite(grad).all()
+    assert abs(float(loss) - float(ref)) <= tol * max(1.0, abs(float(ref))), (float(loss), float(ref))
+    gscale = float(ref_g.abs().max())
+    err = float((grad.cpu().double() - ref_g).abs().max())
+    assert err <= tol * gscale + 1e-12, (err, gscale)
+    return loss, grad
+
+
+@pytest.mark.parametrize("code", range(4))
+@pytest.mark.parametrize("path", ["rows", "small"])
+@pytest.mark.parametrize("include,scale_by_dim", [(False, False), (True, True)])
+def test_both_paths_float64_exact(code, path, include, scale_by_dim):
+    """Both kernel paths compute the spec in float64 to ~1e-10 (odd N across two tiles)."""
+    z = _z(67 if path == "rows" else 37, 19, torch.float64, seed=code, scale=2.0)
+    _check(z, code, path, 1e-9, tau=0.37, margin=0.8, include=include, scale_by_dim=scale_by_dim)
+
+
+@pytest.mark.parametrize("code", range(4))
+def test_rows_path_split_output_columns(code):
+    """D > 256: the Gram tile loops over 64-wide feature chunks and the gradient columns are
+    split over a second grid axis (D = 300: a ragged last chunk)."""
+    _check(_z(70, 300, seed=1, scale=1.5), code, "rows", 2e-5)
+
+
+@pytest.mark.parametrize("code", range(4))
+def test_rows_path_exact_differences_small_d(code):
+    """D <= 8: exact differences, no Gram cancellation, for close points on a line."""
+    _check(_z(150, 1, seed=2), code, "rows", 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("code", [0, 1, 3])
+def test_rows_path_half_inputs(dtype, code):
+    """bf16/fp16 read directly (tensor-core operands), fp32 accumulation."""
+    _check(_z(80, 40, dtype, seed=3, scale=2.0), code, "rows", 2e-2)
+
+
+def test_rows_path_duplicate_rows_finite():
+    """Duplicate rows through the Gram trick: finite, and the pair contributes nothing."""
+    base = _z(40, 16, seed=4)
+    z = torch.cat([base, base[:30]])  # 70 rows: 30 duplicated pairs, across tiles
+    for code in (0, 1, 3):
+        _check(z, code, "rows", 1e-4)
+    same = base[:1].repeat(70, 1)
+    for code in (0, 1, 3):
+        _, g = tdisp.dispersive_fused_triton(same, code, 0.5, 1.0, False, False, True, _path="rows")
+        assert float(g.abs().max()) == 0.0
+
+
+def test_small_path_huge_distances_accurate():
+    """Few samples, big distances (d/tau ~ 1e4): the float64 Gram keeps the softmax, and so
+    the gradient, accurate where a float32 Gram would not."""
+    z = _z(6, 4096, seed=5, scale=math.sqrt(4096) * 2)  # unit-variance rows times 2
+    _check(z, 1, "small", 1e-6)
+    _check(z, 0, "small", 1e-6)
+
+
+def test_no_grad_returns_empty_and_same_loss():
+    z = _z(70, 24, seed=6)
+    for path in ("rows", "small"):
+        a, ga = tdisp.dispersive_fused_triton(z, 0, 0.5, 1.0, False, False, True, _path=path)
+        b, gb = tdisp.dispersive_fused_triton(z, 0, 0.5, 1.0, False, False, False, _path=path)
+        assert gb.numel() == 0 and float(a) == pytest.approx(float(b), rel=1e-6)
+
+
+def test_autotuned_launch(monkeypatch):
+    """The autotuned launch (the GPU default) passes the same arguments as the fixed one."""
+    one = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    monkeypatch.setattr(tdisp, "_rows_configs", lambda d_pad: one)
+    monkeypatch.setattr(tdisp, "_TUNED", {})
+    z = _z(70, 24, seed=7)
+    a, ga = tdisp.dispersive_fused_triton(z, 2, 0.5, 1.0, False, False, True, _path="rows", _autotune=True)
+    b, gb = tdisp.dispersive_fused_triton(z, 2, 0.5, 1.0, False, False, True, _path="rows", _autotune=False)
+    assert float(a) == float(b) and torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(z=torch.zeros(4, 3, dtype=torch.int32)), "dtype"),
+        (dict(z=torch.zeros(1, 3)), "N >= 2"),
+        (dict(z=torch.zeros(4, 3).t()), "contiguous"),
+        (dict(variant_code=7), "variant_code"),
+        (dict(tau=0.0), "tau"),
+        (dict(margin=-1.0), "margin"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    args = dict(z=torch.zeros(4, 3), variant_code=0, tau=0.5, margin=1.0, include_diagonal=False,
+                scale_by_dim=False, need_grad=True)
+    args.update(kwargs)
+    args["z"] = args["z"].to(DEVICE)
+    with pytest.raises((ValueError, TypeError), match=match):
+        tdisp.dispersive_fused_triton(**args)
+
+
+def test_block_choice_covers_every_width():
+    """Every D gets tensor-core-legal blocks (>= 16) and the split-D Gram chunking covers D."""
+    for d in itertools.chain(range(1, 40), [63, 64, 65, 255, 256, 257, 1000, 262144]):
+        d_pad = max(16, triton.next_power_of_2(d))
+        assert d_pad >= d and d_pad >= 16
+        assert tdisp._rows_configs(d_pad)
