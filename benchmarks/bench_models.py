@@ -1,0 +1,298 @@
+"""Training-step benchmark of the whole Med-DisSeg network: fused against plain.
+
+    python -m benchmarks.bench_models                    # CPU: ResNet-50, batch 4, 128×128
+    python -m benchmarks.bench_models --quick            # CPU: ResNet-18, batch 2, 64×64
+    python -m benchmarks.bench_models --device cuda      # GPU: ResNet-50, batch 8, 256×256
+    python -m benchmarks.bench_models --stages 2 --compile
+
+For Stage I and Stage II, "plain" (``fused=False``) and "fused" (``fused=True``) with the
+same weights (and, with ``--compile``, ``torch.compile`` of the plain model, inductor):
+one training step = forward, loss (with-logits BCE on every mask + 0.2 × the dispersive
+loss), backward, Adam step. Reported: the median forward, backward and full-step time
+and images/s over ``--steps`` steps after ``--warmup``; the peak extra memory of one
+forward+backward above the level before it (gradients included; CUDA:
+``max_memory_allocated``; CPU: sampled resident set with glibc's mmap threshold fixed, each
+case in its own process); and the bytes autograd saves for backward (distinct storages
+seen by ``saved_tensors_hooks``, parameters excluded), which does not depend on the
+allocator or the machine's noise.
+
+Writes benchmarks/results/models_<device>[_quick]_<date>.csv and .md (machine, torch,
+threads, load average before and after: a shared machine's timings are only as good as
+its load). ``main(argv)`` is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import disseg_kernels as dk
+from benchmarks.bench_dispersive import _fix_malloc_thresholds, _RssSampler, machine_name
+from models import FUSED_OPS, DispersiveConfig, build_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("plain", "fused", "compiled")
+
+# device -> quick -> (encoder, batch, size, warmup, steps)
+PRESETS = {
+    "cpu": {False: ("resnet50", 4, 128, 1, 3), True: ("resnet18", 2, 64, 1, 2)},
+    "cuda": {False: ("resnet50", 8, 256, 3, 10), True: ("resnet50", 8, 256, 2, 5)},
+}
+
+
+def seg_loss(out, target, weight: float) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(out.mask, target)
+    for aux in (out.fg, out.bg, out.uncertainty):
+        if aux is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(aux, target)
+    if out.disp_loss is not None:
+        loss = loss + weight * out.disp_loss
+    return loss
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_bytes(model, x) -> int:
+    """Bytes of the distinct storages autograd saves in one forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(seen.values())
+
+
+def run_case(stage: int, mode: str, encoder: str, batch: int, size: int, warmup: int, steps: int, device: str) -> dict:
+    """One (stage, mode) case in this process; returns its row."""
+    torch.manual_seed(0)
+    model = build_model(stage, encoder=encoder, fused=(mode == "fused"), dispersive=DispersiveConfig())
+    model = model.to(device).train()
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+    run = model
+    compile_s = float("nan")
+    if mode == "compiled":
+        run = torch.compile(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    fwd, bwd, step = [], [], []
+    for i in range(warmup + steps):
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = run(x)
+        loss = seg_loss(out, target, 0.2)
+        _sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t3 = time.perf_counter()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"stage {stage} {mode}: non-finite loss {loss.item()} at step {i}")
+        if i == 0 and mode == "compiled":
+            compile_s = t3 - t0
+        if i >= warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+            step.append(t3 - t0)
+        del out, loss
+
+    # Peak memory of one forward+backward (gradients included), after the warm-up.
+    opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        seg_loss(run(x), target, 0.2).backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with _RssSampler() as rss:
+            seg_loss(run(x), target, 0.2).backward()
+        peak = rss.extra
+    opt.zero_grad(set_to_none=True)
+    saved = saved_bytes(model, x) if mode != "compiled" else float("nan")
+
+    step_s = statistics.median(step)
+    return {
+        "stage": stage,
+        "mode": mode,
+        "encoder": encoder,
+        "batch": batch,
+        "size": size,
+        "fwd_ms": statistics.median(fwd) * 1e3,
+        "bwd_ms": statistics.median(bwd) * 1e3,
+        "step_ms": step_s * 1e3,
+        "step_ms_min": min(step) * 1e3,
+        "step_ms_max": max(step) * 1e3,
+        "images_per_s": batch / step_s,
+        "peak_fwd_bwd_mb": peak / 2**20,
+        "saved_for_backward_mb": saved / 2**20,
+        "compile_s": compile_s,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _case_in_subprocess(args_json: str) -> dict:
+    """A CPU case in a fresh process: its resident set starts clean."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_models", "--_case", args_json]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {args_json} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _backends(device: str) -> dict[str, str]:
+    out = {}
+    for family in FUSED_OPS:
+        try:
+            out[family] = ",".join(dk.available_backends(family, device)) or "none"
+        except KeyError:
+            out[family] = "not registered"
+    return out
+
+
+def write_results(rows, header: dict, device: str, quick: bool, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    date = _dt.date.today().isoformat()
+    stem = f"models_{device}{'_quick' if quick else ''}_{date}"
+    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
+    fields = list(rows[0].keys()) + ["machine", "date"]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "machine": header["machine"], "date": header["date"]})
+    lines = [f"# Med-DisSeg training step: fused vs plain ({device})", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += [
+        "",
+        "| stage | mode | encoder | batch×size | fwd ms | bwd ms | step ms (min–max) | images/s | "
+        "peak fwd+bwd MB | saved for bwd MB |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['stage']} | {r['mode']} | {r['encoder']} | {r['batch']}×{r['size']}² | {r['fwd_ms']:.0f} | "
+            f"{r['bwd_ms']:.0f} | {r['step_ms']:.0f} ({r['step_ms_min']:.0f}–{r['step_ms_max']:.0f}) | "
+            f"{r['images_per_s']:.2f} | {r['peak_fwd_bwd_mb']:.0f} | {r['saved_for_backward_mb']:.0f} |"
+        )
+    lines += ["", "## fused / plain", "", "| stage | step time × | images/s × | peak memory × | saved for bwd × |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    by = {(r["stage"], r["mode"]): r for r in rows}
+    for stage in sorted({r["stage"] for r in rows}):
+        p, f = by.get((stage, "plain")), by.get((stage, "fused"))
+        if p and f:
+            lines.append(
+                f"| {stage} | {f['step_ms'] / p['step_ms']:.2f} | {f['images_per_s'] / p['images_per_s']:.2f} | "
+                f"{f['peak_fwd_bwd_mb'] / max(p['peak_fwd_bwd_mb'], 1e-9):.2f} | "
+                f"{f['saved_for_backward_mb'] / max(p['saved_for_backward_mb'], 1e-9):.2f} |"
+            )
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes (CPU: ResNet-18, batch 2, 64×64)")
+    ap.add_argument("--stages", default="1,2", help="comma-separated, e.g. 2")
+    ap.add_argument("--modes", default="plain,fused", help=f"comma-separated among {MODES}")
+    ap.add_argument("--compile", action="store_true", help="add the 'compiled' mode (torch.compile of plain)")
+    ap.add_argument("--encoder", choices=("resnet18", "resnet34", "resnet50"))
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--size", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--no-isolate", action="store_true", help="CPU: run the cases in this process")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--_case", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._case:  # a CPU case in its own process (see _case_in_subprocess)
+        _fix_malloc_thresholds()
+        print(json.dumps(run_case(**json.loads(args._case))))
+        return []
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device on this machine")
+    enc, batch, size, warmup, steps = PRESETS[args.device][args.quick]
+    enc, batch, size = args.encoder or enc, args.batch or batch, args.size or size
+    warmup = warmup if args.warmup is None else args.warmup
+    steps = steps if args.steps is None else args.steps
+    modes = [m for m in args.modes.split(",") if m]
+    if args.compile and "compiled" not in modes:
+        modes.append("compiled")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"--modes: unknown mode(s) {bad}; choose among {MODES}")
+    stages = [int(s) for s in args.stages.split(",") if s]
+    if any(s not in (1, 2) for s in stages):
+        raise SystemExit(f"--stages must list 1 and/or 2, got {args.stages!r}")
+
+    header = {
+        "machine": machine_name(args.device),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load average before": _loadavg(),
+        "backends available per family": _backends(args.device),
+        "config": f"{enc}, batch {batch}, {size}×{size}, warmup {warmup}, {steps} timed steps, float32, Adam",
+        "command": "python -m benchmarks.bench_models " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    rows = []
+    for stage in stages:
+        for mode in modes:
+            case = dict(stage=stage, mode=mode, encoder=enc, batch=batch, size=size, warmup=warmup,
+                        steps=steps, device=args.device)
+            if args.device == "cpu" and not args.no_isolate:
+                row = _case_in_subprocess(json.dumps(case))
+            else:
+                row = run_case(**case)
+            rows.append(row)
+            print(
+                f"stage {stage} {mode:8s} fwd {row['fwd_ms']:8.0f} ms  bwd {row['bwd_ms']:8.0f} ms  "
+                f"step {row['step_ms']:8.0f} ms  {row['images_per_s']:7.2f} img/s  "
+                f"peak {row['peak_fwd_bwd_mb']:7.0f} MB  saved {row['saved_for_backward_mb']:7.0f} MB",
+                flush=True,
+            )
+    header["load average after"] = _loadavg()
+    csv_path, md_path = write_results(rows, header, args.device, args.quick, args.out)
+    print(f"wrote {csv_path} and {md_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
