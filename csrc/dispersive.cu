@@ -53,6 +53,9 @@ constexpr int kInfoCosine = 2;
 constexpr int kHinge = 3;
 constexpr int kCovariance = 4;
 constexpr int64_t kSmallNMax = 64;
+// D at or below which few samples also go through the row kernel (exact differences, and
+// the cosine projection term by term) rather than the Gram-matrix path.
+constexpr int64_t kDirectMaxD = 8;
 
 constexpr int kTile = 32;     // rows and columns of a distance tile (one warp wide)
 constexpr int kChunkK = 32;   // features per staged chunk of the distance tile
@@ -92,14 +95,14 @@ __device__ __forceinline__ T warp_max(T v) {
 // 0 and the row's sum of max(0, margin - d)^2).
 template <typename scalar_t, typename acc_t, int VARIANT, int DC>
 __global__ void __launch_bounds__(kThreads) dispersive_rows_kernel(
-    const scalar_t* __restrict__ z, const acc_t* __restrict__ rinv, const acc_t* __restrict__ proj,
+    const scalar_t* __restrict__ z, const acc_t* __restrict__ nrm, const acc_t* __restrict__ has_norm,
     acc_t* __restrict__ out, acc_t* __restrict__ m_out, acc_t* __restrict__ s_out, int64_t n, int64_t d,
     bool include_diagonal, bool need_grad, acc_t scale, acc_t inv_tau, acc_t margin) {
   __shared__ acc_t a_s[kChunkK][kTile + 1];  // a_s[k][i] = z[row0 + i, k0 + k]
   __shared__ acc_t b_s[kChunkK][kTile + 1];  // b_s[k][j] = z[col0 + j, k0 + k]
   __shared__ acc_t w_s[kTile][kTile + 1];    // exponent, then gradient weight
   __shared__ acc_t x_s[kTile][kTile + 1];    // 1/dist (l2), keep flag (l2sq), ghat (cosine), h^2 (hinge)
-  __shared__ acc_t zj_s[kTile][DC];          // z[col0 + j, dc0 + c]
+  __shared__ acc_t zj_s[kTile][DC];          // z[col0 + j, dc0 + c] (cosine: zhat)
   __shared__ acc_t row_s[kTile];             // per-row rescale factor, then a_i
 
   const int tid = threadIdx.x;
@@ -117,10 +120,19 @@ __global__ void __launch_bounds__(kThreads) dispersive_rows_kernel(
     r_run[q] = 0;
   }
   acc_t acc[2][kPerThreadCols];
+  acc_t zhat_i[2][kPerThreadCols];  // cosine: the block's own rows, projected out term by term
 #pragma unroll
-  for (int a = 0; a < 2; ++a)
+  for (int a = 0; a < 2; ++a) {
+    const int64_t r = row0 + ty + 16 * a;
 #pragma unroll
-    for (int c = 0; c < kPerThreadCols; ++c) acc[a][c] = 0;
+    for (int c = 0; c < kPerThreadCols; ++c) {
+      acc[a][c] = 0;
+      zhat_i[a][c] = 0;
+      const int64_t dc = dc0 + tx + 16 * c;
+      if (VARIANT == kInfoCosine && need_grad && r < n && dc < d && has_norm[r] > acc_t(0))
+        zhat_i[a][c] = load_acc<acc_t>(z + r * d + dc) / nrm[r];
+    }
+  }
 
   for (int64_t col0 = 0; col0 < n; col0 += kTile) {
     // 1. The distance tile over all features.
@@ -129,8 +141,14 @@ __global__ void __launch_bounds__(kThreads) dispersive_rows_kernel(
       for (int e = tid; e < kTile * kChunkK; e += kThreads) {
         const int i = e / kChunkK, k = e % kChunkK;
         const int64_t kk = k0 + k, r = row0 + i, c = col0 + i;
-        a_s[k][i] = (r < n && kk < d) ? load_acc<acc_t>(z + r * d + kk) : acc_t(0);
-        b_s[k][i] = (c < n && kk < d) ? load_acc<acc_t>(z + c * d + kk) : acc_t(0);
+        acc_t av = (r < n && kk < d) ? load_acc<acc_t>(z + r * d + kk) : acc_t(0);
+        acc_t bv = (c < n && kk < d) ? load_acc<acc_t>(z + c * d + kk) : acc_t(0);
+        if (VARIANT == kInfoCosine) {  // zhat by division, as the reference computes it
+          av = r < n ? av / nrm[r] : acc_t(0);
+          bv = c < n ? bv / nrm[c] : acc_t(0);
+        }
+        a_s[k][i] = av;
+        b_s[k][i] = bv;
       }
       __syncthreads();
 #pragma unroll 8
@@ -143,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) dispersive_rows_kernel(
           t[1][0] += a1 * b0;
           t[1][1] += a1 * b1;
         } else {
-          acc_t e00 = a0 - b0, e01 = a0 - b1, e10 = a1 - b0, e11 = a1 - b1;
+          const acc_t e00 = a0 - b0, e01 = a0 - b1, e10 = a1 - b0, e11 = a1 - b1;
           t[0][0] += e00 * e00;
           t[0][1] += e01 * e01;
           t[1][0] += e10 * e10;
@@ -164,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) dispersive_rows_kernel(
         acc_t dist_term, aux;
         acc_t rs = 0;
         if (VARIANT == kInfoCosine) {
-          const acc_t ghat = valid ? t[a][b] * rinv[r] * rinv[c] : acc_t(0);
+          const acc_t ghat = valid ? t[a][b] : acc_t(0);
           dist_term = scale * (acc_t(1) - ghat);
           aux = ghat;
         } else {
@@ -206,9 +224,7 @@ __global__ void __launch_bounds__(kThreads) dispersive_rows_kernel(
         s_run[q] = s_run[q] * alpha + warp_sum(p);
         m_run[q] = m_new;
         if (VARIANT == kInfoCosine) {
-          const int64_t c = col0 + lane;
-          w = c < n ? p * rinv[c] : acc_t(0);
-          r_run[q] = r_run[q] * alpha + warp_sum(p * x);
+          w = p;  // the projection uses ghat = x_s per pair in step 4
         } else {
           w = p * x;
           r_run[q] = r_run[q] * alpha + warp_sum(w);
@@ -224,7 +240,9 @@ __global__ void __launch_bounds__(kThreads) dispersive_rows_kernel(
       for (int e = tid; e < kTile * DC; e += kThreads) {
         const int j = e / DC, c = e % DC;
         const int64_t cj = col0 + j, dc = dc0 + c;
-        zj_s[j][c] = (cj < n && dc < d) ? load_acc<acc_t>(z + cj * d + dc) : acc_t(0);
+        acc_t v = (cj < n && dc < d) ? load_acc<acc_t>(z + cj * d + dc) : acc_t(0);
+        if (VARIANT == kInfoCosine && cj < n) v /= nrm[cj];
+        zj_s[j][c] = v;
       }
       __syncthreads();
 #pragma unroll
@@ -236,11 +254,22 @@ __global__ void __launch_bounds__(kThreads) dispersive_rows_kernel(
 #pragma unroll 4
       for (int j = 0; j < kTile; ++j) {
         const acc_t w0 = w_s[ty][j], w1 = w_s[ty + 16][j];
+        if (VARIANT == kInfoCosine) {
+          // sum_j p_ij (zhat_j - ghat_ij zhat_i): exactly 0 at D = 1, as in the reference
+          const acc_t g0 = x_s[ty][j], g1 = x_s[ty + 16][j];
 #pragma unroll
-        for (int c = 0; c < kPerThreadCols; ++c) {
-          const acc_t zv = zj_s[j][tx + 16 * c];
-          acc[0][c] += w0 * zv;
-          acc[1][c] += w1 * zv;
+          for (int c = 0; c < kPerThreadCols; ++c) {
+            const acc_t zv = zj_s[j][tx + 16 * c];
+            acc[0][c] += w0 * (zv - g0 * zhat_i[0][c]);
+            acc[1][c] += w1 * (zv - g1 * zhat_i[1][c]);
+          }
+        } else {
+#pragma unroll
+          for (int c = 0; c < kPerThreadCols; ++c) {
+            const acc_t zv = zj_s[j][tx + 16 * c];
+            acc[0][c] += w0 * zv;
+            acc[1][c] += w1 * zv;
+          }
         }
       }
     }
@@ -257,9 +286,7 @@ __global__ void __launch_bounds__(kThreads) dispersive_rows_kernel(
         m_out[r] = VARIANT == kHinge ? acc_t(0) : m_run[q];
         s_out[r] = s_run[q];
       }
-      acc_t a_i = r_run[q];
-      if (VARIANT == kInfoCosine) a_i = r < n ? r_run[q] * proj[r] : acc_t(0);
-      row_s[i] = a_i;
+      row_s[i] = VARIANT == kInfoCosine ? acc_t(0) : r_run[q];  // cosine: out = -acc = sum_j p_ij (ghat_ij zhat_i - zhat_j)
     }
   }
   __syncthreads();
@@ -439,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor> small_path(
 }
 
 template <typename scalar_t, typename acc_t, int VARIANT>
-void launch_rows(const at::Tensor& z, const at::Tensor& rinv, const at::Tensor& proj, at::Tensor& out,
+void launch_rows(const at::Tensor& z, const at::Tensor& nrm, const at::Tensor& has_norm, at::Tensor& out,
                  at::Tensor& m_out, at::Tensor& s_out, bool include_diagonal, bool need_grad, double scale,
                  double tau, double margin) {
   constexpr int DC = std::is_same<acc_t, double>::value ? 32 : 128;
@@ -449,7 +476,7 @@ void launch_rows(const at::Tensor& z, const at::Tensor& rinv, const at::Tensor& 
   const dim3 grid(static_cast<unsigned>((n + kTile - 1) / kTile), static_cast<unsigned>(d_chunks));
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispersive_rows_kernel<scalar_t, acc_t, VARIANT, DC><<<grid, kThreads, 0, stream>>>(
-      z.data_ptr<scalar_t>(), rinv.data_ptr<acc_t>(), proj.data_ptr<acc_t>(), out.data_ptr<acc_t>(),
+      z.data_ptr<scalar_t>(), nrm.data_ptr<acc_t>(), has_norm.data_ptr<acc_t>(), out.data_ptr<acc_t>(),
       m_out.data_ptr<acc_t>(), s_out.data_ptr<acc_t>(), n, d, include_diagonal, need_grad,
       static_cast<acc_t>(scale), static_cast<acc_t>(1.0 / tau), static_cast<acc_t>(margin));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -461,13 +488,14 @@ std::tuple<at::Tensor, at::Tensor> rows_path(
   const int64_t n = z.size(0), d = z.size(1);
   const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = z.options().dtype(acc_type);
-  at::Tensor rinv, proj;
+  at::Tensor nrm, has_norm, rinv;
   if (variant == kInfoCosine) {
     const auto norm = at::linalg_vector_norm(z, 2, {1}, false, acc_type);
-    rinv = norm.clamp_min(1e-12).reciprocal();
-    proj = at::where(norm > 1e-12, rinv, at::zeros_like(rinv));
+    nrm = norm.clamp_min(1e-12);
+    rinv = nrm.reciprocal();
+    has_norm = (norm > 1e-12).to(acc_type);
   } else {
-    rinv = proj = at::empty({1}, opts);  // unused
+    nrm = has_norm = at::empty({1}, opts);  // unused
   }
   auto m_out = at::empty({n}, opts);
   auto s_out = at::empty({n}, opts);
@@ -477,16 +505,16 @@ std::tuple<at::Tensor, at::Tensor> rows_path(
     using acc_t = at::opmath_type<scalar_t>;
     switch (variant) {
       case kInfoL2:
-        launch_rows<scalar_t, acc_t, kInfoL2>(z, rinv, proj, out, m_out, s_out, include_diagonal, need_grad, scale, tau, margin);
+        launch_rows<scalar_t, acc_t, kInfoL2>(z, nrm, has_norm, out, m_out, s_out, include_diagonal, need_grad, scale, tau, margin);
         break;
       case kInfoL2sq:
-        launch_rows<scalar_t, acc_t, kInfoL2sq>(z, rinv, proj, out, m_out, s_out, include_diagonal, need_grad, scale, tau, margin);
+        launch_rows<scalar_t, acc_t, kInfoL2sq>(z, nrm, has_norm, out, m_out, s_out, include_diagonal, need_grad, scale, tau, margin);
         break;
       case kInfoCosine:
-        launch_rows<scalar_t, acc_t, kInfoCosine>(z, rinv, proj, out, m_out, s_out, include_diagonal, need_grad, scale, tau, margin);
+        launch_rows<scalar_t, acc_t, kInfoCosine>(z, nrm, has_norm, out, m_out, s_out, include_diagonal, need_grad, scale, tau, margin);
         break;
       default:
-        launch_rows<scalar_t, acc_t, kHinge>(z, rinv, proj, out, m_out, s_out, include_diagonal, need_grad, scale, tau, margin);
+        launch_rows<scalar_t, acc_t, kHinge>(z, nrm, has_norm, out, m_out, s_out, include_diagonal, need_grad, scale, tau, margin);
     }
   });
 
@@ -554,7 +582,7 @@ std::tuple<at::Tensor, at::Tensor> dispersive_fused_cuda(
   at::Tensor loss, grad;
   if (variant == kCovariance) {
     std::tie(loss, grad) = covariance(z, need_grad);
-  } else if (n <= kSmallNMax) {
+  } else if (n <= kSmallNMax && d > kDirectMaxD) {
     std::tie(loss, grad) = small_path(z, variant, tau, margin, include_diagonal, scale, need_grad);
   } else {
     std::tie(loss, grad) = rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad);
