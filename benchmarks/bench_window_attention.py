@@ -222,7 +222,8 @@ def write_results(rows, args, device, dtype, header) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     date = _dt.date.today().isoformat()
     suffix = "" if dtype == torch.float32 else f"_{str(dtype).split('.')[-1]}"
-    stem = RESULTS / f"window_attention_{device}_{date}{suffix}{'_quick' if args.quick else ''}"
+    tag = ("_quick" if args.quick else "") + (f"_H{args.sizes.replace(',', '-')}" if args.sizes else "")
+    stem = RESULTS / f"window_attention_{device}_{date}{suffix}{tag}"
     fields = ["what", "impl", "H", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "speedup_vs_eager", "mem_vs_eager"]
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["machine", "date", "batch", "channels", "heads", "dtype", *fields])
