@@ -99,7 +99,8 @@ class DilatedConvEnhancement(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fuse(torch.cat([b(x) for b in self.branches], dim=1))
-        y = torch.relu(y + self.residual(x))
+        # In place on the fresh sum (as the authors' ReLU(inplace=True)): one map less.
+        y = (y + self.residual(x)).relu_()
         return self.sa(y)
 
 
@@ -197,9 +198,10 @@ class CBATDecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         s1 = self.c1(multiscale_concat([x, skip], [self.scale, 1], backend=self.backend))
-        s2 = torch.relu(self.c2(s1) + s1)
-        s3 = torch.relu(self.c3(s2) + s2 + s1)
-        y = torch.relu(self.c4(s3) + s3 + s2 + s1)
+        # ReLU in place on each fresh sum (as the authors' ReLU(inplace=True)).
+        s2 = (self.c2(s1) + s1).relu_()
+        s3 = (self.c3(s2) + s2 + s1).relu_()
+        y = (self.c4(s3) + s3 + s2 + s1).relu_()
         return self.gates(y)
 
 

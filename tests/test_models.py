@@ -236,6 +236,22 @@ def test_bf16_autocast_cpu(stage):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_torch_compile_stage1():
+    """torch.compile(model) traces the model and the disseg_kernels ops (fake tensors and
+    autograd of the custom ops, aot_eager: no C++ code generation, to stay fast) and gives
+    the eager outputs; backward runs. Stage II and inductor: benchmarks/bench_models.py
+    --compile."""
+    model = MedDisSegStage1("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    out = torch.compile(model, backend="aot_eager")(x)
+    for name, a, b in zip(SegOutput._fields, ref, out):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    seg_loss(out, torch.rand(2, 1, 32, 32)).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 # ---------------------------------------------------------------- dispersive loss
 
 
