@@ -482,7 +482,10 @@ class _GlobalDispersive(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, bank, comm, opts, grad_scale, need_grad):
-        loss, grad = _global_loss_and_grad(z.detach(), bank, comm, need_grad=need_grad, **opts)
+        # The loss computes in z's dtype (float32 for half z), whatever autocast region
+        # the caller is in: its matmuls must not drop to bf16/fp16 behind its back.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            loss, grad = _global_loss_and_grad(z.detach(), bank, comm, need_grad=need_grad, **opts)
         ctx.grad_scale = grad_scale
         ctx.save_for_backward(grad if grad is not None else z.new_empty(0))
         return loss

@@ -437,6 +437,19 @@ def test_float32_with_large_common_offset(variant):
     assert float((a.grad.double() - ref_g).abs().max()) <= 1e-5 * float(ref_g.abs().max())
 
 
+def test_autocast_does_not_lower_the_precision():
+    """Inside an autocast region (AMP training) the loss still computes in z's dtype."""
+    z = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
+    bank = torch.randn(10, 24, generator=torch.Generator().manual_seed(2))
+    plain = dispersive_loss_with_bank(z, bank, variant="infonce_cosine")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = dispersive_loss_with_bank(z, bank, variant="infonce_cosine")
+        amp2 = distributed_dispersive_loss(z, variant="infonce_cosine")
+    assert amp.dtype == torch.float32
+    assert float(amp) == pytest.approx(float(plain), rel=1e-6)
+    assert float(amp2) == pytest.approx(float(distributed_dispersive_loss(z, variant="infonce_cosine")), rel=1e-6)
+
+
 def test_single_process_without_group_is_dispersive_loss():
     """No process group: the distributed loss is the ordinary loss (both modes)."""
     z = torch.randn(9, 4, dtype=torch.float64)
