@@ -450,6 +450,24 @@ def test_autocast_does_not_lower_the_precision():
     assert float(amp2) == pytest.approx(float(distributed_dispersive_loss(z, variant="infonce_cosine")), rel=1e-6)
 
 
+def test_module_matches_function():
+    """DistributedDispersiveLoss(...)(z, bank) == distributed_dispersive_loss(z, ..., bank=bank)."""
+    from disseg_kernels import DistributedDispersiveLoss
+
+    z = torch.randn(12, 7, dtype=torch.float64)
+    bank = NegativeBank(7, 5, dtype=torch.float64)
+    bank.enqueue(torch.randn(3, 7, dtype=torch.float64))
+    mod = DistributedDispersiveLoss(variant="hinge", margin=3.0, ring=True, ddp_scale=True)
+    assert "hinge" in repr(mod) and "ring=True" in repr(mod)
+    got = mod(z, bank=bank)
+    want = distributed_dispersive_loss(z, variant="hinge", margin=3.0, bank=bank.negatives())
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    assert float(got) == pytest.approx(float(dispersive_loss_bank_reference(z, bank.negatives(), "hinge", margin=3.0)),
+                                       rel=1e-12)
+    with pytest.raises(ValueError, match="tau"):
+        DistributedDispersiveLoss(tau=-1.0)
+
+
 def test_single_process_without_group_is_dispersive_loss():
     """No process group: the distributed loss is the ordinary loss (both modes)."""
     z = torch.randn(9, 4, dtype=torch.float64)
