@@ -62,11 +62,11 @@ def _compile(src: str, flags: list[str], out_dir: str) -> subprocess.CompletedPr
     cmd = [
         NVCC, "-c", src, "-o", obj,
         "-std=c++17", f"-gencode=arch=compute_{ARCH},code=sm_{ARCH}",
-        "-O1", "--expt-relaxed-constexpr", "-DDISSEG_WITH_CUDA=1",
+        "-O0", "--expt-relaxed-constexpr", "-DDISSEG_WITH_CUDA=1",
         "-D_GLIBCXX_USE_CXX11_ABI=1", "-DTORCH_EXTENSION_NAME=_C",
         "-Xcompiler", "-fPIC", "-w",
     ] + flags
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # ~35 s on a quiet machine; minutes on a loaded 2-core one
 
 
 @pytest.mark.skipif(not CU_SOURCES, reason="no csrc/*.cu sources")

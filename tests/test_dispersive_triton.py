@@ -214,7 +214,7 @@ def test_gpu_few_samples_huge_d_accurate(backend, variant):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_many_samples_large(backend, dtype):
-    """N = 4099, D = 200 (ragged tiles, autotuned launch) against the float64 reference."""
+    """N = 4099, D = 200 (ragged row and column tiles) against the float64 reference."""
     z = _z(4099, 200, dtype, seed=8, scale=3.0).cuda()
     loss, grad = _public_loss_and_grad(z, backend, variant="infonce_l2")
     ref, ref_g = _ref(z, 0)

@@ -66,7 +66,7 @@ EOF
 
 stage_tests() {
   # Fixed Triton blocks in the tests (autotuning every shape of the grid would take minutes).
-  DISSEG_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q -x -p no:cacheprovider \
+  DISSEG_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q --maxfail=10 -p no:cacheprovider \
     -k "(cuda or triton or gpu) and not cuda_compile" 2>&1 | tee "$OUT/pytest.txt" | tail -n 60
   return "${PIPESTATUS[0]}"
 }

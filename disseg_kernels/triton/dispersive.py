@@ -193,7 +193,10 @@ def _dispersive_rows_kernel(
             if VARIANT == 1:
                 d = scale * d2
             else:
-                rs = tl.where(dup, 0.0, 1.0 / tl.sqrt(tl.where(dup, 1.0, d2)))
+                if ACC == tl.float64:
+                    rs = tl.where(dup, 0.0, 1.0 / tl.sqrt(tl.where(dup, 1.0, d2)))
+                else:
+                    rs = tl.where(dup, 0.0, tl.math.rsqrt(tl.where(dup, 1.0, d2)))  # one MUFU op
                 d = scale * (d2 * rs)
 
         if VARIANT == 3:
