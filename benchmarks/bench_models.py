@@ -83,12 +83,27 @@ def saved_bytes(model, x) -> int:
     return sum(seen.values())
 
 
-def run_case(stage: int, mode: str, encoder: str, batch: int, size: int, warmup: int, steps: int, device: str) -> dict:
-    """One (stage, mode) case in this process; returns its row."""
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run_case(
+    stage: int, mode: str, encoder: str, batch: int, size: int, warmup: int, steps: int, device: str,
+    amp: str = "none", channels_last: bool = False,
+) -> dict:
+    """One (stage, mode) case in this process; returns its row. ``amp``: autocast dtype
+    (fp16 with a GradScaler); every step's loss must be finite."""
     torch.manual_seed(0)
     model = build_model(stage, encoder=encoder, fused=(mode == "fused"), dispersive=DispersiveConfig())
-    model = model.to(device).train()
-    x = torch.randn(batch, 3, size, size, device=device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).train()
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
+    amp_dtype = AMP[amp]
+    scaler = torch.amp.GradScaler(device, enabled=amp_dtype is torch.float16)
+
+    def forward_loss():
+        with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return seg_loss(run(x), target, 0.2)
+
     target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
     run = model
     compile_s = float("nan")
@@ -101,14 +116,14 @@ def run_case(stage: int, mode: str, encoder: str, batch: int, size: int, warmup:
         opt.zero_grad(set_to_none=True)
         _sync(device)
         t0 = time.perf_counter()
-        out = run(x)
-        loss = seg_loss(out, target, 0.2)
+        loss = forward_loss()
         _sync(device)
         t1 = time.perf_counter()
-        loss.backward()
+        scaler.scale(loss).backward()
         _sync(device)
         t2 = time.perf_counter()
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         _sync(device)
         t3 = time.perf_counter()
         if not torch.isfinite(loss):
@@ -119,7 +134,7 @@ def run_case(stage: int, mode: str, encoder: str, batch: int, size: int, warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             step.append(t3 - t0)
-        del out, loss
+        del loss
 
     # Peak memory of one forward+backward (gradients included), after the warm-up.
     opt.zero_grad(set_to_none=True)
@@ -128,12 +143,12 @@ def run_case(stage: int, mode: str, encoder: str, batch: int, size: int, warmup:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        seg_loss(run(x), target, 0.2).backward()
+        forward_loss().backward()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         with _RssSampler() as rss:
-            seg_loss(run(x), target, 0.2).backward()
+            forward_loss().backward()
         peak = rss.extra
     opt.zero_grad(set_to_none=True)
     saved = saved_bytes(model, x) if mode != "compiled" else float("nan")
@@ -143,6 +158,8 @@ def run_case(stage: int, mode: str, encoder: str, batch: int, size: int, warmup:
         "stage": stage,
         "mode": mode,
         "encoder": encoder,
+        "amp": amp,
+        "channels_last": channels_last,
         "batch": batch,
         "size": size,
         "fwd_ms": statistics.median(fwd) * 1e3,
@@ -187,7 +204,8 @@ def _backends(device: str) -> dict[str, str]:
 def write_results(rows, header: dict, device: str, quick: bool, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     date = _dt.date.today().isoformat()
-    stem = f"models_{device}{'_quick' if quick else ''}_{date}"
+    tag = "".join(f"_{t}" for t in header.get("tags", ()))
+    stem = f"models_{device}{tag}{'_quick' if quick else ''}_{date}"
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     fields = list(rows[0].keys()) + ["machine", "date"]
     with open(csv_path, "w", newline="") as f:
@@ -236,6 +254,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--size", type=int)
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast dtype (fp16 with GradScaler)")
+    ap.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     ap.add_argument("--no-isolate", action="store_true", help="CPU: run the cases in this process")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--_case", help=argparse.SUPPRESS)
@@ -269,14 +289,17 @@ def main(argv=None) -> list[dict]:
         "threads": torch.get_num_threads(),
         "load average before": _loadavg(),
         "backends available per family": _backends(args.device),
-        "config": f"{enc}, batch {batch}, {size}×{size}, warmup {warmup}, {steps} timed steps, float32, Adam",
+        "config": (
+            f"{enc}, batch {batch}, {size}×{size}, warmup {warmup}, {steps} timed steps, "
+            f"amp {args.amp}, {'channels_last' if args.channels_last else 'contiguous'}, Adam"
+        ),
         "command": "python -m benchmarks.bench_models " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     rows = []
     for stage in stages:
         for mode in modes:
             case = dict(stage=stage, mode=mode, encoder=enc, batch=batch, size=size, warmup=warmup,
-                        steps=steps, device=args.device)
+                        steps=steps, device=args.device, amp=args.amp, channels_last=args.channels_last)
             if args.device == "cpu" and not args.no_isolate:
                 row = _case_in_subprocess(json.dumps(case))
             else:
@@ -289,6 +312,7 @@ def main(argv=None) -> list[dict]:
                 flush=True,
             )
     header["load average after"] = _loadavg()
+    header["tags"] = [t for t in (args.amp if args.amp != "none" else "", "cl" if args.channels_last else "") if t]
     csv_path, md_path = write_results(rows, header, args.device, args.quick, args.out)
     print(f"wrote {csv_path} and {md_path}")
     return rows
