@@ -18,10 +18,16 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-# The editable install compiles csrc/ into disseg_kernels/_C*.so; it reruns when a source
-# changes. flock serialises concurrent builds of the same tree.
+# The editable install (the README's `pip install --no-build-isolation -e .`) compiles
+# csrc/ into disseg_kernels/_C*.so and installs the `disseg` command. When a source changes
+# afterwards, build_ext --inplace recompiles only what changed (ninja, build/ kept).
+# flock serialises concurrent builds of the same tree.
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
-	flock .build.lock $(PYTHON) -m pip install -q --no-build-isolation -e .
+	if [ -f $(VENV)/.installed ]; then \
+	  flock .build.lock $(PYTHON) setup.py -q build_ext --inplace; \
+	else \
+	  flock .build.lock $(PYTHON) -m pip install -q --no-build-isolation -e . && touch $(VENV)/.installed; \
+	fi
 	touch $@
 
 setup: $(VENV)/.built
@@ -38,4 +44,4 @@ bench: $(VENV)/.built
 	$(PYTHON) -m benchmarks.bench_dispersive
 
 clean:
-	rm -rf build disseg_kernels/_C*.so $(VENV)/.built
+	rm -rf build disseg_kernels/_C*.so $(VENV)/.built $(VENV)/.installed
