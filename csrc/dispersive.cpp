@@ -96,7 +96,11 @@ void blas<double>(char ta, char tb, int64_t m, int64_t n, int64_t k, double alph
 
 template <typename T>
 bool have_blas() {
+#ifdef DISSEG_DISPERSIVE_NO_BLAS  // to test the at::addmm_ path
+  return false;
+#else
   return std::is_same<T, float>::value ? (sgemm_ != nullptr) : (dgemm_ != nullptr);
+#endif
 }
 
 // C[m x n] = alpha * A[m x k] * B[n x k]^T + beta * C
@@ -261,6 +265,8 @@ std::tuple<double, at::Tensor> small_n_forward_backward(const at::Tensor& z, int
   const double s = scale_by_dim ? 1.0 / (double)D : 1.0;
   const double npairs = include_diagonal ? (double)N * N : (double)N * (N - 1);
   std::vector<double> A((size_t)N * N, 0.0);
+  std::vector<double> cos_nrm(N), cos_inv(N), cos_proj(N);
+  std::vector<char> cos_project(N);
   double loss = 0.0;
   double cov_k = 0.0;
   auto in_pairs = [&](int64_t i, int64_t j) { return include_diagonal || i != j; };
@@ -272,31 +278,36 @@ std::tuple<double, at::Tensor> small_n_forward_backward(const at::Tensor& z, int
     loss = (fro - sum_c2) / (nm1 * nm1);
     cov_k = 4.0 / (nm1 * nm1);
   } else if (variant == kCosine) {
-    std::vector<double> inv(N), nrm(N);
+    // zhat = z / max(||z||, eps) by division, so that zhat = +-1 exactly at D = 1 (where
+    // the true gradient is exactly 0 and the projection below must cancel exactly).
     for (int64_t i = 0; i < N; ++i) {
-      nrm[i] = std::sqrt(G[i * N + i]);
-      inv[i] = 1.0 / std::max(nrm[i], kNormEps);
+      const double nrm = std::sqrt(G[i * N + i]);
+      cos_nrm[i] = std::max(nrm, kNormEps);
+      cos_inv[i] = 1.0 / cos_nrm[i];
+      cos_project[i] = nrm > kNormEps;
     }
+    auto ghat = [&](int64_t i, int64_t j) { return G[i * N + j] / (cos_nrm[i] * cos_nrm[j]); };
     std::vector<double> E((size_t)N * N, kNegInf);
     double m = kNegInf;
     for (int64_t i = 0; i < N; ++i)
       for (int64_t j = 0; j < N; ++j)
         if (in_pairs(i, j)) {
-          E[i * N + j] = -s * (1.0 - G[i * N + j] * inv[i] * inv[j]) / tau;
+          E[i * N + j] = -s * (1.0 - ghat(i, j)) / tau;
           m = std::max(m, E[i * N + j]);
         }
     double tot = 0.0;
     for (int64_t i = 0; i < N * N; ++i) tot += std::exp(E[i] - m);
     const double lse = m + std::log(tot);
     loss = lse - std::log(npairs);
+    // g_i = sum_j c_ij zhat_j (w.r.t. zhat_i); zhat_i . g_i = sum_j c_ij Ghat_ij.
     for (int64_t i = 0; i < N; ++i) {
-      double proj = 0.0;  // zhat_i . g_i
+      double proj = 0.0;
       for (int64_t j = 0; j < N; ++j) {
         const double c = (2.0 * s / tau) * std::exp(E[i * N + j] - lse);
-        A[i * N + j] = inv[i] * c * inv[j];
-        proj += c * G[i * N + j] * inv[i] * inv[j];
+        A[i * N + j] = c;
+        proj += c * ghat(i, j);
       }
-      if (nrm[i] > kNormEps) A[i * N + i] -= proj * inv[i] * inv[i];
+      cos_proj[i] = cos_project[i] ? proj : 0.0;
     }
   } else {
     // L2 family: W symmetric, A = diag(rowsum W) - W.
@@ -347,7 +358,8 @@ std::tuple<double, at::Tensor> small_n_forward_backward(const at::Tensor& z, int
 
   if (!need_grad) return {loss, at::empty({0}, z.options())};
 
-  // Pass 2, parallel over D: grad_i = sum_j W_ij (z_i - z_j) (L2 family), A Z (cosine),
+  // Pass 2, parallel over D: grad_i = sum_j W_ij (z_i - z_j) (L2 family), the projection
+  // of C Zhat (cosine),
   // k (Gc Zc - Zc diag(c)) (covariance).
   const bool pairwise = is_l2_family(variant);
   at::Tensor grad = at::empty_like(z);
@@ -357,6 +369,9 @@ std::tuple<double, at::Tensor> small_n_forward_backward(const at::Tensor& z, int
     for (int64_t ch = begin; ch < end; ++ch) {
       const int64_t c0 = ch * cw, w = std::min(cw, D - c0);
       load_chunk_f64<in_t>(zp, N, D, c0, w, cov, buf.data(), colmean.data());
+      if (variant == kCosine)  // the rows of Zhat
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t k = 0; k < w; ++k) buf[i * w + k] /= cos_nrm[i];
       if (cov) {
         std::fill(csq.begin(), csq.begin() + w, 0.0);
         for (int64_t i = 0; i < N; ++i)
@@ -415,6 +430,9 @@ std::tuple<double, at::Tensor> small_n_forward_backward(const at::Tensor& z, int
           if (cov) {
             for (int64_t kk = 0; kk < kn; ++kk)
               dst[kk] = static_cast<in_t>(cov_k * (outb[kk] - zi[kk] * csq[k0 + kk]));
+          } else if (variant == kCosine) {  // dz_i = (g_i - (zhat_i . g_i) zhat_i) / ||z_i||
+            for (int64_t kk = 0; kk < kn; ++kk)
+              dst[kk] = static_cast<in_t>(cos_inv[i] * (outb[kk] - cos_proj[i] * zi[kk]));
           } else {
             for (int64_t kk = 0; kk < kn; ++kk) dst[kk] = static_cast<in_t>(outb[kk]);
           }
@@ -455,10 +473,20 @@ TileConfig choose_tiles(int64_t N, int64_t D, int64_t elem_bytes) {
   return {B, nb};
 }
 
+// Precision of the tiled regime (float inputs): the weights, exponentials and the two
+// W Z products run in float32, but a distance from a float32 Gram tile,
+// d2 = n_i + n_j - 2 G_ij, has an absolute error ~eps32 (n_i + n_j): relative to d2 that
+// is large for close pairs (which dominate both the softmax and the hinge), and for the
+// squared distance d2 / tau itself is exponentiated. So a tile's Gram and distances are
+// recomputed in float64 (from the same float32 rows) when
+//   * the variant is infonce_l2sq (always),
+//   * the tile is diagonal (it gives the float64 norms n_i, the same GEMM code path as
+//     the off-diagonal entries, so duplicate rows get d = 0 exactly),
+//   * infonce_l2 / hinge, and some pair of the tile has d2 < (n_i + n_j) / 16.
+// Well-separated tiles (random data at D >= 32: none of them) stay on float32 GEMMs.
 template <typename in_t, typename acc_t>
 struct ManySamples {
-  using V = Vec<acc_t>;
-  static constexpr int64_t W = V::size();
+  static constexpr bool kAccF64 = std::is_same<acc_t, double>::value;
 
   const in_t* z;
   int64_t N, D, variant;
@@ -468,30 +496,42 @@ struct ManySamples {
   TileConfig tc;
   int64_t ldS;
 
-  acc_t* acc;                // N x D: sum_j V_ij z_j (relative to the block reference)
-  std::vector<acc_t> r;      // N: sum_j V_ij
-  std::vector<acc_t> sqn;    // N (+ padding): ||z_i||^2 from the diagonal Gram tiles
-  std::vector<acc_t> inv;    // N: 1 / max(||z_i||, eps) (cosine)
-  std::vector<double> blkM;  // per block: the reference maximum of E = -d / tau
-  std::vector<double> blkL;  // per block: sum over its rows of sum_j exp(E_ij - M)
+  acc_t* acc;                 // N x D: sum_j V_ij z_j (relative to the block reference)
+  std::vector<acc_t> r;       // N: sum_j V_ij
+  std::vector<acc_t> sqn;     // N (+ padding): ||z_i||^2 (rounded from sqn_d)
+  std::vector<double> sqn_d;  // N (+ padding): ||z_i||^2 from the float64 diagonal tiles
+  std::vector<acc_t> nrmc;    // N: max(||z_i||, eps) (cosine; zhat = z / nrmc, +-1 exactly at D = 1)
+  std::vector<char> project;  // N: ||z_i|| > eps (cosine)
+  std::vector<double> blkM;   // per block: the reference maximum of E = -d / tau
+  std::vector<double> blkL;   // per block: sum over its rows of sum_j exp(E_ij - M)
 
   struct Workspace {
-    std::vector<acc_t> S, rowsum, colsum, zi, zj;
+    std::vector<acc_t> S, rowsum, colsum, zi, zj;     // S: the Gram tile, then V in place
+    std::vector<double> Sd, rowsum_d, colsum_d, zid, zjd;  // the float64 tile path
   };
   std::vector<Workspace> ws;
 
+  enum Status { kOk, kSkip, kNeedF64 };
+
   bool infonce() const { return variant == kL2 || variant == kL2sq || variant == kCosine; }
   bool needs_copy() const { return !std::is_same<in_t, acc_t>::value || variant == kCosine; }
+  bool uses_f64_tiles() const { return kAccF64 || variant != kCosine; }
   int64_t row0(int64_t X) const { return X * tc.B; }
   int64_t rows(int64_t X) const { return std::min(tc.B, N - X * tc.B); }
 
-  // Rows of block X as acc_t, row-major with stride D (normalised rows for cosine).
-  const acc_t* load_block(int64_t X, std::vector<acc_t>& buf) const {
+  // Rows of block X as T, row-major with stride D (normalised rows for cosine).
+  template <typename T>
+  const T* load_rows(int64_t X, std::vector<T>& buf) const {
     const int64_t r0 = row0(X), n = rows(X);
-    if (!needs_copy()) return reinterpret_cast<const acc_t*>(z + r0 * D);
-    for (int64_t a = 0; a < n; ++a)
-      convert_row<in_t, acc_t>(z + (r0 + a) * D, buf.data() + a * D, D,
-                               variant == kCosine ? inv[r0 + a] : acc_t(1));
+    if (std::is_same<in_t, T>::value && variant != kCosine) return reinterpret_cast<const T*>(z + r0 * D);
+    for (int64_t a = 0; a < n; ++a) {
+      T* dst = buf.data() + a * D;
+      convert_row<in_t, T>(z + (r0 + a) * D, dst, D, T(1));
+      if (variant == kCosine) {
+        const T nr = static_cast<T>(nrmc[r0 + a]);
+        for (int64_t k = 0; k < D; ++k) dst[k] /= nr;
+      }
+    }
     return buf.data();
   }
 
@@ -500,6 +540,7 @@ struct ManySamples {
     const acc_t f = static_cast<acc_t>(factor);
     for (int64_t a = 0; a < n; ++a) {
       r[r0 + a] *= f;
+      if (acc == nullptr) continue;
       acc_t* row = acc + (r0 + a) * D;
       for (int64_t k = 0; k < D; ++k) row[k] *= f;
     }
@@ -516,96 +557,145 @@ struct ManySamples {
     return std::exp(t - blkM[X]);
   }
 
-  void tile(int64_t I, int64_t J, Workspace& w) {
-    const bool diag = I == J;
-    const int64_t bi = rows(I), bj = rows(J), i0 = row0(I), j0 = row0(J);
-    const acc_t* zi = load_block(I, w.zi);
-    const acc_t* zj = diag ? zi : load_block(J, w.zj);
-    acc_t* S = w.S.data();
-    gemm_nt<acc_t>(bi, bj, D, acc_t(1), zi, D, zj, D, acc_t(0), S, ldS);
-    if (diag && variant != kCosine)
-      for (int64_t a = 0; a < bi; ++a) sqn[i0 + a] = S[a * ldS + a];
-
+  // The elementwise passes over one Gram tile S (bi x bj, stride ldS), in place: S becomes
+  // V, the weights of the W Z products (InfoNCE: exp(E - t), divided by ||z_i - z_j|| for
+  // infonce_l2; hinge: max(0, margin - d) / ||z_i - z_j||), with its row and column sums,
+  // the tile's loss sum (sum of exp(E - t) or of hinge^2) and its maximum t of E = -d/tau.
+  template <typename g_t>
+  Status elementwise(bool diag, int64_t i0, int64_t j0, int64_t bi, int64_t bj, g_t* S, const g_t* sq,
+                     g_t* rowsum, g_t* colsum, bool check_close, double& tile_sum, double& t) const {
+    using VG = Vec<g_t>;
+    constexpr int64_t WG = VG::size();
+    constexpr int full = (int)((1ULL << WG) - 1);
     const bool mask_diag = diag && !include_diagonal;
-    const V zero(acc_t(0)), ninf(-std::numeric_limits<acc_t>::infinity()), bjv((acc_t)bj);
-    const acc_t* nj = sqn.data() + j0;
-    acc_t* rowsum = w.rowsum.data();
-    acc_t* colsum = w.colsum.data();
-    if (!diag) std::fill(colsum, colsum + ldS, acc_t(0));
-
-    // Distances into S in place: E = -d / tau (InfoNCE) or V (hinge).
-    const acc_t negc = static_cast<acc_t>(-s / tau);
-    V vmax = ninf;
-    double tile_sum = 0.0;  // per-row partial sums in acc_t, the tile's total in float64
+    const VG zero(g_t(0)), ninf(-std::numeric_limits<g_t>::infinity()), bjv((g_t)bj);
+    const VG kappa(g_t(1.0 / 16.0)), hmargin((g_t)margin), vs((g_t)s);
+    const g_t* nj = sq + j0;
+    if (!diag) std::fill(colsum, colsum + ldS, g_t(0));
+    const g_t negc = static_cast<g_t>(-s / tau);
+    VG vmax = ninf;
+    tile_sum = 0.0;  // per-row partial sums in g_t, the tile's total in float64
     for (int64_t a = 0; a < bi; ++a) {
-      acc_t* srow = S + a * ldS;
-      const V ni(variant == kCosine ? acc_t(0) : sqn[i0 + a]);
-      V rs = zero, vloss = zero;
-      for (int64_t b0 = 0; b0 < bj; b0 += W) {
-        const V sv = V::loadu(srow + b0);
-        V u;  // ||z_i - z_j|| (l2, hinge) or its square (l2sq)
+      g_t* srow = S + a * ldS;
+      const VG ni(variant == kCosine ? g_t(0) : sq[i0 + a]);
+      VG rs = zero, vloss = zero;
+      for (int64_t b0 = 0; b0 < bj; b0 += WG) {
+        const VG sv = VG::loadu(srow + b0);
+        VG invalid = zero;  // all-ones lanes: outside the tile or an excluded diagonal pair
+        const bool tail = b0 + WG > bj;
+        const bool has_diag = mask_diag && a >= b0 && a < b0 + WG;
+        if (tail || has_diag) {
+          const VG idx = VG::arange(g_t(b0), g_t(1));
+          if (tail) invalid = idx >= bjv;
+          if (has_diag) invalid = invalid | (idx == VG((g_t)a));
+        }
+        VG u;  // ||z_i - z_j|| (l2, hinge), its square (l2sq), or 1 - cos (cosine)
         if (variant == kCosine) {
-          u = V(acc_t(1)) - sv;
+          u = VG(g_t(1)) - sv;
         } else {
-          const V d2 = at::vec::maximum(at::vec::fmadd(sv, V(acc_t(-2)), ni + V::loadu(nj + b0)), zero);
+          const VG nsum = ni + VG::loadu(nj + b0);
+          const VG d2 = at::vec::maximum(at::vec::fmadd(sv, VG(g_t(-2)), nsum), zero);
+          if (check_close) {
+            VG close = d2 < nsum * kappa;
+            if (tail || has_diag) close = VG::blendv(close, zero, invalid);
+            if (close.zero_mask() != full) return kNeedF64;
+          }
           u = variant == kL2sq ? d2 : d2.sqrt();
         }
-        V invalid = zero;  // all-ones lanes: outside the tile or an excluded diagonal pair
-        const bool tail = b0 + W > bj;
-        const bool has_diag = mask_diag && a >= b0 && a < b0 + W;
-        if (tail || has_diag) {
-          const V idx = V::arange(acc_t(b0), acc_t(1));
-          if (tail) invalid = idx >= bjv;
-          if (has_diag) invalid = invalid | (idx == V((acc_t)a));
-        }
         if (variant == kHinge) {
-          V h = at::vec::maximum(V((acc_t)margin) - u * V((acc_t)s), zero);
-          if (tail || has_diag) h = V::blendv(h, zero, invalid);
-          V v = V::blendv(h / u, zero, (u == zero) | invalid);
+          VG h = at::vec::maximum(hmargin - u * vs, zero);
+          if (tail || has_diag) h = VG::blendv(h, zero, invalid);
+          const VG v = VG::blendv(h / u, zero, (u == zero) | invalid);
           vloss = at::vec::fmadd(h, h, vloss);
           v.store(srow + b0);
           rs = rs + v;
-          if (!diag) (V::loadu(colsum + b0) + v).store(colsum + b0);
+          if (!diag) (VG::loadu(colsum + b0) + v).store(colsum + b0);
         } else {
-          V e = u * V(negc);
-          if (tail || has_diag) e = V::blendv(e, ninf, invalid);
+          VG e = u * VG(negc);
+          if (tail || has_diag) e = VG::blendv(e, ninf, invalid);
           e.store(srow + b0);
           vmax = at::vec::maximum(vmax, e);
         }
       }
       if (variant == kHinge) {
-        rowsum[a] = reduce_add<acc_t>(rs);
-        tile_sum += (double)reduce_add<acc_t>(vloss);
+        rowsum[a] = reduce_add<g_t>(rs);
+        tile_sum += (double)reduce_add<g_t>(vloss);
       }
     }
-
-    double t = 0.0;
     if (variant == kHinge) {
-      if (tile_sum == 0.0) return;  // no pair inside the margin: V = 0
-    } else {
-      t = (double)reduce_max<acc_t>(vmax);
-      if (t == kNegInf) return;  // a one-row diagonal tile with the diagonal excluded
-      const V tv((acc_t)t), inv_negc(acc_t(1) / negc);
-      for (int64_t a = 0; a < bi; ++a) {
-        acc_t* srow = S + a * ldS;
-        V rs = zero, vloss = zero;
-        for (int64_t b0 = 0; b0 < bj; b0 += W) {
-          const V e = V::loadu(srow + b0);
-          const V p = vexp(e - tv);
-          vloss = vloss + p;
-          V v = p;
-          if (variant == kL2) {
-            const V u = e * inv_negc;  // ||z_i - z_j||; +inf on invalid lanes (p = 0 there)
-            v = V::blendv(p / u, zero, u == zero);
-          }
-          v.store(srow + b0);
-          rs = rs + v;
-          if (!diag) (V::loadu(colsum + b0) + v).store(colsum + b0);
+      t = 0.0;
+      return tile_sum == 0.0 ? kSkip : kOk;  // no pair inside the margin: V = 0
+    }
+    t = (double)reduce_max<g_t>(vmax);
+    if (t == kNegInf) return kSkip;  // a one-row diagonal tile with the diagonal excluded
+    const VG tv((g_t)t), inv_negc(g_t(1) / negc);
+    for (int64_t a = 0; a < bi; ++a) {
+      g_t* srow = S + a * ldS;
+      VG rs = zero, vloss = zero;
+      for (int64_t b0 = 0; b0 < bj; b0 += WG) {
+        const VG e = VG::loadu(srow + b0);
+        const VG p = vexp(e - tv);
+        vloss = vloss + p;
+        VG v = p;
+        if (variant == kL2) {
+          const VG u = e * inv_negc;  // ||z_i - z_j||; +inf on invalid lanes (p = 0 there)
+          v = VG::blendv(p / u, zero, u == zero);
+        } else if (variant == kL2sq) {
+          // A duplicate pair (d = 0) counts in the loss but its gradient, p (z_i - z_j),
+          // is 0: leaving it out of V spares r_i z_i - (V Z)_i a large cancellation.
+          v = VG::blendv(p, zero, e == zero);
         }
-        rowsum[a] = reduce_add<acc_t>(rs);
-        tile_sum += (double)reduce_add<acc_t>(vloss);
+        v.store(srow + b0);
+        rs = rs + v;
+        if (!diag) (VG::loadu(colsum + b0) + v).store(colsum + b0);
+      }
+      rowsum[a] = reduce_add<g_t>(rs);
+      tile_sum += (double)reduce_add<g_t>(vloss);
+    }
+    return kOk;
+  }
+
+  void tile(int64_t I, int64_t J, Workspace& w) {
+    const bool diag = I == J;
+    const int64_t bi = rows(I), bj = rows(J), i0 = row0(I), j0 = row0(J);
+    const acc_t* zi = load_rows<acc_t>(I, w.zi);
+    const acc_t* zj = diag ? zi : load_rows<acc_t>(J, w.zj);
+    acc_t* S = w.S.data();
+    acc_t* rowsum = w.rowsum.data();
+    acc_t* colsum = w.colsum.data();
+    double tile_sum = 0.0, t = 0.0;
+    bool f64 = kAccF64 || variant == kL2sq || (diag && variant != kCosine);
+    Status st = kOk;
+    if (!f64) {
+      gemm_nt<acc_t>(bi, bj, D, acc_t(1), zi, D, zj, D, acc_t(0), S, ldS);
+      st = elementwise<acc_t>(diag, i0, j0, bi, bj, S, sqn.data(), rowsum, colsum,
+                              variant == kL2 || variant == kHinge, tile_sum, t);
+      f64 = st == kNeedF64;
+    }
+    if (f64) {
+      double* Sd = kAccF64 ? reinterpret_cast<double*>(S) : w.Sd.data();
+      double* rsd = kAccF64 ? reinterpret_cast<double*>(rowsum) : w.rowsum_d.data();
+      double* csd = kAccF64 ? reinterpret_cast<double*>(colsum) : w.colsum_d.data();
+      const double* zid = kAccF64 ? reinterpret_cast<const double*>(zi) : load_rows<double>(I, w.zid);
+      const double* zjd = diag ? zid : kAccF64 ? reinterpret_cast<const double*>(zj) : load_rows<double>(J, w.zjd);
+      gemm_nt<double>(bi, bj, D, 1.0, zid, D, zjd, D, 0.0, Sd, ldS);
+      if (diag && variant != kCosine) {
+        for (int64_t a = 0; a < bi; ++a) {
+          sqn_d[i0 + a] = Sd[a * ldS + a];
+          sqn[i0 + a] = static_cast<acc_t>(Sd[a * ldS + a]);
+        }
+      }
+      st = elementwise<double>(diag, i0, j0, bi, bj, Sd, sqn_d.data(), rsd, csd, false, tile_sum, t);
+      if (st == kOk && !kAccF64) {
+        for (int64_t a = 0; a < bi; ++a) {
+          for (int64_t b = 0; b < bj; ++b) S[a * ldS + b] = static_cast<acc_t>(Sd[a * ldS + b]);
+          rowsum[a] = static_cast<acc_t>(rsd[a]);
+        }
+        if (!diag)
+          for (int64_t b = 0; b < bj; ++b) colsum[b] = static_cast<acc_t>(csd[b]);
       }
     }
+    if (st == kSkip) return;
 
     // Row block I: acc_I += alpha_I V Z_J.
     const double alpha_i = infonce() ? align_block(I, t) : 1.0;
@@ -625,8 +715,8 @@ struct ManySamples {
   }
 
   std::tuple<double, at::Tensor> run(const at::Tensor& zt, bool scale_by_dim) {
-    tc = choose_tiles(N, D, sizeof(acc_t));
-    ldS = (tc.B + W - 1) / W * W;
+    tc = choose_tiles(N, D, uses_f64_tiles() ? sizeof(double) : sizeof(acc_t));
+    ldS = (tc.B + 15) / 16 * 16;  // a multiple of every vector width
     s = scale_by_dim ? 1.0 / (double)D : 1.0;
     const int64_t nb = tc.nb;
 
@@ -647,10 +737,12 @@ struct ManySamples {
     }
     r.assign(N, acc_t(0));
     sqn.assign(N + ldS, acc_t(0));
+    sqn_d.assign(N + ldS, 0.0);
     blkM.assign(nb, infonce() ? kNegInf : 0.0);
     blkL.assign(nb, 0.0);
     if (variant == kCosine) {
-      inv.assign(N, acc_t(0));
+      nrmc.assign(N, acc_t(1));
+      project.assign(N, 0);
       at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           double ss = 0.0;
@@ -659,7 +751,8 @@ struct ManySamples {
             const double v = static_cast<double>(row[k]);
             ss += v * v;
           }
-          inv[i] = static_cast<acc_t>(1.0 / std::max(std::sqrt(ss), kNormEps));
+          nrmc[i] = static_cast<acc_t>(std::max(std::sqrt(ss), kNormEps));
+          project[i] = std::sqrt(ss) > kNormEps;
         }
       });
     }
@@ -671,6 +764,13 @@ struct ManySamples {
       if (needs_copy()) {
         w.zi.assign(tc.B * D, acc_t(0));
         w.zj.assign(tc.B * D, acc_t(0));
+      }
+      if (!kAccF64 && uses_f64_tiles()) {
+        w.Sd.assign(tc.B * ldS, 0.0);
+        w.rowsum_d.assign(ldS, 0.0);
+        w.colsum_d.assign(ldS, 0.0);
+        w.zid.assign(tc.B * D, 0.0);
+        w.zjd.assign(tc.B * D, 0.0);
       }
     }
 
@@ -734,13 +834,13 @@ struct ManySamples {
         in_t* gi = gp + i * D;
         if (variant == kCosine) {
           // g = c acc (w.r.t. zhat_i); dz_i = (g - (zhat_i . g) zhat_i) / ||z_i||.
-          const acc_t iv = inv[i];
-          const bool project = (double)iv < 1.0 / kNormEps;
+          const acc_t nr = nrmc[i];
+          for (int64_t k = 0; k < D; ++k) zrow[k] /= nr;  // zhat_i
           double proj = 0.0;
-          if (project)
-            for (int64_t k = 0; k < D; ++k) proj += (double)(zrow[k] * iv) * (double)ai[k];
+          if (project[i])
+            for (int64_t k = 0; k < D; ++k) proj += (double)zrow[k] * (double)ai[k];
           const acc_t pr = (acc_t)proj;
-          for (int64_t k = 0; k < D; ++k) gi[k] = static_cast<in_t>(c * iv * (ai[k] - pr * zrow[k] * iv));
+          for (int64_t k = 0; k < D; ++k) gi[k] = static_cast<in_t>(c * (ai[k] - pr * zrow[k]) / nr);
         } else {
           const acc_t ri = r[i];
           for (int64_t k = 0; k < D; ++k) gi[k] = static_cast<in_t>(c * (ri * zrow[k] - ai[k]));
@@ -753,9 +853,9 @@ struct ManySamples {
 
 // Covariance at N > kSmallN: GEMM-bound, through at::mm, with the smaller of the N x N
 // and D x D matrices (||Zc Zc^T||_F = ||Zc^T Zc||_F, Zc Zc^T Zc = Zc (Zc^T Zc)).
-std::tuple<double, at::Tensor> covariance_mm(const at::Tensor& z, bool need_grad) {
+std::tuple<double, at::Tensor> covariance_mm(const at::Tensor& z, bool need_grad, bool f64) {
   const int64_t N = z.size(0), D = z.size(1);
-  const auto acc_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = f64 || z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor zc = z.to(acc_dtype);
   zc = zc - zc.mean(0, true);
   const double nm1 = (double)(N - 1);
@@ -786,14 +886,13 @@ template <typename in_t>
 std::tuple<double, at::Tensor> dispatch(const at::Tensor& z, int64_t variant, double tau, double margin,
                                         bool include_diagonal, bool scale_by_dim, bool need_grad) {
   const int64_t N = z.size(0);
-  if (N <= kSmallN) return small_n_forward_backward<in_t>(z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad);
-  if (variant == kCovariance) return covariance_mm(z, need_grad);
-  if (variant == kL2sq && !std::is_same<in_t, double>::value) {
-    // Squared distances are large (d2 ~ 2 D) and the loss exponentiates d2 / tau: a float32
-    // d2 (or E = -d2 / tau) carries absolute errors ~1e-4 that become relative errors of
-    // the softmax weights, so this variant computes its tiles in float64.
-    return run_many_samples<in_t, double>(z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad);
-  }
+  const int64_t D = z.size(1);
+  // Covariance with D < N goes through the D x D matrix with its diagonal zeroed: no
+  // cancellation, and exactly 0 at D = 1 (float64 when N is small).
+  const bool cov_dd = variant == kCovariance && D < N;
+  if (N <= kSmallN && !cov_dd)
+    return small_n_forward_backward<in_t>(z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad);
+  if (variant == kCovariance) return covariance_mm(z, need_grad, N <= kSmallN);
   using acc_t = typename std::conditional<std::is_same<in_t, double>::value, double, float>::type;
   return run_many_samples<in_t, acc_t>(z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad);
 }
