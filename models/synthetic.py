@@ -26,7 +26,7 @@ from PIL import Image
 
 from .data import write_text_atomic
 
-VERSION = 2
+VERSION = 3
 
 
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -77,7 +77,7 @@ def make_sample(seed: int, index: int, size: int = 128, empty_rate: float = 0.1)
     mask = np.zeros((size, size), dtype=bool)
     target = rng.uniform() >= empty_rate
     if target:
-        r0 = rng.uniform(0.08, 0.30)  # small to large
+        r0 = rng.uniform(0.10, 0.30)  # small to large
         cx, cy = rng.uniform(r0 * 0.6 + 0.05, 1 - r0 * 0.6 - 0.05, 2)
         theta = np.arctan2(yy - cy, xx - cx)
         dist = np.hypot(xx - cx, yy - cy)
