@@ -190,6 +190,7 @@ def window_attention(
 
     Returns:
         (B, C, H, W) in v's dtype; channels-last memory from the fused backends.
+        Differentiable once through the fused backends (no double backward).
     """
     _validate(v, logits, kernel_size)
     chosen = _resolve(backend, str(v.device))
