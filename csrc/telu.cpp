@@ -1,8 +1,7 @@
 // TeLU, C++ CPU kernels: y = x · tanh(eˣ) and its derivative. See shared/spec/attention.md.
 //
 // One read and one write forward; backward reads x and the incoming gradient and writes
-// once. float (and half, computed in float) runs 8 lanes at a time with AVX2 + FMA and
-// SLEEF's vector exp (the one ATen's own kernels use, exported by libtorch_cpu) where the
+// once. float runs 16 (AVX-512) or 8 (AVX2 + FMA) lanes at a time with SLEEF's vector exp (the one ATen's own kernels use, exported by libtorch_cpu) where the
 // compiler targets AVX2; the scalar tail and double use std::exp. With u = eˣ and
 // e = e^{−2u}:
 //   tanh(u)     = (1 − e) / (1 + e)              (a series for u < 0.05: no cancellation)
@@ -19,7 +18,11 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+#include <immintrin.h>
+extern "C" __m512 Sleef_expf16_u10(__m512);
+#define DISSEG_TELU_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 extern "C" __m256 Sleef_expf8_u10(__m256);
 #define DISSEG_TELU_AVX2 1
@@ -60,6 +63,43 @@ inline T telu_bwd_one(T x) {
   const T d = T(1) + e;
   return tanh_pos(u, e) + T(4) * x * (u * e) / (d * d);
 }
+
+#ifdef DISSEG_TELU_AVX512
+// 16 lanes: e^a for a ≥ −80 else 0; r = 1/(1 + e) (one division serves both passes).
+inline __m512 exp16_or_zero(__m512 a) {
+  const __m512 lo = _mm512_set1_ps(-80.0f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(a, lo, _CMP_GE_OQ);
+  return _mm512_maskz_mov_ps(keep, Sleef_expf16_u10(_mm512_max_ps(a, lo)));
+}
+
+inline void telu_core16(__m512 x, __m512& u, __m512& e, __m512& r, __m512& t) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  u = exp16_or_zero(_mm512_min_ps(x, _mm512_set1_ps(20.0f)));
+  e = exp16_or_zero(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u));
+  r = _mm512_div_ps(one, _mm512_add_ps(one, e));
+  const __m512 us = _mm512_min_ps(u, _mm512_set1_ps(0.05f));
+  const __m512 u2 = _mm512_mul_ps(us, us);
+  __m512 poly = _mm512_fmadd_ps(u2, _mm512_set1_ps(-17.0f / 315.0f), _mm512_set1_ps(2.0f / 15.0f));
+  poly = _mm512_fmadd_ps(u2, poly, _mm512_set1_ps(-1.0f / 3.0f));
+  poly = _mm512_fmadd_ps(u2, poly, one);
+  const __m512 series = _mm512_mul_ps(us, poly);
+  const __m512 ratio = _mm512_mul_ps(_mm512_sub_ps(one, e), r);
+  t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, _mm512_set1_ps(0.05f), _CMP_LT_OQ), ratio, series);
+}
+
+inline __m512 telu_fwd16(__m512 x) {
+  __m512 u, e, r, t;
+  telu_core16(x, u, e, r, t);
+  return _mm512_mul_ps(x, t);
+}
+
+inline __m512 telu_bwd16(__m512 x) {
+  __m512 u, e, r, t;
+  telu_core16(x, u, e, r, t);
+  const __m512 q = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(u, e), r), r);  // u·e/(1+e)²
+  return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(4.0f), x), q, t);
+}
+#endif
 
 #ifdef DISSEG_TELU_AVX2
 // e^a for a ≥ −80, else 0 (as exp_or_zero: no denormal ever reaches SLEEF's exp).
@@ -117,11 +157,15 @@ at::Tensor telu_fwd_cpu(const at::Tensor& x) {
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, n, 16384, [&](int64_t lo, int64_t hi) {
       int64_t i = lo;
-#ifdef DISSEG_TELU_AVX2
+#if defined(DISSEG_TELU_AVX512) || defined(DISSEG_TELU_AVX2)
       if (std::is_same_v<scalar_t, float>) {  // (casts are no-ops for float, dead code otherwise)
         const float* xf = reinterpret_cast<const float*>(xp);
         float* yf = reinterpret_cast<float*>(yp);
+#ifdef DISSEG_TELU_AVX512
+        for (; i + 16 <= hi; i += 16) _mm512_storeu_ps(yf + i, telu_fwd16(_mm512_loadu_ps(xf + i)));
+#else
         for (; i + 8 <= hi; i += 8) _mm256_storeu_ps(yf + i, telu_fwd8(_mm256_loadu_ps(xf + i)));
+#endif
       }
 #endif
       for (; i < hi; ++i) yp[i] = scalar_t(telu_fwd_one<acc_t>(acc_t(xp[i])));
@@ -146,14 +190,20 @@ at::Tensor telu_bwd_cpu(const at::Tensor& grad, const at::Tensor& x) {
     scalar_t* dp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, n, 16384, [&](int64_t lo, int64_t hi) {
       int64_t i = lo;
-#ifdef DISSEG_TELU_AVX2
+#if defined(DISSEG_TELU_AVX512) || defined(DISSEG_TELU_AVX2)
       if (std::is_same_v<scalar_t, float>) {
         const float* xf = reinterpret_cast<const float*>(xp);
         const float* gf = reinterpret_cast<const float*>(gp);
         float* df = reinterpret_cast<float*>(dp);
+#ifdef DISSEG_TELU_AVX512
+        for (; i + 16 <= hi; i += 16) {
+          _mm512_storeu_ps(df + i, _mm512_mul_ps(_mm512_loadu_ps(gf + i), telu_bwd16(_mm512_loadu_ps(xf + i))));
+        }
+#else
         for (; i + 8 <= hi; i += 8) {
           _mm256_storeu_ps(df + i, _mm256_mul_ps(_mm256_loadu_ps(gf + i), telu_bwd8(_mm256_loadu_ps(xf + i))));
         }
+#endif
       }
 #endif
       for (; i < hi; ++i) dp[i] = scalar_t(acc_t(gp[i]) * telu_bwd_one<acc_t>(acc_t(xp[i])));
