@@ -183,9 +183,9 @@ def test_parity_float32_grid(backend, variant):
         got, got_g = _loss_and_grad(z.to(device), backend, **opts)
         assert got.dtype == torch.float32 and got_g.dtype == torch.float32 and got_g.shape == z.shape
         scale = max(1.0, abs(float(ref)))
-        gscale = max(float(ref_g.abs().max()), 1e-30)
+        gscale = float(ref_g.abs().max())
         assert _err(got, ref) <= 2 * _err(eag, ref) + 2e-6 * scale, (n, d, float(got), float(ref), float(eag))
-        assert _err(got_g, ref_g) <= 2 * _err(eag_g, ref_g) + 2e-5 * gscale, (n, d)
+        assert _err(got_g, ref_g) <= 2 * _err(eag_g, ref_g) + 2e-5 * gscale + 1e-12, (n, d)
 
 
 @pytest.mark.parametrize("backend", FUSED_PARAMS)
@@ -200,7 +200,7 @@ def test_parity_options(backend, variant, diagonal, scale_by_dim):
         ref, ref_g = _ref_loss_and_grad(z, **opts)
         got, got_g = _loss_and_grad(z.to(device), backend, **opts)
         assert float(got) == pytest.approx(float(ref), rel=1e-5, abs=1e-6)
-        assert _err(got_g, ref_g) <= 1e-4 * max(float(ref_g.abs().max()), 1e-12)
+        assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max()) + 1e-12
 
 
 @pytest.mark.parametrize("backend", FUSED_PARAMS)
@@ -221,7 +221,7 @@ def test_half_precision_within_twice_eager_error(backend, dtype, variant):
         gscale = float(ref_g.abs().max())
         assert _err(got, ref) <= 2 * _err(eag, ref) + 1e-5 * scale, (n, d, float(got), float(ref), float(eag))
         # the gradient is returned in the input dtype: its own rounding is the floor
-        floor = 2 * torch.finfo(dtype).eps * gscale
+        floor = 2 * torch.finfo(dtype).eps * gscale + 1e-12
         assert _err(got_g, ref_g) <= 2 * _err(eag_g, ref_g) + floor, (n, d)
 
 
@@ -235,7 +235,7 @@ def test_many_samples_regime(backend, variant):
     ref, ref_g = _ref_loss_and_grad(z, variant=variant)
     got, got_g = _loss_and_grad(z.to(device), backend, variant=variant)
     assert float(got) == pytest.approx(float(ref), rel=2e-5, abs=1e-5)
-    assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max())
+    assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max()) + 1e-12
 
 
 # --------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_duplicate_rows_finite_with_zero_subgradient(backend, variant):
     got, got_g = _loss_and_grad(z.float(), backend, variant=variant)
     assert torch.isfinite(got) and torch.isfinite(got_g).all()
     assert float(got) == pytest.approx(float(ref), rel=1e-5)
-    assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max())
+    assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max()) + 1e-12
     # all rows equal: every distance is 0, every pair contributes the subgradient 0
     same = base[:1].repeat(5, 1).float().to(device)
     _, g = _loss_and_grad(same, backend, variant=variant)
@@ -283,7 +283,7 @@ def test_non_contiguous_and_nd_input(backend):
     got, got_g = _loss_and_grad(z, backend)
     assert got_g.shape == z.shape
     assert float(got) == pytest.approx(float(ref), rel=1e-5)
-    assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max())
+    assert _err(got_g, ref_g) <= 1e-4 * float(ref_g.abs().max()) + 1e-12
 
 
 @pytest.mark.parametrize("backend", FUSED_PARAMS)
