@@ -4,6 +4,23 @@
 and the unweighted dispersive loss; ``build_model(stage, ...)`` builds either;
 ``transfer_stage1_to_stage2`` carries the encoder over; ``load_torchvision_resnet``
 loads an ImageNet ResNet checkpoint from a local file.
+
+Deliberate differences from the authors' code (xiaoquan-1/Med-DisSeg on ConDSeg), each
+documented where it is made:
+
+- every head returns logits, not sigmoid probabilities (``models.blocks``): the authors'
+  ``sigmoid`` + ``binary_cross_entropy`` cannot run under autocast;
+- the dispersive loss is ``disseg_kernels.dispersive_loss`` (logsumexp, no ``+1e-8``
+  that flattens the loss to a constant at the model's scale), of a configurable feature
+  and granularity, returned unweighted: the configured λ is the one the trainer applies
+  (the authors' Stage II passes 0.6 to the model and applies 0.2) (``models.base``);
+- the feature is flattened with ``reshape``, so channels_last works (the authors'
+  ``view`` fails there) (``models.base``);
+- any H, W divisible by 16 (the authors' ``H``, ``W`` arguments are unused), with a clear
+  error otherwise;
+- TeLU's fused form has finite gradients where ``x * tanh(exp(x))`` gives NaN;
+- ``fused=True`` routes the listed ops (``FUSED_OPS``) through the fused kernels;
+  ``fused=False`` is the plain PyTorch path; the two agree within float32 rounding.
 """
 
 from __future__ import annotations
