@@ -15,7 +15,7 @@ falls back to the reference only when no fused backend exists for the device.
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -50,8 +50,7 @@ class BackendUnavailable(RuntimeError):
     """A backend was requested by name and cannot run; the message says why."""
 
 
-@functools.lru_cache(maxsize=None)
-def extension_error() -> str | None:
+def _load_extension() -> str | None:
     """None when ``disseg_kernels._C`` loads, else why it does not."""
     try:
         from disseg_kernels import _C  # noqa: F401
@@ -63,10 +62,9 @@ def extension_error() -> str | None:
     return None
 
 
-def _cpp_kernel_error(family: str, dispatch_key: str) -> str | None:
-    err = extension_error()
-    if err:
-        return err
+def _probe_cpp_kernel(family: str, dispatch_key: str) -> str | None:
+    if _EXTENSION_ERROR:
+        return _EXTENSION_ERROR
     op = _CPP_OPS.get(family)
     if op is None or not hasattr(torch.ops.disseg, op):
         return f"the extension has no compiled kernel for '{family}'"
@@ -80,17 +78,28 @@ def _cpp_kernel_error(family: str, dispatch_key: str) -> str | None:
     return None
 
 
+# Probed once, at import: resolve() then only reads these tables, so torch.compile traces
+# it as plain Python (no dispatcher queries, no graph break).
+_EXTENSION_ERROR = _load_extension()
+_CPP_ERRORS = {(fam, key): _probe_cpp_kernel(fam, key) for fam in FAMILIES for key in ("CPU", "CUDA")}
+_TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
+def extension_error() -> str | None:
+    """None when ``disseg_kernels._C`` loaded, else why it did not."""
+    return _EXTENSION_ERROR
+
+
+def _cpp_kernel_error(family: str, dispatch_key: str) -> str | None:
+    return _CPP_ERRORS[(family, dispatch_key)]
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
-    return None
+    return _TRITON_ERROR
 
 
 def unavailable_reason(family: str, backend: str, device: torch.device) -> str | None:
