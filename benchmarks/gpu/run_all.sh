@@ -85,6 +85,10 @@ STAGES=(
   # both regimes up to N = 262,144 at D = 128 (eager where it fits; no compile: it would
   # recompile per shape)
   "bench_dispersive_bf16|80|$BENCH_D --dtype bfloat16 --repeats 2 --no-compile --shapes $SWEEP"
+  # the other op families at the model's shapes (batch 8, 256x256 input), vs eager and compile
+  "bench_gates|75|$PY -m benchmarks.bench_gates --device cuda --ops cbat,telu,elat,multiscale"
+  "bench_window_attention|60|$PY -m benchmarks.bench_window_attention --device cuda --repeats 5"
+  "bench_models|70|$PY -m benchmarks.bench_models --device cuda --stages 2"
   "bench_dispersive_fp32|90|$BENCH_D --dtype float32 --repeats 2 --no-compile --shapes $SWEEP"
   "bench_dispersive_fp32_vs_compile|50|$BENCH_D --dtype float32 --repeats 3 --shapes 16384x256 --out-dir benchmarks/results/vs_compile"
 )
