@@ -76,11 +76,11 @@ def _cmd_make_splits(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 # demo
 
-# CPU-sized: ResNet-18, 48x48 inputs, 160 training images, 16 + 6 epochs (20 steps each).
+# CPU-sized: ResNet-18, 48x48 inputs, 160 training images, 10 + 8 epochs (20 steps each).
 # Sized for about 7-9 minutes on a quiet 2-core machine (Stage II's step costs about twice
 # Stage I's); the spec's full-size settings are the `disseg train` defaults.
 DEMO_DEFAULTS = dict(encoder="resnet18", size=48, batch_size=8, synth_train=160, synth_val=40,
-                     synth_size=96, epochs1=16, epochs2=6, lr=1e-3, lr_encoder=1e-3, dropout_size=8,
+                     synth_size=96, epochs1=10, epochs2=8, lr=1e-3, lr_encoder=1e-3, dropout_size=8,
                      plateau_patience=3, plateau_factor=0.5)
 
 
