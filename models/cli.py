@@ -129,6 +129,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               "val_precision": ev["Prec."], "val_hd95": ev["mean_hd95"], "seconds": round(total, 1), "cpu_seconds": round(cpu, 1),
               "stages": summaries, "checkpoint": ckpt, "out": os.path.abspath(out)}
     atomic_write_text(os.path.join(out, "demo_summary.json"), json.dumps(result, indent=1) + "\n")
+    for st, sm in summaries.items():
+        print(f"[demo] Stage {'I' if st == 1 else 'II'}: best validation Dice {sm['best_val_mDSC']:.4f} "
+              f"(epoch {sm['best_epoch']}, {sm['seconds']:.0f}s)")
     print(f"[demo] done in {total / 60:.1f} min (process CPU {cpu / 60:.1f} min): validation Dice {ev['mDSC']:.4f}, mIoU {ev['mIoU']:.4f}")
     print(f"[demo] files: {out}/stage1, {out}/stage2 (checkpoints, metrics.csv/json, curves.png), "
           f"{out}/eval (per_case.csv, summary.json), {out}/overlays (masks/, overlays/)")
