@@ -232,20 +232,39 @@ class StageOneHead(nn.Module):
     (×2, ×4, ×8, ×16), CBT 1×1 to 64 channels, ELAT (reduction 8); the four concatenated
     (256 channels) and fused by a 1×1 conv without bias to one mask. Returns **logits**.
 
-    The order (upsample, then the 1×1 CBT at full resolution) is the paper's: the batch
-    statistics of the BatchNorm and the TeLU sit between the two, so running the 1×1
-    conv before the upsampling (up to 256× fewer operations for f4) would change the
-    function; this module keeps the paper's order.
+    ``conv_first=True`` (default) runs each 1×1 convolution *before* the upsampling and
+    the BatchNorm and TeLU after it: conv1×1(up(f)) = up(conv1×1(f)) exactly (both are
+    linear, the bilinear weights are the same for every channel and the conv has no
+    bias), and the BatchNorm and TeLU still see the same full-resolution 64-channel map,
+    so the function is the paper's, up to float rounding (tested against
+    ``conv_first=False``, the literal order). It saves the full-resolution copies of f2…f4
+    (256, 512, 1024 channels at ResNet-50) that the literal order keeps for the conv's
+    backward, and up to 256× of the 1×1 conv's work (f4). What would change the function
+    is moving the BatchNorm (its batch statistics) or the TeLU before the upsampling;
+    this module never does.
     """
 
     scales = (2, 4, 8, 16)
 
-    def __init__(self, in_channels: tuple[int, int, int, int], mid_c: int = 64, out_c: int = 1, fused: bool = True):
+    def __init__(
+        self,
+        in_channels: tuple[int, int, int, int],
+        mid_c: int = 64,
+        out_c: int = 1,
+        fused: bool = True,
+        conv_first: bool = True,
+    ):
         super().__init__()
+        self.conv_first = conv_first
         self.convs = nn.ModuleList(CBT(c, mid_c, 1, fused=fused) for c in in_channels)
         self.elats = nn.ModuleList(ELAT(mid_c, reduction=8, fused=fused) for _ in in_channels)
         self.fuse = nn.Conv2d(mid_c * len(in_channels), out_c, kernel_size=1, bias=False)
 
+    def _branch(self, f: torch.Tensor, scale: int, cbt: CBT) -> torch.Tensor:
+        if self.conv_first:
+            return cbt.act(cbt.bn(upsample(cbt.conv(f), scale)))
+        return cbt(upsample(f, scale))
+
     def forward(self, feats: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        ys = [elat(conv(upsample(f, s))) for f, s, conv, elat in zip(feats, self.scales, self.convs, self.elats)]
+        ys = [elat(self._branch(f, s, cbt)) for f, s, cbt, elat in zip(feats, self.scales, self.convs, self.elats)]
         return self.fuse(torch.cat(ys, dim=1))

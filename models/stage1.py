@@ -19,15 +19,24 @@ class MedDisSegStage1(MedDisSegBase):
             ``disseg_kernels`` ops (True) or the plain PyTorch path (False); same
             parameters, same function (see ``models.FUSED_OPS``).
         dispersive: the regularizer's configuration (default: enabled, f4, per sample).
+        conv_first: run each head branch's 1×1 conv before the upsampling (default; the
+            same function, see :class:`~models.blocks.StageOneHead`); False: the literal
+            order (upsample, then conv).
 
     ``forward(x)``: x (B, 3, H, W), H and W multiples of 16 → :class:`SegOutput` with
     ``mask`` (B, 1, H, W) **logits** (the authors end in a sigmoid), ``fg``, ``bg``,
     ``uncertainty`` None and ``disp_loss`` (unweighted) or None.
     """
 
-    def __init__(self, encoder: str = "resnet50", fused: bool = True, dispersive: DispersiveConfig | None = None):
+    def __init__(
+        self,
+        encoder: str = "resnet50",
+        fused: bool = True,
+        dispersive: DispersiveConfig | None = None,
+        conv_first: bool = True,
+    ):
         super().__init__(encoder, fused, dispersive)
-        self.head = StageOneHead(self.encoder.channels, fused=fused)
+        self.head = StageOneHead(self.encoder.channels, fused=fused, conv_first=conv_first)
 
     def forward(self, x: torch.Tensor) -> SegOutput:
         check_input(x, self.training)

@@ -187,6 +187,28 @@ def test_fused_matches_plain(stage):
         assert err_f <= 2 * err_p + 1e-5, (name, err_f, err_p)
 
 
+def test_stage1_conv_first_is_the_literal_order():
+    """Stage I's head runs its 1×1 convs before the upsampling (conv_first=True): the same
+    function as the literal order (upsample, then conv) — outputs and gradients within
+    float32 rounding (against the literal order in float64, as above)."""
+    literal = MedDisSegStage1("resnet18", fused=False, conv_first=False)
+    first = MedDisSegStage1("resnet18", fused=False, conv_first=True)
+    first.load_state_dict(literal.state_dict())
+    truth = copy.deepcopy(literal).double()
+    x = torch.randn(2, 3, 32, 32)
+    target = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    outs, grads = [], []
+    for model, dtype in ((truth, torch.float64), (literal, torch.float32), (first, torch.float32)):
+        out = model(x.to(dtype))
+        seg_loss(out, target.to(dtype)).backward()
+        outs.append(out.mask)
+        grads.append(_grads(model))
+    assert _rel(outs[2], outs[0]) <= 2 * _rel(outs[1], outs[0]) + 1e-5
+    for name, t in grads[0].items():
+        err_f, err_p = _rel(grads[2][name], t), _rel(grads[1][name], t)
+        assert err_f <= 2 * err_p + 1e-5, (name, err_f, err_p)
+
+
 def test_fused_ops_documented():
     """models.FUSED_OPS names every disseg_kernels family the model routes, and only
     callables that exist in disseg_kernels."""
