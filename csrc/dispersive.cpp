@@ -216,6 +216,75 @@ int64_t small_chunk_width(int64_t N, int64_t D) {
   return std::min(cw, D);
 }
 
+// Pass 2 of the few-samples regime for the L2 family and float inputs:
+// grad_i = sum_j W_ij (z_i - z_j) in float32 (W from the float64 weights), read straight
+// from z for float32 inputs (half inputs through a float32 chunk). The pairwise form gives
+// exactly 0 for identical rows.
+template <typename in_t>
+at::Tensor small_n_pairwise_grad_f32(const at::Tensor& z, const std::vector<double>& Wd, int64_t cw,
+                                     int64_t nchunks) {
+  using VF = Vec<float>;
+  constexpr int64_t WF = VF::size();
+  constexpr int64_t KB = 4 * WF;
+  const int64_t N = z.size(0), D = z.size(1);
+  const in_t* zp = z.data_ptr<in_t>();
+  std::vector<float> Wf(Wd.begin(), Wd.end());
+  at::Tensor grad = at::empty_like(z);
+  in_t* gp = grad.data_ptr<in_t>();
+  constexpr bool direct = std::is_same<in_t, float>::value;
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(direct ? 0 : (size_t)N * cw);
+    float outb[KB];
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const int64_t c0 = ch * cw, w = std::min(cw, D - c0);
+      const float* base;
+      int64_t ld;
+      if (direct) {
+        base = reinterpret_cast<const float*>(zp) + c0;
+        ld = D;
+      } else {
+        for (int64_t i = 0; i < N; ++i) convert_row<in_t, float>(zp + i * D + c0, buf.data() + i * w, w, 1.0f);
+        base = buf.data();
+        ld = w;
+      }
+      for (int64_t k0 = 0; k0 < w; k0 += KB) {
+        const int64_t kn = std::min(KB, w - k0);
+        for (int64_t i = 0; i < N; ++i) {
+          const float* zi = base + i * ld + k0;
+          const float* Wi = Wf.data() + i * N;
+          if (kn == KB) {
+            const VF z0 = VF::loadu(zi), z1 = VF::loadu(zi + WF), z2 = VF::loadu(zi + 2 * WF),
+                     z3 = VF::loadu(zi + 3 * WF);
+            VF acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
+            for (int64_t j = 0; j < N; ++j) {
+              if (Wi[j] == 0.f) continue;
+              const VF a(Wi[j]);
+              const float* zj = base + j * ld + k0;
+              acc0 = at::vec::fmadd(a, z0 - VF::loadu(zj), acc0);
+              acc1 = at::vec::fmadd(a, z1 - VF::loadu(zj + WF), acc1);
+              acc2 = at::vec::fmadd(a, z2 - VF::loadu(zj + 2 * WF), acc2);
+              acc3 = at::vec::fmadd(a, z3 - VF::loadu(zj + 3 * WF), acc3);
+            }
+            acc0.store(outb);
+            acc1.store(outb + WF);
+            acc2.store(outb + 2 * WF);
+            acc3.store(outb + 3 * WF);
+          } else {
+            for (int64_t kk = 0; kk < kn; ++kk) {
+              float o = 0.f;
+              for (int64_t j = 0; j < N; ++j) o += Wi[j] * (zi[kk] - base[j * ld + k0 + kk]);
+              outb[kk] = o;
+            }
+          }
+          in_t* dst = gp + i * D + c0 + k0;
+          for (int64_t kk = 0; kk < kn; ++kk) dst[kk] = static_cast<in_t>(outb[kk]);
+        }
+      }
+    }
+  });
+  return grad;
+}
+
 template <typename in_t>
 std::tuple<double, at::Tensor> small_n_forward_backward(const at::Tensor& z, int64_t variant, double tau,
                                                          double margin, bool include_diagonal, bool scale_by_dim,
@@ -357,6 +426,10 @@ std::tuple<double, at::Tensor> small_n_forward_backward(const at::Tensor& z, int
   }
 
   if (!need_grad) return {loss, at::empty({0}, z.options())};
+
+  if (is_l2_family(variant) && !std::is_same<in_t, double>::value) {
+    return {loss, small_n_pairwise_grad_f32<in_t>(z, A, cw, nchunks)};
+  }
 
   // Pass 2, parallel over D: grad_i = sum_j W_ij (z_i - z_j) (L2 family), the projection
   // of C Zhat (cosine),
