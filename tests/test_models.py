@@ -280,14 +280,14 @@ def test_cuda_fused_matches_plain_and_amp(stage):
 
 
 def test_torch_compile_stage1():
-    """torch.compile(model) traces the model and the disseg_kernels ops (fake tensors and
-    autograd of the custom ops, aot_eager: no C++ code generation, to stay fast) and gives
-    the eager outputs; backward runs. Stage II and inductor: benchmarks/bench_models.py
-    --compile."""
+    """torch.compile(model, fullgraph=True) traces the fused model and the disseg_kernels
+    ops without a graph break (fake tensors and autograd of the custom ops; aot_eager: no
+    C++ code generation, to stay fast) and gives the eager outputs; backward runs. Stage II
+    and inductor: benchmarks/bench_models.py --compile."""
     model = MedDisSegStage1("resnet18")
     x = torch.randn(2, 3, 32, 32)
     ref = model(x)
-    out = torch.compile(model, backend="aot_eager")(x)
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     for name, a, b in zip(SegOutput._fields, ref, out):
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
