@@ -174,7 +174,7 @@ def _loss_fns(variant: str, backends: list[str], tau: float):
         fns[b] = lambda z, b=b: dispersive_loss(z, variant, tau=tau, backend=b)
     eager = lambda z: eager_dispersive_loss(z, variant, tau=tau)  # noqa: E731
     fns["eager"] = eager
-    fns["compile"] = torch.compile(eager)
+    fns["compile"] = torch.compile(eager, dynamic=False)  # static shapes: one specialised graph per shape
     return fns
 
 
