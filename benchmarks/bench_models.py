@@ -258,6 +258,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     ap.add_argument("--no-isolate", action="store_true", help="CPU: run the cases in this process")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="appended to the result files' names")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -312,7 +313,9 @@ def main(argv=None) -> list[dict]:
                 flush=True,
             )
     header["load average after"] = _loadavg()
-    header["tags"] = [t for t in (args.amp if args.amp != "none" else "", "cl" if args.channels_last else "") if t]
+    header["tags"] = [
+        t for t in (args.amp if args.amp != "none" else "", "cl" if args.channels_last else "", args.tag) if t
+    ]
     csv_path, md_path = write_results(rows, header, args.device, args.quick, args.out)
     print(f"wrote {csv_path} and {md_path}")
     return rows
