@@ -37,6 +37,15 @@ import disseg_kernels
 from disseg_kernels import dispersive_loss
 from disseg_kernels.reference.dispersive import VARIANTS, eager_dispersive_loss
 
+# The backward pass is timed repeatedly on one graph (retain_graph=True); AOTAutograd's
+# donated buffers forbid that for the torch.compile baseline, so they are turned off.
+try:
+    import torch._functorch.config as _functorch_config
+
+    _functorch_config.donated_buffer = False
+except (ImportError, AttributeError):
+    pass
+
 FULL_SHAPES = [(8, 262144), (2048, 1024), (8192, 256), (32768, 128), (65536, 64)]
 QUICK_SHAPES = [(8, 32768), (1024, 256), (2048, 64)]
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -166,7 +166,7 @@ def _shapes(backend):
 
 
 def _err(a, b):
-    return float((a.double() - b.double()).abs().max())
+    return float((a.detach().cpu().double() - b.detach().cpu().double()).abs().max())
 
 
 @pytest.mark.parametrize("backend", FUSED_PARAMS)

@@ -415,8 +415,12 @@ def _gram_partial_kernel(
     for k0 in range(0, CHUNK, BLOCK_K):
         kk = start + k0 + ks
         zt = tl.load(Z + rows[:, None] * D + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < D), other=0.0)
-        zt = zt.to(tl.float64)
-        g = tl.dot(zt, tl.trans(zt), g, input_precision="ieee", out_dtype=tl.float64)
+        zt = zt.to(tl.float32)
+        # float64 tl.dot does not lower on GPUs (Hopper: "PassManager::run failed"): each
+        # BLOCK_K-long partial product is exact-ish in float32 (fp32 FMA, no TF32), and the
+        # long sum over D, where float32 loses ~6e-3, is carried in float64.
+        part = tl.dot(zt, tl.trans(zt), input_precision="ieee", out_dtype=tl.float32)
+        g += part.to(tl.float64)
     tl.store(PART + pid * BLOCK_N * BLOCK_N + rows[:, None] * BLOCK_N + rows[None, :], g)
 
 
@@ -447,6 +451,8 @@ def _rowmix_kernel(
 def _gram_float64(z: torch.Tensor, block_n: int) -> torch.Tensor:
     """The N x N Gram matrix of z, accumulated in float64, split over D."""
     n, d = z.shape
+    if z.dtype == torch.float64:
+        return z @ z.T  # a float64 GEMM (float64 tl.dot does not lower on GPUs)
     block_k = 32 if block_n >= 64 else 64
     if _interpret():
         chunk = triton.cdiv(d, block_k) * block_k  # one program: the interpreter pays per program
@@ -513,14 +519,17 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
     if need_grad:
         # float64 products: cheap at these N (the pass is memory-bound) and exact enough that
         # cancelling terms (the cosine projection, equal rows) leave no float32 residue.
-        cdt = torch.float64
+        if z.dtype == torch.float64:
+            return loss, c @ z  # float64 tl.dot does not lower on GPUs
+        # C is at most 64 x 64: each output sums <= 64 products, so float32 (fp32 FMA, no
+        # TF32) keeps the gradient within ~1e-7 of float64.
+        cdt = torch.float32
         c_pad = torch.zeros((block_n, block_n), device=z.device, dtype=cdt)
         c_pad[:n, :n] = c
         grad = torch.empty_like(z)
         block_d = 64 if block_n >= 64 else 128
         _rowmix_kernel[(triton.cdiv(d, block_d),)](
-            c_pad, z, grad, n, d, BLOCK_N=block_n, BLOCK_D=block_d,
-            CDT=tl.float64 if cdt == torch.float64 else tl.float32, num_warps=4,
+            c_pad, z, grad, n, d, BLOCK_N=block_n, BLOCK_D=block_d, CDT=tl.float32, num_warps=4,
         )
     return loss, grad
 
