@@ -27,6 +27,7 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -122,6 +123,15 @@ class _RssSampler:
     @property
     def extra(self) -> int:
         return max(0, self.peak - self.base)
+
+
+def load_average() -> str:
+    """The 1-minute load average and the core count: how quiet the machine was."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f"{float(f.read().split()[0]):.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
 
 
 def available_memory_bytes(device: str) -> int:
@@ -268,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device on this machine")
@@ -288,8 +299,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     machine = machine_name(device)
     date = _dt.datetime.now(_dt.timezone.utc)
+    load = load_average()
     mm_rate = matmul_rate_gflops(device, dtype)
     print(f"machine: {machine}")
+    print(f"load average at start: {load}")
     print(f"date: {date:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"matmul rate ({args.dtype}): {mm_rate:.1f} GFLOP/s")
     print(f"variant {args.variant}, dtype {args.dtype}, backends {backends} + eager, compile")
@@ -334,7 +347,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row["x_vs_compile"] = times["compile"] / t
             print(_format_row(row))
         del z
-    _write(rows, args, device, date, machine, mm_rate)
+    _write(rows, args, device, date, machine, mm_rate, load)
     return rows
 
 
@@ -358,7 +371,7 @@ FIELDS = [
 ]  # fmt: skip
 
 
-def _write(rows, args, device, date, machine, mm_rate) -> None:
+def _write(rows, args, device, date, machine, mm_rate, load) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
     if args.variant != "infonce_l2":
@@ -376,7 +389,8 @@ def _write(rows, args, device, date, machine, mm_rate) -> None:
         "",
         f"- machine: {machine}",
         f"- date: {date:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; {torch.get_num_threads()} threads",
-        f"- measured matmul rate ({args.dtype}): {mm_rate:.1f} GFLOP/s",
+        f"- measured matmul rate ({args.dtype}): {mm_rate:.1f} GFLOP/s; load average at start: {load}",
+        "- command: `python -m benchmarks.bench_dispersive " + " ".join(args.argv) + "`",
         "- GFLOP/s on the 4·N²·D basis of forward+backward; x eager / x compile: fwd+bwd speed-up",
         "- peak: extra memory of one forward+backward"
         + (" (CUDA max_memory_allocated)" if device == "cuda" else " (resident set above the level before the call)"),
