@@ -14,11 +14,6 @@ from .. import _backend
 from ..reference import gates as ref
 
 
-@torch._dynamo.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    """``_backend.resolve`` as a constant for torch.compile (it queries the dispatcher,
-    which dynamo cannot trace); the answer depends only on these two strings."""
-    return _backend.resolve("gates", backend, torch.device(device_type))
 from .telu import TeLU
 
 
@@ -468,7 +463,7 @@ def _layout_ok(x: torch.Tensor) -> bool:
 
 def _fused_gates(program: str, x: torch.Tensor, params: list[torch.Tensor], backend: str) -> torch.Tensor:
     """The fused path of a gate module: resolve the backend, run ``disseg::gates_fwd``."""
-    chosen = _resolve(backend, x.device.type)
+    chosen = _backend.resolve("gates", backend, x.device.type)
     if chosen == "reference":
         return _REFERENCE_PROGRAMS[program](x, params)
     if not _layout_ok(x):

@@ -15,11 +15,6 @@ from .. import _backend
 from ..reference.multiscale import multiscale_concat_reference
 
 
-@torch._dynamo.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    """``_backend.resolve`` as a constant for torch.compile (it queries the dispatcher,
-    which dynamo cannot trace); the answer depends only on these two strings."""
-    return _backend.resolve("multiscale", backend, torch.device(device_type))
 
 
 def _validate(tensors, scales):
@@ -57,7 +52,7 @@ def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], ba
     tensors = list(tensors)
     scales = [int(s) if not isinstance(s, bool) and isinstance(s, int) else s for s in scales]
     _validate(tensors, scales)
-    chosen = _resolve(backend, tensors[0].device.type)
+    chosen = _backend.resolve("multiscale", backend, tensors[0].device.type)
     if chosen == "reference":
         return multiscale_concat_reference(tensors, scales)
     return _multiscale_fused(tensors, scales, chosen)

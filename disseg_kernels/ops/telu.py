@@ -13,11 +13,6 @@ from .. import _backend
 from ..reference.telu import telu_reference
 
 
-@torch._dynamo.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    """``_backend.resolve`` as a constant for torch.compile (it queries the dispatcher,
-    which dynamo cannot trace); the answer depends only on these two strings."""
-    return _backend.resolve("telu", backend, torch.device(device_type))
 
 
 def telu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -26,7 +21,7 @@ def telu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    chosen = _resolve(backend, x.device.type)
+    chosen = _backend.resolve("telu", backend, x.device.type)
     if chosen == "reference":
         return telu_reference(x)
     return _telu_fused(x, chosen)
