@@ -129,10 +129,7 @@ def test_two_stages_evaluate_predict(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("fused", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        reason="the fused gates op (disseg_kernels/ops/gates.py, _gates_fwd of the Stage I ELAT) "
-               "fails under bf16 autocast: 'G must be Float, got BFloat16'; reported to the lead",
-        strict=False)),
+    True,
 ])
 def test_amp_bf16_step_runs(tiny_data, tmp_path, fused):
     t = Trainer(_cfg(tiny_data, tmp_path / "amp", amp="bf16", epochs=1, fused=fused), log=lambda s: None)

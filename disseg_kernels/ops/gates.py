@@ -353,7 +353,9 @@ def _match_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _gates_fwd(x: torch.Tensor, params: list[torch.Tensor], program: str, backend: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """out = x·G·S of the named gate program, and the statistics its backward needs."""
     k = _kernels(backend)
-    with torch.no_grad():
+    # The gate programs (small MLPs, 2→1 convs) compute in float32 under autocast too: the
+    # kernels take float32 gates, and the statistics are accumulated in float32 anyway.
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         pf = [p.to(_acc(x.dtype)) for p in params]
         ops = _RunOps(k, x)
         G, S = _PROGRAMS[program](ops, pf, tuple(x.shape))
@@ -378,7 +380,7 @@ def _gates_bwd(
     acc = _acc(x.dtype)
     b, c, h, w = x.shape
     grad = _match_layout(grad, x)
-    with _AutogradInsideOp():
+    with _AutogradInsideOp(), torch.autocast(x.device.type, enabled=False):
         pf = [p.detach().to(acc).requires_grad_() for p in params]
         ops = _ProxyOps(k, x, saved)
         G, S = _PROGRAMS[program](ops, pf, (b, c, h, w))
