@@ -553,9 +553,11 @@ def _covariance(z, need_grad):
         frob = gram.square().sum()
         zzz = (gram @ zc) if need_grad else None
     else:
-        cov = zc.T @ zc  # D x D, smaller than N x N here
-        frob = cov.square().sum()
-        zzz = (zc @ cov) if need_grad else None
+        # D x D, smaller than N x N here. Its diagonal is exactly col, so the off-diagonal
+        # form needs no cancelling subtraction: L = sum_{a != b} C_ab^2, dZc = 4 Zc C_off.
+        cov = (zc.T @ zc).fill_diagonal_(0.0)
+        loss = cov.square().sum() / denom
+        return loss, ((4.0 / denom) * (zc @ cov)) if need_grad else None
     loss = (frob - col.square().sum()) / denom
     grad = None
     if need_grad:
