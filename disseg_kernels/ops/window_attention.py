@@ -39,13 +39,6 @@ from .telu import TeLU
 _FAMILY = "window_attention"
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device: str) -> str:
-    # _backend.resolve queries the dispatcher (not traceable); under torch.compile its
-    # answer is a constant of the graph, so the op never causes a graph break.
-    return _backend.resolve(_FAMILY, backend, torch.device(device))
-
-
 def _y_like(v: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.empty(v.shape, dtype=dtype or v.dtype, device=v.device, memory_format=torch.channels_last)
 
@@ -193,7 +186,7 @@ def window_attention(
         Differentiable once through the fused backends (no double backward).
     """
     _validate(v, logits, kernel_size)
-    chosen = _resolve(backend, str(v.device))
+    chosen = _backend.resolve(_FAMILY, backend, v.device)
     if chosen == "reference":
         return window_attention_reference(v, logits, kernel_size)
     if v.numel() == 0 or logits.numel() == 0:
