@@ -7,8 +7,8 @@
 
 For each shape (N, D) it times forward, backward and forward+backward (median of repeats,
 synchronised; ``triton.testing.do_bench`` on CUDA), measures peak extra memory (CUDA:
-``torch.cuda.max_memory_allocated``; CPU: a background sampler of the resident set, minus
-the resident set before the call), and reports GFLOP/s on the 4·N²·D basis (forward Gram
+``torch.cuda.max_memory_allocated``; CPU: a background sampler of the bytes malloc has
+in use (glibc mallinfo2; the resident set elsewhere), minus that before the call), and reports GFLOP/s on the 4·N²·D basis (forward Gram
 2·N²·D plus the gradient's W·Z 2·N²·D) next to the machine's measured matmul rate, with
 ratios against eager (cdist → mask → exp → mean → log with autograd) and against
 torch.compile of eager. Eager and compile are skipped where their N×N buffers would not
@@ -76,23 +76,38 @@ def machine_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def _fix_malloc_thresholds() -> None:
-    """Make glibc hand large blocks straight back to the OS, so RSS tracks allocations.
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    By default glibc raises its mmap threshold after a large free, and later blocks of
-    that size come from the heap and stay resident: the resident set would then miss
-    the next call's peak. A fixed threshold keeps every block ≥ 64 KB an mmap.
+
+def _heap_reader():
+    """A function giving the bytes malloc has handed out and not yet freed (glibc's
+    mallinfo2: heap blocks in use plus mmapped blocks, every arena), or None.
+
+    This counts allocations, not pages: it needs no change to malloc's thresholds, which
+    would otherwise distort the timings (an mmap and page faults on every large block).
     """
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 64 * 1024)
-        libc.mallopt(m_trim_threshold, 64 * 1024)
-    except OSError:
-        pass
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def read() -> int:
+        info = fn()
+        return int(info.uordblks + info.hblkhd)
+
+    return read
+
+
+_HEAP_BYTES = _heap_reader()
 
 
 def _rss_bytes() -> int:
+    """Bytes in use by malloc (mallinfo2) where glibc has it, else the resident set."""
+    if _HEAP_BYTES is not None:
+        return _HEAP_BYTES()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -285,8 +300,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     repeats = args.repeats or (3 if args.quick else 5)
-    if device == "cpu":
-        _fix_malloc_thresholds()
 
     backends = [
         b
@@ -393,7 +406,7 @@ def _write(rows, args, device, date, machine, mm_rate, load) -> None:
         "- command: `python -m benchmarks.bench_dispersive " + " ".join(args.argv) + "`",
         "- GFLOP/s on the 4·N²·D basis of forward+backward; x eager / x compile: fwd+bwd speed-up",
         "- peak: extra memory of one forward+backward"
-        + (" (CUDA max_memory_allocated)" if device == "cuda" else " (resident set above the level before the call)"),
+        + (" (CUDA max_memory_allocated)" if device == "cuda" else " (bytes in use by malloc above the level before the call, sampled)"),
         "",
         "| N | D | impl | fwd ms | bwd ms | fwd+bwd ms | peak MB | GFLOP/s | x eager | x compile | note |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
