@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels as dk
-from benchmarks.bench_dispersive import _fix_malloc_thresholds, _RssSampler, _sync, machine_name
+from benchmarks.bench_dispersive import _RssSampler, _sync, machine_name
 from benchmarks.bench_dispersive import _median_ms as _median_ms_cuda
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -189,8 +189,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device on this machine")
-    if device == "cpu":
-        _fix_malloc_thresholds()
     dtype = getattr(torch, args.dtype)
     STAT["value"] = args.stat
     if args.threads:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import disseg_kernels as dk
-from benchmarks.bench_dispersive import _fix_malloc_thresholds, _RssSampler, machine_name
+from benchmarks.bench_dispersive import _RssSampler, machine_name
 from models import FUSED_OPS, DispersiveConfig, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -263,7 +263,6 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
 
     if args._case:  # a CPU case in its own process (see _case_in_subprocess)
-        _fix_malloc_thresholds()
         print(json.dumps(run_case(**json.loads(args._case))))
         return []
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import datetime as _dt
 import os
-import platform
 import statistics
 import threading
 import time
@@ -36,6 +34,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels as dk
+from benchmarks.bench_dispersive import _rss_bytes, machine_name
 from disseg_kernels import _backend
 from disseg_kernels.reference.window_attention import window_attention_reference
 
@@ -44,38 +43,11 @@ FULL = dict(batch=8, channels=128, heads=4, sizes=[16, 32, 64, 128])
 QUICK = dict(batch=2, channels=128, heads=4, sizes=[16, 32])
 
 
-def machine_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _load_average() -> str:
     try:
         return " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def _fix_malloc_thresholds() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class _PeakMemory:
@@ -284,8 +256,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.heads = args.heads or preset["heads"]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else preset["sizes"]
     device, dtype = args.device, getattr(torch, args.dtype)
-    if device == "cpu":
-        _fix_malloc_thresholds()
     if args.backends:
         backends = args.backends.split(",")
     else:
