@@ -1,24 +1,69 @@
-"""Attention gates, Triton kernels (the same five kernels as csrc/gates.cpp).
+"""Attention gates, Triton kernels (the same five entry points as csrc/gates.cpp).
 
 x is (B, C, H, W) viewed as (B, C, P), P = H·W, through its strides (sB, sC, sP): NCHW
-(sP = 1) and channels_last (sC = 1) are both read in place. Every kernel works on
-[BLOCK_C, BLOCK_P] tiles, coalesced along whichever of the two has stride 1. Gates are
-dense (B, C) / (B, P) float32 (float64 for float64 x); a missing gate is 1.
-Index arithmetic is int64.
+(sP = 1) and channels_last (sC = 1) are both read in place. Gates are dense (B, C) /
+(B, P) float32; a missing gate is 1. Index arithmetic is int64.
+
+Why the kernels look the way they do (docs/gates_gpu.md has the numbers):
+- Every pass is memory-bound, so a program must have enough bytes in flight and the grid
+  must fill the GPU. Tiles hold ~2048 elements and are shaped by the layout: long along P
+  for NCHW (rows of H·W are contiguous), long along C for channels_last.
+- A reduction whose output is too small to give each SM several programs (avg/max over
+  H·W at C = 64; mean/max over C at H = W = 16) is split along the reduced axis: each
+  program writes a partial (sum, max, arg-max) and a second launch combines the splits in
+  index order. Deterministic, no atomics; the split count is chosen on the host from the
+  shape and the SM count, never from data (no host sync).
+- The backward reduction (U over P, V over C in one read of x and grad) writes per-block
+  partials of both and sums them (no atomics: V used to be accumulated with one atomic
+  per element per channel block).
+- On the GPU ``triton.autotune`` picks num_warps per (C, P, layout); DISSEG_TRITON_AUTOTUNE=0
+  and the interpreter use the fixed default.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-_BC = 32
-_BP = 64
+# ---------------------------------------------------------------------------------------
+# Tiling and split heuristics (module globals so tests can force small tiles and splits)
+# ---------------------------------------------------------------------------------------
+
+TILE_ELEMS = 2048  # elements per [BLOCK_C, BLOCK_P] tile
+MAX_BLOCK_P = 512  # NCHW: longest contiguous run per tile row
+MAX_BLOCK_C = 128  # channels_last: longest contiguous run per tile column
+PROGRAMS_PER_SM = 4  # a reduction is split until it has about this many programs per SM
+FORCE_TILES: tuple[int, int] | None = None  # tests: (BLOCK_C, BLOCK_P)
+FORCE_TARGET_PROGRAMS: int | None = None  # tests: force splits at tiny sizes
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_enabled() -> bool:
+    return not _interpret() and os.environ.get("DISSEG_TRITON_AUTOTUNE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(x: torch.Tensor) -> int:
+    if FORCE_TARGET_PROGRAMS is not None:
+        return FORCE_TARGET_PROGRAMS
+    if x.is_cuda:
+        return PROGRAMS_PER_SM * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return 4  # the interpreter runs programs one by one: fewer, larger programs
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _geometry(x: torch.Tensor):
@@ -28,67 +73,131 @@ def _geometry(x: torch.Tensor):
     return b, c, h * w, x.stride(0), x.stride(1), x.stride(3)
 
 
+def _tiles(c: int, p: int, sC: int, sP: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P): long along the axis with stride 1, ~TILE_ELEMS in all."""
+    if FORCE_TILES is not None:
+        return FORCE_TILES
+    if sC == 1 and sP != 1:  # channels_last
+        bc = min(MAX_BLOCK_C, _pow2(c))
+        return bc, max(1, min(_pow2(p), TILE_ELEMS // bc))
+    bp = min(MAX_BLOCK_P, max(16, _pow2(p)))
+    return max(1, min(_pow2(c), TILE_ELEMS // bp)), bp
+
+
+def _split(n_out_programs: int, length: int, block: int, target: int) -> tuple[int, int]:
+    """(chunk, n_splits) along a reduced axis of ``length``: chunk is a multiple of block."""
+    want = max(1, -(-target // max(1, n_out_programs)))
+    n = max(1, min(want, -(-length // block)))
+    chunk = -(-(-(-length // n)) // block) * block
+    return chunk, -(-length // chunk)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
 @triton.jit
-def _pool_hw_kernel(x_ptr, s_ptr, mean_ptr, max_ptr, idx_ptr, C, P, sB, sC, sP,
-                    HAS_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _pool_hw_kernel(x_ptr, s_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLIT, sB, sC, sP,
+                    HAS_S: tl.constexpr, FINAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Sum, max and first arg-max over p ∈ [split·CHUNK, (split+1)·CHUNK) of x·S for a block
+    # of channels. FINAL (one split): writes the mean; else partials at [b, split, c].
     b = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1).to(tl.int64)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
     mask_c = offs_c < C
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    best = tl.full((BLOCK_C, BLOCK_P), float("-inf"), dtype=tl.float32)
-    besti = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.int64)
-    for p0 in range(0, P, BLOCK_P):
+    p_lo = split * CHUNK
+    p_hi = tl.minimum(p_lo + CHUNK, P)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    best = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
+    besti = tl.zeros((BLOCK_C,), dtype=tl.int64)
+    xb = x_ptr + b * sB + offs_c[:, None] * sC
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        mask_p = offs_p < P
+        mask_p = offs_p < p_hi
         m = mask_c[:, None] & mask_p[None, :]
-        v = tl.load(x_ptr + b * sB + offs_c[:, None] * sC + offs_p[None, :] * sP, mask=m, other=0.0).to(tl.float32)
+        v = tl.load(xb + offs_p[None, :] * sP, mask=m, other=0.0).to(tl.float32)
         if HAS_S:
-            s = tl.load(s_ptr + b * P + offs_p, mask=mask_p, other=0.0)
-            v = v * s[None, :]
-        acc += v
+            v = v * tl.load(s_ptr + b * P + offs_p, mask=mask_p, other=0.0)[None, :]
+        acc += tl.sum(v, axis=1)
         vm = tl.where(m, v, float("-inf"))
-        gt = vm > best  # strict: each lane keeps its first maximum
-        best = tl.where(gt, vm, best)
-        besti = tl.where(gt, offs_p[None, :] + tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.int64), besti)
-    row_max = tl.max(best, axis=1)
-    cand = tl.where(best == row_max[:, None], besti, P)
-    row_idx = tl.min(cand, axis=1)
-    row_idx = tl.minimum(row_idx, P - 1)
-    tl.store(mean_ptr + b * C + offs_c, tl.sum(acc, axis=1) / P, mask=mask_c)
-    tl.store(max_ptr + b * C + offs_c, row_max, mask=mask_c)
-    tl.store(idx_ptr + b * C + offs_c, row_idx, mask=mask_c)
+        tmax, targ = tl.max(vm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        gt = tmax > best  # strict: the earlier tile keeps a tie (first arg-max overall)
+        best = tl.where(gt, tmax, best)
+        besti = tl.where(gt, p0 + targ.to(tl.int64), besti)
+    besti = tl.minimum(besti, P - 1)
+    if FINAL:
+        tl.store(sum_ptr + b * C + offs_c, acc / P, mask=mask_c)
+        tl.store(max_ptr + b * C + offs_c, best, mask=mask_c)
+        tl.store(idx_ptr + b * C + offs_c, besti, mask=mask_c)
+    else:
+        o = (b * N_SPLIT + split) * C + offs_c
+        tl.store(sum_ptr + o, acc, mask=mask_c)
+        tl.store(max_ptr + o, best, mask=mask_c)
+        tl.store(idx_ptr + o, besti, mask=mask_c)
 
 
 @triton.jit
-def _pool_c_kernel(x_ptr, g_ptr, mean_ptr, max_ptr, idx_ptr, C, P, sB, sC, sP,
-                   HAS_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _pool_c_kernel(x_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLIT, sB, sC, sP,
+                   HAS_G: tl.constexpr, FINAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Sum, max and first arg-max over c ∈ [split·CHUNK, (split+1)·CHUNK) of x·G for a block
+    # of positions. FINAL: writes the mean; else partials at [b, split, p].
     b = tl.program_id(0).to(tl.int64)
-    pb = tl.program_id(1).to(tl.int64)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    offs_p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
     mask_p = offs_p < P
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    best = tl.full((BLOCK_C, BLOCK_P), float("-inf"), dtype=tl.float32)
-    besti = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.int64)
-    for c0 in range(0, C, BLOCK_C):
+    c_lo = split * CHUNK
+    c_hi = tl.minimum(c_lo + CHUNK, C)
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    best = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
+    besti = tl.zeros((BLOCK_P,), dtype=tl.int64)
+    xb = x_ptr + b * sB + offs_p[None, :] * sP
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask_c = offs_c < C
+        mask_c = offs_c < c_hi
         m = mask_c[:, None] & mask_p[None, :]
-        v = tl.load(x_ptr + b * sB + offs_c[:, None] * sC + offs_p[None, :] * sP, mask=m, other=0.0).to(tl.float32)
+        v = tl.load(xb + offs_c[:, None] * sC, mask=m, other=0.0).to(tl.float32)
         if HAS_G:
-            g = tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0)
-            v = v * g[:, None]
-        acc += v
+            v = v * tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0)[:, None]
+        acc += tl.sum(v, axis=0)
         vm = tl.where(m, v, float("-inf"))
-        gt = vm > best
-        best = tl.where(gt, vm, best)
-        besti = tl.where(gt, offs_c[:, None] + tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.int64), besti)
-    col_max = tl.max(best, axis=0)
-    cand = tl.where(best == col_max[None, :], besti, C)
-    col_idx = tl.minimum(tl.min(cand, axis=0), C - 1)
-    tl.store(mean_ptr + b * P + offs_p, tl.sum(acc, axis=0) / C, mask=mask_p)
-    tl.store(max_ptr + b * P + offs_p, col_max, mask=mask_p)
-    tl.store(idx_ptr + b * P + offs_p, col_idx, mask=mask_p)
+        tmax, targ = tl.max(vm, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        gt = tmax > best
+        best = tl.where(gt, tmax, best)
+        besti = tl.where(gt, c0 + targ.to(tl.int64), besti)
+    besti = tl.minimum(besti, C - 1)
+    if FINAL:
+        tl.store(sum_ptr + b * P + offs_p, acc / C, mask=mask_p)
+        tl.store(max_ptr + b * P + offs_p, best, mask=mask_p)
+        tl.store(idx_ptr + b * P + offs_p, besti, mask=mask_p)
+    else:
+        o = (b * N_SPLIT + split) * P + offs_p
+        tl.store(sum_ptr + o, acc, mask=mask_p)
+        tl.store(max_ptr + o, best, mask=mask_p)
+        tl.store(idx_ptr + o, besti, mask=mask_p)
+
+
+@triton.jit
+def _pool_combine_kernel(psum_ptr, pmax_ptr, pidx_ptr, mean_ptr, max_ptr, idx_ptr, N, N_SPLIT, COUNT,
+                         BLOCK_N: tl.constexpr):
+    # Second stage of a split pool: splits in index order, strict > keeps the first arg-max.
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask = offs < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    best = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    besti = tl.zeros((BLOCK_N,), dtype=tl.int64)
+    for s in range(0, N_SPLIT):
+        o = (b * N_SPLIT + s) * N + offs
+        acc += tl.load(psum_ptr + o, mask=mask, other=0.0)
+        v = tl.load(pmax_ptr + o, mask=mask, other=float("-inf"))
+        i = tl.load(pidx_ptr + o, mask=mask, other=0)
+        gt = v > best
+        best = tl.where(gt, v, best)
+        besti = tl.where(gt, i, besti)
+    tl.store(mean_ptr + b * N + offs, acc / COUNT, mask=mask)
+    tl.store(max_ptr + b * N + offs, best, mask=mask)
+    tl.store(idx_ptr + b * N + offs, besti, mask=mask)
 
 
 @triton.jit
@@ -110,24 +219,31 @@ def _apply_kernel(x_ptr, g_ptr, s_ptr, out_ptr, C, P, sB, sC, sP,
 
 
 @triton.jit
-def _reduce_kernel(x_ptr, r_ptr, g_ptr, s_ptr, u_ptr, v_ptr, C, P, sB, sC, sP,
+def _reduce_kernel(x_ptr, r_ptr, g_ptr, s_ptr, u_ptr, v_ptr, C, P, CHUNK, N_PSPLIT, N_CBLK, sB, sC, sP,
                    HAS_R: tl.constexpr, HAS_G: tl.constexpr, HAS_S: tl.constexpr,
+                   U_FINAL: tl.constexpr, V_FINAL: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    # U[b, c] = Σ_p R·x·S, V[b, p] = Σ_c R·x·G: the c-block owns its U rows, V is summed
-    # over the c-blocks with atomics.
+    # One read of x (and R): U[b, c] = Σ_p R·x·S over this program's p-chunk, V[b, p] = Σ_c
+    # R·x·G over its channel block. Partials go to [b, split, c] / [b, cblock, p] and are
+    # summed on the host side (no atomics); a FINAL flag writes straight to the output.
     b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cb = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     mask_c = offs_c < C
     if HAS_G:
         g = tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0)
     else:
         g = tl.where(mask_c, 1.0, 0.0)
+    p_lo = split * CHUNK
+    p_hi = tl.minimum(p_lo + CHUNK, P)
     u = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    xb = b * sB + offs_c[:, None] * sC
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        mask_p = offs_p < P
+        mask_p = offs_p < p_hi
         m = mask_c[:, None] & mask_p[None, :]
-        off = b * sB + offs_c[:, None] * sC + offs_p[None, :] * sP
+        off = xb + offs_p[None, :] * sP
         t = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         if HAS_R:
             t = t * tl.load(r_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -136,14 +252,22 @@ def _reduce_kernel(x_ptr, r_ptr, g_ptr, s_ptr, u_ptr, v_ptr, C, P, sB, sC, sP,
             u += tl.sum(t * s[None, :], axis=1)
         else:
             u += tl.sum(t, axis=1)
-        tl.atomic_add(v_ptr + b * P + offs_p, tl.sum(t * g[:, None], axis=0), mask=mask_p)
-    tl.store(u_ptr + b * C + offs_c, u, mask=mask_c)
+        vpart = tl.sum(t * g[:, None], axis=0)
+        if V_FINAL:
+            tl.store(v_ptr + b * P + offs_p, vpart, mask=mask_p)
+        else:
+            tl.store(v_ptr + (b * N_CBLK + cb) * P + offs_p, vpart, mask=mask_p)
+    if U_FINAL:
+        tl.store(u_ptr + b * C + offs_c, u, mask=mask_c)
+    else:
+        tl.store(u_ptr + (b * N_PSPLIT + split) * C + offs_c, u, mask=mask_c)
 
 
 @triton.jit
 def _grad_x_kernel(grad_ptr, g_ptr, s_ptr, l_ptr, rk_ptr, dx_ptr, K, B, C, P, sB, sC, sP,
                    HAS_GRAD: tl.constexpr, HAS_G: tl.constexpr, HAS_S: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # dx = grad·G·S + Σ_k L_k[b, c]·R_k[b, p]: one read of grad, one write.
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     offs_p = tl.program_id(2).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -166,6 +290,24 @@ def _grad_x_kernel(grad_ptr, g_ptr, s_ptr, l_ptr, rk_ptr, dx_ptr, K, B, C, P, sB
     tl.store(dx_ptr + off, acc.to(dx_ptr.dtype.element_ty), mask=m)
 
 
+# ---------------------------------------------------------------------------------------
+# Launch helpers: autotuned num_warps on the GPU, fixed under the interpreter
+# ---------------------------------------------------------------------------------------
+
+_TUNE_KEY = ["C", "P", "sC", "sP"]
+_TUNED: dict[str, object] = {}
+
+
+def _launcher(kernel, name: str):
+    """The kernel to launch and the extra launch options (num_warps when not tuned)."""
+    if not _autotune_enabled():
+        return kernel, ({} if _interpret() else {"num_warps": 4})
+    if name not in _TUNED:
+        configs = [triton.Config({}, num_warps=w) for w in (4, 8)]
+        _TUNED[name] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+    return _TUNED[name], {}
+
+
 def _check_f32(x):
     if x.dtype == torch.float64:
         raise ValueError("the Triton gate kernels accumulate in float32; float64 x runs on the 'cpu' or 'reference' backend")
@@ -176,60 +318,106 @@ def _gate(t):
 
 
 def pool_hw(x, S):
+    """(mean, max, first arg-max) over p of x·S[b, p]: (B, C) float32, float32, int64."""
     _check_f32(x)
     b, c, p, sB, sC, sP = _geometry(x)
+    bc, bp = _tiles(c, p, sC, sP)
+    n_cblk = triton.cdiv(c, bc)
+    chunk, n_split = _split(b * n_cblk, p, bp, _target_programs(x))
     mean = x.new_empty((b, c), dtype=torch.float32)
     mx = x.new_empty((b, c), dtype=torch.float32)
     idx = x.new_empty((b, c), dtype=torch.long)
     S = _gate(S)
-    grid = (b, triton.cdiv(c, _BC))
-    _pool_hw_kernel[grid](x, S if S is not None else mean, mean, mx, idx, c, p, sB, sC, sP,
-                          HAS_S=S is not None, BLOCK_C=_BC, BLOCK_P=_BP)
+    final = n_split == 1
+    if final:
+        outs = (mean, mx, idx)
+    else:
+        outs = (x.new_empty((b, n_split, c), dtype=torch.float32), x.new_empty((b, n_split, c), dtype=torch.float32),
+                x.new_empty((b, n_split, c), dtype=torch.long))
+    kern, opts = _launcher(_pool_hw_kernel, "pool_hw")
+    kern[(b, n_cblk, n_split)](x, S if S is not None else mean, *outs, c, p, chunk, n_split, sB, sC, sP,
+                               HAS_S=S is not None, FINAL=final, BLOCK_C=bc, BLOCK_P=bp, **opts)
+    if not final:
+        _combine(outs, (mean, mx, idx), c, n_split, p)
     return mean, mx, idx
 
 
 def pool_c(x, G):
+    """(mean, max, first arg-max) over c of x·G[b, c]: (B, P) float32, float32, int64."""
     _check_f32(x)
     b, c, p, sB, sC, sP = _geometry(x)
+    bc, bp = _tiles(c, p, sC, sP)
+    n_pblk = triton.cdiv(p, bp)
+    chunk, n_split = _split(b * n_pblk, c, bc, _target_programs(x))
     mean = x.new_empty((b, p), dtype=torch.float32)
     mx = x.new_empty((b, p), dtype=torch.float32)
     idx = x.new_empty((b, p), dtype=torch.long)
     G = _gate(G)
-    grid = (b, triton.cdiv(p, _BP))
-    _pool_c_kernel[grid](x, G if G is not None else mean, mean, mx, idx, c, p, sB, sC, sP,
-                         HAS_G=G is not None, BLOCK_C=_BC, BLOCK_P=_BP)
+    final = n_split == 1
+    if final:
+        outs = (mean, mx, idx)
+    else:
+        outs = (x.new_empty((b, n_split, p), dtype=torch.float32), x.new_empty((b, n_split, p), dtype=torch.float32),
+                x.new_empty((b, n_split, p), dtype=torch.long))
+    kern, opts = _launcher(_pool_c_kernel, "pool_c")
+    kern[(b, n_pblk, n_split)](x, G if G is not None else mean, *outs, c, p, chunk, n_split, sB, sC, sP,
+                               HAS_G=G is not None, FINAL=final, BLOCK_C=bc, BLOCK_P=bp, **opts)
+    if not final:
+        _combine(outs, (mean, mx, idx), p, n_split, c)
     return mean, mx, idx
 
 
+def _combine(parts, outs, n, n_split, count):
+    b = outs[0].shape[0]
+    block = min(1024, _pow2(n))
+    _pool_combine_kernel[(b, triton.cdiv(n, block))](*parts, *outs, n, n_split, count, BLOCK_N=block)
+
+
 def apply(x, G, S):
+    """out = x·G[b, c]·S[b, p] in x's dtype and strides."""
     _check_f32(x)
     b, c, p, sB, sC, sP = _geometry(x)
     out = torch.empty_like(x)
     if out.stride() != x.stride():
         raise ValueError(f"could not allocate the output in x's layout (strides {x.stride()})")
     G, S = _gate(G), _gate(S)
-    grid = (b, triton.cdiv(c, _BC), triton.cdiv(p, _BP))
-    _apply_kernel[grid](x, G if G is not None else x, S if S is not None else x, out, c, p, sB, sC, sP,
-                        HAS_G=G is not None, HAS_S=S is not None, BLOCK_C=_BC, BLOCK_P=_BP)
+    bc, bp = _tiles(c, p, sC, sP)
+    kern, opts = _launcher(_apply_kernel, "apply")
+    kern[(b, triton.cdiv(c, bc), triton.cdiv(p, bp))](
+        x, G if G is not None else x, S if S is not None else x, out, c, p, sB, sC, sP,
+        HAS_G=G is not None, HAS_S=S is not None, BLOCK_C=bc, BLOCK_P=bp, **opts)
     return out
 
 
 def reduce(x, R, G, S):
+    """U[b, c] = Σ_p R·x·S[b, p], V[b, p] = Σ_c R·x·G[b, c] (R, G, S optional), float32."""
     _check_f32(x)
     b, c, p, sB, sC, sP = _geometry(x)
     if R is not None and (R.shape != x.shape or R.stride() != x.stride()):
         raise ValueError(f"R must match x in shape and strides, got {tuple(R.shape)} {R.stride()}")
-    U = x.new_zeros((b, c), dtype=torch.float32)
-    V = x.new_zeros((b, p), dtype=torch.float32)
+    bc, bp = _tiles(c, p, sC, sP)
+    n_cblk = triton.cdiv(c, bc)
+    chunk, n_split = _split(b * n_cblk, p, bp, _target_programs(x))
+    U = x.new_empty((b, c), dtype=torch.float32)
+    V = x.new_empty((b, p), dtype=torch.float32)
+    u_final, v_final = n_split == 1, n_cblk == 1
+    Ub = U if u_final else x.new_empty((b, n_split, c), dtype=torch.float32)
+    Vb = V if v_final else x.new_empty((b, n_cblk, p), dtype=torch.float32)
     G, S = _gate(G), _gate(S)
-    grid = (b, triton.cdiv(c, _BC))
-    _reduce_kernel[grid](x, R if R is not None else x, G if G is not None else U, S if S is not None else V, U, V,
-                         c, p, sB, sC, sP, HAS_R=R is not None, HAS_G=G is not None, HAS_S=S is not None,
-                         BLOCK_C=_BC, BLOCK_P=_BP)
+    kern, opts = _launcher(_reduce_kernel, "reduce")
+    kern[(b, n_cblk, n_split)](
+        x, R if R is not None else x, G if G is not None else U, S if S is not None else V, Ub, Vb,
+        c, p, chunk, n_split, n_cblk, sB, sC, sP, HAS_R=R is not None, HAS_G=G is not None, HAS_S=S is not None,
+        U_FINAL=u_final, V_FINAL=v_final, BLOCK_C=bc, BLOCK_P=bp, **opts)
+    if not u_final:
+        torch.sum(Ub, dim=1, out=U)
+    if not v_final:
+        torch.sum(Vb, dim=1, out=V)
     return U, V
 
 
 def grad_x(grad, x, G, S, L, Rk):
+    """dx = grad·G·S + Σ_k L[k, b, c]·Rk[k, b, p], in x's dtype and strides."""
     _check_f32(x)
     b, c, p, sB, sC, sP = _geometry(x)
     if grad is not None and (grad.shape != x.shape or grad.stride() != x.stride()):
@@ -237,9 +425,10 @@ def grad_x(grad, x, G, S, L, Rk):
     dx = torch.empty_like(x)
     G, S = _gate(G), _gate(S)
     L, Rk = L.contiguous(), Rk.contiguous()
-    grid = (b, triton.cdiv(c, _BC), triton.cdiv(p, _BP))
-    _grad_x_kernel[grid](grad if grad is not None else x, G if G is not None else L, S if S is not None else Rk,
-                         L, Rk, dx, L.shape[0], b, c, p, sB, sC, sP,
-                         HAS_GRAD=grad is not None, HAS_G=G is not None, HAS_S=S is not None,
-                         BLOCK_C=_BC, BLOCK_P=_BP)
+    bc, bp = _tiles(c, p, sC, sP)
+    kern, opts = _launcher(_grad_x_kernel, "grad_x")
+    kern[(b, triton.cdiv(c, bc), triton.cdiv(p, bp))](
+        grad if grad is not None else x, G if G is not None else L, S if S is not None else Rk,
+        L, Rk, dx, L.shape[0], b, c, p, sB, sC, sP,
+        HAS_GRAD=grad is not None, HAS_G=G is not None, HAS_S=S is not None, BLOCK_C=bc, BLOCK_P=bp, **opts)
     return dx
