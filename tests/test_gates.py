@@ -299,3 +299,104 @@ def test_multiscale_errors_name_the_argument():
         dk.multiscale_concat([torch.randn(1, 2, 8, 8), torch.randn(1, 2, 3, 3)], [1, 2])
     with pytest.raises(ValueError, match=r"scales\[0\]"):
         dk.multiscale_concat([torch.randn(1, 2, 8, 8)], [0])
+
+
+# ------------------------------------------------------------ Triton kernels, directly
+TRITON_GATES = "triton" in GATE_BACKENDS
+
+
+def _x_layout(shape, channels_last, dtype=torch.float32, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("tiles,target", [((2, 4), 64), ((4, 2), 1000), (None, None)])
+def test_triton_gate_kernels_split_paths(monkeypatch, channels_last, tiles, target):
+    """Each Triton entry point against its torch formula with tiles and split counts
+    forced (the GPU splits reductions over H·W or C into partials combined by a second
+    launch): odd sizes that are not multiples of the tiles, both layouts, every split
+    path (one split, many, a last partial chunk), and the first arg-max on ties."""
+    from disseg_kernels.triton import gates as tg
+
+    monkeypatch.setattr(tg, "FORCE_TILES", tiles)
+    monkeypatch.setattr(tg, "FORCE_TARGET_PROGRAMS", target)
+    b, c, h, w = 2, 7, 3, 5
+    p = h * w
+    x = _x_layout((b, c, h, w), channels_last)
+    xr = (torch.randint(-2, 3, (b, c, h, w)).float())  # many ties of the maximum
+    if channels_last:
+        xr = xr.to(memory_format=torch.channels_last)
+    G = torch.rand(b, c) + 0.1
+    S = torch.rand(b, p) + 0.1
+    for xx in (x, xr):
+        flat = xx.reshape(b, c, p)
+        mean, mx, idx = tg.pool_hw(xx, S)
+        y = flat * S[:, None, :]
+        torch.testing.assert_close(mean, y.mean(2))
+        torch.testing.assert_close(mx, y.amax(2))
+        first = (y == y.amax(2, keepdim=True)).float().argmax(2)  # first maximum
+        assert torch.equal(idx, first)
+        mean, mx, idx = tg.pool_c(xx, G)
+        y = flat * G[:, :, None]
+        torch.testing.assert_close(mean, y.mean(1))
+        torch.testing.assert_close(mx, y.amax(1))
+        assert torch.equal(idx, (y == y.amax(1, keepdim=True)).float().argmax(1))
+    R = _x_layout((b, c, h, w), channels_last, seed=12)
+    U, V = tg.reduce(x, R, G, S)
+    t = (x * R).reshape(b, c, p)
+    torch.testing.assert_close(U, (t * S[:, None, :]).sum(2))
+    torch.testing.assert_close(V, (t * G[:, :, None]).sum(1))
+    U, V = tg.reduce(x, None, None, None)
+    torch.testing.assert_close(U, x.reshape(b, c, p).sum(2))
+    torch.testing.assert_close(V, x.reshape(b, c, p).sum(1))
+    out = tg.apply(x, G, S)
+    assert out.stride() == x.stride()
+    torch.testing.assert_close(out, x * G[:, :, None, None] * S.view(b, 1, h, w))
+    L, Rk = torch.randn(2, b, c), torch.randn(2, b, p)
+    dx = tg.grad_x(R, x, G, S, L, Rk)
+    assert dx.stride() == x.stride()
+    want = R * G[:, :, None, None] * S.view(b, 1, h, w) + torch.einsum("kbc,kbp->bcp", L, Rk).view(b, c, h, w)
+    torch.testing.assert_close(dx, want)
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+@pytest.mark.parametrize("name", ["cbat", "elat"])
+def test_triton_gates_forced_splits_match_reference(monkeypatch, name):
+    """The whole fused chain / ELAT on the Triton path with every reduction split (as on
+    the GPU at the model's shapes), channels_last, odd sizes: values and gradients."""
+    from disseg_kernels.triton import gates as tg
+
+    monkeypatch.setattr(tg, "FORCE_TILES", (4, 4))
+    monkeypatch.setattr(tg, "FORCE_TARGET_PROGRAMS", 200)
+    torch.manual_seed(13)
+    module = MODULES[name](9, backend="triton")
+    x = torch.randn(2, 9, 6, 7).to(memory_format=torch.channels_last)
+    _compare(module, x, torch.randn(2, 9, 6, 7), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_gates_half_within_eager_error(dtype, channels_last):
+    """bf16/fp16 on the Triton path (the GPU's training dtype): the fused chain's output
+    and dx are within twice eager's own error against float32 (plus a small floor)."""
+    torch.manual_seed(14)
+    half = MODULES["cbat"](17, backend="triton").to(dtype)
+    # The float32 reference sees the same rounded input and weights: a max pool whose two
+    # largest values round to a tie would otherwise move its gradient in eager and fused
+    # alike, and the comparison would measure that coin flip rather than the arithmetic.
+    x32 = _x_layout((2, 17, 6, 5), channels_last, seed=15).to(dtype).float()
+    go32 = torch.randn(2, 17, 6, 5).to(dtype).float()
+    module = MODULES["cbat"](17, backend="triton")
+    module.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    ref_y, ref_gx, _ = _run(_set_fused(module, False), x32, go32)
+    eager_y, eager_gx, _ = _run(_set_fused(half, False), x32.to(dtype), go32.to(dtype))
+    fused_y, fused_gx, _ = _run(_set_fused(half, True), x32.to(dtype), go32.to(dtype))
+    assert fused_y.dtype == dtype and fused_gx.dtype == dtype and fused_y.stride() == x32.stride()
+    for fused, eager, ref in ((fused_y, eager_y, ref_y), (fused_gx, eager_gx, ref_gx)):
+        e_fused = (fused.float() - ref).abs().max().item()
+        e_eager = (eager.float() - ref).abs().max().item()
+        assert e_fused <= 2 * e_eager + 1e-3, (e_fused, e_eager)
