@@ -105,6 +105,12 @@ def _telu_small(t):
     return t * torch.tanh(torch.exp(t.clamp(max=20.0)))
 
 
+def _pair_sum(t):
+    """mlp(avg) + mlp(max) from one MLP call on the stacked [avg; max] (2B, C) rows."""
+    half = t.shape[0] // 2
+    return t[:half] + t[half:]
+
+
 def _spatial_gate(mean, mx, weight, bias, shape):
     b, _, h, w = shape
     k = weight.shape[-1]
@@ -116,13 +122,8 @@ def _ca_stage(ops, p, shape, G0, S0):
     """ChannelAttention on x·G0·S0: returns the gates after it."""
     w1, w2 = p[0].flatten(1), p[1].flatten(1)
     a, m = ops.pool_hw(S0)
-    if G0 is not None:
-        a, m = G0 * a, G0 * m
-
-    def mlp(t):
-        return F.linear(F.relu(F.linear(t, w1)), w2)
-
-    g = torch.sigmoid(mlp(a) + mlp(m))
+    am = torch.cat([a, m]) if G0 is None else (torch.stack([a, m]) * G0).flatten(0, 1)
+    g = torch.sigmoid(_pair_sum(F.linear(F.relu(F.linear(am, w1)), w2)))
     return (g if G0 is None else G0 * g), S0
 
 
@@ -137,13 +138,8 @@ def _sa_stage(ops, p, shape, G0, S0, bias=None):
 def _cbam_stage(ops, p, shape, G0, S0):
     w0, b0, w2, b2, cw, cb = p
     a, m = ops.pool_hw(S0)
-    if G0 is not None:
-        a, m = G0 * a, G0 * m
-
-    def mlp(t):
-        return F.linear(_telu_small(F.linear(t, w0, b0)), w2, b2)
-
-    g = torch.sigmoid(mlp(a) + mlp(m))
+    am = torch.cat([a, m]) if G0 is None else (torch.stack([a, m]) * G0).flatten(0, 1)
+    g = torch.sigmoid(_pair_sum(F.linear(_telu_small(F.linear(am, w0, b0)), w2, b2)))
     G = g if G0 is None else G0 * g
     return _sa_stage(ops, [cw], shape, G, S0, bias=cb)
 
@@ -356,7 +352,8 @@ def _gates_fwd(x: torch.Tensor, params: list[torch.Tensor], program: str, backen
     # The gate programs (small MLPs, 2→1 convs) compute in float32 under autocast too: the
     # kernels take float32 gates, and the statistics are accumulated in float32 anyway.
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        pf = [p.to(_acc(x.dtype)) for p in params]
+        acc = _acc(x.dtype)
+        pf = [p if p.dtype == acc else p.to(acc) for p in params]
         ops = _RunOps(k, x)
         G, S = _PROGRAMS[program](ops, pf, tuple(x.shape))
         out = k.apply(x, None if G is None else G.contiguous(), None if S is None else S.contiguous())
@@ -369,6 +366,21 @@ def _(x, params, program, backend):
     ops = _FakeOps(None, x)
     _PROGRAMS[program](ops, pf, tuple(x.shape))
     return torch.empty_like(x), ops.saved
+
+
+def _fresh_grads(params, grads, inputs=()):
+    """The parameter gradients in the parameters' dtypes, each its own storage (a custom
+    op's outputs may not alias one another): copied only where autograd handed back a
+    view of another gradient or a dtype differs."""
+    out, seen = [], {t.untyped_storage().data_ptr() for t in inputs}
+    for p, g in zip(params, grads):
+        if g is None:
+            g = torch.zeros_like(p)
+        elif g.dtype != p.dtype or g.untyped_storage().data_ptr() in seen:
+            g = g.to(p.dtype, copy=True)
+        seen.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
 
 
 @torch.library.custom_op("disseg::gates_bwd", mutates_args=())
@@ -397,7 +409,7 @@ def _gates_bwd(
             grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         else:
             grads = [None] * len(inputs)
-    dparams = [torch.zeros_like(p) if g is None else g.to(p.dtype, copy=True) for p, g in zip(params, grads[: len(params)])]
+    dparams = _fresh_grads(params, grads[: len(params)], (x, grad))
     leaf_grads = list(grads[len(params) :])
 
     # dx = grad·G·S + one rank-1 term per pooled statistic + its arg-max scatter.
@@ -446,11 +458,16 @@ def _gates_setup_context(ctx, inputs, output):
     x, params, program, backend = inputs
     _, saved = output
     ctx.program, ctx.backend, ctx.n_params = program, backend, len(params)
+    # The statistics are outputs only so that backward can have them; their (always
+    # absent) gradients must not be materialised as zero tensors (12 for the CBAT chain).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, *params, *saved)
 
 
 def _gates_backward(ctx, grad_out, _grad_saved):
     x, *rest = ctx.saved_tensors
+    if grad_out is None:
+        return None, [None] * ctx.n_params, None, None
     params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
     dx, dparams = _gates_bwd(grad_out, x, list(params), list(saved), ctx.program, ctx.backend)
     return dx, list(dparams), None, None
