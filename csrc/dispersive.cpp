@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <vector>
 
 // The BLAS that torch links (MKL on x86 builds) exports the Fortran interface; weak, so
@@ -986,6 +987,10 @@ std::tuple<double, at::Tensor> run_many_samples(const at::Tensor& z, int64_t var
   return k.run(z, scale_by_dim);
 }
 
+// disseg::dispersive_row_stats: rows against a rectangular column set (the distributed
+// loss and the memory bank), with this file's GEMM and vector helpers.
+#include "dispersive_rows.h"
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> dispersive_fused_cpu(const at::Tensor& z, int64_t variant, double tau,
@@ -1021,8 +1026,14 @@ TORCH_LIBRARY_FRAGMENT(disseg, m) {
   m.def(
       "dispersive_fused(Tensor z, int variant, float tau, float margin, bool include_diagonal, "
       "bool scale_by_dim, bool need_grad) -> (Tensor, Tensor)");
+  m.def(
+      "dispersive_row_stats(Tensor rows, Tensor cols, int variant, float tau, float margin, bool scale_by_dim, "
+      "bool include_diagonal, int? self_offset, float grad_weight, bool need_grad) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(disseg, CPU, m) { m.impl("dispersive_fused", &dispersive_fused_cpu); }
+TORCH_LIBRARY_IMPL(disseg, CPU, m) {
+  m.impl("dispersive_fused", &dispersive_fused_cpu);
+  m.impl("dispersive_row_stats", &dispersive_row_stats_cpu);
+}
 
 }  // namespace disseg
