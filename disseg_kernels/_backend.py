@@ -27,6 +27,7 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # disseg_kernels/reference/<name>.py, tests/test_<name>.py, benchmarks/bench_<name>.py.
 FAMILIES: dict[str, frozenset[str]] = {
     "dispersive": frozenset({"reference", "cpu", "cuda", "triton"}),
+    "dispersive_rows": frozenset({"reference", "cpu", "triton"}),  # row statistics (distributed.py, bank.py)
     "window_attention": frozenset({"reference", "cpu", "cuda", "triton"}),
     "telu": frozenset({"reference", "cpu", "triton"}),
     "gates": frozenset({"reference", "cpu", "triton"}),
@@ -36,6 +37,7 @@ FAMILIES: dict[str, frozenset[str]] = {
 # The C++ operator that proves a family's compiled kernels are present in _C.
 _CPP_OPS: dict[str, str] = {
     "dispersive": "dispersive_fused",
+    "dispersive_rows": "dispersive_row_stats",
     "window_attention": "window_attention_forward",
     "telu": "telu_fwd",
     "gates": "gates_pool_hw",

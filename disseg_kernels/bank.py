@@ -8,8 +8,9 @@ and a resumed run continues with the same negatives.
 ``dispersive_loss_with_bank`` is the spec's loss extended with the bank rows as extra
 negative columns (formula: ``disseg_kernels/reference/dispersive_bank.py``). It never
 builds the N×(N+K) matrix: the bank is a second column set of the same row-statistics
-primitive as the batch (``disseg_kernels.distributed._row_stats``), with column weight 1
-instead of 2 because bank rows receive no gradient.
+primitive as the batch (``disseg_kernels.distributed._row_stats``: the fused C++ or Triton
+kernel, or the PyTorch tiles with ``backend="reference"``), with column weight 1 instead
+of 2 because bank rows receive no gradient.
 
 Typical use in a training step::
 
@@ -33,6 +34,7 @@ from .distributed import (
     _check_common,
     _flat,
     _GlobalDispersive,
+    _resolve_backend,
     _validate,
 )
 
@@ -121,6 +123,7 @@ def dispersive_loss_with_bank(
     scale_by_dim: bool = False,
     tile: int = 1024,
     check_finite: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Dispersive loss of z (N, *) with the bank rows as extra negatives.
 
@@ -135,19 +138,23 @@ def dispersive_loss_with_bank(
         bank: a ``NegativeBank`` (its valid rows) or a (K, *) tensor with the same D.
         variant, tau, margin, diagonal, scale_by_dim: as in ``dispersive_loss``;
             ``covariance`` is not a pair loss and is rejected.
-        tile: rows/columns per tile.
+        tile: rows/columns per tile of the reference row statistics.
+        backend: of the row statistics (``_row_stats``): ``"auto"`` (C++ on CPU, Triton
+            on CUDA), ``"cpu"``, ``"triton"`` or ``"reference"`` (PyTorch tiles); an
+            unavailable one raises ``BackendUnavailable``.
 
     Returns:
         0-d tensor (z's dtype; float32 for half inputs).
     """
     _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite)
     _check_common(variant, False, "auto", tile, bank)
+    chosen = _resolve_backend(backend, z.device)
     flat = _flat(z)
     bank_rows = _check_bank(bank, flat.shape[1], z)
     if bank_rows is not None and bank_rows.shape[0] == 0:
         bank_rows = None
     opts = dict(variant=variant, tau=float(tau), margin=float(margin), include_diagonal=diagonal == "include",
-                scale_by_dim=scale_by_dim, ring=False, covariance_mode="auto", tile=tile)
+                scale_by_dim=scale_by_dim, ring=False, covariance_mode="auto", tile=tile, backend=chosen)
     need_grad = torch.is_grad_enabled() and z.requires_grad
     return _GlobalDispersive.apply(flat, bank_rows, _LOCAL, opts, 1.0, need_grad)
 

@@ -72,7 +72,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .ops.dispersive import _validate
+from . import _backend
+from .ops.dispersive import VARIANT_CODES, _validate
 
 _HALF = (torch.float16, torch.bfloat16)
 _INFONCE = ("infonce_l2", "infonce_l2sq", "infonce_cosine")
@@ -128,10 +129,16 @@ def _row_stats(
     grad_weight: float,
     need_grad: bool,
     tile: int = 1024,
+    backend: str = "auto",
 ) -> RowStats:
     """Statistics of rows ``z_rows`` (n, D) against columns ``z_cols`` (m, D), tiled.
 
-    The narrow interface a fused kernel can implement (one launch per call):
+    The narrow interface the fused kernels implement (one call each): the C++
+    ``torch.ops.disseg.dispersive_row_stats`` (``backend="cpu"``, csrc/dispersive_rows.h)
+    and ``triton/dispersive_rows.py`` (``"triton"``); ``"reference"`` is the PyTorch tiles
+    below (:func:`_row_stats_reference`); ``"auto"`` picks through ``_backend.resolve``
+    (family ``dispersive_rows``). ``covariance`` has no fused row statistics: it always
+    runs the PyTorch tiles, whatever ``backend`` says. The contract:
 
     - inputs are *prepared*, in the compute dtype (float32 for half inputs): raw z for the
       L2 family and hinge, ẑ = z / max(‖z‖, 1e-12) for ``infonce_cosine``, z̄ = z − global
@@ -141,10 +148,29 @@ def _row_stats(
       disjoint;
     - ``grad_weight`` multiplies acc: 2 for batch columns, 1 for bank columns;
     - ``scale_by_dim`` divides d by D = z_rows.shape[1];
-    - memory O(rows × tile): row tiles × column tiles, an online max per row.
+    - memory O(rows × tile): row tiles × column tiles, an online max per row (``tile``
+      sizes the reference's tiles; the fused kernels choose their own).
 
     Returns a :class:`RowStats`; acc is unscaled by 1/τ, 1/D, exp(m − LSE).
     """
+    chosen = "reference" if variant == "covariance" else _backend.resolve("dispersive_rows", backend, z_rows.device)
+    if chosen == "reference":
+        return _row_stats_reference(z_rows, z_cols, variant, tau, margin, scale_by_dim, include_diagonal,
+                                    self_offset, grad_weight, need_grad, tile)
+    args = (VARIANT_CODES[variant], float(tau), float(margin), bool(scale_by_dim), bool(include_diagonal),
+            None if self_offset is None else int(self_offset), float(grad_weight), bool(need_grad))
+    if chosen == "cpu":
+        m, s, acc = torch.ops.disseg.dispersive_row_stats(z_rows.contiguous(), z_cols.contiguous(), *args)
+    else:  # triton
+        from .triton.dispersive_rows import dispersive_row_stats_triton
+
+        m, s, acc = dispersive_row_stats_triton(z_rows, z_cols, *args)
+    return RowStats(m, s, acc)
+
+
+def _row_stats_reference(z_rows, z_cols, variant, tau, margin, scale_by_dim, include_diagonal, self_offset,
+                         grad_weight, need_grad, tile=1024) -> RowStats:
+    """The PyTorch tiles of :func:`_row_stats` (its reference path)."""
     n, dim = z_rows.shape
     shift = variant not in ("infonce_cosine", "covariance")
     out = []
@@ -218,8 +244,9 @@ def _tile_stats(rows, cols, r0, c0, variant, tau, margin, scale_by_dim, include_
         return RowStats(m, s, (e * grad_weight) @ cols)
     if variant == "infonce_l2":
         ew = e * torch.where(dist_ > 0, 1.0 / dist_, zero) * grad_weight
-    else:  # infonce_l2sq: ∂‖z_i − z_j‖²/∂z_i = 2(z_i − z_j)
-        ew = e * (2.0 * grad_weight)
+    else:  # infonce_l2sq: ∂‖z_i − z_j‖²/∂z_i = 2(z_i − z_j); a duplicate (d = 0) adds 0, and
+        # leaving it out of ew spares r·z_i − Σ ew z_j its cancellation (the included self pair)
+        ew = torch.where(dist_ > 0, e * (2.0 * grad_weight), zero)
     return RowStats(m, s, ew.sum(1)[:, None] * rows - ew @ cols)
 
 
@@ -369,6 +396,7 @@ def _global_loss_and_grad(
     covariance_mode: str,
     need_grad: bool,
     tile: int,
+    backend: str = "auto",
 ):
     """(L of the global batch [+ bank], ∂L/∂z for this rank's rows) of flat z (n, D)."""
     n, dim = z.shape
@@ -394,7 +422,7 @@ def _global_loss_and_grad(
 
     rows = prep(z)
     opts = dict(variant=variant, tau=tau, margin=margin, scale_by_dim=scale_by_dim,
-                include_diagonal=include_diagonal, need_grad=need_grad, tile=tile)
+                include_diagonal=include_diagonal, need_grad=need_grad, tile=tile, backend=backend)
     stats = _empty_stats(n, dim, variant, cdt, z.device, need_grad)
     if ring:
         for owner, block in comm.ring(z, sizes):
@@ -520,6 +548,12 @@ def _check_bank(bank, dim, z):
     return bank
 
 
+def _resolve_backend(backend, device) -> str:
+    """The backend of the row statistics (``_backend.resolve``, family ``dispersive_rows``);
+    resolved before any collective, so that an unavailable one raises on every rank."""
+    return _backend.resolve("dispersive_rows", backend, device)
+
+
 def _check_common(variant, ring, covariance_mode, tile, bank):
     if not isinstance(ring, bool):
         raise TypeError(f"ring must be a bool, got {ring!r}")
@@ -548,6 +582,7 @@ def distributed_dispersive_loss(
     covariance_mode: str = "auto",
     tile: int = 1024,
     check_finite: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Dispersive loss of the global batch: the rows of every rank of ``group``.
 
@@ -573,14 +608,20 @@ def distributed_dispersive_loss(
             DistributedDataParallel's averaging over ranks.
         covariance_mode: ``"gram"`` (gather/ring, any D), ``"dxd"`` (all-reduce D×D)
             or ``"auto"`` (D×D when 2·D ≤ N).
-        tile: rows/columns per tile of the row-statistics primitive.
+        tile: rows/columns per tile of the reference row statistics (the fused kernels
+            choose their own).
         check_finite: reject NaN/inf in z.
+        backend: of the row statistics: ``"auto"`` (the fused kernel of z's device:
+            C++ on CPU, Triton on CUDA), ``"cpu"``, ``"triton"`` or ``"reference"``
+            (PyTorch tiles). An unavailable one raises ``BackendUnavailable``.
+            ``covariance`` always uses the PyTorch tiles.
 
     Returns:
         0-d tensor (z's dtype; float32 for half inputs).
     """
     _validate(z, variant, tau, margin, diagonal, scale_by_dim, False)
     _check_common(variant, ring, covariance_mode, tile, bank)
+    chosen = _resolve_backend(backend, z.device)
     comm = _Comm(group)
     if check_finite:
         # agreed by every rank, so that all raise together instead of leaving the others
@@ -594,7 +635,7 @@ def distributed_dispersive_loss(
     flat = _flat(z)
     bank_rows = _check_bank(bank, flat.shape[1], z)
     opts = dict(variant=variant, tau=float(tau), margin=float(margin), include_diagonal=diagonal == "include",
-                scale_by_dim=scale_by_dim, ring=ring, covariance_mode=covariance_mode, tile=tile)
+                scale_by_dim=scale_by_dim, ring=ring, covariance_mode=covariance_mode, tile=tile, backend=chosen)
     grad_scale = float(comm.world) if ddp_scale else 1.0
     need_grad = torch.is_grad_enabled() and z.requires_grad
     return _GlobalDispersive.apply(flat, bank_rows, comm, opts, grad_scale, need_grad)
@@ -615,10 +656,14 @@ class DistributedDispersiveLoss(torch.nn.Module):
         ddp_scale: bool = False,
         covariance_mode: str = "auto",
         tile: int = 1024,
+        backend: str = "auto",
     ):
         super().__init__()
         _validate(torch.zeros(2, 1), variant, tau, margin, diagonal, scale_by_dim, False)
         _check_common(variant, ring, covariance_mode, tile, None)
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.variant, self.tau, self.margin = variant, float(tau), float(margin)
         self.diagonal, self.scale_by_dim, self.group = diagonal, scale_by_dim, group
         self.ring, self.ddp_scale, self.covariance_mode, self.tile = ring, ddp_scale, covariance_mode, tile
@@ -627,13 +672,14 @@ class DistributedDispersiveLoss(torch.nn.Module):
         return distributed_dispersive_loss(
             z, self.group, self.variant, self.tau, self.margin, self.diagonal, self.scale_by_dim,
             ring=self.ring, bank=bank, ddp_scale=self.ddp_scale, covariance_mode=self.covariance_mode,
-            tile=self.tile,
+            tile=self.tile, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (
             f"variant={self.variant!r}, tau={self.tau}, margin={self.margin}, diagonal={self.diagonal!r}, "
-            f"scale_by_dim={self.scale_by_dim}, ring={self.ring}, ddp_scale={self.ddp_scale}"
+            f"scale_by_dim={self.scale_by_dim}, ring={self.ring}, ddp_scale={self.ddp_scale}, "
+            f"backend={self.backend!r}"
         )
 
 
