@@ -4,6 +4,7 @@
     python -m benchmarks.bench_gates --quick             # small shapes, under a minute
     python -m benchmarks.bench_gates --device cuda
     python -m benchmarks.bench_gates --ops cbat,telu --no-compile
+    python -m benchmarks.bench_gates --device cuda --ops cbat,elat --sizes 8x64x128x128,elat:8x64x256x256
 
 Cases: ChannelAttention, SpatialAttention, CBAM, the CBAT gate chain (ca → sa → cbam),
 ELAT, TeLU and the multi-scale concat, on the shapes the model runs at batch 8 and a
@@ -13,7 +14,14 @@ For each: forward, backward and forward+backward time (median of repeats, synchr
 ``max_memory_allocated``; CPU: sampled resident set) and the bytes autograd saves for
 backward (unique storages seen by ``saved_tensors_hooks``, weights excluded) as a
 multiple of the input's size. "eager" is the module with ``fused=False``; "compile" is
-``torch.compile`` of that module (inductor).
+``torch.compile`` of that module (inductor, static shapes, dynamo reset per case).
+
+On CUDA, times are CUDA-event medians with L2 flushed before each repeat, the backward
+timed on a fresh forward each repeat (``retain_graph`` breaks compiled backwards), and two
+more columns separate the device from the host: ``gpu_ms`` is the summed kernel time of
+one forward+backward (torch.profiler) and ``floor_ms`` the time the op's minimum bytes
+(``min_maps`` full maps, docs/gates_gpu.md) take at the measured copy bandwidth. A
+fwd+bwd whose ``gpu_ms`` is far below its wall time is bound by host-side launches.
 
 Writes benchmarks/results/gates_<device>_<date>.csv and .md; ``main(argv)`` is importable.
 """
@@ -29,19 +37,85 @@ import torch
 
 import disseg_kernels as dk
 from benchmarks.bench_dispersive import _RssSampler, _sync, machine_name
-from benchmarks.bench_dispersive import _median_ms as _median_ms_cuda
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAT = {"value": "median"}
 
 
-def _median_ms(fn, device, repeats, setup=None):
-    """Median (or, with --stat min, minimum) wall time in ms; CUDA: triton's do_bench.
+_FLUSH: dict[str, torch.Tensor] = {}
 
-    The minimum is the better estimate on a shared CPU where other jobs preempt the run.
-    """
+
+def _cuda_ms(fn, repeats, setup=None):
+    """Median ms between CUDA events around fn; setup (untimed) and an L2 flush first."""
+    import statistics
+
+    if "buf" not in _FLUSH:
+        _FLUSH["buf"] = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")  # 256 MB > L2
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        _FLUSH["buf"].zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return min(times) if STAT["value"] == "min" else statistics.median(times)
+
+
+def _kernel_ms(fn, iters=3):
+    """Summed device time (ms) of the kernels, memsets and copies of one fn() call."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+        return us / 1e3 / iters
+    except Exception as exc:  # noqa: BLE001 - a profiler problem must not stop the timings
+        print(f"  (kernel time unavailable: {type(exc).__name__}: {exc})")
+        return float("nan")
+
+
+_COPY: dict[str, float] = {}
+
+
+def copy_bandwidth_gbps(device) -> float:
+    """Device-to-device copy rate of a 1 GiB buffer, GB/s (read + write bytes)."""
+    if device != "cuda":
+        return float("nan")
+    if "gbps" not in _COPY:
+        a = torch.empty(2**28, dtype=torch.float32, device="cuda")
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        ms = _cuda_ms(lambda: b.copy_(a), 10)
+        _COPY["gbps"] = 2 * a.numel() * 4 / (ms * 1e-3) / 1e9
+        del a, b
+    return _COPY["gbps"]
+
+
+# Minimum traffic of forward+backward in full maps of the input (docs/gates_gpu.md): the
+# reads and writes the spec counts, given that each gate's statistic depends on the gates
+# before it. TeLU: x→y, (x, grad)→dx. A gate op: one read per statistic, a read and a write
+# to apply; backward one read of (x, grad), one read of x per statistic taken under an
+# earlier gate, a read of grad and a write of dx. ELAT: its pool and 7×7 logit share one
+# read; backward adds one read of x for the stencil's weight gradient.
+MIN_MAPS = {"telu": 5, "ca": 7, "sa": 7, "cbam": 9, "cbat": 13, "elat": 8, "multiscale": 4}
+
+
+def _median_ms(fn, device, repeats, setup=None):
+    """Median (or, with --stat min, minimum) time in ms: CUDA events on the GPU, wall
+    time on the CPU. The minimum is the better estimate on a shared CPU where other jobs
+    preempt the run."""
     if device == "cuda":
-        return _median_ms_cuda(fn, device, repeats, setup)
+        return _cuda_ms(fn, repeats, setup)
     import statistics
     import time
 
@@ -145,13 +219,10 @@ def measure(fn, inputs, device, repeats) -> dict:
             t.grad = None
         holder["y"] = fn(*inputs)
 
-    if device == "cuda":
-        make()
-        t_bwd = _median_ms(lambda: holder["y"].backward(go, retain_graph=True), device, repeats)
-    else:
-        t_bwd = _median_ms(lambda: holder["y"].backward(go), device, repeats, setup=make)
+    t_bwd = _median_ms(lambda: holder["y"].backward(go), device, repeats, setup=make)
     holder.clear()
     t_both = _median_ms(fwd_bwd, device, repeats)
+    gpu_ms = _kernel_ms(fwd_bwd) if device == "cuda" else float("nan")
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -167,7 +238,7 @@ def measure(fn, inputs, device, repeats) -> dict:
             peak = max(peak, s.extra)
     for t in inputs:
         t.grad = None
-    return {"fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwdbwd_ms": t_both, "peak_mb": peak / 2**20}
+    return {"fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwdbwd_ms": t_both, "gpu_ms": gpu_ms, "peak_mb": peak / 2**20}
 
 
 def build_parser():
@@ -176,12 +247,54 @@ def build_parser():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--ops", default="", help="comma-separated subset of ca,sa,cbam,cbat,elat,telu,multiscale")
+    p.add_argument("--sizes", default="",
+                   help="comma-separated BxCxHxW shapes instead of the built-in list, for every op of --ops; "
+                        "op:BxCxHxW pins a shape to one op (e.g. 8x64x128x128,elat:8x64x256x256)")
     p.add_argument("--repeats", type=int, default=0, help="timing repeats (default 5 CPU / 20 CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="CPU timing statistic")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU; default: torch's)")
     p.add_argument("--out", default=str(RESULTS))
     return p
+
+
+def _parse_shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        b, c, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--sizes: expected BxCxHxW, got {text!r}") from None
+    return b, c, h, w
+
+
+def select_cases(args) -> list[tuple]:
+    """(op, B, C, H, W) from --quick / --ops / --sizes."""
+    ops = [o for o in args.ops.split(",") if o] if args.ops else []
+    for o in ops:
+        if o not in MODULES and o != "multiscale":
+            raise SystemExit(f"--ops: unknown op {o!r} (one of {sorted(MODULES) + ['multiscale']})")
+    if not args.sizes:
+        cases = QUICK if args.quick else FULL
+        return [c for c in cases if not ops or c[0] in ops]
+    cases = []
+    for item in args.sizes.split(","):
+        if ":" in item:
+            op, shape = item.split(":", 1)
+            if ops and op not in ops:
+                continue
+            cases.append((op, *_parse_shape(shape)))
+        else:
+            cases += [(op, *_parse_shape(item)) for op in (ops or sorted(MODULES))]
+    return cases
+
+
+def min_bytes(op, inputs) -> int:
+    """The minimum bytes a forward+backward moves (MIN_MAPS; multiscale: inputs and output, twice)."""
+    in_bytes = sum(t.numel() * t.element_size() for t in inputs)
+    if op == "multiscale":
+        b, _, h, w = inputs[0].shape
+        out_bytes = b * sum(t.shape[1] for t in inputs) * h * w * inputs[0].element_size()
+        return 2 * (in_bytes + out_bytes)
+    return MIN_MAPS[op] * in_bytes
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -194,11 +307,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (20 if device == "cuda" else 5)
-    cases = QUICK if args.quick else FULL
-    if args.ops:
-        wanted = set(args.ops.split(","))
-        cases = [c for c in cases if c[0] in wanted]
+    cases = select_cases(args)
     machine = machine_name(device)
+    copy_gbps = copy_bandwidth_gbps(device)
+    if device == "cuda":
+        print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     date = _dt.date.today().isoformat()
     rows = []
     for op, b, c, h, w in cases:
@@ -210,31 +323,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
             in_bytes = sum(t.numel() * t.element_size() for t in inputs)
             sb = saved_bytes(fn, inputs)
             if name == "compile":
-                fn = torch.compile(fn)
+                torch._dynamo.reset()  # one static graph per case, never the recompile limit
+                fn = torch.compile(fn, dynamic=False)
             try:
                 r = measure(fn, inputs, device, repeats)
             except Exception as exc:  # noqa: BLE001 - report, keep going
-                r = {"fwd_ms": float("nan"), "bwd_ms": float("nan"), "fwdbwd_ms": float("nan"), "peak_mb": float("nan"),
-                     "error": f"{type(exc).__name__}: {exc}"[:200]}
+                r = {"fwd_ms": float("nan"), "bwd_ms": float("nan"), "fwdbwd_ms": float("nan"), "gpu_ms": float("nan"),
+                     "peak_mb": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:200]}
+            floor_ms = min_bytes(op, inputs) / (copy_gbps * 1e9) * 1e3
             r.update(op=op, shape=f"{b}x{c}x{h}x{w}", variant=name, saved_x=sb / in_bytes if name != "compile" else float("nan"),
+                     floor_ms=floor_ms, gpu_over_floor=r.get("gpu_ms", float("nan")) / floor_ms, copy_gbps=copy_gbps,
                      device=device, dtype=args.dtype, machine=machine, date=date)
+            del fn, inputs
             res[name] = r
             rows.append(r)
         for name in res:
             res[name]["speedup_vs_eager"] = res["eager"]["fwdbwd_ms"] / res[name]["fwdbwd_ms"]
-        print(" | ".join(
-            f"{op} {b}x{c}x{h}x{w} {n}: {r['fwdbwd_ms']:.1f} ms ({r['speedup_vs_eager']:.2f}x eager), saved {r['saved_x']:.2f}x in"
-            for n, r in res.items()), flush=True)
+        for n, r in res.items():
+            line = (f"{op:5s} {b}x{c}x{h}x{w:<4d} {n:7s} fwd {r['fwd_ms']:7.3f} bwd {r['bwd_ms']:7.3f} fwd+bwd {r['fwdbwd_ms']:7.3f} ms"
+                    f" ({r['speedup_vs_eager']:5.2f}x eager) saved {r['saved_x']:.2f}x in, peak {r['peak_mb']:.0f} MB")
+            if device == "cuda":
+                line += f" | kernels {r['gpu_ms']:.3f} ms = {r['gpu_over_floor']:.2f}x floor {r['floor_ms']:.3f} ms"
+            if r.get("error"):
+                line += f" | {r['error']}"
+            print(line, flush=True)
+        _write(rows, args, device, date, machine, quiet=True)  # a stage timeout keeps the finished cases
     _write(rows, args, device, date, machine)
     return rows
 
 
-def _write(rows, args, device, date, machine):
+def _write(rows, args, device, date, machine, quiet=False):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"gates_{device}_{date}" + ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
-    keys = ["op", "shape", "variant", "fwd_ms", "bwd_ms", "fwdbwd_ms", "speedup_vs_eager", "peak_mb", "saved_x",
-            "device", "dtype", "machine", "date", "error"]
+    keys = ["op", "shape", "variant", "fwd_ms", "bwd_ms", "fwdbwd_ms", "speedup_vs_eager", "gpu_ms", "floor_ms",
+            "gpu_over_floor", "copy_gbps", "peak_mb", "saved_x", "device", "dtype", "machine", "date", "error"]
     with open(out / f"{stem}.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         wr.writeheader()
@@ -247,21 +370,26 @@ def _write(rows, args, device, date, machine):
         + (" --quick" if args.quick else "") + f" --device {device}" + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
         + (" --no-compile" if args.no_compile else "") + (f" --ops {args.ops}" if args.ops else "")
         + (f" --stat {args.stat}" if args.stat != "median" else "") + (f" --threads {args.threads}" if args.threads else "")
-        + (f" --repeats {args.repeats}" if args.repeats else "") + "`.",
+        + (f" --repeats {args.repeats}" if args.repeats else "") + (f" --sizes {args.sizes}" if args.sizes else "") + "`.",
         "",
         f"Times are {args.stat}s (ms) over {args.repeats or 'default'} repeats, {torch.get_num_threads()} threads; speedup is eager fwd+bwd / this fwd+bwd; saved = bytes autograd keeps for "
         "backward (weights excluded) / input bytes; peak = extra memory of one fwd+bwd.",
         "",
-        "| op | shape | variant | fwd ms | bwd ms | fwd+bwd ms | speedup vs eager | peak MB | saved / input |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| op | shape | variant | fwd ms | bwd ms | fwd+bwd ms | speedup vs eager | kernel ms | floor ms | kernel / floor | peak MB | saved / input |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    if device == "cuda" and rows:
+        lines[-3:-3] = [f"Kernel ms: summed device time of one fwd+bwd (torch.profiler); floor: the minimum bytes "
+                        f"(benchmarks/bench_gates.py MIN_MAPS) at the measured copy bandwidth {rows[0]['copy_gbps']:.0f} GB/s.", ""]
     for r in rows:
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['variant']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
-            f"{r['speedup_vs_eager']:.2f} | {r['peak_mb']:.0f} | {r['saved_x']:.2f} |" + (f" {r['error']}" if r.get("error") else "")
+            f"| {r['op']} | {r['shape']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+            f"{r['speedup_vs_eager']:.2f} | {r['gpu_ms']:.3f} | {r['floor_ms']:.3f} | {r['gpu_over_floor']:.2f} | "
+            f"{r['peak_mb']:.0f} | {r['saved_x']:.2f} |" + (f" {r['error']}" if r.get("error") else "")
         )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / stem}.csv and .md")
+    if not quiet:
+        print(f"wrote {out / stem}.csv and .md")
 
 
 if __name__ == "__main__":

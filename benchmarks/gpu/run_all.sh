@@ -14,7 +14,8 @@
 #   results.tar.gz   every benchmark CSV and markdown file written during this run
 #
 # Other op families add their benchmark stages to STAGES below ("name|timeout_s|command").
-# ONLY=build,tests runs a subset of the stages (comma-separated names).
+# ONLY=build,tests runs a subset of the stages (comma-separated names); the gate ops alone:
+#   ONLY=env,bench_gates,bench_gates_vs_compile OUT=$OUT bash benchmarks/gpu/run_all.sh
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -73,6 +74,8 @@ stage_tests() {
 
 BENCH_D="$PY -m benchmarks.bench_dispersive --device cuda"
 SWEEP="8x262144,2048x1024,16384x128,65536x128,262144x128"
+GATES_SIZES="cbat:8x64x128x128,cbat:8x256x64x64,cbat:8x512x32x32,cbat:8x1024x16x16,elat:8x64x256x256,elat:8x64x128x128,telu:8x64x256x256"
+GATES_COMPILE_SIZES="cbat:8x64x128x128,elat:8x64x256x256,cbat:8x1024x16x16"
 
 # name | timeout (s) | command. Ordered by priority: a stage that would start with under
 # 15 s of the total budget left is skipped (and listed as skipped in the summary).
@@ -85,8 +88,11 @@ STAGES=(
   # both regimes up to N = 262,144 at D = 128 (eager where it fits; no compile: it would
   # recompile per shape)
   "bench_dispersive_bf16|80|$BENCH_D --dtype bfloat16 --repeats 2 --no-compile --shapes $SWEEP"
-  # the other op families at the model's shapes (batch 8, 256x256 input), vs eager and compile
-  "bench_gates|75|$PY -m benchmarks.bench_gates --device cuda --ops cbat,telu,elat,multiscale"
+  # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, with each
+  # fwd+bwd's summed kernel time against its byte floor at the measured copy bandwidth
+  "bench_gates|60|$PY -m benchmarks.bench_gates --device cuda --no-compile --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
+  # the same against torch.compile of the reference (one static graph per case, ~20 s each)
+  "bench_gates_vs_compile|120|$PY -m benchmarks.bench_gates --device cuda --ops cbat,elat --repeats 10 --sizes $GATES_COMPILE_SIZES --out benchmarks/results/vs_compile"
   "bench_window_attention|60|$PY -m benchmarks.bench_window_attention --device cuda --repeats 5"
   "bench_models|70|$PY -m benchmarks.bench_models --device cuda --stages 2"
   "bench_dispersive_fp32|90|$BENCH_D --dtype float32 --repeats 2 --no-compile --shapes $SWEEP"
