@@ -400,3 +400,24 @@ def test_triton_gates_half_within_eager_error(dtype, channels_last):
         e_fused = (fused.float() - ref).abs().max().item()
         e_eager = (eager.float() - ref).abs().max().item()
         assert e_fused <= 2 * e_eager + 1e-3, (e_fused, e_eager)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["cbat", "elat", "ca"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_gates_cuda_match_reference(monkeypatch, name, channels_last):
+    """On the GPU (grid and split counts from the real SM count, compiled kernels): values
+    and gradients equal the eager formula on an odd shape and a model-like one, both layouts."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the 7×7 convs, both paths
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    for shape in [(2, 17, 9, 6), (4, 64, 48, 40)]:
+        torch.manual_seed(16)
+        module = MODULES[name](shape[1], backend="triton").cuda()
+        x = torch.randn(shape, device="cuda")
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        y = _compare(module, x, torch.randn(shape, device="cuda"), atol=5e-5, rtol=1e-4)
+        assert y.stride() == x.stride()
