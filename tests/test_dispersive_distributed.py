@@ -515,13 +515,15 @@ def _diff_sum(w, rows, cols):
     return (w[:, :, None] * (rows[:, None, :] - cols[None, :, :])).sum(1)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("variant", PAIR_VARIANTS)
 @pytest.mark.parametrize("self_offset,include_diagonal", [(None, False), (3, False), (3, True)])
-def test_row_stats_contract(variant, self_offset, include_diagonal):
+def test_row_stats_contract(variant, self_offset, include_diagonal, backend):
     """_row_stats (the interface a kernel implements) against full matrices: m + log s is
     the row logsumexp and acc/s the softmax-weighted sum of (z_i − z_j)·w (cosine: of ẑ_j);
     for hinge s and acc are the plain sums; and the result does not depend on the tile size or on splitting
-    the columns into blocks merged online (how the ring calls it)."""
+    the columns into blocks merged online (how the ring calls it). Both the PyTorch tiles
+    (reference) and the fused kernel (auto: C++ here); tests/test_dispersive_rows.py has the rest."""
     from disseg_kernels.distributed import _merge, _row_stats
 
     g = torch.Generator().manual_seed(3)
@@ -537,10 +539,11 @@ def test_row_stats_contract(variant, self_offset, include_diagonal):
                 grad_weight=2.0, need_grad=True)
     lse, s_ref, acc_ref = _brute_row_stats(rows, cols, variant, 0.6, 2.0, self_offset, include_diagonal, 2.0)
     for tile in (1, 4, 1024):
-        st = _row_stats(rows, cols, self_offset=self_offset, tile=tile, **args)
+        st = _row_stats(rows, cols, self_offset=self_offset, tile=tile, backend=backend, **args)
         # the same columns in two blocks, merged (the ring's way)
-        a = _row_stats(rows, cols[:5], self_offset=self_offset, tile=tile, **args)
-        b = _row_stats(rows, cols[5:], self_offset=None if self_offset is None else self_offset - 5, tile=tile, **args)
+        a = _row_stats(rows, cols[:5], self_offset=self_offset, tile=tile, backend=backend, **args)
+        b = _row_stats(rows, cols[5:], self_offset=None if self_offset is None else self_offset - 5, tile=tile,
+                       backend=backend, **args)
         for stats in (st, _merge(a, b, variant)):
             if variant == "hinge":
                 assert torch.allclose(stats.s, s_ref, rtol=1e-12, atol=1e-14)
