@@ -119,6 +119,20 @@ class MedDisSegBase(nn.Module):
         self.fused = fused
         self.dispersive = dispersive
         self.encoder = ResNetEncoder(encoder)
+        self._dispersive_fn = None
+
+    def set_dispersive_fn(self, fn) -> None:
+        """Compute the training-mode dispersive loss as ``fn(z)`` instead of
+        ``disseg_kernels.dispersive_loss(z, variant, tau, backend)``; None restores that.
+
+        z is the (N, D) matrix of the configured feature and granularity. The trainer uses
+        it for the global-batch loss under DDP and for the memory bank of negatives
+        (``--disp-bank``); ``fn`` must apply the configured variant and τ itself. In eval
+        mode the model keeps the local loss, so that evaluation never runs collectives.
+        """
+        if fn is not None and not callable(fn):
+            raise TypeError(f"fn must be callable or None, got {type(fn).__name__}")
+        self._dispersive_fn = fn
 
     @property
     def dispersive_backend(self) -> str:
@@ -136,6 +150,8 @@ class MedDisSegBase(nn.Module):
             z = f.reshape(f.shape[0], -1)
         else:
             z = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        if self.training and self._dispersive_fn is not None:
+            return self._dispersive_fn(z)
         return dispersive_loss(z, variant=cfg.variant, tau=cfg.tau, backend=self.dispersive_backend)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

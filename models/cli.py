@@ -39,8 +39,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as e:
                 raise UserError(f"{saved}: cannot read the run's config ({e})") from None
             cfg = resolve_config(args, base=base)
-    summary = Trainer(cfg).run()
-    print(json.dumps(summary, indent=1))
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.run()
+        if trainer.dist.main:
+            print(json.dumps(summary, indent=1))
+    finally:
+        trainer.close()
     return 0
 
 

@@ -58,6 +58,22 @@ class TrainConfig:
     disp_granularity: str = _f("sample", "sample: N=B, D=C*H*W (the paper's); pixel: N=B*H*W, D=C",
                                ["sample", "pixel"], "model")
     disp_backend: str = _f("auto", "dispersive loss backend", group="model")
+    disp_bank: int = _f(0, "K: a FIFO memory bank of the K most recent embeddings (rows of z, "
+                        "detached) used as extra negatives of the dispersive loss (0: off). It holds "
+                        "K x D values: at the paper's granularity D = C*H*W of f4 (262,144 for "
+                        "ResNet-50 at 256x256), K = 4096 is 4 GiB in float32, 2 GiB in bfloat16", group="model")
+    disp_bank_dtype: str = _f("float32", "storage dtype of the memory bank (bfloat16 halves it)",
+                              ["float32", "bfloat16"], "model")
+
+    # ---------------------------------------------------------------- data parallel
+    ddp: bool = _f(False, "DistributedDataParallel training; launch with torchrun "
+                   "(torchrun --nproc_per_node=N -m models.cli train --ddp ...). --batch-size is per "
+                   "process; the dispersive loss takes every process's rows as negatives",
+                   group="data parallel")
+    sync_bn: bool = _f(False, "with --ddp: BatchNorm statistics over the global batch "
+                       "(SyncBatchNorm on CUDA, an equivalent all-reduce on CPU)", group="data parallel")
+    disp_ring: bool = _f(False, "with --ddp: pass the other processes' rows round a ring "
+                         "(two blocks resident) instead of an all-gather", group="data parallel")
 
     # ---------------------------------------------------------------- optimisation
     size: int = _f(256, "training (and default evaluation) input size, square, multiple of 16")
@@ -158,6 +174,15 @@ class TrainConfig:
                 bad(name, "must be >= 0")
         if not self.disp_tau > 0:
             bad("disp_tau", "must be > 0")
+        if self.disp_bank < 0:
+            bad("disp_bank", "must be >= 0 (0: no bank)")
+        if self.disp_bank and not self.dispersive:
+            bad("disp_bank", "needs the dispersive loss (drop --no-dispersive)")
+        if self.disp_bank and self.disp_variant == "covariance":
+            bad("disp_bank", "the covariance variant is not a loss over pairs and takes no bank")
+        for name in ("sync_bn", "disp_ring"):
+            if getattr(self, name) and not self.ddp:
+                bad(name, "only applies with --ddp")
         if self.stage == 1 and self.init is not None:
             bad("init", "only Stage II starts from a checkpoint (--stage 2)")
         return self

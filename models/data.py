@@ -425,8 +425,12 @@ def _gauss_kernel(k: int, sigma: float) -> torch.Tensor:
     return (w / w.sum()).float()
 
 
-def strong_photometric(x: torch.Tensor, cfg: PhotometricConfig, g: torch.Generator) -> torch.Tensor:
+def strong_photometric(x: torch.Tensor, cfg: PhotometricConfig, g) -> torch.Tensor:
     """Stage I's strongly augmented copy of a (B, 3, H, W) batch in [0, 1].
+
+    ``g``: one ``torch.Generator`` for the whole batch (drawn in sample order), or a
+    sequence of B generators, one per sample (the trainer's choice: each sample's draws
+    then depend only on its own seed, not on its place in the batch or the process).
 
     Per sample: colour jitter (brightness, contrast, saturation factors uniform in
     [1 - j, 1 + j], hue shift uniform in +-hue, the four in a random order), then random
@@ -440,8 +444,12 @@ def strong_photometric(x: torch.Tensor, cfg: PhotometricConfig, g: torch.Generat
     dev, dtype = x.device, x.dtype
     out = x.detach().float().cpu().clone()
     B = out.shape[0]
+    gens = [g] * B if isinstance(g, torch.Generator) else list(g)
+    if len(gens) != B:
+        raise ValueError(f"g: expected a torch.Generator or {B} generators (one per sample), got {len(gens)}")
     for i in range(B):
         img = out[i]
+        g = gens[i]
         order = torch.randperm(4, generator=g).tolist()
         fb = 1 + (2 * _u(g) - 1) * cfg.jitter_brightness
         fc = 1 + (2 * _u(g) - 1) * cfg.jitter_contrast
@@ -552,38 +560,63 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     ``set_epoch(epoch, start_batch)`` makes the sampler yield that epoch's batches from
     ``start_batch`` on: a run resumed mid-epoch sees exactly the batches it had not seen.
+
+    Distributed (``world`` > 1, the trainer's distributed sampler): ``batch_size`` is per
+    process; the epoch's order is cut into global batches of ``batch_size · world`` and
+    process ``rank`` takes its contiguous slice of each (sizes differ by at most one in an
+    incomplete last batch), so the ranks' slices, concatenated in rank order, are the
+    batches one process of batch ``batch_size · world`` would see. A training sampler
+    (``drop_last`` or not) drops a last global batch with fewer samples than processes,
+    which would leave a process without data; ``skip_empty=True`` (evaluation) keeps it and
+    gives the processes past its end nothing.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False):
+                 drop_last: bool = False, rank: int = 0, world: int = 1, skip_empty: bool = False):
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank must lie in [0, world), got rank={rank!r}, world={world!r}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.shuffle, self.drop_last = shuffle, drop_last and n > batch_size
+        self.rank, self.world, self.skip_empty = rank, world, skip_empty
+        self.global_batch = batch_size * world
+        self.shuffle, self.drop_last = shuffle, drop_last and n > self.global_batch
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def batches(self) -> list[list[int]]:
+        """The epoch's global batches (every process's samples)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 0x5EED))
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        out = [order[k:k + self.batch_size] for k in range(0, self.n, self.batch_size)]
-        if self.drop_last and out and len(out[-1]) < self.batch_size:
+        gb = self.global_batch
+        out = [order[k:k + gb] for k in range(0, self.n, gb)]
+        if out and len(out[-1]) < gb and (self.drop_last or (len(out[-1]) < self.world and not self.skip_empty)):
             out.pop()
         return out
 
+    def shard(self, batch: list[int]) -> list[int]:
+        """This process's contiguous slice of a global batch."""
+        q, r = divmod(len(batch), self.world)
+        start = self.rank * q + min(self.rank, r)
+        return batch[start:start + q + (1 if self.rank < r else 0)]
+
     def num_batches(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        """Global batches per epoch (steps every process takes)."""
+        full, rest = divmod(self.n, self.global_batch)
+        keep_rest = rest and not self.drop_last and (rest >= self.world or self.skip_empty)
+        return full + (1 if keep_rest else 0)
 
     def __len__(self) -> int:
-        return max(0, self.num_batches() - self.start_batch)
+        return sum(1 for _ in self.__iter__())
 
     def __iter__(self) -> Iterator[list]:
         for b in self.batches()[self.start_batch:]:
-            yield [(i, self.epoch) for i in b]
+            mine = self.shard(b)
+            if mine:
+                yield [(i, self.epoch) for i in mine]
 
 
 def collate(batch):

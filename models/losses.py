@@ -19,75 +19,98 @@ Differences from the authors' code, on purpose:
   predictions are probabilities).
 - λ is applied here, by the trainer, exactly as configured (the model returns the
   unweighted dispersive loss).
+
+Data-parallel training: every function takes ``total``, which sums a tensor of batch sums
+over the ranks (``models.ddp.Dist.sum``, an autograd-aware all-reduce; the identity in one
+process). Every batch-wide reduction goes through it, one call per term, so each rank
+computes the loss of the global batch and DDP's gradient average gives its exact gradient
+(see ``models/ddp.py``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+Total = Callable[[torch.Tensor], torch.Tensor]
 
-def dice_bce(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _count(t: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(float(t.numel()), dtype=torch.float32, device=t.device)
+
+
+def dice_bce(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
+             total: Total = _local) -> torch.Tensor:
     """BCE-with-logits (mean) + soft Dice loss over the whole batch; float32 result."""
     x, y = logits.float(), target.float()
-    bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean")
     p = torch.sigmoid(x)
-    dice = 1.0 - (2.0 * (p * y).sum() + smooth) / (p.sum() + y.sum() + smooth)
-    return bce + dice
+    s = total(torch.stack([F.binary_cross_entropy_with_logits(x, y, reduction="sum"),
+                           (p * y).sum(), p.sum(), y.sum(), _count(x)]))
+    bce, inter, sp, sy, n = s.unbind()
+    return bce / n + 1.0 - (2.0 * inter + smooth) / (sp + sy + smooth)
 
 
-def consistency(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+def consistency(logits_a: torch.Tensor, logits_b: torch.Tensor, total: Total = _local) -> torch.Tensor:
     """BCE(p_a, 1[p_b > .5]) + BCE(p_b, 1[p_a > .5]); σ(x) > .5 exactly when x > 0."""
     a, b = logits_a.float(), logits_b.float()
     ta, tb = (a.detach() > 0).float(), (b.detach() > 0).float()
-    return (F.binary_cross_entropy_with_logits(a, tb, reduction="mean")
-            + F.binary_cross_entropy_with_logits(b, ta, reduction="mean"))
+    s = total(torch.stack([F.binary_cross_entropy_with_logits(a, tb, reduction="sum"),
+                           F.binary_cross_entropy_with_logits(b, ta, reduction="sum"), _count(a)]))
+    return (s[0] + s[1]) / s[2]
 
 
 def _disp(d: Optional[torch.Tensor]) -> torch.Tensor:
     return d.float() if d is not None else torch.zeros(())
 
 
-def stage1_loss(out, out_aug, y: torch.Tensor, disp_weight: float) -> tuple[torch.Tensor, dict]:
+def stage1_loss(out, out_aug, y: torch.Tensor, disp_weight: float,
+                total: Total = _local) -> tuple[torch.Tensor, dict]:
     """Stage I loss of a batch and its strong copy; returns (total, float parts for logging)."""
-    l_main = dice_bce(out.mask, y)
-    l_aug = dice_bce(out_aug.mask, y)
-    l_cons = consistency(out.mask, out_aug.mask)
+    l_main = dice_bce(out.mask, y, total=total)
+    l_aug = dice_bce(out_aug.mask, y, total=total)
+    l_cons = consistency(out.mask, out_aug.mask, total=total)
     disp = _disp(out.disp_loss).to(l_main.device) + _disp(out_aug.disp_loss).to(l_main.device)
-    total = l_main + l_aug + l_cons + disp_weight * disp
+    loss = l_main + l_aug + l_cons + disp_weight * disp
     parts = {"mask": l_main.detach(), "mask_aug": l_aug.detach(), "cons": l_cons.detach(),
              "disp": disp.detach()}
-    return total, parts
+    return loss, parts
 
 
-def complementary(fg: torch.Tensor, bg: torch.Tensor, uc: torch.Tensor) -> torch.Tensor:
+def complementary(fg: torch.Tensor, bg: torch.Tensor, uc: torch.Tensor, total: Total = _local) -> torch.Tensor:
     """Σ (q_fg q_bg + q_fg q_uc + q_bg q_uc) / (B·H·W), q = softmax over [σ(fg), σ(bg), σ(uc)]."""
     probs = torch.softmax(torch.stack([torch.sigmoid(t.float()) for t in (fg, bg, uc)], dim=1), dim=1)
     q_fg, q_bg, q_uc = probs.unbind(1)
     B, H, W = fg.shape[0], fg.shape[-2], fg.shape[-1]
-    return ((q_fg * q_bg).sum() + (q_fg * q_uc).sum() + (q_bg * q_uc).sum()) / (B * H * W)
+    s = total(torch.stack([(q_fg * q_bg).sum() + (q_fg * q_uc).sum() + (q_bg * q_uc).sum(),
+                           torch.tensor(float(B * H * W), device=probs.device)]))
+    return s[0] / s[1]
 
 
-def balance_weight(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def balance_weight(logits: torch.Tensor, eps: float = 1e-6, total: Total = _local) -> torch.Tensor:
     """β = 1 / tanh(Σ σ(logits) / (H·W)), the tanh clamped at ``eps``."""
     p = torch.sigmoid(logits.float())
-    return 1.0 / torch.tanh(p.sum() / (p.shape[-2] * p.shape[-1])).clamp_min(eps)
+    return 1.0 / torch.tanh(total(p.sum()) / (p.shape[-2] * p.shape[-1])).clamp_min(eps)
 
 
-def stage2_loss(out, y: torch.Tensor, disp_weight: float, beta_eps: float = 1e-6) -> tuple[torch.Tensor, dict]:
+def stage2_loss(out, y: torch.Tensor, disp_weight: float, beta_eps: float = 1e-6,
+                total: Total = _local) -> tuple[torch.Tensor, dict]:
     """Stage II loss; returns (total, float parts for logging)."""
     if out.uncertainty is None:
         raise ValueError("stage2_loss: the model output has no uncertainty map (a Stage I model?)")
-    l_mask = dice_bce(out.mask, y)
-    l_fg = dice_bce(out.fg, y)
-    l_bg = dice_bce(out.bg, 1.0 - y)
-    b1, b2 = balance_weight(out.fg, beta_eps), balance_weight(out.bg, beta_eps)
-    l_comp = complementary(out.fg, out.bg, out.uncertainty)
+    l_mask = dice_bce(out.mask, y, total=total)
+    l_fg = dice_bce(out.fg, y, total=total)
+    l_bg = dice_bce(out.bg, 1.0 - y, total=total)
+    b1, b2 = balance_weight(out.fg, beta_eps, total), balance_weight(out.bg, beta_eps, total)
+    l_comp = complementary(out.fg, out.bg, out.uncertainty, total)
     disp = _disp(out.disp_loss).to(l_mask.device)
-    total = l_mask + b1 * l_fg + b2 * l_bg + l_comp + disp_weight * disp
+    loss = l_mask + b1 * l_fg + b2 * l_bg + l_comp + disp_weight * disp
     parts = {"mask": l_mask.detach(), "fg": l_fg.detach(), "bg": l_bg.detach(),
              "beta_fg": b1.detach(), "beta_bg": b2.detach(), "comp": l_comp.detach(),
              "disp": disp.detach()}
-    return total, parts
+    return loss, parts

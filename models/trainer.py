@@ -16,6 +16,18 @@ and the torch / CUDA / numpy / Python RNG states. The data order and every augme
 draw from generators seeded by (seed, epoch, step or sample), so a run killed at any
 moment and resumed with ``--resume`` redoes exactly the steps it lost: in
 ``--deterministic`` mode it ends with bitwise the same weights as an uninterrupted run.
+
+Data parallel (``--ddp`` under ``torchrun``, ``models/ddp.py``): each process trains on its
+slice of every global batch (``--batch-size`` per process) in DistributedDataParallel; the
+losses' batch sums and the dispersive loss's negatives span all processes, so N processes
+train as one process with an N times larger batch (exactly so with ``--sync-bn``). Only
+rank 0 writes files and logs; every rank reads ``last.pt`` on ``--resume`` (same number of
+processes required). Validation is split over the processes and gathered.
+
+Memory bank (``--disp-bank K``): a ``disseg_kernels.NegativeBank`` of the K most recent
+rows of z (the main view's, after each optimizer step; under DDP every process's, so all
+banks stay identical) whose rows are extra negatives of the dispersive loss. It is saved
+in the checkpoints, so a resumed run keeps its negatives.
 """
 
 from __future__ import annotations
@@ -38,11 +50,12 @@ import torch
 
 from . import data as D
 from .config import TrainConfig, UserError
+from .ddp import Dist, convert_sync_batchnorm, init_distributed, shutdown
 from .losses import dice_bce, stage1_loss, stage2_loss
 from .metrics import batch_metrics, nanmean, summarize
 
 CHECKPOINT_FORMAT = "disseg-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 1  # version 1 files without "world"/"bank" load as world 1, no bank
 # Fields a --resume may change; every other one must equal the interrupted run's.
 RESUMABLE_CHANGES = {"resume", "epochs", "workers", "threads", "progress", "save_every_steps",
                      "early_stop_patience", "device", "out", "data", "init", "pretrained"}
@@ -274,7 +287,8 @@ class Trainer:
         self.best_path = os.path.join(self.out, "best.pt")
 
     # ---------------------------------------------------------------- set-up
-    def _prepare_data(self):
+    def _prepare_data_main(self):
+        """Rank 0: generate the embedded dataset when --data is omitted."""
         cfg = self.cfg
         if cfg.data is None:
             from .synthetic import ensure_synthetic
@@ -283,9 +297,10 @@ class Trainer:
             if ensure_synthetic(root, cfg.synth_train, cfg.synth_val, cfg.synth_test, cfg.synth_size,
                                 cfg.synth_seed):
                 self.log(f"generated the synthetic dataset in {root}")
-            self.data_root = root
-        else:
-            self.data_root = cfg.data
+
+    def _prepare_data(self):
+        cfg = self.cfg
+        self.data_root = os.path.join(self.out, "data") if cfg.data is None else cfg.data
         splits = D.check_dataset(self.data_root, ("train", "val"))
         self.train_samples, self.val_samples = splits["train"], splits["val"]
 
@@ -297,9 +312,36 @@ class Trainer:
             raise UserError(f"{self.last_path}: cannot resume with a different configuration: "
                             + "; ".join(diffs))
 
+    def _main_only(self, fn):
+        """Run ``fn`` on rank 0 only; a UserError there is raised on every rank (so that
+        no process waits forever for one that stopped)."""
+        err = None
+        if self.dist.main:
+            try:
+                fn()
+            except UserError as e:
+                err = str(e)
+        err = self.dist.broadcast_object(err)
+        if err is not None:
+            raise UserError(err)
+
     def setup(self) -> None:
         cfg = self.cfg
-        self.device = resolve_device(cfg.device)
+        self._owns_group = False
+        if cfg.ddp:
+            import torch.distributed as tdist
+
+            had = tdist.is_available() and tdist.is_initialized()
+            self.dist, self.device = init_distributed(cfg.device)
+            self._owns_group = not had
+        else:
+            self.dist, self.device = Dist(), resolve_device(cfg.device)
+        if not self.dist.main:
+            self.log = lambda msg: None
+        if self.dist.world > 1:
+            self.log(f"data parallel: {self.dist.world} processes ({self.dist.backend}), batch "
+                     f"{cfg.batch_size} per process = {cfg.batch_size * self.dist.world} per step"
+                     + (", synchronised BatchNorm" if cfg.sync_bn else ""))
         if cfg.amp == "fp16" and self.device.type == "cpu":
             pass  # autocast fp16 on CPU is supported by torch >= 2.3; GradScaler too.
         if cfg.stage == 2 and cfg.init is None and not cfg.resume:
@@ -317,13 +359,18 @@ class Trainer:
         init_ckpt = load_checkpoint(cfg.init) if (cfg.init and ckpt is None) else None
         if cfg.pretrained and not os.path.isfile(cfg.pretrained):
             raise UserError(f"--pretrained={cfg.pretrained!r}: no such file")
+        self.dist.barrier()  # every rank has checked --out before rank 0 writes into it
+        self._main_only(self._prepare_data_main)
         self._prepare_data()  # validates every file before anything is written
-        os.makedirs(self.out, exist_ok=True)
-        remove_stale_temporaries(self.out)
+        if self.dist.main:
+            os.makedirs(self.out, exist_ok=True)
+            remove_stale_temporaries(self.out)
 
         set_determinism(cfg)
         seed_everything(cfg.seed)
         self.model = build_model_from_config(cfg).to(self.device)
+        if cfg.sync_bn:
+            self.model = convert_sync_batchnorm(self.model, self.device)
         if cfg.pretrained and ckpt is None:
             from . import load_torchvision_resnet
 
@@ -342,12 +389,36 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.bank = None
+        if cfg.disp_bank:
+            self.bank = self._make_bank()
+        self.net = self.model
+        if cfg.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # With synchronised BatchNorm the running statistics agree on every rank, so
+            # the per-forward buffer broadcast is skipped.
+            import inspect
+
+            sync_kw = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else "broadcast_buffers")  # renamed in torch 2.12
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           **{sync_kw: not cfg.sync_bn})
+        self._disp_rows: list[torch.Tensor] = []
+        if cfg.dispersive and (cfg.ddp or self.bank is not None):
+            self.model.set_dispersive_fn(self._dispersive)
         self.aug = D.AugConfig.from_config(cfg)
         self.photo = D.PhotometricConfig.from_config(cfg)
         self.train_ds = D.SegDataset(self.train_samples, cfg.size, self.aug, cfg.seed)
         self.val_ds = D.SegDataset(self.val_samples, cfg.size, None, cfg.seed)
-        self.sampler = D.EpochBatchSampler(len(self.train_ds), cfg.batch_size, cfg.seed, True, cfg.drop_last)
-        self.val_sampler = D.EpochBatchSampler(len(self.val_ds), cfg.batch_size, cfg.seed, False, False)
+        r, w = self.dist.rank, self.dist.world
+        self.sampler = D.EpochBatchSampler(len(self.train_ds), cfg.batch_size, cfg.seed, True, cfg.drop_last,
+                                           rank=r, world=w)
+        if self.sampler.num_batches() == 0:
+            raise UserError(f"{self.data_root}: {len(self.train_ds)} training image(s) cannot fill one step of "
+                            f"{w} process(es)")
+        self.val_sampler = D.EpochBatchSampler(len(self.val_ds), cfg.batch_size, cfg.seed, False, False,
+                                               rank=r, world=w, skip_empty=True)
 
         # position and bookkeeping
         self.epoch, self.batch, self.global_step = 0, 0, 0
@@ -358,9 +429,48 @@ class Trainer:
             self._restore(ckpt)
             self.log(f"resumed {self.last_path}: epoch {self.epoch + 1}, batch {self.batch}, "
                      f"step {self.global_step}")
-        else:
+        elif self.dist.main:
             atomic_write_text(os.path.join(self.out, "config.json"), json.dumps(cfg.to_dict(), indent=1) + "\n")
-        atomic_write_text(os.path.join(self.out, "env.json"), json.dumps(environment(), indent=1) + "\n")
+        if self.dist.main:
+            env = environment()
+            env["world_size"] = self.dist.world
+            atomic_write_text(os.path.join(self.out, "env.json"), json.dumps(env, indent=1) + "\n")
+
+    def _make_bank(self):
+        """The memory bank, its D read from the encoder's output (one eval-mode forward of zeros)."""
+        from disseg_kernels import NegativeBank
+
+        from .base import FEATURES
+
+        cfg = self.cfg
+        enc = self.model.encoder
+        was = enc.training
+        enc.eval()  # no BatchNorm update
+        try:
+            with torch.no_grad():
+                f = enc(torch.zeros(1, 3, cfg.size, cfg.size, device=self.device))[FEATURES.index(cfg.disp_feature)]
+        finally:
+            enc.train(was)
+        dim = f.shape[1] * (f.shape[2] * f.shape[3] if cfg.disp_granularity == "sample" else 1)
+        dtype = torch.bfloat16 if cfg.disp_bank_dtype == "bfloat16" else torch.float32
+        gib = cfg.disp_bank * dim * (2 if dtype == torch.bfloat16 else 4) / 2**30
+        self.log(f"memory bank: {cfg.disp_bank} rows x {dim} features ({cfg.disp_bank_dtype}), {gib:.3g} GiB")
+        try:
+            return NegativeBank(dim, cfg.disp_bank, dtype=dtype, device=self.device)
+        except (RuntimeError, MemoryError) as e:
+            raise UserError(f"--disp-bank={cfg.disp_bank}: cannot allocate {gib:.3g} GiB for the bank ({e})") from None
+
+    def _dispersive(self, z: torch.Tensor) -> torch.Tensor:
+        """The training-mode dispersive loss of z (N, D): global over the processes under
+        DDP, with the bank's rows as extra negatives when there is a bank."""
+        from disseg_kernels import dispersive_loss_with_bank, distributed_dispersive_loss
+
+        cfg = self.cfg
+        self._disp_rows.append(z.detach())
+        if cfg.ddp:
+            return distributed_dispersive_loss(z, variant=cfg.disp_variant, tau=cfg.disp_tau, ring=cfg.disp_ring,
+                                               bank=self.bank, ddp_scale=True)
+        return dispersive_loss_with_bank(z, self.bank, variant=cfg.disp_variant, tau=cfg.disp_tau)
 
     def _init_from_stage1(self, ckpt: dict) -> None:
         from . import transfer_stage1_to_stage2
@@ -394,9 +504,18 @@ class Trainer:
                 "global_step": self.global_step, "best_metric": self.best_metric,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "running": self.running, "history": self.history, "rng": rng_state(),
+                "world": self.dist.world, "bank": None if self.bank is None else self.bank.state_dict(),
                 "versions": {"torch": str(torch.__version__)}}
 
     def _restore(self, ck: dict) -> None:
+        world = ck.get("world", 1)
+        if world != self.dist.world:
+            raise UserError(f"{self.last_path}: the run was trained by {world} process(es); resume it with "
+                            f"the same number (now {self.dist.world}), since the steps and batches depend on it")
+        if self.bank is not None:
+            if ck.get("bank") is None:
+                raise UserError(f"{self.last_path}: holds no memory bank, but --disp-bank={self.cfg.disp_bank}")
+            self.bank.load_state_dict(ck["bank"])
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -404,31 +523,62 @@ class Trainer:
         self.epoch, self.batch, self.global_step = ck["epoch"], ck["batch"], ck["global_step"]
         self.best_metric, self.best_epoch, self.bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
         self.running, self.history = ck["running"], ck["history"]
+        if not self.dist.main:  # rank 0 saved every rank's running sums, merged
+            self.running = self._fresh_running()
         set_rng_state(ck["rng"])
 
+    def _merge_running(self) -> dict:
+        """Every rank's running sums of the epoch so far, merged (on every rank)."""
+        parts = self.dist.gather_objects(self.running)
+        if len(parts) == 1:
+            return self.running
+        out = self._fresh_running()
+        for p in parts:
+            out["loss"] += p["loss"]
+            out["n"] += p["n"]
+            out["dice"].extend(p["dice"])
+            for k, v in p["parts"].items():
+                out["parts"][k] = out["parts"].get(k, 0.0) + v
+        return out
+
     def save_last(self) -> None:
-        save_checkpoint(self.state(), self.last_path)
+        """Write last.pt (rank 0). Mid-epoch under DDP the ranks' running sums are merged
+        into rank 0's first (the others restart theirs), so the checkpoint holds them all."""
+        if self.dist.world > 1:
+            merged = self._merge_running()
+            self.running = merged if self.dist.main else self._fresh_running()
+        if self.dist.main:
+            save_checkpoint(self.state(), self.last_path)
 
     # ---------------------------------------------------------------- steps
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, step_seed: int):
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         cfg = self.cfg
+        total = self.dist.sum
         with autocast_context(self.device, cfg.amp):
-            out = self.model(D.normalize(x, cfg.normalize))
+            out = self.net(D.normalize(x, cfg.normalize))
             if cfg.stage == 1:
-                g = torch.Generator().manual_seed(step_seed)
-                xs = D.strong_photometric(x, self.photo, g)
-                out_aug = self.model(D.normalize(xs, cfg.normalize))
+                # one generator per sample, seeded by (seed, epoch, sample): the same draws
+                # whatever the batch composition or the process that holds the sample
+                gens = [torch.Generator().manual_seed(D.mix_seed(cfg.seed, self.epoch, int(i), 0x57A6E1))
+                        for i in idx]
+                xs = D.strong_photometric(x, self.photo, gens)
+                out_aug = self.net(D.normalize(xs, cfg.normalize))
         if cfg.stage == 1:
-            loss, parts = stage1_loss(out, out_aug, y, cfg.disp_weight)
+            loss, parts = stage1_loss(out, out_aug, y, cfg.disp_weight, total=total)
         else:
-            loss, parts = stage2_loss(out, y, cfg.disp_weight)
+            loss, parts = stage2_loss(out, y, cfg.disp_weight, total=total)
         return out, loss, parts
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[float]]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor] = None) -> tuple[float, list[float]]:
+        """One optimizer step on the batch (x, y) of dataset indices ``idx`` (this process's
+        slice of the global batch under DDP). Returns the loss (of the global batch) and the
+        per-sample Dice of this slice."""
         cfg = self.cfg
         self.model.train()
-        step_seed = D.mix_seed(cfg.seed, self.epoch, self.batch, 0x57A6E1)
-        out, loss, parts = self._forward_loss(x, y, step_seed)
+        if idx is None:
+            idx = torch.arange(x.shape[0])
+        self._disp_rows.clear()
+        out, loss, parts = self._forward_loss(x, y, idx)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {float(loss)} at epoch {self.epoch + 1}, "
                                      f"batch {self.batch}: parts {({k: float(v) for k, v in parts.items()})}")
@@ -439,6 +589,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.bank is not None and self._disp_rows:
+            # the main view's rows (Stage I's strong copy is not enqueued); every rank's
+            if cfg.ddp:
+                self.bank.enqueue_global(self._disp_rows[0])
+            else:
+                self.bank.enqueue(self._disp_rows[0])
+        self._disp_rows.clear()
         rows = batch_metrics(out.mask, y, cfg.threshold, cfg.empty_policy, with_hd95=False)
         dice = [r["dice"] for r in rows]
         n = x.shape[0]
@@ -451,18 +608,32 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, with_hd95: bool = False) -> dict:
+        """Metrics of the validation split (split over the processes under DDP, gathered:
+        every rank returns the same summary)."""
         cfg = self.cfg
+        if self.dist.world > 1 and not cfg.sync_bn:
+            # each rank updated its own running statistics in the last step: evaluate (and
+            # checkpoint) rank 0's everywhere
+            import torch.distributed as tdist
+
+            for b in self.model.buffers():
+                tdist.broadcast(b, 0)
         self.model.eval()
         loader = self._loader(self.val_ds, self.val_sampler)
         total, n, rows = 0.0, 0, []
-        for x, y, _ in loader:
+        for x, y, idx in loader:
             x, y = x.to(self.device), y.to(self.device)
             with autocast_context(self.device, cfg.amp):
                 out = self.model(D.normalize(x, cfg.normalize))
             total += float(dice_bce(out.mask, y)) * x.shape[0]
             n += x.shape[0]
-            rows.extend(batch_metrics(out.mask, y, cfg.threshold, cfg.empty_policy, with_hd95))
-        s = summarize(rows)
+            rows.extend((int(i), r) for i, r in zip(idx, batch_metrics(out.mask, y, cfg.threshold,
+                                                                       cfg.empty_policy, with_hd95)))
+        if self.dist.world > 1:
+            parts = self.dist.gather_objects((total, n, rows))
+            total, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            rows = sorted((r for p in parts for r in p[2]), key=lambda t: t[0])
+        s = summarize([r for _, r in rows])
         s["loss"] = total / max(n, 1)
         return s
 
@@ -508,12 +679,12 @@ class Trainer:
             loader = self._loader(self.train_ds, self.sampler)
             nb = self.sampler.num_batches()
             bar = None
-            if cfg.progress and tqdm is not None:
+            if cfg.progress and tqdm is not None and self.dist.main:
                 bar = tqdm(total=nb, initial=self.batch, desc=f"stage {cfg.stage} epoch {self.epoch + 1}/{cfg.epochs}",
                            leave=False, dynamic_ncols=True, file=sys.stderr)
-            for x, y, _ in loader:
+            for x, y, idx in loader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                loss, dice = self.train_step(x, y)
+                loss, dice = self.train_step(x, y, idx)
                 self.batch += 1
                 self.global_step += 1
                 if bar is not None:
@@ -528,7 +699,7 @@ class Trainer:
                 bar.close()
             val = self.validate()
             self.scheduler.step(val["loss"])
-            run = self.running
+            run = self._merge_running()
             row = {"epoch": self.epoch + 1, "step": self.global_step,
                    "train_loss": run["loss"] / max(run["n"], 1), "train_dice": nanmean(run["dice"]),
                    **{f"train_{k}": v / max(run["n"], 1) for k, v in run["parts"].items()},
@@ -548,10 +719,11 @@ class Trainer:
             self.epoch += 1
             self.batch = 0
             self.running = self._fresh_running()
-            if improved:
+            if improved and self.dist.main:
                 save_checkpoint(self.state(), self.best_path)
             self.save_last()
-            self._write_logs()
+            if self.dist.main:
+                self._write_logs()
             self.log(f"stage {cfg.stage} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
                      f"dice {row['train_dice']:.3f} | val loss {row['val_loss']:.4f} mIoU {row['val_mIoU']:.4f} "
                      f"mDSC {row['val_mDSC']:.4f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s, "
@@ -565,9 +737,20 @@ class Trainer:
                    "best_val_mDSC": next((r["val_mDSC"] for r in self.history if r["epoch"] == self.best_epoch), math.nan),
                    "stopped_early": stopped_early, "seconds": round(time.time() - t_start, 1),
                    "best": self.best_path, "last": self.last_path}
-        atomic_write_text(os.path.join(self.out, "summary.json"), json.dumps(summary, indent=1) + "\n")
+        if self.dist.main:
+            atomic_write_text(os.path.join(self.out, "summary.json"), json.dumps(summary, indent=1) + "\n")
         return summary
+
+    def close(self) -> None:
+        """Leave the process group this trainer joined (no-op otherwise)."""
+        if getattr(self, "_owns_group", False):
+            shutdown(self.dist)
+            self._owns_group = False
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    return Trainer(cfg, log).run()
+    t = Trainer(cfg, log)
+    try:
+        return t.run()
+    finally:
+        t.close()
