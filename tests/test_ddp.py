@@ -251,3 +251,13 @@ def test_bank_changes_the_loss_from_the_second_step(tiny_data, tmp_path):
     assert abs(lk[1] - lp[1]) > 1e-4
     assert len(banked.bank) == 5 and int(banked.bank.ptr) == 3  # 8 rows written into 5 slots
     assert banked.bank.dim == 1024  # ResNet-18 f4 (stride 16) at 32x32: 256 x 2 x 2
+
+
+def test_ddp_without_torchrun_says_how_to_launch(tiny_data, tmp_path, capsys, monkeypatch):
+    from models.cli import main
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(["train", "--ddp", "--data", tiny_data, "--out", str(tmp_path / "x"), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun" in err and "RANK" in err and "Traceback" not in err

@@ -279,12 +279,14 @@ def test_cuda_fused_matches_plain_and_amp(stage):
         assert all(torch.isfinite(p.grad).all() for p in fused.parameters() if p.grad is not None), dtype
 
 
-def test_torch_compile_stage1():
+@pytest.mark.parametrize("fused", [True, False])
+def test_torch_compile_stage1(fused):
     """torch.compile(model, fullgraph=True) traces the fused model and the disseg_kernels
     ops without a graph break (fake tensors and autograd of the custom ops; aot_eager: no
-    C++ code generation, to stay fast) and gives the eager outputs; backward runs. Stage II
-    and inductor: benchmarks/bench_models.py --compile."""
-    model = MedDisSegStage1("resnet18")
+    C++ code generation, to stay fast) and gives the eager outputs; backward runs. The
+    plain model too (its reference dispersive loss has static shapes). Stage II and
+    inductor: benchmarks/bench_models.py --compile."""
+    model = MedDisSegStage1("resnet18", fused=fused)
     x = torch.randn(2, 3, 32, 32)
     ref = model(x)
     out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)

@@ -68,8 +68,11 @@ def dispersive_loss_reference(
 
     d = pairwise_distance(z, variant, scale_by_dim)
     if diagonal == "exclude":
-        pairs = ~torch.eye(n, dtype=torch.bool, device=z.device)
-        d = d[pairs]  # the N(N-1) off-diagonal pairs
+        # the N(N-1) off-diagonal pairs: in the row-major N×N matrix the diagonal entries
+        # are N+1 apart, so dropping the last entry and cutting rows of N+1 puts exactly
+        # one diagonal entry first in each row. (A boolean mask would select the same
+        # entries, with a data-dependent shape that torch.compile(fullgraph=True) rejects.)
+        d = d.reshape(-1)[:-1].reshape(n - 1, n + 1)[:, 1:].reshape(-1)
     else:
         d = d.reshape(-1)  # all N² pairs
     if variant == "hinge":
