@@ -54,12 +54,14 @@ def _hidden(channels: int, ratio: int, name: str) -> int:
 #
 # ``disseg::gates_fwd`` runs the program with the real kernels and returns out plus the
 # small statistics (and arg-max indices); autograd saves x, the parameters and those.
-# ``disseg::gates_bwd`` re-runs the program on the saved statistics under autograd (tiny
-# tensors), with each statistic's dependence on the earlier gates supplied by a proxy
-# whose backward is one pass over x (``gates_reduce``); then writes dx in one pass
-# (``gates_grad_x``: grad·G·S plus one rank-1 term per statistic) and scatters the few
-# arg-max terms. Backward therefore reads x once per statistic plus once with grad, and
-# writes dx once.
+# ``disseg::gates_bwd`` recomputes the program's small tensors from the saved statistics
+# and runs its stages backwards by hand (``_STAGE_BWD``; no autograd graph, so every op is
+# one launch on the GPU, where this host work dominates at the model's shapes): one pass
+# over (x, grad) gives dG, dS (``reduce``); each statistic taken under an earlier gate
+# carries its gradient to that gate with one pass over x (``_Backward.hw_stat`` /
+# ``c_stat``); then dx is written in one pass (``grad_x``: grad·G·S plus one rank-1 term
+# per statistic) and the few arg-max terms are scattered. Backward therefore reads x once
+# per gated statistic plus once with grad, and writes dx once.
 # ---------------------------------------------------------------------------------------
 
 
@@ -99,10 +101,21 @@ def _kernels(backend: str):
     raise ValueError(f"no fused gate kernels for backend {backend!r}")
 
 
-def _telu_small(t):
-    # TeLU on the tiny hidden activations, differentiable and finite for every x:
-    # tanh(e^{min(x, 20)}) is exactly 1 from x = 20 on, where the true derivative is 1 too.
-    return t * torch.tanh(torch.exp(t.clamp(max=20.0)))
+def _add(a, b):
+    return b if a is None else (a if b is None else a + b)
+
+
+def _telu_parts(h):
+    """TeLU on the tiny hidden activations and what its derivative reuses. Finite for every
+    h: tanh(e^{min(h, 20)}) is exactly 1 from h = 20 on, where the true derivative is 1 too."""
+    u = torch.exp(h.clamp(max=20.0))
+    th = torch.tanh(u)
+    return h * th, (u, th)
+
+
+def _telu_grad(dt, h, parts):
+    u, th = parts
+    return dt * (th + h * u * (1.0 - th * th))
 
 
 def _pair_sum(t):
@@ -111,61 +124,239 @@ def _pair_sum(t):
     return t[:half] + t[half:]
 
 
-def _spatial_gate(mean, mx, weight, bias, shape):
+def _mlp_fwd(A, w_in, b_in, w_out, b_out, act, pair):
+    H = F.linear(A, w_in, b_in)
+    if act == "relu":
+        T, parts = F.relu(H), None
+    else:
+        T, parts = _telu_parts(H)
+    Z = F.linear(T, w_out, b_out)
+    return (_pair_sum(Z) if pair else Z), (A, H, T, parts)
+
+
+def _mlp_bwd(dz, rec, w_in, w_out, act, pair, biases):
+    """(dA, dw_in, db_in, dw_out, db_out) of :func:`_mlp_fwd` (bias grads None without biases)."""
+    A, H, T, parts = rec
+    dZ = torch.cat([dz, dz]) if pair else dz
+    dw_out = dZ.t().mm(T)
+    dT = dZ.mm(w_out)
+    dH = torch.ops.aten.threshold_backward(dT, H, 0.0) if act == "relu" else _telu_grad(dT, H, parts)
+    dw_in = dH.t().mm(A)
+    dA = dH.mm(w_in)
+    if not biases:
+        return dA, dw_in, None, dw_out, None
+    return dA, dw_in, dH.sum(0), dw_out, dZ.sum(0)
+
+
+class _Backward:
+    """Collects dx's terms while the stages run backwards, and the passes over x that carry
+    a statistic's gradient to the gate it was taken under (one ``reduce`` each).
+
+    A statistic over p of x·S0 (mean ``a``, max ``m`` at arg-max idx) contributes
+    dx[b, c, p] += da[b, c]/P · S0[b, p] and dx[b, c, idx] += dm · S0[b, idx], and
+    dS0[b, p] += Σ_c x · da/P plus dm · x[b, c, idx] at p = idx. A statistic over c of
+    x·G0 is the transpose of that.
+    """
+
+    def __init__(self, k, x, acc):
+        self.k, self.x, self.acc = k, x, acc
+        b, c, h, w = x.shape
+        self.b, self.c, self.p = b, c, h * w
+        self.L, self.R, self.hw_scatter, self.c_scatter, self.stencil_dx = [], [], [], [], None
+
+    def hw_stat(self, S0, idx, da, dm):
+        """Gradient (da, dm) of mean/max over p of x·S0; returns dS0 (None when S0 is)."""
+        da = da / self.p
+        self.L.append(da)
+        self.R.append(S0)
+        if dm is not None:
+            self.hw_scatter.append((idx, dm if S0 is None else dm * S0.gather(1, idx)))
+        if S0 is None:
+            return None
+        _, dS0 = self.k.reduce(self.x, None, da.contiguous(), None)
+        if dm is not None:
+            x_at = _flat_p(self.x).gather(2, idx.unsqueeze(2)).squeeze(2).to(self.acc)
+            dS0 = dS0.scatter_add_(1, idx, dm * x_at)
+        return dS0
+
+    def c_stat(self, G0, idx, dmean, dm):
+        """Gradient (dmean, dm) of mean/max over c of x·G0; returns dG0 (None when G0 is)."""
+        dmean = dmean / self.c
+        self.L.append(G0)
+        self.R.append(dmean)
+        self.c_scatter.append((idx, dm if G0 is None else dm * G0.gather(1, idx)))
+        if G0 is None:
+            return None
+        dG0, _ = self.k.reduce(self.x, None, None, dmean.contiguous())
+        x_at = _flat_p(self.x).gather(1, idx.unsqueeze(1)).squeeze(1).to(self.acc)
+        return dG0.scatter_add_(1, idx, dm * x_at)
+
+    def dx(self, grad, G, S):
+        """dx = grad·G·S + the rank-1 terms (one ``grad_x`` pass) + arg-max and stencil terms."""
+        x = self.x
+        ones = {}
+
+        def fill(t, n):
+            if t is not None:
+                return t
+            if n not in ones:
+                ones[n] = x.new_ones((self.b, n), dtype=self.acc)
+            return ones[n]
+
+        if self.L:
+            L = torch.stack([fill(t, self.c) for t in self.L])
+            R = torch.stack([fill(t, self.p) for t in self.R])
+        else:
+            L, R = x.new_zeros((0, self.b, self.c), dtype=self.acc), x.new_zeros((0, self.b, self.p), dtype=self.acc)
+        dx = self.k.grad_x(grad, x, G, S, L, R)
+        flat = _flat_p(dx)
+        for idx, val in self.hw_scatter:
+            flat.scatter_add_(2, idx.unsqueeze(2), val.to(dx.dtype).unsqueeze(2))
+        for idx, val in self.c_scatter:
+            flat.scatter_add_(1, idx.unsqueeze(1), val.to(dx.dtype).unsqueeze(1))
+        if self.stencil_dx is not None:
+            dx += self.stencil_dx
+        return dx
+
+
+# Each stage: fwd(src, p, shape, G0, S0) -> (G, S, rec); bwd(bw, rec, p, dG, dS) ->
+# (dG0, dS0, [dp]). G0/S0 are the gates of the stages before (None: none); out = x·G·S.
+
+
+def _channel_fwd(src, mlp, act, G0, S0):
+    a, m, idx = src.pool_hw(S0)
+    A_raw = torch.cat([a, m])
+    A = A_raw if G0 is None else (A_raw.view(2, *a.shape) * G0).flatten(0, 1)
+    z, mrec = _mlp_fwd(A, *mlp, act, pair=True)
+    g = torch.sigmoid(z)
+    return (g if G0 is None else G0 * g), S0, (A_raw, idx, mrec, g, G0, S0)
+
+
+def _channel_bwd(bw, rec, w_in, w_out, act, biases, dG, dS):
+    A_raw, idx, mrec, g, G0, S0 = rec
+    dz = torch.ops.aten.sigmoid_backward(dG if G0 is None else dG * G0, g)
+    dA, dw_in, db_in, dw_out, db_out = _mlp_bwd(dz, mrec, w_in, w_out, act, True, biases)
+    dG0 = None
+    if G0 is not None:
+        dG0 = dG * g + _pair_sum(dA * A_raw)
+        dA = (dA.view(2, *G0.shape) * G0).flatten(0, 1)
+    half = dA.shape[0] // 2
+    dS0 = _add(dS, bw.hw_stat(S0, idx, dA[:half], dA[half:]))
+    return dG0, dS0, (dw_in, db_in, dw_out, db_out)
+
+
+def _spatial_fwd(src, cw, cb, shape, G0, S0):
     b, _, h, w = shape
-    k = weight.shape[-1]
-    m = torch.stack([mean, mx], dim=1).view(b, 2, h, w)
-    return torch.sigmoid(F.conv2d(m, weight, bias, padding=k // 2)).reshape(b, h * w)
+    mean, mx, idx = src.pool_c(G0)
+    M_raw = torch.stack([mean, mx], dim=1)
+    M = (M_raw if S0 is None else M_raw * S0.unsqueeze(1)).view(b, 2, h, w)
+    s = torch.sigmoid(F.conv2d(M, cw, cb, padding=cw.shape[-1] // 2)).view(b, h * w)
+    return G0, (s if S0 is None else S0 * s), (M_raw, M, s, idx, G0, S0)
 
 
-def _ca_stage(ops, p, shape, G0, S0):
-    """ChannelAttention on x·G0·S0: returns the gates after it."""
-    w1, w2 = p[0].flatten(1), p[1].flatten(1)
-    a, m = ops.pool_hw(S0)
-    am = torch.cat([a, m]) if G0 is None else (torch.stack([a, m]) * G0).flatten(0, 1)
-    g = torch.sigmoid(_pair_sum(F.linear(F.relu(F.linear(am, w1)), w2)))
-    return (g if G0 is None else G0 * g), S0
-
-
-def _sa_stage(ops, p, shape, G0, S0, bias=None):
-    mean, mx = ops.pool_c(G0)
+def _spatial_bwd(bw, rec, cw, has_bias, dG, dS):
+    M_raw, M, s, idx, G0, S0 = rec
+    b, _, h, w = M.shape
+    pad = cw.shape[-1] // 2
+    dlogit = torch.ops.aten.sigmoid_backward(dS if S0 is None else dS * S0, s).view(b, 1, h, w)
+    dM, dcw, dcb = torch.ops.aten.convolution_backward(
+        dlogit, M, cw, [1] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, has_bias])
+    dM = dM.view(b, 2, h * w)
+    dS0 = None
     if S0 is not None:
-        mean, mx = S0 * mean, S0 * mx
-    s = _spatial_gate(mean, mx, p[0], bias, shape)
-    return G0, (s if S0 is None else S0 * s)
+        dS0 = dS * s + (dM * M_raw).sum(1)
+        dM = dM * S0.unsqueeze(1)
+    dG0 = _add(dG, bw.c_stat(G0, idx, dM[:, 0], dM[:, 1]))
+    return dG0, dS0, (dcw, dcb)
 
 
-def _cbam_stage(ops, p, shape, G0, S0):
+def _ca_fwd(src, p, shape, G0, S0):
+    return _channel_fwd(src, (p[0].flatten(1), None, p[1].flatten(1), None), "relu", G0, S0)
+
+
+def _ca_bwd(bw, rec, p, dG, dS):
+    dG0, dS0, (dw1, _, dw2, _) = _channel_bwd(bw, rec, p[0].flatten(1), p[1].flatten(1), "relu", False, dG, dS)
+    return dG0, dS0, [dw1, dw2]
+
+
+def _sa_fwd(src, p, shape, G0, S0):
+    return _spatial_fwd(src, p[0], None, shape, G0, S0)
+
+
+def _sa_bwd(bw, rec, p, dG, dS):
+    dG0, dS0, (dcw, _) = _spatial_bwd(bw, rec, p[0], False, dG, dS)
+    return dG0, dS0, [dcw]
+
+
+def _cbam_fwd(src, p, shape, G0, S0):
     w0, b0, w2, b2, cw, cb = p
-    a, m = ops.pool_hw(S0)
-    am = torch.cat([a, m]) if G0 is None else (torch.stack([a, m]) * G0).flatten(0, 1)
-    g = torch.sigmoid(_pair_sum(F.linear(_telu_small(F.linear(am, w0, b0)), w2, b2)))
-    G = g if G0 is None else G0 * g
-    return _sa_stage(ops, [cw], shape, G, S0, bias=cb)
+    G, S, rec_c = _channel_fwd(src, (w0, b0, w2, b2), "telu", G0, S0)
+    G, S, rec_s = _spatial_fwd(src, cw, cb, shape, G, S)
+    return G, S, (rec_c, rec_s)
 
 
-def _elat_program(ops, p, shape):
-    w0, w2 = p[0], p[1]
-    a, _ = ops.pool_hw(None)
-    g = torch.sigmoid(F.linear(_telu_small(F.linear(a, w0)), w2))
+def _cbam_bwd(bw, rec, p, dG, dS):
+    w0, b0, w2, b2, cw, cb = p
+    rec_c, rec_s = rec
+    dG, dS, (dcw, dcb) = _spatial_bwd(bw, rec_s, cw, True, dG, dS)
+    dG0, dS0, (dw0, db0, dw2, db2) = _channel_bwd(bw, rec_c, w0, w2, "telu", True, dG, dS)
+    return dG0, dS0, [dw0, db0, dw2, db2, dcw, dcb]
+
+
+def _elat_fwd(src, p, shape, G0, S0):
+    a, _, idx = src.pool_hw(None)
+    z, mrec = _mlp_fwd(a, p[0], None, p[1], None, "telu", pair=False)
+    g = torch.sigmoid(z)
     w7, bias = ref.elat_composite_stencil(p[2:5], p[5:8], p[8], p[9])
-    s = torch.sigmoid(ops.stencil(w7) + bias)
-    return g, s
+    s = torch.sigmoid(src.stencil(w7) + bias)
+    return g, s, (mrec, g, s, w7, idx)
 
 
-def _cbat_program(ops, p, shape):
-    G, S = _ca_stage(ops, p[0:2], shape, None, None)
-    G, S = _sa_stage(ops, p[2:3], shape, G, S)
-    return _cbam_stage(ops, p[3:9], shape, G, S)
+def _elat_bwd(bw, rec, p, dG, dS):
+    mrec, g, s, w7, idx = rec
+    x = bw.x
+    b, _, h, w = x.shape
+    dA, dw0, _, dw2, _ = _mlp_bwd(torch.ops.aten.sigmoid_backward(dG, g), mrec, p[0], p[1], "telu", False, False)
+    bw.hw_stat(None, idx, dA, None)
+    dlogit = torch.ops.aten.sigmoid_backward(dS, s)
+    dbias = dlogit.sum()
+    dxs, dw7, _ = torch.ops.aten.convolution_backward(
+        dlogit.view(b, 1, h, w).to(x.dtype), x, w7.to(x.dtype), None, [1, 1], [3, 3], [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    bw.stencil_dx = dxs
+    dw7 = dw7.to(bw.acc)
+    # The composite stencil's taps of dilation d sit at rows/cols 3−d, 3, 3+d, scaled by
+    # the fuse weight of that branch; its bias is Σ_d b_d·fw_d + fuse_bias.
+    fw = p[8].reshape(-1)
+    dconv_w, dconv_b, dfw = [], [], []
+    for i, d in enumerate((1, 2, 3)):
+        taps = dw7[:, :, 3 - d : 4 + d : d, 3 - d : 4 + d : d]
+        dconv_w.append(taps * fw[i])
+        dconv_b.append((dbias * fw[i]).reshape(1))
+        dfw.append((taps * p[2 + i]).sum() + dbias * p[5 + i].reshape(()))
+    return None, None, [dw0, dw2, *dconv_w, *dconv_b, torch.stack(dfw).view(1, 3, 1, 1), dbias.reshape(1)]
 
 
+_STAGE_FWD = {"ca": _ca_fwd, "sa": _sa_fwd, "cbam": _cbam_fwd, "elat": _elat_fwd}
+_STAGE_BWD = {"ca": _ca_bwd, "sa": _sa_bwd, "cbam": _cbam_bwd, "elat": _elat_bwd}
+# program -> its stages as (kind, first param, end param)
 _PROGRAMS = {
-    "ca": lambda ops, p, shape: _ca_stage(ops, p, shape, None, None),
-    "sa": lambda ops, p, shape: _sa_stage(ops, p, shape, None, None),
-    "cbam": lambda ops, p, shape: _cbam_stage(ops, p, shape, None, None),
-    "elat": _elat_program,
-    "cbat": _cbat_program,
+    "ca": [("ca", 0, 2)],
+    "sa": [("sa", 0, 1)],
+    "cbam": [("cbam", 0, 6)],
+    "elat": [("elat", 0, 10)],
+    "cbat": [("ca", 0, 2), ("sa", 2, 3), ("cbam", 3, 9)],
 }
+
+
+def _run_program(src, program, pf, shape):
+    """The program's forward on the statistics ``src`` provides: (G, S, tape)."""
+    G = S = None
+    tape = []
+    for kind, lo, hi in _PROGRAMS[program]:
+        G, S, rec = _STAGE_FWD[kind](src, pf[lo:hi], shape, G, S)
+        tape.append((kind, lo, hi, rec))
+    return G, S, tape
 
 
 def _flat_p(x):
@@ -173,20 +364,20 @@ def _flat_p(x):
 
 
 class _RunOps:
-    """Forward mode: real kernels; records the statistics for backward."""
+    """Forward: the real kernels; keeps the statistics for backward."""
 
     def __init__(self, k, x):
         self.k, self.x, self.saved = k, x, []
 
     def pool_hw(self, S):
-        mean, mx, idx = self.k.pool_hw(self.x, S)
-        self.saved += [mean, mx, idx]
-        return mean, mx
+        out = self.k.pool_hw(self.x, S)
+        self.saved += out
+        return out
 
     def pool_c(self, G):
-        mean, mx, idx = self.k.pool_c(self.x, G)
-        self.saved += [mean, mx, idx]
-        return mean, mx
+        out = self.k.pool_c(self.x, G)
+        self.saved += out
+        return out
 
     def stencil(self, w7):
         x = self.x
@@ -198,19 +389,18 @@ class _RunOps:
 class _FakeOps(_RunOps):
     """Shapes only (register_fake)."""
 
-    def pool_hw(self, S):
-        b, c = self.x.shape[:2]
+    def _stat(self, n):
+        b = self.x.shape[0]
         acc = _acc(self.x.dtype)
-        out = [self.x.new_empty((b, c), dtype=acc), self.x.new_empty((b, c), dtype=acc), self.x.new_empty((b, c), dtype=torch.long)]
+        out = [self.x.new_empty((b, n), dtype=acc), self.x.new_empty((b, n), dtype=acc), self.x.new_empty((b, n), dtype=torch.long)]
         self.saved += out
-        return out[0], out[1]
+        return out
+
+    def pool_hw(self, S):
+        return self._stat(self.x.shape[1])
 
     def pool_c(self, G):
-        b, _, h, w = self.x.shape
-        acc = _acc(self.x.dtype)
-        out = [self.x.new_empty((b, h * w), dtype=acc), self.x.new_empty((b, h * w), dtype=acc), self.x.new_empty((b, h * w), dtype=torch.long)]
-        self.saved += out
-        return out[0], out[1]
+        return self._stat(self.x.shape[2] * self.x.shape[3])
 
     def stencil(self, w7):
         b, _, h, w = self.x.shape
@@ -219,119 +409,25 @@ class _FakeOps(_RunOps):
         return out
 
 
-class _PoolHWProxy(torch.autograd.Function):
-    """mean/max over p of x·S as a function of S (x fixed): backward is one pass over x."""
+class _Replay:
+    """Backward: the saved statistics, in the order the forward produced them."""
 
-    @staticmethod
-    def forward(ctx, S, mean, mx, x, idx, k):
-        ctx.x, ctx.idx, ctx.k = x, idx, k
-        return mean.clone(), mx.clone()
-
-    @staticmethod
-    def backward(ctx, dmean, dmx):
-        x, idx = ctx.x, ctx.idx
-        p = x.shape[2] * x.shape[3]
-        _, dS = ctx.k.reduce(x, None, (dmean / p).contiguous(), None)
-        x_at = _flat_p(x).gather(2, idx.unsqueeze(2)).squeeze(2).to(dS.dtype)
-        dS = dS.scatter_add(1, idx, dmx * x_at)
-        return dS, dmean, dmx, None, None, None
-
-
-class _PoolCProxy(torch.autograd.Function):
-    """mean/max over c of x·G as a function of G (x fixed)."""
-
-    @staticmethod
-    def forward(ctx, G, mean, mx, x, idx, k):
-        ctx.x, ctx.idx, ctx.k = x, idx, k
-        return mean.clone(), mx.clone()
-
-    @staticmethod
-    def backward(ctx, dmean, dmx):
-        x, idx = ctx.x, ctx.idx
-        dG, _ = ctx.k.reduce(x, None, None, (dmean / x.shape[1]).contiguous())
-        x_at = _flat_p(x).gather(1, idx.unsqueeze(1)).squeeze(1).to(dG.dtype)
-        dG = dG.scatter_add(1, idx, dmx * x_at)
-        return dG, dmean, dmx, None, None, None
-
-
-class _StencilProxy(torch.autograd.Function):
-    """ELAT's logit conv(x, w7) as a function of w7 (x fixed)."""
-
-    @staticmethod
-    def forward(ctx, w7, logit, x):
-        ctx.x, ctx.w_shape = x, w7.shape
-        return logit.clone()
-
-    @staticmethod
-    def backward(ctx, dlogit):
-        x = ctx.x
-        b, _, h, w = x.shape
-        dw = torch.nn.grad.conv2d_weight(x, ctx.w_shape, dlogit.view(b, 1, h, w).to(x.dtype), padding=3)
-        return dw.to(dlogit.dtype), dlogit, None
-
-
-class _ProxyOps:
-    """Backward mode: the saved statistics as autograd leaves, tied to the gates by proxies."""
-
-    def __init__(self, k, x, saved):
-        self.k, self.x, self.saved, self.pos = k, x, list(saved), 0
-        self.leaves, self.stages = [], []
+    def __init__(self, saved):
+        self.saved, self.pos = saved, 0
 
     def _take(self, n):
         out = self.saved[self.pos : self.pos + n]
         self.pos += n
         return out
 
-    def _pool(self, kind, gate, proxy):
-        mean, mx, idx = self._take(3)
-        mean_l, mx_l = mean.detach().requires_grad_(), mx.detach().requires_grad_()
-        self.leaves += [mean_l, mx_l]
-        self.stages.append((kind, None if gate is None else gate.detach(), idx))
-        if gate is not None and gate.requires_grad:
-            return proxy.apply(gate, mean_l, mx_l, self.x, idx, self.k)
-        return mean_l, mx_l
-
     def pool_hw(self, S):
-        return self._pool("hw", S, _PoolHWProxy)
+        return self._take(3)
 
     def pool_c(self, G):
-        return self._pool("c", G, _PoolCProxy)
+        return self._take(3)
 
     def stencil(self, w7):
-        (logit,) = self._take(1)
-        leaf = logit.detach().requires_grad_()
-        self.leaves.append(leaf)
-        self.stages.append(("stencil", w7.detach(), None))
-        return _StencilProxy.apply(w7, leaf, self.x)
-
-
-class _AutogradInsideOp:
-    """Re-enable autograd inside a custom op's implementation.
-
-    A custom op's kernel runs below the Autograd dispatch keys (they are in the
-    thread-local exclude set), so tensors made there never require grad. ``gates_bwd``
-    differentiates the tiny gate programs (MLPs and 2→1 convs on (B, C) / (B, H·W)
-    statistics) with autograd, so it lifts that exclusion for its own body only.
-    """
-
-    _KEYS = ("AutogradOther", "AutogradCPU", "AutogradCUDA", "AutogradNestedTensor", "ADInplaceOrView")
-
-    def __enter__(self):
-        exclude = torch._C._dispatch_tls_local_exclude_set()
-        for name in self._KEYS:
-            key = getattr(torch._C.DispatchKey, name, None)
-            if key is not None:
-                exclude = exclude.remove(key)
-        self._guard = torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
-        self._grad = torch.enable_grad()
-        self._guard.__enter__()
-        self._grad.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._grad.__exit__(*exc)
-        self._guard.__exit__(*exc)
-        return False
+        return self._take(1)[0]
 
 
 def _match_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -355,16 +451,16 @@ def _gates_fwd(x: torch.Tensor, params: list[torch.Tensor], program: str, backen
         acc = _acc(x.dtype)
         pf = [p if p.dtype == acc else p.to(acc) for p in params]
         ops = _RunOps(k, x)
-        G, S = _PROGRAMS[program](ops, pf, tuple(x.shape))
-        out = k.apply(x, None if G is None else G.contiguous(), None if S is None else S.contiguous())
+        G, S, _ = _run_program(ops, program, pf, tuple(x.shape))
+        out = k.apply(x, G, S)
     return out, ops.saved
 
 
 @_gates_fwd.register_fake
 def _(x, params, program, backend):
-    pf = [p.to(_acc(x.dtype)) for p in params]
+    acc = _acc(x.dtype)
     ops = _FakeOps(None, x)
-    _PROGRAMS[program](ops, pf, tuple(x.shape))
+    _run_program(ops, program, [p.to(acc) for p in params], tuple(x.shape))
     return torch.empty_like(x), ops.saved
 
 
@@ -390,63 +486,23 @@ def _gates_bwd(
     """(dx, [dparams]) of :func:`_gates_fwd` for the incoming gradient ``grad``."""
     k = _kernels(backend)
     acc = _acc(x.dtype)
-    b, c, h, w = x.shape
     grad = _match_layout(grad, x)
-    with _AutogradInsideOp(), torch.autocast(x.device.type, enabled=False):
-        pf = [p.detach().to(acc).requires_grad_() for p in params]
-        ops = _ProxyOps(k, x, saved)
-        G, S = _PROGRAMS[program](ops, pf, (b, c, h, w))
-        Gd = None if G is None else G.detach().contiguous()
-        Sd = None if S is None else S.detach().contiguous()
-        U, V = k.reduce(x, grad, Gd, Sd)
-        loss = None
-        if G is not None:
-            loss = (U * G).sum()
-        if S is not None:
-            loss = (V * S).sum() if loss is None else loss + (V * S).sum()
-        inputs = pf + ops.leaves
-        if loss is not None and loss.requires_grad:
-            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-        else:
-            grads = [None] * len(inputs)
-    dparams = _fresh_grads(params, grads[: len(params)], (x, grad))
-    leaf_grads = list(grads[len(params) :])
-
-    # dx = grad·G·S + one rank-1 term per pooled statistic + its arg-max scatter.
-    Ls, Rs, scatters, stencil_terms = [], [], [], []
-    pos = 0
-    for kind, gate, idx in ops.stages:
-        if kind == "stencil":
-            dlogit = leaf_grads[pos]
-            pos += 1
-            if dlogit is not None:
-                stencil_terms.append((gate, dlogit))
-            continue
-        dmean, dmx = leaf_grads[pos], leaf_grads[pos + 1]
-        pos += 2
-        if kind == "hw":  # statistics over p of x·S_k
-            Rk = gate if gate is not None else x.new_ones((b, h * w), dtype=acc)
-            if dmean is not None:
-                Ls.append(dmean / (h * w))
-                Rs.append(Rk)
-            if dmx is not None:
-                scatters.append((2, idx, dmx * Rk.gather(1, idx)))
-        else:  # statistics over c of x·G_k
-            Lk = gate if gate is not None else x.new_ones((b, c), dtype=acc)
-            if dmean is not None:
-                Ls.append(Lk)
-                Rs.append(dmean / c)
-            if dmx is not None:
-                scatters.append((1, idx, dmx * Lk.gather(1, idx)))
-    L = torch.stack(Ls) if Ls else x.new_zeros((0, b, c), dtype=acc)
-    R = torch.stack(Rs) if Rs else x.new_zeros((0, b, h * w), dtype=acc)
-    dx = k.grad_x(grad, x, Gd, Sd, L.contiguous(), R.contiguous())
-    flat = _flat_p(dx)
-    for dim, idx, val in scatters:
-        flat.scatter_add_(dim, idx.unsqueeze(dim), val.to(dx.dtype).unsqueeze(dim))
-    for w7, dlogit in stencil_terms:
-        dx += torch.nn.grad.conv2d_input(x.shape, w7.to(x.dtype), dlogit.view(b, 1, h, w).to(x.dtype), padding=3)
-    return dx, dparams
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        pf = [p if p.dtype == acc else p.to(acc) for p in params]
+        # Recompute the program's small tensors from the saved statistics, then run its
+        # stages backwards by hand (no autograd graph: every op here is one launch).
+        G, S, tape = _run_program(_Replay(saved), program, pf, tuple(x.shape))
+        U, V = k.reduce(x, grad, G, S)  # dG = Σ_p grad·x·S, dS = Σ_c grad·x·G
+        dG = U if G is not None else None
+        dS = V if S is not None else None
+        bw = _Backward(k, x, acc)
+        grads = [None] * len(params)
+        for kind, lo, hi, rec in reversed(tape):
+            dG, dS, gp = _STAGE_BWD[kind](bw, rec, pf[lo:hi], dG, dS)
+            grads[lo:hi] = gp
+        dx = bw.dx(grad, G, S)
+    grads = [None if g is None else g.reshape(p.shape) for p, g in zip(params, grads)]
+    return dx, _fresh_grads(params, grads, (x, grad))
 
 
 @_gates_bwd.register_fake
