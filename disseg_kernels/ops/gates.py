@@ -83,8 +83,20 @@ class _CpuKernels:
         return torch.ops.disseg.gates_apply(x, G, S)
 
     @staticmethod
-    def reduce(x, R, G, S):
-        return torch.ops.disseg.gates_reduce(x, R, G, S)
+    def reduce(x, R, G, S, g_arg=None, s_arg=None, need=(True, True)):
+        """As triton.gates.reduce; the arg-max terms are gathered and scattered here."""
+        G = G.contiguous() if G is not None else None
+        S = S.contiguous() if S is not None else None
+        U, V = torch.ops.disseg.gates_reduce(x, R, G, S)
+        if g_arg is not None:  # V[b, idx[b, c]] += val[b, c]·x[b, c, idx[b, c]]
+            idx, val = g_arg
+            x_at = _flat_p(x).gather(2, idx.unsqueeze(2)).squeeze(2).to(V.dtype)
+            V = V.scatter_add_(1, idx, val * x_at)
+        if s_arg is not None:  # U[b, idx[b, p]] += val[b, p]·x[b, idx[b, p], p]
+            idx, val = s_arg
+            x_at = _flat_p(x).gather(1, idx.unsqueeze(1)).squeeze(1).to(U.dtype)
+            U = U.scatter_add_(1, idx, val * x_at)
+        return (U if need[0] else None), (V if need[1] else None)
 
     @staticmethod
     def grad_x(grad, x, G, S, L, Rk):
@@ -173,11 +185,8 @@ class _Backward:
             self.hw_scatter.append((idx, dm if S0 is None else dm * S0.gather(1, idx)))
         if S0 is None:
             return None
-        _, dS0 = self.k.reduce(self.x, None, da.contiguous(), None)
-        if dm is not None:
-            x_at = _flat_p(self.x).gather(2, idx.unsqueeze(2)).squeeze(2).to(self.acc)
-            dS0 = dS0.scatter_add_(1, idx, dm * x_at)
-        return dS0
+        arg = None if dm is None else (idx, dm)
+        return self.k.reduce(self.x, None, da, None, g_arg=arg, need=(False, True))[1]
 
     def c_stat(self, G0, idx, dmean, dm):
         """Gradient (dmean, dm) of mean/max over c of x·G0; returns dG0 (None when G0 is)."""
@@ -187,9 +196,7 @@ class _Backward:
         self.c_scatter.append((idx, dm if G0 is None else dm * G0.gather(1, idx)))
         if G0 is None:
             return None
-        dG0, _ = self.k.reduce(self.x, None, None, dmean.contiguous())
-        x_at = _flat_p(self.x).gather(1, idx.unsqueeze(1)).squeeze(1).to(self.acc)
-        return dG0.scatter_add_(1, idx, dm * x_at)
+        return self.k.reduce(self.x, None, None, dmean, s_arg=(idx, dm), need=(True, False))[0]
 
     def dx(self, grad, G, S):
         """dx = grad·G·S + the rank-1 terms (one ``grad_x`` pass) + arg-max and stencil terms."""
@@ -492,9 +499,7 @@ def _gates_bwd(
         # Recompute the program's small tensors from the saved statistics, then run its
         # stages backwards by hand (no autograd graph: every op here is one launch).
         G, S, tape = _run_program(_Replay(saved), program, pf, tuple(x.shape))
-        U, V = k.reduce(x, grad, G, S)  # dG = Σ_p grad·x·S, dS = Σ_c grad·x·G
-        dG = U if G is not None else None
-        dS = V if S is not None else None
+        dG, dS = k.reduce(x, grad, G, S, need=(G is not None, S is not None))  # Σ_p grad·x·S, Σ_c grad·x·G
         bw = _Backward(k, x, acc)
         grads = [None] * len(params)
         for kind, lo, hi, rec in reversed(tape):

@@ -219,13 +219,17 @@ def _apply_kernel(x_ptr, g_ptr, s_ptr, out_ptr, C, P, sB, sC, sP,
 
 
 @triton.jit
-def _reduce_kernel(x_ptr, r_ptr, g_ptr, s_ptr, u_ptr, v_ptr, C, P, CHUNK, N_PSPLIT, N_CBLK, sB, sC, sP,
+def _reduce_kernel(x_ptr, r_ptr, g_ptr, s_ptr, gi_ptr, gv_ptr, si_ptr, sv_ptr, u_ptr, v_ptr,
+                   C, P, CHUNK, N_PSPLIT, N_CBLK, sB, sC, sP,
                    HAS_R: tl.constexpr, HAS_G: tl.constexpr, HAS_S: tl.constexpr,
+                   HAS_GI: tl.constexpr, HAS_SI: tl.constexpr, NEED_U: tl.constexpr, NEED_V: tl.constexpr,
                    U_FINAL: tl.constexpr, V_FINAL: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    # One read of x (and R): U[b, c] = Σ_p R·x·S over this program's p-chunk, V[b, p] = Σ_c
-    # R·x·G over its channel block. Partials go to [b, split, c] / [b, cblock, p] and are
-    # summed on the host side (no atomics); a FINAL flag writes straight to the output.
+    # One read of x (and R), t = R·x: U[b, c] = Σ_p t·S' over this program's p-chunk,
+    # V[b, p] = Σ_c t·G' over its channel block, where G' = G plus, with HAS_GI, gv[b, c] at
+    # p = gi[b, c] (an arg-max term; S' likewise with si/sv at c = si[b, p]). Partials go
+    # to [b, split, c] / [b, cblock, p] and are summed by the caller (no atomics); a FINAL
+    # flag writes straight to the output.
     b = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
@@ -235,6 +239,9 @@ def _reduce_kernel(x_ptr, r_ptr, g_ptr, s_ptr, u_ptr, v_ptr, C, P, CHUNK, N_PSPL
         g = tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0)
     else:
         g = tl.where(mask_c, 1.0, 0.0)
+    if HAS_GI:
+        gi = tl.load(gi_ptr + b * C + offs_c, mask=mask_c, other=-1)
+        gv = tl.load(gv_ptr + b * C + offs_c, mask=mask_c, other=0.0)
     p_lo = split * CHUNK
     p_hi = tl.minimum(p_lo + CHUNK, P)
     u = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -247,20 +254,31 @@ def _reduce_kernel(x_ptr, r_ptr, g_ptr, s_ptr, u_ptr, v_ptr, C, P, CHUNK, N_PSPL
         t = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         if HAS_R:
             t = t * tl.load(r_ptr + off, mask=m, other=0.0).to(tl.float32)
-        if HAS_S:
-            s = tl.load(s_ptr + b * P + offs_p, mask=mask_p, other=0.0)
-            u += tl.sum(t * s[None, :], axis=1)
+        if NEED_U:
+            if HAS_S:
+                s = tl.load(s_ptr + b * P + offs_p, mask=mask_p, other=0.0)
+            else:
+                s = tl.where(mask_p, 1.0, 0.0)
+            if HAS_SI:
+                si = tl.load(si_ptr + b * P + offs_p, mask=mask_p, other=-1)
+                sv = tl.load(sv_ptr + b * P + offs_p, mask=mask_p, other=0.0)
+                u += tl.sum(t * (s[None, :] + tl.where(offs_c[:, None] == si[None, :], sv[None, :], 0.0)), axis=1)
+            else:
+                u += tl.sum(t * s[None, :], axis=1)
+        if NEED_V:
+            if HAS_GI:
+                vpart = tl.sum(t * (g[:, None] + tl.where(offs_p[None, :] == gi[:, None], gv[:, None], 0.0)), axis=0)
+            else:
+                vpart = tl.sum(t * g[:, None], axis=0)
+            if V_FINAL:
+                tl.store(v_ptr + b * P + offs_p, vpart, mask=mask_p)
+            else:
+                tl.store(v_ptr + (b * N_CBLK + cb) * P + offs_p, vpart, mask=mask_p)
+    if NEED_U:
+        if U_FINAL:
+            tl.store(u_ptr + b * C + offs_c, u, mask=mask_c)
         else:
-            u += tl.sum(t, axis=1)
-        vpart = tl.sum(t * g[:, None], axis=0)
-        if V_FINAL:
-            tl.store(v_ptr + b * P + offs_p, vpart, mask=mask_p)
-        else:
-            tl.store(v_ptr + (b * N_CBLK + cb) * P + offs_p, vpart, mask=mask_p)
-    if U_FINAL:
-        tl.store(u_ptr + b * C + offs_c, u, mask=mask_c)
-    else:
-        tl.store(u_ptr + (b * N_PSPLIT + split) * C + offs_c, u, mask=mask_c)
+            tl.store(u_ptr + (b * N_PSPLIT + split) * C + offs_c, u, mask=mask_c)
 
 
 @triton.jit
@@ -389,29 +407,43 @@ def apply(x, G, S):
     return out
 
 
-def reduce(x, R, G, S):
-    """U[b, c] = Σ_p R·x·S[b, p], V[b, p] = Σ_c R·x·G[b, c] (R, G, S optional), float32."""
+def reduce(x, R, G, S, g_arg=None, s_arg=None, need=(True, True)):
+    """U[b, c] = Σ_p R·x·S[b, p], V[b, p] = Σ_c R·x·G[b, c] (R, G, S optional), float32.
+
+    ``g_arg = (idx, val)``, (B, C): V also gets val[b, c]·R·x[b, c, idx[b, c]] at p =
+    idx[b, c] (a max pool's gradient carried to its spatial gate); ``s_arg``, (B, P):
+    U gets val[b, p]·R·x[b, idx[b, p], p] at c = idx[b, p]. ``need`` = (U, V): an output
+    not needed is returned as None and costs no work.
+    """
     _check_f32(x)
     b, c, p, sB, sC, sP = _geometry(x)
     if R is not None and (R.shape != x.shape or R.stride() != x.stride()):
         raise ValueError(f"R must match x in shape and strides, got {tuple(R.shape)} {R.stride()}")
+    need_u, need_v = need
     bc, bp = _tiles(c, p, sC, sP)
     n_cblk = triton.cdiv(c, bc)
     chunk, n_split = _split(b * n_cblk, p, bp, _target_programs(x))
-    U = x.new_empty((b, c), dtype=torch.float32)
-    V = x.new_empty((b, p), dtype=torch.float32)
+    U = x.new_empty((b, c), dtype=torch.float32) if need_u else None
+    V = x.new_empty((b, p), dtype=torch.float32) if need_v else None
     u_final, v_final = n_split == 1, n_cblk == 1
-    Ub = U if u_final else x.new_empty((b, n_split, c), dtype=torch.float32)
-    Vb = V if v_final else x.new_empty((b, n_cblk, p), dtype=torch.float32)
+    Ub = (U if u_final else x.new_empty((b, n_split, c), dtype=torch.float32)) if need_u else None
+    Vb = (V if v_final else x.new_empty((b, n_cblk, p), dtype=torch.float32)) if need_v else None
     G, S = _gate(G), _gate(S)
+    gi, gv = (g_arg[0].contiguous(), g_arg[1].contiguous()) if g_arg is not None else (None, None)
+    si, sv = (s_arg[0].contiguous(), s_arg[1].contiguous()) if s_arg is not None else (None, None)
+    dummy = Ub if Ub is not None else Vb
     kern, opts = _launcher(_reduce_kernel, "reduce")
     kern[(b, n_cblk, n_split)](
-        x, R if R is not None else x, G if G is not None else U, S if S is not None else V, Ub, Vb,
+        x, R if R is not None else x, G if G is not None else dummy, S if S is not None else dummy,
+        gi if gi is not None else dummy, gv if gv is not None else dummy,
+        si if si is not None else dummy, sv if sv is not None else dummy,
+        Ub if Ub is not None else dummy, Vb if Vb is not None else dummy,
         c, p, chunk, n_split, n_cblk, sB, sC, sP, HAS_R=R is not None, HAS_G=G is not None, HAS_S=S is not None,
+        HAS_GI=g_arg is not None, HAS_SI=s_arg is not None, NEED_U=bool(need_u), NEED_V=bool(need_v),
         U_FINAL=u_final, V_FINAL=v_final, BLOCK_C=bc, BLOCK_P=bp, **opts)
-    if not u_final:
+    if need_u and not u_final:
         torch.sum(Ub, dim=1, out=U)
-    if not v_final:
+    if need_v and not v_final:
         torch.sum(Vb, dim=1, out=V)
     return U, V
 
