@@ -432,3 +432,28 @@ def test_triton_gates_cuda_match_reference(monkeypatch, name, channels_last):
             x = x.to(memory_format=torch.channels_last)
         y = _compare(module, x, torch.randn(shape, device="cuda"), atol=5e-5, rtol=1e-4)
         assert y.stride() == x.stride()
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_grad_x_stencil_term(channels_last):
+    """grad_x's folded 7×7 stencil term equals the transposed convolution (ELAT's logit
+    gradient) on H ≠ W with borders inside the 3-wide halo: dense 7×7 weights, and ELAT's
+    composite stencil with only its 25 taps visited."""
+    from disseg_kernels.reference.gates import elat_composite_stencil
+    from disseg_kernels.triton import gates as tg
+
+    torch.manual_seed(17)
+    b, c, h, w = 2, 5, 4, 9
+    x = _x_layout((b, c, h, w), channels_last, seed=18)
+    grad = _x_layout((b, c, h, w), channels_last, seed=19)
+    dl = torch.randn(b, h * w)
+    L, R = torch.zeros(0, b, c), torch.zeros(0, b, h * w)
+    dense = torch.randn(1, c, 7, 7)
+    composite, _ = elat_composite_stencil([torch.randn(1, c, 3, 3) for _ in range(3)], [torch.randn(1) for _ in range(3)],
+                                          torch.randn(1, 3, 1, 1), torch.randn(1))
+    for w7, taps in ((dense, False), (composite, True)):
+        dx = tg.grad_x(grad, x, None, None, L, R, stencil=(w7, dl), elat_taps=taps)
+        want = grad + torch.nn.grad.conv2d_input(x.shape, w7, dl.view(b, 1, h, w), padding=3)
+        assert dx.stride() == x.stride()
+        torch.testing.assert_close(dx, want, atol=1e-5, rtol=1e-5)

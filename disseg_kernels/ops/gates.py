@@ -99,8 +99,14 @@ class _CpuKernels:
         return (U if need[0] else None), (V if need[1] else None)
 
     @staticmethod
-    def grad_x(grad, x, G, S, L, Rk):
-        return torch.ops.disseg.gates_grad_x(grad, x, G, S, L, Rk)
+    def grad_x(grad, x, G, S, L, Rk, stencil=None, elat_taps=False):
+        """As triton.gates.grad_x; the stencil term is a transposed convolution added here."""
+        dx = torch.ops.disseg.gates_grad_x(grad, x, G, S, L, Rk)
+        if stencil is not None:
+            w7, dlogit = stencil
+            b, _, h, w = x.shape
+            dx += torch.nn.grad.conv2d_input(x.shape, w7.to(x.dtype), dlogit.view(b, 1, h, w).to(x.dtype), padding=3)
+        return dx
 
 
 def _kernels(backend: str):
@@ -174,7 +180,7 @@ class _Backward:
         self.k, self.x, self.acc = k, x, acc
         b, c, h, w = x.shape
         self.b, self.c, self.p = b, c, h * w
-        self.L, self.R, self.hw_scatter, self.c_scatter, self.stencil_dx = [], [], [], [], None
+        self.L, self.R, self.hw_scatter, self.c_scatter, self.stencil = [], [], [], [], None
 
     def hw_stat(self, S0, idx, da, dm):
         """Gradient (da, dm) of mean/max over p of x·S0; returns dS0 (None when S0 is)."""
@@ -199,7 +205,7 @@ class _Backward:
         return self.k.reduce(self.x, None, None, dmean, s_arg=(idx, dm), need=(True, False))[0]
 
     def dx(self, grad, G, S):
-        """dx = grad·G·S + the rank-1 terms (one ``grad_x`` pass) + arg-max and stencil terms."""
+        """dx = grad·G·S + the rank-1 terms and ELAT's stencil term (one ``grad_x`` pass) + the arg-max terms."""
         x = self.x
         ones = {}
 
@@ -215,14 +221,12 @@ class _Backward:
             R = torch.stack([fill(t, self.p) for t in self.R])
         else:
             L, R = x.new_zeros((0, self.b, self.c), dtype=self.acc), x.new_zeros((0, self.b, self.p), dtype=self.acc)
-        dx = self.k.grad_x(grad, x, G, S, L, R)
+        dx = self.k.grad_x(grad, x, G, S, L, R, stencil=self.stencil, elat_taps=self.stencil is not None)
         flat = _flat_p(dx)
         for idx, val in self.hw_scatter:
             flat.scatter_add_(2, idx.unsqueeze(2), val.to(dx.dtype).unsqueeze(2))
         for idx, val in self.c_scatter:
             flat.scatter_add_(1, idx.unsqueeze(1), val.to(dx.dtype).unsqueeze(1))
-        if self.stencil_dx is not None:
-            dx += self.stencil_dx
         return dx
 
 
@@ -327,10 +331,10 @@ def _elat_bwd(bw, rec, p, dG, dS):
     bw.hw_stat(None, idx, dA, None)
     dlogit = torch.ops.aten.sigmoid_backward(dS, s)
     dbias = dlogit.sum()
-    dxs, dw7, _ = torch.ops.aten.convolution_backward(
+    _, dw7, _ = torch.ops.aten.convolution_backward(
         dlogit.view(b, 1, h, w).to(x.dtype), x, w7.to(x.dtype), None, [1, 1], [3, 3], [1, 1], False, [0, 0], 1,
-        [True, True, False])
-    bw.stencil_dx = dxs
+        [False, True, False])
+    bw.stencil = (w7, dlogit)  # its input gradient is added in the dx pass
     dw7 = dw7.to(bw.acc)
     # The composite stencil's taps of dilation d sit at rows/cols 3−d, 3, 3+d, scaled by
     # the fuse weight of that branch; its bias is Σ_d b_d·fw_d + fuse_bias.

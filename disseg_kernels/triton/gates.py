@@ -282,10 +282,13 @@ def _reduce_kernel(x_ptr, r_ptr, g_ptr, s_ptr, gi_ptr, gv_ptr, si_ptr, sv_ptr, u
 
 
 @triton.jit
-def _grad_x_kernel(grad_ptr, g_ptr, s_ptr, l_ptr, rk_ptr, dx_ptr, K, B, C, P, sB, sC, sP,
-                   HAS_GRAD: tl.constexpr, HAS_G: tl.constexpr, HAS_S: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    # dx = grad·G·S + Σ_k L_k[b, c]·R_k[b, p]: one read of grad, one write.
+def _grad_x_kernel(grad_ptr, g_ptr, s_ptr, l_ptr, rk_ptr, wt_ptr, dl_ptr, dx_ptr, K, B, C, P, W, sB, sC, sP,
+                   HAS_GRAD: tl.constexpr, HAS_G: tl.constexpr, HAS_S: tl.constexpr, STENCIL: tl.constexpr,
+                   ELAT_TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # dx = grad·G·S + Σ_k L_k[b, c]·R_k[b, p] (+ with STENCIL the input gradient of a 7×7
+    # C→1 convolution, padding 3: Σ_{i,j} w[c, i, j]·dl[b, y + 3 − i, x + 3 − j]): one read
+    # of grad, one write. ELAT_TAPS skips the 24 taps that ELAT's composite stencil leaves
+    # at zero (those off the three dilated 3×3 grids).
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     offs_p = tl.program_id(2).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -305,6 +308,20 @@ def _grad_x_kernel(grad_ptr, g_ptr, s_ptr, l_ptr, rk_ptr, dx_ptr, K, B, C, P, sB
         lv = tl.load(l_ptr + row * C + offs_c, mask=mask_c, other=0.0)
         rv = tl.load(rk_ptr + row * P + offs_p, mask=mask_p, other=0.0)
         acc += lv[:, None] * rv[None, :]
+    if STENCIL:
+        H = P // W
+        yy = offs_p // W
+        xx = offs_p % W
+        for t in tl.static_range(49):
+            di = t // 7 - 3
+            dj = t % 7 - 3
+            if (not ELAT_TAPS) or (di * di == 0) or (dj * dj == 0) or (di * di == dj * dj):
+                ys = yy - di
+                xs = xx - dj
+                ok = mask_p & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+                dl = tl.load(dl_ptr + b * P + ys * W + xs, mask=ok, other=0.0)
+                wv = tl.load(wt_ptr + t * C + offs_c, mask=mask_c, other=0.0)
+                acc += wv[:, None] * dl[None, :]
     tl.store(dx_ptr + off, acc.to(dx_ptr.dtype.element_ty), mask=m)
 
 
@@ -448,8 +465,15 @@ def reduce(x, R, G, S, g_arg=None, s_arg=None, need=(True, True)):
     return U, V
 
 
-def grad_x(grad, x, G, S, L, Rk):
-    """dx = grad·G·S + Σ_k L[k, b, c]·Rk[k, b, p], in x's dtype and strides."""
+def grad_x(grad, x, G, S, L, Rk, stencil=None, elat_taps=False):
+    """dx = grad·G·S + Σ_k L[k, b, c]·Rk[k, b, p], in x's dtype and strides.
+
+    ``stencil = (w7, dlogit)``: also add the input gradient of conv2d(x, w7, padding=3)
+    for w7 (1, C, 7, 7) and the logit's gradient dlogit (B, H·W), without the full-size
+    temporary and the extra pass that a separate transposed convolution costs.
+    ``elat_taps``: the caller guarantees w7 is ELAT's composite stencil (zero off the
+    three dilated 3×3 grids), so only its 25 taps are visited.
+    """
     _check_f32(x)
     b, c, p, sB, sC, sP = _geometry(x)
     if grad is not None and (grad.shape != x.shape or grad.stride() != x.stride()):
@@ -457,10 +481,18 @@ def grad_x(grad, x, G, S, L, Rk):
     dx = torch.empty_like(x)
     G, S = _gate(G), _gate(S)
     L, Rk = L.contiguous(), Rk.contiguous()
+    wt = dl = None
+    if stencil is not None:
+        w7, dl = stencil
+        if tuple(w7.shape) != (1, c, 7, 7) or tuple(dl.shape) != (b, p):
+            raise ValueError(f"stencil must be (w7 (1, {c}, 7, 7), dlogit ({b}, {p})), got {tuple(w7.shape)}, {tuple(dl.shape)}")
+        wt = w7.reshape(c, 49).t().float().contiguous()  # (49, C): one tap's weights contiguous
+        dl = dl.float().contiguous()
     bc, bp = _tiles(c, p, sC, sP)
     kern, opts = _launcher(_grad_x_kernel, "grad_x")
     kern[(b, triton.cdiv(c, bc), triton.cdiv(p, bp))](
         grad if grad is not None else x, G if G is not None else L, S if S is not None else Rk,
-        L, Rk, dx, L.shape[0], b, c, p, sB, sC, sP,
-        HAS_GRAD=grad is not None, HAS_G=G is not None, HAS_S=S is not None, BLOCK_C=bc, BLOCK_P=bp, **opts)
+        L, Rk, wt if wt is not None else L, dl if dl is not None else L, dx, L.shape[0], b, c, p, x.shape[3], sB, sC, sP,
+        HAS_GRAD=grad is not None, HAS_G=G is not None, HAS_S=S is not None, STENCIL=stencil is not None,
+        ELAT_TAPS=bool(elat_taps), BLOCK_C=bc, BLOCK_P=bp, **opts)
     return dx
