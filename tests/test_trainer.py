@@ -127,16 +127,30 @@ def test_two_stages_evaluate_predict(tiny_data, tmp_path):
     assert (tmp_path / "pred" / "overlays" / "synth_00012.png").is_file()
 
 
-@pytest.mark.parametrize("fused", [
-    False,
-    True,
-])
-def test_amp_bf16_step_runs(tiny_data, tmp_path, fused):
-    t = Trainer(_cfg(tiny_data, tmp_path / "amp", amp="bf16", epochs=1, fused=fused), log=lambda s: None)
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_step_matches_float32(tiny_data, tmp_path, fused, amp):
+    """--amp bf16/fp16 (CPU autocast): the first step's loss is the float32 one within the
+    dtype's rounding (1e-2 relative), the parameters are finite, and with fp16 the
+    GradScaler is on: it skips the steps whose scaled gradients overflow, halving its
+    scale, and then steps (within 8 steps here)."""
+    ref = Trainer(_cfg(tiny_data, tmp_path / "f32", fused=fused), log=lambda s: None)
+    ref.setup()
+    x, y, idx = next(iter(ref._loader(ref.train_ds, ref.sampler)))
+    want, _ = ref.train_step(x, y, idx)
+    t = Trainer(_cfg(tiny_data, tmp_path / "amp", amp=amp, fused=fused), log=lambda s: None)
     t.setup()
-    x, y, _ = next(iter(t._loader(t.train_ds, t.sampler)))
-    loss, _ = t.train_step(x, y)
-    assert math.isfinite(loss)
+    assert t.scaler.is_enabled() == (amp == "fp16")
+    loss, _ = t.train_step(x, y, idx)
+    assert loss == pytest.approx(want, rel=1e-2)
+    for step in range(8):
+        before = [p.detach().clone() for p in t.model.parameters()]
+        t.train_step(x, y, idx)
+        if any(not torch.equal(a, p) for a, p in zip(before, t.model.parameters())):
+            break
+    else:
+        pytest.fail(f"--amp {amp}: no optimizer step in 9 steps (scale {t.scaler.get_scale()})")
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
 def test_grad_clip_and_early_stop(tiny_data, tmp_path):
