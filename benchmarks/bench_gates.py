@@ -20,8 +20,9 @@ On CUDA, times are CUDA-event medians with L2 flushed before each repeat, the ba
 timed on a fresh forward each repeat (``retain_graph`` breaks compiled backwards), and two
 more columns separate the device from the host: ``gpu_ms`` is the summed kernel time of
 one forward+backward (torch.profiler) and ``floor_ms`` the time the op's minimum bytes
-(``min_maps`` full maps, docs/gates_gpu.md) take at the measured copy bandwidth. A
-fwd+bwd whose ``gpu_ms`` is far below its wall time is bound by host-side launches.
+(``MIN_MAPS`` full maps, docs/gates_gpu.md) take at the measured copy bandwidth. A
+fwd+bwd whose ``gpu_ms`` is far below its wall time is bound by host-side launches;
+``--graphs`` adds fused and eager captured as CUDA graphs (no host work per call).
 
 Writes benchmarks/results/gates_<device>_<date>.csv and .md; ``main(argv)`` is importable.
 """
@@ -252,6 +253,8 @@ def build_parser():
                         "op:BxCxHxW pins a shape to one op (e.g. 8x64x128x128,elat:8x64x256x256)")
     p.add_argument("--repeats", type=int, default=0, help="timing repeats (default 5 CPU / 20 CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--graphs", action="store_true",
+                   help="CUDA: also time fused and eager captured as CUDA graphs (torch.cuda.make_graphed_callables)")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="CPU timing statistic")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU; default: torch's)")
     p.add_argument("--out", default=str(RESULTS))
@@ -317,6 +320,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for op, b, c, h, w in cases:
         torch.manual_seed(0)
         variants = [("fused", True), ("eager", False)] + ([] if args.no_compile else [("compile", False)])
+        if args.graphs and device == "cuda" and op != "multiscale":
+            variants += [("fused_graph", True), ("eager_graph", False)]
         res = {}
         for name, fused in variants:
             fn, inputs = _make_case(op, b, c, h, w, device, dtype, fused)
@@ -326,6 +331,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 torch._dynamo.reset()  # one static graph per case, never the recompile limit
                 fn = torch.compile(fn, dynamic=False)
             try:
+                if name.endswith("_graph"):
+                    # Forward and backward captured as CUDA graphs: no host work per call,
+                    # what a training step with static shapes can reach (reduce-overhead).
+                    fn = torch.cuda.make_graphed_callables(fn, tuple(inputs), num_warmup_iters=3)
                 r = measure(fn, inputs, device, repeats)
             except Exception as exc:  # noqa: BLE001 - report, keep going
                 r = {"fwd_ms": float("nan"), "bwd_ms": float("nan"), "fwdbwd_ms": float("nan"), "gpu_ms": float("nan"),
@@ -368,7 +377,7 @@ def _write(rows, args, device, date, machine, quiet=False):
         "",
         f"Machine: {machine}. Date: {date}. Command: `python -m benchmarks.bench_gates"
         + (" --quick" if args.quick else "") + f" --device {device}" + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
-        + (" --no-compile" if args.no_compile else "") + (f" --ops {args.ops}" if args.ops else "")
+        + (" --no-compile" if args.no_compile else "") + (" --graphs" if args.graphs else "") + (f" --ops {args.ops}" if args.ops else "")
         + (f" --stat {args.stat}" if args.stat != "median" else "") + (f" --threads {args.threads}" if args.threads else "")
         + (f" --repeats {args.repeats}" if args.repeats else "") + (f" --sizes {args.sizes}" if args.sizes else "") + "`.",
         "",

@@ -88,9 +88,9 @@ STAGES=(
   # both regimes up to N = 262,144 at D = 128 (eager where it fits; no compile: it would
   # recompile per shape)
   "bench_dispersive_bf16|80|$BENCH_D --dtype bfloat16 --repeats 2 --no-compile --shapes $SWEEP"
-  # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, with each
-  # fwd+bwd's summed kernel time against its byte floor at the measured copy bandwidth
-  "bench_gates|60|$PY -m benchmarks.bench_gates --device cuda --no-compile --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
+  # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
+  # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
+  "bench_gates|90|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
   # the same against torch.compile of the reference (one static graph per case, ~20 s each)
   "bench_gates_vs_compile|120|$PY -m benchmarks.bench_gates --device cuda --ops cbat,elat --repeats 10 --sizes $GATES_COMPILE_SIZES --out benchmarks/results/vs_compile"
   "bench_window_attention|60|$PY -m benchmarks.bench_window_attention --device cuda --repeats 5"

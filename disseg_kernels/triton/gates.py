@@ -36,7 +36,9 @@ import triton.language as tl
 TILE_ELEMS = 2048  # elements per [BLOCK_C, BLOCK_P] tile
 MAX_BLOCK_P = 512  # NCHW: longest contiguous run per tile row
 MAX_BLOCK_C = 128  # channels_last: longest contiguous run per tile column
-PROGRAMS_PER_SM = 4  # a reduction is split until it has about this many programs per SM
+# A reduction is split until it has about this many programs per SM (each split costs a
+# combine launch; DISSEG_GATES_PROGRAMS_PER_SM tries another value without an edit).
+PROGRAMS_PER_SM = int(os.environ.get("DISSEG_GATES_PROGRAMS_PER_SM", "4"))
 FORCE_TILES: tuple[int, int] | None = None  # tests: (BLOCK_C, BLOCK_P)
 FORCE_TARGET_PROGRAMS: int | None = None  # tests: force splits at tiny sizes
 
