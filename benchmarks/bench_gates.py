@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import os
 from pathlib import Path
 
 import torch
@@ -253,6 +254,8 @@ def build_parser():
                         "op:BxCxHxW pins a shape to one op (e.g. 8x64x128x128,elat:8x64x256x256)")
     p.add_argument("--repeats", type=int, default=0, help="timing repeats (default 5 CPU / 20 CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--count-launches", action="store_true",
+                   help="only count the device operations of one fused fwd+bwd per case (Triton path, no GPU needed)")
     p.add_argument("--graphs", action="store_true",
                    help="CUDA: also time fused and eager captured as CUDA graphs (torch.cuda.make_graphed_callables)")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="CPU timing statistic")
@@ -300,6 +303,71 @@ def min_bytes(op, inputs) -> int:
     return MIN_MAPS[op] * in_bytes
 
 
+def count_launches(op, b, c, h, w, sms=132) -> dict:
+    """Device operations one fused fwd and bwd issue on the Triton path, counted on the CPU:
+    the Triton kernels are replaced by counting stubs (index outputs zeroed, the rest left
+    unwritten) and every non-view ATen op inside ``disseg::gates_fwd`` / ``gates_bwd`` is
+    counted under a TorchDispatchMode; reductions split as on a GPU with ``sms`` SMs.
+    Changes the Triton module in place: run it in a process of its own (--count-launches)."""
+    import collections
+
+    import triton
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from disseg_kernels.ops import gates as og
+    from disseg_kernels.triton import gates as tg
+
+    count = collections.Counter()
+    state = {"stub": False}
+
+    class _Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                count["triton"] += 1
+                state["stub"] = True
+                for t in args:
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.long:
+                        t.zero_()
+                state["stub"] = False
+
+            return launch
+
+    kernels = getattr(tg, "_bench_kernel_names", None)
+    if kernels is None:
+        kernels = [n for n in dir(tg) if isinstance(getattr(tg, n), triton.runtime.jit.JITFunction)]
+        tg._bench_kernel_names = kernels
+    for name in kernels:  # fresh stubs per call: each counts into this call's counter
+        setattr(tg, name, _Stub(name))
+    tg.FORCE_TARGET_PROGRAMS = getattr(tg, "PROGRAMS_PER_SM", 4) * sms  # (absent before the split kernels)
+    os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"  # the stubs cannot be autotuned
+    no_launch = {"view", "_unsafe_view", "expand", "squeeze", "unsqueeze", "t", "transpose", "permute", "detach",
+                 "alias", "slice", "select", "as_strided", "reshape", "_reshape_alias", "split", "unbind", "flatten",
+                 "unflatten", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+                 "sym_size", "sym_stride", "is_same_size"}
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not state["stub"] and func.overloadpacket.__name__ not in no_launch:
+                count["aten"] += 1
+            return out
+
+    module = MODULES[op](c, True)
+    params = [p.detach() for p in module._params()]
+    x, go = torch.empty(b, c, h, w), torch.empty(b, c, h, w)
+    with _Mode():
+        _, saved = og._gates_fwd._init_fn(x, params, op, "triton")
+    fwd = dict(count)
+    count.clear()
+    with _Mode():
+        og._gates_bwd._init_fn(go, x, params, saved, op, "triton")
+    return {"fwd_triton": fwd.get("triton", 0), "fwd_aten": fwd.get("aten", 0),
+            "bwd_triton": count.get("triton", 0), "bwd_aten": count.get("aten", 0)}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     device = args.device
@@ -311,6 +379,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (20 if device == "cuda" else 5)
     cases = select_cases(args)
+    if args.count_launches:
+        for op, b, c, h, w in cases:
+            if op not in ("ca", "sa", "cbam", "cbat", "elat"):
+                continue
+            n = count_launches(op, b, c, h, w)
+            print(f"{op:5s} {b}x{c}x{h}x{w}: fwd {n['fwd_triton']} Triton + {n['fwd_aten']} ATen, "
+                  f"bwd {n['bwd_triton']} Triton + {n['bwd_aten']} ATen, "
+                  f"total {sum(n.values())}", flush=True)
+        return []
     machine = machine_name(device)
     copy_gbps = copy_bandwidth_gbps(device)
     if device == "cuda":
