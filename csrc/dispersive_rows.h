@@ -118,8 +118,9 @@ struct RowStatsRect {
     return true;
   }
 
-  // Near duplicates of a float64 tile: d^2 from exact differences.
-  void exact_close_pairs(double* Sd, int64_t bi, int64_t bj, const double* rd, const double* cd, const double* nr,
+  // Near duplicates of a float64 tile: d^2 from exact differences of the inputs (the
+  // difference of two float32 values is exact in float64).
+  void exact_close_pairs(double* Sd, int64_t i0, int64_t bi, int64_t j0, int64_t bj, const double* nr,
                          const double* nc, int64_t self0) {
     if (variant == kCosine) return;
     for (int64_t a = 0; a < bi; ++a) {
@@ -127,11 +128,11 @@ struct RowStatsRect {
       const int64_t bself = has_self ? self0 + a : -1;
       for (int64_t b = 0; b < bj; ++b) {
         if (b == bself || !(srow[b] < kRowsExact * (nr[a] + nc[b]))) continue;
-        const double* x = rd + a * D;
-        const double* y = cd + b * D;
+        const T* x = R + (i0 + a) * D;
+        const T* y = C + (j0 + b) * D;
         double d2 = 0.0;
         for (int64_t k = 0; k < D; ++k) {
-          const double t = x[k] - y[k];
+          const double t = (double)x[k] - (double)y[k];
           d2 += t * t;
         }
         srow[b] = d2;
@@ -292,6 +293,10 @@ struct RowStatsRect {
         nrd = w.nr.data();
         ncd = w.nc.data();
       } else {
+        if (w.rtd.empty()) {  // allocated on first use: most float32 tiles never need them
+          w.rtd.resize(BR * D);
+          w.ctd.resize(BC * D);
+        }
         if (!w.rtd_ready) {
           for (int64_t k = 0; k < bi * D; ++k) w.rtd[k] = rt[k];
           for (int64_t a = 0; a < bi; ++a) w.nrd[a] = dot_f64(w.rtd.data() + a * D, w.rtd.data() + a * D, D);
@@ -309,7 +314,7 @@ struct RowStatsRect {
       else
         std::fill(Sd, Sd + bi * ldS, 0.0);
       distances<double>(Sd, bi, bj, nrd, ncd, self0, false);
-      exact_close_pairs(Sd, bi, bj, rd, cd, nrd, ncd, self0);
+      exact_close_pairs(Sd, i0, bi, j0, bj, nrd, ncd, self0);
       any = weights<double>(Sd, bi, bj, um, us, w.rsum.data(), uacc);
       if (!kF64 && any && uacc != nullptr)
         for (int64_t a = 0; a < bi; ++a)
@@ -318,7 +323,135 @@ struct RowStatsRect {
     if (any && uacc != nullptr && D > 0) gemm_nn<T>(bi, D, bj, T(1), S, ldS, ct, D, T(1), uacc, D);
   }
 
+  // Few rows (n <= kFewRows; the model's regime: N = 8..64 of D up to 262,144+): one row
+  // tile, column tiles of kFewCols, and the reduction over D split across threads in
+  // chunks of kChunk: the Gram tile in float64 (float32 products are exact in float64),
+  // as dispersive.cpp's few-samples regime, then acc += V C~ split over D the same way.
+  static constexpr int64_t kFewRows = 64;
+  static constexpr int64_t kFewCols = 64;
+  static constexpr int64_t kChunk = 512;
+
+  void run_few_rows() {
+    const int64_t nch = (D + kChunk - 1) / kChunk;
+    const int threads = std::max(1, at::get_num_threads());
+    const bool sh = shifted();
+    ldS = (kFewCols + 15) / 16 * 16;
+    std::vector<T> c(sh ? D : 0);
+    std::vector<double> part((size_t)threads * n, 0.0);
+    at::parallel_for(0, nch, 1, [&](int64_t b, int64_t e) {
+      double* nrp = part.data() + (size_t)at::get_thread_num() * n;
+      for (int64_t ch = b; ch < e; ++ch) {
+        const int64_t k0 = ch * kChunk, w = std::min(kChunk, D - k0);
+        if (sh) {
+          for (int64_t k = 0; k < w; ++k) {
+            double mean = 0.0;
+            for (int64_t a = 0; a < n; ++a) mean += R[a * D + k0 + k];
+            c[k0 + k] = (T)(mean / (double)n);
+          }
+          for (int64_t a = 0; a < n; ++a)
+            for (int64_t k = 0; k < w; ++k) {
+              const double x = (double)(R[a * D + k0 + k] - c[k0 + k]);
+              nrp[a] += x * x;
+            }
+        }
+      }
+    });
+    std::vector<double> nr(n + ldS, 0.0);
+    for (int t = 0; t < threads; ++t)
+      for (int64_t a = 0; a < n; ++a) nr[a] += part[(size_t)t * n + a];
+
+    double* um = gm.data();
+    double* us = gs.data();
+    std::vector<double> rsum(n, 0.0), Sd((size_t)n * ldS), nc(ldS);
+    std::vector<T> Vt((size_t)n * ldS);
+    if (need_grad) std::fill(out_acc, out_acc + n * D, T(0));
+    std::vector<double> gpart;
+    for (int64_t j0 = 0; j0 < m; j0 += kFewCols) {
+      const int64_t bj = std::min(kFewCols, m - j0);
+      // Pass 1: Gram tile and column norms, float64, split over D.
+      gpart.assign((size_t)threads * (n * bj + bj), 0.0);
+      at::parallel_for(0, nch, 1, [&](int64_t b, int64_t e) {
+        SingleThreadedBlas guard;
+        double* G = gpart.data() + (size_t)at::get_thread_num() * (n * bj + bj);
+        double* ncp = G + n * bj;
+        std::vector<double> rb((size_t)n * kChunk), cb((size_t)bj * kChunk);
+        for (int64_t ch = b; ch < e; ++ch) {
+          const int64_t k0 = ch * kChunk, w = std::min(kChunk, D - k0);
+          for (int64_t a = 0; a < n; ++a)
+            for (int64_t k = 0; k < w; ++k) rb[a * w + k] = (double)(R[a * D + k0 + k] - (sh ? c[k0 + k] : T(0)));
+          for (int64_t q = 0; q < bj; ++q) {
+            double ss = 0.0;
+            for (int64_t k = 0; k < w; ++k) {
+              const double y = (double)(C[(j0 + q) * D + k0 + k] - (sh ? c[k0 + k] : T(0)));
+              cb[q * w + k] = y;
+              ss += y * y;
+            }
+            ncp[q] += ss;
+          }
+          gemm_nt<double>(n, bj, w, 1.0, rb.data(), w, cb.data(), w, 1.0, G, bj);
+        }
+      });
+      std::fill(Sd.begin(), Sd.end(), 0.0);
+      std::fill(nc.begin(), nc.end(), 0.0);
+      for (int t = 0; t < threads; ++t) {
+        const double* G = gpart.data() + (size_t)t * (n * bj + bj);
+        for (int64_t a = 0; a < n; ++a)
+          for (int64_t q = 0; q < bj; ++q) Sd[a * ldS + q] += G[a * bj + q];
+        for (int64_t q = 0; q < bj; ++q) nc[q] += G[n * bj + q];
+      }
+      const int64_t self0 = off - j0;
+      distances<double>(Sd.data(), n, bj, nr.data(), nc.data(), self0, false);
+      exact_close_pairs(Sd.data(), 0, n, j0, bj, nr.data(), nc.data(), self0);
+      const bool any = weights<double>(Sd.data(), n, bj, um, us, rsum.data(), need_grad ? out_acc : nullptr);
+      if (!need_grad || !any) continue;
+      // Pass 2: acc += V (C - c), split over D.
+      for (size_t k = 0; k < Vt.size(); ++k) Vt[k] = (T)Sd[k];
+      at::parallel_for(0, nch, 1, [&](int64_t b, int64_t e) {
+        SingleThreadedBlas guard;
+        std::vector<T> cb(sh ? (size_t)bj * kChunk : 0);
+        for (int64_t ch = b; ch < e; ++ch) {
+          const int64_t k0 = ch * kChunk, w = std::min(kChunk, D - k0);
+          const T* B = C + j0 * D + k0;
+          int64_t ldb = D;
+          if (sh) {
+            for (int64_t q = 0; q < bj; ++q)
+              for (int64_t k = 0; k < w; ++k) cb[q * w + k] = C[(j0 + q) * D + k0 + k] - c[k0 + k];
+            B = cb.data();
+            ldb = w;
+          }
+          gemm_nn<T>(n, w, bj, T(1), Vt.data(), ldS, B, ldb, T(1), out_acc + k0, D);
+        }
+      });
+    }
+    if (need_grad && sh) {  // acc_i = rsum_i (z_i - c) - sum_j v_ij (z_j - c)
+      at::parallel_for(0, nch, 1, [&](int64_t b, int64_t e) {
+        for (int64_t ch = b; ch < e; ++ch) {
+          const int64_t k0 = ch * kChunk, w = std::min(kChunk, D - k0);
+          for (int64_t a = 0; a < n; ++a) {
+            const T ra = (T)rsum[a];
+            T* o = out_acc + a * D + k0;
+            const T* x = R + a * D + k0;
+            for (int64_t k = 0; k < w; ++k) o[k] = ra * (x[k] - c[k0 + k]) - o[k];
+          }
+        }
+      });
+    }
+  }
+
   void run(at::Tensor& m_out, at::Tensor& s_out) {
+    if (n <= kFewRows && m > 0 && D > 0) {
+      ng = 1;
+      gm.assign(n, infonce() ? kNegInf : 0.0);
+      gs.assign(n, 0.0);
+      run_few_rows();
+      T* mp = m_out.data_ptr<T>();
+      T* sp = s_out.data_ptr<T>();
+      for (int64_t i = 0; i < n; ++i) {
+        mp[i] = (T)gm[i];
+        sp[i] = (T)gs[i];
+      }
+      return;
+    }
     BR = std::min(rows_tile(D, sizeof(T)), std::max<int64_t>(n, 1));
     BC = std::min(rows_tile(D, sizeof(T)), std::max<int64_t>(m, 1));
     ldS = (BC + 15) / 16 * 16;
@@ -345,8 +478,6 @@ struct RowStatsRect {
         w.Sd.assign(BR * ldS, 0.0);
         w.nrd.assign(BR, 0.0);
         w.ncd.assign(ldS, 0.0);
-        w.rtd.resize(BR * D);
-        w.ctd.resize(BC * D);
       }
     }
     if (m > 0) {

@@ -131,19 +131,21 @@ def test_cpu_kernel_matches_definition_float64(variant, self_offset, include_dia
 
 
 def test_cpu_kernel_many_tiles_and_column_groups(monkeypatch):
-    """Small tiles (DISSEG_DISPERSIVE_BLOCK=16: 3 × 4 tiles, ragged) and few rows over
-    many threads (the column-group split merged online) give the same statistics."""
-    monkeypatch.setenv("DISSEG_DISPERSIVE_BLOCK", "16")
+    """Every tiling of the C++ kernel gives the definition's statistics: many small tiles
+    (DISSEG_DISPERSIVE_BLOCK=16: 7 × 4 ragged tiles), fewer row tiles than threads (the
+    column groups, merged online), and the few-rows path (n <= 64: two column tiles, the
+    reduction over D split in three chunks across threads)."""
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(max(threads, 4))  # 1 row tile < threads: columns split in groups
-        for variant in PAIR_VARIANTS:
-            for n, m in ((37, 53), (5, 70)):
-                rows, cols = _inputs(n, m, 9, variant, 2, seed=m)
+        torch.set_num_threads(max(threads, 4))
+        for block, n, m, dim in (("16", 100, 53, 9), ("64", 70, 150, 9), ("256", 5, 70, 1100)):
+            monkeypatch.setenv("DISSEG_DISPERSIVE_BLOCK", block)
+            for variant in PAIR_VARIANTS:
+                rows, cols = _inputs(n, m, dim, variant, 2, seed=m)
                 for inc in (False, True):
                     st = _call(rows, cols, variant, 2, inc, 2.0, "cpu")
                     e1, e2 = _row_errors(st, _truth(rows, cols, variant, 2, inc, 2.0), variant)
-                    assert e1 <= 1e-12 and e2 <= 1e-10, (variant, n, m, inc, e1, e2)
+                    assert e1 <= 1e-12 and e2 <= 1e-10, (block, variant, n, m, inc, e1, e2)
     finally:
         torch.set_num_threads(threads)
 
