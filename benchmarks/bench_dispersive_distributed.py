@@ -4,6 +4,15 @@
     python -m benchmarks.bench_dispersive_distributed --worlds 2 4 --shapes 1024x128,8x65536
     python -m benchmarks.bench_dispersive_distributed --device cuda    # NCCL if ≥ 2 GPUs; with
                                                                        # one GPU: a rank's share
+    python -m benchmarks.bench_dispersive_distributed --bank           # the memory-bank loss, one
+                                                                       # process: fused vs PyTorch
+
+``--bank`` times ``dispersive_loss_with_bank`` (forward, backward, forward+backward, peak
+memory) for N×D×K shapes (``--bank-shapes 2048x256x4096,8x262144x64``) with the fused row
+statistics (``backend="auto"``: C++ on CPU, Triton on CUDA) against the PyTorch tiles
+(``backend="reference"``) and against the N×(N+K)-matrix formula
+(``reference/dispersive_bank.py``) eager and under ``torch.compile``; it writes
+``dispersive_bank_<device>[_quick]_<date>.csv/.md``.
 
 For every world size W and per-rank shape (n, D) it spawns W processes (gloo on CPU, NCCL on
 CUDA, loopback) and times forward+backward of the global loss (median of repeats, a
@@ -311,6 +320,145 @@ def scaling_markdown(world=8):
 # ----------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------
+# --bank: the memory-bank loss in one process
+
+BANK_SHAPES = [(2048, 256, 4096), (8, 262144, 64)]
+BANK_QUICK_SHAPES = [(512, 128, 1024), (8, 65536, 64)]
+
+
+def _time(fn, reps, device):
+    times = []
+    for rep in range(reps + 1):  # the first call warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if rep:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bank_benchmark(shapes, variant, device, reps, compile_ref=True):
+    """Rows of (N, D, K, method, fwd_ms, bwd_ms, fwdbwd_ms, peak_extra_mb, loss)."""
+    from disseg_kernels import dispersive_loss_with_bank
+    from disseg_kernels._backend import resolve
+    from disseg_kernels.reference.dispersive_bank import dispersive_loss_bank_reference
+
+    fused = resolve("dispersive_rows", "auto", device)
+    methods = {
+        f"fused ({fused})": lambda z, b: dispersive_loss_with_bank(z, b, variant=variant, backend="auto"),
+        "pytorch tiles (backend=reference)":
+            lambda z, b: dispersive_loss_with_bank(z, b, variant=variant, backend="reference"),
+        "formula, eager": lambda z, b: dispersive_loss_bank_reference(z, b, variant=variant),
+    }
+    if compile_ref:
+        compiled = torch.compile(dispersive_loss_bank_reference, dynamic=False)
+        methods["formula, torch.compile"] = lambda z, b: compiled(z, b, variant=variant)
+    rows = []
+    for n, d, k in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        z0 = (torch.randn(n, d, generator=g) / d**0.5 * 8).to(device)  # d ~ 11: the softmax spreads
+        bank = (torch.randn(k, d, generator=g) / d**0.5 * 8).to(device)
+        for name, fn in methods.items():
+            print(f"  N={n} D={d} K={k} {name} ...", flush=True)
+            try:
+                with torch.no_grad():
+                    fwd = _time(lambda: fn(z0, bank), reps, device)
+
+                def fwdbwd():
+                    z = z0.clone().requires_grad_(True)
+                    fn(z, bank).backward()
+
+                both = _time(fwdbwd, reps, device)
+                z = z0.clone().requires_grad_(True)
+                losses = []
+
+                def bwd_only():
+                    z.grad = None
+                    loss = fn(z, bank)
+                    losses.append(loss)
+                    return loss
+
+                bwd_times = []
+                for rep in range(reps + 1):
+                    loss = bwd_only()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    loss.backward()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if rep:
+                        bwd_times.append(time.perf_counter() - t0)
+                with _Peak(device) as pk:
+                    fwdbwd()
+                rows.append(dict(N=n, D=d, K=k, variant=variant, method=name, fwd_ms=fwd,
+                                 bwd_ms=statistics.median(bwd_times) * 1e3, fwdbwd_ms=both,
+                                 peak_extra_mb=pk.extra / 2**20, loss=float(losses[-1].detach())))
+            except Exception as exc:  # a compile failure is reported, not fatal
+                rows.append(dict(N=n, D=d, K=k, variant=variant, method=name, fwd_ms=float("nan"),
+                                 bwd_ms=float("nan"), fwdbwd_ms=float("nan"), peak_extra_mb=float("nan"),
+                                 loss=float("nan"), error=f"{type(exc).__name__}: {str(exc)[:120]}"))
+    return rows
+
+
+def bank_main(args, argv):
+    device = torch.device(args.device)
+    shapes = args.bank_shapes or (BANK_QUICK_SHAPES if args.quick else BANK_SHAPES)
+    reps = args.reps or (2 if args.quick else 5)
+    date = _dt.datetime.now(_dt.timezone.utc)
+    machine = machine_name(args.device)
+    load = os.getloadavg()
+    rows = bank_benchmark(shapes, args.variant, device, reps, compile_ref=not args.no_compile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"dispersive_bank_{args.device}{'_quick' if args.quick else ''}_{date:%Y-%m-%d}"
+    fields = ["N", "D", "K", "variant", "method", "fwd_ms", "bwd_ms", "fwdbwd_ms", "peak_extra_mb", "loss", "error"]
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["machine", "date"] + fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow(dict(machine=machine, date=date.isoformat(timespec="seconds"), **r))
+    command = " ".join(["python -m benchmarks.bench_dispersive_distributed", *(sys.argv[1:] if argv is None else argv)])
+    md = [
+        "# Dispersive loss with a memory bank: fused row statistics vs PyTorch",
+        "",
+        f"Machine: {machine}; torch {torch.__version__}; {date:%Y-%m-%d %H:%M} UTC; variant {args.variant}; "
+        f"threads {torch.get_num_threads()}; load average before the run {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f}; median of {reps} after a warm-up.",
+        f"Command: `{command}`",
+        "`fused`: `dispersive_loss_with_bank(backend='auto')` (the C++ or Triton row statistics); "
+        "`pytorch tiles`: the same function with `backend='reference'` (`_row_stats` over PyTorch tiles, "
+        "torch.cdist); `formula`: `dispersive_loss_bank_reference` (builds the N×(N+K) matrices). "
+        "The fused and tiled paths compute the gradient in the forward pass (backward only scales it), "
+        "so their fwd with grad is the fwd+bwd time; `fwd` is timed with grad off.",
+        "",
+        "| N | D | K | method | fwd ms | bwd ms | fwd+bwd ms | fused speed-up (fwd+bwd) | peak extra MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        f = next(x for x in rows if x["N"] == r["N"] and x["D"] == r["D"] and x["K"] == r["K"]
+                 and x["method"].startswith("fused"))
+        sp = f"{r['fwdbwd_ms'] / f['fwdbwd_ms']:.2f}×" if f["fwdbwd_ms"] == f["fwdbwd_ms"] else ""
+        err = f" ({r['error']})" if r.get("error") else ""
+        md.append(f"| {r['N']} | {r['D']} | {r['K']} | {r['method']}{err} | {r['fwd_ms']:.1f} | {r['bwd_ms']:.1f} | "
+                  f"{r['fwdbwd_ms']:.1f} | {sp} | {r['peak_extra_mb']:.1f} |")
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"\nwrote {stem}.csv and .md")
+    return rows
+
+
+def _parse_bank_shapes(text):
+    out = []
+    for item in text.split(","):
+        n, d, k = item.lower().split("x")
+        out.append((int(n), int(d), int(k)))
+    return out
+
+
 def _parse_shapes(text):
     out = []
     for item in text.split(","):
@@ -328,7 +476,16 @@ def main(argv=None):
     p.add_argument("--variant", default="infonce_l2")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--bank", action="store_true", help="time dispersive_loss_with_bank in one process instead")
+    p.add_argument("--bank-shapes", type=_parse_bank_shapes, default=None, help="N×D×K list, e.g. 2048x256x4096")
+    p.add_argument("--no-compile", action="store_true", help="--bank: skip the torch.compile baseline")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--bank: torch.set_num_threads (1 gives stable figures on a shared machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.bank:
+        return bank_main(args, argv)
 
     shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     reps = args.reps or (2 if args.quick else 5)

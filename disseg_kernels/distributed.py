@@ -423,17 +423,21 @@ def _global_loss_and_grad(
     rows = prep(z)
     opts = dict(variant=variant, tau=tau, margin=margin, scale_by_dim=scale_by_dim,
                 include_diagonal=include_diagonal, need_grad=need_grad, tile=tile, backend=backend)
-    stats = _empty_stats(n, dim, variant, cdt, z.device, need_grad)
+    stats = None
+
+    def add(st):  # the first column set's statistics are taken as they are
+        return st if stats is None else _merge(stats, st, variant)
+
     if ring:
         for owner, block in comm.ring(z, sizes):
             off = 0 if owner == comm.rank else None
-            stats = _merge(stats, _row_stats(rows, prep(block), self_offset=off, grad_weight=2.0, **opts), variant)
+            stats = add(_row_stats(rows, prep(block), self_offset=off, grad_weight=2.0, **opts))
     else:
         allz = prep(comm.all_gather_rows(z, sizes))
         start = sum(sizes[: comm.rank])
-        stats = _merge(stats, _row_stats(rows, allz, self_offset=start, grad_weight=2.0, **opts), variant)
+        stats = add(_row_stats(rows, allz, self_offset=start, grad_weight=2.0, **opts))
     if k:
-        stats = _merge(stats, _row_stats(rows, prep(bank), self_offset=None, grad_weight=1.0, **opts), variant)
+        stats = add(_row_stats(rows, prep(bank), self_offset=None, grad_weight=1.0, **opts))
 
     npairs = _num_pairs(n_total, k, include_diagonal)
     inv_d = 1.0 / dim if scale_by_dim else 1.0
