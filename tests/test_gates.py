@@ -371,6 +371,22 @@ def test_triton_gate_kernels_split_paths(monkeypatch, channels_last, tiles, targ
     assert dx.stride() == x.stride()
     want = R * G[:, :, None, None] * S.view(b, 1, h, w) + torch.einsum("kbc,kbp->bcp", L, Rk).view(b, c, h, w)
     torch.testing.assert_close(dx, want)
+    # every kind of statistic term, arg-max included (what the chain's backward passes)
+    ihw, dhw = torch.randint(0, p, (b, c)), torch.randn(b, c)
+    ic, dc = torch.randint(0, c, (b, p)), torch.randn(b, p)
+    terms = [("hw", L[0], S, ihw, dhw), ("c", G, Rk[1], ic, dc), ("hw", L[1], None, ihw, None), ("c", None, Rk[0], ic, dc)]
+    dx = tg.grad_x_terms(R, x, None, S, terms)
+    want = (R * S.view(b, 1, h, w)).reshape(b, c, p).clone()
+    for kind, Lk, Rt, idx, d in terms:
+        Lf = Lk if Lk is not None else torch.ones(b, c)
+        Rf = Rt if Rt is not None else torch.ones(b, p)
+        want += Lf[:, :, None] * Rf[:, None, :]
+        if d is not None and kind == "hw":
+            want.scatter_add_(2, idx.unsqueeze(2), (d * Rf.gather(1, idx)).unsqueeze(2))
+        elif d is not None:
+            want.scatter_add_(1, idx.unsqueeze(1), (d * Lf.gather(1, idx)).unsqueeze(1))
+    assert dx.stride() == x.stride()
+    torch.testing.assert_close(dx.reshape(b, c, p), want)
 
 
 @pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")

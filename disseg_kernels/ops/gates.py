@@ -99,12 +99,38 @@ class _CpuKernels:
         return (U if need[0] else None), (V if need[1] else None)
 
     @staticmethod
-    def grad_x(grad, x, G, S, L, Rk, stencil=None, elat_taps=False):
-        """As triton.gates.grad_x; the stencil term is a transposed convolution added here."""
-        dx = torch.ops.disseg.gates_grad_x(grad, x, G, S, L, Rk)
+    def grad_x_terms(grad, x, G, S, terms, stencil=None, elat_taps=False):
+        """As triton.gates.grad_x_terms: the rank-1 parts in one C++ pass, then the arg-max
+        terms scattered and the stencil's transposed convolution added."""
+        b, c, h, w = x.shape
+        acc = _acc(x.dtype)
+        ones = {}
+
+        def fill(t, n):
+            if t is not None:
+                return t
+            if n not in ones:
+                ones[n] = x.new_ones((b, n), dtype=acc)
+            return ones[n]
+
+        if terms:
+            L = torch.stack([fill(t[1], c) for t in terms])
+            R = torch.stack([fill(t[2], h * w) for t in terms])
+        else:
+            L, R = x.new_zeros((0, b, c), dtype=acc), x.new_zeros((0, b, h * w), dtype=acc)
+        dx = torch.ops.disseg.gates_grad_x(grad, x, G, S, L, R)
+        flat = _flat_p(dx)
+        for k, (kind, Lk, Rk, idx, d) in enumerate(terms):
+            if d is None:
+                continue
+            if kind == "hw":  # dx[b, c, idx] += d · R[b, idx]
+                val = d if Rk is None else d * Rk.gather(1, idx)
+                flat.scatter_add_(2, idx.unsqueeze(2), val.to(dx.dtype).unsqueeze(2))
+            else:  # dx[b, idx, p] += d · L[b, idx]
+                val = d if Lk is None else d * Lk.gather(1, idx)
+                flat.scatter_add_(1, idx.unsqueeze(1), val.to(dx.dtype).unsqueeze(1))
         if stencil is not None:
             w7, dlogit = stencil
-            b, _, h, w = x.shape
             dx += torch.nn.grad.conv2d_input(x.shape, w7.to(x.dtype), dlogit.view(b, 1, h, w).to(x.dtype), padding=3)
         return dx
 
@@ -180,15 +206,12 @@ class _Backward:
         self.k, self.x, self.acc = k, x, acc
         b, c, h, w = x.shape
         self.b, self.c, self.p = b, c, h * w
-        self.L, self.R, self.hw_scatter, self.c_scatter, self.stencil = [], [], [], [], None
+        self.terms, self.stencil = [], None
 
     def hw_stat(self, S0, idx, da, dm):
         """Gradient (da, dm) of mean/max over p of x·S0; returns dS0 (None when S0 is)."""
         da = da / self.p
-        self.L.append(da)
-        self.R.append(S0)
-        if dm is not None:
-            self.hw_scatter.append((idx, dm if S0 is None else dm * S0.gather(1, idx)))
+        self.terms.append(("hw", da, S0, idx, dm))
         if S0 is None:
             return None
         arg = None if dm is None else (idx, dm)
@@ -197,37 +220,15 @@ class _Backward:
     def c_stat(self, G0, idx, dmean, dm):
         """Gradient (dmean, dm) of mean/max over c of x·G0; returns dG0 (None when G0 is)."""
         dmean = dmean / self.c
-        self.L.append(G0)
-        self.R.append(dmean)
-        self.c_scatter.append((idx, dm if G0 is None else dm * G0.gather(1, idx)))
+        self.terms.append(("c", G0, dmean, idx, dm))
         if G0 is None:
             return None
         return self.k.reduce(self.x, None, None, dmean, s_arg=(idx, dm), need=(True, False))[0]
 
     def dx(self, grad, G, S):
-        """dx = grad·G·S + the rank-1 terms and ELAT's stencil term (one ``grad_x`` pass) + the arg-max terms."""
-        x = self.x
-        ones = {}
-
-        def fill(t, n):
-            if t is not None:
-                return t
-            if n not in ones:
-                ones[n] = x.new_ones((self.b, n), dtype=self.acc)
-            return ones[n]
-
-        if self.L:
-            L = torch.stack([fill(t, self.c) for t in self.L])
-            R = torch.stack([fill(t, self.p) for t in self.R])
-        else:
-            L, R = x.new_zeros((0, self.b, self.c), dtype=self.acc), x.new_zeros((0, self.b, self.p), dtype=self.acc)
-        dx = self.k.grad_x(grad, x, G, S, L, R, stencil=self.stencil, elat_taps=self.stencil is not None)
-        flat = _flat_p(dx)
-        for idx, val in self.hw_scatter:
-            flat.scatter_add_(2, idx.unsqueeze(2), val.to(dx.dtype).unsqueeze(2))
-        for idx, val in self.c_scatter:
-            flat.scatter_add_(1, idx.unsqueeze(1), val.to(dx.dtype).unsqueeze(1))
-        return dx
+        """dx = grad·G·S + every statistic's term + ELAT's stencil term, in one pass."""
+        return self.k.grad_x_terms(grad, self.x, G, S, self.terms, stencil=self.stencil,
+                                   elat_taps=self.stencil is not None)
 
 
 # Each stage: fwd(src, p, shape, G0, S0) -> (G, S, rec); bwd(bw, rec, p, dG, dS) ->

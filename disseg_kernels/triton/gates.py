@@ -284,13 +284,44 @@ def _reduce_kernel(x_ptr, r_ptr, g_ptr, s_ptr, gi_ptr, gv_ptr, si_ptr, sv_ptr, u
 
 
 @triton.jit
-def _grad_x_kernel(grad_ptr, g_ptr, s_ptr, l_ptr, rk_ptr, wt_ptr, dl_ptr, dx_ptr, K, B, C, P, W, sB, sC, sP,
-                   HAS_GRAD: tl.constexpr, HAS_G: tl.constexpr, HAS_S: tl.constexpr, STENCIL: tl.constexpr,
-                   ELAT_TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    # dx = grad·G·S + Σ_k L_k[b, c]·R_k[b, p] (+ with STENCIL the input gradient of a 7×7
-    # C→1 convolution, padding 3: Σ_{i,j} w[c, i, j]·dl[b, y + 3 − i, x + 3 − j]): one read
-    # of grad, one write. ELAT_TAPS skips the 24 taps that ELAT's composite stencil leaves
-    # at zero (those off the three dilated 3×3 grids).
+def _dx_term(acc, l_ptr, r_ptr, i_ptr, d_ptr, b, offs_c, offs_p, mask_c, mask_p, C, P, MODE: tl.constexpr):
+    # One pooled statistic's share of dx. MODE bits: 1 present, 2 a statistic over c (else
+    # over p), 4 L given (else ones), 8 R given (else ones), 16 a max with its arg-max.
+    # dx += L[b, c]·R[b, p]; a max over p adds d[b, c]·R[b, p] at p = i[b, c], a max over
+    # c adds d[b, p]·L[b, c] at c = i[b, p] (so no gather/scatter launches are needed).
+    if MODE & 1:
+        if MODE & 4:
+            lv = tl.load(l_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+        else:
+            lv = tl.where(mask_c, 1.0, 0.0)
+        if MODE & 8:
+            rv = tl.load(r_ptr + b * P + offs_p, mask=mask_p, other=0.0)
+        else:
+            rv = tl.where(mask_p, 1.0, 0.0)
+        acc += lv[:, None] * rv[None, :]
+        if MODE & 16:
+            if MODE & 2:
+                iv = tl.load(i_ptr + b * P + offs_p, mask=mask_p, other=-1)
+                dv = tl.load(d_ptr + b * P + offs_p, mask=mask_p, other=0.0)
+                acc += tl.where(offs_c[:, None] == iv[None, :], lv[:, None] * dv[None, :], 0.0)
+            else:
+                iv = tl.load(i_ptr + b * C + offs_c, mask=mask_c, other=-1)
+                dv = tl.load(d_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+                acc += tl.where(offs_p[None, :] == iv[:, None], dv[:, None] * rv[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def _grad_x_kernel(grad_ptr, g_ptr, s_ptr,
+                   l0, r0, i0, d0, l1, r1, i1, d1, l2, r2, i2, d2, l3, r3, i3, d3,
+                   wt_ptr, dl_ptr, dx_ptr, C, P, W, sB, sC, sP,
+                   HAS_GRAD: tl.constexpr, HAS_G: tl.constexpr, HAS_S: tl.constexpr,
+                   MODE0: tl.constexpr, MODE1: tl.constexpr, MODE2: tl.constexpr, MODE3: tl.constexpr,
+                   STENCIL: tl.constexpr, ELAT_TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # dx = grad·G·S + up to four statistics' terms (_dx_term) (+ with STENCIL the input
+    # gradient of a 7×7 C→1 convolution, padding 3: Σ_{i,j} w[c, i, j]·dl[b, y + 3 − i,
+    # x + 3 − j]): one read of grad, one write. ELAT_TAPS skips the 24 taps that ELAT's
+    # composite stencil leaves at zero (those off the three dilated 3×3 grids).
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     offs_p = tl.program_id(2).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -305,11 +336,10 @@ def _grad_x_kernel(grad_ptr, g_ptr, s_ptr, l_ptr, rk_ptr, wt_ptr, dl_ptr, dx_ptr
             acc = acc * tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0)[:, None]
         if HAS_S:
             acc = acc * tl.load(s_ptr + b * P + offs_p, mask=mask_p, other=0.0)[None, :]
-    for k in range(0, K):
-        row = b + k * B  # int64 (b is)
-        lv = tl.load(l_ptr + row * C + offs_c, mask=mask_c, other=0.0)
-        rv = tl.load(rk_ptr + row * P + offs_p, mask=mask_p, other=0.0)
-        acc += lv[:, None] * rv[None, :]
+    acc = _dx_term(acc, l0, r0, i0, d0, b, offs_c, offs_p, mask_c, mask_p, C, P, MODE0)
+    acc = _dx_term(acc, l1, r1, i1, d1, b, offs_c, offs_p, mask_c, mask_p, C, P, MODE1)
+    acc = _dx_term(acc, l2, r2, i2, d2, b, offs_c, offs_p, mask_c, mask_p, C, P, MODE2)
+    acc = _dx_term(acc, l3, r3, i3, d3, b, offs_c, offs_p, mask_c, mask_p, C, P, MODE3)
     if STENCIL:
         H = P // W
         yy = offs_p // W
@@ -467,22 +497,41 @@ def reduce(x, R, G, S, g_arg=None, s_arg=None, need=(True, True)):
     return U, V
 
 
-def grad_x(grad, x, G, S, L, Rk, stencil=None, elat_taps=False):
-    """dx = grad·G·S + Σ_k L[k, b, c]·Rk[k, b, p], in x's dtype and strides.
+MAX_TERMS = 4  # statistics per gate program (the CBAT chain has four)
 
-    ``stencil = (w7, dlogit)``: also add the input gradient of conv2d(x, w7, padding=3)
-    for w7 (1, C, 7, 7) and the logit's gradient dlogit (B, H·W), without the full-size
-    temporary and the extra pass that a separate transposed convolution costs.
-    ``elat_taps``: the caller guarantees w7 is ELAT's composite stencil (zero off the
-    three dilated 3×3 grids), so only its 25 taps are visited.
+
+def grad_x_terms(grad, x, G, S, terms, stencil=None, elat_taps=False):
+    """dx = grad·G·S + each statistic's term, in x's dtype and strides, in one pass.
+
+    ``terms``: up to MAX_TERMS tuples (kind, L, R, idx, d): dx += L[b, c]·R[b, p] (None =
+    ones); kind "hw" (a max over p): dx[b, c, idx[b, c]] += d[b, c]·R[b, idx[b, c]];
+    kind "c" (a max over c): dx[b, idx[b, p], p] += d[b, p]·L[b, idx[b, p]] (d None: no
+    max term). ``stencil = (w7, dlogit)``: also the input gradient of conv2d(x, w7,
+    padding=3) for w7 (1, C, 7, 7), dlogit (B, H·W). ``elat_taps``: the caller guarantees
+    w7 is ELAT's composite stencil (zero off the three dilated 3×3 grids): 25 taps visited.
     """
     _check_f32(x)
     b, c, p, sB, sC, sP = _geometry(x)
     if grad is not None and (grad.shape != x.shape or grad.stride() != x.stride()):
         raise ValueError(f"grad must match x in shape and strides, got {tuple(grad.shape)} {grad.stride()}")
+    if len(terms) > MAX_TERMS:
+        raise ValueError(f"terms: at most {MAX_TERMS} statistics per dx pass, got {len(terms)}")
     dx = torch.empty_like(x)
     G, S = _gate(G), _gate(S)
-    L, Rk = L.contiguous(), Rk.contiguous()
+    slots, modes = [], []
+    for t in list(terms) + [None] * (MAX_TERMS - len(terms)):
+        if t is None:
+            slots += [dx] * 4
+            modes.append(0)
+            continue
+        kind, L, R, idx, d = t
+        if kind not in ("hw", "c"):
+            raise ValueError(f"terms: kind must be 'hw' or 'c', got {kind!r}")
+        mode = 1 | (2 if kind == "c" else 0) | (4 if L is not None else 0) | (8 if R is not None else 0)
+        mode |= 16 if d is not None else 0
+        slots += [_gate(L) if L is not None else dx, _gate(R) if R is not None else dx,
+                  idx.contiguous() if d is not None else dx, d.contiguous() if d is not None else dx]
+        modes.append(mode)
     wt = dl = None
     if stencil is not None:
         w7, dl = stencil
@@ -493,8 +542,16 @@ def grad_x(grad, x, G, S, L, Rk, stencil=None, elat_taps=False):
     bc, bp = _tiles(c, p, sC, sP)
     kern, opts = _launcher(_grad_x_kernel, "grad_x")
     kern[(b, triton.cdiv(c, bc), triton.cdiv(p, bp))](
-        grad if grad is not None else x, G if G is not None else L, S if S is not None else Rk,
-        L, Rk, wt if wt is not None else L, dl if dl is not None else L, dx, L.shape[0], b, c, p, x.shape[3], sB, sC, sP,
-        HAS_GRAD=grad is not None, HAS_G=G is not None, HAS_S=S is not None, STENCIL=stencil is not None,
-        ELAT_TAPS=bool(elat_taps), BLOCK_C=bc, BLOCK_P=bp, **opts)
+        grad if grad is not None else x, G if G is not None else dx, S if S is not None else dx, *slots,
+        wt if wt is not None else dx, dl if dl is not None else dx, dx, c, p, x.shape[3], sB, sC, sP,
+        HAS_GRAD=grad is not None, HAS_G=G is not None, HAS_S=S is not None,
+        MODE0=modes[0], MODE1=modes[1], MODE2=modes[2], MODE3=modes[3],
+        STENCIL=stencil is not None, ELAT_TAPS=bool(elat_taps), BLOCK_C=bc, BLOCK_P=bp, **opts)
     return dx
+
+
+def grad_x(grad, x, G, S, L, Rk, stencil=None, elat_taps=False):
+    """dx = grad·G·S + Σ_k L[k, b, c]·Rk[k, b, p] (K ≤ MAX_TERMS), as csrc/gates.cpp's
+    gates_grad_x; see :func:`grad_x_terms` for ``stencil``."""
+    terms = [("hw", L[k], Rk[k], None, None) for k in range(L.shape[0])]
+    return grad_x_terms(grad, x, G, S, terms, stencil=stencil, elat_taps=elat_taps)
