@@ -239,8 +239,13 @@ def _channel_fwd(src, mlp, act, G0, S0):
     a, m, idx = src.pool_hw(S0)
     A_raw = torch.cat([a, m])
     A = A_raw if G0 is None else (A_raw.view(2, *a.shape) * G0).flatten(0, 1)
-    z, mrec = _mlp_fwd(A, *mlp, act, pair=True)
-    g = torch.sigmoid(z)
+    if src.replaying:  # backward: the MLP's intermediates were kept by the forward
+        H, T, g, *parts = src.load(5 if act == "telu" else 3)
+        mrec = (A, H, T, parts or None)
+    else:
+        z, mrec = _mlp_fwd(A, *mlp, act, pair=True)
+        g = torch.sigmoid(z)
+        src.keep([mrec[1], mrec[2], g, *(mrec[3] or ())])
     return (g if G0 is None else G0 * g), S0, (A_raw, idx, mrec, g, G0, S0)
 
 
@@ -262,7 +267,10 @@ def _spatial_fwd(src, cw, cb, shape, G0, S0):
     mean, mx, idx = src.pool_c(G0)
     M_raw = torch.stack([mean, mx], dim=1)
     M = (M_raw if S0 is None else M_raw * S0.unsqueeze(1)).view(b, 2, h, w)
-    s = torch.sigmoid(F.conv2d(M, cw, cb, padding=cw.shape[-1] // 2)).view(b, h * w)
+    if src.replaying:
+        (s,) = src.load(1)
+    else:
+        s = src.keep([torch.sigmoid(F.conv2d(M, cw, cb, padding=cw.shape[-1] // 2)).view(b, h * w)])[0]
     return G0, (s if S0 is None else S0 * s), (M_raw, M, s, idx, G0, S0)
 
 
@@ -317,10 +325,14 @@ def _cbam_bwd(bw, rec, p, dG, dS):
 
 def _elat_fwd(src, p, shape, G0, S0):
     a, _, idx = src.pool_hw(None)
+    if src.replaying:
+        H, T, u, th, g, s, w7 = src.load(7)
+        return g, s, ((a, H, T, (u, th)), g, s, w7, idx)
     z, mrec = _mlp_fwd(a, p[0], None, p[1], None, "telu", pair=False)
     g = torch.sigmoid(z)
     w7, bias = ref.elat_composite_stencil(p[2:5], p[5:8], p[8], p[9])
     s = torch.sigmoid(src.stencil(w7) + bias)
+    src.keep([mrec[1], mrec[2], *mrec[3], g, s, w7])
     return g, s, (mrec, g, s, w7, idx)
 
 
@@ -376,10 +388,17 @@ def _flat_p(x):
 
 
 class _RunOps:
-    """Forward: the real kernels; keeps the statistics for backward."""
+    """Forward: the real kernels; keeps the statistics and the stages' small intermediates
+    (``keep``) for backward, in the order the program produces them."""
+
+    replaying = False
 
     def __init__(self, k, x):
         self.k, self.x, self.saved = k, x, []
+
+    def keep(self, tensors):
+        self.saved += tensors
+        return tensors
 
     def pool_hw(self, S):
         out = self.k.pool_hw(self.x, S)
@@ -393,9 +412,7 @@ class _RunOps:
 
     def stencil(self, w7):
         x = self.x
-        logit = F.conv2d(x, w7.to(x.dtype), None, padding=3).reshape(x.shape[0], -1).to(_acc(x.dtype))
-        self.saved.append(logit)
-        return logit
+        return F.conv2d(x, w7.to(x.dtype), None, padding=3).reshape(x.shape[0], -1).to(_acc(x.dtype))
 
 
 class _FakeOps(_RunOps):
@@ -416,13 +433,14 @@ class _FakeOps(_RunOps):
 
     def stencil(self, w7):
         b, _, h, w = self.x.shape
-        out = self.x.new_empty((b, h * w), dtype=_acc(self.x.dtype))
-        self.saved.append(out)
-        return out
+        return self.x.new_empty((b, h * w), dtype=_acc(self.x.dtype))
 
 
 class _Replay:
-    """Backward: the saved statistics, in the order the forward produced them."""
+    """Backward: the saved statistics and intermediates, in the order the forward produced
+    them (so backward recomputes only a few cheap cats and products)."""
+
+    replaying = True
 
     def __init__(self, saved):
         self.saved, self.pos = saved, 0
@@ -432,14 +450,14 @@ class _Replay:
         self.pos += n
         return out
 
+    def load(self, n):
+        return self._take(n)
+
     def pool_hw(self, S):
         return self._take(3)
 
     def pool_c(self, G):
         return self._take(3)
-
-    def stencil(self, w7):
-        return self._take(1)[0]
 
 
 def _match_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
