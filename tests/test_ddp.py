@@ -12,6 +12,7 @@ What these tests protect:
   views per step) and Stage II;
 - the command line under torchrun: only rank 0 writes, and ``--resume`` of a DDP run
   with a bank continues bit for bit like an uninterrupted run; the bank is checkpointed;
+  a step where each process holds a single sample runs;
 - one process with ``--disp-bank``: the bank changes the loss from the second step on,
   never the first, and holds the newest K rows.
 """
@@ -211,7 +212,10 @@ def _torchrun(args, port, timeout=300):
 
 
 def test_torchrun_resume_with_bank_is_identical_and_only_rank0_writes(tiny_data, tmp_path):
-    flags = ["--ddp", "--data", tiny_data, "--encoder", "resnet18", "--size", "32", "--batch-size", "2",
+    # 8 images, 3 per process, last batch kept: steps of 3 + 3 and of 1 + 1 samples (a
+    # process with a single sample)
+    flags = ["--ddp", "--data", tiny_data, "--encoder", "resnet18", "--size", "32", "--batch-size", "3",
+             "--no-drop-last",
              "--threads", "1", "--no-progress", "--deterministic", "--disp-bank", "3", "--dropout-size", "4",
              "--lr", "1e-3", "--lr-encoder", "1e-3"]
     a, b = tmp_path / "a", tmp_path / "b"
