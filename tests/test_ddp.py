@@ -34,6 +34,7 @@ from models.config import TrainConfig, UserError
 from models.ddp import GlobalBatchNorm2d, convert_sync_batchnorm
 from models.synthetic import generate
 from models.trainer import Trainer, load_checkpoint
+from test_trainer import _cfg  # the trainer tests' small configuration
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,13 +50,6 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp") / "data"
     generate(str(root), n_train=8, n_val=3, n_test=0, size=48, seed=0)
     return str(root)
-
-
-def _cfg(data, out, **kw):
-    base = dict(data=data, out=str(out), encoder="resnet18", size=32, batch_size=4, epochs=1, threads=1,
-                progress=False, seed=0, lr=1e-3, lr_encoder=1e-3, dropout_size=4)
-    base.update(kw)
-    return TrainConfig(**base).validate()
 
 
 # ------------------------------------------------------------------------------ sampler
