@@ -230,10 +230,24 @@ def test_torchrun_resume_with_bank_is_identical_and_only_rank0_writes(tiny_data,
     assert len((a / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs, one writer
     assert sorted(f for f in os.listdir(a) if f.startswith(".")) == []  # no stray temporaries
 
-    # a different number of processes cannot resume it
+
+def test_resume_with_another_process_count_is_refused(tiny_data, tmp_path, monkeypatch, capsys):
+    """A checkpoint of 2 processes, resumed by 1 (a process group of one, in this process)."""
     from models.cli import main
 
-    assert main(["train", "--out", str(a), "--resume", "--epochs", "3", "--threads", "1"]) == 2
+    out = tmp_path / "w2"
+    cfg = _cfg(tiny_data, out, ddp=True, batch_size=2)
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    torch.save({"format": "disseg-checkpoint", "config": cfg.to_dict(), "world": 2}, out / "last.pt")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    assert main(["train", "--out", str(out), "--resume", "--threads", "1"]) == 2
+    assert "trained by 2 process(es); resume it with the same number (now 1)" in capsys.readouterr().err
+    assert not dist.is_initialized()  # the trainer left the group it joined
 
 
 def test_bank_changes_the_loss_from_the_second_step(tiny_data, tmp_path):
