@@ -330,10 +330,21 @@ def _elat_fwd(src, p, shape, G0, S0):
         return g, s, ((a, H, T, (u, th)), g, s, w7, idx)
     z, mrec = _mlp_fwd(a, p[0], None, p[1], None, "telu", pair=False)
     g = torch.sigmoid(z)
-    w7, bias = ref.elat_composite_stencil(p[2:5], p[5:8], p[8], p[9])
+    w7, bias = _elat_stencil(p[2:5], p[5:8], p[8], p[9])
     s = torch.sigmoid(src.stencil(w7) + bias)
     src.keep([mrec[1], mrec[2], *mrec[3], g, s, w7])
     return g, s, (mrec, g, s, w7, idx)
+
+
+def _elat_stencil(dconv_w, dconv_b, fuse_w, fuse_b):
+    """``reference.gates.elat_composite_stencil`` in fewer launches: w7 (1, C, 7, 7), bias (1,).
+    The taps of dilation d sit at rows/cols 3−d, 3, 3+d, scaled by the fuse weight of that
+    branch (the centre is shared); bias = Σ_d b_d·fw_d + fuse_bias."""
+    fw = fuse_w.reshape(3)
+    w7 = dconv_w[0].new_zeros(1, dconv_w[0].shape[1], 7, 7)
+    for i, d in enumerate((1, 2, 3)):
+        w7[:, :, 3 - d : 4 + d : d, 3 - d : 4 + d : d] += dconv_w[i] * fw[i]
+    return w7, torch.addmv(fuse_b, torch.cat(dconv_b).view(1, 3), fw)
 
 
 def _elat_bwd(bw, rec, p, dG, dS):
@@ -351,14 +362,13 @@ def _elat_bwd(bw, rec, p, dG, dS):
     dw7 = dw7.to(bw.acc)
     # The composite stencil's taps of dilation d sit at rows/cols 3−d, 3, 3+d, scaled by
     # the fuse weight of that branch; its bias is Σ_d b_d·fw_d + fuse_bias.
-    fw = p[8].reshape(-1)
-    dconv_w, dconv_b, dfw = [], [], []
-    for i, d in enumerate((1, 2, 3)):
-        taps = dw7[:, :, 3 - d : 4 + d : d, 3 - d : 4 + d : d]
-        dconv_w.append(taps * fw[i])
-        dconv_b.append((dbias * fw[i]).reshape(1))
-        dfw.append((taps * p[2 + i]).sum() + dbias * p[5 + i].reshape(()))
-    return None, None, [dw0, dw2, *dconv_w, *dconv_b, torch.stack(dfw).view(1, 3, 1, 1), dbias.reshape(1)]
+    fw = p[8].reshape(3)
+    taps = [dw7[:, :, 3 - d : 4 + d : d, 3 - d : 4 + d : d] for d in (1, 2, 3)]
+    dconv_w = [taps[i] * fw[i] for i in range(3)]
+    dconv_b = [(dbias * fw[i]).reshape(1) for i in range(3)]
+    # dfw_d = Σ taps_d·W_d + dbias·b_d
+    dfw = torch.addcmul(torch.einsum("dkcij,dkcij->d", torch.stack(taps), torch.stack(list(p[2:5]))), dbias, torch.cat(p[5:8]))
+    return None, None, [dw0, dw2, *dconv_w, *dconv_b, dfw.view(1, 3, 1, 1), dbias.reshape(1)]
 
 
 _STAGE_FWD = {"ca": _ca_fwd, "sa": _sa_fwd, "cbam": _cbam_fwd, "elat": _elat_fwd}
