@@ -340,19 +340,18 @@ struct RowStatsRect {
     std::vector<double> part((size_t)threads * n, 0.0);
     at::parallel_for(0, nch, 1, [&](int64_t b, int64_t e) {
       double* nrp = part.data() + (size_t)at::get_thread_num() * n;
+      std::vector<double> mean(kChunk), x(kChunk);
       for (int64_t ch = b; ch < e; ++ch) {
         const int64_t k0 = ch * kChunk, w = std::min(kChunk, D - k0);
         if (sh) {
-          for (int64_t k = 0; k < w; ++k) {
-            double mean = 0.0;
-            for (int64_t a = 0; a < n; ++a) mean += R[a * D + k0 + k];
-            c[k0 + k] = (T)(mean / (double)n);
-          }
+          std::fill(mean.begin(), mean.begin() + w, 0.0);
           for (int64_t a = 0; a < n; ++a)
-            for (int64_t k = 0; k < w; ++k) {
-              const double x = (double)(R[a * D + k0 + k] - c[k0 + k]);
-              nrp[a] += x * x;
-            }
+            for (int64_t k = 0; k < w; ++k) mean[k] += R[a * D + k0 + k];
+          for (int64_t k = 0; k < w; ++k) c[k0 + k] = (T)(mean[k] / (double)n);
+          for (int64_t a = 0; a < n; ++a) {
+            for (int64_t k = 0; k < w; ++k) x[k] = (double)(R[a * D + k0 + k] - c[k0 + k]);
+            nrp[a] += dot_f64(x.data(), x.data(), w);
+          }
         }
       }
     });
@@ -377,16 +376,23 @@ struct RowStatsRect {
         std::vector<double> rb((size_t)n * kChunk), cb((size_t)bj * kChunk);
         for (int64_t ch = b; ch < e; ++ch) {
           const int64_t k0 = ch * kChunk, w = std::min(kChunk, D - k0);
-          for (int64_t a = 0; a < n; ++a)
-            for (int64_t k = 0; k < w; ++k) rb[a * w + k] = (double)(R[a * D + k0 + k] - (sh ? c[k0 + k] : T(0)));
+          for (int64_t a = 0; a < n; ++a) {
+            double* x = rb.data() + a * w;
+            const T* src = R + a * D + k0;
+            if (sh)
+              for (int64_t k = 0; k < w; ++k) x[k] = (double)(src[k] - c[k0 + k]);
+            else
+              for (int64_t k = 0; k < w; ++k) x[k] = (double)src[k];
+          }
           for (int64_t q = 0; q < bj; ++q) {
-            double ss = 0.0;
-            for (int64_t k = 0; k < w; ++k) {
-              const double y = (double)(C[(j0 + q) * D + k0 + k] - (sh ? c[k0 + k] : T(0)));
-              cb[q * w + k] = y;
-              ss += y * y;
+            double* y = cb.data() + q * w;
+            const T* src = C + (j0 + q) * D + k0;
+            if (sh) {
+              for (int64_t k = 0; k < w; ++k) y[k] = (double)(src[k] - c[k0 + k]);
+              ncp[q] += dot_f64(y, y, w);
+            } else {
+              for (int64_t k = 0; k < w; ++k) y[k] = (double)src[k];
             }
-            ncp[q] += ss;
           }
           gemm_nt<double>(n, bj, w, 1.0, rb.data(), w, cb.data(), w, 1.0, G, bj);
         }
