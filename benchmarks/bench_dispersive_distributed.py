@@ -22,12 +22,10 @@ barrier before each, the slowest rank's time) in three ways:
   (``torch.distributed.nn.functional.all_gather``), every rank computes the whole loss
   (``dispersive_loss``, backend auto: the fused kernel where built) on the N×D
   concatenation, and the backward sends the N×D gradient back (reduce-scatter on NCCL,
-  all-to-all on gloo). ``baseline_reference``: the same with the plain-PyTorch reference,
-  the compute class of ``_row_stats`` (PyTorch ops over tiles) until the fused kernels
-  serve the row-statistics primitive.
+  all-to-all on gloo). ``baseline_reference``: the same with the plain-PyTorch reference.
 - ``allgather``: ``distributed_dispersive_loss(ring=False)``: one all-gather of z, per-row
-  statistics, two scalar all-reduces; each rank computes only its n×N pairs; no backward
-  communication.
+  statistics (``_row_stats``, backend auto: the fused C++ / Triton row statistics), two
+  scalar all-reduces; each rank computes only its n×N pairs; no backward communication.
 - ``ring``: ``distributed_dispersive_loss(ring=True)``: W−1 P2P steps, two blocks resident.
 
 Bytes per rank are counted at the call sites (``disseg_kernels.distributed.count_communication``:
@@ -414,7 +412,8 @@ def bank_main(args, argv):
     load = os.getloadavg()
     rows = bank_benchmark(shapes, args.variant, device, reps, compile_ref=not args.no_compile)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"dispersive_bank_{args.device}{'_quick' if args.quick else ''}_{date:%Y-%m-%d}"
+    tag = ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
+    stem = args.out / f"dispersive_bank_{args.device}{tag}_{date:%Y-%m-%d}"
     fields = ["N", "D", "K", "variant", "method", "fwd_ms", "bwd_ms", "fwdbwd_ms", "peak_extra_mb", "loss", "error"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["machine", "date"] + fields)
@@ -496,8 +495,9 @@ def main(argv=None):
     from disseg_kernels._backend import resolve
 
     notes.append(f"`baseline` ran dispersive_loss with backend auto = "
-                 f"{resolve('dispersive', 'auto', torch.device(args.device))!r}; `allgather`/`ring` run the "
-                 "plain-PyTorch row-statistics primitive (`_row_stats`) until the fused kernels serve it.")
+                 f"{resolve('dispersive', 'auto', torch.device(args.device))!r}; `allgather`/`ring` ran the "
+                 f"row statistics (`_row_stats`) with backend auto = "
+                 f"{resolve('dispersive_rows', 'auto', torch.device(args.device))!r}.")
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         notes.append(f"Only {torch.cuda.device_count()} GPU: no multi-process run; one rank's compute share measured "
                      "for W = 8 instead (the communication is the model's).")
