@@ -338,12 +338,12 @@ def test_triton_gate_kernels_split_paths(monkeypatch, channels_last, tiles, targ
         torch.testing.assert_close(mean, y.mean(2))
         torch.testing.assert_close(mx, y.amax(2))
         first = (y == y.amax(2, keepdim=True)).float().argmax(2)  # first maximum
-        assert torch.equal(idx, first)
+        assert torch.equal(idx.long(), first)
         mean, mx, idx = tg.pool_c(xx, G)
         y = flat * G[:, :, None]
         torch.testing.assert_close(mean, y.mean(1))
         torch.testing.assert_close(mx, y.amax(1))
-        assert torch.equal(idx, (y == y.amax(1, keepdim=True)).float().argmax(1))
+        assert torch.equal(idx.long(), (y == y.amax(1, keepdim=True)).float().argmax(1))
     R = _x_layout((b, c, h, w), channels_last, seed=12)
     U, V = tg.reduce(x, R, G, S)
     t = (x * R).reshape(b, c, p)
@@ -473,3 +473,63 @@ def test_triton_grad_x_stencil_term(channels_last):
         want = grad + torch.nn.grad.conv2d_input(x.shape, w7, dl.view(b, 1, h, w), padding=3)
         assert dx.stride() == x.stride()
         torch.testing.assert_close(dx, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+@pytest.mark.parametrize("telu,pair,bias,gated", [(True, True, True, True), (False, True, False, False),
+                                                  (True, False, False, False), (False, True, False, True)])
+def test_triton_channel_mlp_kernels(telu, pair, bias, gated):
+    """The channel gate's MLP kernels (one launch forward, two backward) against autograd
+    through the same formula: CBAM's (TeLU, biases, under an earlier gate), the channel
+    attention's (ReLU), ELAT's (one row set); C not a multiple of the blocks, hidden 1–8."""
+    from disseg_kernels.ops.gates import _pair_sum
+    from disseg_kernels.triton import gates as tg
+
+    torch.manual_seed(20)
+    b, c, hid = 3, 37, (5 if pair else 1)
+    a, m = torch.randn(b, c), torch.randn(b, c)
+    G0 = torch.rand(b, c) if gated else None
+    w1, w2 = torch.randn(hid, c), torch.randn(c, hid)
+    b1, b2 = (torch.randn(hid), torch.randn(c)) if bias else (None, None)
+    H, T, parts, g, gate = tg.channel_mlp_fwd(a, m if pair else None, G0, w1, b1, w2, b2, telu, pair)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (a, m, G0, w1, w2, b1, b2)]
+    la, lm, lG0, lw1, lw2, lb1, lb2 = leaves
+    A = torch.cat([la, lm]) if pair else la
+    if gated:
+        A = A * (lG0.repeat(2, 1) if pair else lG0)
+    Hr = torch.nn.functional.linear(A, lw1, lb1)
+    Tr = telu_reference(Hr) if telu else torch.relu(Hr)
+    Z = torch.nn.functional.linear(Tr, lw2, lb2)
+    gr = torch.sigmoid(_pair_sum(Z) if pair else Z)
+    gate_r = lG0 * gr if gated else gr
+    for got, want in ((H, Hr), (T, Tr), (g, gr), (gate, gate_r)):
+        torch.testing.assert_close(got, want)
+    dgate = torch.randn(b, c)
+    used = [t for t in leaves if t is not None]
+    grads = dict(zip(map(id, used), torch.autograd.grad(gate_r, used, dgate, allow_unused=True)))
+    da, dm, dG0, dw1, db1, dw2, db2 = tg.channel_mlp_bwd(dgate, a, m if pair else None, G0, H, T, parts, g, w1, w2,
+                                                          telu, pair, bias)
+    for got, leaf in ((da, la), (dm, lm if pair else None), (dG0, lG0), (dw1, lw1), (dw2, lw2), (db1, lb1), (db2, lb2)):
+        if leaf is not None:
+            torch.testing.assert_close(got, grads[id(leaf)])
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+def test_cbat_triton_saves_under_1p2x_input():
+    """Saved-for-backward of the fused chain on the Triton path (it also keeps the spatial
+    gates and stores int32 arg-max indices): x plus small tensors, under 1.2× the input."""
+    torch.manual_seed(4)
+    module = dk.CBATGates(64, backend="triton")
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    saved = sum(seen.values()) - param_bytes
+    assert saved <= 1.2 * x.numel() * x.element_size(), saved / (x.numel() * x.element_size())
+    y.sum().backward()

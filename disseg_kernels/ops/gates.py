@@ -237,28 +237,41 @@ class _Backward:
 
 def _channel_fwd(src, mlp, act, G0, S0):
     a, m, idx = src.pool_hw(S0)
-    A_raw = torch.cat([a, m])
-    A = A_raw if G0 is None else (A_raw.view(2, *a.shape) * G0).flatten(0, 1)
+    telu = act == "telu"
     if src.replaying:  # backward: the MLP's intermediates were kept by the forward
-        H, T, g, *parts = src.load(5 if act == "telu" else 3)
-        mrec = (A, H, T, parts or None)
+        H, T, g, *rest = src.load((5 if telu else 3) + (G0 is not None))
+        G = rest.pop() if G0 is not None else g
+        parts = tuple(rest) or None
+    elif src.fused_small:  # one launch (Triton)
+        H, T, parts, g, G = src.k.channel_mlp_fwd(a, m, G0, *mlp, telu, True)
+        src.keep([H, T, g, *(parts or ()), *([G] if G0 is not None else [])])
     else:
-        z, mrec = _mlp_fwd(A, *mlp, act, pair=True)
+        A = torch.cat([a, m])
+        if G0 is not None:
+            A = (A.view(2, *a.shape) * G0).flatten(0, 1)
+        z, (_, H, T, parts) = _mlp_fwd(A, *mlp, act, pair=True)
         g = torch.sigmoid(z)
-        src.keep([mrec[1], mrec[2], g, *(mrec[3] or ())])
-    return (g if G0 is None else G0 * g), S0, (A_raw, idx, mrec, g, G0, S0)
+        G = g if G0 is None else G0 * g
+        src.keep([H, T, g, *(parts or ()), *([G] if G0 is not None else [])])
+    return G, S0, (a, m, idx, H, T, parts, g, G0, S0)
 
 
 def _channel_bwd(bw, rec, w_in, w_out, act, biases, dG, dS):
-    A_raw, idx, mrec, g, G0, S0 = rec
-    dz = torch.ops.aten.sigmoid_backward(dG if G0 is None else dG * G0, g)
-    dA, dw_in, db_in, dw_out, db_out = _mlp_bwd(dz, mrec, w_in, w_out, act, True, biases)
-    dG0 = None
-    if G0 is not None:
-        dG0 = dG * g + _pair_sum(dA * A_raw)
-        dA = (dA.view(2, *G0.shape) * G0).flatten(0, 1)
-    half = dA.shape[0] // 2
-    dS0 = _add(dS, bw.hw_stat(S0, idx, dA[:half], dA[half:]))
+    a, m, idx, H, T, parts, g, G0, S0 = rec
+    if hasattr(bw.k, "channel_mlp_bwd"):  # two launches (Triton)
+        da, dm, dG0, dw_in, db_in, dw_out, db_out = bw.k.channel_mlp_bwd(
+            dG, a, m, G0, H, T, parts, g, w_in, w_out, act == "telu", True, biases)
+    else:
+        A_raw = torch.cat([a, m])
+        A = A_raw if G0 is None else (A_raw.view(2, *a.shape) * G0).flatten(0, 1)
+        dz = torch.ops.aten.sigmoid_backward(dG if G0 is None else dG * G0, g)
+        dA, dw_in, db_in, dw_out, db_out = _mlp_bwd(dz, (A, H, T, parts), w_in, w_out, act, True, biases)
+        dG0 = None
+        if G0 is not None:
+            dG0 = dG * g + _pair_sum(dA * A_raw)
+            dA = (dA.view(2, *G0.shape) * G0).flatten(0, 1)
+        da, dm = dA[: a.shape[0]], dA[a.shape[0] :]
+    dS0 = _add(dS, bw.hw_stat(S0, idx, da, dm))
     return dG0, dS0, (dw_in, db_in, dw_out, db_out)
 
 
@@ -267,10 +280,12 @@ def _spatial_fwd(src, cw, cb, shape, G0, S0):
     mean, mx, idx = src.pool_c(G0)
     M_raw = torch.stack([mean, mx], dim=1)
     M = (M_raw if S0 is None else M_raw * S0.unsqueeze(1)).view(b, 2, h, w)
-    if src.replaying:
+    if src.replaying and src.keep_spatial:
         (s,) = src.load(1)
     else:
-        s = src.keep([torch.sigmoid(F.conv2d(M, cw, cb, padding=cw.shape[-1] // 2)).view(b, h * w)])[0]
+        s = torch.sigmoid(F.conv2d(M, cw, cb, padding=cw.shape[-1] // 2)).view(b, h * w)
+        if src.keep_spatial and not src.replaying:
+            src.keep([s])
     return G0, (s if S0 is None else S0 * s), (M_raw, M, s, idx, G0, S0)
 
 
@@ -327,13 +342,16 @@ def _elat_fwd(src, p, shape, G0, S0):
     a, _, idx = src.pool_hw(None)
     if src.replaying:
         H, T, u, th, g, s, w7 = src.load(7)
-        return g, s, ((a, H, T, (u, th)), g, s, w7, idx)
-    z, mrec = _mlp_fwd(a, p[0], None, p[1], None, "telu", pair=False)
-    g = torch.sigmoid(z)
+        return g, s, (a, H, T, (u, th), g, s, w7, idx)
+    if src.fused_small:  # one launch (Triton)
+        H, T, parts, g, _ = src.k.channel_mlp_fwd(a, None, None, p[0], None, p[1], None, True, False)
+    else:
+        z, (_, H, T, parts) = _mlp_fwd(a, p[0], None, p[1], None, "telu", pair=False)
+        g = torch.sigmoid(z)
     w7, bias = _elat_stencil(p[2:5], p[5:8], p[8], p[9])
     s = torch.sigmoid(src.stencil(w7) + bias)
-    src.keep([mrec[1], mrec[2], *mrec[3], g, s, w7])
-    return g, s, (mrec, g, s, w7, idx)
+    src.keep([H, T, *parts, g, s, w7])
+    return g, s, (a, H, T, parts, g, s, w7, idx)
 
 
 def _elat_stencil(dconv_w, dconv_b, fuse_w, fuse_b):
@@ -348,10 +366,14 @@ def _elat_stencil(dconv_w, dconv_b, fuse_w, fuse_b):
 
 
 def _elat_bwd(bw, rec, p, dG, dS):
-    mrec, g, s, w7, idx = rec
+    a, H, T, parts, g, s, w7, idx = rec
     x = bw.x
     b, _, h, w = x.shape
-    dA, dw0, _, dw2, _ = _mlp_bwd(torch.ops.aten.sigmoid_backward(dG, g), mrec, p[0], p[1], "telu", False, False)
+    if hasattr(bw.k, "channel_mlp_bwd"):  # two launches (Triton)
+        dA, _, _, dw0, _, dw2, _ = bw.k.channel_mlp_bwd(dG, a, None, None, H, T, parts, g, p[0], p[1], True, False, False)
+    else:
+        dz = torch.ops.aten.sigmoid_backward(dG, g)
+        dA, dw0, _, dw2, _ = _mlp_bwd(dz, (a, H, T, parts), p[0], p[1], "telu", False, False)
     bw.hw_stat(None, idx, dA, None)
     dlogit = torch.ops.aten.sigmoid_backward(dS, s)
     dbias = dlogit.sum()
@@ -405,6 +427,11 @@ class _RunOps:
 
     def __init__(self, k, x):
         self.k, self.x, self.saved = k, x, []
+        # Triton: the small math runs as fused kernels, and the spatial gates are kept
+        # for backward (two (B, H·W) maps; its arg-max indices are int32 there, so the
+        # chain still saves under 1.2× x). C++: torch small math, the gates recomputed.
+        self.fused_small = hasattr(k, "channel_mlp_fwd")
+        self.keep_spatial = getattr(k, "KEEP_SPATIAL_GATES", False)
 
     def keep(self, tensors):
         self.saved += tensors
@@ -426,12 +453,18 @@ class _RunOps:
 
 
 class _FakeOps(_RunOps):
-    """Shapes only (register_fake)."""
+    """Shapes only (register_fake): the torch small math, the backend's saved set."""
+
+    def __init__(self, backend, x):
+        self.k, self.x, self.saved = None, x, []
+        self.fused_small = False
+        self.keep_spatial = backend == "triton"
+        self.idx_dtype = torch.int32 if backend == "triton" else torch.long
 
     def _stat(self, n):
         b = self.x.shape[0]
         acc = _acc(self.x.dtype)
-        out = [self.x.new_empty((b, n), dtype=acc), self.x.new_empty((b, n), dtype=acc), self.x.new_empty((b, n), dtype=torch.long)]
+        out = [self.x.new_empty((b, n), dtype=acc), self.x.new_empty((b, n), dtype=acc), self.x.new_empty((b, n), dtype=self.idx_dtype)]
         self.saved += out
         return out
 
@@ -452,8 +485,9 @@ class _Replay:
 
     replaying = True
 
-    def __init__(self, saved):
+    def __init__(self, saved, k):
         self.saved, self.pos = saved, 0
+        self.keep_spatial = getattr(k, "KEEP_SPATIAL_GATES", False)
 
     def _take(self, n):
         out = self.saved[self.pos : self.pos + n]
@@ -499,7 +533,7 @@ def _gates_fwd(x: torch.Tensor, params: list[torch.Tensor], program: str, backen
 @_gates_fwd.register_fake
 def _(x, params, program, backend):
     acc = _acc(x.dtype)
-    ops = _FakeOps(None, x)
+    ops = _FakeOps(backend, x)
     _run_program(ops, program, [p.to(acc) for p in params], tuple(x.shape))
     return torch.empty_like(x), ops.saved
 
@@ -531,7 +565,7 @@ def _gates_bwd(
         pf = [p if p.dtype == acc else p.to(acc) for p in params]
         # Recompute the program's small tensors from the saved statistics, then run its
         # stages backwards by hand (no autograd graph: every op here is one launch).
-        G, S, tape = _run_program(_Replay(saved), program, pf, tuple(x.shape))
+        G, S, tape = _run_program(_Replay(saved, k), program, pf, tuple(x.shape))
         dG, dS = k.reduce(x, grad, G, S, need=(G is not None, S is not None))  # Σ_p grad·x·S, Σ_c grad·x·G
         bw = _Backward(k, x, acc)
         grads = [None] * len(params)

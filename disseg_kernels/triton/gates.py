@@ -29,12 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .telu import _tanh_pos
+
 # ---------------------------------------------------------------------------------------
 # Tiling and split heuristics (module globals so tests can force small tiles and splits)
 # ---------------------------------------------------------------------------------------
 
 TILE_ELEMS = 2048  # elements per [BLOCK_C, BLOCK_P] tile
 MAX_BLOCK_P = 512  # NCHW: longest contiguous run per tile row
+KEEP_SPATIAL_GATES = True  # ops/gates.py: keep the spatial gates for backward (fewer launches)
+IDX_DTYPE = torch.int32  # arg-max indices (only these kernels read them; half int64's memory)
 MAX_BLOCK_C = 128  # channels_last: longest contiguous run per tile column
 # A reduction is split until it has about this many programs per SM (each split costs a
 # combine launch; DISSEG_GATES_PROGRAMS_PER_SM tries another value without an edit).
@@ -131,12 +135,12 @@ def _pool_hw_kernel(x_ptr, s_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLI
     if FINAL:
         tl.store(sum_ptr + b * C + offs_c, acc / P, mask=mask_c)
         tl.store(max_ptr + b * C + offs_c, best, mask=mask_c)
-        tl.store(idx_ptr + b * C + offs_c, besti, mask=mask_c)
+        tl.store(idx_ptr + b * C + offs_c, besti.to(idx_ptr.dtype.element_ty), mask=mask_c)
     else:
         o = (b * N_SPLIT + split) * C + offs_c
         tl.store(sum_ptr + o, acc, mask=mask_c)
         tl.store(max_ptr + o, best, mask=mask_c)
-        tl.store(idx_ptr + o, besti, mask=mask_c)
+        tl.store(idx_ptr + o, besti.to(idx_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
@@ -171,12 +175,12 @@ def _pool_c_kernel(x_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLIT
     if FINAL:
         tl.store(sum_ptr + b * P + offs_p, acc / C, mask=mask_p)
         tl.store(max_ptr + b * P + offs_p, best, mask=mask_p)
-        tl.store(idx_ptr + b * P + offs_p, besti, mask=mask_p)
+        tl.store(idx_ptr + b * P + offs_p, besti.to(idx_ptr.dtype.element_ty), mask=mask_p)
     else:
         o = (b * N_SPLIT + split) * P + offs_p
         tl.store(sum_ptr + o, acc, mask=mask_p)
         tl.store(max_ptr + o, best, mask=mask_p)
-        tl.store(idx_ptr + o, besti, mask=mask_p)
+        tl.store(idx_ptr + o, besti.to(idx_ptr.dtype.element_ty), mask=mask_p)
 
 
 @triton.jit
@@ -196,10 +200,10 @@ def _pool_combine_kernel(psum_ptr, pmax_ptr, pidx_ptr, mean_ptr, max_ptr, idx_pt
         i = tl.load(pidx_ptr + o, mask=mask, other=0)
         gt = v > best
         best = tl.where(gt, v, best)
-        besti = tl.where(gt, i, besti)
+        besti = tl.where(gt, i.to(tl.int64), besti)
     tl.store(mean_ptr + b * N + offs, acc / COUNT, mask=mask)
     tl.store(max_ptr + b * N + offs, best, mask=mask)
-    tl.store(idx_ptr + b * N + offs, besti, mask=mask)
+    tl.store(idx_ptr + b * N + offs, besti.to(idx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -358,6 +362,197 @@ def _grad_x_kernel(grad_ptr, g_ptr, s_ptr,
 
 
 # ---------------------------------------------------------------------------------------
+# The channel gate's small MLP (B rows, or 2B with [avg; max]): one launch forward, two
+# backward, instead of ~10 and ~20 small ATen ops (host launches dominate at these sizes)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mlp_act(h, TELU: tl.constexpr):
+    # (activation, e^{min(h, 20)}, tanh of it); TeLU's tanh(u) in the finite form of telu.py
+    if TELU:
+        u = tl.exp(tl.minimum(h, 20.0))
+        th = _tanh_pos(u, tl.exp(-2.0 * u))
+        return h * th, u, th
+    else:
+        return tl.maximum(h, 0.0), h, h
+
+
+@triton.jit
+def _mlp_act_grad(dt, h, u, th, TELU: tl.constexpr):
+    if TELU:
+        return dt * (th + h * u * (1.0 - th * th))
+    else:
+        return tl.where(h > 0.0, dt, 0.0)
+
+
+@triton.jit
+def _channel_mlp_fwd_kernel(a_ptr, m_ptr, g0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                            h_ptr, t_ptr, u_ptr, th_ptr, g_ptr, gate_ptr, B, C, HID,
+                            HAS_G0: tl.constexpr, HAS_B: tl.constexpr, TELU: tl.constexpr, PAIR: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One batch row: H = W1·(a·G0) + b1 (and the max row), T = act(H),
+    # g = σ(W2·(T_a + T_m) + 2·b2) (one row without PAIR), gate = G0·g.
+    b = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
+    mask_h = offs_h < HID
+    ha = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    hm = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask_c = offs_c < C
+        w = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :], mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        av = tl.load(a_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+        if HAS_G0:
+            g0 = tl.load(g0_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+            av = av * g0
+        ha += tl.sum(w * av[None, :], axis=1)
+        if PAIR:
+            mv = tl.load(m_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+            if HAS_G0:
+                mv = mv * g0
+            hm += tl.sum(w * mv[None, :], axis=1)
+    if HAS_B:
+        b1 = tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0)
+        ha += b1
+        hm += b1
+    ta, ua, tha = _mlp_act(ha, TELU)
+    tl.store(h_ptr + b * HID + offs_h, ha, mask=mask_h)
+    tl.store(t_ptr + b * HID + offs_h, ta, mask=mask_h)
+    if TELU:
+        tl.store(u_ptr + b * HID + offs_h, ua, mask=mask_h)
+        tl.store(th_ptr + b * HID + offs_h, tha, mask=mask_h)
+    tsum = ta
+    if PAIR:
+        tm, um, thm = _mlp_act(hm, TELU)
+        rm = (B + b) * HID + offs_h
+        tl.store(h_ptr + rm, hm, mask=mask_h)
+        tl.store(t_ptr + rm, tm, mask=mask_h)
+        if TELU:
+            tl.store(u_ptr + rm, um, mask=mask_h)
+            tl.store(th_ptr + rm, thm, mask=mask_h)
+        tsum = ta + tm
+    tsum = tl.where(mask_h, tsum, 0.0)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask_c = offs_c < C
+        w = tl.load(w2_ptr + offs_c[:, None] * HID + offs_h[None, :], mask=mask_c[:, None] & mask_h[None, :], other=0.0)
+        z = tl.sum(w * tsum[None, :], axis=1)
+        if HAS_B:
+            b2 = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0)
+            if PAIR:
+                z += 2.0 * b2
+            else:
+                z += b2
+        g = tl.sigmoid(z)
+        tl.store(g_ptr + b * C + offs_c, g, mask=mask_c)
+        if HAS_G0:
+            g0 = tl.load(g0_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+            tl.store(gate_ptr + b * C + offs_c, g0 * g, mask=mask_c)
+
+
+@triton.jit
+def _channel_mlp_bwd_rows_kernel(dgate_ptr, g_ptr, g0_ptr, w2_ptr, h_ptr, u_ptr, th_ptr, dz_ptr, dh_ptr, B, C, HID,
+                                 HAS_G0: tl.constexpr, TELU: tl.constexpr, PAIR: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One batch row: dz = σ'(·)·dgate·G0, dT = W2ᵀ·dz (the same for both rows), dH = dT·act'(H).
+    b = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
+    mask_h = offs_h < HID
+    dt = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask_c = offs_c < C
+        dg = tl.load(dgate_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+        if HAS_G0:
+            dg = dg * tl.load(g0_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+        g = tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+        dz = dg * g * (1.0 - g)
+        tl.store(dz_ptr + b * C + offs_c, dz, mask=mask_c)
+        w = tl.load(w2_ptr + offs_c[:, None] * HID + offs_h[None, :], mask=mask_c[:, None] & mask_h[None, :], other=0.0)
+        dt += tl.sum(w * dz[:, None], axis=0)
+    ra = b * HID + offs_h
+    ha = tl.load(h_ptr + ra, mask=mask_h, other=0.0)
+    ua = tl.load(u_ptr + ra, mask=mask_h, other=0.0)
+    tha = tl.load(th_ptr + ra, mask=mask_h, other=0.0)
+    tl.store(dh_ptr + ra, _mlp_act_grad(dt, ha, ua, tha, TELU), mask=mask_h)
+    if PAIR:
+        rm = (B + b) * HID + offs_h
+        hm = tl.load(h_ptr + rm, mask=mask_h, other=0.0)
+        um = tl.load(u_ptr + rm, mask=mask_h, other=0.0)
+        thm = tl.load(th_ptr + rm, mask=mask_h, other=0.0)
+        tl.store(dh_ptr + rm, _mlp_act_grad(dt, hm, um, thm, TELU), mask=mask_h)
+
+
+@triton.jit
+def _channel_mlp_bwd_cols_kernel(dz_ptr, dh_ptr, t_ptr, a_ptr, m_ptr, g0_ptr, dgate_ptr, g_ptr, w1_ptr,
+                                 dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, da_ptr, dm_ptr, dg0_ptr, B, C, HID,
+                                 HAS_G0: tl.constexpr, HAS_B: tl.constexpr, PAIR: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One block of channels, summing over the batch in order (deterministic): dW2 = Σ dz⊗T,
+    # dW1 = Σ dH⊗A, db's; per row dA = W1ᵀ·dH; with G0, dG0 = dgate·g + Σ_rows dA·A_raw and
+    # the statistics' gradients da, dm = dA·G0.
+    cb = tl.program_id(0).to(tl.int64)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    mask_c = offs_c < C
+    offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
+    mask_h = offs_h < HID
+    mhc = mask_h[:, None] & mask_c[None, :]
+    w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :], mask=mhc, other=0.0)
+    dw2 = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    db2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for bb in range(0, B):
+        b = cb * 0 + bb  # int64 (cb is)
+        dz = tl.load(dz_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+        tsum = tl.load(t_ptr + b * HID + offs_h, mask=mask_h, other=0.0)
+        dha = tl.load(dh_ptr + b * HID + offs_h, mask=mask_h, other=0.0)
+        av = tl.load(a_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+        if HAS_G0:
+            g0 = tl.load(g0_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+            Aa = av * g0
+        else:
+            Aa = av
+        dw1 += dha[:, None] * Aa[None, :]
+        db1 += dha
+        daa = tl.sum(dha[:, None] * w1, axis=0)
+        if PAIR:
+            tsum += tl.load(t_ptr + (B + b) * HID + offs_h, mask=mask_h, other=0.0)
+            dhm = tl.load(dh_ptr + (B + b) * HID + offs_h, mask=mask_h, other=0.0)
+            mv = tl.load(m_ptr + b * C + offs_c, mask=mask_c, other=0.0)
+            if HAS_G0:
+                Am = mv * g0
+            else:
+                Am = mv
+            dw1 += dhm[:, None] * Am[None, :]
+            db1 += dhm
+            dam = tl.sum(dhm[:, None] * w1, axis=0)
+        dw2 += dz[:, None] * tsum[None, :]
+        db2 += dz
+        if HAS_G0:
+            dg0 = tl.load(dgate_ptr + b * C + offs_c, mask=mask_c, other=0.0) * \
+                tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0) + daa * av
+            if PAIR:
+                dg0 += dam * mv
+            tl.store(dg0_ptr + b * C + offs_c, dg0, mask=mask_c)
+            daa = daa * g0
+            if PAIR:
+                dam = dam * g0
+        tl.store(da_ptr + b * C + offs_c, daa, mask=mask_c)
+        if PAIR:
+            tl.store(dm_ptr + b * C + offs_c, dam, mask=mask_c)
+    tl.store(dw2_ptr + offs_c[:, None] * HID + offs_h[None, :], dw2, mask=mask_c[:, None] & mask_h[None, :])
+    tl.store(dw1_ptr + offs_h[:, None] * C + offs_c[None, :], dw1, mask=mhc)
+    if HAS_B:
+        if PAIR:
+            db2 = 2.0 * db2
+        tl.store(db2_ptr + offs_c, db2, mask=mask_c)
+        if cb == 0:  # every block has the same db1
+            tl.store(db1_ptr + offs_h, db1, mask=mask_h)
+
+
+# ---------------------------------------------------------------------------------------
 # Launch helpers: autotuned num_warps on the GPU, fixed under the interpreter
 # ---------------------------------------------------------------------------------------
 
@@ -393,14 +588,14 @@ def pool_hw(x, S):
     chunk, n_split = _split(b * n_cblk, p, bp, _target_programs(x))
     mean = x.new_empty((b, c), dtype=torch.float32)
     mx = x.new_empty((b, c), dtype=torch.float32)
-    idx = x.new_empty((b, c), dtype=torch.long)
+    idx = x.new_empty((b, c), dtype=IDX_DTYPE)
     S = _gate(S)
     final = n_split == 1
     if final:
         outs = (mean, mx, idx)
     else:
         outs = (x.new_empty((b, n_split, c), dtype=torch.float32), x.new_empty((b, n_split, c), dtype=torch.float32),
-                x.new_empty((b, n_split, c), dtype=torch.long))
+                x.new_empty((b, n_split, c), dtype=IDX_DTYPE))
     kern, opts = _launcher(_pool_hw_kernel, "pool_hw")
     kern[(b, n_cblk, n_split)](x, S if S is not None else mean, *outs, c, p, chunk, n_split, sB, sC, sP,
                                HAS_S=S is not None, FINAL=final, BLOCK_C=bc, BLOCK_P=bp, **opts)
@@ -418,14 +613,14 @@ def pool_c(x, G):
     chunk, n_split = _split(b * n_pblk, c, bc, _target_programs(x))
     mean = x.new_empty((b, p), dtype=torch.float32)
     mx = x.new_empty((b, p), dtype=torch.float32)
-    idx = x.new_empty((b, p), dtype=torch.long)
+    idx = x.new_empty((b, p), dtype=IDX_DTYPE)
     G = _gate(G)
     final = n_split == 1
     if final:
         outs = (mean, mx, idx)
     else:
         outs = (x.new_empty((b, n_split, p), dtype=torch.float32), x.new_empty((b, n_split, p), dtype=torch.float32),
-                x.new_empty((b, n_split, p), dtype=torch.long))
+                x.new_empty((b, n_split, p), dtype=IDX_DTYPE))
     kern, opts = _launcher(_pool_c_kernel, "pool_c")
     kern[(b, n_pblk, n_split)](x, G if G is not None else mean, *outs, c, p, chunk, n_split, sB, sC, sP,
                                HAS_G=G is not None, FINAL=final, BLOCK_C=bc, BLOCK_P=bp, **opts)
@@ -555,3 +750,59 @@ def grad_x(grad, x, G, S, L, Rk, stencil=None, elat_taps=False):
     gates_grad_x; see :func:`grad_x_terms` for ``stencil``."""
     terms = [("hw", L[k], Rk[k], None, None) for k in range(L.shape[0])]
     return grad_x_terms(grad, x, G, S, terms, stencil=stencil, elat_taps=elat_taps)
+
+
+def _mlp_blocks(c: int, hid: int) -> tuple[int, int]:
+    bh = _pow2(hid)
+    return max(16, min(_pow2(c), 4096 // bh)), bh
+
+
+def channel_mlp_fwd(a, m, G0, w1, b1, w2, b2, telu, pair):
+    """The channel gate's MLP on pooled statistics (float32, (B, C)): H = W1·(x·G0) + b1,
+    T = act(H) (TeLU or ReLU), g = σ(W2·(T_a + T_m) + 2·b2) (one row set without ``pair``),
+    gate = G0·g. Returns (H, T, (u, th) or None, g, gate); rows are [avg; max] with pair."""
+    b, c = a.shape
+    hid = w1.shape[0]
+    rows = 2 * b if pair else b
+    H = a.new_empty((rows, hid))
+    T = a.new_empty((rows, hid))
+    parts = (a.new_empty((rows, hid)), a.new_empty((rows, hid))) if telu else None
+    g = a.new_empty((b, c))
+    gate = a.new_empty((b, c)) if G0 is not None else g
+    bc, bh = _mlp_blocks(c, hid)
+    dummy = g
+    _channel_mlp_fwd_kernel[(b,)](
+        a, m if m is not None else dummy, G0 if G0 is not None else dummy, w1.contiguous(),
+        b1 if b1 is not None else dummy, w2.contiguous(), b2 if b2 is not None else dummy,
+        H, T, parts[0] if telu else dummy, parts[1] if telu else dummy, g, gate, b, c, hid,
+        HAS_G0=G0 is not None, HAS_B=b1 is not None, TELU=bool(telu), PAIR=bool(pair), BLOCK_C=bc, BLOCK_H=bh)
+    return H, T, parts, g, gate
+
+
+def channel_mlp_bwd(dgate, a, m, G0, H, T, parts, g, w1, w2, telu, pair, biases):
+    """Backward of :func:`channel_mlp_fwd` for the gradient of ``gate``: (da, dm, dG0, dw1,
+    db1, dw2, db2); da/dm are the gradients of the statistics a, m (None where absent)."""
+    b, c = a.shape
+    hid = w1.shape[0]
+    rows = 2 * b if pair else b
+    bc, bh = _mlp_blocks(c, hid)
+    dz = a.new_empty((b, c))
+    dh = a.new_empty((rows, hid))
+    dummy = dz
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    _channel_mlp_bwd_rows_kernel[(b,)](
+        dgate.contiguous(), g, G0 if G0 is not None else dummy, w2, H, parts[0] if telu else H, parts[1] if telu else H,
+        dz, dh, b, c, hid, HAS_G0=G0 is not None, TELU=bool(telu), PAIR=bool(pair), BLOCK_C=bc, BLOCK_H=bh)
+    da = a.new_empty((b, c))
+    dm = a.new_empty((b, c)) if pair else None
+    dG0 = a.new_empty((b, c)) if G0 is not None else None
+    dw1, dw2 = w1.new_empty(w1.shape), w2.new_empty(w2.shape)
+    db1 = w1.new_empty((hid,)) if biases else None
+    db2 = w1.new_empty((c,)) if biases else None
+    bc2 = max(16, min(_pow2(c), 2048 // bh))
+    _channel_mlp_bwd_cols_kernel[(triton.cdiv(c, bc2),)](
+        dz, dh, T, a, m if m is not None else dummy, G0 if G0 is not None else dummy, dgate.contiguous(), g, w1,
+        dw1, db1 if biases else dummy, dw2, db2 if biases else dummy, da, dm if pair else dummy,
+        dG0 if G0 is not None else dummy, b, c, hid,
+        HAS_G0=G0 is not None, HAS_B=bool(biases), PAIR=bool(pair), BLOCK_C=bc2, BLOCK_H=bh)
+    return da, dm, dG0, dw1, db1, dw2, db2
