@@ -168,6 +168,15 @@ def _row_stats(
     return RowStats(m, s, acc)
 
 
+if _backend.extension_error() is None and hasattr(torch.ops.disseg, "dispersive_row_stats"):
+
+    @torch.library.register_fake("disseg::dispersive_row_stats")
+    def _row_stats_fake(rows, cols, variant, tau, margin, scale_by_dim, include_diagonal, self_offset, grad_weight,
+                        need_grad):
+        n, dim = rows.shape
+        return rows.new_empty(n), rows.new_empty(n), rows.new_empty((n, dim if need_grad else 0))
+
+
 def _row_stats_reference(z_rows, z_cols, variant, tau, margin, scale_by_dim, include_diagonal, self_offset,
                          grad_weight, need_grad, tile=1024) -> RowStats:
     """The PyTorch tiles of :func:`_row_stats` (its reference path)."""

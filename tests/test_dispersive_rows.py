@@ -275,3 +275,11 @@ def test_model_regime_shape_matches_reference():
     loss, ref = float(loss.detach()), float(ref.detach())
     assert math.isfinite(loss) and loss == pytest.approx(ref, rel=1e-6)
     assert float((zt.grad.double() - gref).abs().max()) <= 1e-4 * float(gref.abs().max())
+
+
+def test_opcheck_cpu_op():
+    """torch.library.opcheck of disseg::dispersive_row_stats (schema, fake tensor, dispatch)."""
+    rows, cols = _inputs(6, 9, 5, "infonce_l2", 2, seed=1)
+    for args in ((rows, cols, 0, TAU, MARGIN, False, False, 2, 2.0, True),
+                 (rows.float(), cols.float(), 3, TAU, MARGIN, True, True, None, 1.0, False)):
+        torch.library.opcheck(torch.ops.disseg.dispersive_row_stats.default, args)
