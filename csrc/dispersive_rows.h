@@ -23,8 +23,10 @@
 //     distance n_i + n_j - 2 G_ij for rows with a large common offset);
 //   * S = R C^T by single-threaded BLAS (float32 for float32 inputs);
 //   * precision: as dispersive.cpp's tiled regime, a float32 tile with a close pair
-//     (d^2 < (n_i + n_j) / 16) is recomputed with a float64 GEMM, infonce_l2sq always
-//     uses float64 tiles; in a float64 tile, a pair with d^2 < 1e-3 (n_i + n_j) (near
+//     (d^2 < (n_i + n_j) / 16) is recomputed with a float64 GEMM; infonce_l2sq, whose
+//     d^2 / tau is exponentiated as it is (a float32 Gram error ~eps32 (n_i + n_j) s / tau
+//     in the logit), stays in float32 only while (n_i + n_j) s / tau <= kL2sqF32 over the
+//     tile (logit error ~1e-5; normalised features), else uses float64; in a float64 tile, a pair with d^2 < 1e-3 (n_i + n_j) (near
 //     duplicates, where the Gram form loses digits) gets its distance from exact
 //     differences sum_k (r_ik - c_jk)^2, so duplicate rows give d = 0 exactly;
 //   * an online per-row max (flash-style): a row's s, sum of weights and acc are
@@ -33,6 +35,7 @@
 
 constexpr double kRowsClose = 1.0 / 16.0;  // float32 tile -> float64 tile
 constexpr double kRowsExact = 1e-3;        // float64 Gram distance -> exact differences
+constexpr double kL2sqF32 = 64.0;          // infonce_l2sq: largest (n_i + n_j) s / tau of a float32 tile
 
 template <typename T>
 T reduce_min(const Vec<T>& v) {
@@ -272,13 +275,18 @@ struct RowStatsRect {
             double* us, T* uacc) {
     const int64_t self0 = i0 + off - j0;  // the self lane of row 0 of the tile
     T* S = w.S.data();
-    bool f64 = kF64 || variant == kL2sq;
+    bool f64 = kF64;
+    if (!f64 && variant == kL2sq) {
+      const T nrmax = *std::max_element(w.nr.data(), w.nr.data() + bi);
+      const T ncmax = *std::max_element(w.nc.data(), w.nc.data() + bj);
+      f64 = ((double)nrmax + (double)ncmax) * scale / tau > kL2sqF32;
+    }
     if (!f64) {
       if (D > 0)
         gemm_nt<T>(bi, bj, D, T(1), rt, D, ct, D, T(0), S, ldS);
       else
         std::fill(S, S + bi * ldS, T(0));
-      f64 = !distances<T>(S, bi, bj, w.nr.data(), w.nc.data(), self0, variant == kL2 || variant == kHinge);
+      f64 = !distances<T>(S, bi, bj, w.nr.data(), w.nc.data(), self0, variant != kCosine);
     }
     bool any;
     if (!f64) {
