@@ -467,10 +467,11 @@ class Trainer:
 
         cfg = self.cfg
         self._disp_rows.append(z.detach())
+        backend = self.model.dispersive_backend  # "reference" for --no-fused
         if cfg.ddp:
             return distributed_dispersive_loss(z, variant=cfg.disp_variant, tau=cfg.disp_tau, ring=cfg.disp_ring,
-                                               bank=self.bank, ddp_scale=True)
-        return dispersive_loss_with_bank(z, self.bank, variant=cfg.disp_variant, tau=cfg.disp_tau)
+                                               bank=self.bank, ddp_scale=True, backend=backend)
+        return dispersive_loss_with_bank(z, self.bank, variant=cfg.disp_variant, tau=cfg.disp_tau, backend=backend)
 
     def _init_from_stage1(self, ckpt: dict) -> None:
         from . import transfer_stage1_to_stage2
@@ -744,8 +745,17 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group this trainer joined (no-op otherwise)."""
         if getattr(self, "_owns_group", False):
-            shutdown(self.dist)
-            self._owns_group = False
+            # Leave together, after rank 0 has written its files, and drop the DDP reducer
+            # (it holds the process group) first: a rank that tore its group down while
+            # a peer still used it was seen to abort at exit (gloo, std::terminate).
+            try:
+                self.dist.barrier()
+            finally:
+                self.net = None
+                if hasattr(self, "model"):
+                    self.model.set_dispersive_fn(None)
+                shutdown(self.dist)
+                self._owns_group = False
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
