@@ -254,6 +254,9 @@ def build_parser():
                         "op:BxCxHxW pins a shape to one op (e.g. 8x64x128x128,elat:8x64x256x256)")
     p.add_argument("--repeats", type=int, default=0, help="timing repeats (default 5 CPU / 20 CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--compile-check", action="store_true",
+                   help="only compile the Triton kernel variants the fused modules launch, for sm_90 (no GPU needed; "
+                        "--quick: float32 and fewer shapes)")
     p.add_argument("--count-launches", action="store_true",
                    help="only count the device operations of one fused fwd+bwd per case (Triton path, no GPU needed)")
     p.add_argument("--graphs", action="store_true",
@@ -337,7 +340,7 @@ def count_launches(op, b, c, h, w, sms=132) -> dict:
 
     kernels = getattr(tg, "_bench_kernel_names", None)
     if kernels is None:
-        kernels = [n for n in dir(tg) if isinstance(getattr(tg, n), triton.runtime.jit.JITFunction)]
+        kernels = [n for n in dir(tg) if n.endswith("_kernel") and isinstance(getattr(tg, n), triton.runtime.jit.JITFunction)]
         tg._bench_kernel_names = kernels
     for name in kernels:  # fresh stubs per call: each counts into this call's counter
         setattr(tg, name, _Stub(name))
@@ -368,6 +371,82 @@ def count_launches(op, b, c, h, w, sms=132) -> dict:
             "bwd_triton": count.get("triton", 0), "bwd_aten": count.get("aten", 0)}
 
 
+def compile_check(quick: bool) -> int:
+    """Compile every Triton kernel variant the fused CBAT chain and ELAT launch for sm_90
+    (Triton's ahead-of-time compiler with its bundled ptxas: no GPU needed). The kernels
+    are replaced by stubs that record each launch's signature; the modules run on empty
+    tensors. Needs a process without TRITON_INTERPRET. Returns the number of failures."""
+    import time
+
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("--compile-check: unset TRITON_INTERPRET (the interpreter has no compiler)")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        print(f"SKIP: no Triton ahead-of-time compiler ({exc})")
+        return 0
+    from disseg_kernels.ops import gates as og
+    from disseg_kernels.triton import gates as tg
+
+    types = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64"}
+    variants = {}
+
+    class _Stub:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                sig, consts = {}, {}
+                for name, v in zip(self.fn.arg_names, args):
+                    if isinstance(v, torch.Tensor):
+                        sig[name] = types[v.dtype]
+                        if not v.dtype.is_floating_point:
+                            v.zero_()  # indices stay in range for the next stage
+                    elif isinstance(v, int) and not isinstance(v, bool) and v != 1:
+                        sig[name] = "i64" if abs(v) >= 2**31 else "i32"
+                    else:  # flags, and ints equal to 1 (Triton specialises those)
+                        sig[name], consts[name] = "constexpr", v
+                for name, v in kwargs.items():
+                    if name not in ("num_warps", "num_stages"):
+                        sig[name], consts[name] = "constexpr", v
+                key = (self.fn.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())))
+                variants[key] = (self.fn, sig, consts)
+
+            return launch
+
+    os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"
+    for name in dir(tg):
+        if name.endswith("_kernel") and isinstance(getattr(tg, name), triton.runtime.jit.JITFunction):
+            setattr(tg, name, _Stub(getattr(tg, name)))
+    tg.FORCE_TARGET_PROGRAMS = tg.PROGRAMS_PER_SM * 132
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float16)
+    cases = (("cbat", 64, 32), ("elat", 64, 32)) if quick else (("cbat", 64, 32), ("cbat", 1024, 16), ("elat", 64, 64))
+    for dtype in dtypes:
+        for cl in (False, True):
+            for program, c, hw in cases:
+                module = MODULES[program](c, True)
+                x = torch.empty(8, c, hw, hw, dtype=dtype)
+                if cl:
+                    x = x.to(memory_format=torch.channels_last)
+                params = [p.detach().to(dtype) for p in module._params()]
+                _, saved = og._gates_fwd._init_fn(x, params, program, "triton")
+                og._gates_bwd._init_fn(torch.empty_like(x), x, params, saved, program, "triton")
+    failures = 0
+    t0 = time.time()
+    for (kname, _, consts), (fn, sig, cdict) in variants.items():
+        try:
+            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cdict), target=GPUTarget("cuda", 90, 32))
+        except Exception as exc:  # noqa: BLE001 - report them all
+            failures += 1
+            print(f"FAIL {kname} {dict(consts)}: {type(exc).__name__}: {str(exc)[:1500]}", flush=True)
+    print(f"{len(variants)} kernel variants compiled for sm_90 in {time.time() - t0:.0f} s; failures: {failures}")
+    return failures
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     device = args.device
@@ -378,6 +457,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (20 if device == "cuda" else 5)
+    if args.compile_check:
+        if compile_check(args.quick):
+            raise SystemExit(1)
+        return []
     cases = select_cases(args)
     if args.count_launches:
         for op, b, c, h, w in cases:

@@ -4,6 +4,8 @@ against the plain-PyTorch reference path of the same module with the same weight
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -533,3 +535,24 @@ def test_cbat_triton_saves_under_1p2x_input():
     saved = sum(seen.values()) - param_bytes
     assert saved <= 1.2 * x.numel() * x.element_size(), saved / (x.numel() * x.element_size())
     y.sum().backward()
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+def test_triton_gate_kernels_compile_for_sm90():
+    """The Triton kernel variants the fused CBAT chain and ELAT launch (float32, NCHW and
+    channels_last, split and unsplit reductions) compile for sm_90 here, on the CPU: the
+    interpreter accepts code the GPU compiler rejects, and a GPU session has no time to
+    find that out. Runs `bench_gates --compile-check --quick` in a process without
+    TRITON_INTERPRET (the full set: without --quick)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_gates", "--compile-check", "--quick"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if "SKIP:" in r.stdout:
+        pytest.skip(r.stdout.split("SKIP:", 1)[1].strip())
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "failures: 0" in r.stdout, r.stdout[-4000:]
