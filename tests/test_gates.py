@@ -556,3 +556,36 @@ def test_triton_gate_kernels_compile_for_sm90():
         pytest.skip(r.stdout.split("SKIP:", 1)[1].strip())
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "failures: 0" in r.stdout, r.stdout[-4000:]
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+@pytest.mark.parametrize("hw,k,gated,bias", [((5, 7), 7, True, True), ((9, 4), 7, False, False), ((3, 3), 3, True, False)])
+def test_triton_spatial_gate_kernels(hw, k, gated, bias):
+    """The spatial gate's conv kernels (one launch forward, two backward) against autograd
+    through conv2d on [mean, max]·S0: H ≠ W, maps smaller than the kernel, with and without
+    an earlier spatial gate and a bias."""
+    import torch.nn.functional as F
+
+    from disseg_kernels.triton import gates as tg
+
+    torch.manual_seed(21)
+    (h, w), b = hw, 2
+    p = h * w
+    mean, mx = torch.randn(b, p), torch.randn(b, p)
+    S0 = torch.rand(b, p) if gated else None
+    cw, cb = torch.randn(1, 2, k, k), (torch.randn(1) if bias else None)
+    s, gate = tg.spatial_gate_fwd(mean, mx, S0, cw, cb, w)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (mean, mx, S0, cw, cb)]
+    lm, lx, lS0, lw, lb = leaves
+    M = torch.stack([lm, lx], 1) * (lS0.unsqueeze(1) if gated else 1.0)
+    s_ref = torch.sigmoid(F.conv2d(M.view(b, 2, h, w), lw, lb, padding=k // 2)).view(b, p)
+    gate_ref = lS0 * s_ref if gated else s_ref
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(gate, gate_ref)
+    dgate = torch.randn(b, p)
+    used = [t for t in leaves if t is not None]
+    grads = dict(zip(map(id, used), torch.autograd.grad(gate_ref, used, dgate)))
+    dmean, dmax, dS0, dcw, dcb = tg.spatial_gate_bwd(dgate, S0, s, mean, mx, cw, bias, w)
+    for got, leaf in ((dmean, lm), (dmax, lx), (dS0, lS0), (dcw, lw), (dcb, lb)):
+        if leaf is not None:
+            torch.testing.assert_close(got, grads[id(leaf)])

@@ -278,30 +278,40 @@ def _channel_bwd(bw, rec, w_in, w_out, act, biases, dG, dS):
 def _spatial_fwd(src, cw, cb, shape, G0, S0):
     b, _, h, w = shape
     mean, mx, idx = src.pool_c(G0)
-    M_raw = torch.stack([mean, mx], dim=1)
-    M = (M_raw if S0 is None else M_raw * S0.unsqueeze(1)).view(b, 2, h, w)
     if src.replaying and src.keep_spatial:
         (s,) = src.load(1)
+        S = s if S0 is None else S0 * s
+    elif src.fused_small:  # one launch (Triton)
+        s, S = src.k.spatial_gate_fwd(mean, mx, S0, cw, cb, w)
     else:
+        M = torch.stack([mean, mx], dim=1)
+        M = (M if S0 is None else M * S0.unsqueeze(1)).view(b, 2, h, w)
         s = torch.sigmoid(F.conv2d(M, cw, cb, padding=cw.shape[-1] // 2)).view(b, h * w)
-        if src.keep_spatial and not src.replaying:
-            src.keep([s])
-    return G0, (s if S0 is None else S0 * s), (M_raw, M, s, idx, G0, S0)
+        S = s if S0 is None else S0 * s
+    if src.keep_spatial and not src.replaying:
+        src.keep([s])
+    return G0, S, (mean, mx, s, idx, G0, S0, w)
 
 
 def _spatial_bwd(bw, rec, cw, has_bias, dG, dS):
-    M_raw, M, s, idx, G0, S0 = rec
-    b, _, h, w = M.shape
-    pad = cw.shape[-1] // 2
-    dlogit = torch.ops.aten.sigmoid_backward(dS if S0 is None else dS * S0, s).view(b, 1, h, w)
-    dM, dcw, dcb = torch.ops.aten.convolution_backward(
-        dlogit, M, cw, [1] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, has_bias])
-    dM = dM.view(b, 2, h * w)
-    dS0 = None
-    if S0 is not None:
-        dS0 = dS * s + (dM * M_raw).sum(1)
-        dM = dM * S0.unsqueeze(1)
-    dG0 = _add(dG, bw.c_stat(G0, idx, dM[:, 0], dM[:, 1]))
+    mean, mx, s, idx, G0, S0, width = rec
+    if hasattr(bw.k, "spatial_gate_bwd"):  # two launches and a sum (Triton)
+        dmean, dm, dS0, dcw, dcb = bw.k.spatial_gate_bwd(dS, S0, s, mean, mx, cw, has_bias, width)
+    else:
+        b, p = mean.shape
+        h, pad = p // width, cw.shape[-1] // 2
+        M_raw = torch.stack([mean, mx], dim=1)
+        M = (M_raw if S0 is None else M_raw * S0.unsqueeze(1)).view(b, 2, h, width)
+        dlogit = torch.ops.aten.sigmoid_backward(dS if S0 is None else dS * S0, s).view(b, 1, h, width)
+        dM, dcw, dcb = torch.ops.aten.convolution_backward(
+            dlogit, M, cw, [1] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, has_bias])
+        dM = dM.view(b, 2, p)
+        dS0 = None
+        if S0 is not None:
+            dS0 = dS * s + (dM * M_raw).sum(1)
+            dM = dM * S0.unsqueeze(1)
+        dmean, dm = dM[:, 0], dM[:, 1]
+    dG0 = _add(dG, bw.c_stat(G0, idx, dmean, dm))
     return dG0, dS0, (dcw, dcb)
 
 
@@ -484,6 +494,7 @@ class _Replay:
     them (so backward recomputes only a few cheap cats and products)."""
 
     replaying = True
+    fused_small = False  # nothing is computed forward again but the gates the C++ path drops
 
     def __init__(self, saved, k):
         self.saved, self.pos = saved, 0

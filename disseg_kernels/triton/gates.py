@@ -553,6 +553,112 @@ def _channel_mlp_bwd_cols_kernel(dz_ptr, dh_ptr, t_ptr, a_ptr, m_ptr, g0_ptr, dg
 
 
 # ---------------------------------------------------------------------------------------
+# The spatial gate's 2→1 k×k convolution on [mean, max] (B, H·W) maps: one launch forward,
+# two backward (and one sum of per-block weight-gradient partials)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _spatial_fwd_kernel(mean_ptr, max_ptr, s0_ptr, w_ptr, bias_ptr, s_ptr, gate_ptr, P, W,
+                        HAS_S0: tl.constexpr, HAS_BIAS: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
+    # s = σ(bias + Σ_{ch, i, j} w[ch, i, j]·M[ch, y + i − k/2, x + j − k/2]) with M = [mean, max]·S0
+    # (zero outside the map), gate = S0·s.
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    mask = offs < P
+    H = P // W
+    yy = offs // W
+    xx = offs % W
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr)
+    for t in tl.static_range(K * K):
+        ys = yy + (t // K - K // 2)
+        xs = xx + (t % K - K // 2)
+        ok = mask & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+        q = b * P + ys * W + xs
+        mv = tl.load(mean_ptr + q, mask=ok, other=0.0)
+        xv = tl.load(max_ptr + q, mask=ok, other=0.0)
+        if HAS_S0:
+            sv = tl.load(s0_ptr + q, mask=ok, other=0.0)
+            mv = mv * sv
+            xv = xv * sv
+        acc += tl.load(w_ptr + t) * mv + tl.load(w_ptr + K * K + t) * xv
+    sg = tl.sigmoid(acc)
+    tl.store(s_ptr + b * P + offs, sg, mask=mask)
+    if HAS_S0:
+        tl.store(gate_ptr + b * P + offs, tl.load(s0_ptr + b * P + offs, mask=mask, other=0.0) * sg, mask=mask)
+
+
+@triton.jit
+def _spatial_bwd_logit_kernel(dgate_ptr, s0_ptr, s_ptr, mean_ptr, max_ptr, dl_ptr, ds0_ptr, part_ptr, P, W, N_PB,
+                              HAS_S0: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
+    # dlogit = dgate·S0·s(1 − s); dS0 = dgate·s (its first part); per block of positions the
+    # partial sums of the weight gradient Σ dlogit·M[ch, shifted] and of the bias gradient.
+    b = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(1).to(tl.int64)
+    offs = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    mask = offs < P
+    H = P // W
+    yy = offs // W
+    xx = offs % W
+    dg = tl.load(dgate_ptr + b * P + offs, mask=mask, other=0.0)
+    sg = tl.load(s_ptr + b * P + offs, mask=mask, other=0.0)
+    if HAS_S0:
+        tl.store(ds0_ptr + b * P + offs, dg * sg, mask=mask)
+        dg = dg * tl.load(s0_ptr + b * P + offs, mask=mask, other=0.0)
+    dl = tl.where(mask, dg * sg * (1.0 - sg), 0.0)
+    tl.store(dl_ptr + b * P + offs, dl, mask=mask)
+    row = part_ptr + (b * N_PB + pb) * (2 * K * K + 1)
+    for t in tl.static_range(K * K):
+        ys = yy + (t // K - K // 2)
+        xs = xx + (t % K - K // 2)
+        ok = mask & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+        q = b * P + ys * W + xs
+        mv = tl.load(mean_ptr + q, mask=ok, other=0.0)
+        xv = tl.load(max_ptr + q, mask=ok, other=0.0)
+        if HAS_S0:
+            sv = tl.load(s0_ptr + q, mask=ok, other=0.0)
+            mv = mv * sv
+            xv = xv * sv
+        tl.store(row + t, tl.sum(dl * mv, axis=0))
+        tl.store(row + K * K + t, tl.sum(dl * xv, axis=0))
+    tl.store(row + 2 * K * K, tl.sum(dl, axis=0))
+
+
+@triton.jit
+def _spatial_bwd_input_kernel(dl_ptr, w_ptr, s0_ptr, mean_ptr, max_ptr, ds0_ptr, dmean_ptr, dmax_ptr, P, W,
+                              HAS_S0: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
+    # dM[ch, y, x] = Σ_{i,j} w[ch, i, j]·dlogit[y − i + k/2, x − j + k/2]; with S0,
+    # dS0 += Σ_ch dM·[mean, max] and the statistics' gradients are dM·S0.
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    mask = offs < P
+    H = P // W
+    yy = offs // W
+    xx = offs % W
+    a0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    a1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for t in tl.static_range(K * K):
+        ys = yy - (t // K - K // 2)
+        xs = xx - (t % K - K // 2)
+        ok = mask & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+        d = tl.load(dl_ptr + b * P + ys * W + xs, mask=ok, other=0.0)
+        a0 += tl.load(w_ptr + t) * d
+        a1 += tl.load(w_ptr + K * K + t) * d
+    if HAS_S0:
+        o = b * P + offs
+        ds0 = tl.load(ds0_ptr + o, mask=mask, other=0.0) + a0 * tl.load(mean_ptr + o, mask=mask, other=0.0) \
+            + a1 * tl.load(max_ptr + o, mask=mask, other=0.0)
+        tl.store(ds0_ptr + o, ds0, mask=mask)
+        sv = tl.load(s0_ptr + o, mask=mask, other=0.0)
+        a0 = a0 * sv
+        a1 = a1 * sv
+    tl.store(dmean_ptr + b * P + offs, a0, mask=mask)
+    tl.store(dmax_ptr + b * P + offs, a1, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
 # Launch helpers: autotuned num_warps on the GPU, fixed under the interpreter
 # ---------------------------------------------------------------------------------------
 
@@ -806,3 +912,48 @@ def channel_mlp_bwd(dgate, a, m, G0, H, T, parts, g, w1, w2, telu, pair, biases)
         dG0 if G0 is not None else dummy, b, c, hid,
         HAS_G0=G0 is not None, HAS_B=bool(biases), PAIR=bool(pair), BLOCK_C=bc2, BLOCK_H=bh)
     return da, dm, dG0, dw1, db1, dw2, db2
+
+
+_SPATIAL_BLOCK = 256
+
+
+def _spatial_block(p: int) -> int:
+    return min(_SPATIAL_BLOCK, max(16, _pow2(p)))
+
+
+def spatial_gate_fwd(mean, mx, S0, cw, cb, width):
+    """The spatial gate from [mean, max] (B, P) maps of a (H, W = width) grid: s = σ(conv_k(
+    [mean, max]·S0, cw, cb, padding k//2)) and gate = S0·s (= s without S0), float32."""
+    b, p = mean.shape
+    k = cw.shape[-1]
+    s = mean.new_empty((b, p))
+    gate = mean.new_empty((b, p)) if S0 is not None else s
+    block = _spatial_block(p)
+    w = cw.reshape(-1).contiguous()
+    _spatial_fwd_kernel[(b, triton.cdiv(p, block))](
+        mean, mx, S0 if S0 is not None else s, w, cb if cb is not None else w, s, gate, p, width,
+        HAS_S0=S0 is not None, HAS_BIAS=cb is not None, K=k, BLOCK_P=block)
+    return s, gate
+
+
+def spatial_gate_bwd(dgate, S0, s, mean, mx, cw, has_bias, width):
+    """Backward of :func:`spatial_gate_fwd`: (dmean, dmax, dS0, dcw, dcb) (dS0 None without
+    S0, dcb None without a bias). Deterministic: per-block partials summed in order."""
+    b, p = mean.shape
+    k = cw.shape[-1]
+    block = _spatial_block(p)
+    n_pb = triton.cdiv(p, block)
+    dl = mean.new_empty((b, p))
+    dS0 = mean.new_empty((b, p)) if S0 is not None else None
+    part = mean.new_empty((b * n_pb, 2 * k * k + 1))
+    w = cw.reshape(-1).contiguous()
+    dgate = dgate.contiguous()
+    _spatial_bwd_logit_kernel[(b, n_pb)](
+        dgate, S0 if S0 is not None else dl, s, mean, mx, dl, dS0 if dS0 is not None else dl, part, p, width, n_pb,
+        HAS_S0=S0 is not None, K=k, BLOCK_P=block)
+    dmean, dmax = mean.new_empty((b, p)), mean.new_empty((b, p))
+    _spatial_bwd_input_kernel[(b, n_pb)](
+        dl, w, S0 if S0 is not None else dl, mean, mx, dS0 if dS0 is not None else dl, dmean, dmax, p, width,
+        HAS_S0=S0 is not None, K=k, BLOCK_P=block)
+    sums = part.sum(0)
+    return dmean, dmax, dS0, sums[: 2 * k * k].view(cw.shape), (sums[2 * k * k :] if has_bias else None)
