@@ -408,6 +408,8 @@ def compile_check(quick: bool) -> int:
                             v.zero_()  # indices stay in range for the next stage
                     elif isinstance(v, int) and not isinstance(v, bool) and v != 1:
                         sig[name] = "i64" if abs(v) >= 2**31 else "i32"
+                    elif isinstance(v, float):
+                        sig[name] = "fp32"
                     else:  # flags, and ints equal to 1 (Triton specialises those)
                         sig[name], consts[name] = "constexpr", v
                 for name, v in kwargs.items():

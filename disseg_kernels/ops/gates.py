@@ -208,18 +208,22 @@ class _Backward:
         self.b, self.c, self.p = b, c, h * w
         self.terms, self.stencil = [], None
 
-    def hw_stat(self, S0, idx, da, dm):
-        """Gradient (da, dm) of mean/max over p of x·S0; returns dS0 (None when S0 is)."""
-        da = da / self.p
+    def hw_stat(self, S0, idx, da, dm, prescaled=False):
+        """Gradient (da, dm) of mean/max over p of x·S0 (da already divided by P when
+        ``prescaled``); returns dS0 (None when S0 is)."""
+        if not prescaled:
+            da = da / self.p
         self.terms.append(("hw", da, S0, idx, dm))
         if S0 is None:
             return None
         arg = None if dm is None else (idx, dm)
         return self.k.reduce(self.x, None, da, None, g_arg=arg, need=(False, True))[1]
 
-    def c_stat(self, G0, idx, dmean, dm):
-        """Gradient (dmean, dm) of mean/max over c of x·G0; returns dG0 (None when G0 is)."""
-        dmean = dmean / self.c
+    def c_stat(self, G0, idx, dmean, dm, prescaled=False):
+        """Gradient (dmean, dm) of mean/max over c of x·G0 (dmean already divided by C when
+        ``prescaled``); returns dG0 (None when G0 is)."""
+        if not prescaled:
+            dmean = dmean / self.c
         self.terms.append(("c", G0, dmean, idx, dm))
         if G0 is None:
             return None
@@ -260,17 +264,17 @@ def _channel_bwd(bw, rec, w_in, w_out, act, biases, dG, dS):
     a, m, idx, H, T, parts, g, G0, S0 = rec
     if hasattr(bw.k, "channel_mlp_bwd"):  # two launches (Triton)
         da, dm, dG0, dw_in, db_in, dw_out, db_out = bw.k.channel_mlp_bwd(
-            dG, a, m, G0, H, T, parts, g, w_in, w_out, act == "telu", True, biases)
-    else:
-        A_raw = torch.cat([a, m])
-        A = A_raw if G0 is None else (A_raw.view(2, *a.shape) * G0).flatten(0, 1)
-        dz = torch.ops.aten.sigmoid_backward(dG if G0 is None else dG * G0, g)
-        dA, dw_in, db_in, dw_out, db_out = _mlp_bwd(dz, (A, H, T, parts), w_in, w_out, act, True, biases)
-        dG0 = None
-        if G0 is not None:
-            dG0 = dG * g + _pair_sum(dA * A_raw)
-            dA = (dA.view(2, *G0.shape) * G0).flatten(0, 1)
-        da, dm = dA[: a.shape[0]], dA[a.shape[0] :]
+            dG, a, m, G0, H, T, parts, g, w_in, w_out, act == "telu", True, biases, scale_a=1.0 / bw.p)
+        return dG0, _add(dS, bw.hw_stat(S0, idx, da, dm, prescaled=True)), (dw_in, db_in, dw_out, db_out)
+    A_raw = torch.cat([a, m])
+    A = A_raw if G0 is None else (A_raw.view(2, *a.shape) * G0).flatten(0, 1)
+    dz = torch.ops.aten.sigmoid_backward(dG if G0 is None else dG * G0, g)
+    dA, dw_in, db_in, dw_out, db_out = _mlp_bwd(dz, (A, H, T, parts), w_in, w_out, act, True, biases)
+    dG0 = None
+    if G0 is not None:
+        dG0 = dG * g + _pair_sum(dA * A_raw)
+        dA = (dA.view(2, *G0.shape) * G0).flatten(0, 1)
+    da, dm = dA[: a.shape[0]], dA[a.shape[0] :]
     dS0 = _add(dS, bw.hw_stat(S0, idx, da, dm))
     return dG0, dS0, (dw_in, db_in, dw_out, db_out)
 
@@ -296,21 +300,21 @@ def _spatial_fwd(src, cw, cb, shape, G0, S0):
 def _spatial_bwd(bw, rec, cw, has_bias, dG, dS):
     mean, mx, s, idx, G0, S0, width = rec
     if hasattr(bw.k, "spatial_gate_bwd"):  # two launches and a sum (Triton)
-        dmean, dm, dS0, dcw, dcb = bw.k.spatial_gate_bwd(dS, S0, s, mean, mx, cw, has_bias, width)
-    else:
-        b, p = mean.shape
-        h, pad = p // width, cw.shape[-1] // 2
-        M_raw = torch.stack([mean, mx], dim=1)
-        M = (M_raw if S0 is None else M_raw * S0.unsqueeze(1)).view(b, 2, h, width)
-        dlogit = torch.ops.aten.sigmoid_backward(dS if S0 is None else dS * S0, s).view(b, 1, h, width)
-        dM, dcw, dcb = torch.ops.aten.convolution_backward(
-            dlogit, M, cw, [1] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, has_bias])
-        dM = dM.view(b, 2, p)
-        dS0 = None
-        if S0 is not None:
-            dS0 = dS * s + (dM * M_raw).sum(1)
-            dM = dM * S0.unsqueeze(1)
-        dmean, dm = dM[:, 0], dM[:, 1]
+        dmean, dm, dS0, dcw, dcb = bw.k.spatial_gate_bwd(dS, S0, s, mean, mx, cw, has_bias, width, scale_mean=1.0 / bw.c)
+        return _add(dG, bw.c_stat(G0, idx, dmean, dm, prescaled=True)), dS0, (dcw, dcb)
+    b, p = mean.shape
+    h, pad = p // width, cw.shape[-1] // 2
+    M_raw = torch.stack([mean, mx], dim=1)
+    M = (M_raw if S0 is None else M_raw * S0.unsqueeze(1)).view(b, 2, h, width)
+    dlogit = torch.ops.aten.sigmoid_backward(dS if S0 is None else dS * S0, s).view(b, 1, h, width)
+    dM, dcw, dcb = torch.ops.aten.convolution_backward(
+        dlogit, M, cw, [1] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, has_bias])
+    dM = dM.view(b, 2, p)
+    dS0 = None
+    if S0 is not None:
+        dS0 = dS * s + (dM * M_raw).sum(1)
+        dM = dM * S0.unsqueeze(1)
+    dmean, dm = dM[:, 0], dM[:, 1]
     dG0 = _add(dG, bw.c_stat(G0, idx, dmean, dm))
     return dG0, dS0, (dcw, dcb)
 
@@ -380,11 +384,13 @@ def _elat_bwd(bw, rec, p, dG, dS):
     x = bw.x
     b, _, h, w = x.shape
     if hasattr(bw.k, "channel_mlp_bwd"):  # two launches (Triton)
-        dA, _, _, dw0, _, dw2, _ = bw.k.channel_mlp_bwd(dG, a, None, None, H, T, parts, g, p[0], p[1], True, False, False)
+        dA, _, _, dw0, _, dw2, _ = bw.k.channel_mlp_bwd(dG, a, None, None, H, T, parts, g, p[0], p[1], True, False, False,
+                                                        scale_a=1.0 / bw.p)
+        bw.hw_stat(None, idx, dA, None, prescaled=True)
     else:
         dz = torch.ops.aten.sigmoid_backward(dG, g)
         dA, dw0, _, dw2, _ = _mlp_bwd(dz, (a, H, T, parts), p[0], p[1], "telu", False, False)
-    bw.hw_stat(None, idx, dA, None)
+        bw.hw_stat(None, idx, dA, None)
     dlogit = torch.ops.aten.sigmoid_backward(dS, s)
     dbias = dlogit.sum()
     _, dw7, _ = torch.ops.aten.convolution_backward(

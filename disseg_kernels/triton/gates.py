@@ -486,7 +486,7 @@ def _channel_mlp_bwd_rows_kernel(dgate_ptr, g_ptr, g0_ptr, w2_ptr, h_ptr, u_ptr,
 
 @triton.jit
 def _channel_mlp_bwd_cols_kernel(dz_ptr, dh_ptr, t_ptr, a_ptr, m_ptr, g0_ptr, dgate_ptr, g_ptr, w1_ptr,
-                                 dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, da_ptr, dm_ptr, dg0_ptr, B, C, HID,
+                                 dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, da_ptr, dm_ptr, dg0_ptr, B, C, HID, SCALE_A,
                                  HAS_G0: tl.constexpr, HAS_B: tl.constexpr, PAIR: tl.constexpr,
                                  BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     # One block of channels, summing over the batch in order (deterministic): dW2 = Σ dz⊗T,
@@ -539,7 +539,7 @@ def _channel_mlp_bwd_cols_kernel(dz_ptr, dh_ptr, t_ptr, a_ptr, m_ptr, g0_ptr, dg
             daa = daa * g0
             if PAIR:
                 dam = dam * g0
-        tl.store(da_ptr + b * C + offs_c, daa, mask=mask_c)
+        tl.store(da_ptr + b * C + offs_c, daa * SCALE_A, mask=mask_c)
         if PAIR:
             tl.store(dm_ptr + b * C + offs_c, dam, mask=mask_c)
     tl.store(dw2_ptr + offs_c[:, None] * HID + offs_h[None, :], dw2, mask=mask_c[:, None] & mask_h[None, :])
@@ -627,7 +627,7 @@ def _spatial_bwd_logit_kernel(dgate_ptr, s0_ptr, s_ptr, mean_ptr, max_ptr, dl_pt
 
 
 @triton.jit
-def _spatial_bwd_input_kernel(dl_ptr, w_ptr, s0_ptr, mean_ptr, max_ptr, ds0_ptr, dmean_ptr, dmax_ptr, P, W,
+def _spatial_bwd_input_kernel(dl_ptr, w_ptr, s0_ptr, mean_ptr, max_ptr, ds0_ptr, dmean_ptr, dmax_ptr, P, W, SCALE_MEAN,
                               HAS_S0: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
     # dM[ch, y, x] = Σ_{i,j} w[ch, i, j]·dlogit[y − i + k/2, x − j + k/2]; with S0,
     # dS0 += Σ_ch dM·[mean, max] and the statistics' gradients are dM·S0.
@@ -654,7 +654,7 @@ def _spatial_bwd_input_kernel(dl_ptr, w_ptr, s0_ptr, mean_ptr, max_ptr, ds0_ptr,
         sv = tl.load(s0_ptr + o, mask=mask, other=0.0)
         a0 = a0 * sv
         a1 = a1 * sv
-    tl.store(dmean_ptr + b * P + offs, a0, mask=mask)
+    tl.store(dmean_ptr + b * P + offs, a0 * SCALE_MEAN, mask=mask)
     tl.store(dmax_ptr + b * P + offs, a1, mask=mask)
 
 
@@ -885,9 +885,10 @@ def channel_mlp_fwd(a, m, G0, w1, b1, w2, b2, telu, pair):
     return H, T, parts, g, gate
 
 
-def channel_mlp_bwd(dgate, a, m, G0, H, T, parts, g, w1, w2, telu, pair, biases):
+def channel_mlp_bwd(dgate, a, m, G0, H, T, parts, g, w1, w2, telu, pair, biases, scale_a=1.0):
     """Backward of :func:`channel_mlp_fwd` for the gradient of ``gate``: (da, dm, dG0, dw1,
-    db1, dw2, db2); da/dm are the gradients of the statistics a, m (None where absent)."""
+    db1, dw2, db2); da/dm are the gradients of the statistics a, m (None where absent), da
+    multiplied by ``scale_a`` (1/P turns a mean's gradient into its per-element weight)."""
     b, c = a.shape
     hid = w1.shape[0]
     rows = 2 * b if pair else b
@@ -909,7 +910,7 @@ def channel_mlp_bwd(dgate, a, m, G0, H, T, parts, g, w1, w2, telu, pair, biases)
     _channel_mlp_bwd_cols_kernel[(triton.cdiv(c, bc2),)](
         dz, dh, T, a, m if m is not None else dummy, G0 if G0 is not None else dummy, dgate.contiguous(), g, w1,
         dw1, db1 if biases else dummy, dw2, db2 if biases else dummy, da, dm if pair else dummy,
-        dG0 if G0 is not None else dummy, b, c, hid,
+        dG0 if G0 is not None else dummy, b, c, hid, float(scale_a),
         HAS_G0=G0 is not None, HAS_B=bool(biases), PAIR=bool(pair), BLOCK_C=bc2, BLOCK_H=bh)
     return da, dm, dG0, dw1, db1, dw2, db2
 
@@ -936,9 +937,10 @@ def spatial_gate_fwd(mean, mx, S0, cw, cb, width):
     return s, gate
 
 
-def spatial_gate_bwd(dgate, S0, s, mean, mx, cw, has_bias, width):
+def spatial_gate_bwd(dgate, S0, s, mean, mx, cw, has_bias, width, scale_mean=1.0):
     """Backward of :func:`spatial_gate_fwd`: (dmean, dmax, dS0, dcw, dcb) (dS0 None without
-    S0, dcb None without a bias). Deterministic: per-block partials summed in order."""
+    S0, dcb None without a bias), dmean multiplied by ``scale_mean``. Deterministic:
+    per-block partials summed in order."""
     b, p = mean.shape
     k = cw.shape[-1]
     block = _spatial_block(p)
@@ -954,6 +956,6 @@ def spatial_gate_bwd(dgate, S0, s, mean, mx, cw, has_bias, width):
     dmean, dmax = mean.new_empty((b, p)), mean.new_empty((b, p))
     _spatial_bwd_input_kernel[(b, n_pb)](
         dl, w, S0 if S0 is not None else dl, mean, mx, dS0 if dS0 is not None else dl, dmean, dmax, p, width,
-        HAS_S0=S0 is not None, K=k, BLOCK_P=block)
+        float(scale_mean), HAS_S0=S0 is not None, K=k, BLOCK_P=block)
     sums = part.sum(0)
     return dmean, dmax, dS0, sums[: 2 * k * k].view(cw.shape), (sums[2 * k * k :] if has_bias else None)
