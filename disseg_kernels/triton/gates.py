@@ -1,4 +1,11 @@
-"""Attention gates, Triton kernels (the same five entry points as csrc/gates.cpp).
+"""Attention gates, Triton kernels.
+
+Entry points: the map passes of csrc/gates.cpp (``pool_hw``, ``pool_c``, ``apply``,
+``reduce``, ``grad_x``, and ``grad_x_terms`` with the arg-max and stencil terms folded
+in), plus the gate programs' small math that the C++ path leaves to PyTorch
+(``channel_mlp_fwd/bwd``: the channel gates' MLPs; ``spatial_gate_fwd/bwd``: the 2→1
+k×k convolution of the spatial gates), because on a GPU every small ATen op is a launch
+and host time dominated at the model's shapes.
 
 x is (B, C, H, W) viewed as (B, C, P), P = H·W, through its strides (sB, sC, sP): NCHW
 (sP = 1) and channels_last (sC = 1) are both read in place. Gates are dense (B, C) /
@@ -16,8 +23,10 @@ Why the kernels look the way they do (docs/gates_gpu.md has the numbers):
 - The backward reduction (U over P, V over C in one read of x and grad) writes per-block
   partials of both and sums them (no atomics: V used to be accumulated with one atomic
   per element per channel block).
-- On the GPU ``triton.autotune`` picks num_warps per (C, P, layout); DISSEG_TRITON_AUTOTUNE=0
-  and the interpreter use the fixed default.
+- On the GPU ``triton.autotune`` picks num_warps per (C, P, layout) for the map passes;
+  DISSEG_TRITON_AUTOTUNE=0 and the interpreter use the fixed default.
+- ``python -m benchmarks.bench_gates --compile-check`` compiles every variant for sm_90
+  on a machine without a GPU.
 """
 
 from __future__ import annotations
