@@ -118,13 +118,55 @@ def test_triton_float32_parity(shape):
         torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("algo", [0, 1])
+@pytest.mark.parametrize("k, shape, block_p", [(3, (1, 6, 5, 7, 3), 16), (3, (1, 5, 1, 9, 5), 8), (5, (1, 4, 4, 3, 2), 8)])
+def test_triton_algorithms_float64(algo, k, shape, block_p):
+    """Both Triton gather algorithms (ALGO 0 "taps": a (pixels, taps, channels) tile per slot;
+    ALGO 1 "offsets": row log-sum-exps, then one weight per offset o_t − o_s) give the
+    reference's values and gradients to float64 rounding: k = 3 and 5, 1-pixel-high
+    images, odd head counts, pixel blocks that split the image unevenly."""
+    _fused_or_skip("triton")
+    import disseg_kernels.triton.window_attention as tri
+
+    v, logits = _inputs(*shape, k=k, dtype=torch.float64)
+    grad = torch.randn(v.shape, dtype=torch.float64)
+    old = tri.FORCE_ALGO, tri.FORCE_BLOCK_P
+    tri.FORCE_ALGO, tri.FORCE_BLOCK_P = algo, block_p
+    try:
+        got = _fwd_bwd(lambda a, b: dk.window_attention(a, b, k, "triton"), v, logits, grad)
+    finally:
+        tri.FORCE_ALGO, tri.FORCE_BLOCK_P = old
+    want = _fwd_bwd(lambda a, b: window_attention_reference(a, b, k), v, logits, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_eager_function_equals_custom_op():
+    """Eager calls run through an autograd.Function (no custom-op dispatch overhead); it gives
+    exactly the custom op's values and gradients, for both and for partial gradients."""
+    _fused_or_skip("cpu")
+    v, logits = _inputs(2, 6, 5, 7, 3)
+    grad = torch.randn(v.shape)
+    for rv, rl in ((True, True), (True, False), (False, True)):
+        a, b = v.detach().requires_grad_(rv), logits.detach().requires_grad_(rl)
+        leaves = [x for x in (a, b) if x.requires_grad]
+        y1 = dk.window_attention(a, b, 3, "cpu")
+        g1 = torch.autograd.grad(y1, leaves, grad)
+        y2 = _window_attention_op(a, b, 3, "cpu")
+        g2 = torch.autograd.grad(y2, leaves, grad)
+        torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+        for x1, x2 in zip(g1, g2):
+            torch.testing.assert_close(x1, x2, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", FUSED)
-def test_bfloat16_within_twice_eager_error(backend):
-    """bf16: the fused op's error against a float64 truth is at most twice eager bf16's own
-    (plus one bf16 ulp of slack for near-zero values)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_within_twice_eager_error(backend, dtype):
+    """bf16 and fp16: the fused op's error against a float64 truth is at most twice eager's
+    own in that dtype (plus one bf16 ulp of slack for near-zero values)."""
     _fused_or_skip(backend)
-    v, logits = _inputs(2, 8, 5, 6, 2, dtype=torch.bfloat16)
-    grad = torch.randn(v.shape, dtype=torch.bfloat16)
+    v, logits = _inputs(2, 8, 5, 6, 2, dtype=dtype)
+    grad = torch.randn(v.shape, dtype=dtype)
     truth = _fwd_bwd(
         lambda a, b: window_attention_reference(a, b, 3),
         v.detach().double().requires_grad_(),
@@ -134,7 +176,7 @@ def test_bfloat16_within_twice_eager_error(backend):
     eager = _fwd_bwd(lambda a, b: window_attention_reference(a, b, 3), v, logits, grad)
     fused = _fwd_bwd(lambda a, b: dk.window_attention(a, b, 3, backend), v, logits, grad)
     for name, f, e, t in zip(("y", "dv", "dlogits"), fused, eager, truth):
-        assert f.dtype == torch.bfloat16
+        assert f.dtype == dtype
         err_f = (f.double() - t).abs().max().item()
         err_e = (e.double() - t).abs().max().item()
         assert err_f <= 2 * err_e + 1e-2 * t.abs().max().item(), (name, err_f, err_e)

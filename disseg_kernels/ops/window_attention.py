@@ -123,6 +123,34 @@ def _backward(ctx, grad_y):
 _window_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _WindowAttentionEager(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager mode only.
+
+    A ``torch.library.custom_op`` call with autograd costs ~60 µs of Python per forward and
+    ~200 µs per forward+backward on a CPU core before any kernel runs: more than the whole
+    GPU work at H = W = 16 or 32. Eager calls come here (one ``Function.apply``, the same
+    kernels); torch.compile traces the custom ops (``window_attention`` picks by
+    ``torch.compiler.is_compiling()``)."""
+
+    @staticmethod
+    def forward(ctx, v, logits, kernel_size, backend):
+        ctx.save_for_backward(v, logits)
+        ctx.kernel_size, ctx.backend = kernel_size, backend
+        return _run_forward(backend, v, logits, kernel_size)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        v, logits = ctx.saved_tensors
+        need_dv, need_dlogits = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dv or need_dlogits):
+            return None, None, None, None
+        if not grad_y.is_contiguous(memory_format=torch.channels_last):
+            grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        dv, dlogits = _run_backward(ctx.backend, grad_y, v, logits, ctx.kernel_size, need_dv, need_dlogits)
+        return (dv if need_dv else None), (dlogits if need_dlogits else None), None, None
+
+
 def _kernel_logits(logits: torch.Tensor, kk: int) -> torch.Tensor:
     """``logits`` itself if the kernels can read its strides (last two dims contiguous,
     dense and non-overlapping: e.g. the permuted view of a Linear's output), else a
@@ -191,7 +219,12 @@ def window_attention(
         return window_attention_reference(v, logits, kernel_size)
     if v.numel() == 0 or logits.numel() == 0:
         return window_attention_reference(v, logits, kernel_size)
-    return _window_attention_op(v, _kernel_logits(logits, kernel_size * kernel_size), kernel_size, chosen)
+    logits = _kernel_logits(logits, kernel_size * kernel_size)
+    if torch.compiler.is_compiling():
+        return _window_attention_op(v, logits, kernel_size, chosen)
+    if not (torch.is_grad_enabled() and (v.requires_grad or logits.requires_grad)):
+        return _run_forward(chosen, v, logits, kernel_size)
+    return _WindowAttentionEager.apply(v, logits, kernel_size, chosen)
 
 
 # --------------------------------------------------------------------------- the block
