@@ -90,7 +90,7 @@ STAGES=(
   "bench_dispersive_bf16|80|$BENCH_D --dtype bfloat16 --repeats 2 --no-compile --shapes $SWEEP"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
-  "bench_gates|90|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
+  "bench_gates|120|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
   # the same against torch.compile of the reference (one static graph per case, ~20 s each)
   "bench_gates_vs_compile|120|$PY -m benchmarks.bench_gates --device cuda --ops cbat,elat --repeats 10 --sizes $GATES_COMPILE_SIZES --out benchmarks/results/vs_compile"
   "bench_window_attention|60|$PY -m benchmarks.bench_window_attention --device cuda --repeats 5"
