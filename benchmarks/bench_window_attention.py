@@ -5,6 +5,9 @@ against eager and torch.compile of the reference.
     python -m benchmarks.bench_window_attention --quick          # B=2, H=W=16, 32; a minute
     python -m benchmarks.bench_window_attention --sizes 64 --what op --no-compile
     python -m benchmarks.bench_window_attention --device cuda --dtype bfloat16
+    # the short GPU subset (~1 min: autotuning, 4 sizes, torch.compile at one size)
+    python -m benchmarks.bench_window_attention --device cuda --what op --sizes 16,32,64,128 \
+        --compile-sizes 64 --repeats 5
 
 Rows: for each H = W, the ``op`` (``window_attention`` on the block's own layouts: v a
 channels-last view of the value Linear's output, logits the permuted view of the attention
@@ -244,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=None, help="fused backends (default: all available)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--compile-sizes", default=None,
+                   help="comma-separated H=W values that also time torch.compile (default: every size)")
     p.add_argument("--no-write", action="store_true")
     return p
 
@@ -266,11 +271,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {header['machine']}; load {header['load']}; backends {backends}")
     rows = []
     what = args.what.split(",")
+    compile_sizes = set(sizes) if args.compile_sizes is None else {int(s) for s in args.compile_sizes.split(",")}
     for S in sizes:
+        comp = not args.no_compile and S in compile_sizes
         if "op" in what:
-            rows += bench_op(args.batch, args.channels, S, args.heads, device, dtype, backends, args.repeats, not args.no_compile)
+            rows += bench_op(args.batch, args.channels, S, args.heads, device, dtype, backends, args.repeats, comp)
         if "block" in what:
-            rows += bench_block(args.batch, args.channels, S, args.heads, device, dtype, backends, args.repeats, not args.no_compile)
+            rows += bench_block(args.batch, args.channels, S, args.heads, device, dtype, backends, args.repeats, comp)
         for r in rows:
             if r["H"] == S:
                 print(f"{r['what']:5s} {r['impl']:8s} H={S:4d} fwd {r['fwd_ms']:9.1f} bwd {r['bwd_ms']:9.1f} "
