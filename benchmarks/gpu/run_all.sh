@@ -15,7 +15,7 @@
 #
 # Other op families add their benchmark stages to STAGES below ("name|timeout_s|command").
 # ONLY=build,tests runs a subset of the stages (comma-separated names); the gate ops alone:
-#   ONLY=env,bench_gates,bench_gates_vs_compile OUT=$OUT bash benchmarks/gpu/run_all.sh
+#   ONLY=env,gates_tests,bench_gates,bench_gates_vs_compile OUT=$OUT bash benchmarks/gpu/run_all.sh
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -88,6 +88,8 @@ STAGES=(
   # both regimes up to N = 262,144 at D = 128 (eager where it fits; no compile: it would
   # recompile per shape)
   "bench_dispersive_bf16|80|$BENCH_D --dtype bfloat16 --repeats 2 --no-compile --shapes $SWEEP"
+  # the gate ops' GPU tests alone (Triton on CUDA tensors against the reference)
+  "gates_tests|45|DISSEG_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_gates.py -q -p no:cacheprovider -k cuda"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
   "bench_gates|120|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
