@@ -95,6 +95,9 @@ def _window_attention_fwd_kernel(
         # Phase 2: y[q] = Σ_δ w[q, δ] · v[q + δ] over the (2k−1)² offsets δ = o_t − o_s,
         # w[q, δ] = Σ_s A[q − o_s, s, t(δ + o_s)]: (2k−1)² channel FMAs per output, not k⁴.
         v_q = v_bc[None, :] + (qy * svh + qx * svw)[:, None]
+        # window q − o_s is q shifted by a scalar: its rows are q's addresses plus a constant
+        l_q = l_bh + q * slp
+        lse_q = lse_bh + q * KK
         for e in range(0, E * E):
             ey = e // E - (K - 1)
             ex = e % E - (K - 1)
@@ -111,10 +114,10 @@ def _window_attention_fwd_kernel(
                     py = qy - sy
                     px = qx - sx
                     pvalid = nvalid & (py >= 0) & (py < H) & (px >= 0) & (px < W)
-                    p = py * W + px
-                    lg = tl.load(l_bh + p * slp + (s * KK + (ty + R) * K + (tx + R)), mask=pvalid, other=0.0).to(ACC)
-                    ls = tl.load(lse_bh + p * KK + s, mask=pvalid, other=0.0)
-                    w += tl.where(pvalid, tl.exp(lg - ls), 0.0)
+                    shift = (sy * W + sx).to(tl.int64)
+                    lg = tl.load(l_q + (s * KK + (ty + R) * K + (tx + R) - shift * slp), mask=pvalid, other=0.0)
+                    ls = tl.load(lse_q + (s - shift * KK), mask=pvalid, other=0.0)
+                    w += tl.where(pvalid, tl.exp(lg.to(ACC) - ls), 0.0)
             vt = tl.load(v_q + (ey * svh + ex * svw), mask=nvalid[:, None] & dmask[None, :], other=0.0).to(ACC)
             acc += w[:, None] * vt
     yptrs = y_ptr + b * syb + c[None, :] * syc + qy[:, None] * syh + qx[:, None] * syw
@@ -225,6 +228,8 @@ def _window_value_grad_kernel(
         # "offsets": dv[r] = Σ_δ w[r, δ] · dy[r + δ] over δ = o_s − o_t,
         # w[r, δ] = Σ_t A[r − o_t, s(δ + o_t), t]
         g_r = g_bc[None, :] + (ry * sgh + rx * sgw)[:, None]
+        l_r = l_bh + r * slp
+        lse_r = lse_bh + r * KK
         for e in range(0, E * E):
             ey = e // E - (K - 1)
             ex = e % E - (K - 1)
@@ -241,11 +246,11 @@ def _window_value_grad_kernel(
                     py = ry - ty
                     px = rx - tx
                     pvalid = nvalid & (py >= 0) & (py < H) & (px >= 0) & (px < W)
-                    p = py * W + px
+                    shift = (ty * W + tx).to(tl.int64)
                     s_idx = (sy + R) * K + (sx + R)
-                    lg = tl.load(l_bh + p * slp + (s_idx * KK + t), mask=pvalid, other=0.0).to(ACC)
-                    ls = tl.load(lse_bh + p * KK + s_idx, mask=pvalid, other=0.0)
-                    w += tl.where(pvalid, tl.exp(lg - ls), 0.0)
+                    lg = tl.load(l_r + (s_idx * KK + t - shift * slp), mask=pvalid, other=0.0)
+                    ls = tl.load(lse_r + (s_idx - shift * KK), mask=pvalid, other=0.0)
+                    w += tl.where(pvalid, tl.exp(lg.to(ACC) - ls), 0.0)
             g = tl.load(g_r + (ey * sgh + ex * sgw), mask=nvalid[:, None] & dmask[None, :], other=0.0).to(ACC)
             acc += w[:, None] * g
     dptrs = dv_ptr + b * sdb + c[None, :] * sdc + ry[:, None] * sdh + rx[:, None] * sdw
