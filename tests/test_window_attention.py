@@ -255,6 +255,42 @@ def test_gpu_parity(backend):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@requires_cuda
+@pytest.mark.parametrize("algo", [0, 1])
+def test_gpu_triton_algorithms(algo):
+    """Both compiled Triton gather algorithms on the GPU: float32 at the model's head_dim
+    (odd sizes too), and bf16 at the model's shape within twice eager bf16's error."""
+    _fused_or_skip("triton", "cuda")
+    import disseg_kernels.triton.window_attention as tri
+
+    old = tri.FORCE_ALGO
+    tri.FORCE_ALGO = algo
+    try:
+        for shape in ((2, 128, 16, 16, 4), (1, 15, 9, 4, 5), (1, 128, 33, 7, 4)):
+            v, logits = _inputs(*shape, device="cuda")
+            grad = torch.randn(v.shape, device="cuda")
+            got = _fwd_bwd(lambda a, b: dk.window_attention(a, b, 3, "triton"), v, logits, grad)
+            want = _fwd_bwd(lambda a, b: window_attention_reference(a, b, 3), v, logits, grad)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+        v, logits = _inputs(2, 128, 16, 16, 4, dtype=torch.bfloat16, device="cuda")
+        grad = torch.randn(v.shape, dtype=torch.bfloat16, device="cuda")
+        truth = _fwd_bwd(
+            lambda a, b: window_attention_reference(a, b, 3),
+            v.detach().double().requires_grad_(),
+            logits.detach().double().requires_grad_(),
+            grad.double(),
+        )
+        eager = _fwd_bwd(lambda a, b: window_attention_reference(a, b, 3), v, logits, grad)
+        fused = _fwd_bwd(lambda a, b: dk.window_attention(a, b, 3, "triton"), v, logits, grad)
+    finally:
+        tri.FORCE_ALGO = old
+    for name, f, e, t in zip(("y", "dv", "dlogits"), fused, eager, truth):
+        err_f = (f.double() - t).abs().max().item()
+        err_e = (e.double() - t).abs().max().item()
+        assert err_f <= 2 * err_e + 1e-2 * t.abs().max().item(), (name, err_f, err_e)
+
+
 # ----------------------------------------------------------------------------- the block
 
 

@@ -1,16 +1,25 @@
 """Contrast-driven window attention, Triton kernels (formulas: ops/window_attention.py).
 
 Three kernels, each over blocks of BLOCK_P pixels of one (batch, head), the head's channels
-in one BLOCK_D tile and the k² slots/taps in one KKP tile (k² padded to a power of two):
+in one BLOCK_D tile; one launch forward, two backward (docs/window_attention_gpu.md):
 
-- ``_window_attention_fwd_kernel``: per output pixel q, for each slot s the softmax row
-  of the window p = q − o_s and the (BLOCK_P, k², BLOCK_D) tile of v at p + o_t, reduced
-  over t; the fold is this sum over s. Nothing is written but y.
+- ``_window_attention_fwd_kernel`` (a gather per output pixel q, two algorithms, ALGO):
+  0 "taps": per slot s, the softmax row of window q − o_s and a (BLOCK_P, k², BLOCK_D)
+  tile of v at q − o_s + o_t reduced over t (k⁴ channel FMAs per output);
+  1 "offsets": first the log-sum-exp of each row the program gathers from (into a
+  (B, heads, H·W, k²) scratch, 1/k² of the logits), then y[q] = Σ_δ w[q, δ] · v[q + δ]
+  over the (2k−1)² offsets δ = o_t − o_s, w[q, δ] = Σ_s A[q − o_s, s, δ + o_s]
+  ((2k−1)² = 25 channel FMAs per output instead of 81, every tile 2-D).
 - ``_window_logits_grad_kernel``: per window p, v at p + o_t is loaded once; for each slot
   s, dA = dy[p + o_s] · v[p + o_t] over the head's channels, A recomputed from logits,
   dlogits = A ⊙ (dA − Σ_t A ⊙ dA); also the row log-sum-exp (B, heads, H·W, k²).
-- ``_window_value_grad_kernel``: per input pixel r, for each tap t the windows p = r − o_t,
-  A[p, s, t] = exp(logits − lse) over s, and dy at p + o_s, reduced over s.
+- ``_window_value_grad_kernel``: per input pixel r, the same two algorithms on
+  dv[r] = Σ_t Σ_s A[r − o_t, s, t] · dy[r − o_t + o_s] (offsets δ = o_s − o_t).
+
+Loops over slots, taps and offsets are runtime loops: unrolled (``static_range``), the
+bodies were too long for ptxas to keep in registers (kilobytes of local-memory spills per
+thread). On the GPU ``triton.autotune`` picks (BLOCK_P, num_warps, ALGO) per (H, W, heads,
+head_dim); under the interpreter or with DISSEG_TRITON_AUTOTUNE=0 a fixed configuration.
 
 Every index is int64; any strides of v, dy and logits are read as given (no copies), y and
 dv are written channels-last and dlogits with logits' strides (the fake implementations
