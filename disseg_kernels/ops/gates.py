@@ -375,7 +375,7 @@ def _elat_stencil(dconv_w, dconv_b, fuse_w, fuse_b):
     fw = fuse_w.reshape(3)
     w7 = dconv_w[0].new_zeros(1, dconv_w[0].shape[1], 7, 7)
     for i, d in enumerate((1, 2, 3)):
-        w7[:, :, 3 - d : 4 + d : d, 3 - d : 4 + d : d] += dconv_w[i] * fw[i]
+        w7[:, :, 3 - d : 4 + d : d, 3 - d : 4 + d : d].add_(dconv_w[i] * fw[i])  # a view: no setitem copy
     return w7, torch.addmv(fuse_b, torch.cat(dconv_b).view(1, 3), fw)
 
 
