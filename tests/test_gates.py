@@ -142,7 +142,7 @@ def test_gate_ops_opcheck(backend):
     from disseg_kernels.ops import gates as g
 
     torch.manual_seed(5)
-    for name in ("elat", "cbat") if backend != "triton" else ("cbam",):  # cbat covers ca, sa, cbam
+    for name in ("elat", "cbat") if backend != "triton" else ("cbat",):  # cbat covers ca, sa, cbam
         module = MODULES[name](6, backend=backend)
         x = torch.randn(2, 6, 5, 4, requires_grad=True)
         params = [p.detach().requires_grad_() for p in module._params()]
