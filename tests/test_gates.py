@@ -408,18 +408,19 @@ def test_triton_gates_forced_splits_match_reference(monkeypatch, name):
 
 @pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_triton_gates_half_within_eager_error(dtype, channels_last):
-    """bf16/fp16 on the Triton path (the GPU's training dtype): the fused chain's output
-    and dx are within twice eager's own error against float32 (plus a small floor)."""
+@pytest.mark.parametrize("name,channels_last", [("cbat", False), ("cbat", True), ("elat", True)])
+def test_triton_gates_half_within_eager_error(dtype, name, channels_last):
+    """bf16/fp16 on the Triton path (the GPU's training dtype): the fused chain's and
+    ELAT's output and dx are within twice eager's own error against float32 (plus a
+    small floor)."""
     torch.manual_seed(14)
-    half = MODULES["cbat"](17, backend="triton").to(dtype)
+    half = MODULES[name](17, backend="triton").to(dtype)
     # The float32 reference sees the same rounded input and weights: a max pool whose two
     # largest values round to a tie would otherwise move its gradient in eager and fused
     # alike, and the comparison would measure that coin flip rather than the arithmetic.
     x32 = _x_layout((2, 17, 6, 5), channels_last, seed=15).to(dtype).float()
     go32 = torch.randn(2, 17, 6, 5).to(dtype).float()
-    module = MODULES["cbat"](17, backend="triton")
+    module = MODULES[name](17, backend="triton")
     module.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
     ref_y, ref_gx, _ = _run(_set_fused(module, False), x32, go32)
     eager_y, eager_gx, _ = _run(_set_fused(half, False), x32.to(dtype), go32.to(dtype))
