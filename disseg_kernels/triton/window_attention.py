@@ -273,12 +273,14 @@ def _window_value_grad_kernel(
 # (BLOCK_P, num_warps, ALGO) of the gather kernels (forward, dv): ALGO 0 ("taps") holds a
 # (BLOCK_P, KKP, BLOCK_D) tile, so small pixel blocks; ALGO 1 ("offsets") two (BLOCK_P,
 # BLOCK_D) tiles. The logits-gradient kernel: (BLOCK_P, num_warps), a (BLOCK_P, KKP,
-# BLOCK_D) tile of v. The autotuner times them per key on the GPU.
-_GATHER_CONFIGS = [(16, 4, 0), (32, 8, 0), (32, 2, 1), (64, 4, 1), (128, 4, 1), (128, 8, 1)]
-_LOGITS_GRAD_CONFIGS = [(8, 4), (16, 4), (32, 8)]
+# BLOCK_D) tile of v. Chosen from sm_90 compiles (docs/window_attention_gpu.md): about 8
+# tile elements per thread keeps ALGO 1 at ~116 registers (16 per thread: ~187, 32: spills)
+# and the logits-gradient kernel at ~174 with 8 warps. The autotuner times them per key.
+_GATHER_CONFIGS = [(16, 8, 0), (32, 4, 1), (64, 8, 1), (64, 4, 1), (128, 8, 1)]
+_LOGITS_GRAD_CONFIGS = [(8, 4), (16, 8), (16, 4)]
 # Without autotuning: the GPU default, and small blocks under the interpreter (several
 # programs per image even at test sizes, so block borders are exercised).
-_FIXED = {"gather": (64, 4, 1), "logits_grad": (16, 4)}
+_FIXED = {"gather": (64, 8, 1), "logits_grad": (16, 8)}
 _FIXED_INTERPRET = {"gather": (64, 4, 1), "logits_grad": (16, 4)}
 _TUNE_KEY = ["H", "W", "HEADS", "HD"]
 _TUNED: dict[str, object] = {}
