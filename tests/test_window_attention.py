@@ -263,8 +263,8 @@ def test_gpu_triton_algorithms(algo):
     _fused_or_skip("triton", "cuda")
     import disseg_kernels.triton.window_attention as tri
 
-    old = tri.FORCE_ALGO
-    tri.FORCE_ALGO = algo
+    old = tri.FORCE_ALGO, tri.FORCE_BLOCK_P
+    tri.FORCE_ALGO, tri.FORCE_BLOCK_P = algo, (16 if algo == 0 else None)
     try:
         for shape in ((2, 128, 16, 16, 4), (1, 15, 9, 4, 5), (1, 128, 33, 7, 4)):
             v, logits = _inputs(*shape, device="cuda")
@@ -284,7 +284,7 @@ def test_gpu_triton_algorithms(algo):
         eager = _fwd_bwd(lambda a, b: window_attention_reference(a, b, 3), v, logits, grad)
         fused = _fwd_bwd(lambda a, b: dk.window_attention(a, b, 3, "triton"), v, logits, grad)
     finally:
-        tri.FORCE_ALGO = old
+        tri.FORCE_ALGO, tri.FORCE_BLOCK_P = old
     for name, f, e, t in zip(("y", "dv", "dlogits"), fused, eager, truth):
         err_f = (f.double() - t).abs().max().item()
         err_e = (e.double() - t).abs().max().item()
