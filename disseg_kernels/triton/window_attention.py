@@ -28,6 +28,7 @@ in ops/window_attention.py promise exactly these layouts).
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -327,9 +328,10 @@ def _launcher(kernel, kind: str):
     name = kernel.__name__
     if name not in _TUNED:
         configs = _GATHER_CONFIGS if kind == "gather" else _LOGITS_GRAD_CONFIGS
+        # older Triton has no do_bench argument: it then times each config for its default 100 ms
+        short = {"do_bench": _short_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
         _TUNED[name] = triton.autotune(
-            configs=[triton.Config(_config(c, kind), num_warps=c[1]) for c in configs], key=_TUNE_KEY,
-            do_bench=_short_bench,
+            configs=[triton.Config(_config(c, kind), num_warps=c[1]) for c in configs], key=_TUNE_KEY, **short
         )(kernel)
     return _TUNED[name], {}
 
