@@ -526,16 +526,21 @@ struct TileConfig {
   int64_t nb;  // number of blocks
 };
 
-TileConfig choose_tiles(int64_t N, int64_t D, int64_t elem_bytes) {
+// Rows per block: 256, or DISSEG_DISPERSIVE_BLOCK; a B x D block is bounded to ~8 MB at
+// huge D (the symmetric tiles hold two per thread, the row statistics one).
+int64_t block_rows(int64_t D, int64_t elem_bytes) {
   int64_t B = 256;
   if (const char* env = std::getenv("DISSEG_DISPERSIVE_BLOCK")) {
     const long v = std::strtol(env, nullptr, 10);
     TORCH_CHECK(v >= 16 && v <= 4096, "DISSEG_DISPERSIVE_BLOCK must be in [16, 4096], got ", env);
     B = v;
   }
-  // Bound the per-thread row-block buffers (2 x B x D) to ~16 MB at huge D.
   const int64_t cap = (8LL << 20) / std::max<int64_t>(D * elem_bytes, 1);
-  B = std::max<int64_t>(16, std::min(B, cap));
+  return std::max<int64_t>(16, std::min(B, cap));
+}
+
+TileConfig choose_tiles(int64_t N, int64_t D, int64_t elem_bytes) {
+  int64_t B = block_rows(D, elem_bytes);
   int64_t nb = (N + B - 1) / B;
   if (nb > 1) {
     // A multiple of 2T blocks gives every round a multiple of T disjoint pairs.

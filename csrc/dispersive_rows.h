@@ -43,15 +43,7 @@ T reduce_min(const Vec<T>& v) {
 }
 
 int64_t rows_tile(int64_t D, int64_t elem_bytes) {
-  int64_t B = 256;
-  if (const char* env = std::getenv("DISSEG_DISPERSIVE_BLOCK")) {
-    const long v = std::strtol(env, nullptr, 10);
-    TORCH_CHECK(v >= 16 && v <= 4096, "DISSEG_DISPERSIVE_BLOCK must be in [16, 4096], got ", env);
-    B = v;
-  }
-  // Bound each per-thread tile buffer (B x D) to ~8 MB at huge D.
-  const int64_t cap = (8LL << 20) / std::max<int64_t>(D * elem_bytes, 1);
-  return std::max<int64_t>(16, std::min(B, cap));
+  return block_rows(D, elem_bytes);  // dispersive.cpp: the same block size as the whole-batch tiles
 }
 
 template <typename T>  // T: the compute dtype of rows and cols, float or double
