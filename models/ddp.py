@@ -67,14 +67,6 @@ class Dist:
             return t
         return all_reduce_sum(t)
 
-    def sum_value(self, t: torch.Tensor) -> torch.Tensor:
-        """Σ over ranks of a tensor without a gradient (bookkeeping)."""
-        if self.world == 1:
-            return t
-        t = t.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
     def gather_objects(self, obj: Any) -> list:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         if self.world == 1:
@@ -115,10 +107,6 @@ class _AllReduceSum(torch.autograd.Function):
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Differentiable all-reduce (sum) over the default process group."""
     return _AllReduceSum.apply(t)
-
-
-def launched_by_torchrun() -> bool:
-    return all(k in os.environ for k in _ENV)
 
 
 def init_distributed(device_name: str, timeout_s: float = 1800.0) -> tuple[Dist, torch.device]:
