@@ -173,11 +173,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device: str, repeats: int, setup=None) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=5, rep=max(20, 4 * repeats)))
+def wall_times_ms(fn, device: str, repeats: int, setup=None) -> list[float]:
+    """Wall time (ms) of each of ``repeats`` calls of fn, ``setup()`` untimed before each."""
     times = []
     for _ in range(repeats):
         if setup is not None:
@@ -187,7 +184,15 @@ def _median_ms(fn, device: str, repeats: int, setup=None) -> float:
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def _median_ms(fn, device: str, repeats: int, setup=None) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=5, rep=max(20, 4 * repeats)))
+    return statistics.median(wall_times_ms(fn, device, repeats, setup))
 
 
 def matmul_rate_gflops(device: str, dtype: torch.dtype) -> float:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels as dk
-from benchmarks.bench_dispersive import _RssSampler, _sync, machine_name
+from benchmarks.bench_dispersive import _RssSampler, machine_name, wall_times_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAT = {"value": "median"}
@@ -119,17 +119,8 @@ def _median_ms(fn, device, repeats, setup=None):
     if device == "cuda":
         return _cuda_ms(fn, repeats, setup)
     import statistics
-    import time
 
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = wall_times_ms(fn, device, repeats, setup)
     return min(times) if STAT["value"] == "min" else statistics.median(times)
 
 # (op, B, C, H, W): the decoder gates at each scale, ELAT at full resolution, TeLU on a
