@@ -319,6 +319,19 @@ def scaling_markdown(world=8):
 
 
 # ----------------------------------------------------------------------------------------
+def _write_csv(stem, fields, rows, machine, date):
+    """rows (dicts with ``fields``) to ``stem``.csv, each prefixed by the machine and date."""
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["machine", "date"] + fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow(dict(machine=machine, date=date.isoformat(timespec="seconds"), **r))
+
+
+def _command(argv):
+    return " ".join(["python -m benchmarks.bench_dispersive_distributed", *(sys.argv[1:] if argv is None else argv)])
+
+
 # --bank: the memory-bank loss in one process
 
 BANK_SHAPES = [(2048, 256, 4096), (8, 262144, 64)]
@@ -415,12 +428,8 @@ def bank_main(args, argv):
     tag = ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     stem = args.out / f"dispersive_bank_{args.device}{tag}_{date:%Y-%m-%d}"
     fields = ["N", "D", "K", "variant", "method", "fwd_ms", "bwd_ms", "fwdbwd_ms", "peak_extra_mb", "loss", "error"]
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["machine", "date"] + fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow(dict(machine=machine, date=date.isoformat(timespec="seconds"), **r))
-    command = " ".join(["python -m benchmarks.bench_dispersive_distributed", *(sys.argv[1:] if argv is None else argv)])
+    _write_csv(stem, fields, rows, machine, date)
+    command = _command(argv)
     md = [
         "# Dispersive loss with a memory bank: fused row statistics vs PyTorch",
         "",
@@ -523,13 +532,9 @@ def main(argv=None):
     stem = args.out / f"dispersive_distributed_{args.device}{mode}_{date:%Y-%m-%d}"
     fields = ["world", "n_per_rank", "D", "variant", "method", "time_ms", "bytes_per_rank", "comm_detail",
               "peak_extra_mb", "loss"]
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["machine", "date"] + fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow(dict(machine=machine, date=date.isoformat(timespec="seconds"), **r))
+    _write_csv(stem, fields, rows, machine, date)
 
-    command = " ".join(["python -m benchmarks.bench_dispersive_distributed", *(sys.argv[1:] if argv is None else argv)])
+    command = _command(argv)
     md = [
         "# Global-batch dispersive loss: communication and time",
         "",
