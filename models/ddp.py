@@ -145,8 +145,13 @@ def init_distributed(device_name: str, timeout_s: float = 1800.0) -> tuple[Dist,
 
 
 def shutdown(d: Dist) -> None:
+    """Leave the process group, all ranks together: a rank that tore its group down while a
+    peer still used it was seen to abort at exit (gloo, std::terminate)."""
     if d.active and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            d.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------

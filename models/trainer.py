@@ -745,17 +745,12 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group this trainer joined (no-op otherwise)."""
         if getattr(self, "_owns_group", False):
-            # Leave together, after rank 0 has written its files, and drop the DDP reducer
-            # (it holds the process group) first: a rank that tore its group down while
-            # a peer still used it was seen to abort at exit (gloo, std::terminate).
-            try:
-                self.dist.barrier()
-            finally:
-                self.net = None
-                if hasattr(self, "model"):
-                    self.model.set_dispersive_fn(None)
-                shutdown(self.dist)
-                self._owns_group = False
+            # drop the DDP reducer (it holds the process group) before leaving the group
+            self.net = None
+            if hasattr(self, "model"):
+                self.model.set_dispersive_fn(None)
+            shutdown(self.dist)
+            self._owns_group = False
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
