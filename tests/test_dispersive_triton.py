@@ -117,6 +117,71 @@ def test_no_grad_returns_empty_and_same_loss():
         assert gb.numel() == 0 and float(a) == pytest.approx(float(b), rel=1e-6)
 
 
+@pytest.mark.parametrize("code", range(4))
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_rows_path_column_splits_float64_exact(code, include, lazy):
+    """Columns split over programs (grid axis 2, 128 columns each: 3 splits at N = 300) and
+    merged in the epilogue, with and without the lazy rescale: the spec to ~1e-10. A
+    wrong merge (a split's shift, a dropped split) or a missed diagonal pair in the
+    masked/unmasked tile partition shows here at 1e-2 or worse."""
+    z = _z(300, 21, torch.float64, seed=10 + code, scale=3.0)
+    z[7] = z[200]  # a duplicate pair in different splits
+    loss, grad = tdisp.dispersive_fused_triton(z, code, 0.37, 0.8, include, False, True, _path="rows",
+                                               _splits=3, _lazy=lazy)
+    ref, ref_g = _ref(z, code, tau=0.37, margin=0.8, include=include)
+    assert abs(float(loss) - float(ref)) <= 1e-9 * max(1.0, abs(float(ref)))
+    assert float((grad.double().cpu() - ref_g).abs().max()) <= 1e-9 * float(ref_g.abs().max())
+
+
+@pytest.mark.parametrize("block_m,block_n", [(32, 64), (64, 32)])
+def test_rows_path_tile_partition(block_m, block_n):
+    """Row blocks that do not line up with the column tiles (32-row blocks over 64-wide
+    tiles, and 64-row blocks over 32-wide tiles, where the diagonal spans three tiles):
+    every diagonal pair lands in a masked tile, every tile is visited once."""
+    z = _z(161, 13, torch.float64, seed=11, scale=2.0)
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+    for code, include in ((0, False), (1, True)):
+        loss, grad = tdisp.dispersive_fused_triton(z, code, 0.5, 1.0, include, False, True, _path="rows",
+                                                   _splits=2, _config=cfg)
+        ref, ref_g = _ref(z, code, include=include)
+        assert abs(float(loss) - float(ref)) <= 1e-9 * max(1.0, abs(float(ref)))
+        assert float((grad.double().cpu() - ref_g).abs().max()) <= 1e-9 * float(ref_g.abs().max())
+
+
+def test_rows_path_lazy_rescale_wide_logit_range():
+    """The lazy rescale keeps a row's shift until its maximum grows by 2^8: with
+    clusters at very different scales (logits from about -1e4 to -1) the shifts grow
+    several times within a row and p reaches up to 256 between rescales; float32 results
+    match the non-lazy kernel's error against float64."""
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    z = z * torch.logspace(-2, 1.5, 200, dtype=torch.float64)[torch.randperm(200, generator=g)][:, None]
+    z32 = z.float().to(DEVICE)
+    ref, ref_g = _ref(z32, 0)
+    errs = []
+    for lazy in (False, True):
+        loss, grad = tdisp.dispersive_fused_triton(z32, 0, 0.5, 1.0, False, False, True, _path="rows",
+                                                   _splits=1, _lazy=lazy)
+        assert abs(float(loss) - float(ref)) <= 1e-5 * max(1.0, abs(float(ref)))
+        errs.append(float((grad.double().cpu() - ref_g).abs().max()) / float(ref_g.abs().max()))
+    assert errs[1] <= 2 * errs[0] + 1e-6, errs
+
+
+def test_split_count_choice(monkeypatch):
+    """CPU tensors run one split; DISSEG_TRITON_SPLITS forces a count (clamped to the
+    128-column chunks there are) and a bad value names the variable."""
+    dev = torch.device("cpu")
+    monkeypatch.delenv("DISSEG_TRITON_SPLITS", raising=False)
+    assert tdisp._num_splits(16384, 256, 1, dev) == 1
+    monkeypatch.setenv("DISSEG_TRITON_SPLITS", "4")
+    assert tdisp._num_splits(16384, 256, 1, dev) == 4
+    assert tdisp._num_splits(200, 256, 1, dev) == 2
+    monkeypatch.setenv("DISSEG_TRITON_SPLITS", "two")
+    with pytest.raises(ValueError, match="DISSEG_TRITON_SPLITS"):
+        tdisp._num_splits(16384, 256, 1, dev)
+
+
 def test_autotuned_launch(monkeypatch):
     """The autotuned launch (the GPU default) passes the same arguments as the fixed one."""
     one = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]

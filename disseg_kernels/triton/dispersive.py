@@ -75,16 +75,200 @@ def _interpret() -> bool:
 
 
 @triton.jit
+def _rows_tile(
+    start_n, Z, SQN, RINV, N, D,
+    zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
+    m_i, s_i, r_i, acc,
+    scale, margin, dup_eps, e_scale,
+    VARIANT: tl.constexpr, INCLUDE_DIAG: tl.constexpr, NEED_GRAD: tl.constexpr, DIRECT_D: tl.constexpr,
+    SINGLE_K: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, GRAM_PREC: tl.constexpr,
+    PV_DTYPE: tl.constexpr, PV_PREC: tl.constexpr, TF32_ROUND: tl.constexpr, UPCAST: tl.constexpr,
+    LAZY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,  # the tile crosses the diagonal or the last column: apply the masks
+):
+    """One BLOCK_M x BLOCK_N tile of pairs: returns the updated (m_i, s_i, r_i, acc).
+
+    Unmasked tiles (the vast majority) lie fully inside [0, N) and off the diagonal, so
+    they skip the validity mask and the diagonal test. Rows past N are never masked: they
+    read zeros, stay finite, and are never stored.
+    """
+    cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = cols < N
+    if DIRECT_D > 0:
+        # Few features: d^2 = sum_k (z_ik - z_jk)^2 exactly, no n_i + n_j - 2G cancellation.
+        d2x = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+        g = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+        row_ok = rows < N
+        if VARIANT == 2:
+            nrm_j = tl.load(SQN + cols, mask=col_ok, other=1.0)
+        for k in tl.static_range(DIRECT_D):
+            zik = tl.load(Z + rows * D + k, mask=row_ok, other=0.0).to(ACC)
+            zjk = tl.load(Z + cols * D + k, mask=col_ok, other=0.0).to(ACC)
+            if VARIANT == 2:
+                # zhat by division, as the reference computes it (exactly +-1 at D = 1)
+                g += (zik / nrm_i)[:, None] * (zjk / nrm_j)[None, :]
+            else:
+                diff = zik[:, None] - zjk[None, :]
+                d2x += diff * diff
+    elif SINGLE_K:
+        if MASKED:
+            zj = tl.load(Z + cols[:, None] * D + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < D), other=0.0)
+        else:
+            zj = tl.load(Z + cols[:, None] * D + ks[None, :], mask=ks[None, :] < D, other=0.0)
+        if UPCAST:
+            zj = zj.to(tl.float32)
+        g = tl.dot(zi, tl.trans(zj), input_precision=GRAM_PREC, out_dtype=ACC)
+    else:
+        row_ok = rows < N
+        g = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + ks
+            k_ok = kk < D
+            zik = tl.load(Z + rows[:, None] * D + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            zjk = tl.load(Z + cols[:, None] * D + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                zik = zik.to(tl.float32)
+                zjk = zjk.to(tl.float32)
+            g = tl.dot(zik, tl.trans(zjk), g, input_precision=GRAM_PREC, out_dtype=ACC)
+
+    if MASKED:
+        # Local int32 indices: the diagonal test costs one compare per pair.
+        local = tl.arange(0, BLOCK_M)[:, None] + (row0 - start_n)
+        diag = local == tl.arange(0, BLOCK_N)[None, :]
+        if INCLUDE_DIAG:
+            valid = col_ok[None, :]
+        else:
+            valid = col_ok[None, :] & (local != tl.arange(0, BLOCK_N)[None, :])
+
+    if VARIANT == 2:
+        rinv_j = tl.load(RINV + cols, mask=col_ok, other=0.0)
+        if DIRECT_D > 0:
+            ghat = g
+        else:
+            ghat = g * rinv_i[:, None] * rinv_j[None, :]
+        d = scale * (1.0 - ghat)
+        e2 = d * (-e_scale)
+    else:
+        n_j = tl.load(SQN + cols, mask=col_ok, other=0.0)
+        if DIRECT_D > 0:
+            d2 = d2x
+            dup = d2 == 0.0
+        else:
+            nsum = n_i[:, None] + n_j[None, :]
+            d2 = nsum - 2.0 * g
+            dup = d2 <= dup_eps * nsum
+        if INCLUDE_DIAG and MASKED:
+            dup = dup | diag
+        if VARIANT == 1:
+            d2 = tl.where(dup, 0.0, d2)
+            dd = d2
+        else:
+            # rs = 1/d off the duplicates and 0 on them (d2 may be <= 0 there: the rsqrt's
+            # NaN or inf is never selected), so d = d2 * rs is 0 on duplicates.
+            if ACC == tl.float64:
+                rs = tl.where(dup, 0.0, 1.0 / tl.sqrt(tl.where(dup, 1.0, d2)))
+            else:
+                rs = tl.where(dup, 0.0, tl.math.rsqrt(d2))  # one MUFU op
+            dd = d2 * rs
+        d = scale * dd
+        e2 = dd * (-scale * e_scale)
+
+    if VARIANT == 3:
+        h = tl.maximum(margin - d, 0.0)
+        if MASKED:
+            h = tl.where(valid, h, 0.0)
+        s_i += tl.sum(h * h, 1)
+        if NEED_GRAD:
+            w = (-2.0 * scale) * h * rs
+    else:
+        if MASKED:
+            e2 = tl.where(valid, e2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(e2, 1))
+        if LAZY:
+            # Rescale only when some row's maximum grows by more than 2^8: p stays <= 256,
+            # far inside float32 (and bf16) range, and most tiles skip the BLOCK_M x D
+            # multiply of the accumulator.
+            grow = tl.where(m_new > m_i, m_new - tl.maximum(m_i, -3.0e38), 0.0)  # no inf - inf
+            if tl.max(grow, 0) > 8.0:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                s_i = s_i * alpha
+                r_i = r_i * alpha
+                if NEED_GRAD:
+                    acc = acc * alpha[:, None]
+                m_i = m_new
+            m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.exp2(e2 - m_ref[:, None])
+            s_i += tl.sum(p, 1)
+            if NEED_GRAD and VARIANT == 2:
+                r_i += tl.sum(p * ghat, 1)
+        else:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(e2 - m_use[:, None])
+            s_i = s_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            if NEED_GRAD:
+                if VARIANT == 2:
+                    r_i = r_i * alpha + tl.sum(p * ghat, 1)
+                else:
+                    r_i = r_i * alpha
+                acc = acc * alpha[:, None]
+        if NEED_GRAD:
+            if VARIANT == 0:
+                w = p * rs
+            elif VARIANT == 1:
+                w = tl.where(dup, 0.0, p)  # exact: z_i - z_j = 0 there
+            else:
+                w = p if DIRECT_D > 0 else p * rinv_j[None, :]
+
+    if NEED_GRAD:
+        # Round the weights once, to what the tensor cores will read, and sum the same
+        # rounded values into r_i: then r_i z_i - sum_j w_ij z_j = sum_j w_ij (z_i - z_j)
+        # up to fp32 accumulation, even where w_ij is large (near-duplicate rows).
+        if DIRECT_D > 0:
+            # acc_i += sum_j w_ij (z_j - z_i) column by column; cosine: the projected
+            # sum_j w_ij (zhat_j - ghat_ij zhat_i), exactly 0 at D = 1 as in the reference.
+            row_ok = rows < N
+            for k in tl.static_range(DIRECT_D):
+                zjk = tl.load(Z + cols * D + k, mask=col_ok, other=0.0).to(ACC)
+                zik = tl.load(Z + rows * D + k, mask=row_ok, other=0.0).to(ACC)
+                if VARIANT == 2:
+                    zik = tl.where(has_norm_i, zik / nrm_i, 0.0)
+                    ck = tl.sum(w * ((zjk / nrm_j)[None, :] - ghat * zik[:, None]), 1)
+                else:
+                    ck = tl.sum(w * (zjk[None, :] - zik[:, None]), 1)
+                acc += tl.where(dcols[None, :] == k, ck[:, None], 0.0)
+        else:
+            if TF32_ROUND:
+                w = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            wv = w.to(PV_DTYPE)
+            if VARIANT != 2:
+                r_i += tl.sum(wv.to(ACC), 1)
+            if SINGLE_K:
+                zv = zj
+            else:
+                zv = tl.load(Z + cols[:, None] * D + dcols[None, :], mask=col_ok[:, None] & dcol_ok[None, :], other=0.0)
+            zv = zv.to(PV_DTYPE)
+            if UPCAST:
+                wv = wv.to(tl.float32)
+                zv = zv.to(tl.float32)
+            acc = tl.dot(wv, zv, acc, input_precision=PV_PREC, out_dtype=ACC)
+    return m_i, s_i, r_i, acc
+
+
+@triton.jit
 def _dispersive_rows_kernel(
     Z,  # (N, D) input, any supported dtype, contiguous
     SQN,  # (N,) ACC dtype: ||z_i||^2 (L2 family), max(||z_i||, 1e-12) (cosine)
     RINV,  # (N,) 1 / max(||z_i||, 1e-12) (cosine only)
     PROJ,  # (N,) RINV where ||z_i|| > 1e-12 else 0 (cosine only)
-    OUT,  # (N, D) ACC dtype: a_i z_i - sum_j u_ij z_j (unnormalised gradient rows)
-    M_OUT,  # (N,) per-row max of -d/tau (natural log units); 0 for hinge
-    S_OUT,  # (N,) per-row sum of exp(-d/tau - m_i); hinge: sum of max(0, margin - d)^2
+    OUT,  # (SPLITS, N, D) ACC dtype: a_i z_i - sum_j u_ij z_j over the split's columns
+    M_OUT,  # (SPLITS, N) per-row max of -d/tau (natural log units); 0 for hinge
+    S_OUT,  # (SPLITS, N) per-row sum of exp(-d/tau - m_i); hinge: sum of max(0, margin - d)^2
     N,
     D,
+    COL_CHUNK,  # columns per split (grid axis 2), a multiple of 128 (so of every BLOCK_N)
     N_BUCKET,  # only a key for the autotuner
     PARAMS,  # (4,) ACC dtype: scale (1/D with scale_by_dim else 1), 1/tau, margin, dup_eps
     VARIANT: tl.constexpr,
@@ -100,12 +284,15 @@ def _dispersive_rows_kernel(
     PV_PREC: tl.constexpr,
     TF32_ROUND: tl.constexpr,  # truncate the weights to TF32 (the fp16 path's PV product)
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot cannot multiply bfloat16, run it in fp32
+    LAZY: tl.constexpr,  # rescale the accumulator only when a row maximum grows by > 2^8
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    pid_s = tl.program_id(2)
+    row0 = pid_m * BLOCK_M
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < N
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     dcols = pid_d.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
@@ -116,15 +303,16 @@ def _dispersive_rows_kernel(
     margin = tl.load(PARAMS + 2)
     dup_eps = tl.load(PARAMS + 3)
     n_i = tl.load(SQN + rows, mask=row_ok, other=0.0)
-    if VARIANT == 2:
-        rinv_i = tl.load(RINV + rows, mask=row_ok, other=0.0)
-        if DIRECT_D > 0:
-            nrm_i = tl.load(SQN + rows, mask=row_ok, other=1.0)
-            has_norm_i = tl.load(PROJ + rows, mask=row_ok, other=0.0) > 0
+    # Cosine-only row data (loaded for every variant: one vector per program, kept simple).
+    rinv_i = tl.load(RINV + rows, mask=row_ok, other=0.0)
+    nrm_i = tl.load(SQN + rows, mask=row_ok, other=1.0)
+    has_norm_i = tl.load(PROJ + rows, mask=row_ok, other=0.0) > 0
     if SINGLE_K and DIRECT_D == 0:
         zi = tl.load(Z + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < D), other=0.0)
         if UPCAST:
             zi = zi.to(tl.float32)
+    else:
+        zi = tl.zeros((1,), tl.float32)  # unused
 
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
     s_i = tl.zeros((BLOCK_M,), ACC)
@@ -132,136 +320,51 @@ def _dispersive_rows_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
     e_scale = inv_tau * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
 
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < N
-        if DIRECT_D > 0:
-            # Few features: d^2 = sum_k (z_ik - z_jk)^2 exactly, no n_i + n_j - 2G cancellation.
-            d2x = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-            g = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-            if VARIANT == 2:
-                nrm_j = tl.load(SQN + cols, mask=col_ok, other=1.0)
-            for k in tl.static_range(DIRECT_D):
-                zik = tl.load(Z + rows * D + k, mask=row_ok, other=0.0).to(ACC)
-                zjk = tl.load(Z + cols * D + k, mask=col_ok, other=0.0).to(ACC)
-                if VARIANT == 2:
-                    # zhat by division, as the reference computes it (exactly +-1 at D = 1)
-                    g += (zik / nrm_i)[:, None] * (zjk / nrm_j)[None, :]
-                else:
-                    diff = zik[:, None] - zjk[None, :]
-                    d2x += diff * diff
-        elif SINGLE_K:
-            zj = tl.load(Z + cols[:, None] * D + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < D), other=0.0)
-            if UPCAST:
-                zj = zj.to(tl.float32)
-            g = tl.dot(zi, tl.trans(zj), input_precision=GRAM_PREC, out_dtype=ACC)
-        else:
-            g = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-            for k0 in range(0, D, BLOCK_K):
-                kk = k0 + ks
-                k_ok = kk < D
-                zik = tl.load(Z + rows[:, None] * D + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                zjk = tl.load(Z + cols[:, None] * D + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST:
-                    zik = zik.to(tl.float32)
-                    zjk = zjk.to(tl.float32)
-                g = tl.dot(zik, tl.trans(zjk), g, input_precision=GRAM_PREC, out_dtype=ACC)
+    # This program's columns: [lo, hi). Tiles that cross the diagonal block or the last
+    # column are masked; the others (all but about BLOCK_M / BLOCK_N + 1 per row block)
+    # are not.
+    lo = pid_s * COL_CHUNK
+    hi = tl.minimum(lo + COL_CHUNK, N)
+    if DIRECT_D > 0:
+        full_end = lo
+        dlo = lo
+        dhi = lo
+    else:
+        full_end = tl.minimum(hi, (N // BLOCK_N) * BLOCK_N)
+        dlo = tl.minimum(tl.maximum((row0 // BLOCK_N) * BLOCK_N, lo), full_end)
+        dhi = tl.minimum(tl.maximum(((row0 + BLOCK_M + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo), full_end)
+    for start_n in range(lo, dlo, BLOCK_N):
+        m_i, s_i, r_i, acc = _rows_tile(
+            start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
+            m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
+            VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
+            TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, False)
+    for start_n in range(dlo, dhi, BLOCK_N):
+        m_i, s_i, r_i, acc = _rows_tile(
+            start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
+            m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
+            VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
+            TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, True)
+    for start_n in range(dhi, full_end, BLOCK_N):
+        m_i, s_i, r_i, acc = _rows_tile(
+            start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
+            m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
+            VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
+            TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, False)
+    for start_n in range(full_end, hi, BLOCK_N):
+        m_i, s_i, r_i, acc = _rows_tile(
+            start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
+            m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
+            VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
+            TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, True)
 
-        valid = row_ok[:, None] & col_ok[None, :]
-        if not INCLUDE_DIAG:
-            valid = valid & (rows[:, None] != cols[None, :])
-
-        if VARIANT == 2:
-            rinv_j = tl.load(RINV + cols, mask=col_ok, other=0.0)
-            if DIRECT_D > 0:
-                ghat = g
-            else:
-                ghat = g * rinv_i[:, None] * rinv_j[None, :]
-            d = scale * (1.0 - ghat)
-        else:
-            n_j = tl.load(SQN + cols, mask=col_ok, other=0.0)
-            nsum = n_i[:, None] + n_j[None, :]
-            if DIRECT_D > 0:
-                d2 = d2x
-                dup = d2 == 0.0
-            else:
-                d2 = nsum - 2.0 * g
-                dup = d2 <= dup_eps * nsum
-            if INCLUDE_DIAG:
-                dup = dup | (rows[:, None] == cols[None, :])
-            d2 = tl.where(dup, 0.0, d2)
-            if VARIANT == 1:
-                d = scale * d2
-            else:
-                if ACC == tl.float64:
-                    rs = tl.where(dup, 0.0, 1.0 / tl.sqrt(tl.where(dup, 1.0, d2)))
-                else:
-                    rs = tl.where(dup, 0.0, tl.math.rsqrt(tl.where(dup, 1.0, d2)))  # one MUFU op
-                d = scale * (d2 * rs)
-
-        if VARIANT == 3:
-            h = tl.where(valid, tl.maximum(margin - d, 0.0), 0.0)
-            s_i += tl.sum(h * h, 1)
-            if NEED_GRAD:
-                w = (-2.0 * scale) * h * rs
-        else:
-            e2 = tl.where(valid, -d * e_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(e2, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(e2 - m_use[:, None])
-            s_i = s_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-            if NEED_GRAD:
-                if VARIANT == 0:
-                    w = p * rs
-                elif VARIANT == 1:
-                    w = tl.where(dup, 0.0, p)  # exact: z_i - z_j = 0 there
-                else:
-                    w = p if DIRECT_D > 0 else p * rinv_j[None, :]
-                    r_i = r_i * alpha + tl.sum(p * ghat, 1)
-                acc = acc * alpha[:, None]
-                if VARIANT != 2:
-                    r_i = r_i * alpha
-
-        if NEED_GRAD:
-            # Round the weights once, to what the tensor cores will read, and sum the same
-            # rounded values into r_i: then r_i z_i - sum_j w_ij z_j = sum_j w_ij (z_i - z_j)
-            # up to fp32 accumulation, even where w_ij is large (near-duplicate rows).
-            if DIRECT_D > 0:
-                # acc_i += sum_j w_ij (z_j - z_i) column by column; cosine: the projected
-                # sum_j w_ij (zhat_j - ghat_ij zhat_i), exactly 0 at D = 1 as in the reference.
-                for k in tl.static_range(DIRECT_D):
-                    zjk = tl.load(Z + cols * D + k, mask=col_ok, other=0.0).to(ACC)
-                    zik = tl.load(Z + rows * D + k, mask=row_ok, other=0.0).to(ACC)
-                    if VARIANT == 2:
-                        zik = tl.where(has_norm_i, zik / nrm_i, 0.0)
-                        ck = tl.sum(w * ((zjk / nrm_j)[None, :] - ghat * zik[:, None]), 1)
-                    else:
-                        ck = tl.sum(w * (zjk[None, :] - zik[:, None]), 1)
-                    acc += tl.where(dcols[None, :] == k, ck[:, None], 0.0)
-            else:
-                if TF32_ROUND:
-                    w = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                wv = w.to(PV_DTYPE)
-                if VARIANT != 2:
-                    r_i += tl.sum(wv.to(ACC), 1)
-                if SINGLE_K:
-                    zv = zj
-                else:
-                    zv = tl.load(Z + cols[:, None] * D + dcols[None, :], mask=col_ok[:, None] & dcol_ok[None, :], other=0.0)
-                zv = zv.to(PV_DTYPE)
-                if UPCAST:
-                    wv = wv.to(tl.float32)
-                    zv = zv.to(tl.float32)
-                acc = tl.dot(wv, zv, acc, input_precision=PV_PREC, out_dtype=ACC)
-
+    stat = pid_s.to(tl.int64) * N + rows
     if pid_d == 0:
         if VARIANT == 3:
-            tl.store(M_OUT + rows, tl.zeros((BLOCK_M,), ACC), mask=row_ok)
+            tl.store(M_OUT + stat, tl.zeros((BLOCK_M,), ACC), mask=row_ok)
         else:
-            tl.store(M_OUT + rows, m_i * 0.6931471805599453, mask=row_ok)
-        tl.store(S_OUT + rows, s_i, mask=row_ok)
+            tl.store(M_OUT + stat, m_i * 0.6931471805599453, mask=row_ok)
+        tl.store(S_OUT + stat, s_i, mask=row_ok)
     if NEED_GRAD:
         if DIRECT_D > 0:
             a_i = tl.zeros((BLOCK_M,), ACC)  # acc already holds the whole bracket
@@ -276,7 +379,9 @@ def _dispersive_rows_kernel(
             zo = zi.to(ACC)
         else:
             zo = tl.load(Z + rows[:, None] * D + dcols[None, :], mask=out_mask, other=0.0).to(ACC)
-        tl.store(OUT + rows[:, None] * D + dcols[None, :], a_i[:, None] * zo - acc, mask=out_mask)
+        out_rows = pid_s.to(tl.int64) * N + rows
+        tl.store(OUT + out_rows[:, None] * D + dcols[None, :], a_i[:, None] * zo - acc, mask=out_mask)
+
 
 
 def _rows_configs(d_pad: int) -> list[triton.Config]:
@@ -284,9 +389,10 @@ def _rows_configs(d_pad: int) -> list[triton.Config]:
     if d_pad <= 64:
         shapes = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)]
     elif d_pad <= 128:
-        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
+        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+                  (64, 128, 4, 3)]
     else:  # 256-wide output chunk (or the split-D loop)
-        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2)]
+        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -297,7 +403,7 @@ def _tuned_rows_kernel(d_pad: int):
     if d_pad not in _TUNED:
         _TUNED[d_pad] = triton.autotune(
             configs=_rows_configs(d_pad),
-            key=["D", "N_BUCKET", "VARIANT", "INCLUDE_DIAG", "NEED_GRAD"],
+            key=["D", "N_BUCKET", "COL_CHUNK", "VARIANT", "INCLUDE_DIAG", "NEED_GRAD", "LAZY"],
         )(_dispersive_rows_kernel)
     return _TUNED[d_pad]
 
@@ -310,6 +416,51 @@ def _default_rows_config(d_pad: int) -> dict:
     if d_pad <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+# Column splits: a split handles a multiple of this many columns (every BLOCK_N divides it).
+_SPLIT_QUANTUM = 128
+# A split is worth its partial-result traffic only with at least this many columns.
+_MIN_SPLIT_COLS = 1024
+_MAX_SPLITS = 16
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        out = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if out < 1:
+        raise ValueError(f"{name} must be >= 1, got {out}")
+    return out
+
+
+def _num_splits(n: int, d_pad: int, n_dchunks: int, device: torch.device) -> int:
+    """How many column splits (grid axis 2) the row kernel runs.
+
+    One program per row block leaves most of a GPU idle at moderate N (N = 16,384 with
+    128-row blocks is 128 programs, about one per SM on an H100, and the kernel holds
+    one or two per SM): the column loop is then split over programs, like flash-decoding,
+    and the epilogue merges the per-split statistics (they are a logsumexp and linear
+    sums, so the merge is exact). Aim: about two programs per SM.
+    ``DISSEG_TRITON_SPLITS`` overrides (benchmark sweeps).
+    """
+    forced = _env_int("DISSEG_TRITON_SPLITS")
+    if forced is not None:
+        return max(1, min(forced, triton.cdiv(n, _SPLIT_QUANTUM)))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    block_m = 128 if d_pad <= 128 else 64  # the usual autotune winner's row block
+    programs = triton.cdiv(n, block_m) * n_dchunks
+    target = 2 * sms
+    if programs >= 0.9 * target:
+        return 1
+    most = max(1, min(_MAX_SPLITS, n // _MIN_SPLIT_COLS))
+    return max(1, min(most, round(target / programs)))
 
 
 def _dot_settings(dtype: torch.dtype):
@@ -326,7 +477,11 @@ def _dot_settings(dtype: torch.dtype):
     return tl.float32, "ieee", tl.float32, "tf32"
 
 
-def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, autotune=None):
+def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, autotune=None,
+               splits=None, lazy=None, config=None):
+    """The many-samples path. ``splits`` (column splits), ``lazy`` (conditional rescaling)
+    and ``config`` (a fixed {BLOCK_M, BLOCK_N, num_warps, num_stages}) are for tests and
+    benchmark sweeps; None means the heuristic / ``DISSEG_TRITON_LAZY`` / autotuning."""
     n, d = z.shape
     acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     zf = z if z.dtype == acc_dtype else z.to(acc_dtype)
@@ -340,52 +495,66 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
         sqn = nrm
     else:
         rinv = proj = sqn  # unused by the kernel
-    m_out = torch.empty(n, device=z.device, dtype=acc_dtype)
-    s_out = torch.empty(n, device=z.device, dtype=acc_dtype)
-    out = torch.empty((n, d) if need_grad else (1, 1), device=z.device, dtype=acc_dtype)
 
     d_pad = max(16, triton.next_power_of_2(d))
     single = d_pad <= _MAX_DO
     block_k = d_pad if single else 64
     block_do = d_pad if single else _MAX_DO
     n_dchunks = triton.cdiv(d, block_do) if (need_grad and not single) else 1
+    if splits is None:
+        splits = _num_splits(n, d_pad, n_dchunks, z.device)
+    if not (isinstance(splits, int) and splits >= 1):
+        raise ValueError(f"splits must be an int >= 1, got {splits!r}")
+    col_chunk = triton.cdiv(triton.cdiv(n, splits), _SPLIT_QUANTUM) * _SPLIT_QUANTUM
+    splits = triton.cdiv(n, col_chunk)  # no empty split
+    if lazy is None:
+        lazy = os.environ.get("DISSEG_TRITON_LAZY", "0") == "1"
+
+    m_out = torch.empty((splits, n), device=z.device, dtype=acc_dtype)
+    s_out = torch.empty((splits, n), device=z.device, dtype=acc_dtype)
+    out = torch.empty((splits, n, d) if need_grad else (1, 1, 1), device=z.device, dtype=acc_dtype)
+
     ACC, GRAM_PREC, PV_DTYPE, PV_PREC = _dot_settings(z.dtype)
     dup_eps = _DUP_EPS_FP64 if z.dtype == torch.float64 else _DUP_EPS_FP32
     params = torch.tensor([scale, 1.0 / tau, margin, dup_eps], dtype=acc_dtype).to(z.device)
-    args = (z, sqn, rinv, proj, out, m_out, s_out, n, d, min(triton.next_power_of_2(n), 16384), params)
+    args = (z, sqn, rinv, proj, out, m_out, s_out, n, d, col_chunk, min(triton.next_power_of_2(n), 16384), params)
     meta = dict(
         VARIANT=variant, INCLUDE_DIAG=bool(include_diagonal), NEED_GRAD=bool(need_grad), SINGLE_K=single,
         DIRECT_D=d if d <= _DIRECT_MAX_D else 0,
         BLOCK_K=block_k, BLOCK_DO=block_do, ACC=ACC, GRAM_PREC=GRAM_PREC, PV_DTYPE=PV_DTYPE, PV_PREC=PV_PREC,
-        TF32_ROUND=PV_PREC == "tf32", UPCAST=_interpret() and z.dtype == torch.bfloat16,
+        TF32_ROUND=PV_PREC == "tf32", UPCAST=_interpret() and z.dtype == torch.bfloat16, LAZY=bool(lazy),
     )
     if autotune is None:
-        autotune = not _interpret() and os.environ.get("DISSEG_TRITON_AUTOTUNE", "1") != "0"
+        autotune = config is None and not _interpret() and os.environ.get("DISSEG_TRITON_AUTOTUNE", "1") != "0"
     if autotune:
-        grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), n_dchunks)  # noqa: E731
+        grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), n_dchunks, splits)  # noqa: E731
         _tuned_rows_kernel(d_pad)[grid](*args, **meta)
     else:
-        cfg = _default_rows_config(d_pad)
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]), n_dchunks)
+        cfg = dict(config) if config is not None else _default_rows_config(d_pad)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]), n_dchunks, splits)
         _dispersive_rows_kernel[grid](*args, **meta, **cfg)
 
+    # Merge the (split, row) statistics: every split's bracket carries its own shift m.
     pairs = n * n if include_diagonal else n * (n - 1)
     stat = torch.float64
     if variant == HINGE:
         loss = s_out.to(stat).sum() / pairs
-        coef = torch.full((n,), 2.0 / pairs, device=z.device, dtype=acc_dtype)
+        coef = torch.full((splits, n), 2.0 / pairs, device=z.device, dtype=acc_dtype)
     else:
         row_lse = m_out.to(stat) + s_out.to(stat).log()
-        lse = torch.logsumexp(row_lse, 0)
+        lse = torch.logsumexp(row_lse.reshape(-1), 0)
         loss = lse - math.log(pairs)
-        e = (m_out.to(stat) - lse).exp()  # exp(m_i - LSE): the softmax normaliser per row
+        e = (m_out.to(stat) - lse).exp()  # exp(m_si - LSE): the softmax normaliser per (split, row)
         k = {INFONCE_L2: 2.0, INFONCE_L2SQ: 4.0, INFONCE_COSINE: 2.0}[variant] * scale / tau
         coef = (-k * e).to(acc_dtype)
         if variant == INFONCE_COSINE:
             coef = coef * rinv
     grad = None
     if need_grad:
-        grad = out.mul_(coef[:, None])
+        if splits == 1:
+            grad = out[0].mul_(coef[0][:, None])
+        else:
+            grad = torch.einsum("sn,snd->nd", coef, out)
         if grad.dtype != z.dtype:
             grad = grad.to(z.dtype)
     return loss, grad
@@ -580,10 +749,14 @@ def dispersive_fused_triton(
     need_grad: bool,
     _path: str = "auto",
     _autotune: bool | None = None,
+    _splits: int | None = None,
+    _lazy: bool | None = None,
+    _config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, dL/dz) of a contiguous (N, D) z; the contract of torch.ops.disseg.dispersive_fused.
 
-    ``_path`` ("auto", "small", "rows") and ``_autotune`` are for tests and benchmarks.
+    ``_path`` ("auto", "small", "rows"), ``_autotune``, ``_splits``, ``_lazy`` and ``_config``
+    (see ``_rows_path``) are for tests and benchmarks.
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"z must be a 2-D (N, D) tensor, got {getattr(z, 'shape', type(z))}")
@@ -614,7 +787,7 @@ def dispersive_fused_triton(
         loss, grad = _small_path(z, variant_code, float(tau), float(margin), include_diagonal, scale, need_grad)
     else:
         loss, grad = _rows_path(z, variant_code, float(tau), float(margin), include_diagonal, scale, need_grad,
-                                autotune=_autotune)
+                                autotune=_autotune, splits=_splits, lazy=_lazy, config=_config)
     loss_dtype = torch.float32 if z.dtype in _HALF else z.dtype
     loss = loss.to(loss_dtype)
     if need_grad:
