@@ -182,6 +182,18 @@ def test_split_count_choice(monkeypatch):
         tdisp._num_splits(16384, 256, 1, dev)
 
 
+def test_tile_sweep_benchmark_runs(tmp_path):
+    """benchmarks/bench_dispersive_tiles.py (the GPU tuning sweep) runs end to end on the
+    interpreter, checks every configuration against the default launch and writes its
+    table: a sweep that reported a wrong-but-fast configuration would mislead tuning."""
+    from benchmarks import bench_dispersive_tiles
+
+    rows = bench_dispersive_tiles.main(["--quick", "--device", DEVICE, "--out-dir", str(tmp_path)])
+    assert len(rows) == 10 and all(r.get("ms", 0) > 0 for r in rows)
+    assert not [r for r in rows if r.get("note")], [r["note"] for r in rows if r.get("note")]
+    assert len(list(tmp_path.glob("dispersive_tiles_*.md"))) == 1
+
+
 def test_autotuned_launch(monkeypatch):
     """The autotuned launch (the GPU default) passes the same arguments as the fixed one."""
     one = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]

@@ -94,6 +94,9 @@ STAGES=(
   # CDFA window attention, op only, compile baseline at H = 64 (docs/window_attention_gpu.md)
   "bench_window_attention|90|$PY -m benchmarks.bench_window_attention --device cuda --what op --sizes 16,32,64,128 --compile-sizes 64 --repeats 5"
   "bench_models|70|$PY -m benchmarks.bench_models --device cuda --stages 2"
+  # issue 2: the Triton row kernel's blocks x column splits x lazy rescale at (16384, 256),
+  # (16384, 128), (65536, 128) bf16, each checked against the default launch
+  "bench_dispersive_tiles|100|$PY -m benchmarks.bench_dispersive_tiles --device cuda --budget-s 85 --repeats 10"
   # the trainer's DDP path on CUDA: NCCL init with device_id, torch SyncBatchNorm, DDP with
   # device_ids, the bank, rank-0 files (one GPU: one process; several ranks need several GPUs)
   "ddp_smoke|60|rm -rf /tmp/ddp_smoke; DISSEG_TRITON_AUTOTUNE=0 $PY -m torch.distributed.run --nproc_per_node=1 -m models.cli train --ddp --sync-bn --device cuda --encoder resnet18 --size 64 --synth-size 64 --synth-train 16 --synth-val 4 --batch-size 4 --epochs 1 --disp-bank 8 --no-progress --out /tmp/ddp_smoke"

@@ -1,0 +1,184 @@
+"""Tile sweep of the Triton dispersive row kernel (the many-samples path), for tuning.
+
+    python -m benchmarks.bench_dispersive_tiles --device cuda                 # bf16, issue 2's shapes
+    python -m benchmarks.bench_dispersive_tiles --device cuda --splits 1,2,4 --lazy 0,1
+    python -m benchmarks.bench_dispersive_tiles --quick                       # CPU interpreter smoke run
+
+For each shape it times the fused forward (which also produces dL/dz: the loss is a scalar,
+so forward+backward costs the forward) of ``infonce_l2`` for every block configuration of
+the autotune list (``disseg_kernels.triton.dispersive._rows_configs``) × column splits ×
+lazy rescaling on/off, and the library's default launch (autotuned, heuristic splits), and
+reports TFLOP/s on the 4·N²·D basis and the fraction of the device's measured matmul rate
+in the same dtype (issue 2's bar: ≥ 60 % at N ≥ 16,384). Configurations that do not fit
+(out of shared memory or registers) are listed as failed, with the reason.
+
+Writes benchmarks/results/dispersive_tiles_<device>_<date>_<dtype>.csv and .md.
+``--budget-s`` stops the sweep early (the GPU script's stage limit) and still writes what
+was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_dispersive import _median_ms, machine_name, matmul_rate_gflops
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIELDS = ["N", "D", "dtype", "config", "splits", "lazy", "ms", "tflops", "pct_matmul", "note"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        try:
+            n, d = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: expected NxD items like 16384x256, got {item!r}") from None
+        shapes.append((n, d))
+    return shapes
+
+
+def _parse_ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{name}: expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--shapes", default="16384x256,16384x128,65536x128")
+    p.add_argument("--splits", default="1,2,4", help="column splits to try (0 = the library's heuristic)")
+    p.add_argument("--lazy", default="0,1", help="lazy rescaling off/on")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--budget-s", type=float, default=0.0, help="stop the sweep after this long (0: no limit)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, one configuration (CPU interpreter smoke run)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    device = args.device
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from disseg_kernels.triton import dispersive as tdisp  # after TRITON_INTERPRET is set
+
+    dtype = DTYPES[args.dtype]
+    shapes = [(256, 16), (200, 32)] if args.quick else _parse_shapes(args.shapes)
+    splits_list = [1, 2] if args.quick else _parse_ints(args.splits, "--splits")
+    lazy_list = [0, 1] if args.quick else _parse_ints(args.lazy, "--lazy")
+    repeats = 1 if args.quick else args.repeats
+    mm_rate = matmul_rate_gflops(device, dtype) if device == "cuda" else float("nan")
+    start = time.perf_counter()
+    rows: list[dict] = []
+
+    def out_of_time() -> bool:
+        return args.budget_s > 0 and time.perf_counter() - start > args.budget_s
+
+    for n, d in shapes:
+        g = torch.Generator(device="cpu").manual_seed(n + d)
+        z = (torch.randn(n, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
+        d_pad = max(16, 1 << (d - 1).bit_length())
+        configs = [None]  # the library's default launch first
+        if args.quick:
+            configs.append({"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
+        else:
+            configs += [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tdisp._rows_configs(d_pad)]
+        flops = 4.0 * n * n * d
+        for cfg in configs:
+            for splits in ([0] if cfg is None else splits_list):
+                for lazy in ([None] if cfg is None else lazy_list):
+                    if out_of_time():
+                        break
+                    label = "default (autotuned)" if cfg is None else "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
+                    row = {"N": n, "D": d, "dtype": args.dtype, "config": label,
+                           "splits": "auto" if splits == 0 else splits,
+                           "lazy": "env" if lazy is None else lazy}
+                    kw = dict(_path="rows", _splits=None if splits == 0 else splits,
+                              _lazy=None if lazy is None else bool(lazy), _config=cfg)
+                    if cfg is None and device == "cpu":
+                        kw["_autotune"] = False
+                    try:
+                        fn = lambda: tdisp.dispersive_fused_triton(z, 0, 0.5, 1.0, False, False, True, **kw)  # noqa: E731
+                        loss, grad = fn()
+                        if cfg is None:
+                            first = (float(loss), grad.float())
+                        else:  # a fast configuration must also be a correct one
+                            dl = abs(float(loss) - first[0]) / max(1.0, abs(first[0]))
+                            dg = float((grad.float() - first[1]).abs().max() / first[1].abs().max().clamp_min(1e-30))
+                            if dl > 1e-3 or dg > 3e-2:
+                                row["note"] = f"MISMATCH with the default launch: loss {dl:.1e}, grad {dg:.1e}"
+                        ms = _median_ms(fn, device, repeats)
+                        row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+                        if mm_rate == mm_rate:
+                            row["pct_matmul"] = 100.0 * row["tflops"] * 1e3 / mm_rate
+                    except Exception as exc:  # a configuration that does not fit: record and go on
+                        row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                    rows.append(row)
+                    print(" ".join(f"{k}={row.get(k, '')}" for k in FIELDS if row.get(k, "") != ""), flush=True)
+    _write(rows, args, device, mm_rate, time.perf_counter() - start, out_of_time())
+    return rows
+
+
+def _fmt(v, spec):
+    return "" if v is None or v == "" else format(v, spec)
+
+
+def _write(rows, args, device, mm_rate, elapsed, truncated) -> None:
+    date = _dt.datetime.now(_dt.timezone.utc)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"dispersive_tiles_{device}_{date:%Y-%m-%d}_{args.dtype}{'_quick' if args.quick else ''}"
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in FIELDS})
+    best = {}  # (N, D) -> the fastest row
+    for r in rows:
+        key = (r["N"], r["D"])
+        if r.get("tflops") and r["tflops"] > best.get(key, {}).get("tflops", 0.0):
+            best[key] = r
+    lines = [
+        f"# Triton dispersive row kernel: tile sweep ({device}, {args.dtype}, infonce_l2, fwd = fwd+bwd)",
+        "",
+        f"- machine: {machine_name(device)}",
+        f"- date: {date:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}",
+        f"- measured matmul rate ({args.dtype}): {mm_rate / 1e3:.1f} TFLOP/s" if mm_rate == mm_rate else "- matmul rate: not measured (CPU)",
+        "- command: `python -m benchmarks.bench_dispersive_tiles " + " ".join(args_to_text(args)) + "`",
+        f"- sweep time {elapsed:.0f} s" + (" (stopped early by --budget-s: the list is incomplete)" if truncated else ""),
+        "- TFLOP/s on the 4·N²·D basis; config = BLOCK_M x BLOCK_N, warps, pipeline stages; splits = column splits",
+        "",
+        "| N | D | config | splits | lazy | ms | TFLOP/s | % of matmul | note |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        mark = " **best**" if best.get((r["N"], r["D"])) is r else ""
+        lines.append(
+            f"| {r['N']} | {r['D']} | {r['config']}{mark} | {r['splits']} | {r['lazy']} | {_fmt(r.get('ms'), '.3f')} | "
+            f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('pct_matmul'), '.1f')} | {r.get('note', '')} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.csv and {stem}.md")
+
+
+def args_to_text(args) -> list[str]:
+    out = [f"--device {args.device}", f"--dtype {args.dtype}"]
+    if args.quick:
+        return out + ["--quick"]
+    return out + [f"--shapes {args.shapes}", f"--splits {args.splits}", f"--lazy {args.lazy}",
+                  f"--repeats {args.repeats}"] + ([f"--budget-s {args.budget_s:g}"] if args.budget_s else [])
+
+
+if __name__ == "__main__":
+    main()
