@@ -28,22 +28,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_dispersive import _median_ms, machine_name, matmul_rate_gflops
+from benchmarks.bench_dispersive import _median_ms, _parse_shapes, machine_name, matmul_rate_gflops
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["N", "D", "dtype", "config", "splits", "lazy", "ms", "tflops", "pct_matmul", "note"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def _parse_shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for item in text.split(","):
-        try:
-            n, d = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"--shapes: expected NxD items like 16384x256, got {item!r}") from None
-        shapes.append((n, d))
-    return shapes
 
 
 def _parse_ints(text: str, name: str) -> list[int]:
