@@ -1,0 +1,671 @@
+// Attention gates, CUDA kernels: torch.ops.disseg.gates_* for CUDA tensors. The schemas
+// are defined in csrc/gates.cpp and the semantics are those of its CPU kernels (see there
+// and disseg_kernels/ops/gates.py, the engine that calls them): statistics of
+// y = x · G[b, c] · S[b, p] in the accumulation type (float for float/half/bfloat16, double
+// for double), first arg-max indices as int64, a gate that is absent is 1.
+//
+// x (B, C, H, W) is NCHW-like (p = h·W + w has stride 1) or channels_last (c has stride 1),
+// and is read in place as a plane (B, Lo, Li) whose inner axis i is the unit-stride one:
+// (j, i) = (c, p) for NCHW, (p, c) for channels_last. A reduction then runs either along i
+// (inner_stats_kernel: one warp per (b, j) row, lanes on consecutive i: coalesced) or
+// along j (outer_stats_kernel, reduce_kernel: 32 consecutive i per warp, the block's 8
+// warps striding over j, shared memory to merge them). The same two kernels serve the H·W
+// pool and the C pool, in either layout.
+//
+// Grids (docs/gates_gpu.md): a reduction whose outputs give fewer than ~4 blocks per SM is
+// split along the reduced axis (the split count comes from the shape and the SM count,
+// never from data); each piece writes (sum, max, first arg-max) partials and a second
+// launch combines them in piece order: deterministic, no atomics, the first arg-max kept
+// on ties. The backward reduce writes per-block partials of U and V the same way.
+//
+// Only ATen core / per-operator headers, <torch/library.h>, <cuda_runtime.h> and c10/cuda
+// headers are included, as in csrc/dispersive.cu (tests/test_cuda_compile.py compiles
+// this file against a CPU build of torch). Offsets and indices are int64.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace disseg {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kRows = 8;  // warps per block; blocks are (32, 8) = 256 threads everywhere
+constexpr int kThreads = kWarp * kRows;
+constexpr int kUnroll = 4;  // loads in flight per thread in the reduction loops
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int64_t kNone = std::numeric_limits<int64_t>::max();  // arg-max: no element taken yet
+constexpr int64_t kBlocksPerSM = 4;                              // split target (as the Triton path)
+constexpr int64_t kMaxGrid = (int64_t(1) << 31) - 1;
+constexpr int64_t kMaxGridY = 65535;
+
+struct Geometry {
+  int64_t B, C, P, sB, sC, sP;
+  bool p_unit;  // NCHW-like: p has stride 1 (else the channel has stride 1)
+};
+
+// x as (B, Lo, Li): element (b, j, i) at b·sB + j·sO + i, the inner axis of stride 1.
+struct Plane {
+  int64_t B, Lo, Li, sB, sO;
+};
+
+Geometry geometry(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 4, name, ": x must be (B, C, H, W), got ", x.sizes());
+  TORCH_CHECK(x.is_cuda(), name, ": x must be a CUDA tensor, got ", x.device());
+  Geometry g{x.size(0), x.size(1), x.size(2) * x.size(3), x.stride(0), x.stride(1), x.stride(3), true};
+  TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == x.size(3) * x.stride(3), name,
+              ": x's H and W must be mergeable (contiguous or channels_last), got strides ", x.strides());
+  if (g.P == 1 || g.sP == 1) {
+    g.p_unit = true;
+    if (g.P == 1) g.sP = 1;
+  } else if (g.C == 1 || g.sC == 1) {
+    g.p_unit = false;
+    if (g.C == 1) g.sC = 1;
+  } else {
+    TORCH_CHECK(false, name, ": x must be contiguous or channels_last, got strides ", x.strides());
+  }
+  return g;
+}
+
+Plane plane(const Geometry& g) {
+  return g.p_unit ? Plane{g.B, g.C, g.P, g.sB, g.sC} : Plane{g.B, g.P, g.C, g.sB, g.sP};
+}
+
+at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A small gate tensor: nullopt, or B·n elements of the accumulation type on x's device.
+template <typename acc_t>
+const acc_t* gate_ptr(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t B, int64_t n,
+                      at::ScalarType acc, const char* what, at::Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device() == x.device(), what, " must be on x's device ", x.device(), ", got ", t->device());
+  TORCH_CHECK(t->numel() == B * n, what, " must have ", B * n, " elements (B·", n, "), got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == acc, what, " must be ", acc, ", got ", t->scalar_type());
+  keep = t->contiguous();
+  return keep.const_data_ptr<acc_t>();
+}
+
+int64_t sm_count(const at::Tensor& x) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, x.get_device()));
+  return std::max(1, n);
+}
+
+// Pieces to cut a reduction of `len` elements into, so that `items` work units per piece
+// reach `target` in all, each piece keeping at least `min_len` elements.
+int64_t split_count(int64_t items, int64_t len, int64_t min_len, int64_t target) {
+  if (items >= target || len < 2 * min_len) return 1;
+  const int64_t want = (target + items - 1) / items;
+  return std::max<int64_t>(1, std::min({want, len / min_len, kMaxGridY}));
+}
+
+unsigned grid_1d(int64_t blocks, const char* name) {
+  TORCH_CHECK(blocks <= kMaxGrid, name, ": ", blocks, " thread blocks exceed the grid limit");
+  return static_cast<unsigned>(std::max<int64_t>(1, blocks));
+}
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -static_cast<T>(INFINITY);
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// (sum, max, first arg-max) running statistics. A NaN never becomes the max (v > best is
+// false), as on the CPU; an all −inf row keeps the first index, an all-NaN row gives 0.
+template <typename T>
+__device__ __forceinline__ void take(T& sum, T& best, int64_t& arg, T v, int64_t i) {
+  sum += v;
+  if (v > best || (v == best && arg == kNone)) {
+    best = v;
+    arg = i;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void merge(T& sum, T& best, int64_t& arg, T s2, T b2, int64_t a2) {
+  sum += s2;
+  if (b2 > best || (b2 == best && a2 < arg)) {
+    best = b2;
+    arg = a2;
+  }
+}
+
+// Butterfly merge: every lane ends with the warp's statistics (the same bits in every lane).
+template <typename T>
+__device__ __forceinline__ void warp_merge(T& sum, T& best, int64_t& arg) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const T s2 = __shfl_xor_sync(kFull, sum, o);
+    const T b2 = __shfl_xor_sync(kFull, best, o);
+    const int64_t a2 = static_cast<int64_t>(__shfl_xor_sync(kFull, static_cast<long long>(arg), o));
+    merge(sum, best, arg, s2, b2, a2);
+  }
+}
+
+template <typename T>
+struct StatOut {
+  T* mean;
+  T* max;
+  int64_t* idx;
+  T* part_sum;  // (rows, splits) partials when splits > 1
+  T* part_max;
+  int64_t* part_idx;
+  int64_t splits;
+  T inv;  // 1 / (length of the reduced axis)
+};
+
+template <typename T>
+__device__ __forceinline__ void store_stat(const StatOut<T>& o, int64_t r, int64_t k, T sum, T best, int64_t arg) {
+  if (o.splits == 1) {
+    o.mean[r] = sum * o.inv;
+    o.max[r] = best;
+    o.idx[r] = arg == kNone ? 0 : arg;
+  } else {
+    const int64_t q = r * o.splits + k;
+    o.part_sum[q] = sum;
+    o.part_max[q] = best;
+    o.part_idx[q] = arg;
+  }
+}
+
+// Statistics along the inner axis: warp (blockIdx.x·8 + threadIdx.y) owns row r = (b, j)
+// and piece k of [0, Li); y = x[b, j, i] · gate[b, i]. Output row r = b·Lo + j.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) inner_stats_kernel(const scalar_t* __restrict__ x,
+                                                               const acc_t* __restrict__ gate, Plane pl,
+                                                               StatOut<acc_t> out) {
+  const int lane = threadIdx.x;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y;
+  if (w >= pl.B * pl.Lo * out.splits) return;  // a whole warp leaves together
+  const int64_t r = w / out.splits, k = w - r * out.splits;
+  const int64_t b = r / pl.Lo, j = r - b * pl.Lo;
+  const int64_t lo = pl.Li * k / out.splits, hi = pl.Li * (k + 1) / out.splits;
+  const scalar_t* xr = x + b * pl.sB + j * pl.sO;
+  const acc_t* gr = gate ? gate + b * pl.Li : nullptr;
+  acc_t sum = 0, best = neg_inf<acc_t>();
+  int64_t arg = kNone;
+  for (int64_t i0 = lo + lane; i0 < hi; i0 += kWarp * kUnroll) {
+    acc_t v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + u * kWarp;
+      v[u] = i < hi ? static_cast<acc_t>(xr[i]) * (gr ? gr[i] : acc_t(1)) : acc_t(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + u * kWarp;
+      if (i < hi) take(sum, best, arg, v[u], i);  // increasing i: the lane's first arg-max
+    }
+  }
+  warp_merge(sum, best, arg);
+  if (lane == 0) store_stat(out, r, k, sum, best, arg);
+}
+
+// Statistics along the outer axis: block (b, 32-wide tile of i, piece k of [0, Lo)); lane
+// tx owns i = tile·32 + tx, warp ty the j ≡ ty (mod 8) of the piece; y = x[b, j, i] ·
+// gate[b, j]. Output row r = b·Li + i.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) outer_stats_kernel(const scalar_t* __restrict__ x,
+                                                               const acc_t* __restrict__ gate, Plane pl,
+                                                               StatOut<acc_t> out) {
+  __shared__ acc_t s_sum[kRows][kWarp];
+  __shared__ acc_t s_max[kRows][kWarp];
+  __shared__ int64_t s_arg[kRows][kWarp];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t tiles = (pl.Li + kWarp - 1) / kWarp;
+  const int64_t bid = blockIdx.x;
+  const int64_t k = bid % out.splits, q = bid / out.splits;
+  const int64_t tile = q % tiles, b = q / tiles;
+  const int64_t i = tile * kWarp + tx;
+  const int64_t lo = pl.Lo * k / out.splits, hi = pl.Lo * (k + 1) / out.splits;
+  acc_t sum = 0, best = neg_inf<acc_t>();
+  int64_t arg = kNone;
+  if (i < pl.Li) {
+    const scalar_t* xc = x + b * pl.sB + i;
+    const acc_t* gr = gate ? gate + b * pl.Lo : nullptr;
+    for (int64_t j0 = lo + ty; j0 < hi; j0 += kRows * kUnroll) {
+      acc_t v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + u * kRows;
+        v[u] = j < hi ? static_cast<acc_t>(xc[j * pl.sO]) * (gr ? gr[j] : acc_t(1)) : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + u * kRows;
+        if (j < hi) take(sum, best, arg, v[u], j);
+      }
+    }
+  }
+  s_sum[ty][tx] = sum;
+  s_max[ty][tx] = best;
+  s_arg[ty][tx] = arg;
+  __syncthreads();
+  if (ty == 0 && i < pl.Li) {
+    for (int t = 1; t < kRows; ++t) merge(sum, best, arg, s_sum[t][tx], s_max[t][tx], s_arg[t][tx]);
+    store_stat(out, b * pl.Li + i, k, sum, best, arg);
+  }
+}
+
+// Second launch of a split reduction: the pieces of each row merged in piece order.
+template <typename acc_t>
+__global__ void combine_stats_kernel(int64_t rows, StatOut<acc_t> out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
+    acc_t sum = 0, best = neg_inf<acc_t>();
+    int64_t arg = kNone;
+    for (int64_t k = 0; k < out.splits; ++k) {
+      const int64_t q = r * out.splits + k;
+      merge(sum, best, arg, out.part_sum[q], out.part_max[q], out.part_idx[q]);
+    }
+    out.mean[r] = sum * out.inv;
+    out.max[r] = best;
+    out.idx[r] = arg == kNone ? 0 : arg;
+  }
+}
+
+// Rows (b, j) on blockIdx.x·8 + threadIdx.y and inner indices on blockIdx.y·32 + threadIdx.x,
+// both grid-stride: the launch shape of the two elementwise kernels.
+dim3 elementwise_grid(const Plane& pl) {
+  const int64_t rows = pl.B * pl.Lo;
+  const int64_t gx = std::min<int64_t>((rows + kRows - 1) / kRows, int64_t(1) << 24);
+  const int64_t gy = std::min<int64_t>((pl.Li + kWarp * kUnroll - 1) / (kWarp * kUnroll), kMaxGridY);
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, gx)), static_cast<unsigned>(std::max<int64_t>(1, gy)));
+}
+
+// out = x · G[b, c] · S[b, p] (the CPU's order of products: (x·G)·S).
+template <typename scalar_t, typename acc_t, bool P_UNIT>
+__global__ void __launch_bounds__(kThreads) apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ G,
+                                                         const acc_t* __restrict__ S, scalar_t* __restrict__ out,
+                                                         Plane pl) {
+  const int64_t rows = pl.B * pl.Lo;
+  const acc_t* row_gate = P_UNIT ? G : S;  // indexed by (b, j)
+  const acc_t* col_gate = P_UNIT ? S : G;  // indexed by (b, i)
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kRows) {
+    const int64_t b = r / pl.Lo, j = r - b * pl.Lo;
+    const int64_t base = b * pl.sB + j * pl.sO;
+    const acc_t rg = row_gate ? row_gate[r] : acc_t(1);
+    const acc_t* cg = col_gate ? col_gate + b * pl.Li : nullptr;
+    for (int64_t i = static_cast<int64_t>(blockIdx.y) * kWarp + threadIdx.x; i < pl.Li;
+         i += static_cast<int64_t>(gridDim.y) * kWarp) {
+      const acc_t v = static_cast<acc_t>(x[base + i]);
+      const acc_t c = cg ? cg[i] : acc_t(1);
+      out[base + i] = static_cast<scalar_t>(P_UNIT ? v * rg * c : v * c * rg);
+    }
+  }
+}
+
+// dx = grad · G[b, c] · S[b, p] + Σ_k L[k, b, c] · Rk[k, b, p]; grad may be absent (0).
+template <typename scalar_t, typename acc_t, bool P_UNIT>
+__global__ void __launch_bounds__(kThreads) grad_x_kernel(const scalar_t* __restrict__ grad,
+                                                          const acc_t* __restrict__ G, const acc_t* __restrict__ S,
+                                                          const acc_t* __restrict__ L, const acc_t* __restrict__ Rk,
+                                                          int64_t K, scalar_t* __restrict__ dx, Plane pl) {
+  const int64_t rows = pl.B * pl.Lo;
+  const acc_t* row_gate = P_UNIT ? G : S;
+  const acc_t* col_gate = P_UNIT ? S : G;
+  const acc_t* row_f = P_UNIT ? L : Rk;  // term k's factor of (b, j): [(k·B + b)·Lo + j]
+  const acc_t* col_f = P_UNIT ? Rk : L;  // term k's factor of (b, i): [(k·B + b)·Li + i]
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kRows) {
+    const int64_t b = r / pl.Lo, j = r - b * pl.Lo;
+    const int64_t base = b * pl.sB + j * pl.sO;
+    const acc_t rg = row_gate ? row_gate[r] : acc_t(1);
+    const acc_t* cg = col_gate ? col_gate + b * pl.Li : nullptr;
+    for (int64_t i = static_cast<int64_t>(blockIdx.y) * kWarp + threadIdx.x; i < pl.Li;
+         i += static_cast<int64_t>(gridDim.y) * kWarp) {
+      acc_t t = 0;
+      if (grad) {
+        const acc_t v = static_cast<acc_t>(grad[base + i]);
+        const acc_t c = cg ? cg[i] : acc_t(1);
+        t = P_UNIT ? v * rg * c : v * c * rg;
+      }
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const int64_t kb = kk * pl.B + b;
+        t += row_f[kb * pl.Lo + j] * col_f[kb * pl.Li + i];
+      }
+      dx[base + i] = static_cast<scalar_t>(t);
+    }
+  }
+}
+
+// One read of x (and R): row[b, j] = Σ_i t · cw[b, i] and col[b, i] = Σ_j t · rw[b, j] with
+// t = x · R. Block (b, chunk of 32·CPT inner indices, piece k of [0, Lo)): lane tx owns
+// i = chunk·32·CPT + tx + 32u (u < CPT), warp ty the j ≡ ty (mod 8) of the piece. A row's
+// chunk sum is a warp sum (written to row, or to row_part[(b·Lo + j)·chunks + chunk]); the
+// column sums merge the 8 warps in shared memory (col, or col_part[(b·splits + k)·Li + i]).
+template <typename scalar_t, typename acc_t, int CPT>
+__global__ void __launch_bounds__(kThreads) reduce_kernel(const scalar_t* __restrict__ x,
+                                                          const scalar_t* __restrict__ R,
+                                                          const acc_t* __restrict__ rw, const acc_t* __restrict__ cw,
+                                                          Plane pl, int64_t chunks, int64_t splits,
+                                                          acc_t* __restrict__ row, acc_t* __restrict__ col,
+                                                          acc_t* __restrict__ row_part, acc_t* __restrict__ col_part) {
+  __shared__ acc_t s_col[kRows][kWarp * CPT];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t bid = blockIdx.x;
+  const int64_t k = bid % splits, q = bid / splits;
+  const int64_t chunk = q % chunks, b = q / chunks;
+  const int64_t i0 = chunk * (kWarp * CPT) + tx;
+  const int64_t lo = pl.Lo * k / splits, hi = pl.Lo * (k + 1) / splits;
+  acc_t csum[CPT], cwv[CPT];
+#pragma unroll
+  for (int u = 0; u < CPT; ++u) {
+    const int64_t i = i0 + u * kWarp;
+    csum[u] = 0;
+    cwv[u] = i < pl.Li ? (cw ? cw[b * pl.Li + i] : acc_t(1)) : acc_t(0);
+  }
+  for (int64_t j = lo + ty; j < hi; j += kRows) {  // the same trip count for a whole warp
+    const int64_t base = b * pl.sB + j * pl.sO;
+    const acc_t rv = rw ? rw[b * pl.Lo + j] : acc_t(1);
+    acc_t t[CPT];
+#pragma unroll
+    for (int u = 0; u < CPT; ++u) {
+      const int64_t i = i0 + u * kWarp;
+      t[u] = i < pl.Li ? static_cast<acc_t>(x[base + i]) : acc_t(0);
+      if (R && i < pl.Li) t[u] *= static_cast<acc_t>(R[base + i]);
+    }
+    acc_t rsum = 0;
+#pragma unroll
+    for (int u = 0; u < CPT; ++u) {
+      if (i0 + u * kWarp < pl.Li) {
+        rsum += t[u] * cwv[u];
+        csum[u] += t[u] * rv;
+      }
+    }
+    rsum = warp_sum(rsum);
+    if (tx == 0) {
+      if (chunks == 1) {
+        row[b * pl.Lo + j] = rsum;
+      } else {
+        row_part[(b * pl.Lo + j) * chunks + chunk] = rsum;
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < CPT; ++u) s_col[ty][tx + u * kWarp] = csum[u];
+  __syncthreads();
+  if (ty == 0) {
+#pragma unroll
+    for (int u = 0; u < CPT; ++u) {
+      const int64_t i = i0 + u * kWarp;
+      if (i >= pl.Li) continue;
+      acc_t s = 0;
+      for (int w = 0; w < kRows; ++w) s += s_col[w][tx + u * kWarp];
+      if (splits == 1) {
+        col[b * pl.Li + i] = s;
+      } else {
+        col_part[(b * splits + k) * pl.Li + i] = s;
+      }
+    }
+  }
+}
+
+// Second launch of a split reduce: row = Σ_chunk row_part, col = Σ_k col_part, in order.
+template <typename acc_t>
+__global__ void reduce_finish_kernel(const acc_t* __restrict__ row_part, const acc_t* __restrict__ col_part, Plane pl,
+                                     int64_t chunks, int64_t splits, acc_t* __restrict__ row, acc_t* __restrict__ col) {
+  const int64_t n_row = chunks > 1 ? pl.B * pl.Lo : 0;
+  const int64_t n_col = splits > 1 ? pl.B * pl.Li : 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n_row + n_col; t += stride) {
+    acc_t s = 0;
+    if (t < n_row) {
+      for (int64_t c = 0; c < chunks; ++c) s += row_part[t * chunks + c];
+      row[t] = s;
+    } else {
+      const int64_t q = t - n_row, b = q / pl.Li, i = q - b * pl.Li;
+      for (int64_t k = 0; k < splits; ++k) s += col_part[(b * splits + k) * pl.Li + i];
+      col[q] = s;
+    }
+  }
+}
+
+unsigned finish_blocks(int64_t n) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 1 << 20))); }
+
+// Mean, max and first arg-max of x · gate over p (over_p: outputs (B, C), gate (B, P)) or
+// over c (outputs (B, P), gate (B, C)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_stats(const at::Tensor& x, const std::optional<at::Tensor>& gate,
+                                                          bool over_p, const char* name, const char* gate_name) {
+  auto g = geometry(x, name);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_type(x);
+  const int64_t n_out = over_p ? g.C : g.P, len = over_p ? g.P : g.C;
+  auto mean = at::empty({g.B, n_out}, x.options().dtype(acc));
+  auto mx = at::empty({g.B, n_out}, x.options().dtype(acc));
+  auto idx = at::empty({g.B, n_out}, x.options().dtype(at::kLong));
+  if (x.numel() == 0) return {mean.zero_(), mx.zero_(), idx.zero_()};
+  const Plane pl = plane(g);
+  const bool inner = over_p == g.p_unit;  // the reduced axis is the unit-stride one
+  const int64_t sms = sm_count(x);
+  const int64_t rows = g.B * n_out;
+  int64_t splits, blocks;
+  if (inner) {  // one warp per row and piece
+    splits = split_count(rows, len, int64_t(kWarp) * kUnroll * 4, sms * kBlocksPerSM * kRows);
+    blocks = (rows * splits + kRows - 1) / kRows;
+  } else {  // one block per (b, 32 outputs) and piece
+    const int64_t tiles = g.B * ((n_out + kWarp - 1) / kWarp);
+    splits = split_count(tiles, len, int64_t(kRows) * kUnroll * 2, sms * kBlocksPerSM);
+    blocks = tiles * splits;
+  }
+  const unsigned grid = grid_1d(blocks, name);
+  at::Tensor ps, pm, pi;
+  if (splits > 1) {
+    ps = at::empty({rows * splits}, x.options().dtype(acc));
+    pm = at::empty({rows * splits}, x.options().dtype(acc));
+    pi = at::empty({rows * splits}, x.options().dtype(at::kLong));
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_pool_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor keep;
+    const acc_t* gp = gate_ptr<acc_t>(gate, x, g.B, len, acc, gate_name, keep);
+    StatOut<acc_t> out{mean.data_ptr<acc_t>(),
+                       mx.data_ptr<acc_t>(),
+                       idx.data_ptr<int64_t>(),
+                       splits > 1 ? ps.data_ptr<acc_t>() : nullptr,
+                       splits > 1 ? pm.data_ptr<acc_t>() : nullptr,
+                       splits > 1 ? pi.data_ptr<int64_t>() : nullptr,
+                       splits,
+                       acc_t(1) / acc_t(len)};
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const dim3 block(kWarp, kRows);
+    if (inner) {
+      inner_stats_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(xp, gp, pl, out);
+    } else {
+      outer_stats_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(xp, gp, pl, out);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1) {
+      combine_stats_kernel<acc_t><<<finish_blocks(rows), 256, 0, stream>>>(rows, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {mean, mx, idx};
+}
+
+}  // namespace
+
+// Mean, max and first arg-max over p = (h, w) of y = x · S[b, p]; each (B, C).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_cuda(const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& S) {
+  return pool_stats(x, S, /*over_p=*/true, "gates_pool_hw", "S");
+}
+
+// Mean, max and first arg-max over c of y = x · G[b, c]; each (B, P).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gates_pool_c_cuda(const at::Tensor& x,
+                                                                 const std::optional<at::Tensor>& G) {
+  return pool_stats(x, G, /*over_p=*/false, "gates_pool_c", "G");
+}
+
+// out = x · G[b, c] · S[b, p], in x's dtype and layout.
+at::Tensor gates_apply_cuda(const at::Tensor& x, const std::optional<at::Tensor>& G, const std::optional<at::Tensor>& S) {
+  auto g = geometry(x, "gates_apply");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_type(x);
+  auto out = at::empty_like(x);
+  TORCH_CHECK(out.strides() == x.strides(), "gates_apply: could not allocate the output in x's layout");
+  if (x.numel() == 0) return out;
+  const Plane pl = plane(g);
+  const dim3 grid = elementwise_grid(pl), block(kWarp, kRows);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor kg, ks;
+    const acc_t* gp = gate_ptr<acc_t>(G, x, g.B, g.C, acc, "G", kg);
+    const acc_t* sp = gate_ptr<acc_t>(S, x, g.B, g.P, acc, "S", ks);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (g.p_unit) {
+      apply_kernel<scalar_t, acc_t, true><<<grid, block, 0, stream>>>(xp, gp, sp, op, pl);
+    } else {
+      apply_kernel<scalar_t, acc_t, false><<<grid, block, 0, stream>>>(xp, gp, sp, op, pl);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// U[b, c] = Σ_p R·x·S[b, p] and V[b, p] = Σ_c R·x·G[b, c], in one read of x (and of R,
+// which must have x's strides). R, G, S absent = 1.
+std::tuple<at::Tensor, at::Tensor> gates_reduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& R,
+                                                     const std::optional<at::Tensor>& G,
+                                                     const std::optional<at::Tensor>& S) {
+  auto g = geometry(x, "gates_reduce");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_type(x);
+  const bool has_r = R.has_value() && R->defined();
+  if (has_r) {
+    TORCH_CHECK(R->device() == x.device() && R->sizes() == x.sizes() && R->strides() == x.strides() &&
+                    R->scalar_type() == x.scalar_type(),
+                "gates_reduce: R must match x in device, shape, strides and dtype; got ", R->device(), " ", R->sizes(),
+                " ", R->strides(), " ", R->scalar_type());
+  }
+  if (x.numel() == 0) {
+    return {at::zeros({g.B, g.C}, x.options().dtype(acc)), at::zeros({g.B, g.P}, x.options().dtype(acc))};
+  }
+  auto U = at::empty({g.B, g.C}, x.options().dtype(acc));
+  auto V = at::empty({g.B, g.P}, x.options().dtype(acc));
+  const Plane pl = plane(g);
+  const int cpt = pl.Li <= kWarp ? 1 : (pl.Li <= 2 * kWarp ? 2 : 4);
+  const int64_t chunks = (pl.Li + kWarp * cpt - 1) / (kWarp * cpt);
+  const int64_t splits = split_count(g.B * chunks, pl.Lo, int64_t(kRows) * 8, sm_count(x) * kBlocksPerSM);
+  const unsigned grid = grid_1d(g.B * chunks * splits, "gates_reduce");
+  at::Tensor row_part, col_part;
+  if (chunks > 1) row_part = at::empty({g.B * pl.Lo * chunks}, x.options().dtype(acc));
+  if (splits > 1) col_part = at::empty({g.B * splits * pl.Li}, x.options().dtype(acc));
+  // NCHW: rows are channels (row sums give U, column sums V); channels_last: the reverse.
+  at::Tensor& row_out = g.p_unit ? U : V;
+  at::Tensor& col_out = g.p_unit ? V : U;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor kg, ks;
+    const acc_t* gp = gate_ptr<acc_t>(G, x, g.B, g.C, acc, "G", kg);
+    const acc_t* sp = gate_ptr<acc_t>(S, x, g.B, g.P, acc, "S", ks);
+    const acc_t* rw = g.p_unit ? gp : sp;
+    const acc_t* cw = g.p_unit ? sp : gp;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = has_r ? R->const_data_ptr<scalar_t>() : nullptr;
+    acc_t* row = row_out.data_ptr<acc_t>();
+    acc_t* col = col_out.data_ptr<acc_t>();
+    acc_t* rpart = chunks > 1 ? row_part.data_ptr<acc_t>() : nullptr;
+    acc_t* cpart = splits > 1 ? col_part.data_ptr<acc_t>() : nullptr;
+    const dim3 block(kWarp, kRows);
+    if (cpt == 1) {
+      reduce_kernel<scalar_t, acc_t, 1><<<grid, block, 0, stream>>>(xp, rp, rw, cw, pl, chunks, splits, row, col, rpart, cpart);
+    } else if (cpt == 2) {
+      reduce_kernel<scalar_t, acc_t, 2><<<grid, block, 0, stream>>>(xp, rp, rw, cw, pl, chunks, splits, row, col, rpart, cpart);
+    } else {
+      reduce_kernel<scalar_t, acc_t, 4><<<grid, block, 0, stream>>>(xp, rp, rw, cw, pl, chunks, splits, row, col, rpart, cpart);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (chunks > 1 || splits > 1) {
+      const int64_t n = (chunks > 1 ? g.B * pl.Lo : 0) + (splits > 1 ? g.B * pl.Li : 0);
+      reduce_finish_kernel<acc_t><<<finish_blocks(n), 256, 0, stream>>>(rpart, cpart, pl, chunks, splits, row, col);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {U, V};
+}
+
+// dx = grad · G[b, c] · S[b, p] + Σ_k L[k, b, c] · Rk[k, b, p], in x's dtype and layout
+// (grad must have x's strides). L is (K, B, C), Rk is (K, B, P), K ≥ 0.
+at::Tensor gates_grad_x_cuda(const std::optional<at::Tensor>& grad, const at::Tensor& x,
+                             const std::optional<at::Tensor>& G, const std::optional<at::Tensor>& S,
+                             const at::Tensor& L, const at::Tensor& Rk) {
+  auto g = geometry(x, "gates_grad_x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_type(x);
+  const bool has_grad = grad.has_value() && grad->defined();
+  if (has_grad) {
+    TORCH_CHECK(grad->device() == x.device() && grad->sizes() == x.sizes() && grad->strides() == x.strides() &&
+                    grad->scalar_type() == x.scalar_type(),
+                "gates_grad_x: grad must match x in device, shape, strides and dtype; got ", grad->device(), " ",
+                grad->sizes(), " ", grad->strides(), " ", grad->scalar_type());
+  }
+  TORCH_CHECK(L.dim() == 3 && L.size(1) == g.B && L.size(2) == g.C && L.scalar_type() == acc && L.device() == x.device(),
+              "gates_grad_x: L must be (K, B, C) of ", acc, " on ", x.device(), ", got ", L.sizes(), " ",
+              L.scalar_type(), " on ", L.device());
+  TORCH_CHECK(Rk.dim() == 3 && Rk.size(0) == L.size(0) && Rk.size(1) == g.B && Rk.size(2) == g.P &&
+                  Rk.scalar_type() == acc && Rk.device() == x.device(),
+              "gates_grad_x: Rk must be (K, B, P) of ", acc, " on ", x.device(), ", got ", Rk.sizes(), " ",
+              Rk.scalar_type(), " on ", Rk.device());
+  const int64_t K = L.size(0);
+  auto Lc = L.contiguous();
+  auto Rc = Rk.contiguous();
+  auto dx = at::empty_like(x);
+  TORCH_CHECK(dx.strides() == x.strides(), "gates_grad_x: could not allocate dx in x's layout");
+  if (x.numel() == 0) return dx;
+  const Plane pl = plane(g);
+  const dim3 grid = elementwise_grid(pl), block(kWarp, kRows);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_grad_x", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor kg, ks;
+    const acc_t* gp = gate_ptr<acc_t>(G, x, g.B, g.C, acc, "G", kg);
+    const acc_t* sp = gate_ptr<acc_t>(S, x, g.B, g.P, acc, "S", ks);
+    const scalar_t* grp = has_grad ? grad->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* lp = K > 0 ? Lc.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* rp = K > 0 ? Rc.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    if (g.p_unit) {
+      grad_x_kernel<scalar_t, acc_t, true><<<grid, block, 0, stream>>>(grp, gp, sp, lp, rp, K, dp, pl);
+    } else {
+      grad_x_kernel<scalar_t, acc_t, false><<<grid, block, 0, stream>>>(grp, gp, sp, lp, rp, K, dp, pl);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
+}
+
+TORCH_LIBRARY_IMPL(disseg, CUDA, m) {
+  m.impl("gates_pool_hw", &gates_pool_hw_cuda);
+  m.impl("gates_pool_c", &gates_pool_c_cuda);
+  m.impl("gates_apply", &gates_apply_cuda);
+  m.impl("gates_reduce", &gates_reduce_cuda);
+  m.impl("gates_grad_x", &gates_grad_x_cuda);
+}
+
+}  // namespace disseg
