@@ -9,7 +9,7 @@
 # $OUT/log.txt; $OUT also receives (at most 8 files):
 #   log.txt          every stage's output and a summary table of the stages
 #   env.txt          GPU, driver, torch/triton/nvcc versions
-#   pytest.txt       the GPU tests' output (also in log.txt)
+#   pytest.txt       the GPU tests' output (also in log.txt); pytest_triton.txt: the Triton grid's
 #   results.md       every benchmark markdown table written during this run, concatenated
 #   results.tar.gz   every benchmark CSV and markdown file written during this run
 #
@@ -71,9 +71,15 @@ EOF
 }
 
 stage_tests() {
+  # $1: "gpu" = the tests written for a GPU (names or parameters with gpu/cuda: the CUDA
+  # backends, Triton on CUDA tensors at real sizes, the model on CUDA), 94 tests; "triton"
+  # = the interpreter-sized Triton grid run on the GPU (204 tests, each new specialisation
+  # compiles for 1-3 s, so it comes later, after the benchmarks).
   # Fixed Triton blocks in the tests (autotuning every shape of the grid would take minutes).
-  DISSEG_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q --maxfail=10 -p no:cacheprovider \
-    -k "(cuda or triton or gpu) and not cuda_compile" 2>&1 | tee "$OUT/pytest.txt" | tail -n 60
+  local expr="(gpu or cuda) and not cuda_compile" file="$OUT/pytest.txt"
+  if [ "${1:-gpu}" = "triton" ]; then expr="triton and not (gpu or cuda)"; file="$OUT/pytest_triton.txt"; fi
+  DISSEG_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q --maxfail=10 -p no:cacheprovider -k "$expr" 2>&1 \
+    | tee "$file" | tail -n 60
   return "${PIPESTATUS[0]}"
 }
 
@@ -87,7 +93,7 @@ GATES_COMPILE_SIZES="cbat:8x64x128x128,elat:8x64x256x256,cbat:8x1024x16x16"
 STAGES=(
   "env|15|stage_env"
   "build|240|stage_build"
-  "tests|200|stage_tests"
+  "tests|180|stage_tests gpu"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
   "bench_gates|120|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
@@ -102,6 +108,7 @@ STAGES=(
   "ddp_smoke|60|rm -rf /tmp/ddp_smoke; DISSEG_TRITON_AUTOTUNE=0 $PY -m torch.distributed.run --nproc_per_node=1 -m models.cli train --ddp --sync-bn --device cuda --encoder resnet18 --size 64 --synth-size 64 --synth-train 16 --synth-val 4 --batch-size 4 --epochs 1 --disp-bank 8 --no-progress --out /tmp/ddp_smoke"
   # (16384, 256) against eager and torch.compile, now with the CUDA backend too
   "bench_dispersive_bf16_vs_compile|60|$BENCH_D --dtype bfloat16 --repeats 3 --shapes 16384x256 --out-dir benchmarks/results/vs_compile"
+  "tests_triton|150|stage_tests triton"
   # the gates against torch.compile of the reference (one static graph per case, ~20 s each)
   "bench_gates_vs_compile|120|$PY -m benchmarks.bench_gates --device cuda --ops cbat,elat --repeats 10 --sizes $GATES_COMPILE_SIZES --out benchmarks/results/vs_compile"
   # both regimes up to N = 262,144 at D = 128 (eager where it fits; no compile: it would
