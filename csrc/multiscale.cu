@@ -288,7 +288,11 @@ at::Tensor multiscale_bwd_cuda(const at::Tensor& grad_out, int64_t c0, int64_t C
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Written in the final dtype when it is grad_out's (the usual case), else accumulated and cast.
   const bool direct = like.scalar_type() == grad_out.scalar_type();
-  auto gin = at::empty({B, C, Hi, Wi}, grad_out.options().dtype(direct ? grad_out.scalar_type() : acc).memory_format(fmt));
+  const auto opts = grad_out.options().dtype(direct ? grad_out.scalar_type() : acc);
+  // The strides the CPU kernel's .contiguous(fmt) of a fresh NCHW tensor gives (they differ
+  // from at::empty(fmt)'s only in size-1 dimensions).
+  auto gin = at::empty({B, C, Hi, Wi}, opts);
+  if (!gin.is_contiguous(fmt)) gin = at::empty({B, C, Hi, Wi}, opts.memory_format(fmt));
   if (gin.numel() == 0) return direct ? gin : gin.to(like.scalar_type());
   const Strides gs = strides_of(grad_out), is = strides_of(gin);
   const bool c_inner = gs.sC == 1 && C > 1;  // channels_last gradient: warps read along c
