@@ -29,9 +29,9 @@ FAMILIES: dict[str, frozenset[str]] = {
     "dispersive": frozenset({"reference", "cpu", "cuda", "triton"}),
     "dispersive_rows": frozenset({"reference", "cpu", "triton"}),  # row statistics (distributed.py, bank.py)
     "window_attention": frozenset({"reference", "cpu", "cuda", "triton"}),
-    "telu": frozenset({"reference", "cpu", "triton"}),
-    "gates": frozenset({"reference", "cpu", "triton"}),
-    "multiscale": frozenset({"reference", "cpu", "triton"}),
+    "telu": frozenset({"reference", "cpu", "cuda", "triton"}),
+    "gates": frozenset({"reference", "cpu", "cuda", "triton"}),
+    "multiscale": frozenset({"reference", "cpu", "cuda", "triton"}),
 }
 
 # The C++ operator that proves a family's compiled kernels are present in _C.

@@ -590,3 +590,235 @@ def test_triton_spatial_gate_kernels(hw, k, gated, bias):
     for got, leaf in ((dmean, lm), (dmax, lx), (dS0, lS0), (dcw, lw), (dcb, lb)):
         if leaf is not None:
             torch.testing.assert_close(got, grads[id(leaf)])
+
+
+# ------------------------------------------------ CUDA kernels (csrc/{gates,telu,multiscale}.cu)
+def _cuda_kernels_missing(family):
+    """Why backend="cuda" cannot run ``family`` here (None: it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    return _backend.unavailable_reason(family, "cuda", torch.device("cuda"))
+
+
+def requires_cuda_kernels(family):
+    reason = _cuda_kernels_missing(family)
+    return pytest.mark.skipif(reason is not None, reason=f"CUDA {family} kernels (csrc/{family}.cu) unavailable: {reason}")
+
+
+@pytest.fixture
+def _no_tf32(monkeypatch):
+    """The reference's 7×7 convs and MLPs in true float32 (TF32 would dominate the error)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@requires_cuda
+@requires_cuda_kernels("gates")
+@pytest.mark.parametrize("name", list(MODULES))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_gate_modules_match_reference(_no_tf32, name, channels_last):
+    """backend="cuda": values and all gradients (x and every parameter) equal the eager
+    formula on odd shapes (C = 3, 17, 129; H ≠ W; sizes off the 32-wide tiles) and a
+    model-like one whose reductions are split on a real GPU, both layouts; out keeps x's layout."""
+    for shape in [(2, 3, 5, 7), (2, 17, 9, 6), (1, 129, 4, 11), (4, 64, 48, 40)]:
+        torch.manual_seed(31)
+        module = MODULES[name](shape[1], backend="cuda").cuda()
+        x = torch.randn(shape, device="cuda")
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        y = _compare(module, x, torch.randn(shape, device="cuda"), atol=5e-5, rtol=1e-4)
+        assert y.stride() == x.stride()
+
+
+@requires_cuda
+@requires_cuda_kernels("gates")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_gate_kernels_match_cpu_kernels(layout, dtype):
+    """Each CUDA op against the C++ CPU op on the same data: pools (with ties, so the first
+    arg-max must agree exactly), apply, reduce (with R and both gates), grad_x (K = 0, 1, 3
+    terms, grad absent). Shapes chosen so that every grid path runs on a real GPU: few rows
+    with long reductions (split, combined by a second launch) and many short rows."""
+    E = torch.ops.disseg
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # Sums of up to ~5000 terms in another order: absolute tolerance for the reduce sums.
+    atol, rtol = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-3, 1e-5), torch.bfloat16: (2e-2, 1e-2)}[dtype]
+    for b, c, h, w in [(2, 3, 64, 72), (2, 1024, 8, 8), (3, 17, 9, 6), (1, 300, 1, 37), (2, 1, 1, 1)]:
+        g = torch.Generator().manual_seed(b * c + h)
+        base = torch.randint(-3, 4, (b, c + 2, h, w), generator=g).to(dtype)
+        if layout == "channel_slice":
+            x, xd = base[:, 1 : 1 + c], base.cuda()[:, 1 : 1 + c]  # a strided view on both devices
+        else:
+            x = base[:, :c].clone(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+            xd = x.cuda()  # dense: keeps the strides
+        assert xd.stride() == x.stride()
+        G = torch.rand(b, c, generator=g, dtype=acc) + 0.5
+        S = torch.rand(b, h * w, generator=g, dtype=acc) + 0.5
+
+        def both(op, *args):
+            cpu = getattr(E, op)(*args)
+            dev = getattr(E, op)(*[xd if a is x else (a.cuda() if isinstance(a, torch.Tensor) else a) for a in args])
+            cpu, dev = (cpu, dev) if isinstance(cpu, (tuple, list)) else ((cpu,), (dev,))
+            for u, v in zip(cpu, dev):
+                if u.dtype == torch.long:
+                    assert torch.equal(u, v.cpu()), (op, (b, c, h, w))
+                else:
+                    torch.testing.assert_close(v.cpu(), u, atol=atol, rtol=rtol, msg=lambda m: f"{op} {(b, c, h, w)}: {m}")
+            return dev
+
+        for gate in (None, S):
+            both("gates_pool_hw", x, gate)
+        for gate in (None, G):
+            both("gates_pool_c", x, gate)
+        if layout == "channel_slice":
+            continue  # apply, reduce and grad_x take the engine's dense x
+        for gg, ss in ((None, None), (G, None), (None, S), (G, S)):
+            assert both("gates_apply", x, gg, ss)[0].stride() == x.stride()
+        R = torch.empty_like(x).copy_(torch.randn(x.shape, generator=g))  # x's strides, as the engine passes it
+        for rr, gg, ss in ((None, None, None), (R, G, S), (R, None, S), (None, G, None)):
+            both("gates_reduce", x, rr, gg, ss)
+        L = torch.randn(3, b, c, generator=g, dtype=acc)
+        Rk = torch.randn(3, b, h * w, generator=g, dtype=acc)
+        for gr, gg, ss, k in ((R, G, S, 3), (None, None, None, 3), (R, None, S, 0), (R, G, None, 1)):
+            assert both("gates_grad_x", gr, x, gg, ss, L[:k], Rk[:k])[0].stride() == x.stride()
+
+
+@requires_cuda
+@requires_cuda_kernels("gates")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,channels_last", [("cbat", False), ("cbat", True), ("elat", False), ("elat", True)])
+def test_cuda_gates_half_within_eager_error(_no_tf32, dtype, name, channels_last):
+    """bf16/fp16 on backend="cuda": the error against float32 is at most 2× eager's own."""
+    torch.manual_seed(32)
+    shape = (2, 17, 12, 10)
+    module = MODULES[name](17, backend="cuda").cuda()
+    x32 = torch.randn(shape, device="cuda")
+    if channels_last:
+        x32 = x32.to(memory_format=torch.channels_last)
+    go32 = torch.randn(shape, device="cuda")
+    ref_y, ref_gx, _ = _run(_set_fused(module, False), x32, go32)
+    half = MODULES[name](17, backend="cuda").cuda().to(dtype)
+    half.load_state_dict({k: v.to(dtype) for k, v in module.state_dict().items()})
+    eager_y, eager_gx, _ = _run(_set_fused(half, False), x32.to(dtype), go32.to(dtype))
+    fused_y, fused_gx, _ = _run(_set_fused(half, True), x32.to(dtype), go32.to(dtype))
+    assert fused_y.dtype == dtype and fused_gx.dtype == dtype
+    for fused, eager, ref in ((fused_y, eager_y, ref_y), (fused_gx, eager_gx, ref_gx)):
+        e_fused = (fused.float() - ref).abs().max().item()
+        e_eager = (eager.float() - ref).abs().max().item()
+        assert e_fused <= 2 * e_eager + 1e-3, (e_fused, e_eager)
+
+
+@requires_cuda
+@requires_cuda_kernels("gates")
+@pytest.mark.parametrize("name", ["cbat", "elat"])
+def test_cuda_gates_gradcheck_float64_and_opcheck(name):
+    """float64 gradcheck of backend="cuda" w.r.t. x and every parameter, and
+    torch.library.opcheck of disseg::gates_fwd / gates_bwd on CUDA tensors."""
+    from disseg_kernels.ops import gates as og
+
+    torch.manual_seed(33)
+    module = MODULES[name](5, backend="cuda").cuda().double()
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    params = list(module.parameters())
+    names = [n for n, _ in module.named_parameters()]
+
+    def f(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(module, dict(zip(names, ps))):
+            return module(x)
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, fast_mode=True)
+    m32 = MODULES[name](6, backend="cuda").cuda()
+    x32 = torch.randn(2, 6, 5, 4, device="cuda", requires_grad=True)
+    ps = [p.detach().requires_grad_() for p in m32._params()]
+    torch.library.opcheck(og._gates_fwd, (x32, ps, name, "cuda"))
+    out, saved = og._gates_fwd(x32.detach(), [p.detach() for p in ps], name, "cuda")
+    torch.library.opcheck(og._gates_bwd, (torch.randn_like(out), x32.detach(), [p.detach() for p in ps], saved, name, "cuda"))
+
+
+@requires_cuda
+@requires_cuda_kernels("telu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cuda_telu_matches_reference(dtype):
+    """backend="cuda": values and gradients against the eager formula (|x| ≤ 12, where it
+    has no NaN) in both layouts, on sizes with a tail after the 16-byte vectors and on a
+    misaligned view (the one-element path); extremes finite with the right limits."""
+    torch.manual_seed(34)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for shape, cl in [((3, 5, 7, 9), False), ((3, 5, 7, 9), True), ((4099,), False)]:
+        base = (torch.rand(shape, device="cuda", dtype=torch.float64) * 24 - 12).to(dtype)
+        if cl:
+            base = base.to(memory_format=torch.channels_last)
+        views = [base] + ([base.view(-1)[1:]] if len(shape) == 1 else [])
+        for x in views:
+            x = x.detach().requires_grad_()
+            go = torch.randn_like(x)
+            y = dk.telu(x, backend="cuda")
+            (g,) = torch.autograd.grad(y, x, go)
+            xd = x.detach().double().requires_grad_()
+            yr = telu_reference(xd)
+            (gr,) = torch.autograd.grad(yr, xd, go.double())
+            torch.testing.assert_close(y.double(), yr.to(dtype).double(), atol=tol, rtol=tol)
+            torch.testing.assert_close(g.double(), gr, atol=tol, rtol=tol)
+            assert y.stride() == x.stride() and g.stride() == x.stride()
+    ext = torch.tensor(EXTREME, dtype=dtype, device="cuda", requires_grad=True)
+    y = dk.telu(ext, backend="cuda")
+    (g,) = torch.autograd.grad(y.sum(), ext)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    assert g[-4:].eq(1).all() and y[-4:].eq(ext[-4:]).all()
+
+
+@requires_cuda
+@requires_cuda_kernels("telu")
+def test_cuda_telu_same_bits_as_cpu_kernel_and_opcheck():
+    """The CUDA and C++ kernels share one formulation: float32 results agree to a few ulps
+    (expf vs SLEEF), float64 to rounding; opcheck on CUDA tensors."""
+    from disseg_kernels.ops import telu as t
+
+    x = torch.randn(10007, dtype=torch.float64) * 6
+    for dtype, tol in ((torch.float32, 2e-6), (torch.float64, 1e-13)):
+        xc = x.to(dtype)
+        torch.testing.assert_close(dk.telu(xc.cuda(), backend="cuda").cpu(), dk.telu(xc, backend="cpu"), atol=tol, rtol=tol)
+    torch.library.opcheck(t._telu_op, (torch.randn(3, 4, device="cuda", requires_grad=True), "cuda"))
+    torch.library.opcheck(t._telu_backward_op, (torch.randn(3, 4, device="cuda"), torch.randn(3, 4, device="cuda"), "cuda"))
+
+
+@requires_cuda
+@requires_cuda_kernels("multiscale")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_multiscale_matches_reference(dtype, channels_last):
+    """backend="cuda": values and input gradients equal cat(F.interpolate(...,
+    align_corners=True)) for factors 1, 2, 4, 8 and 16 on odd sizes (a 1×1 input too), both
+    layouts; the output takes the first input's layout, each gradient its input's."""
+    torch.manual_seed(35)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for shapes, scales in [([(2, 3, 24, 16), (2, 5, 12, 8), (2, 1, 6, 4), (2, 2, 3, 2)], [1, 2, 4, 8]),
+                           ([(1, 33, 16, 16), (1, 3, 1, 1), (1, 7, 2, 2)], [1, 16, 8])]:
+        ts = [torch.randn(s, device="cuda", dtype=dtype) for s in shapes]
+        if channels_last:
+            ts = [t.to(memory_format=torch.channels_last) for t in ts]
+        ts = [t.requires_grad_() for t in ts]
+        y = dk.multiscale_concat(ts, scales, backend="cuda")
+        go = torch.randn_like(y)
+        g = torch.autograd.grad(y, ts, go)
+        t64 = [t.detach().double().requires_grad_() for t in ts]
+        yr = multiscale_concat_reference(t64, scales)
+        gr = torch.autograd.grad(yr, t64, go.double())
+        torch.testing.assert_close(y.double(), yr, atol=tol, rtol=tol)
+        for a, b, t in zip(g, gr, ts):
+            torch.testing.assert_close(a.double(), b, atol=tol * 10, rtol=tol)
+            assert a.dtype == t.dtype and a.shape == t.shape
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@requires_cuda
+@requires_cuda_kernels("multiscale")
+def test_cuda_multiscale_gradcheck_and_opcheck():
+    """float64 gradcheck of backend="cuda" and opcheck of disseg::multiscale_concat on CUDA."""
+    from disseg_kernels.ops import multiscale as m
+
+    ts = [torch.randn(1, 2, 6, 4, dtype=torch.float64, device="cuda", requires_grad=True),
+          torch.randn(1, 3, 3, 2, dtype=torch.float64, device="cuda", requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda a, b: dk.multiscale_concat([a, b], [1, 2], backend="cuda"), ts)
+    ts32 = [t.detach().float().requires_grad_() for t in ts]
+    torch.library.opcheck(m._multiscale_op, (ts32, [1, 2], "cuda"))

@@ -70,6 +70,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 class _CpuKernels:
+    """The C++ ops (csrc/gates.cpp on CPU tensors, csrc/gates.cu on CUDA tensors: one
+    schema, dispatched on the device) with the small gather/scatter work in torch."""
+
     @staticmethod
     def pool_hw(x, S):
         return torch.ops.disseg.gates_pool_hw(x, S)
@@ -136,7 +139,7 @@ class _CpuKernels:
 
 
 def _kernels(backend: str):
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):  # csrc/gates.cpp, csrc/gates.cu: the same ops, dispatched on the device
         return _CpuKernels
     if backend == "triton":
         from ..triton import gates as triton_gates

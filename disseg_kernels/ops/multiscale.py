@@ -59,7 +59,7 @@ def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], ba
 
 
 def _run_fwd(tensors, scales, backend):
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):  # csrc/multiscale.cpp, csrc/multiscale.cu: one op, dispatched on the device
         return torch.ops.disseg.multiscale_fwd(tensors, scales)
     if backend == "triton":
         from ..triton.multiscale import multiscale_fwd_triton
@@ -71,7 +71,7 @@ def _run_fwd(tensors, scales, backend):
 def _run_bwd(grad, c0, t, scale, backend):
     if scale == 1:
         return grad[:, c0 : c0 + t.shape[1]].clone(memory_format=torch.preserve_format)
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         return torch.ops.disseg.multiscale_bwd(grad, c0, t.shape[1], t.shape[2], t.shape[3], t)
     if backend == "triton":
         from ..triton.multiscale import multiscale_bwd_triton

@@ -33,7 +33,7 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 def _run_fwd(x, backend):
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):  # csrc/telu.cpp, csrc/telu.cu: one op, dispatched on the device
         return torch.ops.disseg.telu_fwd(x)
     if backend == "triton":
         from ..triton.telu import telu_fwd_triton
@@ -43,7 +43,7 @@ def _run_fwd(x, backend):
 
 
 def _run_bwd(grad, x, backend):
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         return torch.ops.disseg.telu_bwd(grad, x)
     if backend == "triton":
         from ..triton.telu import telu_bwd_triton
