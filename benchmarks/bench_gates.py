@@ -24,6 +24,10 @@ one forward+backward (torch.profiler) and ``floor_ms`` the time the op's minimum
 fwd+bwd whose ``gpu_ms`` is far below its wall time is bound by host-side launches;
 ``--graphs`` adds fused and eager captured as CUDA graphs (no host work per call).
 
+On CUDA, when the extension was built with its CUDA kernels, a ``fused_cuda`` row (and
+``fused_cuda_graph`` with ``--graphs``) times backend="cuda" (csrc/*.cu) next to ``fused``
+(backend "auto": Triton first).
+
 Writes benchmarks/results/gates_<device>_<date>.csv and .md; ``main(argv)`` is importable.
 """
 
@@ -141,17 +145,29 @@ QUICK = [
     ("telu", 2, 64, 128, 128), ("multiscale", 2, 64, 64, 64),
 ]
 MODULES = {
-    "ca": lambda c, fused: dk.ChannelAttention(c, fused=fused),
-    "sa": lambda c, fused: dk.SpatialAttention(fused=fused),
-    "cbam": lambda c, fused: dk.CBAM(c, fused=fused),
-    "cbat": lambda c, fused: dk.CBATGates(c, fused=fused),
-    "elat": lambda c, fused: dk.ELAT(c, fused=fused),
-    "telu": lambda c, fused: dk.TeLU(fused=fused),
+    "ca": lambda c, fused, backend="auto": dk.ChannelAttention(c, fused=fused, backend=backend),
+    "sa": lambda c, fused, backend="auto": dk.SpatialAttention(fused=fused, backend=backend),
+    "cbam": lambda c, fused, backend="auto": dk.CBAM(c, fused=fused, backend=backend),
+    "cbat": lambda c, fused, backend="auto": dk.CBATGates(c, fused=fused, backend=backend),
+    "elat": lambda c, fused, backend="auto": dk.ELAT(c, fused=fused, backend=backend),
+    "telu": lambda c, fused, backend="auto": dk.TeLU(fused=fused, backend=backend),
 }
 
 
-def _make_case(op, b, c, h, w, device, dtype, fused):
-    """(fn, inputs): fn(*inputs) → output; inputs require grad."""
+def _family(op):
+    return op if op in ("telu", "multiscale") else "gates"
+
+
+def cuda_backend_available(op) -> bool:
+    """Whether the CUDA kernels of csrc/<family>.cu can run op here (built, and a GPU)."""
+    from disseg_kernels import _backend
+
+    return torch.cuda.is_available() and _backend.unavailable_reason(_family(op), "cuda", torch.device("cuda")) is None
+
+
+def _make_case(op, b, c, h, w, device, dtype, fused, backend="auto"):
+    """(fn, inputs): fn(*inputs) → output; inputs require grad. ``backend`` picks the fused
+    path ("auto": Triton first on CUDA; "cuda": the kernels of csrc/*.cu)."""
     if op == "multiscale":
         # The output block's 1×, 2×, 4× fusion: c/4 + c/4 + c/2 channels to c.
         xs = [
@@ -160,9 +176,9 @@ def _make_case(op, b, c, h, w, device, dtype, fused):
             torch.randn(b, c // 2, h // 4, w // 4, device=device, dtype=dtype),
         ]
         xs = [t.requires_grad_() for t in xs]
-        backend = "auto" if fused else "reference"
+        backend = backend if fused else "reference"
         return (lambda *ts: dk.multiscale_concat(list(ts), [1, 2, 4], backend=backend)), xs
-    module = MODULES[op](c, fused).to(device=device, dtype=dtype)
+    module = MODULES[op](c, fused, backend).to(device=device, dtype=dtype)
     x = torch.randn(b, c, h, w, device=device, dtype=dtype, requires_grad=True)
     return module, [x]
 
@@ -473,11 +489,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for op, b, c, h, w in cases:
         torch.manual_seed(0)
         variants = [("fused", True), ("eager", False)] + ([] if args.no_compile else [("compile", False)])
+        # The CUDA kernels of csrc/*.cu next to "fused" ("auto": Triton first on CUDA).
+        with_cuda = device == "cuda" and cuda_backend_available(op)
+        if with_cuda:
+            variants.insert(1, ("fused_cuda", True))
         if args.graphs and device == "cuda" and op != "multiscale":
-            variants += [("fused_graph", True), ("eager_graph", False)]
+            variants += [("fused_graph", True), ("eager_graph", False)] + ([("fused_cuda_graph", True)] if with_cuda else [])
         res = {}
         for name, fused in variants:
-            fn, inputs = _make_case(op, b, c, h, w, device, dtype, fused)
+            fn, inputs = _make_case(op, b, c, h, w, device, dtype, fused, "cuda" if name.startswith("fused_cuda") else "auto")
             in_bytes = sum(t.numel() * t.element_size() for t in inputs)
             sb = saved_bytes(fn, inputs)
             if name == "compile":
@@ -502,7 +522,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name in res:
             res[name]["speedup_vs_eager"] = res["eager"]["fwdbwd_ms"] / res[name]["fwdbwd_ms"]
         for n, r in res.items():
-            line = (f"{op:5s} {b}x{c}x{h}x{w:<4d} {n:7s} fwd {r['fwd_ms']:7.3f} bwd {r['bwd_ms']:7.3f} fwd+bwd {r['fwdbwd_ms']:7.3f} ms"
+            line = (f"{op:5s} {b}x{c}x{h}x{w:<4d} {n:10s} fwd {r['fwd_ms']:7.3f} bwd {r['bwd_ms']:7.3f} fwd+bwd {r['fwdbwd_ms']:7.3f} ms"
                     f" ({r['speedup_vs_eager']:5.2f}x eager) saved {r['saved_x']:.2f}x in, peak {r['peak_mb']:.0f} MB")
             if device == "cuda":
                 line += f" | kernels {r['gpu_ms']:.3f} ms = {r['gpu_over_floor']:.2f}x floor {r['floor_ms']:.3f} ms"
