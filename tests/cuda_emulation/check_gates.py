@@ -1,0 +1,78 @@
+import os, sys, itertools, time
+import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import disseg_kernels
+from build import build
+build(["gates"])
+E, C = torch.ops.disseg_emu, torch.ops.disseg
+
+def acc(dt): return torch.float64 if dt == torch.float64 else torch.float32
+
+def close(a, b, what):
+    if a.dtype == torch.long:
+        assert torch.equal(a, b), (what, (a != b).sum().item(), a.flatten()[:20], b.flatten()[:20])
+    else:
+        tol = 1e-12 if a.dtype == torch.float64 else 2e-5
+        if a.dtype in (torch.float16, torch.bfloat16): tol = 1e-2
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+def check(shape, cl, dt, ties=False, sms="4", K=2):
+    os.environ["DISSEG_EMU_SMS"] = sms
+    B, Cc, H, W = shape
+    P = H * W
+    if ties:
+        x = torch.randint(-2, 3, shape).to(dt)
+    else:
+        x = torch.randn(shape).to(dt)
+    if cl == "cl": x = x.to(memory_format=torch.channels_last)
+    elif cl == "slice":
+        x = torch.randn(B, Cc + 3, H, W).to(dt)[:, 2:2 + Cc]
+    a = acc(dt)
+    G = torch.rand(B, Cc, dtype=a) + 0.1
+    S = torch.rand(B, H, W, dtype=a) + 0.1
+    tag = f"{shape} {cl} {dt} ties={ties} sms={sms}"
+    for gate in (None, S):
+        for e, c, n in zip(E.gates_pool_hw(x, gate), C.gates_pool_hw(x, gate), "mean max idx".split()):
+            close(e, c, f"pool_hw {n} gate={gate is not None} {tag}")
+    for gate in (None, G):
+        for e, c, n in zip(E.gates_pool_c(x, gate), C.gates_pool_c(x, gate), "mean max idx".split()):
+            close(e, c, f"pool_c {n} gate={gate is not None} {tag}")
+    if cl == "slice":
+        return
+    for g_, s_ in ((None, None), (G, None), (None, S), (G, S)):
+        close(E.gates_apply(x, g_, s_), C.gates_apply(x, g_, s_), f"apply {g_ is not None} {s_ is not None} {tag}")
+        assert E.gates_apply(x, g_, s_).stride() == x.stride()
+    R = torch.randn(shape).to(dt)
+    if cl == "cl": R = R.to(memory_format=torch.channels_last)
+    for r_, g_, s_ in ((None, None, None), (R, G, S), (R, None, S), (None, G, None)):
+        for e, c, n in zip(E.gates_reduce(x, r_, g_, s_), C.gates_reduce(x, r_, g_, s_), "UV"):
+            close(e, c, f"reduce {n} {r_ is not None} {g_ is not None} {s_ is not None} {tag}")
+    L = torch.randn(K, B, Cc, dtype=a); Rk = torch.randn(K, B, P, dtype=a)
+    for gr, g_, s_, k in ((R, G, S, K), (None, None, None, K), (R, None, S, 0), (R, G, None, 1)):
+        e = E.gates_grad_x(gr, x, g_, s_, L[:k], Rk[:k]); c = C.gates_grad_x(gr, x, g_, s_, L[:k], Rk[:k])
+        close(e, c, f"grad_x {gr is not None} {k} {tag}")
+        assert e.stride() == x.stride()
+
+t0 = time.time()
+shapes = [(2, 3, 5, 7), (2, 17, 9, 6), (1, 129, 4, 11), (1, 2, 40, 36), (2, 300, 2, 3), (1, 1, 1, 1), (2, 5, 1, 1), (1, 1, 3, 4), (3, 40, 1, 37)]
+for shape in shapes:
+    for cl in ("nchw", "cl", "slice"):
+        check(shape, cl, torch.float32)
+        check(shape, cl, torch.float32, ties=True, sms="64")
+    print(shape, "ok", round(time.time() - t0, 1), flush=True)
+for dt in (torch.float64, torch.bfloat16, torch.float16):
+    for cl in ("nchw", "cl"):
+        check((2, 17, 9, 6), cl, dt)
+        check((1, 2, 40, 36), cl, dt, ties=True, sms="64")
+print("dtypes ok", round(time.time() - t0, 1))
+# all -inf / NaN rows
+x = torch.full((1, 3, 2, 2), float("-inf"))
+for cl in (False, True):
+    xx = x.to(memory_format=torch.channels_last) if cl else x
+    for e, c in zip(E.gates_pool_hw(xx, None), C.gates_pool_hw(xx, None)): close(e, c, f"-inf hw {cl}")
+    for e, c in zip(E.gates_pool_c(xx, None), C.gates_pool_c(xx, None)): close(e, c, f"-inf c {cl}")
+# empty
+x = torch.randn(2, 0, 3, 3)
+print([t.shape for t in E.gates_pool_hw(x, None)], [t.shape for t in E.gates_reduce(x, None, None, None)])
+print("gates ok", round(time.time() - t0, 1))
