@@ -12,6 +12,11 @@ reports TFLOP/s on the 4·N²·D basis and the fraction of the device's measured
 in the same dtype (issue 2's bar: ≥ 60 % at N ≥ 16,384). Configurations that do not fit
 (out of shared memory or registers) are listed as failed, with the reason.
 
+``--compile-check defaults|all`` needs no GPU: it compiles the kernel for sm_90 with
+Triton's bundled ptxas, for the fixed default blocks or the whole autotune list, and
+prints each variant's registers, local-memory stack (spills) and wgmma count from
+``cuobjdump`` (tests/test_dispersive_triton.py checks that the defaults do not spill).
+
 Writes benchmarks/results/dispersive_tiles_<device>_<date>_<dtype>.csv and .md.
 ``--budget-s`` stops the sweep early (the GPU script's stage limit) and still writes what
 was measured.
@@ -32,7 +37,7 @@ from benchmarks.bench_dispersive import _median_ms, _parse_shapes, machine_name,
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["N", "D", "dtype", "config", "splits", "lazy", "ms", "tflops", "pct_matmul", "note"]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
 def _parse_ints(text: str, name: str) -> list[int]:
@@ -53,11 +58,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=0.0, help="stop the sweep after this long (0: no limit)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, one configuration (CPU interpreter smoke run)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--compile-check", choices=["defaults", "all"],
+                   help="compile for sm_90 without a GPU and report registers and spills, then exit")
     return p
+
+
+CHECK_WIDTHS = (64, 128, 256, 512)  # one D per branch of the autotune list
+
+
+def compile_check(which: str, dtypes=("bfloat16",)) -> list[dict]:
+    """Compile the row kernel (infonce_l2, gradient on) for sm_90 for each D of
+    CHECK_WIDTHS and each block config (the fixed default, or the autotune list), and read
+    registers / stack bytes / HGMMA count from the cubin. Needs a process without
+    TRITON_INTERPRET; returns [] (and says SKIP) where the compiler or cuobjdump is absent."""
+    import re
+    import subprocess
+    import tempfile
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("--compile-check: unset TRITON_INTERPRET (the interpreter has no compiler)")
+    import triton
+
+    try:
+        import triton.backends.nvidia as nv
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+    except ImportError as exc:
+        print(f"SKIP: no Triton ahead-of-time compiler ({exc})")
+        return []
+    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    if not os.access(cuobjdump, os.X_OK):
+        print(f"SKIP: Triton's bundled cuobjdump is missing ({cuobjdump})")
+        return []
+    from disseg_kernels.triton import dispersive as tdisp
+
+    fn = tdisp._dispersive_rows_kernel
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    ptr_types = {"Z": None, "SQN": "*fp32", "RINV": "*fp32", "PROJ": "*fp32", "OUT": "*fp32", "M_OUT": "*fp32",
+                 "S_OUT": "*fp32", "PARAMS": "*fp32"}
+    rows = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        acc, gram_prec, pv_dtype, pv_prec = tdisp._dot_settings(dtype)
+        for d in CHECK_WIDTHS:
+            d_pad = max(16, triton.next_power_of_2(d))
+            single = d_pad <= tdisp._MAX_DO
+            if which == "defaults":
+                cfgs = [tdisp._rows_configs(d_pad)[0]]
+            else:
+                cfgs = tdisp._rows_configs(d_pad)
+            for c in cfgs:
+                sig, attrs = {}, {}
+                for i, name in enumerate(fn.arg_names):
+                    if name in ptr_types:
+                        sig[name] = ptr_types[name] or {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64"}[dtype_name]
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                    elif name in ("N", "D", "COL_CHUNK", "N_BUCKET"):
+                        sig[name] = "i32"
+                        attrs[(i,)] = [["tt.divisibility", 16]]  # what a launch with N, D % 16 == 0 gets
+                consts = dict(VARIANT=0, INCLUDE_DIAG=False, NEED_GRAD=True, SINGLE_K=single, DIRECT_D=0,
+                              BLOCK_K=d_pad if single else 64, BLOCK_DO=min(d_pad, tdisp._MAX_DO), ACC=acc,
+                              GRAM_PREC=gram_prec, PV_DTYPE=pv_dtype, PV_PREC=pv_prec, TF32_ROUND=pv_prec == "tf32",
+                              UPCAST=False, LAZY=False, **c.kwargs)
+                sig.update({k: "constexpr" for k in consts})
+                label = "{BLOCK_M}x{BLOCK_N} w{w} s{s}".format(w=c.num_warps, s=c.num_stages, **c.kwargs)
+                row = {"dtype": dtype_name, "D": d, "config": label}
+                try:
+                    opts = backend.parse_options({"num_warps": c.num_warps, "num_stages": c.num_stages})
+                    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                                       options=opts.__dict__)
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(k.asm["cubin"])
+                        f.flush()
+                        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+                        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+                    row["regs"] = int(re.search(r"REG:(\d+)", res).group(1))
+                    row["stack"] = int(re.search(r"STACK:(\d+)", res).group(1))
+                    row["hgmma"] = len(re.findall(r"HGMMA", sass))
+                except Exception as exc:  # noqa: BLE001 - report every variant
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                rows.append(row)
+                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    bad = [r for r in rows if "error" in r]
+    print(f"{len(rows)} variants compiled for sm_90; failures: {len(bad)}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    if args.compile_check:
+        return compile_check(args.compile_check, (args.dtype,))
     device = args.device
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")

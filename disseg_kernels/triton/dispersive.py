@@ -385,14 +385,22 @@ def _dispersive_rows_kernel(
 
 
 def _rows_configs(d_pad: int) -> list[triton.Config]:
-    """A short autotune list (each shape tunes once: keep it cheap)."""
+    """A short autotune list (each shape tunes once: keep it cheap).
+
+    (BLOCK_M, BLOCK_N, warps, stages), chosen from sm_90 compiles of bf16 kernels
+    (``python -m benchmarks.bench_dispersive_tiles --compile-check all``): every entry
+    keeps the accumulator, the Gram tile and Z_I in registers without spilling, or
+    spills under 64 bytes per thread. Larger tiles spilled hundreds of bytes (D = 256:
+    (64, 64) with 4 warps 312 B, (128, 64) 352 B).
+    """
     if d_pad <= 64:
-        shapes = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)]
+        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)]
     elif d_pad <= 128:
-        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-                  (64, 128, 4, 3)]
-    else:  # 256-wide output chunk (or the split-D loop)
-        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)]
+        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3)]
+    elif d_pad <= _MAX_DO:  # one 256-wide chunk: the accumulator alone is 64 fp32 per thread
+        shapes = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2)]
+    else:  # the split-D loop, 256-wide output chunks
+        shapes = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 128, 8, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -410,12 +418,11 @@ def _tuned_rows_kernel(d_pad: int):
 
 def _default_rows_config(d_pad: int) -> dict:
     """Fixed blocks: the interpreter (64-wide, ~0.1 s per call at N <= 512) and
-    DISSEG_TRITON_AUTOTUNE=0."""
+    DISSEG_TRITON_AUTOTUNE=0 (the first, spill-free entry of the autotune list)."""
     if _interpret():
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    if d_pad <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    c = _rows_configs(d_pad)[0]
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 # Column splits: a split handles a multiple of this many columns (every BLOCK_N divides it).
