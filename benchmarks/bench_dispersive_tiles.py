@@ -103,11 +103,11 @@ def compile_check(which: str, dtypes=("bfloat16",)) -> list[dict]:
         acc, gram_prec, pv_dtype, pv_prec = tdisp._dot_settings(dtype)
         for d in CHECK_WIDTHS:
             d_pad = max(16, triton.next_power_of_2(d))
-            single = d_pad <= tdisp._MAX_DO
+            fma = tdisp._fma_layout(dtype)
+            single, block_k, block_do = tdisp._layout(d_pad, fma)
+            cfgs = tdisp._rows_configs(d_pad, fma)
             if which == "defaults":
-                cfgs = [tdisp._rows_configs(d_pad)[0]]
-            else:
-                cfgs = tdisp._rows_configs(d_pad)
+                cfgs = cfgs[:1]
             for c in cfgs:
                 sig, attrs = {}, {}
                 for i, name in enumerate(fn.arg_names):
@@ -118,7 +118,7 @@ def compile_check(which: str, dtypes=("bfloat16",)) -> list[dict]:
                         sig[name] = "i32"
                         attrs[(i,)] = [["tt.divisibility", 16]]  # what a launch with N, D % 16 == 0 gets
                 consts = dict(VARIANT=0, INCLUDE_DIAG=False, NEED_GRAD=True, SINGLE_K=single, DIRECT_D=0,
-                              BLOCK_K=d_pad if single else 64, BLOCK_DO=min(d_pad, tdisp._MAX_DO), ACC=acc,
+                              BLOCK_K=block_k, BLOCK_DO=block_do, ACC=acc,
                               GRAM_PREC=gram_prec, PV_DTYPE=pv_dtype, PV_PREC=pv_prec, TF32_ROUND=pv_prec == "tf32",
                               UPCAST=False, LAZY=False, **c.kwargs)
                 sig.update({k: "constexpr" for k in consts})
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.quick:
             configs.append({"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
         else:
-            configs += [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tdisp._rows_configs(d_pad)]
+            configs += [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                        for c in tdisp._rows_configs(d_pad, tdisp._fma_layout(dtype))]
         flops = 4.0 * n * n * d
         for cfg in configs:
             for splits in ([0] if cfg is None else splits_list):

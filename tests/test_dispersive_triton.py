@@ -11,6 +11,7 @@ sizes (tests/conftest.py sets it).
 from __future__ import annotations
 
 import itertools
+import os
 import math
 
 import pytest
@@ -197,7 +198,7 @@ def test_tile_sweep_benchmark_runs(tmp_path):
 def test_autotuned_launch(monkeypatch):
     """The autotuned launch (the GPU default) passes the same arguments as the fixed one."""
     one = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    monkeypatch.setattr(tdisp, "_rows_configs", lambda d_pad: one)
+    monkeypatch.setattr(tdisp, "_rows_configs", lambda d_pad, fma=False: one)
     monkeypatch.setattr(tdisp, "_TUNED", {})
     z = _z(70, 24, seed=7)
     a, ga = tdisp.dispersive_fused_triton(z, 2, 0.5, 1.0, False, False, True, _path="rows", _autotune=True)
@@ -230,7 +231,35 @@ def test_block_choice_covers_every_width():
     for d in itertools.chain(range(1, 40), [63, 64, 65, 255, 256, 257, 1000, 262144]):
         d_pad = max(16, triton.next_power_of_2(d))
         assert d_pad >= d and d_pad >= 16
-        assert tdisp._rows_configs(d_pad)
+        assert tdisp._rows_configs(d_pad) and tdisp._rows_configs(d_pad, fma=True)
+        for fma in (False, True):
+            single, block_k, block_do = tdisp._layout(d_pad, fma)
+            assert block_k >= 16 and block_do >= 16 and (not single or block_k == block_do == d_pad)
+
+
+def test_default_blocks_compile_without_spills_for_sm90():
+    """The fixed default blocks (DISSEG_TRITON_AUTOTUNE=0, and the autotuner's first
+    choice) compile for sm_90 with no local-memory spills, for bf16 (tensor cores, D in
+    one tile) and float32 (CUDA-core FMA dots, chunked D), at D = 64, 128, 256, 512.
+    Protects against the failure found with this check: fp32 with all of D in one tile
+    gave ptxas 32 registers and 8-23 KB of local memory per thread, and bf16 at D = 256
+    spilled 312 B with the old 64x64/4-warp default. Compiled on the CPU with Triton's
+    bundled ptxas (no GPU needed), in a process without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    code = ("from benchmarks.bench_dispersive_tiles import compile_check as c; "
+            "rows = c('defaults', ('bfloat16', 'float32')); "
+            "bad = [r for r in rows if 'error' in r or r['stack'] > 8]; "
+            "print('BAD', bad) if bad else print('CLEAN', len(rows))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if "SKIP:" in r.stdout:
+        pytest.skip(r.stdout.split("SKIP:", 1)[1].strip())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "CLEAN 8" in r.stdout, r.stdout[-3000:]
 
 
 # --------------------------------------------------------------------------------------

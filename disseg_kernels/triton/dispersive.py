@@ -384,16 +384,43 @@ def _dispersive_rows_kernel(
 
 
 
-def _rows_configs(d_pad: int) -> list[triton.Config]:
+def _fma_layout(dtype: torch.dtype) -> bool:
+    """float32 (IEEE products, as eager computes them) and float64 products run on the
+    CUDA cores, not the tensor cores: Triton's FMA dot keeps both operand tiles and the
+    product in registers, so with all of D in one tile (the bf16/fp16 layout) it spilled
+    8-23 KB per thread at sm_90. These dtypes take the chunked layout instead."""
+    return dtype in (torch.float32, torch.float64)
+
+
+# The chunked (FMA) layout: the Gram tile accumulates over BLOCK_K-wide feature chunks, and
+# the gradient's output columns are split over grid axis 1 in BLOCK_DO-wide chunks (the
+# Gram tile is recomputed per chunk: 1.5x the FLOPs at D = 128, on units that would
+# otherwise wait on local memory).
+_FMA_BLOCK_K = 16
+_FMA_BLOCK_DO = 64
+
+
+def _layout(d_pad: int, fma: bool) -> tuple[bool, int, int]:
+    """(SINGLE_K, BLOCK_K, BLOCK_DO) of the row kernel for a padded width."""
+    if fma:
+        return False, min(d_pad, _FMA_BLOCK_K), min(d_pad, _FMA_BLOCK_DO)
+    if d_pad <= _MAX_DO:
+        return True, d_pad, d_pad
+    return False, 64, _MAX_DO
+
+
+def _rows_configs(d_pad: int, fma: bool = False) -> list[triton.Config]:
     """A short autotune list (each shape tunes once: keep it cheap).
 
-    (BLOCK_M, BLOCK_N, warps, stages), chosen from sm_90 compiles of bf16 kernels
-    (``python -m benchmarks.bench_dispersive_tiles --compile-check all``): every entry
-    keeps the accumulator, the Gram tile and Z_I in registers without spilling, or
-    spills under 64 bytes per thread. Larger tiles spilled hundreds of bytes (D = 256:
-    (64, 64) with 4 warps 312 B, (128, 64) 352 B).
+    (BLOCK_M, BLOCK_N, warps, stages), chosen from sm_90 compiles
+    (``python -m benchmarks.bench_dispersive_tiles --compile-check all [--dtype ...]``):
+    every entry keeps the accumulator, the Gram tile and the operands in registers
+    without spilling, or spills under 64 bytes per thread. Larger tiles spilled hundreds
+    of bytes (bf16, D = 256: (64, 64) with 4 warps 312 B, (128, 64) 352 B).
     """
-    if d_pad <= 64:
+    if fma:
+        shapes = FMA_SHAPES
+    elif d_pad <= 64:
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)]
     elif d_pad <= 128:
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3)]
@@ -404,24 +431,26 @@ def _rows_configs(d_pad: int) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-_TUNED: dict[int, object] = {}
+FMA_SHAPES = [(64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]  # fp32: 8 B spill at most; fp64: none for the first
+
+_TUNED: dict[tuple[int, bool], object] = {}
 
 
-def _tuned_rows_kernel(d_pad: int):
-    if d_pad not in _TUNED:
-        _TUNED[d_pad] = triton.autotune(
-            configs=_rows_configs(d_pad),
+def _tuned_rows_kernel(d_pad: int, fma: bool = False):
+    if (d_pad, fma) not in _TUNED:
+        _TUNED[(d_pad, fma)] = triton.autotune(
+            configs=_rows_configs(d_pad, fma),
             key=["D", "N_BUCKET", "COL_CHUNK", "VARIANT", "INCLUDE_DIAG", "NEED_GRAD", "LAZY"],
         )(_dispersive_rows_kernel)
-    return _TUNED[d_pad]
+    return _TUNED[(d_pad, fma)]
 
 
-def _default_rows_config(d_pad: int) -> dict:
+def _default_rows_config(d_pad: int, fma: bool = False) -> dict:
     """Fixed blocks: the interpreter (64-wide, ~0.1 s per call at N <= 512) and
     DISSEG_TRITON_AUTOTUNE=0 (the first, spill-free entry of the autotune list)."""
     if _interpret():
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    c = _rows_configs(d_pad)[0]
+    c = _rows_configs(d_pad, fma)[0]
     return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
@@ -504,9 +533,8 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
         rinv = proj = sqn  # unused by the kernel
 
     d_pad = max(16, triton.next_power_of_2(d))
-    single = d_pad <= _MAX_DO
-    block_k = d_pad if single else 64
-    block_do = d_pad if single else _MAX_DO
+    fma = _fma_layout(z.dtype)
+    single, block_k, block_do = _layout(d_pad, fma)
     n_dchunks = triton.cdiv(d, block_do) if (need_grad and not single) else 1
     if splits is None:
         splits = _num_splits(n, d_pad, n_dchunks, z.device)
@@ -535,9 +563,9 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
         autotune = config is None and not _interpret() and os.environ.get("DISSEG_TRITON_AUTOTUNE", "1") != "0"
     if autotune:
         grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), n_dchunks, splits)  # noqa: E731
-        _tuned_rows_kernel(d_pad)[grid](*args, **meta)
+        _tuned_rows_kernel(d_pad, fma)[grid](*args, **meta)
     else:
-        cfg = dict(config) if config is not None else _default_rows_config(d_pad)
+        cfg = dict(config) if config is not None else _default_rows_config(d_pad, fma)
         grid = (triton.cdiv(n, cfg["BLOCK_M"]), n_dchunks, splits)
         _dispersive_rows_kernel[grid](*args, **meta, **cfg)
 
