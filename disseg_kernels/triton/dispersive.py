@@ -333,30 +333,24 @@ def _dispersive_rows_kernel(
         full_end = tl.minimum(hi, (N // BLOCK_N) * BLOCK_N)
         dlo = tl.minimum(tl.maximum((row0 // BLOCK_N) * BLOCK_N, lo), full_end)
         dhi = tl.minimum(tl.maximum(((row0 + BLOCK_M + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo), full_end)
-    for start_n in range(lo, dlo, BLOCK_N):
-        m_i, s_i, r_i, acc = _rows_tile(
-            start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
-            m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
-            VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
-            TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, False)
-    for start_n in range(dlo, dhi, BLOCK_N):
-        m_i, s_i, r_i, acc = _rows_tile(
-            start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
-            m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
-            VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
-            TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, True)
-    for start_n in range(dhi, full_end, BLOCK_N):
-        m_i, s_i, r_i, acc = _rows_tile(
-            start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
-            m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
-            VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
-            TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, False)
-    for start_n in range(full_end, hi, BLOCK_N):
-        m_i, s_i, r_i, acc = _rows_tile(
-            start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
-            m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
-            VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
-            TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, True)
+    # Four column segments: unmasked [lo, dlo), masked [dlo, dhi), unmasked [dhi, full_end),
+    # masked [full_end, hi). The segment index is a compile-time constant (static_range),
+    # so each segment's loop is compiled with its own MASKED.
+    for seg in tl.static_range(4):
+        if seg == 0:
+            seg_lo, seg_hi = lo, dlo
+        elif seg == 1:
+            seg_lo, seg_hi = dlo, dhi
+        elif seg == 2:
+            seg_lo, seg_hi = dhi, full_end
+        else:
+            seg_lo, seg_hi = full_end, hi
+        for start_n in range(seg_lo, seg_hi, BLOCK_N):
+            m_i, s_i, r_i, acc = _rows_tile(
+                start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
+                m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
+                VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
+                TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, seg % 2 == 1)
 
     stat = pid_s.to(tl.int64) * N + rows
     if pid_d == 0:
