@@ -389,6 +389,15 @@ FIELDS = [
 ]  # fmt: skip
 
 
+def write_csv(path, rows: list[dict], fields: list[str]) -> None:
+    """rows as CSV with the given columns (floats to 4 significant digits, missing = "")."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in fields})
+
+
 def _write(rows, args, device, date, machine, mm_rate, load) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
@@ -397,11 +406,7 @@ def _write(rows, args, device, date, machine, mm_rate, load) -> None:
     if args.quick:
         suffix += "_quick"
     stem = args.out_dir / f"dispersive_{device}_{date:%Y-%m-%d}{suffix}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in FIELDS})
+    write_csv(stem.with_suffix(".csv"), rows, FIELDS)
     lines = [
         f"# Dispersive loss benchmark ({device}, {args.dtype}, {args.variant})",
         "",

@@ -25,7 +25,6 @@ was measured.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import os
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_dispersive import _median_ms, _parse_shapes, machine_name, matmul_rate_gflops
+from benchmarks.bench_dispersive import _median_ms, _parse_shapes, machine_name, matmul_rate_gflops, write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["N", "D", "dtype", "config", "splits", "lazy", "ms", "tflops", "pct_matmul", "note"]
@@ -220,11 +219,7 @@ def _write(rows, args, device, mm_rate, elapsed, truncated) -> None:
     date = _dt.datetime.now(_dt.timezone.utc)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"dispersive_tiles_{device}_{date:%Y-%m-%d}_{args.dtype}{'_quick' if args.quick else ''}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in FIELDS})
+    write_csv(stem.with_suffix(".csv"), rows, FIELDS)
     best = {}  # (N, D) -> the fastest row
     for r in rows:
         key = (r["N"], r["D"])
