@@ -369,11 +369,11 @@ def count_launches(op, b, c, h, w, sms=132) -> dict:
     params = [p.detach() for p in module._params()]
     x, go = torch.empty(b, c, h, w), torch.empty(b, c, h, w)
     with _Mode():
-        _, saved = og._gates_fwd._init_fn(x, params, op, "triton")
+        _, saved = og._gates_forward(x, params, op, "triton")
     fwd = dict(count)
     count.clear()
     with _Mode():
-        og._gates_bwd._init_fn(go, x, params, saved, op, "triton")
+        og._gates_backward_grads(go, x, params, saved, op, "triton")
     return {"fwd_triton": fwd.get("triton", 0), "fwd_aten": fwd.get("aten", 0),
             "bwd_triton": count.get("triton", 0), "bwd_aten": count.get("aten", 0)}
 
@@ -442,8 +442,8 @@ def compile_check(quick: bool) -> int:
                 if cl:
                     x = x.to(memory_format=torch.channels_last)
                 params = [p.detach().to(dtype) for p in module._params()]
-                _, saved = og._gates_fwd._init_fn(x, params, program, "triton")
-                og._gates_bwd._init_fn(torch.empty_like(x), x, params, saved, program, "triton")
+                _, saved = og._gates_forward(x, params, program, "triton")
+                og._gates_backward_grads(torch.empty_like(x), x, params, saved, program, "triton")
     failures = 0
     t0 = time.time()
     for (kname, _, consts), (fn, sig, cdict) in variants.items():

@@ -535,9 +535,10 @@ def _match_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t
 
 
-@torch.library.custom_op("disseg::gates_fwd", mutates_args=())
-def _gates_fwd(x: torch.Tensor, params: list[torch.Tensor], program: str, backend: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """out = x·G·S of the named gate program, and the statistics its backward needs."""
+def _gates_forward(x, params, program, backend):
+    """(out, saved): out = x·G·S of the named gate program, and the statistics and small
+    intermediates its backward needs (the body of ``disseg::gates_fwd`` and of the eager
+    path)."""
     k = _kernels(backend)
     # The gate programs (small MLPs, 2→1 convs) compute in float32 under autocast too: the
     # kernels take float32 gates, and the statistics are accumulated in float32 anyway.
@@ -548,6 +549,12 @@ def _gates_fwd(x: torch.Tensor, params: list[torch.Tensor], program: str, backen
         G, S, _ = _run_program(ops, program, pf, tuple(x.shape))
         out = k.apply(x, G, S)
     return out, ops.saved
+
+
+@torch.library.custom_op("disseg::gates_fwd", mutates_args=())
+def _gates_fwd(x: torch.Tensor, params: list[torch.Tensor], program: str, backend: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """out = x·G·S of the named gate program, and the statistics its backward needs."""
+    return _gates_forward(x, params, program, backend)
 
 
 @_gates_fwd.register_fake
@@ -573,11 +580,10 @@ def _fresh_grads(params, grads, inputs=()):
     return out
 
 
-@torch.library.custom_op("disseg::gates_bwd", mutates_args=())
-def _gates_bwd(
-    grad: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor], saved: list[torch.Tensor], program: str, backend: str
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(dx, [dparams]) of :func:`_gates_fwd` for the incoming gradient ``grad``."""
+def _gates_backward_grads(grad, x, params, saved, program, backend):
+    """(dx, [dparams]) of :func:`_gates_forward` for the incoming gradient ``grad``; a
+    parameter's gradient is None where the program has none, and may be a view of
+    another tensor (the body of ``disseg::gates_bwd`` and of the eager path)."""
     k = _kernels(backend)
     acc = _acc(x.dtype)
     grad = _match_layout(grad, x)
@@ -593,7 +599,15 @@ def _gates_bwd(
             dG, dS, gp = _STAGE_BWD[kind](bw, rec, pf[lo:hi], dG, dS)
             grads[lo:hi] = gp
         dx = bw.dx(grad, G, S)
-    grads = [None if g is None else g.reshape(p.shape) for p, g in zip(params, grads)]
+    return dx, [None if g is None else g.reshape(p.shape) for p, g in zip(params, grads)]
+
+
+@torch.library.custom_op("disseg::gates_bwd", mutates_args=())
+def _gates_bwd(
+    grad: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor], saved: list[torch.Tensor], program: str, backend: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(dx, [dparams]) of :func:`_gates_fwd` for the incoming gradient ``grad``."""
+    dx, grads = _gates_backward_grads(grad, x, params, saved, program, backend)
     return dx, _fresh_grads(params, grads, (x, grad))
 
 
@@ -624,6 +638,30 @@ def _gates_backward(ctx, grad_out, _grad_saved):
 _gates_fwd.register_autograd(_gates_backward, setup_context=_gates_setup_context)
 
 
+class _GatesEager(torch.autograd.Function):
+    """The same forward and backward as ``disseg::gates_fwd`` / ``gates_bwd``, for eager
+    mode only: a custom-op call with a list of parameters and of saved statistics costs
+    ~0.5 ms of Python (pytree flattening, dispatcher round trips) per forward+backward of
+    the CBAT chain, more than its GPU work at the model's shapes. torch.compile traces
+    the custom ops (``_fused_gates`` picks by ``torch.compiler.is_compiling()``)."""
+
+    @staticmethod
+    def forward(ctx, x, program, backend, *params):
+        out, saved = _gates_forward(x, params, program, backend)
+        ctx.program, ctx.backend, ctx.n_params = program, backend, len(params)
+        ctx.save_for_backward(x, *params, *saved)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, *rest = ctx.saved_tensors
+        params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
+        dx, grads = _gates_backward_grads(grad_out, x, params, saved, ctx.program, ctx.backend)
+        grads = [g if g is None or g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
+        return (dx, None, None, *grads)
+
+
 def _layout_ok(x: torch.Tensor) -> bool:
     return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
@@ -637,8 +675,12 @@ def _fused_gates(program: str, x: torch.Tensor, params: list[torch.Tensor], back
         # Neither NCHW nor channels_last (e.g. a sliced view): the kernels need one of the
         # two, so this one input is copied.
         x = x.contiguous()
-    out, _ = _gates_fwd(x, list(params), program, chosen)
-    return out
+    if torch.compiler.is_compiling():
+        out, _ = _gates_fwd(x, list(params), program, chosen)
+        return out
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+        return _gates_forward(x, params, program, chosen)[0]
+    return _GatesEager.apply(x, program, chosen, *params)
 
 
 class ChannelAttention(torch.nn.Module):

@@ -15,8 +15,6 @@ from .. import _backend
 from ..reference.multiscale import multiscale_concat_reference
 
 
-
-
 def _validate(tensors, scales):
     if not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
         raise ValueError(f"tensors must be a non-empty list of (B, C, H, W) tensors, got {type(tensors).__name__}")
@@ -130,5 +128,35 @@ def _backward(ctx, grad):
 _multiscale_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _MultiscaleEager(torch.autograd.Function):
+    """The same forward and backward as ``disseg::multiscale_concat`` and its backward op,
+    for eager mode only (no custom-op dispatch of two tensor lists, no shape-carrier
+    tensors in backward). torch.compile traces the custom ops (``_multiscale_fused`` picks
+    by ``torch.compiler.is_compiling()``)."""
+
+    @staticmethod
+    def forward(ctx, scales, backend, *tensors):
+        ctx.scales, ctx.backend = scales, backend
+        ctx.shapes = [(t.shape[1], t.shape[2], t.shape[3], t.dtype, _out_format(t)) for t in tensors]
+        return _run_fwd(list(tensors), scales, backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        grads, c0 = [], 0
+        for (c, h, w, dtype, fmt), s, need in zip(ctx.shapes, ctx.scales, ctx.needs_input_grad[2:]):
+            if need:
+                like = grad.new_empty((grad.shape[0], c, h, w), dtype=dtype).contiguous(memory_format=fmt)
+                grads.append(_run_bwd(grad, c0, like, s, ctx.backend))
+            else:
+                grads.append(None)
+            c0 += c
+        return (None, None, *grads)
+
+
 def _multiscale_fused(tensors, scales, backend):
-    return _multiscale_op(tensors, scales, backend)
+    if torch.compiler.is_compiling():
+        return _multiscale_op(tensors, scales, backend)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _run_fwd(tensors, scales, backend)
+    return _MultiscaleEager.apply(scales, backend, *tensors)

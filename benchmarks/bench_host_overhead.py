@@ -1,0 +1,304 @@
+"""Host cost per call of every fused op: the Python and dispatch work that issues it.
+
+At the model's shapes on a GPU most of the attention ops move a few MB, a few µs of device
+time at several TB/s, while the Python that issues a custom op, its glue and its launches
+costs tens to hundreds of µs. Until the device queue fills, that host time *is* the op's
+time. This script measures it on tiny tensors, where the kernels themselves cost nothing:
+
+    python -m benchmarks.bench_host_overhead               # CPU: Triton launches stubbed
+    python -m benchmarks.bench_host_overhead --device cuda # GPU: real launches, tiny tensors
+
+CPU (no GPU needed): the Triton path runs under ``TRITON_INTERPRET=1`` with every kernel
+launch replaced by a counting stub, so what is timed is exactly our Python glue, the
+custom-op/autograd machinery and the torch ops around the launches (a real GPU launch
+adds its own issue cost per launch on top: see the ``launches`` column). The C++ path
+runs its real kernels on tiny tensors. "eager" is the plain-PyTorch formula of the
+spec (``fused=False`` / the reference), which is what the fused op replaces.
+
+CUDA: real launches on tiny tensors; a call's time is the wall time of issuing
+``--calls`` calls plus one final synchronisation, divided by the calls (host-bound by
+construction: the device finishes each tiny kernel before the next is issued).
+
+Columns: host µs of a forward under ``no_grad`` and of forward+backward (the backward of
+a fixed output gradient, parameters' gradients accumulated as in training), the median of
+``--rounds`` rounds; the device operations one forward and one forward+backward issue
+(Triton launches plus every non-view ATen/C++ op, counted from the profiler's op tree
+on the CPU path); and the fused path's fwd+bwd host time over eager's. Writes
+benchmarks/results/host_overhead_<device>_<date>.csv and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as _dt
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# ATen ops that launch nothing on a device (views, allocations, metadata).
+NO_LAUNCH = {
+    "view", "_unsafe_view", "expand", "squeeze", "unsqueeze", "t", "transpose", "permute", "detach", "alias",
+    "slice", "select", "as_strided", "reshape", "_reshape_alias", "split", "unbind", "flatten", "unflatten",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "sym_size",
+    "sym_stride", "is_same_size", "_to_copy_meta", "contiguous",
+}
+OPS = ("telu", "ca", "sa", "cbam", "elat", "cbat", "multiscale", "window_attention", "cdfa", "dispersive", "stage2")
+FAMILY = {"ca": "gates", "sa": "gates", "cbam": "gates", "elat": "gates", "cbat": "gates", "cdfa": "window_attention",
+          "stage2": "gates"}
+FIELDS = ["op", "path", "fwd_us", "fwd_bwd_us", "fwd_ops", "fwd_bwd_ops", "launches_fwd", "launches_fwd_bwd", "x_eager_fwd_bwd"]
+
+_LAUNCHES = collections.Counter()
+
+
+def _stub_triton_launches() -> None:
+    """Replace every interpreted Triton launch by a counter (TRITON_INTERPRET=1 only)."""
+    import triton.runtime.interpreter as interp
+
+    def run(self, *args, **kwargs):
+        _LAUNCHES["triton"] += 1
+
+    interp.InterpretedFunction.run = run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated among {OPS}")
+    p.add_argument("--calls", type=int, default=200, help="calls per timed round")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="appended to the result files' names")
+    return p
+
+
+def _cases(op, backend, device, fused):
+    """(fn, inputs, grad_out): fn(*inputs) -> tensor, at a tiny model-like shape."""
+    import torch
+
+    import disseg_kernels as dk
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(True)
+
+    c, h = 64, 8
+    be = backend if fused else "reference"
+    if op in ("telu", "ca", "sa", "cbam", "elat", "cbat"):
+        ctor = {
+            "telu": lambda: dk.TeLU(fused=fused, backend=backend),
+            "ca": lambda: dk.ChannelAttention(c, fused=fused, backend=backend),
+            "sa": lambda: dk.SpatialAttention(fused=fused, backend=backend),
+            "cbam": lambda: dk.CBAM(c, fused=fused, backend=backend),
+            "elat": lambda: dk.ELAT(c, fused=fused, backend=backend),
+            "cbat": lambda: dk.CBATGates(c, fused=fused, backend=backend),
+        }[op]
+        torch.manual_seed(0)
+        return ctor().to(device), [rand(2, c, h, h)]
+    if op == "multiscale":
+        return (lambda *ts: dk.multiscale_concat(ts, [1, 2, 4], backend=be)), [
+            rand(2, c, h, h), rand(2, c, h // 2, h // 2), rand(2, c, h // 4, h // 4)]
+    if op == "window_attention":
+        return (lambda v, lg: dk.window_attention(v, lg, 3, backend=be)), [rand(2, c, h, h), rand(2, 4, h * h, 9, 9)]
+    if op == "cdfa":
+        torch.manual_seed(0)
+        block = dk.ContrastDrivenFeatureAggregation(c, c, 4, fused=fused, backend=backend).to(device)
+        return block, [rand(2, c, h, h), rand(2, c, h, h), rand(2, c, h, h)]
+    if op == "dispersive":
+        return (lambda z: dk.dispersive_loss(z, backend=be)), [rand(8, c * h * h)]
+    if op == "stage2":  # the whole network (ResNet-50, batch 2, 32×32): every op of a training step
+        from models import build_model
+
+        torch.manual_seed(0)
+        model = build_model(stage=2, encoder="resnet50", fused=fused).to(device)
+
+        def step(x):
+            out = model(x)
+            loss = sum(t.float().mean() for t in (out.mask, out.fg, out.bg, out.uncertainty) if t is not None)
+            return loss + (0.2 * out.disp_loss if out.disp_loss is not None else 0.0)
+
+        return step, [rand(2, 3, 32, 32)]
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def _launches(event) -> int:
+    """Device operations under one profiler event: a non-view ATen op is one (its own
+    sub-calls are not counted again), a view/allocation op counts what it calls (e.g.
+    contiguous → copy_), a ``disseg::`` op counts its ATen calls, or one for itself when
+    it makes none (a C++ kernel); anything else (autograd nodes, Python custom ops'
+    wrappers) counts its children."""
+    name = event.name
+    if name.startswith("aten::") and name[6:] not in NO_LAUNCH:
+        return 1
+    inner = sum(_launches(c) for c in event.cpu_children)
+    if name.startswith("disseg::") and inner == 0 and not any(c.name.startswith("disseg::") for c in event.cpu_children):
+        return 1
+    return inner
+
+
+def _count_ops(fn, inputs, grad_out, backward: bool) -> tuple[int, int]:
+    """(device ops, Triton launches) one call issues (CPU path only), counted from the
+    profiler's op tree, so ops inside Python custom ops and autograd nodes are seen."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    _LAUNCHES.clear()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        if backward:
+            fn(*inputs).backward(grad_out)
+        else:
+            with torch.no_grad():
+                fn(*inputs)
+    roots = [e for e in prof.events() if e.cpu_parent is None]
+    return sum(_launches(e) for e in roots) + _LAUNCHES["triton"], _LAUNCHES["triton"]
+
+
+def _host_us(call, device, calls, rounds) -> float:
+    import torch
+
+    for _ in range(5):
+        call()
+    times = []
+    for _ in range(rounds):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times)
+
+
+def measure(op, path, device, calls, rounds) -> dict:
+    import torch
+
+    from disseg_kernels import _backend
+
+    fused = path != "eager"
+    backend = path if fused else "auto"
+    order = _backend._AUTO_ORDER.get(device)
+    if fused:  # the model's ops ask for "auto": make it pick the path measured here
+        _backend._AUTO_ORDER[device] = (path,)
+    try:
+        fn, inputs = _cases(op, backend, device, fused)
+        return _measure(op, path, fn, inputs, device, calls, rounds)
+    finally:
+        _backend._AUTO_ORDER[device] = order
+
+
+def _measure(op, path, fn, inputs, device, calls, rounds) -> dict:
+    import torch
+
+    with torch.no_grad():
+        grad_out = torch.ones_like(fn(*inputs))
+
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def fwd_bwd():
+        fn(*inputs).backward(grad_out)
+
+    row = {"op": op, "path": path}
+    row["fwd_us"] = _host_us(fwd, device, calls, rounds)
+    row["fwd_bwd_us"] = _host_us(fwd_bwd, device, max(1, calls // 2), rounds)
+    if device == "cpu":
+        row["fwd_ops"], row["launches_fwd"] = _count_ops(fn, inputs, grad_out, False)
+        row["fwd_bwd_ops"], row["launches_fwd_bwd"] = _count_ops(fn, inputs, grad_out, True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"  # stubs cannot be autotuned
+    import torch
+
+    from benchmarks.bench_dispersive import load_average, machine_name
+    from disseg_kernels import _backend
+
+    if args.device == "cpu":
+        if _backend.unavailable_reason("telu", "triton", torch.device("cpu")) is None:
+            _stub_triton_launches()
+        torch.set_num_threads(1)
+    elif not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    ops = [o for o in args.ops.split(",") if o]
+    for o in ops:
+        if o not in OPS:
+            raise SystemExit(f"--ops: unknown op {o!r} (choose among {OPS})")
+    fused_paths = ["triton", "cpu"] if args.device == "cpu" else ["triton", "cuda"]
+    date = _dt.datetime.now(_dt.timezone.utc)
+    load = load_average()
+    rows = []
+    for op in ops:
+        calls, rounds = (4, 3) if op == "stage2" else (args.calls, args.rounds)
+        eager = measure(op, "eager", args.device, calls, rounds)
+        op_rows = [eager]
+        for path in fused_paths:
+            family = FAMILY.get(op, op)
+            if _backend.unavailable_reason(family, path, torch.device(args.device)):
+                continue
+            r = measure(op, path, args.device, calls, rounds)
+            r["x_eager_fwd_bwd"] = r["fwd_bwd_us"] / eager["fwd_bwd_us"]
+            op_rows.append(r)
+        for r in op_rows:
+            print("  ".join(f"{k}={r[k]:.1f}" if isinstance(r.get(k), float) else f"{k}={r.get(k, '')}" for k in FIELDS),
+                  flush=True)
+        rows += op_rows
+    _write(rows, args, date, machine_name(args.device), load, argv)
+    return rows
+
+
+def _write(rows, args, date, machine, load, argv) -> None:
+    import torch
+
+    from benchmarks.bench_dispersive import write_csv
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"host_overhead_{args.device}_{date:%Y-%m-%d}{('_' + args.tag) if args.tag else ''}"
+    write_csv(stem.with_suffix(".csv"), rows, FIELDS)
+    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [
+        f"# Host cost per call of the fused ops ({args.device})",
+        "",
+        f"- machine: {machine}; torch {torch.__version__}; {torch.get_num_threads()} thread(s)",
+        f"- date: {date:%Y-%m-%d %H:%M} UTC; load average at start: {load}",
+        f"- command: `python -m benchmarks.bench_host_overhead {cmd}`".rstrip(),
+        "- tiny model-like inputs (batch 2, C = 64, 8×8; dispersive: N = 8, D = 4096); host µs = median of "
+        f"{args.rounds} rounds of {args.calls} calls (fwd+bwd: {max(1, args.calls // 2)})",
+        "- stage2: one training step of the whole Stage II network (ResNet-50, batch 2, 32×32; 3 rounds of 4 "
+        "calls); its time includes the CPU's real convolutions, the same in every path, so compare the op counts",
+    ]
+    if args.device == "cpu":
+        lines.append("- triton: interpreted launches replaced by counting stubs, so the time is the Python glue, the "
+                     "op machinery and the torch ops around the launches; a GPU adds each launch's own issue cost")
+    lines += [
+        "",
+        "| op | path | fwd µs | fwd+bwd µs | device ops fwd | fwd+bwd | of which Triton launches fwd | fwd+bwd | fwd+bwd host × eager |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def f(v, spec):
+        return "" if v is None else format(v, spec)
+
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['path']} | {f(r.get('fwd_us'), '.0f')} | {f(r.get('fwd_bwd_us'), '.0f')} | "
+            f"{f(r.get('fwd_ops'), 'd')} | {f(r.get('fwd_bwd_ops'), 'd')} | {f(r.get('launches_fwd'), 'd')} | "
+            f"{f(r.get('launches_fwd_bwd'), 'd')} | {f(r.get('x_eager_fwd_bwd'), '.2f')} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem.with_suffix('.csv')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
