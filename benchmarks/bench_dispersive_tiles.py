@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=0.0, help="stop the sweep after this long (0: no limit)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, one configuration (CPU interpreter smoke run)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--compile-check", choices=["defaults", "all"],
+    p.add_argument("--compile-check", choices=["defaults", "all", "small"],
                    help="compile for sm_90 without a GPU and report registers and spills, then exit")
     return p
 
@@ -65,35 +65,109 @@ def build_parser() -> argparse.ArgumentParser:
 CHECK_WIDTHS = (64, 128, 256, 512)  # one D per branch of the autotune list
 
 
+def _sm90_toolchain() -> str | None:
+    """None when Triton can compile for sm_90 here and cuobjdump is bundled, else why not."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("--compile-check: unset TRITON_INTERPRET (the interpreter has no compiler)")
+    try:
+        import triton.backends.nvidia as nv
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource, make_backend  # noqa: F401
+    except ImportError as exc:
+        return f"no Triton ahead-of-time compiler ({exc})"
+    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    if not os.access(cuobjdump, os.X_OK):
+        return f"Triton's bundled cuobjdump is missing ({cuobjdump})"
+    return None
+
+
+def compile_sm90(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_stages: int = 2) -> dict:
+    """Compile one specialisation of a Triton kernel for sm_90 (no GPU needed) and read its
+    registers, local-memory stack bytes (spills) and HGMMA count from the cubin; a
+    compiler error is returned as {"error": ...}."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.backends.nvidia as nv
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    target = GPUTarget("cuda", 90, 32)
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    try:
+        opts = make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages})
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                           options=opts.__dict__)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        return {"regs": int(re.search(r"REG:(\d+)", res).group(1)),
+                "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
+                "hgmma": len(re.findall(r"HGMMA", sass))}
+    except Exception as exc:  # noqa: BLE001 - report every variant
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def compile_check_small() -> list[dict]:
+    """Compile the few-samples path's kernels (the split float64 Gram, the one-program
+    epilogue for each InfoNCE/hinge variant, the C @ Z pass) for sm_90 at every padded N
+    (16, 32, 64). Returns [] (and says SKIP) where the toolchain is absent."""
+    why = _sm90_toolchain()
+    if why:
+        print(f"SKIP: {why}")
+        return []
+    import triton.language as tl
+
+    from disseg_kernels.triton import dispersive as tdisp
+
+    rows = []
+    div16 = [["tt.divisibility", 16]]
+    for block_n in (16, 32, 64):
+        block_k = 32 if block_n >= 64 else 64
+        cases = [("gram_partial", tdisp._gram_partial_kernel,
+                  {"Z": "*bf16", "PART": "*fp64", "N": "i32", "D": "i32", "CHUNK": "i32"},
+                  {"BLOCK_N": block_n, "BLOCK_K": block_k}, 8 if block_n >= 64 else 4)]
+        for variant in range(4):
+            cases.append((f"coefficients v{variant}", tdisp._small_coefficients_kernel,
+                          {"GRAM": "*fp64", "C": "*fp32", "LOSS": "*fp64", "N": "i32", "TAU": "i64", "MARGIN": "i64",
+                           "SCALE": "i64", "PAIRS": "i64"},
+                          {"VARIANT": variant, "INCLUDE_DIAG": False, "DUP_EPS": tdisp._DUP_EPS_FP64,
+                           "BLOCK_N": block_n}, tdisp._small_warps(block_n)))
+        cases.append(("rowmix", tdisp._rowmix_kernel,
+                      {"C": "*fp32", "Z": "*bf16", "OUT": "*bf16", "N": "i32", "D": "i32"},
+                      {"BLOCK_N": block_n, "BLOCK_D": 64 if block_n >= 64 else 128, "CDT": tl.float32},
+                      tdisp._small_warps(block_n)))
+        for name, fn, sig, consts, warps in cases:
+            attrs = {(i,): div16 for i, a in enumerate(fn.arg_names) if sig.get(a, "").startswith("*")}
+            row = {"kernel": name, "BLOCK_N": block_n, **compile_sm90(fn, sig, consts, attrs, warps)}
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    bad = [r for r in rows if "error" in r]
+    print(f"{len(rows)} small-path kernels compiled for sm_90; failures: {len(bad)}")
+    return rows
+
+
 def compile_check(which: str, dtypes=("bfloat16",)) -> list[dict]:
     """Compile the row kernel (infonce_l2, gradient on) for sm_90 for each D of
     CHECK_WIDTHS and each block config (the fixed default, or the autotune list), and read
     registers / stack bytes / HGMMA count from the cubin. Needs a process without
     TRITON_INTERPRET; returns [] (and says SKIP) where the compiler or cuobjdump is absent."""
-    import re
-    import subprocess
-    import tempfile
-
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("--compile-check: unset TRITON_INTERPRET (the interpreter has no compiler)")
+    if which == "small":
+        return compile_check_small()
+    why = _sm90_toolchain()
+    if why:
+        print(f"SKIP: {why}")
+        return []
     import triton
 
-    try:
-        import triton.backends.nvidia as nv
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, make_backend
-    except ImportError as exc:
-        print(f"SKIP: no Triton ahead-of-time compiler ({exc})")
-        return []
-    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-    if not os.access(cuobjdump, os.X_OK):
-        print(f"SKIP: Triton's bundled cuobjdump is missing ({cuobjdump})")
-        return []
     from disseg_kernels.triton import dispersive as tdisp
 
     fn = tdisp._dispersive_rows_kernel
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
     ptr_types = {"Z": None, "SQN": "*fp32", "RINV": "*fp32", "PROJ": "*fp32", "OUT": "*fp32", "M_OUT": "*fp32",
                  "S_OUT": "*fp32", "PARAMS": "*fp32"}
     rows = []
@@ -120,23 +194,9 @@ def compile_check(which: str, dtypes=("bfloat16",)) -> list[dict]:
                               BLOCK_K=block_k, BLOCK_DO=block_do, ACC=acc,
                               GRAM_PREC=gram_prec, PV_DTYPE=pv_dtype, PV_PREC=pv_prec, TF32_ROUND=pv_prec == "tf32",
                               UPCAST=False, LAZY=False, **c.kwargs)
-                sig.update({k: "constexpr" for k in consts})
                 label = "{BLOCK_M}x{BLOCK_N} w{w} s{s}".format(w=c.num_warps, s=c.num_stages, **c.kwargs)
                 row = {"dtype": dtype_name, "D": d, "config": label}
-                try:
-                    opts = backend.parse_options({"num_warps": c.num_warps, "num_stages": c.num_stages})
-                    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
-                                       options=opts.__dict__)
-                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                        f.write(k.asm["cubin"])
-                        f.flush()
-                        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-                        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-                    row["regs"] = int(re.search(r"REG:(\d+)", res).group(1))
-                    row["stack"] = int(re.search(r"STACK:(\d+)", res).group(1))
-                    row["hgmma"] = len(re.findall(r"HGMMA", sass))
-                except Exception as exc:  # noqa: BLE001 - report every variant
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                row.update(compile_sm90(fn, sig, consts, attrs, c.num_warps, c.num_stages))
                 rows.append(row)
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     bad = [r for r in rows if "error" in r]

@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if _backend.unavailable_reason("telu", "triton", torch.device("cpu")) is None:
             _stub_triton_launches()
         torch.set_num_threads(1)
+        # The stubs leave their outputs unwritten: garbage that may hold denormals, which
+        # would make the CPU's arithmetic on them (not the host path) slow.
+        torch.set_flush_denormal(True)
     elif not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     ops = [o for o in args.ops.split(",") if o]

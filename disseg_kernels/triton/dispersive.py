@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import torch
 import triton
@@ -647,10 +648,12 @@ def _rowmix_kernel(
 
 
 def _gram_float64(z: torch.Tensor, block_n: int) -> torch.Tensor:
-    """The N x N Gram matrix of z, accumulated in float64, split over D."""
+    """The N x N Gram matrix of z accumulated in float64, split over D, zero-padded to
+    (block_n, block_n)."""
     n, d = z.shape
     if z.dtype == torch.float64:
-        return z @ z.T  # a float64 GEMM (float64 tl.dot does not lower on GPUs)
+        gram = z @ z.T  # a float64 GEMM (float64 tl.dot does not lower on GPUs)
+        return torch.nn.functional.pad(gram, (0, block_n - n, 0, block_n - n))
     block_k = 32 if block_n >= 64 else 64
     if _interpret():
         chunk = triton.cdiv(d, block_k) * block_k  # one program: the interpreter pays per program
@@ -661,73 +664,130 @@ def _gram_float64(z: torch.Tensor, block_n: int) -> torch.Tensor:
     part = torch.empty((n_chunks, block_n, block_n), device=z.device, dtype=torch.float64)
     _gram_partial_kernel[(n_chunks,)](z, part, n, d, chunk, BLOCK_N=block_n, BLOCK_K=block_k,
                                       num_warps=8 if block_n >= 64 else 4)
-    return part.sum(0)[:n, :n]
+    return part.sum(0) if n_chunks > 1 else part[0]
 
 
-def _small_coefficients(gram, variant, tau, margin, include_diagonal, scale):
-    """(loss, C) in float64 from the exact N x N Gram matrix: grad = C @ Z."""
-    n = gram.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=gram.device)
-    pair = torch.ones_like(eye) if include_diagonal else ~eye
-    pairs = n * n if include_diagonal else n * (n - 1)
-    sq = gram.diagonal()
-    if variant == INFONCE_COSINE:
-        norm = sq.clamp_min(0).sqrt()
-        rinv = 1.0 / norm.clamp_min(1e-12)
-        ghat = gram * rinv[:, None] * rinv[None, :]
+@triton.jit
+def _small_coefficients_kernel(
+    GRAM,  # (BLOCK_N, BLOCK_N) float64 Gram matrix, zero-padded
+    C,  # (BLOCK_N, BLOCK_N) out: grad = C[:N, :N] @ Z, zero outside N x N
+    LOSS,  # (1,) float64 out
+    N,
+    TAU,  # τ, ε, the distance scale and the number of pairs as float64 bit patterns
+    MARGIN,  # (int64: a Python float argument would reach the kernel as float32)
+    SCALE,
+    PAIRS,
+    VARIANT: tl.constexpr,
+    INCLUDE_DIAG: tl.constexpr,
+    DUP_EPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """(loss, C) from the exact Gram matrix, in float64, in one program: the whole epilogue
+    of the few-samples regime (the reference formulas of ``reference/dispersive.py`` on
+    Gram entries; w_ij below is dL/dd_ij up to the chain rule of the distance)."""
+    tau = TAU.to(tl.int64).to(tl.float64, bitcast=True)
+    margin = MARGIN.to(tl.int64).to(tl.float64, bitcast=True)
+    scale = SCALE.to(tl.int64).to(tl.float64, bitcast=True)
+    pairs = PAIRS.to(tl.int64).to(tl.float64, bitcast=True)
+    r = tl.arange(0, BLOCK_N)
+    i = r[:, None]
+    j = r[None, :]
+    valid = (i < N) & (j < N)
+    eye = i == j
+    g = tl.load(GRAM + i * BLOCK_N + j)
+    diag = tl.where(eye, g, 0.0)
+    sq_i = tl.sum(diag, axis=1)[:, None]
+    sq_j = tl.sum(diag, axis=0)[None, :]
+    if INCLUDE_DIAG:
+        pair = valid
+    else:
+        pair = valid & (i != j)
+    if VARIANT == 2:  # infonce_cosine: d = 1 - ẑ_i·ẑ_j
+        norm_i = tl.sqrt(tl.maximum(sq_i, 0.0))
+        rinv_i = 1.0 / tl.maximum(norm_i, 1e-12)
+        rinv_j = 1.0 / tl.maximum(tl.sqrt(tl.maximum(sq_j, 0.0)), 1e-12)
+        ghat = g * rinv_i * rinv_j
         d = scale * (1.0 - ghat)
     else:
-        nsum = sq[:, None] + sq[None, :]
-        d2 = (nsum - 2.0 * gram).clamp_min(0)
-        dup = (d2 <= _DUP_EPS_FP64 * nsum) | eye
-        d2 = d2.masked_fill(dup, 0.0)
-        dist = d2.sqrt()
-        d = scale * (d2 if variant == INFONCE_L2SQ else dist)
-        inv_dist = torch.where(dup, torch.zeros_like(dist), 1.0 / dist.masked_fill(dup, 1.0))
+        nsum = sq_i + sq_j
+        d2 = tl.maximum(nsum - 2.0 * g, 0.0)
+        dup = (d2 <= DUP_EPS * nsum) | eye  # equal rows: distance 0, subgradient 0
+        d2 = tl.where(dup, 0.0, d2)
+        dist = tl.sqrt(d2)
+        if VARIANT == 1:
+            d = scale * d2
+        else:
+            d = scale * dist
+        inv_dist = tl.where(dup, 0.0, 1.0 / tl.where(dup, 1.0, dist))
+    if VARIANT == 3:  # hinge: mean of max(0, ε − d)²
+        h = tl.where(pair, tl.maximum(margin - d, 0.0), 0.0)
+        loss = tl.sum(tl.sum(h * h, axis=1), axis=0) / pairs
+        w = (-2.0 * scale) * h * inv_dist
+        coef = 2.0 / pairs
+    else:  # InfoNCE: log mean exp(−d/τ) as a logsumexp
+        e = tl.where(pair, -d / tau, float("-inf"))
+        m = tl.max(tl.max(e, axis=1), axis=0)
+        lse = m + tl.log(tl.sum(tl.sum(tl.exp(e - m), axis=1), axis=0))
+        loss = lse - tl.log(pairs)
+        p = tl.where(pair, tl.exp(e - lse), 0.0)
+        if VARIANT == 1:
+            w = tl.where(dup, 0.0, p)
+            coef = -4.0 * scale / tau
+        elif VARIANT == 0:
+            w = p * scale * inv_dist
+            coef = -2.0 / tau
+        else:
+            w = p
+            coef = 1.0
+    if VARIANT == 2:
+        # g_i = (2s/τ) Σ_j p_ij ẑ_j, dz_i = (g_i − (ẑ_i·g_i) ẑ_i) / ‖z_i‖
+        k = 2.0 * scale / tau
+        q = k * tl.sum(w * ghat, axis=1)[:, None]
+        proj = tl.where(norm_i > 1e-12, rinv_i, 0.0)
+        c = rinv_i * (k * w * rinv_j) - tl.where(eye, q * rinv_i * proj, 0.0)
+    else:
+        # grad_i = Σ_j w_ij (z_i − z_j): C = coef · (diag(rowsum w) − w)
+        rows = tl.sum(w, axis=1)[:, None]
+        c = coef * (tl.where(eye, rows, 0.0) - w)
+    c = tl.where(valid, c, 0.0)
+    tl.store(C + i * BLOCK_N + j, c.to(C.dtype.element_ty))
+    tl.store(LOSS, loss)
 
-    def laplacian(w):  # grad_i = sum_j w_ij (z_i - z_j)  =>  C = diag(rowsum w) - w
-        return torch.diag(w.sum(1)) - w
 
-    if variant == HINGE:
-        h = torch.relu(margin - d) * pair
-        loss = h.square().sum() / pairs
-        return loss, (2.0 / pairs) * laplacian(-2.0 * scale * h * inv_dist)
-    e = (-d / tau).masked_fill(~pair, float("-inf"))
-    lse = torch.logsumexp(e.reshape(-1), 0)
-    loss = lse - math.log(pairs)
-    p = (e - lse).exp()
-    if variant == INFONCE_L2SQ:
-        return loss, (-4.0 * scale / tau) * laplacian(p.masked_fill(dup, 0.0))  # exact: z_i = z_j there
-    if variant == INFONCE_L2:
-        return loss, (-2.0 / tau) * laplacian(p * scale * inv_dist)
-    # cosine: g_i = (2s/tau) sum_j p_ij zhat_j, dz_i = rinv_i (g_i - (zhat_i . g_i) zhat_i)
-    k = 2.0 * scale / tau
-    a = k * p * rinv[None, :]
-    q = k * (p * ghat).sum(1)
-    proj = torch.where(norm > 1e-12, rinv, torch.zeros_like(rinv))
-    return loss, rinv[:, None] * a - torch.diag(q * rinv * proj)
+def _small_warps(block_n: int) -> int:
+    """Warps of the epilogue and C @ Z programs: 8 at N > 32 (with 4, sm_90 spills 40-448 B
+    per thread there: benchmarks/bench_dispersive_tiles.py --compile-check small)."""
+    return 8 if block_n >= 64 else 4
+
+
+def _f64_bits(x: float) -> int:
+    """The bit pattern of float64 x as an int64 (the kernel bitcasts it back)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
+    """Few samples, huge D: the float64 Gram split over D, the epilogue in one program, then
+    one pass C @ Z for the gradient: four launches whatever the variant."""
     n, d = z.shape
     block_n = max(16, triton.next_power_of_2(n))
     gram = _gram_float64(z, block_n)
-    loss, c = _small_coefficients(gram, variant, tau, margin, include_diagonal, scale)
+    # C is at most 64 x 64: each gradient entry sums <= 64 products, so float32 (fp32 FMA,
+    # no TF32) keeps it within ~1e-7 of float64; float64 z keeps float64.
+    c = torch.empty((block_n, block_n), device=z.device, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
+    loss = torch.empty((1,), device=z.device, dtype=torch.float64)
+    pairs = n * n if include_diagonal else n * (n - 1)
+    _small_coefficients_kernel[(1,)](
+        gram, c, loss, n, _f64_bits(tau), _f64_bits(margin), _f64_bits(scale), _f64_bits(pairs), VARIANT=variant,
+        INCLUDE_DIAG=bool(include_diagonal), DUP_EPS=_DUP_EPS_FP64, BLOCK_N=block_n, num_warps=_small_warps(block_n))
+    loss = loss[0]
     grad = None
     if need_grad:
-        # float64 products: cheap at these N (the pass is memory-bound) and exact enough that
-        # cancelling terms (the cosine projection, equal rows) leave no float32 residue.
         if z.dtype == torch.float64:
-            return loss, c @ z  # float64 tl.dot does not lower on GPUs
-        # C is at most 64 x 64: each output sums <= 64 products, so float32 (fp32 FMA, no
-        # TF32) keeps the gradient within ~1e-7 of float64.
-        cdt = torch.float32
-        c_pad = torch.zeros((block_n, block_n), device=z.device, dtype=cdt)
-        c_pad[:n, :n] = c
+            return loss, c[:n, :n] @ z  # float64 tl.dot does not lower on GPUs
         grad = torch.empty_like(z)
         block_d = 64 if block_n >= 64 else 128
         _rowmix_kernel[(triton.cdiv(d, block_d),)](
-            c_pad, z, grad, n, d, BLOCK_N=block_n, BLOCK_D=block_d, CDT=tl.float32, num_warps=4,
+            c, z, grad, n, d, BLOCK_N=block_n, BLOCK_D=block_d, CDT=tl.float32, num_warps=_small_warps(block_n),
         )
     return loss, grad
 
