@@ -353,10 +353,7 @@ def count_launches(op, b, c, h, w, sms=132) -> dict:
         setattr(tg, name, _Stub(name))
     tg.FORCE_TARGET_PROGRAMS = getattr(tg, "PROGRAMS_PER_SM", 4) * sms  # (absent before the split kernels)
     os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"  # the stubs cannot be autotuned
-    no_launch = {"view", "_unsafe_view", "expand", "squeeze", "unsqueeze", "t", "transpose", "permute", "detach",
-                 "alias", "slice", "select", "as_strided", "reshape", "_reshape_alias", "split", "unbind", "flatten",
-                 "unflatten", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
-                 "sym_size", "sym_stride", "is_same_size"}
+    from benchmarks.bench_host_overhead import NO_LAUNCH as no_launch
 
     class _Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -177,8 +177,6 @@ def _host_us(call, device, calls, rounds) -> float:
 
 
 def measure(op, path, device, calls, rounds) -> dict:
-    import torch
-
     from disseg_kernels import _backend
 
     fused = path != "eager"
@@ -241,23 +239,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fused_paths = ["triton", "cpu"] if args.device == "cpu" else ["triton", "cuda"]
     date = _dt.datetime.now(_dt.timezone.utc)
     load = load_average()
-    rows = []
-    for op in ops:
-        calls, rounds = (4, 3) if op == "stage2" else (args.calls, args.rounds)
-        eager = measure(op, "eager", args.device, calls, rounds)
-        op_rows = [eager]
-        for path in fused_paths:
-            family = FAMILY.get(op, op)
-            if _backend.unavailable_reason(family, path, torch.device(args.device)):
+    # Path by path (eager, then Triton, then the compiled kernels), the results rewritten
+    # after each: on a GPU the CUDA kernels come last, so a fault there loses nothing else.
+    rows, eager = [], {}
+    for path in ["eager"] + fused_paths:
+        for op in ops:
+            if path != "eager" and _backend.unavailable_reason(FAMILY.get(op, op), path, torch.device(args.device)):
                 continue
+            calls, rounds = (4, 3) if op == "stage2" else (args.calls, args.rounds)
             r = measure(op, path, args.device, calls, rounds)
-            r["x_eager_fwd_bwd"] = r["fwd_bwd_us"] / eager["fwd_bwd_us"]
-            op_rows.append(r)
-        for r in op_rows:
+            if path == "eager":
+                eager[op] = r
+            else:
+                r["x_eager_fwd_bwd"] = r["fwd_bwd_us"] / eager[op]["fwd_bwd_us"]
+            rows.append(r)
             print("  ".join(f"{k}={r[k]:.1f}" if isinstance(r.get(k), float) else f"{k}={r.get(k, '')}" for k in FIELDS),
                   flush=True)
-        rows += op_rows
-    _write(rows, args, date, machine_name(args.device), load, argv)
+        order = {(op, p): i for i, (op, p) in enumerate((o, p) for o in ops for p in ["eager"] + fused_paths)}
+        rows.sort(key=lambda r: order[(r["op"], r["path"])])
+        _write(rows, args, date, machine_name(args.device), load, argv)
     return rows
 
 

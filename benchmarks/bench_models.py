@@ -88,10 +88,12 @@ AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def run_case(
     stage: int, mode: str, encoder: str, batch: int, size: int, warmup: int, steps: int, device: str,
-    amp: str = "none", channels_last: bool = False,
+    amp: str = "none", channels_last: bool = False, profile: int = 0,
 ) -> dict:
     """One (stage, mode) case in this process; returns its row. ``amp``: autocast dtype
-    (fp16 with a GradScaler); every step's loss must be finite."""
+    (fp16 with a GradScaler); every step's loss must be finite. ``profile`` > 0: one more
+    forward+backward under torch.profiler, its ``profile`` most expensive kernels (CUDA)
+    or ops (CPU) in ``row["profile"]``."""
     torch.manual_seed(0)
     model = build_model(stage, encoder=encoder, fused=(mode == "fused"), dispersive=DispersiveConfig())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -152,6 +154,17 @@ def run_case(
         peak = rss.extra
     opt.zero_grad(set_to_none=True)
     saved = saved_bytes(model, x) if mode != "compiled" else float("nan")
+    top = []
+    if profile > 0:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profiler(activities=acts) as prof:
+            scaler.scale(forward_loss()).backward()
+            _sync(device)
+        opt.zero_grad(set_to_none=True)
+        top = top_kernels(prof, device, profile)
 
     step_s = statistics.median(step)
     return {
@@ -172,7 +185,23 @@ def run_case(
         "saved_for_backward_mb": saved / 2**20,
         "compile_s": compile_s,
         "params": sum(p.numel() for p in model.parameters()),
+        "profile": top,
     }
+
+
+def top_kernels(prof, device: str, n: int) -> list[dict]:
+    """The ``n`` device kernels (CUDA) or ATen ops (CPU, self time) that took longest in
+    one profiled forward+backward, with their call counts and share of the total."""
+    events = prof.key_averages()
+    if device == "cuda":
+        kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        times = {e.key: (e.count, getattr(e, "self_device_time_total", 0.0)) for e in kernels}
+    else:
+        times = {e.key: (e.count, e.self_cpu_time_total) for e in events if e.key.startswith(("aten::", "disseg::"))}
+    total = sum(t for _, t in times.values()) or 1.0
+    ranked = sorted(times.items(), key=lambda kv: -kv[1][1])[:n]
+    return [{"name": k[:90], "calls": c, "ms": t / 1e3, "share": t / total} for k, (c, t) in ranked] + [
+        {"name": "(total)", "calls": sum(c for c, _ in times.values()), "ms": total / 1e3, "share": 1.0}]
 
 
 def _case_in_subprocess(args_json: str) -> dict:
@@ -207,9 +236,9 @@ def write_results(rows, header: dict, device: str, quick: bool, out_dir: Path) -
     tag = "".join(f"_{t}" for t in header.get("tags", ()))
     stem = f"models_{device}{tag}{'_quick' if quick else ''}_{date}"
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
-    fields = list(rows[0].keys()) + ["machine", "date"]
+    fields = [k for k in rows[0] if k != "profile"] + ["machine", "date"]
     with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({**r, "machine": header["machine"], "date": header["date"]})
@@ -259,6 +288,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--no-isolate", action="store_true", help="CPU: run the cases in this process")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="", help="appended to the result files' names")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one step per case and write its N most expensive kernels (CUDA) or ops (CPU)")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -299,7 +330,8 @@ def main(argv=None) -> list[dict]:
     for stage in stages:
         for mode in modes:
             case = dict(stage=stage, mode=mode, encoder=enc, batch=batch, size=size, warmup=warmup,
-                        steps=steps, device=args.device, amp=args.amp, channels_last=args.channels_last)
+                        steps=steps, device=args.device, amp=args.amp, channels_last=args.channels_last,
+                        profile=args.profile)
             if args.device == "cpu" and not args.no_isolate:
                 row = _case_in_subprocess(json.dumps(case))
             else:
@@ -317,7 +349,25 @@ def main(argv=None) -> list[dict]:
     ]
     csv_path, md_path = write_results(rows, header, args.device, args.quick, args.out)
     print(f"wrote {csv_path} and {md_path}")
+    if args.profile:
+        print(f"wrote {write_profile(rows, header, md_path)}")
     return rows
+
+
+def write_profile(rows, header: dict, md_path: Path) -> Path:
+    """The profiled step of every case, one table each, next to the results' markdown."""
+    path = md_path.with_name(md_path.stem + "_profile.md")
+    lines = [f"# Med-DisSeg training step: where the time goes ({header['machine']})", ""]
+    lines += [f"- {k}: {header[k]}" for k in ("date", "torch", "config", "command")]
+    lines += ["- one forward+backward under torch.profiler after the timed steps; CUDA: device time of each "
+              "kernel, CPU: self time of each op", ""]
+    for r in rows:
+        lines += [f"## stage {r['stage']}, {r['mode']}", "", "| kernel / op | calls | ms | share |",
+                  "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{e['name']}` | {e['calls']} | {e['ms']:.2f} | {100 * e['share']:.1f}% |" for e in r["profile"]]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
 
 
 if __name__ == "__main__":

@@ -99,7 +99,11 @@ STAGES=(
   "bench_gates|120|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
   # CDFA window attention, op only, compile baseline at H = 64 (docs/window_attention_gpu.md)
   "bench_window_attention|90|$PY -m benchmarks.bench_window_attention --device cuda --what op --sizes 16,32,64,128 --compile-sizes 64 --repeats 5"
-  "bench_models|70|$PY -m benchmarks.bench_models --device cuda --stages 2"
+  # Stage II fused vs plain, and the 25 kernels that take the most device time in each
+  "bench_models|80|$PY -m benchmarks.bench_models --device cuda --stages 2 --profile 25"
+  # host cost per call of every fused op on tiny tensors (real launches): what an op costs
+  # where the GPU work is a few µs (the model's gate and TeLU shapes)
+  "host_overhead|45|$PY -m benchmarks.bench_host_overhead --device cuda --calls 100 --rounds 5"
   # issue 2: the Triton row kernel's blocks x column splits x lazy rescale at (16384, 256),
   # (16384, 128), (65536, 128) bf16, each checked against the default launch
   "bench_dispersive_tiles|100|$PY -m benchmarks.bench_dispersive_tiles --device cuda --budget-s 85 --repeats 10"

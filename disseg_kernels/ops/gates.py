@@ -69,7 +69,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _CpuKernels:
+class _CompiledKernels:
     """The C++ ops (csrc/gates.cpp on CPU tensors, csrc/gates.cu on CUDA tensors: one
     schema, dispatched on the device) with the small gather/scatter work in torch."""
 
@@ -140,7 +140,7 @@ class _CpuKernels:
 
 def _kernels(backend: str):
     if backend in ("cpu", "cuda"):  # csrc/gates.cpp, csrc/gates.cu: the same ops, dispatched on the device
-        return _CpuKernels
+        return _CompiledKernels
     if backend == "triton":
         from ..triton import gates as triton_gates
 

@@ -26,8 +26,6 @@ per-pixel Linear projections read and write without a copy.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
