@@ -44,6 +44,19 @@ _CPP_OPS: dict[str, str] = {
     "multiscale": "multiscale_fwd",
 }
 
+# Eager calls of the fused ops go through a torch.autograd.Function (a few times less Python
+# per call than a torch.library custom op with autograd); torch.compile traces the registered
+# custom ops. DISSEG_EAGER_CUSTOM_OPS=1 sends eager calls through the custom ops as well (to
+# compare the two, or to debug the ops' registrations). Read once, at import.
+_EAGER_CUSTOM_OPS = os.environ.get("DISSEG_EAGER_CUSTOM_OPS", "0") == "1"
+
+
+def use_custom_op() -> bool:
+    """True where a fused op must be called as its registered custom op: under
+    torch.compile (one opaque node, no graph break), or always with DISSEG_EAGER_CUSTOM_OPS=1."""
+    return _EAGER_CUSTOM_OPS or torch.compiler.is_compiling()
+
+
 # Preference order of "auto", per device type.
 _AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 

@@ -214,6 +214,34 @@ def test_eager_functions_equal_custom_ops(backend):
 
 
 @requires_cpu_ext
+def test_eager_custom_ops_switch(monkeypatch):
+    """Eager calls skip the custom-op dispatch by default; DISSEG_EAGER_CUSTOM_OPS=1
+    (``_backend._EAGER_CUSTOM_OPS``) sends them through ``disseg::gates_fwd``,
+    ``disseg::telu`` and ``disseg::multiscale_concat``, with the same values."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from disseg_kernels import _backend as be
+
+    torch.manual_seed(10)
+    chain = dk.CBATGates(4, backend="cpu")
+    x = torch.randn(2, 4, 4, 6, requires_grad=True)
+    a = torch.randn(2, 2, 2, 3, requires_grad=True)
+
+    def run():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = dk.telu(dk.multiscale_concat([chain(x), a], [1, 2], backend="cpu"), backend="cpu")
+        return y, {e.name for e in prof.events()}
+
+    y_fn, names_fn = run()
+    monkeypatch.setattr(be, "_EAGER_CUSTOM_OPS", True)
+    y_op, names_op = run()
+    wrappers = {"disseg::gates_fwd", "disseg::telu", "disseg::multiscale_concat"}
+    assert not wrappers & names_fn, sorted(wrappers & names_fn)
+    assert wrappers <= names_op, sorted(wrappers - names_op)
+    torch.testing.assert_close(y_fn, y_op, rtol=0, atol=0)
+
+
+@requires_cpu_ext
 def test_compile_traces_the_custom_ops():
     """Under torch.compile the fused modules go through the registered custom ops (one
     opaque node each, no graph break), not through the eager autograd.Functions."""

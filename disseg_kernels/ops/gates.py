@@ -643,7 +643,7 @@ class _GatesEager(torch.autograd.Function):
     mode only: a custom-op call with a list of parameters and of saved statistics costs
     ~0.5 ms of Python (pytree flattening, dispatcher round trips) per forward+backward of
     the CBAT chain, more than its GPU work at the model's shapes. torch.compile traces
-    the custom ops (``_fused_gates`` picks by ``torch.compiler.is_compiling()``)."""
+    the custom ops (``_fused_gates`` picks by ``_backend.use_custom_op()``)."""
 
     @staticmethod
     def forward(ctx, x, program, backend, *params):
@@ -675,7 +675,7 @@ def _fused_gates(program: str, x: torch.Tensor, params: list[torch.Tensor], back
         # Neither NCHW nor channels_last (e.g. a sliced view): the kernels need one of the
         # two, so this one input is copied.
         x = x.contiguous()
-    if torch.compiler.is_compiling():
+    if _backend.use_custom_op():
         out, _ = _gates_fwd(x, list(params), program, chosen)
         return out
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):

@@ -132,7 +132,7 @@ class _MultiscaleEager(torch.autograd.Function):
     """The same forward and backward as ``disseg::multiscale_concat`` and its backward op,
     for eager mode only (no custom-op dispatch of two tensor lists, no shape-carrier
     tensors in backward). torch.compile traces the custom ops (``_multiscale_fused`` picks
-    by ``torch.compiler.is_compiling()``)."""
+    by ``_backend.use_custom_op()``)."""
 
     @staticmethod
     def forward(ctx, scales, backend, *tensors):
@@ -155,7 +155,7 @@ class _MultiscaleEager(torch.autograd.Function):
 
 
 def _multiscale_fused(tensors, scales, backend):
-    if torch.compiler.is_compiling():
+    if _backend.use_custom_op():
         return _multiscale_op(tensors, scales, backend)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return _run_fwd(tensors, scales, backend)

@@ -93,7 +93,7 @@ class _TeluEager(torch.autograd.Function):
     mode only: a custom-op call with autograd costs ~4× the Python of one
     ``Function.apply`` (~75 µs against ~20 µs per forward+backward on this machine's
     cores), more than the GPU work of a (8, 64, 128, 128) map. torch.compile traces the
-    custom ops (``_telu_fused`` picks by ``torch.compiler.is_compiling()``)."""
+    custom ops (``_telu_fused`` picks by ``_backend.use_custom_op()``)."""
 
     @staticmethod
     def forward(ctx, x, backend):
@@ -113,7 +113,7 @@ class _TeluEager(torch.autograd.Function):
 def _telu_fused(x, backend):
     if not _dense(x):
         x = x.contiguous()  # another layout (e.g. a sliced view): the kernels need a dense one
-    if torch.compiler.is_compiling():
+    if _backend.use_custom_op():
         return _telu_op(x, backend)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _run_fwd(x, backend)

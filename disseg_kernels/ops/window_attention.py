@@ -128,7 +128,7 @@ class _WindowAttentionEager(torch.autograd.Function):
     ~200 µs per forward+backward on a CPU core before any kernel runs: more than the whole
     GPU work at H = W = 16 or 32. Eager calls come here (one ``Function.apply``, the same
     kernels); torch.compile traces the custom ops (``window_attention`` picks by
-    ``torch.compiler.is_compiling()``)."""
+    ``_backend.use_custom_op()``)."""
 
     @staticmethod
     def forward(ctx, v, logits, kernel_size, backend):
@@ -218,7 +218,7 @@ def window_attention(
     if v.numel() == 0 or logits.numel() == 0:
         return window_attention_reference(v, logits, kernel_size)
     logits = _kernel_logits(logits, kernel_size * kernel_size)
-    if torch.compiler.is_compiling():
+    if _backend.use_custom_op():
         return _window_attention_op(v, logits, kernel_size, chosen)
     if not (torch.is_grad_enabled() and (v.requires_grad or logits.requires_grad)):
         return _run_forward(chosen, v, logits, kernel_size)
