@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _write(rows, args, date, machine, load, argv) -> None:
     import torch
 
-    from benchmarks.bench_dispersive import write_csv
+    from benchmarks.bench_dispersive import _fmt, write_csv
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"host_overhead_{args.device}_{date:%Y-%m-%d}{('_' + args.tag) if args.tag else ''}"
@@ -300,9 +300,7 @@ def _write(rows, args, date, machine, load, argv) -> None:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
-    def f(v, spec):
-        return "" if v is None else format(v, spec)
-
+    f = _fmt
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['path']} | {f(r.get('fwd_us'), '.0f')} | {f(r.get('fwd_bwd_us'), '.0f')} | "

@@ -245,21 +245,27 @@ def test_default_blocks_compile_without_spills_for_sm90():
     gave ptxas 32 registers and 8-23 KB of local memory per thread, and bf16 at D = 256
     spilled 312 B with the old 64x64/4-warp default. Compiled on the CPU with Triton's
     bundled ptxas (no GPU needed), in a process without TRITON_INTERPRET."""
+    _sm90_compile_check("compile_check('defaults', ('bfloat16', 'float32'))", max_stack=8, expect=8)
+
+
+def _sm90_compile_check(call: str, max_stack: int, expect: int) -> None:
+    """Run ``benchmarks.bench_dispersive_tiles.<call>`` in a process without
+    TRITON_INTERPRET (the interpreter has no compiler): every variant must compile with at
+    most ``max_stack`` bytes of local memory per thread, and ``expect`` variants must."""
     import subprocess
     import sys
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
-    code = ("from benchmarks.bench_dispersive_tiles import compile_check as c; "
-            "rows = c('defaults', ('bfloat16', 'float32')); "
-            "bad = [r for r in rows if 'error' in r or r['stack'] > 8]; "
+    code = (f"from benchmarks.bench_dispersive_tiles import compile_check, compile_check_small; rows = {call}; "
+            f"bad = [r for r in rows if 'error' in r or r['stack'] > {max_stack}]; "
             "print('BAD', bad) if bad else print('CLEAN', len(rows))")
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if "SKIP:" in r.stdout:
         pytest.skip(r.stdout.split("SKIP:", 1)[1].strip())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "CLEAN 8" in r.stdout, r.stdout[-3000:]
+    assert f"CLEAN {expect}" in r.stdout, r.stdout[-3000:]
 
 
 def test_small_path_kernels_compile_without_spills_for_sm90():
@@ -267,20 +273,7 @@ def test_small_path_kernels_compile_without_spills_for_sm90():
     of each InfoNCE/hinge variant, the C @ Z pass) compile for sm_90 at N padded to 16, 32
     and 64 with no local-memory spills: float64 exp/log/sqrt lower there, and the 64 x 64
     programs use 8 warps (with 4, the epilogue spilled 40 B and C @ Z 448 B per thread)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    code = ("from benchmarks.bench_dispersive_tiles import compile_check_small as c; rows = c(); "
-            "bad = [r for r in rows if 'error' in r or r['stack'] > 0]; "
-            "print('BAD', bad) if bad else print('CLEAN', len(rows))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    if "SKIP:" in r.stdout:
-        pytest.skip(r.stdout.split("SKIP:", 1)[1].strip())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "CLEAN 18" in r.stdout, r.stdout[-3000:]
+    _sm90_compile_check("compile_check_small()", max_stack=0, expect=18)
 
 
 # --------------------------------------------------------------------------------------
