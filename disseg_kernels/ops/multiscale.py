@@ -119,8 +119,14 @@ def _setup_context(ctx, inputs, output):
     ctx.shapes = [(t.shape, t.dtype, t.device, _out_format(t)) for t in tensors]
 
 
+def _shape_carrier(shape, dtype, device, fmt) -> torch.Tensor:
+    """An unwritten tensor with an input's shape, dtype and memory format (one allocation,
+    no copy): what the backward kernels read those from."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+
+
 def _backward(ctx, grad):
-    likes = [torch.empty(0, dtype=d, device=dev).new_empty(s).contiguous(memory_format=f) for s, d, dev, f in ctx.shapes]
+    likes = [_shape_carrier(s, d, dev, f) for s, d, dev, f in ctx.shapes]
     grads = _multiscale_backward_op(grad, likes, ctx.scales, ctx.backend)
     return list(grads), None, None
 
@@ -146,7 +152,7 @@ class _MultiscaleEager(torch.autograd.Function):
         grads, c0 = [], 0
         for (c, h, w, dtype, fmt), s, need in zip(ctx.shapes, ctx.scales, ctx.needs_input_grad[2:]):
             if need:
-                like = grad.new_empty((grad.shape[0], c, h, w), dtype=dtype).contiguous(memory_format=fmt)
+                like = _shape_carrier((grad.shape[0], c, h, w), dtype, grad.device, fmt)
                 grads.append(_run_bwd(grad, c0, like, s, ctx.backend))
             else:
                 grads.append(None)
