@@ -641,8 +641,9 @@ _gates_fwd.register_autograd(_gates_backward, setup_context=_gates_setup_context
 class _GatesEager(torch.autograd.Function):
     """The same forward and backward as ``disseg::gates_fwd`` / ``gates_bwd``, for eager
     mode only: a custom-op call with a list of parameters and of saved statistics costs
-    ~0.5 ms of Python (pytree flattening, dispatcher round trips) per forward+backward of
-    the CBAT chain, more than its GPU work at the model's shapes. torch.compile traces
+    ~0.25 ms more Python (pytree flattening, dispatcher round trips) per forward+backward
+    of the CBAT chain (1.02 against 0.76 ms, benchmarks/bench_host_overhead.py), more
+    than its GPU work at the model's shapes. torch.compile traces
     the custom ops (``_fused_gates`` picks by ``_backend.use_custom_op()``)."""
 
     @staticmethod

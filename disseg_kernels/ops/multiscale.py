@@ -136,8 +136,8 @@ _multiscale_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _MultiscaleEager(torch.autograd.Function):
     """The same forward and backward as ``disseg::multiscale_concat`` and its backward op,
-    for eager mode only (no custom-op dispatch of two tensor lists, no shape-carrier
-    tensors in backward). torch.compile traces the custom ops (``_multiscale_fused`` picks
+    for eager mode only (no custom-op dispatch of two tensor lists; shape carriers only for
+    the inputs that need a gradient). torch.compile traces the custom ops (``_multiscale_fused`` picks
     by ``_backend.use_custom_op()``)."""
 
     @staticmethod

@@ -90,9 +90,9 @@ _telu_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _TeluEager(torch.autograd.Function):
     """The same forward and backward as ``disseg::telu`` / ``telu_backward``, for eager
-    mode only: a custom-op call with autograd costs ~4× the Python of one
-    ``Function.apply`` (~75 µs against ~20 µs per forward+backward on this machine's
-    cores), more than the GPU work of a (8, 64, 128, 128) map. torch.compile traces the
+    mode only: through the custom op a forward+backward costs 96 µs of Python against 61 µs
+    through one ``Function.apply`` (this CPU, Triton launch stubbed:
+    benchmarks/bench_host_overhead.py), more than the GPU work of a (8, 64, 128, 128) map. torch.compile traces the
     custom ops (``_telu_fused`` picks by ``_backend.use_custom_op()``)."""
 
     @staticmethod
