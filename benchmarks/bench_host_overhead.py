@@ -44,8 +44,8 @@ NO_LAUNCH = {
     "view", "_unsafe_view", "expand", "squeeze", "unsqueeze", "t", "transpose", "permute", "detach", "alias",
     "slice", "select", "as_strided", "reshape", "_reshape_alias", "split", "unbind", "flatten", "unflatten",
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "sym_size",
-    "sym_stride", "is_same_size", "_to_copy_meta", "contiguous",
-}
+    "sym_stride", "is_same_size", "contiguous", "to",
+}  # contiguous / to / reshape copy only sometimes: their children (clone, _to_copy) count then
 OPS = ("telu", "ca", "sa", "cbam", "elat", "cbat", "multiscale", "window_attention", "cdfa", "dispersive", "stage2")
 FAMILY = {"ca": "gates", "sa": "gates", "cbam": "gates", "elat": "gates", "cbat": "gates", "cdfa": "window_attention",
           "stage2": "gates"}
@@ -54,14 +54,16 @@ FIELDS = ["op", "path", "fwd_us", "fwd_bwd_us", "fwd_ops", "fwd_bwd_ops", "launc
 _LAUNCHES = collections.Counter()
 
 
+def _counting_run(self, *args, **kwargs):
+    """Stands in for ``InterpretedFunction.run``: counts the launch, computes nothing."""
+    _LAUNCHES["triton"] += 1
+
+
 def _stub_triton_launches() -> None:
     """Replace every interpreted Triton launch by a counter (TRITON_INTERPRET=1 only)."""
     import triton.runtime.interpreter as interp
 
-    def run(self, *args, **kwargs):
-        _LAUNCHES["triton"] += 1
-
-    interp.InterpretedFunction.run = run
+    interp.InterpretedFunction.run = _counting_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cases(op, backend, device, fused):
-    """(fn, inputs, grad_out): fn(*inputs) -> tensor, at a tiny model-like shape."""
+def _cases(op, backend, device, fused, encoder="resnet50"):
+    """(fn, inputs): fn(*inputs) -> tensor, at a tiny model-like shape (``encoder``: the
+    stage2 case's)."""
     import torch
 
     import disseg_kernels as dk
@@ -117,7 +120,7 @@ def _cases(op, backend, device, fused):
         from models import build_model
 
         torch.manual_seed(0)
-        model = build_model(stage=2, encoder="resnet50", fused=fused).to(device)
+        model = build_model(stage=2, encoder=encoder, fused=fused).to(device)
 
         def step(x):
             out = model(x)

@@ -1,0 +1,70 @@
+"""The fusion, counted: how many device operations one call of each fused op issues on
+the Triton path (``benchmarks/bench_host_overhead.py``'s counter: Triton launches plus
+every non-view ATen op, from the profiler's op tree). At the model's shapes on a GPU a
+fused op costs what its launches and their Python cost, so a change that adds operations
+to a fused path fails here and must raise the bound on purpose. Runs under the Triton
+interpreter with the launches stubbed (they compute nothing: only the counts are read)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from disseg_kernels import _backend
+
+pytestmark = pytest.mark.skipif(
+    _backend.unavailable_reason("gates", "triton", torch.device("cpu")) is not None,
+    reason="needs the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, no GPU)",
+)
+
+# op -> (fwd ops, fwd+bwd ops, fwd Triton launches, fwd+bwd Triton launches), as measured
+# when the autograd.Function paths and the one-program dispersive epilogue landed; eager
+# PyTorch in brackets: cbat (38, 120), telu (3, 9), multiscale (3, 11),
+# window_attention (5, 14), dispersive (6, 21).
+BOUNDS = {
+    "cbat": (11, 42, 11, 24),
+    "telu": (1, 3, 1, 2),
+    "multiscale": (3, 11, 3, 5),
+    "window_attention": (1, 5, 1, 3),
+    "dispersive": (3, 7, 2, 3),
+}
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    import triton.runtime.interpreter as interp
+
+    from benchmarks import bench_host_overhead as bho
+
+    monkeypatch.setattr(interp.InterpretedFunction, "run", bho._counting_run)
+    monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("triton",))  # the model's "auto" picks Triton
+    return bho
+
+
+@pytest.mark.parametrize("op", sorted(BOUNDS))
+def test_fused_op_device_operations(stubbed, op):
+    """Each fused op's forward and forward+backward issue at most the counted operations,
+    and fewer than eager PyTorch's (the multi-scale concat as many: one launch per input
+    either way and a zero fill per upsampled input's gradient; its gain is bytes)."""
+    fn, inputs = stubbed._cases(op, "triton", "cpu", True)
+    grad_out = torch.ones_like(fn(*inputs).detach())
+    fn(*inputs).backward(grad_out)  # as in training: the gradients exist and accumulate
+    fwd, launches_fwd = stubbed._count_ops(fn, inputs, grad_out, False)
+    both, launches_both = stubbed._count_ops(fn, inputs, grad_out, True)
+    counted = (fwd, both, launches_fwd, launches_both)
+    assert all(c <= b for c, b in zip(counted, BOUNDS[op])), (op, counted, BOUNDS[op])
+    efn, einputs = stubbed._cases(op, "triton", "cpu", False)
+    efn(*einputs).backward(grad_out)
+    eager, _ = stubbed._count_ops(efn, einputs, grad_out, True)
+    assert both < eager or (op == "multiscale" and both == eager), (op, both, eager)
+
+
+def test_stage2_step_issues_fewer_operations_than_plain(stubbed):
+    """A whole Stage II training step (ResNet-18 encoder, 32×32) with the fused ops issues
+    at most 0.7× the device operations of the plain model (ResNet-50: 2,211 vs 3,334)."""
+    counts = {}
+    for fused in (False, True):
+        fn, inputs = stubbed._cases("stage2", "triton", "cpu", fused, encoder="resnet18")
+        fn(*inputs).backward()
+        counts[fused], _ = stubbed._count_ops(fn, inputs, None, True)
+    assert counts[True] <= 0.7 * counts[False], counts
