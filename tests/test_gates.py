@@ -99,11 +99,15 @@ def test_gate_gradcheck_float64(name):
 def test_gate_half_within_eager_error(name, dtype):
     """bf16/fp16: the fused error against float32 is at most 2× eager's own (plus a floor)."""
     torch.manual_seed(3)
-    module = MODULES[name](17, backend="cpu")
-    x32 = torch.randn(2, 17, 8, 10)
-    go32 = torch.randn(2, 17, 8, 10)
+    _check_half_within_eager_error(name, dtype, "cpu", torch.randn(2, 17, 8, 10), torch.randn(2, 17, 8, 10))
+
+
+def _check_half_within_eager_error(name, dtype, backend, x32, go32):
+    """The fused module in ``dtype`` is at most 2× eager's own error (plus 1e-3) against
+    the float32 eager module with the same weights, for the output and dx."""
+    module = MODULES[name](17, backend=backend).to(x32.device)
     ref_y, ref_gx, _ = _run(_set_fused(module, False), x32, go32)
-    half = MODULES[name](17, backend="cpu").to(dtype)
+    half = MODULES[name](17, backend=backend).to(x32.device, dtype)
     half.load_state_dict({k: v.to(dtype) for k, v in module.state_dict().items()})
     eager_y, eager_gx, _ = _run(_set_fused(half, False), x32.to(dtype), go32.to(dtype))
     fused_y, fused_gx, _ = _run(_set_fused(half, True), x32.to(dtype), go32.to(dtype))
@@ -777,21 +781,10 @@ def test_cuda_gates_half_within_eager_error(_no_tf32, dtype, name, channels_last
     """bf16/fp16 on backend="cuda": the error against float32 is at most 2× eager's own."""
     torch.manual_seed(32)
     shape = (2, 17, 12, 10)
-    module = MODULES[name](17, backend="cuda").cuda()
     x32 = torch.randn(shape, device="cuda")
     if channels_last:
         x32 = x32.to(memory_format=torch.channels_last)
-    go32 = torch.randn(shape, device="cuda")
-    ref_y, ref_gx, _ = _run(_set_fused(module, False), x32, go32)
-    half = MODULES[name](17, backend="cuda").cuda().to(dtype)
-    half.load_state_dict({k: v.to(dtype) for k, v in module.state_dict().items()})
-    eager_y, eager_gx, _ = _run(_set_fused(half, False), x32.to(dtype), go32.to(dtype))
-    fused_y, fused_gx, _ = _run(_set_fused(half, True), x32.to(dtype), go32.to(dtype))
-    assert fused_y.dtype == dtype and fused_gx.dtype == dtype
-    for fused, eager, ref in ((fused_y, eager_y, ref_y), (fused_gx, eager_gx, ref_gx)):
-        e_fused = (fused.float() - ref).abs().max().item()
-        e_eager = (eager.float() - ref).abs().max().item()
-        assert e_fused <= 2 * e_eager + 1e-3, (e_fused, e_eager)
+    _check_half_within_eager_error(name, dtype, "cuda", x32, torch.randn(shape, device="cuda"))
 
 
 @requires_cuda
