@@ -42,7 +42,7 @@ from benchmarks.bench_dispersive import _RssSampler, machine_name
 from models import FUSED_OPS, DispersiveConfig, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("plain", "fused", "compiled")
+MODES = ("plain", "fused", "compiled", "fused_compiled")  # compiled: torch.compile of plain; fused_compiled: of fused
 
 # device -> quick -> (encoder, batch, size, warmup, steps)
 PRESETS = {
@@ -88,14 +88,14 @@ AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def run_case(
     stage: int, mode: str, encoder: str, batch: int, size: int, warmup: int, steps: int, device: str,
-    amp: str = "none", channels_last: bool = False, profile: int = 0,
+    amp: str = "none", channels_last: bool = False, profile: int = 0, compile_mode: str = "default",
 ) -> dict:
     """One (stage, mode) case in this process; returns its row. ``amp``: autocast dtype
     (fp16 with a GradScaler); every step's loss must be finite. ``profile`` > 0: one more
     forward+backward under torch.profiler, its ``profile`` most expensive kernels (CUDA)
     or ops (CPU) in ``row["profile"]``."""
     torch.manual_seed(0)
-    model = build_model(stage, encoder=encoder, fused=(mode == "fused"), dispersive=DispersiveConfig())
+    model = build_model(stage, encoder=encoder, fused=mode.startswith("fused"), dispersive=DispersiveConfig())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).train()
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
@@ -109,8 +109,9 @@ def run_case(
     target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
     run = model
     compile_s = float("nan")
-    if mode == "compiled":
-        run = torch.compile(model)
+    compiled = mode.endswith("compiled")
+    if compiled:
+        run = torch.compile(model, mode=compile_mode)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     fwd, bwd, step = [], [], []
@@ -130,7 +131,7 @@ def run_case(
         t3 = time.perf_counter()
         if not torch.isfinite(loss):
             raise RuntimeError(f"stage {stage} {mode}: non-finite loss {loss.item()} at step {i}")
-        if i == 0 and mode == "compiled":
+        if i == 0 and compiled:
             compile_s = t3 - t0
         if i >= warmup:
             fwd.append(t1 - t0)
@@ -153,7 +154,7 @@ def run_case(
             forward_loss().backward()
         peak = rss.extra
     opt.zero_grad(set_to_none=True)
-    saved = saved_bytes(model, x) if mode != "compiled" else float("nan")
+    saved = saved_bytes(model, x) if not compiled else float("nan")
     top = []
     if profile > 0:
         from torch.profiler import ProfilerActivity
@@ -256,17 +257,20 @@ def write_results(rows, header: dict, device: str, quick: bool, out_dir: Path) -
             f"{r['bwd_ms']:.0f} | {r['step_ms']:.0f} ({r['step_ms_min']:.0f}–{r['step_ms_max']:.0f}) | "
             f"{r['images_per_s']:.2f} | {r['peak_fwd_bwd_mb']:.0f} | {r['saved_for_backward_mb']:.0f} |"
         )
-    lines += ["", "## fused / plain", "", "| stage | step time × | images/s × | peak memory × | saved for bwd × |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "## each mode / plain", "", "| stage | mode | step time × | images/s × | peak memory × | saved for bwd × |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
     by = {(r["stage"], r["mode"]): r for r in rows}
     for stage in sorted({r["stage"] for r in rows}):
-        p, f = by.get((stage, "plain")), by.get((stage, "fused"))
-        if p and f:
-            lines.append(
-                f"| {stage} | {f['step_ms'] / p['step_ms']:.2f} | {f['images_per_s'] / p['images_per_s']:.2f} | "
-                f"{f['peak_fwd_bwd_mb'] / max(p['peak_fwd_bwd_mb'], 1e-9):.2f} | "
-                f"{f['saved_for_backward_mb'] / max(p['saved_for_backward_mb'], 1e-9):.2f} |"
-            )
+        p = by.get((stage, "plain"))
+        for mode in MODES[1:]:
+            f = by.get((stage, mode))
+            if p and f:
+                lines.append(
+                    f"| {stage} | {mode} | {f['step_ms'] / p['step_ms']:.2f} | "
+                    f"{f['images_per_s'] / p['images_per_s']:.2f} | "
+                    f"{f['peak_fwd_bwd_mb'] / max(p['peak_fwd_bwd_mb'], 1e-9):.2f} | "
+                    f"{f['saved_for_backward_mb'] / max(p['saved_for_backward_mb'], 1e-9):.2f} |"
+                )
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -278,6 +282,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--stages", default="1,2", help="comma-separated, e.g. 2")
     ap.add_argument("--modes", default="plain,fused", help=f"comma-separated among {MODES}")
     ap.add_argument("--compile", action="store_true", help="add the 'compiled' mode (torch.compile of plain)")
+    ap.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                    help="torch.compile mode of the compiled modes (reduce-overhead: CUDA graphs)")
     ap.add_argument("--encoder", choices=("resnet18", "resnet34", "resnet50"))
     ap.add_argument("--batch", type=int)
     ap.add_argument("--size", type=int)
@@ -323,6 +329,7 @@ def main(argv=None) -> list[dict]:
         "config": (
             f"{enc}, batch {batch}, {size}×{size}, warmup {warmup}, {steps} timed steps, "
             f"amp {args.amp}, {'channels_last' if args.channels_last else 'contiguous'}, Adam"
+            + (f", torch.compile mode {args.compile_mode}" if any(m.endswith("compiled") for m in modes) else "")
         ),
         "command": "python -m benchmarks.bench_models " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -331,14 +338,14 @@ def main(argv=None) -> list[dict]:
         for mode in modes:
             case = dict(stage=stage, mode=mode, encoder=enc, batch=batch, size=size, warmup=warmup,
                         steps=steps, device=args.device, amp=args.amp, channels_last=args.channels_last,
-                        profile=args.profile)
+                        profile=args.profile, compile_mode=args.compile_mode)
             if args.device == "cpu" and not args.no_isolate:
                 row = _case_in_subprocess(json.dumps(case))
             else:
                 row = run_case(**case)
             rows.append(row)
             print(
-                f"stage {stage} {mode:8s} fwd {row['fwd_ms']:8.0f} ms  bwd {row['bwd_ms']:8.0f} ms  "
+                f"stage {stage} {mode:14s} fwd {row['fwd_ms']:8.0f} ms  bwd {row['bwd_ms']:8.0f} ms  "
                 f"step {row['step_ms']:8.0f} ms  {row['images_per_s']:7.2f} img/s  "
                 f"peak {row['peak_fwd_bwd_mb']:7.0f} MB  saved {row['saved_for_backward_mb']:7.0f} MB",
                 flush=True,

@@ -119,6 +119,12 @@ class TrainConfig:
     threads: int = _f(0, "torch intra-op CPU threads (0: torch's default)", group="machinery")
     save_every_steps: int = _f(0, "also write last.pt every N training steps (0: end of epoch only)",
                                group="machinery")
+    channels_last: bool = _f(False, "model and batches in channels_last (NHWC) memory format: the "
+                             "faster convolution layout on tensor-core GPUs; every fused op reads it "
+                             "without a copy", group="machinery")
+    compile: str = _f("none", "torch.compile the training network with this mode (reduce-overhead: "
+                      "also CUDA graphs on a GPU); validation and checkpoints use the plain module",
+                      ["none", "default", "reduce-overhead", "max-autotune"], "machinery")
     progress: bool = _f(True, "tqdm progress bar", group="machinery")
     empty_policy: str = _f("nan", "metrics when prediction and mask are both empty: nan (skip) "
                            "or one (score 1)", ["nan", "one"], "machinery")

@@ -368,7 +368,7 @@ class Trainer:
 
         set_determinism(cfg)
         seed_everything(cfg.seed)
-        self.model = build_model_from_config(cfg).to(self.device)
+        self.model = build_model_from_config(cfg).to(self.device, memory_format=self._memory_format)
         if cfg.sync_bn:
             self.model = convert_sync_batchnorm(self.model, self.device)
         if cfg.pretrained and ckpt is None:
@@ -404,6 +404,10 @@ class Trainer:
                        else "broadcast_buffers")  # renamed in torch 2.12
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                            **{sync_kw: not cfg.sync_bn})
+        if cfg.compile != "none":
+            # after DDP, as torch recommends (DDP's bucketing splits the graph); the module,
+            # its state_dict and the checkpoints stay the uncompiled ones
+            self.net = torch.compile(self.net, mode=cfg.compile)
         self._disp_rows: list[torch.Tensor] = []
         if cfg.dispersive and (cfg.ddp or self.bank is not None):
             self.model.set_dispersive_fn(self._dispersive)
@@ -552,9 +556,16 @@ class Trainer:
             save_checkpoint(self.state(), self.last_path)
 
     # ---------------------------------------------------------------- steps
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         cfg = self.cfg
         total = self.dist.sum
+        x = x.contiguous(memory_format=self._memory_format)
+        if cfg.compile == "reduce-overhead" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free
         with autocast_context(self.device, cfg.amp):
             out = self.net(D.normalize(x, cfg.normalize))
             if cfg.stage == 1:
@@ -562,7 +573,7 @@ class Trainer:
                 # whatever the batch composition or the process that holds the sample
                 gens = [torch.Generator().manual_seed(D.mix_seed(cfg.seed, self.epoch, int(i), 0x57A6E1))
                         for i in idx]
-                xs = D.strong_photometric(x, self.photo, gens)
+                xs = D.strong_photometric(x, self.photo, gens).contiguous(memory_format=self._memory_format)
                 out_aug = self.net(D.normalize(xs, cfg.normalize))
         if cfg.stage == 1:
             loss, parts = stage1_loss(out, out_aug, y, cfg.disp_weight, total=total)
@@ -623,7 +634,7 @@ class Trainer:
         loader = self._loader(self.val_ds, self.val_sampler)
         total, n, rows = 0.0, 0, []
         for x, y, idx in loader:
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device).contiguous(memory_format=self._memory_format), y.to(self.device)
             with autocast_context(self.device, cfg.amp):
                 out = self.model(D.normalize(x, cfg.normalize))
             total += float(dice_bce(out.mask, y)) * x.shape[0]

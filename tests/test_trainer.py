@@ -263,3 +263,46 @@ def test_plot_skipped_without_matplotlib(monkeypatch, capsys, tmp_path):
     assert plot_curves([{"epoch": 1}], str(tmp_path / "c.png")) is False
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "matplotlib" in err
+
+
+def test_channels_last_step_matches_contiguous(tiny_data, tmp_path):
+    """--channels-last: the model's convolution weights and the batches are NHWC, and the
+    first two Stage II steps (fused ops included) give the contiguous run's losses within
+    float32 rounding (the layouts only reorder the convolutions' sums)."""
+    losses = {}
+    for cl in (False, True):
+        t = Trainer(_cfg(tiny_data, tmp_path / f"cl{cl}", stage=2, channels_last=cl), log=lambda s: None)
+        t.setup()
+        convs = [m.weight for m in t.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) == cl for w in convs)
+        x, y, idx = next(iter(t._loader(t.train_ds, t.sampler)))
+        losses[cl] = [t.train_step(x, y, idx)[0] for _ in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_compile_trains_the_same_and_saves_plain_keys(tiny_data, tmp_path, monkeypatch):
+    """--compile MODE: the training network is torch.compile(model, mode=MODE); the first
+    step's loss equals the eager one, and the checkpoint holds the plain module's keys (no
+    `_orig_mod.` prefix), so it loads without --compile. Compiled with the aot_eager
+    backend here (inductor's C++ build takes minutes on this CPU): what is tested is the
+    trainer's wiring, torch.compile itself is torch's."""
+    modes = []
+    real = torch.compile
+
+    def compile_aot_eager(model, mode=None, **kw):
+        modes.append(mode)
+        return real(model, backend="aot_eager", **kw)
+
+    ref = Trainer(_cfg(tiny_data, tmp_path / "eager"), log=lambda s: None)
+    ref.setup()
+    x, y, idx = next(iter(ref._loader(ref.train_ds, ref.sampler)))
+    want, _ = ref.train_step(x, y, idx)
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    t = Trainer(_cfg(tiny_data, tmp_path / "compiled", compile="max-autotune"), log=lambda s: None)
+    t.setup()
+    assert modes == ["max-autotune"] and t.net is not t.model
+    got, _ = t.train_step(x, y, idx)
+    assert got == pytest.approx(want, rel=1e-5)
+    t.save_last()
+    saved = load_checkpoint(str(tmp_path / "compiled" / "last.pt"))["model"]
+    assert list(saved) == list(ref.model.state_dict())

@@ -112,6 +112,9 @@ STAGES=(
   "ddp_smoke|60|rm -rf /tmp/ddp_smoke; DISSEG_TRITON_AUTOTUNE=0 $PY -m torch.distributed.run --nproc_per_node=1 -m models.cli train --ddp --sync-bn --device cuda --encoder resnet18 --size 64 --synth-size 64 --synth-train 16 --synth-val 4 --batch-size 4 --epochs 1 --disp-bank 8 --no-progress --out /tmp/ddp_smoke"
   # (16384, 256) against eager and torch.compile, now with the CUDA backend too
   "bench_dispersive_bf16_vs_compile|60|$BENCH_D --dtype bfloat16 --repeats 3 --shapes 16384x256 --out-dir benchmarks/results/vs_compile"
+  # Stage II under torch.compile (plain and fused; `disseg train --compile default`), plain
+  # again in the same run for the ratios
+  "bench_models_compiled|150|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,compiled,fused_compiled --tag compiled"
   "tests_triton|150|stage_tests triton"
   # the gates against torch.compile of the reference (one static graph per case, ~20 s each)
   "bench_gates_vs_compile|120|$PY -m benchmarks.bench_gates --device cuda --ops cbat,elat --repeats 10 --sizes $GATES_COMPILE_SIZES --out benchmarks/results/vs_compile"
@@ -120,6 +123,8 @@ STAGES=(
   "bench_dispersive_bf16|80|$BENCH_D --dtype bfloat16 --repeats 2 --no-compile --shapes $SWEEP"
   # the memory-bank loss (fused Triton row statistics vs PyTorch tiles vs the formula)
   "bench_bank|60|$PY -m benchmarks.bench_dispersive_distributed --bank --device cuda --reps 5"
+  # the usual GPU training setting: bf16 autocast, channels_last (`--amp bf16 --channels-last`)
+  "bench_models_bf16_cl|80|$PY -m benchmarks.bench_models --device cuda --stages 2 --amp bf16 --channels-last"
   "bench_dispersive_fp32|90|$BENCH_D --dtype float32 --repeats 2 --no-compile --shapes $SWEEP"
   "bench_dispersive_fp32_vs_compile|50|$BENCH_D --dtype float32 --repeats 3 --shapes 16384x256 --out-dir benchmarks/results/vs_compile"
   # a subset by name only (ONLY=gates_tests,...): the gate ops' GPU tests alone

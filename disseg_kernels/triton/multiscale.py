@@ -2,9 +2,12 @@
 
 Forward: one program per (b, c) plane and block of output pixels of one input, reading
 that input's four bilinear taps (align_corners=True) and writing straight into its
-channel slice of the output. Backward: each output pixel of the slice adds its four
-weighted taps into a float32 buffer of the input's size (atomics). Strided indexing
-throughout (NCHW or channels_last); int64 index arithmetic.
+channel slice of the output. Backward: a gather, as csrc/multiscale.cu's (no atomics, so
+deterministic; no zero-filled float32 buffer, no cast): one program per (b, c) plane and
+block of input pixels, each summing the weighted output gradients of the output rows and
+columns whose taps reach it, found from a candidate range and tested with the forward's
+own tap arithmetic, and writing the input's gradient once, in its dtype and layout.
+Strided indexing throughout (NCHW or channels_last); int64 index arithmetic.
 """
 
 from __future__ import annotations
@@ -44,29 +47,51 @@ def _up_fwd_kernel(x_ptr, out_ptr, C, Hi, Wi, H, W, scale_h, scale_w,
 
 
 @triton.jit
-def _up_bwd_kernel(g_ptr, acc_ptr, C, Hi, Wi, H, W, scale_h, scale_w,
-                   gsB, gsC, gsH, gsW, c0, BLOCK: tl.constexpr):
+def _tap_weight(o, k, n_in, scale):
+    """The weight of input index k in output index o's two taps (the forward's arithmetic),
+    and whether k is one of them."""
+    src = scale * o.to(tl.float32)
+    i0 = tl.minimum(src.to(tl.int64), n_in - 1)
+    i1 = tl.where(i0 < n_in - 1, i0 + 1, i0)
+    lam = src - i0.to(tl.float32)
+    w = tl.where(i0 == k, 1.0 - lam, 0.0) + tl.where(i1 == k, lam, 0.0)
+    return w, (i0 == k) | (i1 == k)
+
+
+@triton.jit
+def _first_candidate(k, n_in, n_out):
+    """The first output index that may have a tap on input index k (csrc/multiscale.cu's
+    ``candidates``: a superset, the tap test decides)."""
+    lo = ((k - 1) * (n_out - 1)) // tl.maximum(n_in - 1, 1) - 1
+    return tl.where((k >= 1) & (n_in > 1), tl.maximum(lo, 0), 0)
+
+
+@triton.jit
+def _up_bwd_kernel(g_ptr, gin_ptr, C, Hi, Wi, H, W, scale_h, scale_w, NH, NW,
+                   gsB, gsC, gsH, gsW, isB, isC, isH, isW, c0, BLOCK: tl.constexpr):
     bc = tl.program_id(0).to(tl.int64)
     b = bc // C
     c = bc % C
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < H * W
-    oh = offs // W
-    ow = offs % W
-    src_h = scale_h * oh.to(tl.float32)
-    src_w = scale_w * ow.to(tl.float32)
-    h0 = tl.minimum(src_h.to(tl.int64), Hi - 1)
-    w0 = tl.minimum(src_w.to(tl.int64), Wi - 1)
-    h1 = tl.where(h0 < Hi - 1, h0 + 1, h0)
-    w1 = tl.where(w0 < Wi - 1, w0 + 1, w0)
-    lh = src_h - h0.to(tl.float32)
-    lw = src_w - w0.to(tl.float32)
-    g = tl.load(g_ptr + b * gsB + (c0 + c) * gsC + oh * gsH + ow * gsW, mask=mask, other=0.0).to(tl.float32)
-    plane = acc_ptr + bc * Hi * Wi
-    tl.atomic_add(plane + h0 * Wi + w0, (1.0 - lh) * (1.0 - lw) * g, mask=mask)
-    tl.atomic_add(plane + h0 * Wi + w1, (1.0 - lh) * lw * g, mask=mask)
-    tl.atomic_add(plane + h1 * Wi + w0, lh * (1.0 - lw) * g, mask=mask)
-    tl.atomic_add(plane + h1 * Wi + w1, lh * lw * g, mask=mask)
+    mask = offs < Hi * Wi
+    hi = offs // Wi
+    wi = offs % Wi
+    oh_lo = _first_candidate(hi, Hi, H)
+    ow_lo = _first_candidate(wi, Wi, W)
+    g_plane = g_ptr + b * gsB + (c0 + c) * gsC
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, NH):
+        oh = oh_lo + i
+        wh, hit_h = _tap_weight(oh, hi, Hi, scale_h)
+        hit_h = hit_h & mask & (oh < H)
+        row = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in range(0, NW):
+            ow = ow_lo + j
+            ww, hit_w = _tap_weight(ow, wi, Wi, scale_w)
+            g = tl.load(g_plane + oh * gsH + ow * gsW, mask=hit_h & hit_w & (ow < W), other=0.0).to(tl.float32)
+            row += ww * g
+        acc += wh * row
+    tl.store(gin_ptr + b * isB + c * isC + hi * isH + wi * isW, acc.to(gin_ptr.dtype.element_ty), mask=mask)
 
 
 def _scale(i, o):
@@ -89,11 +114,22 @@ def multiscale_fwd_triton(tensors, scales):
     return out
 
 
+def _n_candidates(n_in: int, n_out: int) -> int:
+    """An upper bound on the output indices that have a tap on one input index."""
+    if n_in <= 1:
+        return n_out
+    return min(n_out, (2 * (n_out - 1) + n_in - 2) // (n_in - 1) + 4)
+
+
 def multiscale_bwd_triton(grad, c0, like):
+    """The gradient of the input ``like`` stands for (its shape, dtype and layout): a gather
+    over the output pixels whose taps reach each input pixel."""
     b, c, hi, wi = like.shape
     h, w = grad.shape[2], grad.shape[3]
-    acc = torch.zeros((b, c, hi, wi), dtype=torch.float32, device=grad.device)
-    if b * c and h * w:
-        grid = (b * c, triton.cdiv(h * w, _BLOCK))
-        _up_bwd_kernel[grid](grad, acc, c, hi, wi, h, w, _scale(hi, h), _scale(wi, w), *grad.stride(), c0, BLOCK=_BLOCK)
-    return acc.to(like.dtype).contiguous(memory_format=torch.channels_last if (like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()) else torch.contiguous_format)
+    gin = torch.empty_like(like)
+    if b * c and hi * wi:
+        grid = (b * c, triton.cdiv(hi * wi, _BLOCK))
+        _up_bwd_kernel[grid](grad, gin, c, hi, wi, h, w, _scale(hi, h), _scale(wi, w),
+                             _n_candidates(hi, h), _n_candidates(wi, w), *grad.stride(), *gin.stride(), c0,
+                             BLOCK=_BLOCK)
+    return gin
