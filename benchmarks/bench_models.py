@@ -154,7 +154,8 @@ def run_case(
             forward_loss().backward()
         peak = rss.extra
     opt.zero_grad(set_to_none=True)
-    saved = saved_bytes(model, x) if not compiled else float("nan")
+    with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        saved = saved_bytes(model, x) if not compiled else float("nan")
     top = []
     if profile > 0:
         from torch.profiler import ProfilerActivity
