@@ -51,6 +51,8 @@ FUSED_OPS: dict[str, tuple[str, ...]] = {
         "disseg_kernels.multiscale_concat: CDFA inputs cat(d_k, up2(cdfa_{k+1})) (3)",
         "disseg_kernels.multiscale_concat: decoder blocks cat(up2(x), skip) (3)",
         "disseg_kernels.multiscale_concat: output block cat(x1, up2(x2), up4(x3)) (1)",
+        "disseg_kernels.multiscale_concat: every other bilinear upsample, as a concatenation of one "
+        "input (Stage I head x2..x16 (4); Stage II guide preprocessing, auxiliary branches, output block)",
     ),
     "window_attention": (
         "disseg_kernels.ContrastDrivenFeatureAggregation: cdfa4..cdfa1 (Stage II)",

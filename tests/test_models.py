@@ -162,28 +162,42 @@ def test_fused_matches_plain(stage):
     in float64 is the truth; per tensor (Frobenius), the fused float32 error must be at
     most twice the plain float32 error (+1e-5). A plain elementwise comparison would be
     flaky: train-mode BatchNorm amplifies rounding in gradients near zero (some plain
-    float32 gradients are 1e-3 off the float64 truth)."""
+    float32 gradients are 1e-3 off the float64 truth).
+
+    The plain error is the largest of four: at x, and at three inputs x·(1 + 1e-7·n)
+    (truth recomputed at each). Some gradients sit near a max-pool or ReLU tie that
+    float32 and float64 break differently: in Stage II, dconv2's channel-attention fc1
+    has a plain error of 6e-5 at x and 8e-4 to 1e-3 at three of four such inputs, and
+    the encoder's conv1, downstream of it, 2.7e-5 and 8e-5; one sample of the plain
+    error measures luck, not float32 rounding."""
     plain = STAGES[stage]("resnet18", fused=False)
     fused = STAGES[stage]("resnet18", fused=True)
     fused.load_state_dict(plain.state_dict())
     truth = copy.deepcopy(plain).double()
     x = torch.randn(2, 3, 32, 32)
     target = (torch.rand(2, 1, 32, 32) > 0.5).float()
-    outs, grads = [], []
-    for model, dtype in ((truth, torch.float64), (plain, torch.float32), (fused, torch.float32)):
-        out = model(x.to(dtype))
+    g = torch.Generator().manual_seed(1)
+    x_near = [x * (1 + 1e-7 * torch.randn(x.shape, generator=g)) for _ in range(3)]
+
+    def run(model, xx, dtype):
+        model.zero_grad(set_to_none=True)
+        out = model(xx.to(dtype))
         seg_loss(out, target.to(dtype)).backward()
-        outs.append(out)
-        grads.append(_grads(model))
-    for name, t, p, f in zip(SegOutput._fields, *outs):
+        return out, _grads(model)
+
+    (out_t, grad_t), (out_p, grad_p), (out_f, grad_f) = (
+        run(truth, x, torch.float64), run(plain, x, torch.float32), run(fused, x, torch.float32))
+    near = [(run(truth, xn, torch.float64)[1], run(plain, xn, torch.float32)[1]) for xn in x_near]
+    for name, t, p, f in zip(SegOutput._fields, out_t, out_p, out_f):
         if t is None:
             assert p is None and f is None, name
             continue
         assert _rel(f, t) <= 2 * _rel(p, t) + 1e-5, (name, _rel(f, t), _rel(p, t))
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
-    assert grads[0].keys() == grads[1].keys() == grads[2].keys()
-    for name, t in grads[0].items():
-        err_f, err_p = _rel(grads[2][name], t), _rel(grads[1][name], t)
+    assert grad_t.keys() == grad_p.keys() == grad_f.keys()
+    for name, t in grad_t.items():
+        err_f = _rel(grad_f[name], t)
+        err_p = max([_rel(grad_p[name], t)] + [_rel(gp[name], gt[name]) for gt, gp in near])
         assert err_f <= 2 * err_p + 1e-5, (name, err_f, err_p)
 
 
