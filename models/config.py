@@ -113,7 +113,8 @@ class TrainConfig:
     device: str = _f("auto", "device (auto: cuda if available)", ["auto", "cpu", "cuda"], "machinery")
     amp: str = _f("none", "autocast dtype", ["none", "bf16", "fp16"], "machinery")
     seed: int = _f(0, "seed of everything (data order, augmentation, initialisation)", group="machinery")
-    deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes)",
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes; "
+                             "on CUDA only with --fused)",
                              group="machinery")
     workers: int = _f(0, "data-loading worker processes", group="machinery")
     threads: int = _f(0, "torch intra-op CPU threads (0: torch's default)", group="machinery")

@@ -338,6 +338,10 @@ class Trainer:
             self.dist, self.device = Dist(), resolve_device(cfg.device)
         if not self.dist.main:
             self.log = lambda msg: None
+        if cfg.deterministic and not cfg.fused and self.device.type == "cuda":
+            raise UserError("--deterministic with --no-fused on CUDA: the plain model's bilinear upsampling "
+                            "backward (F.interpolate) has no deterministic CUDA kernel, so torch would stop at "
+                            "the first backward pass; the fused model (--fused, the default) has none of those ops")
         if self.dist.world > 1:
             self.log(f"data parallel: {self.dist.world} processes ({self.dist.backend}), batch "
                      f"{cfg.batch_size} per process = {cfg.batch_size * self.dist.world} per step"

@@ -68,3 +68,46 @@ def test_stage2_step_issues_fewer_operations_than_plain(stubbed):
         fn(*inputs).backward()
         counts[fused], _ = stubbed._count_ops(fn, inputs, None, True)
     assert counts[True] <= 0.7 * counts[False], counts
+
+
+# ATen ops that torch.use_deterministic_algorithms(True) rejects on CUDA (no deterministic
+# CUDA kernel; torch.use_deterministic_algorithms' documentation), by overload packet name.
+NONDETERMINISTIC_ON_CUDA = {
+    "upsample_linear1d_backward", "upsample_bilinear2d_backward", "upsample_bicubic2d_backward",
+    "upsample_trilinear3d_backward", "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward",
+    "adaptive_max_pool2d_backward", "adaptive_max_pool3d_backward", "avg_pool3d_backward",
+    "max_pool3d_with_indices_backward", "fractional_max_pool2d_backward", "fractional_max_pool3d_backward",
+    "reflection_pad1d_backward", "reflection_pad2d_backward", "reflection_pad3d_backward",
+    "replication_pad1d_backward", "replication_pad2d_backward", "replication_pad3d_backward",
+    "grid_sampler_2d_backward", "grid_sampler_3d_backward", "embedding_bag_backward", "_embedding_bag_backward",
+    "histc", "bincount", "kthvalue", "median", "nanmedian", "ctc_loss_backward", "_ctc_loss_backward",
+    "max_unpool2d", "max_unpool3d",
+}
+
+
+def _aten_ops_of_step(fn, inputs) -> set[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn(*inputs).backward()
+    return seen
+
+
+def test_stage2_step_runs_under_cuda_deterministic_mode(stubbed):
+    """The fused Stage II training step (the GPU's Triton path: "auto" picks Triton, the
+    launches stubbed) issues no ATen op that torch's deterministic mode rejects on CUDA,
+    so `disseg train --deterministic` can run it on a GPU; the plain model cannot (its
+    F.interpolate backward, upsample_bilinear2d_backward, accumulates with atomics)."""
+    ops = {}
+    for fused in (False, True):
+        fn, inputs = stubbed._cases("stage2", "triton", "cpu", fused, encoder="resnet18")
+        ops[fused] = _aten_ops_of_step(fn, inputs)
+    assert not ops[True] & NONDETERMINISTIC_ON_CUDA, sorted(ops[True] & NONDETERMINISTIC_ON_CUDA)
+    assert "upsample_bilinear2d_backward" in ops[False]

@@ -306,3 +306,17 @@ def test_compile_trains_the_same_and_saves_plain_keys(tiny_data, tmp_path, monke
     t.save_last()
     saved = load_checkpoint(str(tmp_path / "compiled" / "last.pt"))["model"]
     assert list(saved) == list(ref.model.state_dict())
+
+
+def test_deterministic_plain_on_cuda_is_refused_up_front(tiny_data, tmp_path, monkeypatch):
+    """--deterministic --no-fused on CUDA stops in setup with a message naming both flags
+    (the plain model's F.interpolate backward has no deterministic CUDA kernel: torch would
+    stop at the first backward pass, after the data were loaded); the device is faked, the
+    check runs before anything touches it."""
+    from models import trainer as tr
+    from models.config import UserError
+
+    monkeypatch.setattr(tr, "resolve_device", lambda name: torch.device("cuda"))
+    t = Trainer(_cfg(tiny_data, tmp_path / "det", deterministic=True, fused=False), log=lambda s: None)
+    with pytest.raises(UserError, match="--deterministic with --no-fused on CUDA"):
+        t.setup()

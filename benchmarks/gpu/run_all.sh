@@ -110,6 +110,9 @@ STAGES=(
   # the trainer's DDP path on CUDA: NCCL init with device_id, torch SyncBatchNorm, DDP with
   # device_ids, the bank, rank-0 files (one GPU: one process; several ranks need several GPUs)
   "ddp_smoke|60|rm -rf /tmp/ddp_smoke; DISSEG_TRITON_AUTOTUNE=0 $PY -m torch.distributed.run --nproc_per_node=1 -m models.cli train --ddp --sync-bn --device cuda --encoder resnet18 --size 64 --synth-size 64 --synth-train 16 --synth-val 4 --batch-size 4 --epochs 1 --disp-bank 8 --no-progress --out /tmp/ddp_smoke"
+  # torch.use_deterministic_algorithms(True) on CUDA: the fused Stage II trains (no op without a
+  # deterministic CUDA kernel; tests/test_host_overhead.py checks the op list on the CPU)
+  "deterministic_smoke|45|rm -rf /tmp/det_smoke; $PY -m models.cli train --stage 2 --deterministic --device cuda --encoder resnet18 --size 64 --synth-size 64 --synth-train 16 --synth-val 4 --batch-size 4 --epochs 1 --no-progress --out /tmp/det_smoke"
   # (16384, 256) against eager and torch.compile, now with the CUDA backend too
   "bench_dispersive_bf16_vs_compile|60|$BENCH_D --dtype bfloat16 --repeats 3 --shapes 16384x256 --out-dir benchmarks/results/vs_compile"
   # Stage II under torch.compile (plain and fused; `disseg train --compile default`), plain
