@@ -138,11 +138,12 @@ FULL = [
     ("elat", 8, 64, 256, 256), ("elat", 8, 64, 128, 128),
     ("telu", 8, 64, 256, 256), ("telu", 8, 256, 64, 64),
     ("multiscale", 8, 64, 256, 256), ("multiscale", 8, 128, 64, 64),
+    ("upsample", 8, 64, 128, 128), ("upsample", 8, 128, 64, 64), ("upsample", 8, 256, 32, 32),
 ]
 QUICK = [
     ("ca", 2, 64, 64, 64), ("sa", 2, 64, 64, 64), ("cbam", 2, 64, 64, 64),
     ("cbat", 2, 64, 64, 64), ("cbat", 2, 512, 16, 16), ("elat", 2, 64, 64, 64),
-    ("telu", 2, 64, 128, 128), ("multiscale", 2, 64, 64, 64),
+    ("telu", 2, 64, 128, 128), ("multiscale", 2, 64, 64, 64), ("upsample", 2, 64, 64, 64),
 ]
 MODULES = {
     "ca": lambda c, fused, backend="auto": dk.ChannelAttention(c, fused=fused, backend=backend),
@@ -155,7 +156,7 @@ MODULES = {
 
 
 def _family(op):
-    return op if op in ("telu", "multiscale") else "gates"
+    return {"telu": "telu", "multiscale": "multiscale", "upsample": "multiscale"}.get(op, "gates")
 
 
 def cuda_backend_available(op) -> bool:
@@ -178,6 +179,13 @@ def _make_case(op, b, c, h, w, device, dtype, fused, backend="auto"):
         xs = [t.requires_grad_() for t in xs]
         backend = backend if fused else "reference"
         return (lambda *ts: dk.multiscale_concat(list(ts), [1, 2, 4], backend=backend)), xs
+    if op == "upsample":
+        # A ×2 bilinear upsample to (h, w) (align_corners=True), as the fused model runs every
+        # standalone one: multiscale_concat of one input, against F.interpolate.
+        x = torch.randn(b, c, h // 2, w // 2, device=device, dtype=dtype, requires_grad=True)
+        if fused:
+            return (lambda t: dk.multiscale_concat([t], [2], backend=backend)), [x]
+        return (lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)), [x]
     module = MODULES[op](c, fused, backend).to(device=device, dtype=dtype)
     x = torch.randn(b, c, h, w, device=device, dtype=dtype, requires_grad=True)
     return module, [x]
@@ -255,7 +263,7 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="small shapes (batch 2)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--ops", default="", help="comma-separated subset of ca,sa,cbam,cbat,elat,telu,multiscale")
+    p.add_argument("--ops", default="", help="comma-separated subset of ca,sa,cbam,cbat,elat,telu,multiscale,upsample")
     p.add_argument("--sizes", default="",
                    help="comma-separated BxCxHxW shapes instead of the built-in list, for every op of --ops; "
                         "op:BxCxHxW pins a shape to one op (e.g. 8x64x128x128,elat:8x64x256x256)")
@@ -286,8 +294,8 @@ def select_cases(args) -> list[tuple]:
     """(op, B, C, H, W) from --quick / --ops / --sizes."""
     ops = [o for o in args.ops.split(",") if o] if args.ops else []
     for o in ops:
-        if o not in MODULES and o != "multiscale":
-            raise SystemExit(f"--ops: unknown op {o!r} (one of {sorted(MODULES) + ['multiscale']})")
+        if o not in MODULES and o not in ("multiscale", "upsample"):
+            raise SystemExit(f"--ops: unknown op {o!r} (one of {sorted(MODULES) + ['multiscale', 'upsample']})")
     if not args.sizes:
         cases = QUICK if args.quick else FULL
         return [c for c in cases if not ops or c[0] in ops]
@@ -304,8 +312,11 @@ def select_cases(args) -> list[tuple]:
 
 
 def min_bytes(op, inputs) -> int:
-    """The minimum bytes a forward+backward moves (MIN_MAPS; multiscale: inputs and output, twice)."""
+    """The minimum bytes a forward+backward moves (MIN_MAPS; multiscale: inputs and output,
+    twice; upsample: the input and the 4× output, twice)."""
     in_bytes = sum(t.numel() * t.element_size() for t in inputs)
+    if op == "upsample":
+        return 2 * 5 * in_bytes
     if op == "multiscale":
         b, _, h, w = inputs[0].shape
         out_bytes = b * sum(t.shape[1] for t in inputs) * h * w * inputs[0].element_size()
@@ -490,7 +501,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with_cuda = device == "cuda" and cuda_backend_available(op)
         if with_cuda:
             variants.insert(1, ("fused_cuda", True))
-        if args.graphs and device == "cuda" and op != "multiscale":
+        if args.graphs and device == "cuda" and op not in ("multiscale", "upsample"):
             variants += [("fused_graph", True), ("eager_graph", False)] + ([("fused_cuda_graph", True)] if with_cuda else [])
         res = {}
         for name, fused in variants:
