@@ -85,7 +85,7 @@ stage_tests() {
 
 BENCH_D="$PY -m benchmarks.bench_dispersive --device cuda"
 SWEEP="8x262144,2048x1024,16384x128,65536x128,262144x128"
-GATES_SIZES="cbat:8x64x128x128,cbat:8x256x64x64,cbat:8x512x32x32,cbat:8x1024x16x16,elat:8x64x256x256,elat:8x64x128x128,telu:8x64x256x256"
+GATES_SIZES="cbat:8x64x128x128,cbat:8x256x64x64,cbat:8x512x32x32,cbat:8x1024x16x16,elat:8x64x256x256,elat:8x64x128x128,telu:8x64x256x256,upsample:8x64x128x128,upsample:8x128x64x64"
 GATES_COMPILE_SIZES="cbat:8x64x128x128,elat:8x64x256x256,cbat:8x1024x16x16"
 
 # name | timeout (s) | command. Ordered by priority: a stage that would start with under
