@@ -84,11 +84,21 @@ def saved_bytes(model, x) -> int:
 
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_MALLOC_CACHED = False  # keep_freed_memory() applied in this process (it cannot be undone)
+
+
+def _cache_freed_memory() -> None:
+    global _MALLOC_CACHED
+    from models.trainer import keep_freed_memory
+
+    keep_freed_memory()
+    _MALLOC_CACHED = True
 
 
 def run_case(
     stage: int, mode: str, encoder: str, batch: int, size: int, warmup: int, steps: int, device: str,
     amp: str = "none", channels_last: bool = False, profile: int = 0, compile_mode: str = "default",
+    malloc: str = "system",
 ) -> dict:
     """One (stage, mode) case in this process; returns its row. ``amp``: autocast dtype
     (fp16 with a GradScaler); every step's loss must be finite. ``profile`` > 0: one more
@@ -113,6 +123,34 @@ def run_case(
     if compiled:
         run = torch.compile(model, mode=compile_mode)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def peak_fwd_bwd() -> float:
+        """Peak memory of one forward+backward (gradients included) above the level before."""
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            forward_loss().backward()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            with _RssSampler() as rss:
+                forward_loss().backward()
+            peak = rss.extra
+        opt.zero_grad(set_to_none=True)
+        return peak
+
+    peak = float("nan")
+    if device == "cpu":
+        # The resident-set peak needs the system allocator (with freed memory cached the
+        # resident set stays at its peak and the next step adds nothing): measured on the
+        # first step, before the allocator is switched for the timed steps.
+        if not _MALLOC_CACHED:
+            peak = peak_fwd_bwd()
+        if malloc == "cache":
+            _cache_freed_memory()
 
     fwd, bwd, step = [], [], []
     for i in range(warmup + steps):
@@ -139,21 +177,8 @@ def run_case(
             step.append(t3 - t0)
         del loss
 
-    # Peak memory of one forward+backward (gradients included), after the warm-up.
-    opt.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        forward_loss().backward()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with _RssSampler() as rss:
-            forward_loss().backward()
-        peak = rss.extra
-    opt.zero_grad(set_to_none=True)
+    if device == "cuda":  # peak memory of one forward+backward, after the warm-up
+        peak = peak_fwd_bwd()
     with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         saved = saved_bytes(model, x) if not compiled else float("nan")
     top = []
@@ -292,6 +317,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast dtype (fp16 with GradScaler)")
     ap.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
+    ap.add_argument("--malloc", choices=("cache", "system"), default="cache",
+                    help="CPU: the timed steps with glibc keeping freed memory (the trainer's default, "
+                         "--cpu-malloc cache) or with glibc's defaults; the peak memory is measured before, "
+                         "with the system allocator")
     ap.add_argument("--no-isolate", action="store_true", help="CPU: run the cases in this process")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="", help="appended to the result files' names")
@@ -331,6 +360,8 @@ def main(argv=None) -> list[dict]:
             f"{enc}, batch {batch}, {size}×{size}, warmup {warmup}, {steps} timed steps, "
             f"amp {args.amp}, {'channels_last' if args.channels_last else 'contiguous'}, Adam"
             + (f", torch.compile mode {args.compile_mode}" if any(m.endswith("compiled") for m in modes) else "")
+            + (f", CPU allocator for the timed steps: {args.malloc} (peak memory: first step, system "
+               "allocator)" if args.device == "cpu" else "")
         ),
         "command": "python -m benchmarks.bench_models " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -339,7 +370,7 @@ def main(argv=None) -> list[dict]:
         for mode in modes:
             case = dict(stage=stage, mode=mode, encoder=enc, batch=batch, size=size, warmup=warmup,
                         steps=steps, device=args.device, amp=args.amp, channels_last=args.channels_last,
-                        profile=args.profile, compile_mode=args.compile_mode)
+                        profile=args.profile, compile_mode=args.compile_mode, malloc=args.malloc)
             if args.device == "cpu" and not args.no_isolate:
                 row = _case_in_subprocess(json.dumps(case))
             else:
@@ -353,7 +384,8 @@ def main(argv=None) -> list[dict]:
             )
     header["load average after"] = _loadavg()
     header["tags"] = [
-        t for t in (args.amp if args.amp != "none" else "", "cl" if args.channels_last else "", args.tag) if t
+        t for t in (args.amp if args.amp != "none" else "", "cl" if args.channels_last else "",
+                    "malloc_system" if args.device == "cpu" and args.malloc == "system" else "", args.tag) if t
     ]
     csv_path, md_path = write_results(rows, header, args.device, args.quick, args.out)
     print(f"wrote {csv_path} and {md_path}")

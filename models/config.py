@@ -126,6 +126,9 @@ class TrainConfig:
     compile: str = _f("none", "torch.compile the training network with this mode (reduce-overhead: "
                       "also CUDA graphs on a GPU); validation and checkpoints use the plain module",
                       ["none", "default", "reduce-overhead", "max-autotune"], "machinery")
+    cpu_malloc: str = _f("cache", "CPU training: cache = glibc keeps freed memory for reuse (no page "
+                         "faults on each step's fresh tensors; 10-40%% faster steps here, the resident set "
+                         "stays at its peak), system = glibc's defaults", ["cache", "system"], "machinery")
     progress: bool = _f(True, "tqdm progress bar", group="machinery")
     empty_policy: str = _f("nan", "metrics when prediction and mask are both empty: nan (skip) "
                            "or one (score 1)", ["nan", "one"], "machinery")

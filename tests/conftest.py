@@ -27,3 +27,17 @@ def pytest_configure(config):
     # warn. On a GPU these lanes are equally discarded; the warnings carry no information.
     for message in ("invalid value encountered", "divide by zero encountered", "overflow encountered"):
         config.addinivalue_line("filterwarnings", f"ignore:{message}:RuntimeWarning:triton.runtime.interpreter")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _system_malloc_in_this_process():
+    """The trainer's --cpu-malloc cache changes glibc's malloc for the whole process, for
+    good; the tests that run the trainer in this process must not leave the rest of the
+    suite (gigabyte-sized dispersive tests among them) on it. Its effect is tested in a
+    subprocess (test_trainer.py::test_cpu_malloc_cache_reuses_freed_pages)."""
+    from models import trainer
+
+    real = trainer.keep_freed_memory
+    trainer.keep_freed_memory = lambda: "freed-memory cache not applied inside the test process"
+    yield
+    trainer.keep_freed_memory = real
