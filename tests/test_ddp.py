@@ -182,10 +182,11 @@ def test_two_ddp_steps_match_one_process_with_the_doubled_batch(tiny_data, tmp_p
     assert got["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-5)
     assert other["losses"] == got["losses"]  # every rank holds the global loss
     assert len(got["grads"]) == 2 and set(got["grads"][1]) == set(grads[1])
-    # step 1 starts from the same weights: round-off only. Step 2 starts from weights that
-    # differ by round-off, which can move a max-pooling's argmax between near-equal
-    # values (the spatial gates): 1e-3. A missing global sum is a 1e-1-sized error.
-    for step, rtol in ((0, 1e-4), (1, 1e-3)):
+    # Both steps 1e-3: round-off (sync BN's sums, the all-reduce) can move a max-pooling's
+    # argmax between near-equal values (the gates), even at step 1 from the same weights:
+    # Stage II's dconv1 branch-1 conv gradient moves by 4e-4 to 8e-4 (relative) when the
+    # single-process batch is perturbed by 1e-7. A missing global sum is a 1e-1-sized error.
+    for step, rtol in ((0, 1e-3), (1, 1e-3)):
         for name, g in grads[step].items():
             d = got["grads"][step][name]
             err = (d - g).norm().item()
