@@ -458,12 +458,265 @@ _Pragma("omp simd")
   return dx;
 }
 
+// ---------------------------------------------------------------------------------------
+// ELAT's spatial logit: a K×K, C→1 correlation with zero padding K/2 (K odd; ELAT's
+// composite of three dilated 3×3 convolutions is K = 7), its input gradient (added into
+// dx) and its weight gradient. oneDNN runs this one-output-channel shape at ~15 GFLOP/s
+// here (a (4, 64, 128, 128) forward+backward: ~140 ms); these loops run along the
+// unit-stride axis (w for NCHW, c for channels_last) and vectorise.
+// ---------------------------------------------------------------------------------------
+
+struct Stencil {
+  int64_t B, C, H, W, K, R, sB, sC, sH, sW;
+  bool c_unit;  // channels_last (c has stride 1); else w has stride 1
+};
+
+Stencil stencil_geometry(const at::Tensor& x, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), name, ": x must be a (B, C, H, W) CPU tensor, got ", x.sizes());
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == 1 && w.size(1) == x.size(1) && w.size(2) == w.size(3) && w.size(2) % 2 == 1,
+              name, ": w must be (1, C, K, K) with K odd and C = ", x.size(1), ", got ", w.sizes());
+  Stencil s{x.size(0), x.size(1), x.size(2), x.size(3), w.size(2), w.size(2) / 2,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3), false};
+  if (s.W == 1 || s.sW == 1) {
+    s.sW = 1;
+  } else {
+    TORCH_CHECK(s.C == 1 || s.sC == 1, name, ": x must be contiguous or channels_last, got strides ", x.strides());
+    s.c_unit = true;
+    s.sC = 1;
+  }
+  return s;
+}
+
+// Output indices o of a row whose tap j (offset j − R) lands inside [0, n): [lo, hi).
+inline void tap_range(int64_t j, int64_t R, int64_t n, int64_t& lo, int64_t& hi) {
+  lo = std::max<int64_t>(0, R - j);
+  hi = std::min<int64_t>(n, n + R - j);
+}
+
+// y[b, h, w] = Σ_c Σ_ij wt[c, i, j] · x[b, c, h + i − R, w + j − R], as (B, H·W) in the
+// accumulation type.
+at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w) {
+  const Stencil s = stencil_geometry(x, w, "gates_stencil");
+  const auto acc = acc_type(x);
+  auto y = at::zeros({s.B, s.H * s.W}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_stencil", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    acc_t* yp = y.data_ptr<acc_t>();
+    const int64_t K = s.K, R = s.R, C = s.C, W = s.W;
+    // weights as (C, K, K) for NCHW, (K, K, C) for channels_last: unit stride in the inner loop
+    const at::Tensor wt = s.c_unit ? w[0].permute({1, 2, 0}).to(acc).contiguous() : w[0].to(acc).contiguous();
+    const acc_t* wp = wt.data_ptr<acc_t>();
+    at::parallel_for(0, s.B * s.H, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> row(s.c_unit ? C : W);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / s.H, h = r % s.H;
+        acc_t* out = yp + r * W;
+        if (!s.c_unit) {
+          for (int64_t i = 0; i < K; ++i) {
+            const int64_t hh = h + i - R;
+            if (hh < 0 || hh >= s.H) continue;
+            const scalar_t* xr = xp + b * s.sB + hh * s.sH;
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t* xc = xr + c * s.sC;
+              for (int64_t k = 0; k < W; ++k) row[k] = acc_t(xc[k]);
+              for (int64_t j = 0; j < K; ++j) {
+                const acc_t coef = wp[(c * K + i) * K + j];
+                int64_t lo, hi;
+                tap_range(j, R, W, lo, hi);
+                const acc_t* src = row.data() + (j - R);
+_Pragma("omp simd")
+                for (int64_t o = lo; o < hi; ++o) out[o] += coef * src[o];
+              }
+            }
+          }
+        } else {
+          // per output pixel: the K·K taps' products summed per channel, one reduction at the end
+          for (int64_t o = 0; o < W; ++o) {
+            std::fill(row.begin(), row.end(), acc_t(0));
+            for (int64_t i = 0; i < K; ++i) {
+              const int64_t hh = h + i - R;
+              if (hh < 0 || hh >= s.H) continue;
+              for (int64_t j = 0; j < K; ++j) {
+                const int64_t ww = o + j - R;
+                if (ww < 0 || ww >= W) continue;
+                const scalar_t* xc = xp + b * s.sB + hh * s.sH + ww * s.sW;
+                const acc_t* wc = wp + (i * K + j) * C;
+_Pragma("omp simd")
+                for (int64_t c = 0; c < C; ++c) row[c] += wc[c] * acc_t(xc[c]);
+              }
+            }
+            acc_t sum = 0;
+            for (int64_t c = 0; c < C; ++c) sum += row[c];
+            out[o] = sum;
+          }
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// dx[b, c, h, w] += Σ_ij wt[c, i, j] · g[b, h − i + R, w − j + R] (g: (B, H·W), the
+// accumulation type; dx: x's layout and dtype, updated in place).
+void gates_stencil_grad_input_cpu(at::Tensor& dx, const at::Tensor& w, const at::Tensor& g) {
+  const Stencil s = stencil_geometry(dx, w, "gates_stencil_grad_input_");
+  const auto acc = acc_type(dx);
+  TORCH_CHECK(g.numel() == s.B * s.H * s.W && g.scalar_type() == acc, "gates_stencil_grad_input_: g must be ",
+              acc, " with B·H·W = ", s.B * s.H * s.W, " elements, got ", g.scalar_type(), " ", g.sizes());
+  const at::Tensor gc = g.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "gates_stencil_grad_input_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    const acc_t* gp = gc.data_ptr<acc_t>();
+    const int64_t K = s.K, R = s.R, C = s.C, W = s.W;
+    const at::Tensor wt = s.c_unit ? w[0].permute({1, 2, 0}).to(acc).contiguous() : w[0].to(acc).contiguous();
+    const acc_t* wp = wt.data_ptr<acc_t>();
+    at::parallel_for(0, s.B * s.H, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> tmp(s.c_unit ? C : W);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / s.H, hh = r % s.H;
+        scalar_t* dr = dp + b * s.sB + hh * s.sH;
+        if (!s.c_unit) {
+          for (int64_t c = 0; c < C; ++c) {
+            std::fill(tmp.begin(), tmp.end(), acc_t(0));
+            for (int64_t i = 0; i < K; ++i) {
+              const int64_t h = hh - i + R;
+              if (h < 0 || h >= s.H) continue;
+              const acc_t* gr = gp + (b * s.H + h) * W;
+              for (int64_t j = 0; j < K; ++j) {
+                const acc_t coef = wp[(c * K + i) * K + j];
+                // dx[ww] += coef · g[ww − j + R] for ww with 0 ≤ ww − j + R < W
+                int64_t lo, hi;
+                tap_range(K - 1 - j, R, W, lo, hi);
+                const acc_t* src = gr + (R - j);
+_Pragma("omp simd")
+                for (int64_t o = lo; o < hi; ++o) tmp[o] += coef * src[o];
+              }
+            }
+            scalar_t* dc = dr + c * s.sC;
+_Pragma("omp simd")
+            for (int64_t o = 0; o < W; ++o) dc[o] = scalar_t(acc_t(dc[o]) + tmp[o]);
+          }
+        } else {
+          for (int64_t ww = 0; ww < W; ++ww) {
+            std::fill(tmp.begin(), tmp.end(), acc_t(0));
+            for (int64_t i = 0; i < K; ++i) {
+              const int64_t h = hh - i + R;
+              if (h < 0 || h >= s.H) continue;
+              for (int64_t j = 0; j < K; ++j) {
+                const int64_t o = ww - j + R;
+                if (o < 0 || o >= W) continue;
+                const acc_t gv = gp[(b * s.H + h) * W + o];
+                const acc_t* wc = wp + (i * K + j) * C;
+_Pragma("omp simd")
+                for (int64_t c = 0; c < C; ++c) tmp[c] += gv * wc[c];
+              }
+            }
+            scalar_t* dc = dr + ww * s.sW;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < C; ++c) dc[c] = scalar_t(acc_t(dc[c]) + tmp[c]);
+          }
+        }
+      }
+    });
+  });
+}
+
+// dw[0, c, i, j] = Σ_b Σ_hw x[b, c, h + i − R, w + j − R] · g[b, h, w], in the accumulation
+// type. NCHW: one channel per task, the sums kept per output column (no reduction in the
+// inner loop); channels_last: rows of pixels per task, each with its own (K, K, C) sums.
+at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& g, int64_t K) {
+  TORCH_CHECK(K >= 1 && K % 2 == 1, "gates_stencil_grad_weight: K must be odd and positive, got ", K);
+  const at::Tensor wshape = at::empty({1, x.size(1), K, K}, x.options().device(at::kCPU).dtype(at::kFloat));
+  const Stencil s = stencil_geometry(x, wshape, "gates_stencil_grad_weight");
+  const auto acc = acc_type(x);
+  TORCH_CHECK(g.numel() == s.B * s.H * s.W && g.scalar_type() == acc, "gates_stencil_grad_weight: g must be ",
+              acc, " with B·H·W = ", s.B * s.H * s.W, " elements, got ", g.scalar_type(), " ", g.sizes());
+  const at::Tensor gc = g.contiguous();
+  auto dw = at::zeros({1, s.C, K, K}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_stencil_grad_weight", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const acc_t* gp = gc.data_ptr<acc_t>();
+    acc_t* dwp = dw.data_ptr<acc_t>();
+    const int64_t R = s.R, C = s.C, W = s.W, KK = K * K;
+    if (!s.c_unit) {
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<acc_t> sums(KK * W), row(W);
+        for (int64_t c = c0; c < c1; ++c) {
+          std::fill(sums.begin(), sums.end(), acc_t(0));
+          for (int64_t b = 0; b < s.B; ++b) {
+            for (int64_t hh = 0; hh < s.H; ++hh) {
+              const scalar_t* xr = xp + b * s.sB + c * s.sC + hh * s.sH;
+              for (int64_t k = 0; k < W; ++k) row[k] = acc_t(xr[k]);
+              for (int64_t i = 0; i < K; ++i) {
+                const int64_t h = hh - i + R;  // the output row whose tap i reads input row hh
+                if (h < 0 || h >= s.H) continue;
+                const acc_t* gr = gp + (b * s.H + h) * W;
+                for (int64_t j = 0; j < K; ++j) {
+                  int64_t lo, hi;
+                  tap_range(j, R, W, lo, hi);
+                  acc_t* sj = sums.data() + (i * K + j) * W;
+                  const acc_t* src = row.data() + (j - R);
+_Pragma("omp simd")
+                  for (int64_t o = lo; o < hi; ++o) sj[o] += src[o] * gr[o];
+                }
+              }
+            }
+          }
+          for (int64_t t = 0; t < KK; ++t) {
+            acc_t total = 0;
+            for (int64_t o = 0; o < W; ++o) total += sums[t * W + o];
+            dwp[c * KK + t] = total;
+          }
+        }
+      });
+    } else {
+      const int64_t rows = s.B * s.H;
+      const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+      std::vector<acc_t> part(nt * KK * C, acc_t(0));  // per task: (K, K, C)
+      at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          acc_t* pt = part.data() + t * KK * C;
+          for (int64_t r = rows * t / nt; r < rows * (t + 1) / nt; ++r) {
+            const int64_t b = r / s.H, h = r % s.H;
+            for (int64_t o = 0; o < W; ++o) {
+              const acc_t gv = gp[r * W + o];
+              if (gv == acc_t(0)) continue;
+              for (int64_t i = 0; i < K; ++i) {
+                const int64_t hh = h + i - R;
+                if (hh < 0 || hh >= s.H) continue;
+                for (int64_t j = 0; j < K; ++j) {
+                  const int64_t ww = o + j - R;
+                  if (ww < 0 || ww >= W) continue;
+                  const scalar_t* xc = xp + b * s.sB + hh * s.sH + ww * s.sW;
+                  acc_t* pc = pt + (i * K + j) * C;
+_Pragma("omp simd")
+                  for (int64_t c = 0; c < C; ++c) pc[c] += gv * acc_t(xc[c]);
+                }
+              }
+            }
+          }
+        }
+      });
+      for (int64_t t = 0; t < nt; ++t)  // fixed order: deterministic for a given thread count
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t k = 0; k < KK; ++k) dwp[c * KK + k] += part[(t * KK + k) * C + c];
+    }
+  });
+  return dw;
+}
+
 TORCH_LIBRARY_FRAGMENT(disseg, m) {
   m.def("gates_pool_hw(Tensor x, Tensor? S) -> (Tensor, Tensor, Tensor)");
   m.def("gates_pool_c(Tensor x, Tensor? G) -> (Tensor, Tensor, Tensor)");
   m.def("gates_apply(Tensor x, Tensor? G, Tensor? S) -> Tensor");
   m.def("gates_reduce(Tensor x, Tensor? R, Tensor? G, Tensor? S) -> (Tensor, Tensor)");
   m.def("gates_grad_x(Tensor? grad, Tensor x, Tensor? G, Tensor? S, Tensor L, Tensor Rk) -> Tensor");
+  m.def("gates_stencil(Tensor x, Tensor w) -> Tensor");
+  m.def("gates_stencil_grad_input_(Tensor(a!) dx, Tensor w, Tensor g) -> ()");
+  m.def("gates_stencil_grad_weight(Tensor x, Tensor g, int K) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(disseg, CPU, m) {
@@ -472,6 +725,9 @@ TORCH_LIBRARY_IMPL(disseg, CPU, m) {
   m.impl("gates_apply", &gates_apply_cpu);
   m.impl("gates_reduce", &gates_reduce_cpu);
   m.impl("gates_grad_x", &gates_grad_x_cpu);
+  m.impl("gates_stencil", &gates_stencil_cpu);
+  m.impl("gates_stencil_grad_input_", &gates_stencil_grad_input_cpu);
+  m.impl("gates_stencil_grad_weight", &gates_stencil_grad_weight_cpu);
 }
 
 }  // namespace disseg

@@ -95,7 +95,7 @@ def test_gate_gradcheck_float64(name):
 
 @requires_cpu_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["ca", "cbam", "cbat"])
+@pytest.mark.parametrize("name", ["ca", "cbam", "cbat", "elat"])
 def test_gate_half_within_eager_error(name, dtype):
     """bf16/fp16: the fused error against float32 is at most 2× eager's own (plus a floor)."""
     torch.manual_seed(3)
@@ -927,3 +927,37 @@ def test_cuda_multiscale_gradcheck_and_opcheck():
     assert torch.autograd.gradcheck(lambda a, b: dk.multiscale_concat([a, b], [1, 2], backend="cuda"), ts)
     ts32 = [t.detach().float().requires_grad_() for t in ts]
     torch.library.opcheck(m._multiscale_op, (ts32, [1, 2], "cuda"))
+
+
+@pytest.mark.skipif("cpu" not in GATE_BACKENDS, reason="C++ gate kernels unavailable")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_stencil_kernels_match_convolution(channels_last, dtype):
+    """csrc/gates.cpp's ELAT stencil (K×K, C→1, zero padding K/2): the logit, the input
+    gradient added into dx and the weight gradient equal the float64 convolutions, at K = 7
+    and 3, odd sizes, one-pixel rows and columns, both layouts (no copy: dx keeps x's)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(11)
+    tol = 1e-2 if dtype == torch.bfloat16 else (1e-12 if dtype == torch.float64 else 1e-5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for shape, k in (((2, 5, 9, 11), 7), ((3, 3, 1, 6), 3), ((2, 17, 6, 1), 7), ((1, 4, 3, 2), 7)):
+        x = torch.randn(shape, dtype=dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        w = torch.randn(1, shape[1], k, k, dtype=acc)
+        g = torch.randn(shape[0], shape[2] * shape[3], dtype=acc)
+        g4 = g.double().view(shape[0], 1, shape[2], shape[3])
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        base = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+        dx = base.clone()
+        torch.ops.disseg.gates_stencil_grad_input_(dx, w, g)
+        got = (torch.ops.disseg.gates_stencil(x, w), dx.double() - base.double(),
+               torch.ops.disseg.gates_stencil_grad_weight(x, g, k))
+        want = (F.conv2d(x.double(), w.double(), padding=k // 2).reshape(shape[0], -1),
+                torch.nn.grad.conv2d_input(shape, w.double(), g4, padding=k // 2),
+                torch.nn.grad.conv2d_weight(x.double(), w.shape, g4, padding=k // 2))
+        for name, a, b in zip(("logit", "dx", "dw"), got, want):
+            err = ((a.double() - b).abs().max() / b.abs().max()).item()
+            assert err < (0.05 if name == "dx" and dtype == torch.bfloat16 else tol), (shape, k, name, err)
+        assert dx.stride() == base.stride()
