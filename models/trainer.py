@@ -176,6 +176,7 @@ def resolve_device(name: str) -> torch.device:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_MALLOC = {"cached": False}
 
 
 def keep_freed_memory() -> str:
@@ -369,8 +370,9 @@ class Trainer:
             self.dist, self.device = Dist(), resolve_device(cfg.device)
         if not self.dist.main:
             self.log = lambda msg: None
-        if cfg.cpu_malloc == "cache" and self.device.type == "cpu":
+        if cfg.cpu_malloc == "cache" and self.device.type == "cpu" and not _MALLOC["cached"]:
             self.log(keep_freed_memory())
+            _MALLOC["cached"] = True  # for the process (the demo's second stage says nothing)
         if cfg.deterministic and not cfg.fused and self.device.type == "cuda":
             raise UserError("--deterministic with --no-fused on CUDA: the plain model's bilinear upsampling "
                             "backward (F.interpolate) has no deterministic CUDA kernel, so torch would stop at "
