@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace disseg {
@@ -493,6 +494,40 @@ inline void tap_range(int64_t j, int64_t R, int64_t n, int64_t& lo, int64_t& hi)
   hi = std::min<int64_t>(n, n + R - j);
 }
 
+// out[o] += Σ_j cf[j] · src[o + (j − R)·dir] over the o where that index lies in [0, W)
+// (dir = 1: the forward correlation; dir = −1: its transpose). Interior o, where every
+// tap is inside, take all K taps in one pass (one load and store of out per K products;
+// K = 7, ELAT's, unrolled); the R columns at each edge take theirs one by one.
+template <typename acc_t>
+inline void add_row_taps(acc_t* out, const acc_t* src, const acc_t* cf, int64_t K, int64_t R, int64_t W, int dir) {
+  const int64_t a = std::min<int64_t>(R, W), z = std::max<int64_t>(W - R, a);
+  for (int64_t o = 0; o < W; ++o) {
+    if (o == a) o = z;  // skip the interior
+    if (o >= W) break;
+    acc_t sum = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t k = o + (j - R) * dir;
+      if (k >= 0 && k < W) sum += cf[j] * src[k];
+    }
+    out[o] += sum;
+  }
+  if (K == 7) {
+    const acc_t c0 = cf[dir > 0 ? 0 : 6], c1 = cf[dir > 0 ? 1 : 5], c2 = cf[dir > 0 ? 2 : 4], c3 = cf[3],
+                c4 = cf[dir > 0 ? 4 : 2], c5 = cf[dir > 0 ? 5 : 1], c6 = cf[dir > 0 ? 6 : 0];
+_Pragma("omp simd")
+    for (int64_t o = a; o < z; ++o)
+      out[o] += c0 * src[o - 3] + c1 * src[o - 2] + c2 * src[o - 1] + c3 * src[o] + c4 * src[o + 1] + c5 * src[o + 2] +
+                c6 * src[o + 3];
+  } else {
+    for (int64_t j = 0; j < K; ++j) {
+      const acc_t coef = cf[j];
+      const acc_t* sj = src + (j - R) * dir;
+_Pragma("omp simd")
+      for (int64_t o = a; o < z; ++o) out[o] += coef * sj[o];
+    }
+  }
+}
+
 // y[b, h, w] = Σ_c Σ_ij wt[c, i, j] · x[b, c, h + i − R, w + j − R], as (B, H·W) in the
 // accumulation type.
 at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w) {
@@ -519,15 +554,14 @@ at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w) {
             const scalar_t* xr = xp + b * s.sB + hh * s.sH;
             for (int64_t c = 0; c < C; ++c) {
               const scalar_t* xc = xr + c * s.sC;
-              for (int64_t k = 0; k < W; ++k) row[k] = acc_t(xc[k]);
-              for (int64_t j = 0; j < K; ++j) {
-                const acc_t coef = wp[(c * K + i) * K + j];
-                int64_t lo, hi;
-                tap_range(j, R, W, lo, hi);
-                const acc_t* src = row.data() + (j - R);
-_Pragma("omp simd")
-                for (int64_t o = lo; o < hi; ++o) out[o] += coef * src[o];
+              const acc_t* src;
+              if (std::is_same_v<scalar_t, acc_t>) {
+                src = reinterpret_cast<const acc_t*>(xc);  // the same type; W has stride 1 here
+              } else {
+                for (int64_t k = 0; k < W; ++k) row[k] = acc_t(xc[k]);
+                src = row.data();
               }
+              add_row_taps(out, src, wp + (c * K + i) * K, K, R, W, 1);
             }
           }
         } else {
@@ -583,16 +617,8 @@ void gates_stencil_grad_input_cpu(at::Tensor& dx, const at::Tensor& w, const at:
             for (int64_t i = 0; i < K; ++i) {
               const int64_t h = hh - i + R;
               if (h < 0 || h >= s.H) continue;
-              const acc_t* gr = gp + (b * s.H + h) * W;
-              for (int64_t j = 0; j < K; ++j) {
-                const acc_t coef = wp[(c * K + i) * K + j];
-                // dx[ww] += coef · g[ww − j + R] for ww with 0 ≤ ww − j + R < W
-                int64_t lo, hi;
-                tap_range(K - 1 - j, R, W, lo, hi);
-                const acc_t* src = gr + (R - j);
-_Pragma("omp simd")
-                for (int64_t o = lo; o < hi; ++o) tmp[o] += coef * src[o];
-              }
+              // dx[ww] += Σ_j w[c, i, j] · g[h, ww − j + R]
+              add_row_taps(tmp.data(), gp + (b * s.H + h) * W, wp + (c * K + i) * K, K, R, W, -1);
             }
             scalar_t* dc = dr + c * s.sC;
 _Pragma("omp simd")
