@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import disseg_kernels as dk
 from benchmarks.bench_dispersive import _RssSampler, machine_name
 from models import FUSED_OPS, DispersiveConfig, build_model
+from models.trainer import freed_memory_kept, keep_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("plain", "fused", "compiled", "fused_compiled")  # compiled: torch.compile of plain; fused_compiled: of fused
@@ -84,21 +85,12 @@ def saved_bytes(model, x) -> int:
 
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_MALLOC_CACHED = False  # keep_freed_memory() applied in this process (it cannot be undone)
-
-
-def _cache_freed_memory() -> None:
-    global _MALLOC_CACHED
-    from models.trainer import keep_freed_memory
-
-    keep_freed_memory()
-    _MALLOC_CACHED = True
 
 
 def run_case(
     stage: int, mode: str, encoder: str, batch: int, size: int, warmup: int, steps: int, device: str,
     amp: str = "none", channels_last: bool = False, profile: int = 0, compile_mode: str = "default",
-    malloc: str = "system",
+    malloc: str = "cache",
 ) -> dict:
     """One (stage, mode) case in this process; returns its row. ``amp``: autocast dtype
     (fp16 with a GradScaler); every step's loss must be finite. ``profile`` > 0: one more
@@ -147,10 +139,10 @@ def run_case(
         # The resident-set peak needs the system allocator (with freed memory cached the
         # resident set stays at its peak and the next step adds nothing): measured on the
         # first step, before the allocator is switched for the timed steps.
-        if not _MALLOC_CACHED:
+        if not freed_memory_kept():
             peak = peak_fwd_bwd()
         if malloc == "cache":
-            _cache_freed_memory()
+            keep_freed_memory()
 
     fwd, bwd, step = [], [], []
     for i in range(warmup + steps):

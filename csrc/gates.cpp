@@ -472,11 +472,10 @@ struct Stencil {
   bool c_unit;  // channels_last (c has stride 1); else w has stride 1
 };
 
-Stencil stencil_geometry(const at::Tensor& x, const at::Tensor& w, const char* name) {
+Stencil stencil_geometry(const at::Tensor& x, int64_t K, const char* name) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), name, ": x must be a (B, C, H, W) CPU tensor, got ", x.sizes());
-  TORCH_CHECK(w.dim() == 4 && w.size(0) == 1 && w.size(1) == x.size(1) && w.size(2) == w.size(3) && w.size(2) % 2 == 1,
-              name, ": w must be (1, C, K, K) with K odd and C = ", x.size(1), ", got ", w.sizes());
-  Stencil s{x.size(0), x.size(1), x.size(2), x.size(3), w.size(2), w.size(2) / 2,
+  TORCH_CHECK(K >= 1 && K % 2 == 1, name, ": the stencil size K must be odd and positive, got ", K);
+  Stencil s{x.size(0), x.size(1), x.size(2), x.size(3), K, K / 2,
             x.stride(0), x.stride(1), x.stride(2), x.stride(3), false};
   if (s.W == 1 || s.sW == 1) {
     s.sW = 1;
@@ -486,6 +485,28 @@ Stencil stencil_geometry(const at::Tensor& x, const at::Tensor& w, const char* n
     s.sC = 1;
   }
   return s;
+}
+
+// x's geometry and the stencil w's size, w checked to be (1, C, K, K).
+Stencil stencil_geometry(const at::Tensor& x, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == 1 && w.size(2) == w.size(3), name, ": w must be (1, C, K, K), got ",
+              w.sizes());
+  const Stencil s = stencil_geometry(x, w.size(2), name);
+  TORCH_CHECK(w.size(1) == s.C, name, ": w must have C = ", s.C, " channels, got ", w.sizes());
+  return s;
+}
+
+// The stencil's weights w (1, C, K, K) in the accumulation type, laid out with unit stride
+// along the inner loop's axis: (C, K, K) for NCHW, (K, K, C) for channels_last.
+at::Tensor stencil_weights(const at::Tensor& w, const Stencil& s, at::ScalarType acc) {
+  return s.c_unit ? w[0].permute({1, 2, 0}).to(acc).contiguous() : w[0].to(acc).contiguous();
+}
+
+// dlogit g: (B, H·W) values in the accumulation type, returned contiguous.
+at::Tensor stencil_grad(const at::Tensor& g, const Stencil& s, at::ScalarType acc, const char* name) {
+  TORCH_CHECK(g.numel() == s.B * s.H * s.W && g.scalar_type() == acc, name, ": g must be ", acc, " with B·H·W = ",
+              s.B * s.H * s.W, " elements, got ", g.scalar_type(), " ", g.sizes());
+  return g.contiguous();
 }
 
 // Output indices o of a row whose tap j (offset j − R) lands inside [0, n): [lo, hi).
@@ -533,14 +554,13 @@ _Pragma("omp simd")
 at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w) {
   const Stencil s = stencil_geometry(x, w, "gates_stencil");
   const auto acc = acc_type(x);
+  const at::Tensor wt = stencil_weights(w, s, acc);
   auto y = at::zeros({s.B, s.H * s.W}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_stencil", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     acc_t* yp = y.data_ptr<acc_t>();
     const int64_t K = s.K, R = s.R, C = s.C, W = s.W;
-    // weights as (C, K, K) for NCHW, (K, K, C) for channels_last: unit stride in the inner loop
-    const at::Tensor wt = s.c_unit ? w[0].permute({1, 2, 0}).to(acc).contiguous() : w[0].to(acc).contiguous();
     const acc_t* wp = wt.data_ptr<acc_t>();
     at::parallel_for(0, s.B * s.H, 1, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> row(s.c_unit ? C : W);
@@ -596,15 +616,13 @@ _Pragma("omp simd")
 void gates_stencil_grad_input_cpu(at::Tensor& dx, const at::Tensor& w, const at::Tensor& g) {
   const Stencil s = stencil_geometry(dx, w, "gates_stencil_grad_input_");
   const auto acc = acc_type(dx);
-  TORCH_CHECK(g.numel() == s.B * s.H * s.W && g.scalar_type() == acc, "gates_stencil_grad_input_: g must be ",
-              acc, " with B·H·W = ", s.B * s.H * s.W, " elements, got ", g.scalar_type(), " ", g.sizes());
-  const at::Tensor gc = g.contiguous();
+  const at::Tensor wt = stencil_weights(w, s, acc);
+  const at::Tensor gc = stencil_grad(g, s, acc, "gates_stencil_grad_input_");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "gates_stencil_grad_input_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* dp = dx.data_ptr<scalar_t>();
     const acc_t* gp = gc.data_ptr<acc_t>();
     const int64_t K = s.K, R = s.R, C = s.C, W = s.W;
-    const at::Tensor wt = s.c_unit ? w[0].permute({1, 2, 0}).to(acc).contiguous() : w[0].to(acc).contiguous();
     const acc_t* wp = wt.data_ptr<acc_t>();
     at::parallel_for(0, s.B * s.H, 1, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> tmp(s.c_unit ? C : W);
@@ -653,13 +671,9 @@ _Pragma("omp simd")
 // type. NCHW: one channel per task, the sums kept per output column (no reduction in the
 // inner loop); channels_last: rows of pixels per task, each with its own (K, K, C) sums.
 at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& g, int64_t K) {
-  TORCH_CHECK(K >= 1 && K % 2 == 1, "gates_stencil_grad_weight: K must be odd and positive, got ", K);
-  const at::Tensor wshape = at::empty({1, x.size(1), K, K}, x.options().device(at::kCPU).dtype(at::kFloat));
-  const Stencil s = stencil_geometry(x, wshape, "gates_stencil_grad_weight");
+  const Stencil s = stencil_geometry(x, K, "gates_stencil_grad_weight");
   const auto acc = acc_type(x);
-  TORCH_CHECK(g.numel() == s.B * s.H * s.W && g.scalar_type() == acc, "gates_stencil_grad_weight: g must be ",
-              acc, " with B·H·W = ", s.B * s.H * s.W, " elements, got ", g.scalar_type(), " ", g.sizes());
-  const at::Tensor gc = g.contiguous();
+  const at::Tensor gc = stencil_grad(g, s, acc, "gates_stencil_grad_weight");
   auto dw = at::zeros({1, s.C, K, K}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_stencil_grad_weight", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -176,10 +176,15 @@ def resolve_device(name: str) -> torch.device:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_MALLOC = {"cached": False}
+_MALLOC = {"tried": False, "kept": False}  # for the whole process: mallopt cannot be undone
 
 
-def keep_freed_memory() -> str:
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` has switched this process's allocator."""
+    return _MALLOC["kept"]
+
+
+def keep_freed_memory() -> Optional[str]:
     """Make glibc's malloc keep the memory a process frees (no mmap for large blocks, no
     trimming of the heap) so that each training step's tensors reuse pages already
     mapped instead of faulting in fresh zeroed ones. What tcmalloc and jemalloc do by
@@ -187,8 +192,12 @@ def keep_freed_memory() -> str:
 
     On this 2-core CPU a ResNet-50 step at batch 4, 128×128 took 10-40 % less time
     (``python -m benchmarks.bench_models --malloc system`` against the default ``cache``).
-    Returns what was done, or why nothing was (not Linux, not glibc, mallopt refused).
+    Returns what was done, or why nothing was (not Linux, not glibc, mallopt refused);
+    None when an earlier call in this process already tried.
     """
+    if _MALLOC["tried"]:
+        return None
+    _MALLOC["tried"] = True
     if not sys.platform.startswith("linux"):
         return f"system allocator kept ({sys.platform}: no glibc mallopt)"
     import ctypes
@@ -203,6 +212,7 @@ def keep_freed_memory() -> str:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
         return f"system allocator kept (glibc {version} refused mallopt)"
+    _MALLOC["kept"] = True
     return f"freed memory kept for reuse (glibc {version}: mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)"
 
 
@@ -370,9 +380,10 @@ class Trainer:
             self.dist, self.device = Dist(), resolve_device(cfg.device)
         if not self.dist.main:
             self.log = lambda msg: None
-        if cfg.cpu_malloc == "cache" and self.device.type == "cpu" and not _MALLOC["cached"]:
-            self.log(keep_freed_memory())
-            _MALLOC["cached"] = True  # for the process (the demo's second stage says nothing)
+        if cfg.cpu_malloc == "cache" and self.device.type == "cpu":
+            said = keep_freed_memory()  # None after the first call (the demo's second stage)
+            if said:
+                self.log(said)
         if cfg.deterministic and not cfg.fused and self.device.type == "cuda":
             raise UserError("--deterministic with --no-fused on CUDA: the plain model's bilinear upsampling "
                             "backward (F.interpolate) has no deterministic CUDA kernel, so torch would stop at "
