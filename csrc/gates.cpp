@@ -487,6 +487,20 @@ Stencil stencil_geometry(const at::Tensor& x, int64_t K, const char* name) {
   return s;
 }
 
+// f(t, hh, ww) for every tap t = i·K + j of output pixel (h, o) that reads inside the map,
+// at input pixel (hh, ww) = (h + i − R, o + j − R).
+template <typename F>
+inline void for_each_tap(const Stencil& s, int64_t h, int64_t o, F&& f) {
+  for (int64_t i = 0; i < s.K; ++i) {
+    const int64_t hh = h + i - s.R;
+    if (hh < 0 || hh >= s.H) continue;
+    for (int64_t j = 0; j < s.K; ++j) {
+      const int64_t ww = o + j - s.R;
+      if (ww >= 0 && ww < s.W) f(i * s.K + j, hh, ww);
+    }
+  }
+}
+
 // x's geometry and the stencil w's size, w checked to be (1, C, K, K).
 Stencil stencil_geometry(const at::Tensor& x, const at::Tensor& w, const char* name) {
   TORCH_CHECK(w.dim() == 4 && w.size(0) == 1 && w.size(2) == w.size(3), name, ": w must be (1, C, K, K), got ",
@@ -588,18 +602,12 @@ at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w) {
           // per output pixel: the K·K taps' products summed per channel, one reduction at the end
           for (int64_t o = 0; o < W; ++o) {
             std::fill(row.begin(), row.end(), acc_t(0));
-            for (int64_t i = 0; i < K; ++i) {
-              const int64_t hh = h + i - R;
-              if (hh < 0 || hh >= s.H) continue;
-              for (int64_t j = 0; j < K; ++j) {
-                const int64_t ww = o + j - R;
-                if (ww < 0 || ww >= W) continue;
-                const scalar_t* xc = xp + b * s.sB + hh * s.sH + ww * s.sW;
-                const acc_t* wc = wp + (i * K + j) * C;
+            for_each_tap(s, h, o, [&](int64_t t, int64_t hh, int64_t ww) {
+              const scalar_t* xc = xp + b * s.sB + hh * s.sH + ww * s.sW;
+              const acc_t* wc = wp + t * C;
 _Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) row[c] += wc[c] * acc_t(xc[c]);
-              }
-            }
+              for (int64_t c = 0; c < C; ++c) row[c] += wc[c] * acc_t(xc[c]);
+            });
             acc_t sum = 0;
             for (int64_t c = 0; c < C; ++c) sum += row[c];
             out[o] = sum;
@@ -724,18 +732,12 @@ _Pragma("omp simd")
             for (int64_t o = 0; o < W; ++o) {
               const acc_t gv = gp[r * W + o];
               if (gv == acc_t(0)) continue;
-              for (int64_t i = 0; i < K; ++i) {
-                const int64_t hh = h + i - R;
-                if (hh < 0 || hh >= s.H) continue;
-                for (int64_t j = 0; j < K; ++j) {
-                  const int64_t ww = o + j - R;
-                  if (ww < 0 || ww >= W) continue;
-                  const scalar_t* xc = xp + b * s.sB + hh * s.sH + ww * s.sW;
-                  acc_t* pc = pt + (i * K + j) * C;
+              for_each_tap(s, h, o, [&](int64_t t, int64_t hh, int64_t ww) {
+                const scalar_t* xc = xp + b * s.sB + hh * s.sH + ww * s.sW;
+                acc_t* pc = pt + t * C;
 _Pragma("omp simd")
-                  for (int64_t c = 0; c < C; ++c) pc[c] += gv * acc_t(xc[c]);
-                }
-              }
+                for (int64_t c = 0; c < C; ++c) pc[c] += gv * acc_t(xc[c]);
+              });
             }
           }
         }
