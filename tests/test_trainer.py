@@ -327,26 +327,30 @@ import resource, sys, torch
 from models.trainer import keep_freed_memory
 if sys.argv[1] == "cache":
     print(keep_freed_memory(), file=sys.stderr)
-for step in range(4):  # a training loop's pattern: the same tensors allocated, filled, freed
+faults = []
+for step in range(9):  # a training loop's pattern: the same tensors allocated, filled, freed
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x, y = torch.ones(2**24), torch.ones(2**22)  # 64 MiB and 16 MiB
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     del x, y
-print(faults)
+print(*faults[3:])  # after three steps of warm-up
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
 def test_cpu_malloc_cache_reuses_freed_pages():
-    """--cpu-malloc cache (the default on CPU): in the fourth of four identical "steps"
-    (a 64 MiB and a 16 MiB tensor allocated, filled, freed) the tensors reuse pages
-    already mapped (almost no page faults); with glibc's defaults the 64 MiB block is
-    mmapped afresh each time and its 16,384 pages fault again."""
+    """--cpu-malloc cache (the default on CPU): over six identical "steps" after three of
+    warm-up (a 64 MiB and a 16 MiB tensor allocated, filled, freed) the tensors mostly
+    reuse pages already mapped; with glibc's defaults the 64 MiB block is mmapped afresh
+    each step and its 16,384 pages fault every time. (With the cache a step now and then
+    still faults one block in, when a small allocation of the interpreter took its place:
+    the bound is on the total.)"""
     faults = {}
     for mode in ("system", "cache"):
         proc = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
                               cwd=REPO, check=True)
-        faults[mode] = int(proc.stdout.split()[-1])
+        faults[mode] = [int(v) for v in proc.stdout.split()]
         if mode == "cache" and "kept for reuse" not in proc.stderr:
             pytest.skip(f"not glibc here: {proc.stderr.strip()[-200:]}")
-    assert faults["system"] >= 16000 and faults["cache"] < 1000, faults
+    assert min(faults["system"]) >= 16000, faults
+    assert sum(faults["cache"]) <= sum(faults["system"]) / 4, faults
