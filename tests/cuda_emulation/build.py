@@ -26,6 +26,8 @@ def transform(src, defs):
     src = re.sub(r"#include <c10/cuda/[^>]*>\n", "", src)
     src = src.replace("#include <cuda_runtime.h>\n", '#include "simt.h"\n')
     src = src.replace(".is_cuda()", ".is_cpu()")
+    # dynamic shared memory: one buffer per block, sized by the launch's third argument
+    src = re.sub(r"extern __shared__ (\w[\w ]*?) (\w+)\[\];", r"\1* \2 = reinterpret_cast<\1*>(emu::t_ctx->smem.data());", src)
     out, pos = [], 0
     pat = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<")
     while True:
@@ -47,7 +49,8 @@ def transform(src, defs):
                     break
             j += 1
         args = src[i + 1:j]
-        out.append(f"emu::launch(dim3({cfg[0]}), dim3({cfg[1]}), [&] {{ {m.group(1)}({args}); }})")
+        smem = cfg[2] if len(cfg) > 2 else "0"
+        out.append(f"emu::launch(dim3({cfg[0]}), dim3({cfg[1]}), size_t({smem}), [&] {{ {m.group(1)}({args}); }})")
         pos = j + 1
     src = "".join(out)
     src = src.replace("TORCH_LIBRARY_IMPL(disseg, CUDA, m)", "TORCH_LIBRARY_IMPL(disseg_emu, CPU, m)")
@@ -55,13 +58,16 @@ def transform(src, defs):
     return src
 
 
-def build(families=("telu", "gates", "multiscale")):
+FAMILIES = ("telu", "gates", "multiscale", "window_attention", "dispersive")
+
+
+def build(families=FAMILIES):
     srcs = []
     gen = os.path.join(HERE, "build", "gen"); os.makedirs(gen, exist_ok=True)
     for fam in families:
         cu = open(os.path.join(ROOT, "csrc", fam + ".cu")).read()
         cpp = open(os.path.join(ROOT, "csrc", fam + ".cpp")).read()
-        defs = re.findall(r'm\.def\("[^"]*"\);', cpp)
+        defs = re.findall(r'm\.def\(\s*(?:"[^"]*"\s*)+\);', cpp)
         path = os.path.join(gen, fam + "_emu.cpp")
         new = transform(cu, defs)
         if not os.path.exists(path) or open(path).read() != new:
@@ -73,5 +79,5 @@ def build(families=("telu", "gates", "multiscale")):
 
 
 if __name__ == "__main__":
-    build(sys.argv[1:] or ("telu", "gates", "multiscale"))
+    build(sys.argv[1:] or FAMILIES)
     print("built", [n for n in dir(torch.ops.disseg_emu)])

@@ -59,11 +59,12 @@ struct Warp {
   Barrier bar; uint64_t slot[32];
 };
 struct Block {
-  explicit Block(int n) : bar(n) {
+  Block(int n, size_t smem_bytes) : bar(n), smem(smem_bytes + 16, 0xFF) {
     for (int w = 0; w * 32 < n; ++w) warps.emplace_back(new Warp(std::min(32, n - 32 * w)));
   }
   ~Block() { for (auto* w : warps) delete w; }
   Barrier bar; std::vector<Warp*> warps;
+  std::vector<unsigned char> smem;  // extern __shared__ (0xFF bytes: an unwritten float reads NaN)
 };
 inline thread_local emu_uint3 t_thread, t_block;
 inline thread_local dim3 t_bdim, t_gdim;
@@ -71,9 +72,9 @@ inline thread_local Block* t_ctx = nullptr;
 inline thread_local int t_lane = 0, t_warp = 0;
 
 template <class F>
-void launch(dim3 grid, dim3 block, F&& body) {
+void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& body) {
   const int nt = block.x * block.y * block.z;
-  Block ctx(nt);
+  Block ctx(nt, smem_bytes);
   std::vector<std::thread> ts;
   for (int t = 0; t < nt; ++t) {
     ts.emplace_back([&, t] {
@@ -111,3 +112,11 @@ T __shfl_xor_sync(unsigned, T v, int o) {
   w->bar.wait();
   return r;
 }
+
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::t_ctx->warps[emu::t_warp]->bar.wait(); }
+
+// Device math that the CUDA headers provide and host C++ does not.
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+template <class T> inline T max(T a, T b) { return a < b ? b : a; }
+template <class T> inline T min(T a, T b) { return b < a ? b : a; }
