@@ -388,6 +388,30 @@ def test_multiscale_one_row_inputs_and_gradient_layout(backend, channels_last):
         _multiscale_grads_match_reference(ts, scales, backend, channels_last)
 
 
+@pytest.mark.parametrize("backend", MS_BACKENDS)
+@pytest.mark.parametrize("first_channels_last", [False, True])
+def test_multiscale_mixed_layouts(backend, first_channels_last):
+    """Inputs of both layouts in one call, with channel counts that are not block multiples
+    (33, 1, 7): the output takes the first input's layout, each input's gradient its own,
+    and values and gradients equal the reference's. (The Triton kernels switch between
+    plane blocks and channel-fast blocks by the layout of what they write.)"""
+    torch.manual_seed(11)
+    shapes, scales = [(2, 33, 10, 6), (2, 1, 5, 3), (2, 7, 5, 3)], [1, 2, 2]
+    cl = [first_channels_last, not first_channels_last, not first_channels_last]
+    fmt = lambda c: torch.channels_last if c else torch.contiguous_format  # noqa: E731
+    ts = [torch.randn(s).to(memory_format=fmt(c)).requires_grad_() for s, c in zip(shapes, cl)]
+    y = dk.multiscale_concat(ts, scales, backend=backend)
+    yr = multiscale_concat_reference(ts, scales)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    assert y.is_contiguous(memory_format=fmt(first_channels_last))
+    go = torch.randn_like(y)
+    g = torch.autograd.grad(y, ts, go)
+    gr = torch.autograd.grad(yr, ts, go)
+    for c, a, b in zip(cl, g, gr):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert a.is_contiguous(memory_format=fmt(c))
+
+
 def _multiscale_grads_match_reference(ts, scales, backend, channels_last):
     if channels_last:
         ts = [t.to(memory_format=torch.channels_last) for t in ts]

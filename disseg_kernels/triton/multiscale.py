@@ -1,13 +1,17 @@
 """Multi-scale upsample-and-concatenate, Triton kernels.
 
-Forward: one program per (b, c) plane and block of output pixels of one input, reading
-that input's four bilinear taps (align_corners=True) and writing straight into its
-channel slice of the output. Backward: a gather, as csrc/multiscale.cu's (no atomics, so
-deterministic; no zero-filled float32 buffer, no cast): one program per (b, c) plane and
-block of input pixels, each summing the weighted output gradients of the output rows and
-columns whose taps reach it, found from a candidate range and tested with the forward's
-own tap arithmetic, and writing the input's gradient once, in its dtype and layout.
-Strided indexing throughout (NCHW or channels_last); int64 index arithmetic.
+Forward: each program takes a block of one input's output elements, reads their four
+bilinear taps (align_corners=True) and writes straight into the input's channel slice of
+the output. Backward: a gather, as csrc/multiscale.cu's (no atomics, so deterministic; no
+zero-filled float32 buffer, no cast): each program takes a block of input elements, each
+summing the weighted output gradients of the output rows and columns whose taps reach it,
+found from a candidate range and tested with the forward's own tap arithmetic, and writes
+the input's gradient once, in its dtype and layout.
+
+The block follows the layout of what the program writes: NCHW, one (b, c) plane's pixels
+(unit stride along the block); channels_last, one image's (pixel, channel) pairs with the
+channel fastest, so that neighbouring lanes write neighbouring channels instead of
+addresses C apart. Strided indexing throughout; int64 index arithmetic.
 """
 
 from __future__ import annotations
@@ -20,15 +24,32 @@ _BLOCK = 256
 
 
 @triton.jit
+def _block_elements(C, n_pix, BLOCK: tl.constexpr, CHANNEL_FAST: tl.constexpr):
+    """(b, c, pixel, mask) of this program's block. Grid: (B·C, cdiv(n_pix, BLOCK)) for
+    planes, (cdiv(n_pix·C, BLOCK), B) with the channel fastest (the long axis first: grid
+    axis 1 stops at 65,535)."""
+    if CHANNEL_FAST:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        c = offs % C
+        pix = offs // C
+        mask = offs < n_pix * C
+    else:
+        offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        bc = tl.program_id(0).to(tl.int64)
+        b = bc // C
+        c = bc % C
+        pix = offs
+        mask = offs < n_pix
+    return b, c, pix, mask
+
+
+@triton.jit
 def _up_fwd_kernel(x_ptr, out_ptr, C, Hi, Wi, H, W, scale_h, scale_w,
-                   sB, sC, sH, sW, osB, osC, osH, osW, c0, BLOCK: tl.constexpr):
-    bc = tl.program_id(0).to(tl.int64)
-    b = bc // C
-    c = bc % C
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < H * W
-    oh = offs // W
-    ow = offs % W
+                   sB, sC, sH, sW, osB, osC, osH, osW, c0, BLOCK: tl.constexpr, CHANNEL_FAST: tl.constexpr):
+    b, c, pix, mask = _block_elements(C, H * W, BLOCK, CHANNEL_FAST)
+    oh = pix // W
+    ow = pix % W
     src_h = scale_h * oh.to(tl.float32)
     src_w = scale_w * ow.to(tl.float32)
     h0 = tl.minimum(src_h.to(tl.int64), Hi - 1)
@@ -68,14 +89,10 @@ def _first_candidate(k, n_in, n_out):
 
 @triton.jit
 def _up_bwd_kernel(g_ptr, gin_ptr, C, Hi, Wi, H, W, scale_h, scale_w, NH, NW,
-                   gsB, gsC, gsH, gsW, isB, isC, isH, isW, c0, BLOCK: tl.constexpr):
-    bc = tl.program_id(0).to(tl.int64)
-    b = bc // C
-    c = bc % C
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < Hi * Wi
-    hi = offs // Wi
-    wi = offs % Wi
+                   gsB, gsC, gsH, gsW, isB, isC, isH, isW, c0, BLOCK: tl.constexpr, CHANNEL_FAST: tl.constexpr):
+    b, c, pix, mask = _block_elements(C, Hi * Wi, BLOCK, CHANNEL_FAST)
+    hi = pix // Wi
+    wi = pix % Wi
     oh_lo = _first_candidate(hi, Hi, H)
     ow_lo = _first_candidate(wi, Wi, W)
     g_plane = g_ptr + b * gsB + (c0 + c) * gsC
@@ -98,6 +115,15 @@ def _scale(i, o):
     return (i - 1) / (o - 1) if o > 1 else 0.0
 
 
+def _grid(written: torch.Tensor, b: int, c: int, n_pix: int):
+    """The launch grid and CHANNEL_FAST for blocks that write ``written``'s (b, c, pixel)
+    elements: channel-fast when its channels are unit-stride (channels_last), else planes."""
+    channel_fast = c > 1 and written.stride(1) == 1
+    if channel_fast:
+        return (triton.cdiv(n_pix * c, _BLOCK), b), True
+    return (b * c, triton.cdiv(n_pix, _BLOCK)), False
+
+
 def multiscale_fwd_triton(tensors, scales):
     t0 = tensors[0]
     b, h, w = t0.shape[0], t0.shape[2] * scales[0], t0.shape[3] * scales[0]
@@ -107,9 +133,9 @@ def multiscale_fwd_triton(tensors, scales):
     for t, s in zip(tensors, scales):
         c, hi, wi = t.shape[1], t.shape[2], t.shape[3]
         if b * c and h * w:
-            grid = (b * c, triton.cdiv(h * w, _BLOCK))
+            grid, channel_fast = _grid(out, b, c, h * w)
             _up_fwd_kernel[grid](t, out, c, hi, wi, h, w, _scale(hi, h), _scale(wi, w), *t.stride(), *out.stride(), c0,
-                                 BLOCK=_BLOCK)
+                                 BLOCK=_BLOCK, CHANNEL_FAST=channel_fast)
         c0 += c
     return out
 
@@ -128,8 +154,8 @@ def multiscale_bwd_triton(grad, c0, like):
     h, w = grad.shape[2], grad.shape[3]
     gin = torch.empty_like(like)
     if b * c and hi * wi:
-        grid = (b * c, triton.cdiv(hi * wi, _BLOCK))
+        grid, channel_fast = _grid(gin, b, c, hi * wi)
         _up_bwd_kernel[grid](grad, gin, c, hi, wi, h, w, _scale(hi, h), _scale(wi, w),
                              _n_candidates(hi, h), _n_candidates(wi, w), *grad.stride(), *gin.stride(), c0,
-                             BLOCK=_BLOCK)
+                             BLOCK=_BLOCK, CHANNEL_FAST=channel_fast)
     return gin
