@@ -166,9 +166,19 @@ def cuda_backend_available(op) -> bool:
     return torch.cuda.is_available() and _backend.unavailable_reason(_family(op), "cuda", torch.device("cuda")) is None
 
 
-def _make_case(op, b, c, h, w, device, dtype, fused, backend="auto"):
+def _make_case(op, b, c, h, w, device, dtype, fused, backend="auto", channels_last=False):
     """(fn, inputs): fn(*inputs) → output; inputs require grad. ``backend`` picks the fused
-    path ("auto": Triton first on CUDA; "cuda": the kernels of csrc/*.cu)."""
+    path ("auto": Triton first on CUDA; "cuda": the kernels of csrc/*.cu). With
+    ``channels_last`` the inputs (and a module's weights) are NHWC."""
+    fn, inputs = _make_case_contiguous(op, b, c, h, w, device, dtype, fused, backend)
+    if channels_last:
+        inputs = [t.detach().to(memory_format=torch.channels_last).requires_grad_() for t in inputs]
+        if isinstance(fn, torch.nn.Module):
+            fn = fn.to(memory_format=torch.channels_last)
+    return fn, inputs
+
+
+def _make_case_contiguous(op, b, c, h, w, device, dtype, fused, backend):
     if op == "multiscale":
         # The output block's 1×, 2×, 4× fusion: c/4 + c/4 + c/2 channels to c.
         xs = [
@@ -276,6 +286,7 @@ def build_parser():
                    help="only count the device operations of one fused fwd+bwd per case (Triton path, no GPU needed)")
     p.add_argument("--graphs", action="store_true",
                    help="CUDA: also time fused and eager captured as CUDA graphs (torch.cuda.make_graphed_callables)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC inputs (and module weights)")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="CPU timing statistic")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU; default: torch's)")
     p.add_argument("--out", default=str(RESULTS))
@@ -505,7 +516,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             variants += [("fused_graph", True), ("eager_graph", False)] + ([("fused_cuda_graph", True)] if with_cuda else [])
         res = {}
         for name, fused in variants:
-            fn, inputs = _make_case(op, b, c, h, w, device, dtype, fused, "cuda" if name.startswith("fused_cuda") else "auto")
+            fn, inputs = _make_case(op, b, c, h, w, device, dtype, fused, "cuda" if name.startswith("fused_cuda") else "auto",
+                                    channels_last=args.channels_last)
             in_bytes = sum(t.numel() * t.element_size() for t in inputs)
             sb = saved_bytes(fn, inputs)
             if name == "compile":
@@ -545,7 +557,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _write(rows, args, device, date, machine, quiet=False):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"gates_{device}_{date}" + ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    stem = (f"gates_{device}_{date}" + ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
+            + ("_cl" if args.channels_last else ""))
     keys = ["op", "shape", "variant", "fwd_ms", "bwd_ms", "fwdbwd_ms", "speedup_vs_eager", "gpu_ms", "floor_ms",
             "gpu_over_floor", "copy_gbps", "peak_mb", "saved_x", "device", "dtype", "machine", "date", "error"]
     with open(out / f"{stem}.csv", "w", newline="") as f:
@@ -554,10 +567,11 @@ def _write(rows, args, device, date, machine, quiet=False):
         for r in rows:
             wr.writerow(r)
     lines = [
-        f"# Attention-calibration ops, {device}, {args.dtype}",
+        f"# Attention-calibration ops, {device}, {args.dtype}" + (", channels_last" if args.channels_last else ""),
         "",
         f"Machine: {machine}. Date: {date}. Command: `python -m benchmarks.bench_gates"
         + (" --quick" if args.quick else "") + f" --device {device}" + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
+        + (" --channels-last" if args.channels_last else "")
         + (" --no-compile" if args.no_compile else "") + (" --graphs" if args.graphs else "") + (f" --ops {args.ops}" if args.ops else "")
         + (f" --stat {args.stat}" if args.stat != "median" else "") + (f" --threads {args.threads}" if args.threads else "")
         + (f" --repeats {args.repeats}" if args.repeats else "") + (f" --sizes {args.sizes}" if args.sizes else "") + "`.",

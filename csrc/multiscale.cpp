@@ -10,6 +10,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 namespace disseg {
@@ -83,6 +85,16 @@ at::Tensor multiscale_fwd_cpu(at::TensorList tensors, at::IntArrayRef scales) {
               const acc_t b0 = tw.l0[ow], b1 = tw.l1[ow];
               const int64_t w0 = tw.i0[ow] * sW, w1 = tw.i1[ow] * sW;
               scalar_t* o = ob + b * osB + oh * osH + ow * osW;
+              if (sC == 1) {  // channels_last input too: unit stride on both sides (vectorised)
+                const scalar_t *__restrict__ p00 = r0 + w0, *__restrict__ p01 = r0 + w1;
+                const scalar_t *__restrict__ p10 = r1 + w0, *__restrict__ p11 = r1 + w1;
+                scalar_t* __restrict__ q = o;
+                _Pragma("omp simd")
+                for (int64_t c = 0; c < C; ++c)
+                  q[c] = scalar_t(a0 * (b0 * acc_t(p00[c]) + b1 * acc_t(p01[c])) +
+                                  a1 * (b0 * acc_t(p10[c]) + b1 * acc_t(p11[c])));
+                continue;
+              }
               for (int64_t c = 0; c < C; ++c) {
                 const int64_t cc = c * sC;
                 o[c * osC] = scalar_t(a0 * (b0 * acc_t(r0[w0 + cc]) + b1 * acc_t(r0[w1 + cc])) +
@@ -114,17 +126,84 @@ at::Tensor multiscale_fwd_cpu(at::TensorList tensors, at::IntArrayRef scales) {
   return out;
 }
 
-// The gradient of one input from its channel slice [c0, c0 + C) of grad_out: every
-// output pixel adds its four weighted taps into the (small) input plane.
+// For each input index, the output indices whose two taps include it and the weight of
+// that tap (an index that is both taps of one output appears twice).
+template <typename acc_t>
+std::vector<std::vector<std::pair<int64_t, acc_t>>> tap_lists(const Taps<acc_t>& t, int64_t in) {
+  std::vector<std::vector<std::pair<int64_t, acc_t>>> lists(in);
+  for (size_t o = 0; o < t.i0.size(); ++o) {
+    lists[t.i0[o]].emplace_back(static_cast<int64_t>(o), t.l0[o]);
+    lists[t.i1[o]].emplace_back(static_cast<int64_t>(o), t.l1[o]);
+  }
+  return lists;
+}
+
+// The gradient of one input from its channel slice [c0, c0 + C) of grad_out, returned in
+// `like`'s dtype and layout.
+// * grad_out channels_last (channel stride 1): a gather per input row (b, ih). The output
+//   rows with a tap on ih add their weighted pixels into one float row of Wi·C values,
+//   the channels of a pixel unit-stride (vectorised), and the row is written once.
+// * otherwise: per (b, c) plane, every output pixel adds its four weighted taps into the
+//   (small) float input plane.
 at::Tensor multiscale_bwd_cpu(const at::Tensor& grad_out, int64_t c0, int64_t C, int64_t Hi, int64_t Wi,
                               const at::Tensor& like) {
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.device().is_cpu(), "multiscale_bwd: grad_out must be a 4-d CPU tensor");
   const int64_t B = grad_out.size(0), H = grad_out.size(2), W = grad_out.size(3);
   TORCH_CHECK(c0 >= 0 && c0 + C <= grad_out.size(1), "multiscale_bwd: channel slice [", c0, ", ", c0 + C,
               ") outside grad_out's ", grad_out.size(1), " channels");
+  const auto fmt = like.suggest_memory_format();
+  const int64_t gsB = grad_out.stride(0), gsC = grad_out.stride(1), gsH = grad_out.stride(2), gsW = grad_out.stride(3);
+  if (gsC == 1 && C > 1 && like.scalar_type() == grad_out.scalar_type()) {
+    auto gin = at::empty({B, C, Hi, Wi}, like.options());  // as csrc/multiscale.cu: contiguous
+    if (!gin.is_contiguous(fmt)) gin = at::empty({B, C, Hi, Wi}, like.options().memory_format(fmt));  // unless that is not fmt
+    if (gin.numel() == 0) return gin;
+    const int64_t isB = gin.stride(0), isC = gin.stride(1), isH = gin.stride(2), isW = gin.stride(3);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "multiscale_bwd_rows", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* gp = grad_out.const_data_ptr<scalar_t>() + c0;
+      scalar_t* ip = gin.data_ptr<scalar_t>();
+      const auto th = taps<acc_t>(Hi, H);
+      const auto tw = taps<acc_t>(Wi, W);
+      const auto rows = tap_lists(th, Hi);
+      at::parallel_for(0, B * Hi, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<acc_t> buf(Wi * C);
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t b = r / Hi, ih = r % Hi;
+          std::fill(buf.begin(), buf.end(), acc_t(0));
+          for (const auto& [oh, a] : rows[ih]) {
+            const scalar_t* g = gp + b * gsB + oh * gsH;
+            for (int64_t ow = 0; ow < W; ++ow) {
+              const scalar_t* __restrict__ gv = g + ow * gsW;
+              const acc_t k0 = a * tw.l0[ow], k1 = a * tw.l1[ow];
+              acc_t* __restrict__ d0 = buf.data() + tw.i0[ow] * C;
+              if (tw.i0[ow] == tw.i1[ow]) {
+                const acc_t k = k0 + k1;
+                _Pragma("omp simd")
+                for (int64_t c = 0; c < C; ++c) d0[c] += k * acc_t(gv[c]);
+              } else {
+                acc_t* __restrict__ d1 = buf.data() + tw.i1[ow] * C;  // the next pixel's C values
+                _Pragma("omp simd")
+                for (int64_t c = 0; c < C; ++c) {
+                  const acc_t v = acc_t(gv[c]);
+                  d0[c] += k0 * v;
+                  d1[c] += k1 * v;
+                }
+              }
+            }
+          }
+          scalar_t* o = ip + b * isB + ih * isH;
+          for (int64_t w = 0; w < Wi; ++w) {
+            const acc_t* src = buf.data() + w * C;
+            scalar_t* dst = o + w * isW;
+            for (int64_t c = 0; c < C; ++c) dst[c * isC] = scalar_t(src[c]);
+          }
+        }
+      });
+    });
+    return gin;
+  }
   auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto gin = at::zeros({B, C, Hi, Wi}, grad_out.options().dtype(acc));  // (B, C, Hi, Wi) accumulation planes
-  const int64_t gsB = grad_out.stride(0), gsC = grad_out.stride(1), gsH = grad_out.stride(2), gsW = grad_out.stride(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "multiscale_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>() + c0 * gsC;
@@ -153,7 +232,7 @@ at::Tensor multiscale_bwd_cpu(const at::Tensor& grad_out, int64_t c0, int64_t C,
       }
     });
   });
-  return gin.to(like.scalar_type()).contiguous(like.suggest_memory_format());
+  return gin.to(like.scalar_type()).contiguous(fmt);
 }
 
 TORCH_LIBRARY_FRAGMENT(disseg, m) {
