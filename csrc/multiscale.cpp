@@ -104,18 +104,32 @@ at::Tensor multiscale_fwd_cpu(at::TensorList tensors, at::IntArrayRef scales) {
           }
         });
       } else {
-        at::parallel_for(0, B * C * H, 16, [&](int64_t lo, int64_t hi) {
-          for (int64_t r = lo; r < hi; ++r) {
-            const int64_t b = r / (C * H), c = (r / H) % C, oh = r % H;
-            const acc_t a0 = th.l0[oh], a1 = th.l1[oh];
-            const scalar_t* r0 = ip + b * sB + c * sC + th.i0[oh] * sH;
-            const scalar_t* r1 = ip + b * sB + c * sC + th.i1[oh] * sH;
-            scalar_t* o = ob + b * osB + c * osC + oh * osH;
-            for (int64_t ow = 0; ow < W; ++ow) {
-              const acc_t b0 = tw.l0[ow], b1 = tw.l1[ow];
-              const int64_t w0 = tw.i0[ow] * sW, w1 = tw.i1[ow] * sW;
-              o[ow * osW] = scalar_t(a0 * (b0 * acc_t(r0[w0]) + b1 * acc_t(r0[w1])) +
-                                     a1 * (b0 * acc_t(r1[w0]) + b1 * acc_t(r1[w1])));
+        // Separable, per (b, c) plane: the Hi input rows interpolated along W once (the
+        // gathers), then each output row a blend of two of them (unit stride, vectorised);
+        // the same products in the same order as the four-tap formula.
+        at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
+          std::vector<acc_t> hrows(Hi * W);
+          for (int64_t bc = lo; bc < hi; ++bc) {
+            const int64_t b = bc / C, c = bc % C;
+            const scalar_t* plane = ip + b * sB + c * sC;
+            for (int64_t ih = 0; ih < Hi; ++ih) {
+              const scalar_t* r = plane + ih * sH;
+              acc_t* h = hrows.data() + ih * W;
+              for (int64_t ow = 0; ow < W; ++ow)
+                h[ow] = tw.l0[ow] * acc_t(r[tw.i0[ow] * sW]) + tw.l1[ow] * acc_t(r[tw.i1[ow] * sW]);
+            }
+            scalar_t* o = ob + b * osB + c * osC;
+            for (int64_t oh = 0; oh < H; ++oh) {
+              const acc_t a0 = th.l0[oh], a1 = th.l1[oh];
+              const acc_t* __restrict__ h0 = hrows.data() + th.i0[oh] * W;
+              const acc_t* __restrict__ h1 = hrows.data() + th.i1[oh] * W;
+              scalar_t* __restrict__ orow = o + oh * osH;
+              if (osW == 1) {
+                _Pragma("omp simd")
+                for (int64_t ow = 0; ow < W; ++ow) orow[ow] = scalar_t(a0 * h0[ow] + a1 * h1[ow]);
+              } else {
+                for (int64_t ow = 0; ow < W; ++ow) orow[ow * osW] = scalar_t(a0 * h0[ow] + a1 * h1[ow]);
+              }
             }
           }
         });
@@ -210,23 +224,44 @@ at::Tensor multiscale_bwd_cpu(const at::Tensor& grad_out, int64_t c0, int64_t C,
     acc_t* ap = gin.data_ptr<acc_t>();
     const auto th = taps<acc_t>(Hi, H);
     const auto tw = taps<acc_t>(Wi, W);
+    // Separable: the output rows summed onto the input rows they tap (unit stride along W,
+    // vectorised when grad_out's rows are), then each of those Hi rows spread onto the
+    // input columns (the scatter, Hi·W instead of H·W·4 updates).
     at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> vrows(Hi * W);
       for (int64_t bc = lo; bc < hi; ++bc) {
         const int64_t b = bc / C, c = bc % C;
         acc_t* plane = ap + bc * Hi * Wi;
         const scalar_t* g = gp + b * gsB + c * gsC;
+        std::fill(vrows.begin(), vrows.end(), acc_t(0));
         for (int64_t oh = 0; oh < H; ++oh) {
+          const scalar_t* __restrict__ grow = g + oh * gsH;
+          acc_t* __restrict__ v0 = vrows.data() + th.i0[oh] * W;
+          if (th.i0[oh] == th.i1[oh] || gsW != 1) {
+            acc_t* v1 = vrows.data() + th.i1[oh] * W;
+            const acc_t a0 = th.l0[oh], a1 = th.l1[oh];
+            for (int64_t ow = 0; ow < W; ++ow) {
+              const acc_t v = acc_t(grow[ow * gsW]);
+              v0[ow] += a0 * v;
+              v1[ow] += a1 * v;
+            }
+            continue;
+          }
+          acc_t* __restrict__ v1 = vrows.data() + th.i1[oh] * W;  // another row than v0
           const acc_t a0 = th.l0[oh], a1 = th.l1[oh];
-          acc_t* p0 = plane + th.i0[oh] * Wi;
-          acc_t* p1 = plane + th.i1[oh] * Wi;
+          _Pragma("omp simd")
           for (int64_t ow = 0; ow < W; ++ow) {
-            const acc_t v = acc_t(g[oh * gsH + ow * gsW]);
-            const acc_t b0 = tw.l0[ow] * v, b1 = tw.l1[ow] * v;
-            const int64_t w0 = tw.i0[ow], w1 = tw.i1[ow];
-            p0[w0] += a0 * b0;
-            p0[w1] += a0 * b1;
-            p1[w0] += a1 * b0;
-            p1[w1] += a1 * b1;
+            const acc_t v = acc_t(grow[ow]);
+            v0[ow] += a0 * v;
+            v1[ow] += a1 * v;
+          }
+        }
+        for (int64_t ih = 0; ih < Hi; ++ih) {
+          const acc_t* vr = vrows.data() + ih * W;
+          acc_t* p = plane + ih * Wi;
+          for (int64_t ow = 0; ow < W; ++ow) {
+            p[tw.i0[ow]] += tw.l0[ow] * vr[ow];
+            p[tw.i1[ow]] += tw.l1[ow] * vr[ow];
           }
         }
       }
