@@ -676,8 +676,9 @@ _Pragma("omp simd")
 }
 
 // dw[0, c, i, j] = Σ_b Σ_hw x[b, c, h + i − R, w + j − R] · g[b, h, w], in the accumulation
-// type. NCHW: one channel per task, the sums kept per output column (no reduction in the
-// inner loop); channels_last: rows of pixels per task, each with its own (K, K, C) sums.
+// type. NCHW: one channel per task; K = 7 as register dot products, other K with the sums
+// kept per output column (no reduction in the inner loop); channels_last: rows of pixels
+// per task, each with its own (K, K, C) sums.
 at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& g, int64_t K) {
   const Stencil s = stencil_geometry(x, K, "gates_stencil_grad_weight");
   const auto acc = acc_type(x);
@@ -689,7 +690,44 @@ at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
     const acc_t* gp = gc.data_ptr<acc_t>();
     acc_t* dwp = dw.data_ptr<acc_t>();
     const int64_t R = s.R, C = s.C, W = s.W, KK = K * K;
-    if (!s.c_unit) {
+    if (!s.c_unit && K == 7) {
+      // ELAT's K = 7: per input row and tap row i, the 7 column taps as 7 dot products of
+      // the zero-padded row (shifted by j) with the output row's gradient, in registers
+      // (8 loads per 7 products, no stores), instead of 7 running sums in memory.
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<acc_t> padded(W + 6, acc_t(0));
+        acc_t* rp = padded.data();
+        for (int64_t c = c0; c < c1; ++c) {
+          acc_t tot[49] = {};
+          for (int64_t b = 0; b < s.B; ++b) {
+            for (int64_t hh = 0; hh < s.H; ++hh) {
+              const scalar_t* xr = xp + b * s.sB + c * s.sC + hh * s.sH;
+              for (int64_t k = 0; k < W; ++k) rp[k + 3] = acc_t(xr[k]);  // rp[o + j] = x[o + j − 3]
+              for (int64_t i = 0; i < 7; ++i) {
+                const int64_t h = hh - i + 3;  // the output row whose tap i reads input row hh
+                if (h < 0 || h >= s.H) continue;
+                const acc_t* gr = gp + (b * s.H + h) * W;
+                acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0;
+                _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6)")
+                for (int64_t o = 0; o < W; ++o) {
+                  const acc_t gv = gr[o];
+                  s0 += rp[o] * gv;
+                  s1 += rp[o + 1] * gv;
+                  s2 += rp[o + 2] * gv;
+                  s3 += rp[o + 3] * gv;
+                  s4 += rp[o + 4] * gv;
+                  s5 += rp[o + 5] * gv;
+                  s6 += rp[o + 6] * gv;
+                }
+                acc_t* ti = tot + i * 7;
+                ti[0] += s0, ti[1] += s1, ti[2] += s2, ti[3] += s3, ti[4] += s4, ti[5] += s5, ti[6] += s6;
+              }
+            }
+          }
+          for (int64_t t = 0; t < 49; ++t) dwp[c * 49 + t] = tot[t];
+        }
+      });
+    } else if (!s.c_unit) {
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         std::vector<acc_t> sums(KK * W), row(W);
         for (int64_t c = c0; c < c1; ++c) {
