@@ -287,6 +287,7 @@ def build_parser():
     p.add_argument("--graphs", action="store_true",
                    help="CUDA: also time fused and eager captured as CUDA graphs (torch.cuda.make_graphed_callables)")
     p.add_argument("--channels-last", action="store_true", help="NHWC inputs (and module weights)")
+    p.add_argument("--tag", default="", help="appended to the result files' names")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="CPU timing statistic")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU; default: torch's)")
     p.add_argument("--out", default=str(RESULTS))
@@ -558,7 +559,7 @@ def _write(rows, args, device, date, machine, quiet=False):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"gates_{device}_{date}" + ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
-            + ("_cl" if args.channels_last else ""))
+            + ("_cl" if args.channels_last else "") + (f"_{args.tag}" if args.tag else ""))
     keys = ["op", "shape", "variant", "fwd_ms", "bwd_ms", "fwdbwd_ms", "speedup_vs_eager", "gpu_ms", "floor_ms",
             "gpu_over_floor", "copy_gbps", "peak_mb", "saved_x", "device", "dtype", "machine", "date", "error"]
     with open(out / f"{stem}.csv", "w", newline="") as f:
@@ -571,7 +572,7 @@ def _write(rows, args, device, date, machine, quiet=False):
         "",
         f"Machine: {machine}. Date: {date}. Command: `python -m benchmarks.bench_gates"
         + (" --quick" if args.quick else "") + f" --device {device}" + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")
-        + (" --channels-last" if args.channels_last else "")
+        + (" --channels-last" if args.channels_last else "") + (f" --tag {args.tag}" if args.tag else "")
         + (" --no-compile" if args.no_compile else "") + (" --graphs" if args.graphs else "") + (f" --ops {args.ops}" if args.ops else "")
         + (f" --stat {args.stat}" if args.stat != "median" else "") + (f" --threads {args.threads}" if args.threads else "")
         + (f" --repeats {args.repeats}" if args.repeats else "") + (f" --sizes {args.sizes}" if args.sizes else "") + "`.",

@@ -128,6 +128,9 @@ STAGES=(
   "bench_bank|60|$PY -m benchmarks.bench_dispersive_distributed --bank --device cuda --reps 5"
   # the usual GPU training setting: bf16 autocast, channels_last (`--amp bf16 --channels-last`)
   "bench_models_bf16_cl|80|$PY -m benchmarks.bench_models --device cuda --stages 2 --amp bf16 --channels-last"
+  # the fused ops on channels_last inputs (the Triton multi-scale kernels write channel-fast
+  # blocks there since 2026-11-27; the gates read NHWC through their (C, P) tiles)
+  "bench_gates_cl|60|$PY -m benchmarks.bench_gates --device cuda --no-compile --channels-last --ops cbat,elat,upsample,multiscale --repeats 10 --sizes cbat:8x64x128x128,elat:8x64x128x128,upsample:8x64x128x128,upsample:8x128x64x64,multiscale:8x128x64x64"
   "bench_dispersive_fp32|90|$BENCH_D --dtype float32 --repeats 2 --no-compile --shapes $SWEEP"
   "bench_dispersive_fp32_vs_compile|50|$BENCH_D --dtype float32 --repeats 3 --shapes 16384x256 --out-dir benchmarks/results/vs_compile"
   # a subset by name only (ONLY=gates_tests,...): the gate ops' GPU tests alone
