@@ -412,6 +412,34 @@ def test_multiscale_mixed_layouts(backend, first_channels_last):
         assert a.is_contiguous(memory_format=fmt(c))
 
 
+@pytest.mark.parametrize("backend", MS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_multiscale_half_within_eager_error(backend, dtype, channels_last):
+    """bf16/fp16 (float32 arithmetic inside, one rounding at the write): output and input
+    gradients at most 2× eager's own error against float32 (plus a floor), both layouts."""
+    torch.manual_seed(12)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shapes, scales = [(2, 5, 12, 8), (2, 17, 6, 4), (2, 3, 3, 2)], [1, 2, 4]
+    t32 = [torch.randn(s).to(memory_format=fmt) * 4 for s in shapes]
+    go32 = torch.randn(2, 25, 12, 8).to(memory_format=fmt)
+
+    def run(fn, dt):
+        ts = [t.to(dt).requires_grad_() for t in t32]
+        y = fn(ts)
+        g = torch.autograd.grad(y, ts, go32.to(dt))
+        return y, g
+
+    ref_y, ref_g = run(lambda ts: multiscale_concat_reference(ts, scales), torch.float32)
+    eager_y, eager_g = run(lambda ts: multiscale_concat_reference(ts, scales), dtype)
+    fused_y, fused_g = run(lambda ts: dk.multiscale_concat(ts, scales, backend=backend), dtype)
+    assert fused_y.dtype == dtype and all(g.dtype == dtype for g in fused_g)
+    for fused, eager, ref in zip((fused_y, *fused_g), (eager_y, *eager_g), (ref_y, *ref_g)):
+        e_fused = (fused.float() - ref).abs().max().item()
+        e_eager = (eager.float() - ref).abs().max().item()
+        assert e_fused <= 2 * e_eager + 1e-3, (e_fused, e_eager)
+
+
 def _multiscale_grads_match_reference(ts, scales, backend, channels_last):
     if channels_last:
         ts = [t.to(memory_format=torch.channels_last) for t in ts]
