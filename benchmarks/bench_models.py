@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import disseg_kernels as dk
 from benchmarks.bench_dispersive import _RssSampler, machine_name
 from models import FUSED_OPS, DispersiveConfig, build_model
-from models.trainer import freed_memory_kept, keep_freed_memory
+from models.trainer import freed_memory_kept, keep_freed_memory, make_adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("plain", "fused", "compiled", "fused_compiled")  # compiled: torch.compile of plain; fused_compiled: of fused
@@ -114,7 +114,7 @@ def run_case(
     compiled = mode.endswith("compiled")
     if compiled:
         run = torch.compile(model, mode=compile_mode)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = make_adam(model.parameters(), lr=1e-4)  # the trainer's (fused where torch has it)
 
     def peak_fwd_bwd() -> float:
         """Peak memory of one forward+backward (gradients included) above the level before."""

@@ -184,6 +184,19 @@ def freed_memory_kept() -> bool:
     return _MALLOC["kept"]
 
 
+def make_adam(params, **kwargs) -> torch.optim.Adam:
+    """Adam with torch's fused kernel where this torch has one for the parameters' device
+    and dtype (CPU and CUDA float tensors): one pass over each parameter, its gradient and
+    both moments instead of about ten per tensor. The Stage II step (45.6 M parameters) on
+    the 2-core CPU: 37 ms against 111 ms for the default loop and 128 ms with foreach.
+    Elsewhere the default implementation."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, **kwargs)
+
+
 def keep_freed_memory() -> Optional[str]:
     """Make glibc's malloc keep the memory a process frees (no mmap for large blocks, no
     trimming of the heap) so that each training step's tensors reuse pages already
@@ -433,7 +446,7 @@ class Trainer:
         if init_ckpt is not None:
             self._init_from_stage1(init_ckpt)
         enc, rest = encoder_and_rest(self.model)
-        self.optimizer = torch.optim.Adam(
+        self.optimizer = make_adam(
             [{"params": enc, "lr": cfg.lr_encoder, "name": "encoder"},
              {"params": rest, "lr": cfg.lr, "name": "rest"}], weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -22,7 +22,7 @@ from models.evaluate import evaluate
 from models.losses import consistency, dice_bce, stage1_loss, stage2_loss
 from models.predict import predict
 from models.synthetic import generate
-from models.trainer import Trainer, load_checkpoint, save_checkpoint
+from models.trainer import Trainer, load_checkpoint, make_adam, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -354,3 +354,41 @@ def test_cpu_malloc_cache_reuses_freed_pages():
             pytest.skip(f"not glibc here: {proc.stderr.strip()[-200:]}")
     assert min(faults["system"]) >= 16000, faults
     assert sum(faults["cache"]) <= sum(faults["system"]) / 4, faults
+
+
+def test_make_adam_fused_takes_the_default_steps(monkeypatch):
+    """The trainer's Adam runs torch's fused kernel where there is one (CPU float32 here) and
+    takes the same steps as the default implementation (two groups, weight decay, three
+    steps); where torch has no fused kernel it falls back instead of failing."""
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    b.load_state_dict(a.state_dict())
+    start = [p.detach().clone() for p in a.parameters()]
+
+    def groups(m):
+        return [{"params": list(m[0].parameters()), "lr": 1e-2}, {"params": list(m[1].parameters()), "lr": 3e-3}]
+
+    oa = make_adam(groups(a), weight_decay=1e-3)
+    ob = torch.optim.Adam(groups(b), weight_decay=1e-3)
+    assert oa.defaults["fused"] is True and not ob.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(4, 7)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for p, q, p0 in zip(a.parameters(), b.parameters(), start):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert (p - p0).abs().min() > 1e-4  # every weight moved: the steps were taken
+
+    real_adam = torch.optim.Adam
+
+    def adam_without_fused(params, fused=None, **kw):  # a torch with no fused kernel for these
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real_adam(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_fused)
+    o = make_adam((p for p in a.parameters()), lr=1e-3)  # a generator, as model.parameters()
+    assert not o.defaults["fused"] and len(o.param_groups[0]["params"]) == 4
