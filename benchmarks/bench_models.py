@@ -87,125 +87,148 @@ def saved_bytes(model, x) -> int:
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def run_case(
-    stage: int, mode: str, encoder: str, batch: int, size: int, warmup: int, steps: int, device: str,
-    amp: str = "none", channels_last: bool = False, profile: int = 0, compile_mode: str = "default",
-    malloc: str = "cache",
-) -> dict:
-    """One (stage, mode) case in this process; returns its row. ``amp``: autocast dtype
-    (fp16 with a GradScaler); every step's loss must be finite. ``profile`` > 0: one more
-    forward+backward under torch.profiler, its ``profile`` most expensive kernels (CUDA)
-    or ops (CPU) in ``row["profile"]``."""
-    torch.manual_seed(0)
-    model = build_model(stage, encoder=encoder, fused=mode.startswith("fused"), dispersive=DispersiveConfig())
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt).train()
-    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
-    amp_dtype = AMP[amp]
-    scaler = torch.amp.GradScaler(device, enabled=amp_dtype is torch.float16)
+class _Case:
+    """One (stage, mode) training setup: model, input, Adam, scaler; one timed step at a time."""
 
-    def forward_loss():
-        with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            return seg_loss(run(x), target, 0.2)
+    def __init__(self, stage: int, mode: str, encoder: str, batch: int, size: int, device: str, amp: str,
+                 channels_last: bool, compile_mode: str):
+        torch.manual_seed(0)
+        self.stage, self.mode, self.device = stage, mode, device
+        self.encoder, self.batch, self.size, self.amp, self.channels_last = encoder, batch, size, amp, channels_last
+        model = build_model(stage, encoder=encoder, fused=mode.startswith("fused"), dispersive=DispersiveConfig())
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=fmt).train()
+        self.x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
+        self.target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+        self.amp_dtype = AMP[amp]
+        self.scaler = torch.amp.GradScaler(device, enabled=self.amp_dtype is torch.float16)
+        self.compiled = mode.endswith("compiled")
+        self.run = torch.compile(self.model, mode=compile_mode) if self.compiled else self.model
+        self.compile_s = float("nan")
+        self.opt = make_adam(self.model.parameters(), lr=1e-4)  # the trainer's (fused where torch has it)
+        self.peak = float("nan")
+        self.fwd, self.bwd, self.step = [], [], []
 
-    target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
-    run = model
-    compile_s = float("nan")
-    compiled = mode.endswith("compiled")
-    if compiled:
-        run = torch.compile(model, mode=compile_mode)
-    opt = make_adam(model.parameters(), lr=1e-4)  # the trainer's (fused where torch has it)
+    def autocast(self):
+        return torch.autocast(self.device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
-    def peak_fwd_bwd() -> float:
+    def forward_loss(self):
+        with self.autocast():
+            return seg_loss(self.run(self.x), self.target, 0.2)
+
+    def peak_fwd_bwd(self) -> float:
         """Peak memory of one forward+backward (gradients included) above the level before."""
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
+        self.opt.zero_grad(set_to_none=True)
+        if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            forward_loss().backward()
+            self.forward_loss().backward()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
         else:
             with _RssSampler() as rss:
-                forward_loss().backward()
+                self.forward_loss().backward()
             peak = rss.extra
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         return peak
 
-    peak = float("nan")
-    if device == "cpu":
-        # The resident-set peak needs the system allocator (with freed memory cached the
-        # resident set stays at its peak and the next step adds nothing): measured on the
-        # first step, before the allocator is switched for the timed steps.
-        if not freed_memory_kept():
-            peak = peak_fwd_bwd()
-        if malloc == "cache":
-            keep_freed_memory()
-
-    fwd, bwd, step = [], [], []
-    for i in range(warmup + steps):
+    def timed_step(self, i: int, record: bool) -> None:
+        device, opt = self.device, self.opt
         opt.zero_grad(set_to_none=True)
         _sync(device)
         t0 = time.perf_counter()
-        loss = forward_loss()
+        loss = self.forward_loss()
         _sync(device)
         t1 = time.perf_counter()
-        scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()
         _sync(device)
         t2 = time.perf_counter()
-        scaler.step(opt)
-        scaler.update()
+        self.scaler.step(opt)
+        self.scaler.update()
         _sync(device)
         t3 = time.perf_counter()
         if not torch.isfinite(loss):
-            raise RuntimeError(f"stage {stage} {mode}: non-finite loss {loss.item()} at step {i}")
-        if i == 0 and compiled:
-            compile_s = t3 - t0
-        if i >= warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            step.append(t3 - t0)
-        del loss
+            raise RuntimeError(f"stage {self.stage} {self.mode}: non-finite loss {loss.item()} at step {i}")
+        if i == 0 and self.compiled:
+            self.compile_s = t3 - t0
+        if record:
+            self.fwd.append(t1 - t0)
+            self.bwd.append(t2 - t1)
+            self.step.append(t3 - t0)
 
-    if device == "cuda":  # peak memory of one forward+backward, after the warm-up
-        peak = peak_fwd_bwd()
-    with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        saved = saved_bytes(model, x) if not compiled else float("nan")
-    top = []
-    if profile > 0:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as profiler
+    def row(self, profile: int) -> dict:
+        device = self.device
+        if device == "cuda":  # peak memory of one forward+backward, after the warm-up
+            self.peak = self.peak_fwd_bwd()
+        with self.autocast():
+            saved = saved_bytes(self.model, self.x) if not self.compiled else float("nan")
+        top = []
+        if profile > 0:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as profiler
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with profiler(activities=acts) as prof:
-            scaler.scale(forward_loss()).backward()
-            _sync(device)
-        opt.zero_grad(set_to_none=True)
-        top = top_kernels(prof, device, profile)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with profiler(activities=acts) as prof:
+                self.scaler.scale(self.forward_loss()).backward()
+                _sync(device)
+            self.opt.zero_grad(set_to_none=True)
+            top = top_kernels(prof, device, profile)
+        step_s = statistics.median(self.step)
+        return {
+            "stage": self.stage,
+            "mode": self.mode,
+            "encoder": self.encoder,
+            "amp": self.amp,
+            "channels_last": self.channels_last,
+            "batch": self.batch,
+            "size": self.size,
+            "fwd_ms": statistics.median(self.fwd) * 1e3,
+            "bwd_ms": statistics.median(self.bwd) * 1e3,
+            "step_ms": step_s * 1e3,
+            "step_ms_min": min(self.step) * 1e3,
+            "step_ms_max": max(self.step) * 1e3,
+            "images_per_s": self.batch / step_s,
+            "peak_fwd_bwd_mb": self.peak / 2**20,
+            "saved_for_backward_mb": saved / 2**20,
+            "compile_s": self.compile_s,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "profile": top,
+        }
 
-    step_s = statistics.median(step)
-    return {
-        "stage": stage,
-        "mode": mode,
-        "encoder": encoder,
-        "amp": amp,
-        "channels_last": channels_last,
-        "batch": batch,
-        "size": size,
-        "fwd_ms": statistics.median(fwd) * 1e3,
-        "bwd_ms": statistics.median(bwd) * 1e3,
-        "step_ms": step_s * 1e3,
-        "step_ms_min": min(step) * 1e3,
-        "step_ms_max": max(step) * 1e3,
-        "images_per_s": batch / step_s,
-        "peak_fwd_bwd_mb": peak / 2**20,
-        "saved_for_backward_mb": saved / 2**20,
-        "compile_s": compile_s,
-        "params": sum(p.numel() for p in model.parameters()),
-        "profile": top,
-    }
+
+def run_group(
+    stage: int, modes: list[str], encoder: str, batch: int, size: int, warmup: int, steps: int, device: str,
+    amp: str = "none", channels_last: bool = False, profile: int = 0, compile_mode: str = "default",
+    malloc: str = "cache",
+) -> list[dict]:
+    """The (stage, mode) cases of ``modes`` in this process, their steps interleaved: round
+    i runs one step of every case, the order rotated each round, so that a drift of the
+    machine's speed over the run falls on every mode alike. ``amp``: autocast dtype (fp16
+    with a GradScaler); every step's loss must be finite. ``profile`` > 0: one more
+    forward+backward under torch.profiler, its ``profile`` most expensive kernels (CUDA)
+    or ops (CPU) in ``row["profile"]``."""
+    cases = [_Case(stage, m, encoder, batch, size, device, amp, channels_last, compile_mode) for m in modes]
+    if device == "cpu":
+        # The resident-set peak needs the system allocator (with freed memory cached the
+        # resident set stays at its peak and the next step adds nothing): measured on the
+        # first step, before the allocator is switched for the timed steps. Only for a
+        # lone case: a second case would reuse what the first freed and read low.
+        if not freed_memory_kept() and len(cases) == 1:
+            cases[0].peak = cases[0].peak_fwd_bwd()
+        if malloc == "cache":
+            keep_freed_memory()
+    for i in range(warmup + steps):
+        k = i % len(cases)
+        for c in cases[k:] + cases[:k]:
+            c.timed_step(i, record=i >= warmup)
+    return [c.row(profile) for c in cases]
+
+
+def run_case(stage: int, mode: str, **kwargs) -> dict:
+    """One (stage, mode) case in this process; returns its row (see run_group)."""
+    return run_group(stage, [mode], **kwargs)[0]
 
 
 def top_kernels(prof, device: str, n: int) -> list[dict]:
@@ -223,8 +246,8 @@ def top_kernels(prof, device: str, n: int) -> list[dict]:
         {"name": "(total)", "calls": sum(c for c, _ in times.values()), "ms": total / 1e3, "share": 1.0}]
 
 
-def _case_in_subprocess(args_json: str) -> dict:
-    """A CPU case in a fresh process: its resident set starts clean."""
+def _case_in_subprocess(args_json: str) -> list[dict]:
+    """CPU case(s) in a fresh process: its resident set starts clean."""
     cmd = [sys.executable, "-m", "benchmarks.bench_models", "--_case", args_json]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
@@ -314,6 +337,9 @@ def main(argv=None) -> list[dict]:
                          "--cpu-malloc cache) or with glibc's defaults; the peak memory is measured before, "
                          "with the system allocator")
     ap.add_argument("--no-isolate", action="store_true", help="CPU: run the cases in this process")
+    ap.add_argument("--interleave", action="store_true",
+                    help="each stage's modes in one process, their steps alternating (robust to a machine "
+                         "whose speed drifts); CPU: no peak memory (run without it for that)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="", help="appended to the result files' names")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -321,8 +347,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if args._case:  # a CPU case in its own process (see _case_in_subprocess)
-        print(json.dumps(run_case(**json.loads(args._case))))
+    if args._case:  # CPU cases in their own process (see _case_in_subprocess)
+        spec = json.loads(args._case)
+        print(json.dumps(run_group(**spec) if "modes" in spec else [run_case(**spec)]))
         return []
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -354,22 +381,25 @@ def main(argv=None) -> list[dict]:
             + (f", torch.compile mode {args.compile_mode}" if any(m.endswith("compiled") for m in modes) else "")
             + (f", CPU allocator for the timed steps: {args.malloc} (peak memory: first step, system "
                "allocator)" if args.device == "cpu" else "")
+            + (", modes interleaved step by step" if args.interleave else "")
         ),
         "command": "python -m benchmarks.bench_models " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     rows = []
-    for stage in stages:
-        for mode in modes:
-            case = dict(stage=stage, mode=mode, encoder=enc, batch=batch, size=size, warmup=warmup,
-                        steps=steps, device=args.device, amp=args.amp, channels_last=args.channels_last,
-                        profile=args.profile, compile_mode=args.compile_mode, malloc=args.malloc)
-            if args.device == "cpu" and not args.no_isolate:
-                row = _case_in_subprocess(json.dumps(case))
-            else:
-                row = run_case(**case)
+    common = dict(encoder=enc, batch=batch, size=size, warmup=warmup, steps=steps, device=args.device, amp=args.amp,
+                  channels_last=args.channels_last, profile=args.profile, compile_mode=args.compile_mode,
+                  malloc=args.malloc)
+    groups = ([dict(stage=stage, modes=modes, **common) for stage in stages] if args.interleave else
+              [dict(stage=stage, mode=mode, **common) for stage in stages for mode in modes])
+    for group in groups:
+        if args.device == "cpu" and not args.no_isolate:
+            new_rows = _case_in_subprocess(json.dumps(group))
+        else:
+            new_rows = run_group(**group) if "modes" in group else [run_case(**group)]
+        for row in new_rows:
             rows.append(row)
             print(
-                f"stage {stage} {mode:14s} fwd {row['fwd_ms']:8.0f} ms  bwd {row['bwd_ms']:8.0f} ms  "
+                f"stage {row['stage']} {row['mode']:14s} fwd {row['fwd_ms']:8.0f} ms  bwd {row['bwd_ms']:8.0f} ms  "
                 f"step {row['step_ms']:8.0f} ms  {row['images_per_s']:7.2f} img/s  "
                 f"peak {row['peak_fwd_bwd_mb']:7.0f} MB  saved {row['saved_for_backward_mb']:7.0f} MB",
                 flush=True,
