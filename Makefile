@@ -9,7 +9,7 @@ PYTHON     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test bench bench-cpu clean
+.PHONY: setup build demo test bench bench-cpu emulate-cuda clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PYTHON) -m benchmarks.bench_dispersive
+
+# csrc/*.cu run on the CPU through the SIMT emulator against the C++ kernels (no GPU;
+# ~10 minutes on 2 cores; tests/cuda_emulation/README.md). Run it after touching a .cu file.
+emulate-cuda: $(VENV)/.built
+	set -e; for f in tests/cuda_emulation/check_*.py; do echo "== $$f"; $(PYTHON) $$f; done
 
 clean:
 	rm -rf build disseg_kernels/_C*.so $(VENV)/.built $(VENV)/.installed
