@@ -157,8 +157,7 @@ std::vector<std::vector<std::pair<int64_t, acc_t>>> tap_lists(const Taps<acc_t>&
 // * grad_out channels_last (channel stride 1): a gather per input row (b, ih). The output
 //   rows with a tap on ih add their weighted pixels into one float row of Wi·C values,
 //   the channels of a pixel unit-stride (vectorised), and the row is written once.
-// * otherwise: per (b, c) plane, every output pixel adds its four weighted taps into the
-//   (small) float input plane.
+// * otherwise: per (b, c) plane, separable (below) into a float input plane, cast once.
 at::Tensor multiscale_bwd_cpu(const at::Tensor& grad_out, int64_t c0, int64_t C, int64_t Hi, int64_t Wi,
                               const at::Tensor& like) {
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.device().is_cpu(), "multiscale_bwd: grad_out must be a 4-d CPU tensor");
