@@ -78,6 +78,17 @@ def build(families=FAMILIES):
          build_directory=bd, is_python_module=False, verbose=False)
 
 
+def emulated(family):
+    """(torch.ops.disseg_emu, torch.ops.disseg) for a check script: csrc/<family>.cu built
+    for the emulator, and the C++ CPU kernels it is compared with loaded."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import disseg_kernels  # noqa: F401  (registers torch.ops.disseg.*)
+
+    build([family])
+    return torch.ops.disseg_emu, torch.ops.disseg
+
+
 if __name__ == "__main__":
     build(sys.argv[1:] or FAMILIES)
     print("built", [n for n in dir(torch.ops.disseg_emu)])

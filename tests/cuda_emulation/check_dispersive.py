@@ -2,12 +2,9 @@
 the row kernel for N > 64 or D <= 8, the double Gram + row mix for few samples)."""
 import itertools, os, sys, time
 import torch
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import disseg_kernels  # noqa: F401  (registers torch.ops.disseg.*)
-from build import build
-build(["dispersive"])
-E, C = torch.ops.disseg_emu, torch.ops.disseg
+from build import emulated  # noqa: E402
+E, C = emulated("dispersive")
 t0 = time.time()
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 NAMES = ["infonce_l2", "infonce_l2sq", "infonce_cosine", "hinge", "covariance"]

@@ -1,11 +1,8 @@
 import os, sys, time
 import torch
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import disseg_kernels
-from build import build
-build(["gates"])
-E, C = torch.ops.disseg_emu, torch.ops.disseg
+from build import emulated  # noqa: E402
+E, C = emulated("gates")
 
 def acc(dt): return torch.float64 if dt == torch.float64 else torch.float32
 

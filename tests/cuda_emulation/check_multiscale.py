@@ -1,11 +1,8 @@
 import os, sys, time
 import torch
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import disseg_kernels
-from build import build
-build(["multiscale"])
-E, C = torch.ops.disseg_emu, torch.ops.disseg
+from build import emulated  # noqa: E402
+E, C = emulated("multiscale")
 t0 = time.time()
 def run(shapes, scales, dt, cl, mixed=False):
     ts = [torch.randn(s).to(dt) for s in shapes]

@@ -1,11 +1,8 @@
 import os, sys
 import torch
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import disseg_kernels  # loads _C (CPU ops)
-from build import build
-build(["telu"])
-E, C = torch.ops.disseg_emu, torch.ops.disseg
+from build import emulated  # noqa: E402
+E, C = emulated("telu")
 for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
     for n in (0, 1, 7, 33, 1000, 4099):
         x = (torch.rand(n) * 40 - 20).to(dtype)

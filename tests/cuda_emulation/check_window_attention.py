@@ -1,12 +1,9 @@
 """csrc/window_attention.cu under the SIMT emulator against the C++ CPU kernels."""
 import os, sys, time
 import torch
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import disseg_kernels  # noqa: F401  (registers torch.ops.disseg.*)
-from build import build
-build(["window_attention"])
-E, C = torch.ops.disseg_emu, torch.ops.disseg
+from build import emulated  # noqa: E402
+E, C = emulated("window_attention")
 t0 = time.time()
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
