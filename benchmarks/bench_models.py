@@ -34,16 +34,21 @@ import sys
 import time
 from pathlib import Path
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 import disseg_kernels as dk
+from disseg_kernels import _backend
 from benchmarks.bench_dispersive import _RssSampler, machine_name
 from models import FUSED_OPS, DispersiveConfig, build_model
 from models.trainer import freed_memory_kept, keep_freed_memory, make_adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("plain", "fused", "compiled", "fused_compiled")  # compiled: torch.compile of plain; fused_compiled: of fused
+# compiled: torch.compile of plain; fused_compiled: of fused; fused_cuda: fused with "auto"
+# trying the CUDA kernels before the Triton ones (disseg_kernels._backend.auto_order)
+MODES = ("plain", "fused", "fused_cuda", "compiled", "fused_compiled")
 
 # device -> quick -> (encoder, batch, size, warmup, steps)
 PRESETS = {
@@ -108,6 +113,12 @@ class _Case:
         self.opt = make_adam(self.model.parameters(), lr=1e-4)  # the trainer's (fused where torch has it)
         self.peak = float("nan")
         self.fwd, self.bwd, self.step = [], [], []
+
+    def backends(self):
+        """The op backends of this mode: fused_cuda puts the CUDA kernels first."""
+        if self.mode == "fused_cuda":
+            return _backend.auto_order("cuda", ("cuda", "triton"))
+        return contextlib.nullcontext()
 
     def autocast(self):
         return torch.autocast(self.device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
@@ -222,8 +233,13 @@ def run_group(
     for i in range(warmup + steps):
         k = i % len(cases)
         for c in cases[k:] + cases[:k]:
-            c.timed_step(i, record=i >= warmup)
-    return [c.row(profile) for c in cases]
+            with c.backends():
+                c.timed_step(i, record=i >= warmup)
+    rows = []
+    for c in cases:
+        with c.backends():
+            rows.append(c.row(profile))
+    return rows
 
 
 def run_case(stage: int, mode: str, **kwargs) -> dict:
@@ -364,6 +380,12 @@ def main(argv=None) -> list[dict]:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"--modes: unknown mode(s) {bad}; choose among {MODES}")
+    if "fused_cuda" in modes and args.device != "cuda":
+        raise SystemExit("--modes fused_cuda: needs --device cuda")
+    if "fused_cuda" in modes and "cuda" not in dk.available_backends("gates", "cuda"):
+        why = _backend.unavailable_reason("gates", "cuda", torch.device("cuda"))
+        print(f"--modes fused_cuda: skipped, the CUDA kernels cannot run ({why})", flush=True)
+        modes.remove("fused_cuda")
     stages = [int(s) for s in args.stages.split(",") if s]
     if any(s not in (1, 2) for s in stages):
         raise SystemExit(f"--stages must list 1 and/or 2, got {args.stages!r}")

@@ -30,7 +30,8 @@
 #endif
 #endif
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

@@ -6,7 +6,8 @@
 // run along the unit-stride dimension, so neither layout is copied. The small gate
 // tensors are dense (B, C) or (B, P) in the accumulation type (float for float/half/
 // bfloat16 inputs, double for double). A gate that is absent (nullopt) is 1.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -5,7 +5,8 @@
 // Each input is read once and each output element written once, straight into its
 // channel slice; no upsampled intermediate. Inputs and output are indexed through their
 // strides (NCHW or channels_last, the output in the layout of the first input).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -9,7 +9,8 @@
 // eˣ is taken of min(x, 20) (e^{−2u} is 0 beyond it in every dtype), and the exp of an
 // argument below −80 is taken as exactly 0 (no denormals: they are ~50× slower), so the derivative's x·u·(1 − tanh²u) is 0,
 // never inf · 0: both are finite for every finite x and tend to x and 1.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -19,7 +19,8 @@
 //                 exp(logits[r − o_t, s, t] − lse[r − o_t, s]).
 // D is (B, H·W, heads, (2k−1)²) and lse (B, H·W, heads, k²): 25/81 and 9/81 of the
 // logits; no (B, C·k², H·W) or (B, heads, H·W, k², head_dim) buffer exists.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <ATen/Parallel.h>
 

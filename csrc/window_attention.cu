@@ -8,7 +8,8 @@
 // head's channels are coalesced and no (B, C·k², H·W) or (B, heads, H·W, k², head_dim)
 // buffer exists. Backward: D[a, o] = dy[a]·v[a + o] (warp reductions), then dlogits and
 // the row log-sum-exp per window, then dv by the transposed gather.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

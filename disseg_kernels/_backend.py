@@ -15,6 +15,7 @@ falls back to the reference only when no fused backend exists for the device.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -57,8 +58,39 @@ def use_custom_op() -> bool:
     return _EAGER_CUSTOM_OPS or torch.compiler.is_compiling()
 
 
-# Preference order of "auto", per device type.
-_AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+# Preference order of "auto", per device type. On CUDA the Triton kernels come first;
+# DISSEG_AUTO_ORDER_CUDA="cuda,triton" (read at import) or ``auto_order("cuda", ...)``
+# puts the CUDA kernels first: they launch from C++ (a few µs of host time per call against
+# Triton's Python launcher), which counts where a model's many small ops keep the GPU
+# waiting on the host.
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+
+
+def _parse_order(text: str, source: str) -> tuple[str, ...]:
+    order = tuple(b.strip() for b in text.split(",") if b.strip())
+    bad = [b for b in order if b not in BACKENDS[1:]]
+    if bad or not order:
+        raise ValueError(f"{source} must list backends among {BACKENDS[1:]}, got {text!r}")
+    return order
+
+
+if os.environ.get("DISSEG_AUTO_ORDER_CUDA"):
+    _AUTO_ORDER["cuda"] = _parse_order(os.environ["DISSEG_AUTO_ORDER_CUDA"], "DISSEG_AUTO_ORDER_CUDA")
+
+
+@contextlib.contextmanager
+def auto_order(device_type: str, order):
+    """Within the block, ``backend="auto"`` on ``device_type`` tries ``order`` (backend
+    names, first available wins; the reference when none is). Restored on exit."""
+    if device_type not in _AUTO_ORDER:
+        raise ValueError(f"device_type must be one of {tuple(_AUTO_ORDER)}, got {device_type!r}")
+    new = _parse_order(",".join(order) if not isinstance(order, str) else order, "order")
+    old = _AUTO_ORDER[device_type]
+    _AUTO_ORDER[device_type] = new
+    try:
+        yield
+    finally:
+        _AUTO_ORDER[device_type] = old
 
 
 class BackendUnavailable(RuntimeError):
@@ -66,13 +98,28 @@ class BackendUnavailable(RuntimeError):
 
 
 def _load_extension() -> str | None:
-    """None when ``disseg_kernels._C`` loads, else why it does not."""
+    """None when the compiled library ``disseg_kernels/_C*.so`` loads, else why it does not.
+
+    The library holds only torch operators (``TORCH_LIBRARY_FRAGMENT(disseg, ...)`` in each
+    csrc file) and no Python module: it is loaded with ``torch.ops.load_library``, so it
+    builds without Python's headers (images without python3-dev) and does not depend on
+    the Python version it was built with.
+    """
     try:
-        from disseg_kernels import _C  # noqa: F401
-    except ImportError as exc:  # not built, or built against another torch
+        spec = importlib.util.find_spec("disseg_kernels._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
         return (
-            f"the C++ extension disseg_kernels._C is not importable ({exc}); "
+            "the C++ extension disseg_kernels._C is not built; "
             "build it with `pip install --no-build-isolation -e .`"
+        )
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as exc:  # built against another torch, or a broken build
+        return (
+            f"the C++ extension {spec.origin} does not load ({exc}); rebuild it with "
+            "`pip install --no-build-isolation -e .`"
         )
     return None
 

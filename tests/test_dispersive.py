@@ -402,6 +402,31 @@ def test_unavailable_backend_says_why():
     assert torch.isfinite(dispersive_loss(z, backend="auto"))
 
 
+def test_auto_order_override_is_scoped_and_checked():
+    """auto_order changes what "auto" picks inside its block only (the CPU order emptied:
+    the reference), restores it on exit and on error, and refuses unknown names; the
+    extension loads without a Python module (torch.ops.load_library)."""
+    from disseg_kernels import _backend
+
+    dev = torch.device("cpu")
+    before = _backend.resolve("gates", "auto", dev)
+    with _backend.auto_order("cpu", ("triton",)):  # Triton on CPU only under the interpreter
+        assert _backend.resolve("gates", "auto", dev) == ("triton" if _backend.triton_interpret() else "reference")
+    assert _backend.resolve("gates", "auto", dev) == before
+    with pytest.raises(RuntimeError):
+        with _backend.auto_order("cpu", "reference"):
+            raise RuntimeError("inside")
+    assert _backend.resolve("gates", "auto", dev) == before
+    with pytest.raises(ValueError, match="order.*'tpu'"):
+        with _backend.auto_order("cpu", ("tpu",)):
+            pass
+    with pytest.raises(ValueError, match="device_type"):
+        with _backend.auto_order("xpu", ("cpu",)):
+            pass
+    if _backend.extension_error() is None:
+        assert before == "cpu" and "cpu" in disseg_kernels.available_backends("telu", "cpu")
+
+
 def test_module_matches_function():
     z = _sample(10, 20, seed=9)
     mod = disseg_kernels.DispersiveLoss(variant="infonce_cosine", tau=0.2)

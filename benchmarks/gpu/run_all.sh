@@ -12,6 +12,7 @@
 #   pytest.txt       the GPU tests' output (also in log.txt); pytest_triton.txt: the Triton grid's
 #   results.md       every benchmark markdown table written during this run, concatenated
 #   results.tar.gz   every benchmark CSV and markdown file written during this run
+#   build.txt        the whole extension build log
 #
 # Other op families add their benchmark stages to STAGES below ("name|timeout_s|command").
 # ONLY=build,tests runs a subset of the stages (comma-separated names); the gate ops alone:
@@ -56,8 +57,19 @@ stage_build() {
   # that downloads setuptools: in both 2026-11-26 runs that failed and the C++/CUDA
   # extension was never built (only the Triton backends ran). build_ext --inplace uses the
   # installed setuptools and puts disseg_kernels/_C*.so next to the sources, which is what
-  # the tests and benchmarks import from the repository root.
-  "$PY" setup.py -q build_ext --inplace 2>&1 | grep -v "^\s*$" | tail -n 40
+  # the tests and benchmarks import from the repository root. On 2026-11-27 it failed in 5 s
+  # and `tail` had cut the compiler's message: the whole log now goes to $OUT/build.txt and
+  # its error lines to log.txt, with the toolchain facts a fast failure usually comes from.
+  {
+    echo "c++: $(command -v c++ || echo none) $(c++ --version 2>/dev/null | head -1)"
+    echo "ninja: $(command -v ninja || echo none)"
+    "$PY" -c "import sysconfig, os; p = sysconfig.get_paths()['include']; print('Python.h:', os.path.exists(os.path.join(p, 'Python.h')), p)"
+  } 2>&1 | tee -a "$OUT/build.txt"
+  "$PY" setup.py build_ext --inplace >> "$OUT/build.txt" 2>&1
+  local rc=$?
+  grep -n -m 40 -E "error:|error [A-Z]|fatal|FAILED:|No such file|not found" "$OUT/build.txt" | cut -c1-400
+  tail -n 12 "$OUT/build.txt" | cut -c1-400
+  echo "build_ext rc=$rc"
   ls -la disseg_kernels/_C*.so || { echo "extension not built"; return 1; }
   "$PY" - <<'EOF'
 import torch, disseg_kernels
@@ -95,7 +107,7 @@ STAGES=(
   "build|240|stage_build"
   # Stage II fused vs plain (issue 5's target), and the 25 kernels that take the most device
   # time in each: first, since a session's 15 device minutes hold about one 540 s call
-  "bench_models|80|$PY -m benchmarks.bench_models --device cuda --stages 2 --profile 25"
+  "bench_models|130|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda --profile 25"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
   "bench_gates|120|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"

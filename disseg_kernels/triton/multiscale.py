@@ -2,11 +2,14 @@
 
 Forward: each program takes a block of one input's output elements, reads their four
 bilinear taps (align_corners=True) and writes straight into the input's channel slice of
-the output. Backward: a gather, as csrc/multiscale.cu's (no atomics, so deterministic; no
-zero-filled float32 buffer, no cast): each program takes a block of input elements, each
-summing the weighted output gradients of the output rows and columns whose taps reach it,
-found from a candidate range and tested with the forward's own tap arithmetic, and writes
-the input's gradient once, in its dtype and layout.
+the output. Backward: a gather, as csrc/multiscale.cu's (no atomics, so deterministic): each input
+element sums the weighted output gradients of the output rows and columns whose taps reach
+it, found from a candidate range and tested with the forward's own tap arithmetic. It is
+separable: one pass along W into a float32 (B, C, H, Wi) buffer, one along H writing the
+input's gradient once, in its dtype and layout. On the H200 the one-pass 2-D gather (NW·NH
+= 81 candidates per element at ×2, 441 at ×8) was compute-bound at ~7x PyTorch's
+upsample backward in the Stage II step (benchmarks/results/models_cuda_2026-11-27_profile.md);
+the two passes test NW + NH.
 
 The block follows the layout of what the program writes: NCHW, one (b, c) plane's pixels
 (unit stride along the block); channels_last, one image's (pixel, channel) pairs with the
@@ -88,27 +91,31 @@ def _first_candidate(k, n_in, n_out):
 
 
 @triton.jit
-def _up_bwd_kernel(g_ptr, gin_ptr, C, Hi, Wi, H, W, scale_h, scale_w, NH, NW,
-                   gsB, gsC, gsH, gsW, isB, isC, isH, isW, c0, BLOCK: tl.constexpr, CHANNEL_FAST: tl.constexpr):
-    b, c, pix, mask = _block_elements(C, Hi * Wi, BLOCK, CHANNEL_FAST)
-    hi = pix // Wi
-    wi = pix % Wi
-    oh_lo = _first_candidate(hi, Hi, H)
-    ow_lo = _first_candidate(wi, Wi, W)
-    g_plane = g_ptr + b * gsB + (c0 + c) * gsC
+def _up_bwd_axis_kernel(src_ptr, dst_ptr, C, Hd, Wd, n_in, n_out, scale, NC,
+                        ssB, ssC, ssH, ssW, dsB, dsC, dsH, dsW, c0,
+                        ALONG_W: tl.constexpr, BLOCK: tl.constexpr, CHANNEL_FAST: tl.constexpr):
+    """One axis of the backward gather: dst[b, c, h, w] = Σ_o weight(o, k) · src[b, c0 + c, ., .]
+    over the source indices o along the axis (W when ALONG_W, else H) whose taps reach the
+    destination index k there (w or h); the other index is the same in src and dst."""
+    b, c, pix, mask = _block_elements(C, Hd * Wd, BLOCK, CHANNEL_FAST)
+    h = pix // Wd
+    w = pix % Wd
+    if ALONG_W:
+        k = w
+        line = src_ptr + b * ssB + (c0 + c) * ssC + h * ssH
+        step = ssW
+    else:
+        k = h
+        line = src_ptr + b * ssB + (c0 + c) * ssC + w * ssW
+        step = ssH
+    lo = _first_candidate(k, n_in, n_out)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, NH):
-        oh = oh_lo + i
-        wh, hit_h = _tap_weight(oh, hi, Hi, scale_h)
-        hit_h = hit_h & mask & (oh < H)
-        row = tl.zeros((BLOCK,), dtype=tl.float32)
-        for j in range(0, NW):
-            ow = ow_lo + j
-            ww, hit_w = _tap_weight(ow, wi, Wi, scale_w)
-            g = tl.load(g_plane + oh * gsH + ow * gsW, mask=hit_h & hit_w & (ow < W), other=0.0).to(tl.float32)
-            row += ww * g
-        acc += wh * row
-    tl.store(gin_ptr + b * isB + c * isC + hi * isH + wi * isW, acc.to(gin_ptr.dtype.element_ty), mask=mask)
+    for j in range(0, NC):
+        o = lo + j
+        wt, hit = _tap_weight(o, k, n_in, scale)
+        g = tl.load(line + o * step, mask=mask & hit & (o < n_out), other=0.0).to(tl.float32)
+        acc += wt * g
+    tl.store(dst_ptr + b * dsB + c * dsC + h * dsH + w * dsW, acc.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 def _scale(i, o):
@@ -147,15 +154,30 @@ def _n_candidates(n_in: int, n_out: int) -> int:
     return min(n_out, (2 * (n_out - 1) + n_in - 2) // (n_in - 1) + 4)
 
 
+def _gather_axis(src, dst, c0: int, along_w: bool, n_in: int, n_out: int) -> None:
+    b, c, hd, wd = dst.shape
+    grid, channel_fast = _grid(dst, b, c, hd * wd)
+    _up_bwd_axis_kernel[grid](src, dst, c, hd, wd, n_in, n_out, _scale(n_in, n_out), _n_candidates(n_in, n_out),
+                              *src.stride(), *dst.stride(), c0, ALONG_W=along_w, BLOCK=_BLOCK,
+                              CHANNEL_FAST=channel_fast)
+
+
 def multiscale_bwd_triton(grad, c0, like):
     """The gradient of the input ``like`` stands for (its shape, dtype and layout): a gather
-    over the output pixels whose taps reach each input pixel."""
+    over the output pixels whose taps reach each input pixel, separable: along W into a
+    float32 (B, C, H, Wi) buffer in ``like``'s layout, then along H into the result (about
+    NW + NH candidate reads per element instead of NW·NH). One factor scales both axes: an
+    unscaled input's gradient is a copy of its channel slice."""
     b, c, hi, wi = like.shape
     h, w = grad.shape[2], grad.shape[3]
     gin = torch.empty_like(like)
-    if b * c and hi * wi:
-        grid, channel_fast = _grid(gin, b, c, hi * wi)
-        _up_bwd_kernel[grid](grad, gin, c, hi, wi, h, w, _scale(hi, h), _scale(wi, w),
-                             _n_candidates(hi, h), _n_candidates(wi, w), *grad.stride(), *gin.stride(), c0,
-                             BLOCK=_BLOCK, CHANNEL_FAST=channel_fast)
+    if not (b * c and hi * wi):
+        return gin
+    if hi == h and wi == w:
+        gin.copy_(grad[:, c0:c0 + c])
+        return gin
+    fmt = torch.channels_last if gin.stride(1) == 1 and c > 1 else torch.contiguous_format
+    rows = torch.empty((b, c, h, wi), device=grad.device, dtype=torch.float32, memory_format=fmt)
+    _gather_axis(grad, rows, c0, True, wi, w)
+    _gather_axis(rows, gin, 0, False, hi, h)
     return gin
