@@ -168,7 +168,7 @@ at::Tensor multiscale_bwd_cpu(const at::Tensor& grad_out, int64_t c0, int64_t C,
   const auto fmt = like.suggest_memory_format();
   const int64_t gsB = grad_out.stride(0), gsC = grad_out.stride(1), gsH = grad_out.stride(2), gsW = grad_out.stride(3);
   if (gsC == 1 && C > 1 && like.scalar_type() == grad_out.scalar_type()) {
-    auto gin = at::empty({B, C, Hi, Wi}, like.options());  // as csrc/multiscale.cu: contiguous
+    auto gin = at::empty({B, C, Hi, Wi}, like.options());  // as csrc/multiscale_cuda.cu: contiguous
     if (!gin.is_contiguous(fmt)) gin = at::empty({B, C, Hi, Wi}, like.options().memory_format(fmt));  // unless that is not fmt
     if (gin.numel() == 0) return gin;
     const int64_t isB = gin.stride(0), isC = gin.stride(1), isH = gin.stride(2), isW = gin.stride(3);

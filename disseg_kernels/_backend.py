@@ -24,7 +24,7 @@ import torch
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 # Which backends each op family implements. An op family appears under one name in
-# every folder: csrc/<name>.cpp, csrc/<name>.cu, disseg_kernels/triton/<name>.py,
+# every folder: csrc/<name>.cpp, csrc/<name>_cuda.cu, disseg_kernels/triton/<name>.py,
 # disseg_kernels/reference/<name>.py, tests/test_<name>.py, benchmarks/bench_<name>.py.
 FAMILIES: dict[str, frozenset[str]] = {
     "dispersive": frozenset({"reference", "cpu", "cuda", "triton"}),

@@ -4,7 +4,7 @@ Protects: a CUDA source that does not compile would otherwise only fail on a GPU
 at `pip install` time. Here torch may be a CPU build: its headers lack the generated
 c10/cuda/impl/cuda_cmake_macros.h, so the test writes a stub for it in a temporary include
 directory, and compiles each file to an object (-c, one arch, no linking). Sources must
-therefore include only <torch/extension.h>, <cuda_runtime.h> and c10/cuda headers
+therefore include only ATen / <torch/library.h>, <cuda_runtime.h> and c10/cuda headers
 (c10/cuda/CUDAStream.h, c10/cuda/CUDAGuard.h), not ATen/cuda/CUDAContext.h (it needs the
 cuBLAS headers, absent on a machine without the CUDA math libraries).
 """
@@ -82,3 +82,20 @@ def test_every_cu_source_compiles(include_flags, tmp_path):
 
 if __name__ == "__main__":  # python tests/test_cuda_compile.py: run the check alone
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_sources_compile_to_distinct_objects():
+    """setup.py hands csrc/*.cpp and csrc/*.cu to one torch extension, whose ninja build names
+    each object after its source's stem: csrc/gates.cpp and csrc/gates.cu would both be
+    gates.o, and ninja refuses the build ("multiple rules generate .../gates.o"). That is
+    how the extension failed to build on the H200 on 2026-11-27 while this CPU-only build
+    (no .cu files) passed. Protects: every family's CUDA file is csrc/<family>_cuda.cu,
+    beside csrc/<family>.cpp, and no two sources share a stem."""
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))) + CU_SOURCES
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in sources]
+    assert len(stems) == len(set(stems)), sorted(s for s in stems if stems.count(s) > 1)
+    for cu in CU_SOURCES:
+        name = os.path.basename(cu)
+        assert name.endswith("_cuda.cu"), f"{name}: name CUDA sources csrc/<family>_cuda.cu"
+        family = name[: -len("_cuda.cu")]
+        assert os.path.exists(os.path.join(ROOT, "csrc", family + ".cpp")), f"{name}: no csrc/{family}.cpp"

@@ -21,7 +21,7 @@ _spec = importlib.util.spec_from_file_location("disseg_cuda_emulation_build", os
 emu_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(emu_build)
 
-FAMILIES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
+FAMILIES = sorted(os.path.basename(p)[: -len("_cuda.cu")] for p in glob.glob(os.path.join(ROOT, "csrc", "*_cuda.cu")))
 
 
 def test_every_cu_family_has_an_emulator_check():
@@ -32,7 +32,7 @@ def test_every_cu_family_has_an_emulator_check():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_emulator_rewrite_covers_the_source(family):
-    cu = open(os.path.join(ROOT, "csrc", family + ".cu")).read()
+    cu = open(os.path.join(ROOT, "csrc", family + "_cuda.cu")).read()
     cpp = open(os.path.join(ROOT, "csrc", family + ".cpp")).read()
     defs = re.findall(r'm\.def\(\s*(?:"[^"]*"\s*)+\);', cpp)
     n_schemas = len(re.findall(r"m\.def\(", cpp))

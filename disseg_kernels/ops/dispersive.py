@@ -17,7 +17,7 @@ from .. import _backend
 from ..reference.dispersive import DIAGONALS, VARIANTS, dispersive_loss_reference
 
 # The integer codes the compiled kernels use for the variants (csrc/dispersive.cpp,
-# csrc/dispersive.cu and triton/dispersive.py share them).
+# csrc/dispersive_cuda.cu and triton/dispersive.py share them).
 VARIANT_CODES = {name: code for code, name in enumerate(VARIANTS)}
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -70,7 +70,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 class _CompiledKernels:
-    """The C++ ops (csrc/gates.cpp on CPU tensors, csrc/gates.cu on CUDA tensors: one
+    """The C++ ops (csrc/gates.cpp on CPU tensors, csrc/gates_cuda.cu on CUDA tensors: one
     schema, dispatched on the device) with the small gather/scatter work in torch."""
 
     @staticmethod
@@ -156,7 +156,7 @@ class _CompiledKernels:
 
 
 def _kernels(backend: str):
-    if backend in ("cpu", "cuda"):  # csrc/gates.cpp, csrc/gates.cu: the same ops, dispatched on the device
+    if backend in ("cpu", "cuda"):  # csrc/gates.cpp, csrc/gates_cuda.cu: the same ops, dispatched on the device
         return _CompiledKernels
     if backend == "triton":
         from ..triton import gates as triton_gates

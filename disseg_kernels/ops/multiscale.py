@@ -57,7 +57,7 @@ def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], ba
 
 
 def _run_fwd(tensors, scales, backend):
-    if backend in ("cpu", "cuda"):  # csrc/multiscale.cpp, csrc/multiscale.cu: one op, dispatched on the device
+    if backend in ("cpu", "cuda"):  # csrc/multiscale.cpp, csrc/multiscale_cuda.cu: one op, dispatched on the device
         return torch.ops.disseg.multiscale_fwd(tensors, scales)
     if backend == "triton":
         from ..triton.multiscale import multiscale_fwd_triton

@@ -31,7 +31,7 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 def _run_fwd(x, backend):
-    if backend in ("cpu", "cuda"):  # csrc/telu.cpp, csrc/telu.cu: one op, dispatched on the device
+    if backend in ("cpu", "cuda"):  # csrc/telu.cpp, csrc/telu_cuda.cu: one op, dispatched on the device
         return torch.ops.disseg.telu_fwd(x)
     if backend == "triton":
         from ..triton.telu import telu_fwd_triton

@@ -2,7 +2,7 @@
 
 Forward: each program takes a block of one input's output elements, reads their four
 bilinear taps (align_corners=True) and writes straight into the input's channel slice of
-the output. Backward: a gather, as csrc/multiscale.cu's (no atomics, so deterministic): each input
+the output. Backward: a gather, as csrc/multiscale_cuda.cu's (no atomics, so deterministic): each input
 element sums the weighted output gradients of the output rows and columns whose taps reach
 it, found from a candidate range and tested with the forward's own tap arithmetic. It is
 separable: one pass along W into a float32 (B, C, H, Wi) buffer, one along H writing the
@@ -84,7 +84,7 @@ def _tap_weight(o, k, n_in, scale):
 
 @triton.jit
 def _first_candidate(k, n_in, n_out):
-    """The first output index that may have a tap on input index k (csrc/multiscale.cu's
+    """The first output index that may have a tap on input index k (csrc/multiscale_cuda.cu's
     ``candidates``: a superset, the tap test decides)."""
     lo = ((k - 1) * (n_out - 1)) // tl.maximum(n_in - 1, 1) - 1
     return tl.where((k >= 1) & (n_in > 1), tl.maximum(lo, 0), 0)

@@ -1,4 +1,4 @@
-"""Build csrc/<family>.cu as CPU code under simt.h, registered as torch.ops.disseg_emu.*"""
+"""Build csrc/<family>_cuda.cu as CPU code under simt.h, registered as torch.ops.disseg_emu.*"""
 import os, re, sys
 import torch
 from torch.utils.cpp_extension import load
@@ -65,7 +65,7 @@ def build(families=FAMILIES):
     srcs = []
     gen = os.path.join(HERE, "build", "gen"); os.makedirs(gen, exist_ok=True)
     for fam in families:
-        cu = open(os.path.join(ROOT, "csrc", fam + ".cu")).read()
+        cu = open(os.path.join(ROOT, "csrc", fam + "_cuda.cu")).read()
         cpp = open(os.path.join(ROOT, "csrc", fam + ".cpp")).read()
         defs = re.findall(r'm\.def\(\s*(?:"[^"]*"\s*)+\);', cpp)
         path = os.path.join(gen, fam + "_emu.cpp")
@@ -79,7 +79,7 @@ def build(families=FAMILIES):
 
 
 def emulated(family):
-    """(torch.ops.disseg_emu, torch.ops.disseg) for a check script: csrc/<family>.cu built
+    """(torch.ops.disseg_emu, torch.ops.disseg) for a check script: csrc/<family>_cuda.cu built
     for the emulator, and the C++ CPU kernels it is compared with loaded."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)

@@ -1,4 +1,4 @@
-"""csrc/dispersive.cu under the SIMT emulator against the C++ CPU kernels (both paths:
+"""csrc/dispersive_cuda.cu under the SIMT emulator against the C++ CPU kernels (both paths:
 the row kernel for N > 64 or D <= 8, the double Gram + row mix for few samples)."""
 import itertools, os, sys, time
 import torch

@@ -1,4 +1,4 @@
-"""csrc/window_attention.cu under the SIMT emulator against the C++ CPU kernels."""
+"""csrc/window_attention_cuda.cu under the SIMT emulator against the C++ CPU kernels."""
 import os, sys, time
 import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

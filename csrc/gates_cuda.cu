@@ -19,7 +19,7 @@
 // on ties. The backward reduce writes per-block partials of U and V the same way.
 //
 // Only ATen core / per-operator headers, <torch/library.h>, <cuda_runtime.h> and c10/cuda
-// headers are included, as in csrc/dispersive.cu (tests/test_cuda_compile.py compiles
+// headers are included, as in csrc/dispersive_cuda.cu (tests/test_cuda_compile.py compiles
 // this file against a CPU build of torch). Offsets and indices are int64.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>

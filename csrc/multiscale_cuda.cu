@@ -15,7 +15,7 @@
 // own tap arithmetic, so rounding can never drop or add a tap.
 //
 // Only ATen core / per-operator headers, <torch/library.h>, <cuda_runtime.h> and c10/cuda
-// headers are included, as in csrc/dispersive.cu (tests/test_cuda_compile.py compiles
+// headers are included, as in csrc/dispersive_cuda.cu (tests/test_cuda_compile.py compiles
 // this file against a CPU build of torch). Offsets are int64.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>

@@ -12,7 +12,7 @@
 // elements. Arithmetic in float (double for double); indices are int64.
 //
 // Only ATen core / per-operator headers, <torch/library.h>, <cuda_runtime.h> and c10/cuda
-// headers are included, as in csrc/dispersive.cu (tests/test_cuda_compile.py compiles
+// headers are included, as in csrc/dispersive_cuda.cu (tests/test_cuda_compile.py compiles
 // this file against a CPU build of torch).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
