@@ -206,6 +206,29 @@ def test_autotuned_launch(monkeypatch):
     assert float(a) == float(b) and torch.equal(ga, gb)
 
 
+def test_row_kernel_parameters_are_copied_once(monkeypatch):
+    """The row kernel's scalar parameters (scale, 1/τ, margin, duplicate threshold) reach the
+    device once per distinct value set: a per-call torch.tensor(...).to(cuda) is a blocking
+    copy, a stream sync on every loss call (the host then waits for the GPU to drain) and a
+    failure under CUDA-graph capture. Protects: a second call with the same options creates
+    no tensor from Python data, other options get their own entry, and values are right."""
+    monkeypatch.setattr(tdisp, "_PARAMS_CACHE", {})
+    z = _z(70, 24, seed=3)
+    tdisp.dispersive_fused_triton(z, 0, 0.5, 1.0, False, False, True, _path="rows", _autotune=False)
+    assert len(tdisp._PARAMS_CACHE) == 1
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    loss, _ = tdisp.dispersive_fused_triton(z, 0, 0.5, 1.0, False, False, True, _path="rows", _autotune=False)
+    assert made == [] and len(tdisp._PARAMS_CACHE) == 1
+    assert float(loss) == pytest.approx(float(_ref(z, 0)[0]), rel=1e-5)
+    monkeypatch.setattr(torch, "tensor", real)
+    tdisp.dispersive_fused_triton(z, 0, 0.25, 1.0, False, False, True, _path="rows", _autotune=False)
+    assert len(tdisp._PARAMS_CACHE) == 2
+    (params,) = [t for k, t in tdisp._PARAMS_CACHE.items() if k[0][1] == 4.0]
+    assert params.tolist()[:3] == [1.0, 4.0, 1.0]
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

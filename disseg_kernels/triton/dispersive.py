@@ -546,7 +546,7 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
 
     ACC, GRAM_PREC, PV_DTYPE, PV_PREC = _dot_settings(z.dtype)
     dup_eps = _DUP_EPS_FP64 if z.dtype == torch.float64 else _DUP_EPS_FP32
-    params = torch.tensor([scale, 1.0 / tau, margin, dup_eps], dtype=acc_dtype).to(z.device)
+    params = device_params((scale, 1.0 / tau, margin, dup_eps), acc_dtype, z.device)
     args = (z, sqn, rinv, proj, out, m_out, s_out, n, d, col_chunk, min(triton.next_power_of_2(n), 16384), params)
     meta = dict(
         VARIANT=variant, INCLUDE_DIAG=bool(include_diagonal), NEED_GRAD=bool(need_grad), SINGLE_K=single,
@@ -758,6 +758,26 @@ def _small_warps(block_n: int) -> int:
     """Warps of the epilogue and C @ Z programs: 8 at N > 32 (with 4, sm_90 spills 40-448 B
     per thread there: benchmarks/bench_dispersive_tiles.py --compile-check small)."""
     return 8 if block_n >= 64 else 4
+
+
+_PARAMS_CACHE: dict = {}
+
+
+def device_params(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small read-only tensor of scalar kernel parameters on ``device``, cached by value.
+
+    ``torch.tensor(values).to(cuda)`` is a blocking copy from pageable memory: PyTorch
+    synchronises the stream after it, so the host would wait for the GPU to drain on every
+    loss call (and a CUDA graph capture would fail on it). A cached tensor is copied once;
+    the kernels only read it, so calls and streams can share it."""
+    key = (tuple(float(v) for v in values), dtype, torch.device(device))
+    t = _PARAMS_CACHE.get(key)
+    if t is None:
+        if len(_PARAMS_CACHE) >= 256:  # options a run actually uses are few; bound it anyway
+            _PARAMS_CACHE.clear()
+        t = torch.tensor(key[0], dtype=dtype).to(device)
+        _PARAMS_CACHE[key] = t
+    return t
 
 
 def _f64_bits(x: float) -> int:

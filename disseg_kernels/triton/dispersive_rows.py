@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from disseg_kernels.triton.dispersive import device_params
+
 INFONCE_L2, INFONCE_L2SQ, INFONCE_COSINE, HINGE = 0, 1, 2, 3
 
 _DUP_EPS_FP32 = 2e-6
@@ -240,8 +242,8 @@ def dispersive_row_stats_triton(
         shift = blocks.sum(1) / counts
     else:
         shift = rows.new_zeros((1, 1))
-    params = torch.tensor([1.0 / d if scale_by_dim else 1.0, 1.0 / tau, margin, grad_weight,
-                           _DUP_EPS_FP64 if dt == torch.float64 else _DUP_EPS_FP32], dtype=dt, device=rows.device)
+    params = device_params((1.0 / d if scale_by_dim else 1.0, 1.0 / tau, margin, grad_weight,
+                            _DUP_EPS_FP64 if dt == torch.float64 else _DUP_EPS_FP32), dt, rows.device)
     out = acc if need_grad else rows.new_empty((1, 1))
     grid = (n_blocks, triton.cdiv(d, bdo) if need_grad else 1)
     _row_stats_kernel[grid](
