@@ -470,28 +470,32 @@ def _env_int(name: str) -> int | None:
 
 
 def _num_splits(n: int, d_pad: int, n_dchunks: int, device: torch.device) -> int:
-    """How many column splits (grid axis 2) the row kernel runs.
+    """How many column splits (grid axis 2) the row kernel runs on ``device``.
 
-    One program per row block leaves most of a GPU idle at moderate N (N = 16,384 with
-    128-row blocks is 128 programs, about one per SM on an H100, and the kernel holds
-    one or two per SM): the column loop is then split over programs, like flash-decoding,
-    and the epilogue merges the per-split statistics (they are a logsumexp and linear
-    sums, so the merge is exact). Aim: about two programs per SM.
-    ``DISSEG_TRITON_SPLITS`` overrides (benchmark sweeps).
-    """
+    ``DISSEG_TRITON_SPLITS`` overrides (benchmark sweeps); CPU tensors run one split."""
     forced = _env_int("DISSEG_TRITON_SPLITS")
     if forced is not None:
         return max(1, min(forced, triton.cdiv(n, _SPLIT_QUANTUM)))
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return _splits_for(n, d_pad, n_dchunks, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _splits_for(n: int, d_pad: int, n_dchunks: int, sms: int) -> int:
+    """Column splits for ``sms`` multiprocessors. Few row blocks leave most of a GPU idle
+    (N = 2,048 with 128-row blocks is 16 programs): the column loop is then split over
+    programs, like flash-decoding, and the epilogue merges the per-split statistics (a
+    logsumexp and linear sums, so the merge is exact). Aim: one program per SM. The kernel
+    holds 216-255 registers per thread (sm_90 compile check), so an 8-warp program fills an
+    SM; at N = 16,384, D = 128 (128 programs on the H200's 132 SMs) the old aim of two per SM
+    split the columns in two and cost 17% (0.784 vs 0.668 ms at 128x64, 8 warps, 3 stages;
+    every config was slower split: benchmarks/results/dispersive_tiles_cuda_2026-11-27_bfloat16.md)."""
     block_m = 128 if d_pad <= 128 else 64  # the usual autotune winner's row block
     programs = triton.cdiv(n, block_m) * n_dchunks
-    target = 2 * sms
-    if programs >= 0.9 * target:
+    if programs >= 0.9 * sms:
         return 1
     most = max(1, min(_MAX_SPLITS, n // _MIN_SPLIT_COLS))
-    return max(1, min(most, round(target / programs)))
+    return max(1, min(most, round(sms / programs)))
 
 
 def _dot_settings(dtype: torch.dtype):
