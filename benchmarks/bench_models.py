@@ -47,8 +47,11 @@ from models.trainer import freed_memory_kept, keep_freed_memory, make_adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # compiled: torch.compile of plain; fused_compiled: of fused; fused_cuda: fused with "auto"
-# trying the CUDA kernels before the Triton ones (disseg_kernels._backend.auto_order)
-MODES = ("plain", "fused", "fused_cuda", "compiled", "fused_compiled")
+# trying the CUDA kernels before the Triton ones (disseg_kernels._backend.auto_order);
+# *_graph (CUDA): the whole training step (forward, loss, backward, Adam) captured once as a
+# CUDA graph and replayed, so no host work per step: what a host-bound step can reach
+MODES = ("plain", "fused", "fused_cuda", "compiled", "fused_compiled", "plain_graph", "fused_graph",
+         "fused_cuda_graph")
 
 # device -> quick -> (encoder, batch, size, warmup, steps)
 PRESETS = {
@@ -108,15 +111,19 @@ class _Case:
         self.amp_dtype = AMP[amp]
         self.scaler = torch.amp.GradScaler(device, enabled=self.amp_dtype is torch.float16)
         self.compiled = mode.endswith("compiled")
+        self.graphed = mode.endswith("_graph")
+        self.graph, self.static_loss, self.error = None, None, ""
         self.run = torch.compile(self.model, mode=compile_mode) if self.compiled else self.model
         self.compile_s = float("nan")
-        self.opt = make_adam(self.model.parameters(), lr=1e-4)  # the trainer's (fused where torch has it)
+        # the trainer's Adam (fused where torch has it); a captured step keeps its step count
+        # on the device (capturable)
+        self.opt = make_adam(self.model.parameters(), lr=1e-4, **({"capturable": True} if self.graphed else {}))
         self.peak = float("nan")
         self.fwd, self.bwd, self.step = [], [], []
 
     def backends(self):
         """The op backends of this mode: fused_cuda puts the CUDA kernels first."""
-        if self.mode == "fused_cuda":
+        if self.mode.startswith("fused_cuda"):
             return _backend.auto_order("cuda", ("cuda", "triton"))
         return contextlib.nullcontext()
 
@@ -145,7 +152,53 @@ class _Case:
         self.opt.zero_grad(set_to_none=True)
         return peak
 
+    def capture(self) -> None:
+        """Warm up on a side stream (Triton compiles and autotunes there, Adam makes its
+        state), then capture forward, loss, backward and the Adam step as one CUDA graph
+        (PyTorch's whole-network recipe: gradients set to None before the capture are
+        allocated in the graph's pool and rewritten, not accumulated, by each replay)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.opt.zero_grad(set_to_none=True)
+                self.forward_loss().backward()
+                self.opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_loss = self.forward_loss()
+            self.static_loss.backward()
+            self.opt.step()
+        self.graph = graph
+
+    def graph_step(self, i: int, record: bool) -> None:
+        if self.error:
+            return
+        if self.graph is None:
+            try:
+                self.capture()
+            except Exception as exc:  # noqa: BLE001 - reported in the row, the other modes go on
+                self.error = f"capture failed: {type(exc).__name__}: {exc}"[:300]
+                print(f"stage {self.stage} {self.mode}: {self.error}", flush=True)
+                return
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.graph.replay()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        if not torch.isfinite(self.static_loss):
+            raise RuntimeError(f"stage {self.stage} {self.mode}: non-finite loss {self.static_loss.item()} at step {i}")
+        if record:
+            self.fwd.append(float("nan"))
+            self.bwd.append(float("nan"))
+            self.step.append(t3 - t0)
+
     def timed_step(self, i: int, record: bool) -> None:
+        if self.graphed:
+            return self.graph_step(i, record)
         device, opt = self.device, self.opt
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -171,12 +224,20 @@ class _Case:
 
     def row(self, profile: int) -> dict:
         device = self.device
+        if self.error or not self.step:
+            nan = float("nan")
+            return {"stage": self.stage, "mode": self.mode, "encoder": self.encoder, "amp": self.amp,
+                    "channels_last": self.channels_last, "batch": self.batch, "size": self.size, "fwd_ms": nan,
+                    "bwd_ms": nan, "step_ms": nan, "step_ms_min": nan, "step_ms_max": nan, "images_per_s": nan,
+                    "peak_fwd_bwd_mb": nan, "saved_for_backward_mb": nan, "compile_s": nan,
+                    "params": sum(p.numel() for p in self.model.parameters()), "profile": [],
+                    "error": self.error or "no timed step"}
         if device == "cuda":  # peak memory of one forward+backward, after the warm-up
             self.peak = self.peak_fwd_bwd()
         with self.autocast():
             saved = saved_bytes(self.model, self.x) if not self.compiled else float("nan")
         top = []
-        if profile > 0:
+        if profile > 0 and not self.graphed:
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as profiler
 
@@ -187,6 +248,7 @@ class _Case:
             self.opt.zero_grad(set_to_none=True)
             top = top_kernels(prof, device, profile)
         step_s = statistics.median(self.step)
+        med = lambda xs: statistics.median(xs) * 1e3 if xs and xs[0] == xs[0] else float("nan")  # noqa: E731
         return {
             "stage": self.stage,
             "mode": self.mode,
@@ -195,8 +257,8 @@ class _Case:
             "channels_last": self.channels_last,
             "batch": self.batch,
             "size": self.size,
-            "fwd_ms": statistics.median(self.fwd) * 1e3,
-            "bwd_ms": statistics.median(self.bwd) * 1e3,
+            "fwd_ms": med(self.fwd),
+            "bwd_ms": med(self.bwd),
             "step_ms": step_s * 1e3,
             "step_ms_min": min(self.step) * 1e3,
             "step_ms_max": max(self.step) * 1e3,
@@ -206,6 +268,7 @@ class _Case:
             "compile_s": self.compile_s,
             "params": sum(p.numel() for p in self.model.parameters()),
             "profile": top,
+            "error": "",
         }
 
 
@@ -328,6 +391,21 @@ def write_results(rows, header: dict, device: str, quick: bool, out_dir: Path) -
                     f"{f['peak_fwd_bwd_mb'] / max(p['peak_fwd_bwd_mb'], 1e-9):.2f} | "
                     f"{f['saved_for_backward_mb'] / max(p['saved_for_backward_mb'], 1e-9):.2f} |"
                 )
+    graphs = [(r["stage"], r["mode"]) for r in rows if r["mode"].endswith("_graph") and r["mode"] != "plain_graph"]
+    if any(by.get((st, "plain_graph")) for st, _ in graphs):
+        lines += ["", "## each captured mode / plain_graph", "", "| stage | mode | step time × | images/s × |",
+                  "| --- | --- | ---: | ---: |"]
+        for st, mode in graphs:
+            p, f = by.get((st, "plain_graph")), by[(st, mode)]
+            if p:
+                lines.append(f"| {st} | {mode} | {f['step_ms'] / p['step_ms']:.2f} | "
+                             f"{f['images_per_s'] / p['images_per_s']:.2f} |")
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        lines += [""] + [f"- stage {r['stage']} {r['mode']}: {r['error']}" for r in failed]
+    if any(r["mode"].endswith("_graph") for r in rows):
+        lines += ["", "*_graph: one CUDA-graph replay per step (fwd/bwd not separable); peak and saved "
+                  "memory are those of an eager forward+backward of the same model"]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -380,12 +458,16 @@ def main(argv=None) -> list[dict]:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"--modes: unknown mode(s) {bad}; choose among {MODES}")
-    if "fused_cuda" in modes and args.device != "cuda":
-        raise SystemExit("--modes fused_cuda: needs --device cuda")
-    if "fused_cuda" in modes and "cuda" not in dk.available_backends("gates", "cuda"):
+    cuda_only = [m for m in modes if m.startswith("fused_cuda") or m.endswith("_graph")]
+    if cuda_only and args.device != "cuda":
+        raise SystemExit(f"--modes {','.join(cuda_only)}: needs --device cuda")
+    if any(m.endswith("_graph") for m in modes) and args.amp == "fp16":
+        raise SystemExit("--modes *_graph: not with --amp fp16 (GradScaler's step reads the device; bf16 works)")
+    if any(m.startswith("fused_cuda") for m in modes) and "cuda" not in dk.available_backends("gates", "cuda"):
         why = _backend.unavailable_reason("gates", "cuda", torch.device("cuda"))
-        print(f"--modes fused_cuda: skipped, the CUDA kernels cannot run ({why})", flush=True)
-        modes.remove("fused_cuda")
+        for m in [m for m in modes if m.startswith("fused_cuda")]:
+            print(f"--modes {m}: skipped, the CUDA kernels cannot run ({why})", flush=True)
+            modes.remove(m)
     stages = [int(s) for s in args.stages.split(",") if s]
     if any(s not in (1, 2) for s in stages):
         raise SystemExit(f"--stages must list 1 and/or 2, got {args.stages!r}")

@@ -112,14 +112,19 @@ STAGES=(
   # Stage II fused vs plain (issue 5's target), and the 25 kernels that take the most device
   # time in each: a session's 15 device minutes hold about one 540 s call
   "bench_models|120|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda --profile 25"
+  # the same step captured as one CUDA graph per mode (no host work per step): the fused step
+  # was host-bound on 2026-11-27 (77-86 ms of kernels in a 119-160 ms step; plain: 141 ms of
+  # kernels, device-bound). A failed capture is reported in its row.
+  "bench_models_graph|100|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain_graph,fused_graph,fused_cuda_graph --tag graph"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
   "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
-  # CDFA window attention, op only, compile baseline at H = 64 (docs/window_attention_gpu.md)
-  "bench_window_attention|80|$PY -m benchmarks.bench_window_attention --device cuda --what op --sizes 16,32,64,128 --compile-sizes 64 --repeats 5"
   # host cost per call of every fused op on tiny tensors (real launches): what an op costs
   # where the GPU work is a few µs (the model's gate and TeLU shapes)
   "host_overhead|45|$PY -m benchmarks.bench_host_overhead --device cuda --calls 100 --rounds 5"
+  # CDFA window attention, op only, compile baseline at H = 64 (docs/window_attention_gpu.md); issue 4's
+  # GPU target was met on 2026-11-27 (H = 64: 4.96x eager, 3.3x torch.compile), so it comes later
+  "bench_window_attention|80|$PY -m benchmarks.bench_window_attention --device cuda --what op --sizes 16,32,64,128 --compile-sizes 64 --repeats 5"
   # issue 2: the Triton row kernel's blocks x column splits x lazy rescale at (16384, 256),
   # (16384, 128), (65536, 128) bf16, each checked against the default launch
   "bench_dispersive_tiles|100|$PY -m benchmarks.bench_dispersive_tiles --device cuda --budget-s 85 --repeats 10"
