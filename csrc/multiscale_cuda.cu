@@ -8,11 +8,16 @@
 // Forward: one thread per output element of an input's channel slice, threads of a warp on
 // the output's unit-stride axis (w for NCHW, c for channels_last): each input is read once
 // (its taps from cache) and the output written once, straight into its slice.
-// Backward: a gather instead of the CPU's scatter (no atomics, deterministic): one thread
-// per input-gradient element sums the weighted output gradients of the output rows and
-// columns whose taps reach it. Those are found from a candidate range ±1 around
+// Backward: a gather instead of the CPU's scatter (no atomics, deterministic), separable:
+// one pass along W into an accumulation-type (B, C, H_o, W_i) buffer, one along H into the
+// input gradient. In each, one thread per destination element sums the weighted sources
+// whose taps reach it along that axis. Those are found from a candidate range ±1 around
 // o ∈ [(k − 1)(out − 1)/(in − 1), (k + 1)(out − 1)/(in − 1)] and tested with the forward's
-// own tap arithmetic, so rounding can never drop or add a tap.
+// own tap arithmetic, so rounding can never drop or add a tap. (The one-pass 2-D gather it
+// replaces tested the candidate rows × columns per element: 8.1 ms of the fused_cuda
+// Stage II step's 86 ms of kernels on the H200, 2026-11-27; Triton's two-pass version of
+// the same gather measured 144 µs per call against its 245 µs there.) An unscaled input's
+// gradient is a copy of its channel slice.
 //
 // Only ATen core / per-operator headers, <torch/library.h>, <cuda_runtime.h> and c10/cuda
 // headers are included, as in csrc/dispersive_cuda.cu (tests/test_cuda_compile.py compiles
@@ -151,58 +156,50 @@ __global__ void __launch_bounds__(kThreads) upsample_kernel(const scalar_t* __re
   }
 }
 
-// gin[b, c, hi, wi] = Σ_{oh, ow} wh(oh → hi) · ww(ow → wi) · g[b, c, oh, ow] (`g` points at
-// the slice's channel 0). Rows: (b, c, hi) with the inner axis wi, or (b, hi, wi) with the
-// inner axis c (C_INNER: the gradient is channels_last, so a warp reads along c).
-template <typename scalar_t, typename acc_t, typename out_t, bool C_INNER>
-__global__ void __launch_bounds__(kThreads) upsample_grad_kernel(const scalar_t* __restrict__ g,
-                                                                 out_t* __restrict__ gin, Strides gs, Strides is,
-                                                                 int64_t B, int64_t C, Axis<acc_t> ah,
-                                                                 Axis<acc_t> aw) {
-  const int64_t Hi = ah.in, Wi = aw.in;
-  const int64_t rows = C_INNER ? B * Hi * Wi : B * C * Hi;
-  const int64_t inner = C_INNER ? C : Wi;
+// dst[b, c, h, w] = Σ_o weight(o → k) · src[b, c, ·, ·] along one axis: W when ALONG_W
+// (k = w, the source row is h), else H (k = h, the source column is w); `ax` is that
+// axis (in: dst's extent, out: src's). `src` points at the slice's channel 0. Rows: (b, c, h)
+// with the inner axis w, or (b, h, w) with the inner axis c (C_INNER: channels_last, a warp
+// reads and writes along c).
+template <typename src_t, typename acc_t, typename out_t, bool C_INNER, bool ALONG_W>
+__global__ void __launch_bounds__(kThreads) axis_grad_kernel(const src_t* __restrict__ src, out_t* __restrict__ dst,
+                                                             Strides ss, Strides ds, int64_t B, int64_t C, int64_t Hd,
+                                                             int64_t Wd, Axis<acc_t> ax) {
+  const int64_t rows = C_INNER ? B * Hd * Wd : B * C * Hd;
+  const int64_t inner = C_INNER ? C : Wd;
+  const int64_t step = ALONG_W ? ss.sW : ss.sH;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.x) * kRows) {
-    int64_t b, c = 0, hi, wi = 0;
+    int64_t b, c = 0, h, w = 0;
     if (C_INNER) {
-      wi = r % Wi;
-      const int64_t q = r / Wi;
-      hi = q % Hi;
-      b = q / Hi;
+      w = r % Wd;
+      const int64_t q = r / Wd;
+      h = q % Hd;
+      b = q / Hd;
     } else {
-      hi = r % Hi;
-      const int64_t q = r / Hi;
+      h = r % Hd;
+      const int64_t q = r / Hd;
       c = q % C;
       b = q / C;
     }
-    int64_t oh_lo, oh_hi;
-    candidates(hi, Hi, ah.out, oh_lo, oh_hi);
     for (int64_t i = static_cast<int64_t>(blockIdx.y) * kWarp + threadIdx.x; i < inner;
          i += static_cast<int64_t>(gridDim.y) * kWarp) {
       if (C_INNER) {
         c = i;
       } else {
-        wi = i;
+        w = i;
       }
-      int64_t ow_lo, ow_hi;
-      candidates(wi, Wi, aw.out, ow_lo, ow_hi);
-      const scalar_t* gp = g + b * gs.sB + c * gs.sC;
+      const int64_t k = ALONG_W ? w : h;
+      int64_t lo, hi;
+      candidates(k, ax.in, ax.out, lo, hi);
+      const src_t* line = src + b * ss.sB + c * ss.sC + (ALONG_W ? h * ss.sH : w * ss.sW);
       acc_t acc = 0;
-      for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-        bool hit_h;
-        const acc_t wh = tap_weight(oh, hi, ah, hit_h);
-        if (!hit_h) continue;
-        const scalar_t* grow = gp + oh * gs.sH;
-        acc_t row = 0;
-        for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
-          bool hit_w;
-          const acc_t ww = tap_weight(ow, wi, aw, hit_w);
-          if (hit_w) row += ww * static_cast<acc_t>(grow[ow * gs.sW]);
-        }
-        acc += wh * row;
+      for (int64_t o = lo; o <= hi; ++o) {
+        bool hit;
+        const acc_t wt = tap_weight(o, k, ax, hit);
+        if (hit) acc += wt * static_cast<acc_t>(line[o * step]);
       }
-      gin[b * is.sB + c * is.sC + hi * is.sH + wi * is.sW] = static_cast<out_t>(acc);
+      dst[b * ds.sB + c * ds.sC + h * ds.sH + w * ds.sW] = static_cast<out_t>(acc);
     }
   }
 }
@@ -215,6 +212,21 @@ dim3 row_grid(int64_t rows, int64_t inner) {
 
 bool channels_last_only(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// One pass of the separable backward over dst (B, C, Hd, Wd).
+template <bool ALONG_W, typename src_t, typename acc_t, typename out_t, typename Stream>
+void launch_axis_grad(const src_t* src, Strides ss, out_t* dst, Strides ds, int64_t B, int64_t C, int64_t Hd,
+                      int64_t Wd, Axis<acc_t> ax, bool c_inner, Stream stream) {
+  const dim3 block(kWarp, kRows);
+  if (c_inner) {
+    axis_grad_kernel<src_t, acc_t, out_t, true, ALONG_W><<<row_grid(B * Hd * Wd, C), block, 0, stream>>>(
+        src, dst, ss, ds, B, C, Hd, Wd, ax);
+  } else {
+    axis_grad_kernel<src_t, acc_t, out_t, false, ALONG_W><<<row_grid(B * C * Hd, Wd), block, 0, stream>>>(
+        src, dst, ss, ds, B, C, Hd, Wd, ax);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -294,32 +306,31 @@ at::Tensor multiscale_bwd_cuda(const at::Tensor& grad_out, int64_t c0, int64_t C
   auto gin = at::empty({B, C, Hi, Wi}, opts);
   if (!gin.is_contiguous(fmt)) gin = at::empty({B, C, Hi, Wi}, opts.memory_format(fmt));
   if (gin.numel() == 0) return direct ? gin : gin.to(like.scalar_type());
+  if (Hi == H && Wi == W) {  // unscaled: align_corners=True samples every pixel exactly
+    gin.copy_(grad_out.narrow(1, c0, C));
+    return direct ? gin : gin.to(like.scalar_type());
+  }
   const Strides gs = strides_of(grad_out), is = strides_of(gin);
   const bool c_inner = gs.sC == 1 && C > 1;  // channels_last gradient: warps read along c
+  // The W pass's result, in the accumulation type and the gradient's layout.
+  const auto rows = at::empty({B, C, H, Wi}, grad_out.options().dtype(acc).memory_format(
+                                                 c_inner ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const Strides rs = strides_of(rows);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "multiscale_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto ah = make_axis<acc_t>(Hi, H);
     const auto aw = make_axis<acc_t>(Wi, W);
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>() + c0 * gs.sC;
-    const dim3 block(kWarp, kRows);
-    const dim3 grid = c_inner ? row_grid(B * Hi * Wi, C) : row_grid(B * C * Hi, Wi);
+    acc_t* rp = rows.data_ptr<acc_t>();
+    launch_axis_grad<true>(gp, gs, rp, rs, B, C, H, Wi, aw, c_inner, stream);
     if (direct) {
-      scalar_t* ip = gin.data_ptr<scalar_t>();
-      if (c_inner) {
-        upsample_grad_kernel<scalar_t, acc_t, scalar_t, true><<<grid, block, 0, stream>>>(gp, ip, gs, is, B, C, ah, aw);
-      } else {
-        upsample_grad_kernel<scalar_t, acc_t, scalar_t, false><<<grid, block, 0, stream>>>(gp, ip, gs, is, B, C, ah, aw);
-      }
+      launch_axis_grad<false>(static_cast<const acc_t*>(rp), rs, gin.data_ptr<scalar_t>(), is, B, C, Hi, Wi, ah,
+                              c_inner, stream);
     } else {
-      acc_t* ip = gin.data_ptr<acc_t>();
-      if (c_inner) {
-        upsample_grad_kernel<scalar_t, acc_t, acc_t, true><<<grid, block, 0, stream>>>(gp, ip, gs, is, B, C, ah, aw);
-      } else {
-        upsample_grad_kernel<scalar_t, acc_t, acc_t, false><<<grid, block, 0, stream>>>(gp, ip, gs, is, B, C, ah, aw);
-      }
+      launch_axis_grad<false>(static_cast<const acc_t*>(rp), rs, gin.data_ptr<acc_t>(), is, B, C, Hi, Wi, ah, c_inner,
+                              stream);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return direct ? gin : gin.to(like.scalar_type());
 }
