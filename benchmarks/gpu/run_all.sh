@@ -90,7 +90,11 @@ stage_tests() {
   # Fixed Triton blocks in the tests (autotuning every shape of the grid would take minutes).
   local expr="(gpu or cuda) and not cuda_compile" file="$OUT/pytest.txt"
   if [ "${1:-gpu}" = "triton" ]; then expr="triton and not (gpu or cuda)"; file="$OUT/pytest_triton.txt"; fi
-  DISSEG_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q --maxfail=10 -p no:cacheprovider -k "$expr" 2>&1 \
+  # --durations: which GPU tests take the stage's time; a per-test timeout where pytest-timeout
+  # is installed (it is in the GPU image), so one hang cannot take the whole stage
+  local to=""
+  "$PY" -c "import pytest_timeout" 2>/dev/null && to="--timeout=60"
+  DISSEG_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q --maxfail=10 -p no:cacheprovider --durations=15 $to -k "$expr" 2>&1 \
     | tee "$file" | tail -n 60
   return "${PIPESTATUS[0]}"
 }
