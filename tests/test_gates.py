@@ -440,6 +440,26 @@ def test_multiscale_half_within_eager_error(backend, dtype, channels_last):
         assert e_fused <= 2 * e_eager + 1e-3, (e_fused, e_eager)
 
 
+@pytest.mark.skipif("triton" not in MS_BACKENDS, reason="Triton multiscale kernels unavailable")
+@pytest.mark.parametrize("separable", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_multiscale_triton_backward_paths(monkeypatch, separable, channels_last):
+    """The Triton backward's two paths, forced by its size threshold: the one-pass 2-D gather
+    (small gradients: one launch) and the separable W-then-H passes through a float32 buffer
+    (large ones: the 2-D gather was compute-bound on the H200). Both equal the reference's
+    gradients for factors 1, 2, 4, 8, one-row and one-pixel inputs, in each input's layout."""
+    from disseg_kernels.triton import multiscale as tm
+
+    monkeypatch.setattr(tm, "SEPARABLE_MIN_ELEMENTS", 0 if separable else 1 << 62)
+    torch.manual_seed(13)
+    ts = [torch.randn(s) for s in [(2, 3, 24, 16), (2, 5, 12, 8), (2, 1, 6, 4), (2, 2, 3, 2)]]
+    _multiscale_grads_match_reference(ts, [1, 2, 4, 8], "triton", channels_last)
+    ts = [torch.randn(2, c, h, w) for c, (h, w) in zip((3, 2, 1), ((4, 12), (1, 3), (2, 6)))]
+    _multiscale_grads_match_reference(ts, [1, 4, 2], "triton", channels_last)
+    ts = [torch.randn(2, c, h, w) for c, (h, w) in zip((3, 2, 1), ((4, 4), (1, 1), (2, 2)))]
+    _multiscale_grads_match_reference(ts, [1, 4, 2], "triton", channels_last)
+
+
 def _multiscale_grads_match_reference(ts, scales, backend, channels_last):
     if channels_last:
         ts = [t.to(memory_format=torch.channels_last) for t in ts]

@@ -9,7 +9,8 @@ separable: one pass along W into a float32 (B, C, H, Wi) buffer, one along H wri
 input's gradient once, in its dtype and layout. On the H200 the one-pass 2-D gather (NW·NH
 = 81 candidates per element at ×2, 441 at ×8) was compute-bound at ~7x PyTorch's
 upsample backward in the Stage II step (benchmarks/results/models_cuda_2026-11-27_profile.md);
-the two passes test NW + NH.
+the two passes test NW + NH. Small gradients keep the one-pass gather: there the launch,
+not the arithmetic, is the cost.
 
 The block follows the layout of what the program writes: NCHW, one (b, c) plane's pixels
 (unit stride along the block); channels_last, one image's (pixel, channel) pairs with the
@@ -24,6 +25,10 @@ import triton
 import triton.language as tl
 
 _BLOCK = 256
+# Input-gradient elements below which the backward is the one-pass 2-D gather (one launch
+# per input: at such sizes a launch costs more than the NW·NH candidate tests) instead of
+# the two separable passes (two launches and a buffer, about NW + NH tests per element).
+SEPARABLE_MIN_ELEMENTS = 1 << 16
 
 
 @triton.jit
@@ -88,6 +93,30 @@ def _first_candidate(k, n_in, n_out):
     ``candidates``: a superset, the tap test decides)."""
     lo = ((k - 1) * (n_out - 1)) // tl.maximum(n_in - 1, 1) - 1
     return tl.where((k >= 1) & (n_in > 1), tl.maximum(lo, 0), 0)
+
+
+@triton.jit
+def _up_bwd_kernel(g_ptr, gin_ptr, C, Hi, Wi, H, W, scale_h, scale_w, NH, NW,
+                   gsB, gsC, gsH, gsW, isB, isC, isH, isW, c0, BLOCK: tl.constexpr, CHANNEL_FAST: tl.constexpr):
+    b, c, pix, mask = _block_elements(C, Hi * Wi, BLOCK, CHANNEL_FAST)
+    hi = pix // Wi
+    wi = pix % Wi
+    oh_lo = _first_candidate(hi, Hi, H)
+    ow_lo = _first_candidate(wi, Wi, W)
+    g_plane = g_ptr + b * gsB + (c0 + c) * gsC
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, NH):
+        oh = oh_lo + i
+        wh, hit_h = _tap_weight(oh, hi, Hi, scale_h)
+        hit_h = hit_h & mask & (oh < H)
+        row = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in range(0, NW):
+            ow = ow_lo + j
+            ww, hit_w = _tap_weight(ow, wi, Wi, scale_w)
+            g = tl.load(g_plane + oh * gsH + ow * gsW, mask=hit_h & hit_w & (ow < W), other=0.0).to(tl.float32)
+            row += ww * g
+        acc += wh * row
+    tl.store(gin_ptr + b * isB + c * isC + hi * isH + wi * isW, acc.to(gin_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -166,8 +195,9 @@ def multiscale_bwd_triton(grad, c0, like):
     """The gradient of the input ``like`` stands for (its shape, dtype and layout): a gather
     over the output pixels whose taps reach each input pixel, separable: along W into a
     float32 (B, C, H, Wi) buffer in ``like``'s layout, then along H into the result (about
-    NW + NH candidate reads per element instead of NW·NH). One factor scales both axes: an
-    unscaled input's gradient is a copy of its channel slice."""
+    NW + NH candidate reads per element instead of NW·NH); below SEPARABLE_MIN_ELEMENTS the
+    one-pass 2-D gather, one launch. One factor scales both axes: an unscaled input's
+    gradient is a copy of its channel slice."""
     b, c, hi, wi = like.shape
     h, w = grad.shape[2], grad.shape[3]
     gin = torch.empty_like(like)
@@ -175,6 +205,12 @@ def multiscale_bwd_triton(grad, c0, like):
         return gin
     if hi == h and wi == w:
         gin.copy_(grad[:, c0:c0 + c])
+        return gin
+    if gin.numel() < SEPARABLE_MIN_ELEMENTS:
+        grid, channel_fast = _grid(gin, b, c, hi * wi)
+        _up_bwd_kernel[grid](grad, gin, c, hi, wi, h, w, _scale(hi, h), _scale(wi, w),
+                             _n_candidates(hi, h), _n_candidates(wi, w), *grad.stride(), *gin.stride(), c0,
+                             BLOCK=_BLOCK, CHANNEL_FAST=channel_fast)
         return gin
     fmt = torch.channels_last if gin.stride(1) == 1 and c > 1 else torch.contiguous_format
     rows = torch.empty((b, c, h, wi), device=grad.device, dtype=torch.float32, memory_format=fmt)
