@@ -128,7 +128,9 @@ class _Case:
         return contextlib.nullcontext()
 
     def autocast(self):
-        return torch.autocast(self.device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        # no weight-cast cache in a captured step (CUDA graphs and autocast's cache do not mix)
+        return torch.autocast(self.device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None,
+                              cache_enabled=not self.graphed)
 
     def forward_loss(self):
         with self.autocast():
