@@ -30,6 +30,7 @@ benchmarks/results/host_overhead_<device>_<date>.csv and .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import collections
 import datetime as _dt
 import os
@@ -186,14 +187,10 @@ def measure(op, path, device, calls, rounds) -> dict:
 
     fused = path != "eager"
     backend = path if fused else "auto"
-    order = _backend._AUTO_ORDER.get(device)
-    if fused:  # the model's ops ask for "auto": make it pick the path measured here
-        _backend._AUTO_ORDER[device] = (path,)
-    try:
+    # the model's ops ask for "auto": make it pick the path measured here
+    with _backend.auto_order(device, (path,)) if fused else contextlib.nullcontext():
         fn, inputs = _cases(op, backend, device, fused)
         return _measure(op, path, fn, inputs, device, calls, rounds)
-    finally:
-        _backend._AUTO_ORDER[device] = order
 
 
 def _measure(op, path, fn, inputs, device, calls, rounds) -> dict:

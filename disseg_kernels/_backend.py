@@ -58,12 +58,17 @@ def use_custom_op() -> bool:
     return _EAGER_CUSTOM_OPS or torch.compiler.is_compiling()
 
 
-# Preference order of "auto", per device type. On CUDA the Triton kernels come first;
+# Preference order of "auto": per device type, then per (device type, family) where a
+# family's measurements say otherwise (empty so far: on 2026-11-27 the fused Stage II step
+# on the H200 ran 1.22-1.45x faster with the CUDA kernels first, but their GPU parity tests
+# have not run yet; once they pass, e.g. ("cuda", "telu"): ("cuda", "triton")). The CUDA
+# kernels launch from C++, a few µs of host time per call against Triton's Python launcher,
+# which counts where a model's many small ops keep the GPU waiting on the host.
 # DISSEG_AUTO_ORDER_CUDA="cuda,triton" (read at import) or ``auto_order("cuda", ...)``
-# puts the CUDA kernels first: they launch from C++ (a few µs of host time per call against
-# Triton's Python launcher), which counts where a model's many small ops keep the GPU
-# waiting on the host.
+# overrides both for every family of that device type.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+_FAMILY_AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {}
+_AUTO_OVERRIDE: dict[str, tuple[str, ...]] = {}
 
 
 def _parse_order(text: str, source: str) -> tuple[str, ...]:
@@ -75,22 +80,32 @@ def _parse_order(text: str, source: str) -> tuple[str, ...]:
 
 
 if os.environ.get("DISSEG_AUTO_ORDER_CUDA"):
-    _AUTO_ORDER["cuda"] = _parse_order(os.environ["DISSEG_AUTO_ORDER_CUDA"], "DISSEG_AUTO_ORDER_CUDA")
+    _AUTO_OVERRIDE["cuda"] = _parse_order(os.environ["DISSEG_AUTO_ORDER_CUDA"], "DISSEG_AUTO_ORDER_CUDA")
+
+
+def auto_order_for(family: str, device_type: str) -> tuple[str, ...]:
+    """The backends "auto" tries, in order, for ``family`` on ``device_type``."""
+    return (_AUTO_OVERRIDE.get(device_type) or _FAMILY_AUTO_ORDER.get((device_type, family))
+            or _AUTO_ORDER.get(device_type, ()))
 
 
 @contextlib.contextmanager
 def auto_order(device_type: str, order):
     """Within the block, ``backend="auto"`` on ``device_type`` tries ``order`` (backend
-    names, first available wins; the reference when none is). Restored on exit."""
+    names, first available wins; the reference when none is) for every family. Restored on
+    exit."""
     if device_type not in _AUTO_ORDER:
         raise ValueError(f"device_type must be one of {tuple(_AUTO_ORDER)}, got {device_type!r}")
     new = _parse_order(",".join(order) if not isinstance(order, str) else order, "order")
-    old = _AUTO_ORDER[device_type]
-    _AUTO_ORDER[device_type] = new
+    old = _AUTO_OVERRIDE.get(device_type)
+    _AUTO_OVERRIDE[device_type] = new
     try:
         yield
     finally:
-        _AUTO_ORDER[device_type] = old
+        if old is None:
+            _AUTO_OVERRIDE.pop(device_type, None)
+        else:
+            _AUTO_OVERRIDE[device_type] = old
 
 
 class BackendUnavailable(RuntimeError):
@@ -208,7 +223,7 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
         if reason:
             raise BackendUnavailable(f"backend={backend!r} cannot run '{family}': {reason}")
         return backend
-    for candidate in _AUTO_ORDER.get(device.type, ()):
+    for candidate in auto_order_for(family, device.type):
         if candidate in FAMILIES[family] and unavailable_reason(family, candidate, device) is None:
             return candidate
     return "reference"

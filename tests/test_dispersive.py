@@ -427,6 +427,22 @@ def test_auto_order_override_is_scoped_and_checked():
         assert before == "cpu" and "cpu" in disseg_kernels.available_backends("telu", "cpu")
 
 
+def test_auto_order_per_family_and_override_precedence(monkeypatch):
+    """A per-family order (_FAMILY_AUTO_ORDER) changes "auto" for that family only; an
+    override (auto_order, DISSEG_AUTO_ORDER_<DEVICE>) beats it for every family."""
+    from disseg_kernels import _backend
+
+    dev = torch.device("cpu")
+    monkeypatch.setitem(_backend._FAMILY_AUTO_ORDER, ("cpu", "gates"), ("reference",))
+    assert _backend.resolve("gates", "auto", dev) == "reference"
+    telu = _backend.resolve("telu", "auto", dev)
+    assert telu == ("cpu" if _backend.extension_error() is None else "reference")
+    with _backend.auto_order("cpu", ("cpu", "reference")):
+        assert _backend.resolve("gates", "auto", dev) == telu
+    assert _backend.resolve("gates", "auto", dev) == "reference"
+    assert _backend.auto_order_for("gates", "cpu") == ("reference",)
+
+
 def test_module_matches_function():
     z = _sample(10, 20, seed=9)
     mod = disseg_kernels.DispersiveLoss(variant="infonce_cosine", tau=0.2)

@@ -38,7 +38,7 @@ def stubbed(monkeypatch):
     from benchmarks import bench_host_overhead as bho
 
     monkeypatch.setattr(interp.InterpretedFunction, "run", bho._counting_run)
-    monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("triton",))  # the model's "auto" picks Triton
+    monkeypatch.setitem(_backend._AUTO_OVERRIDE, "cpu", ("triton",))  # the model's "auto" picks Triton
     return bho
 
 
