@@ -1007,13 +1007,16 @@ def test_cuda_multiscale_gradcheck_and_opcheck():
 def test_cpu_stencil_kernels_match_convolution(channels_last, dtype):
     """csrc/gates.cpp's ELAT stencil (K×K, C→1, zero padding K/2): the logit, the input
     gradient added into dx and the weight gradient equal the float64 convolutions, at K = 7
-    and 3, odd sizes, one-pixel rows and columns, both layouts (no copy: dx keeps x's)."""
+    and 3, odd sizes, one-pixel rows and columns, several row bands, both layouts (no copy:
+    dx keeps x's)."""
     import torch.nn.functional as F
 
     torch.manual_seed(11)
     tol = 1e-2 if dtype == torch.bfloat16 else (1e-12 if dtype == torch.float64 else 1e-5)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    for shape, k in (((2, 5, 9, 11), 7), ((3, 3, 1, 6), 3), ((2, 17, 6, 1), 7), ((1, 4, 3, 2), 7)):
+    # (1, 3, 70, 5): the forward works in bands of 32 output rows, each reading R halo rows
+    cases = (((2, 5, 9, 11), 7), ((3, 3, 1, 6), 3), ((2, 17, 6, 1), 7), ((1, 4, 3, 2), 7), ((1, 3, 70, 5), 7))
+    for shape, k in cases:
         x = torch.randn(shape, dtype=dtype)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
