@@ -488,20 +488,6 @@ Stencil stencil_geometry(const at::Tensor& x, int64_t K, const char* name) {
   return s;
 }
 
-// f(t, hh, ww) for every tap t = i·K + j of output pixel (h, o) that reads inside the map,
-// at input pixel (hh, ww) = (h + i − R, o + j − R).
-template <typename F>
-inline void for_each_tap(const Stencil& s, int64_t h, int64_t o, F&& f) {
-  for (int64_t i = 0; i < s.K; ++i) {
-    const int64_t hh = h + i - s.R;
-    if (hh < 0 || hh >= s.H) continue;
-    for (int64_t j = 0; j < s.K; ++j) {
-      const int64_t ww = o + j - s.R;
-      if (ww >= 0 && ww < s.W) f(i * s.K + j, hh, ww);
-    }
-  }
-}
-
 // x's geometry and the stencil w's size, w checked to be (1, C, K, K).
 Stencil stencil_geometry(const at::Tensor& x, const at::Tensor& w, const char* name) {
   TORCH_CHECK(w.dim() == 4 && w.size(0) == 1 && w.size(2) == w.size(3), name, ": w must be (1, C, K, K), got ",
@@ -509,12 +495,6 @@ Stencil stencil_geometry(const at::Tensor& x, const at::Tensor& w, const char* n
   const Stencil s = stencil_geometry(x, w.size(2), name);
   TORCH_CHECK(w.size(1) == s.C, name, ": w must have C = ", s.C, " channels, got ", w.sizes());
   return s;
-}
-
-// The stencil's weights w (1, C, K, K) in the accumulation type, laid out with unit stride
-// along the inner loop's axis: (C, K, K) for NCHW, (K, K, C) for channels_last.
-at::Tensor stencil_weights(const at::Tensor& w, const Stencil& s, at::ScalarType acc) {
-  return s.c_unit ? w[0].permute({1, 2, 0}).to(acc).contiguous() : w[0].to(acc).contiguous();
 }
 
 // dlogit g: (B, H·W) values in the accumulation type, returned contiguous.
@@ -530,38 +510,11 @@ inline void tap_range(int64_t j, int64_t R, int64_t n, int64_t& lo, int64_t& hi)
   hi = std::min<int64_t>(n, n + R - j);
 }
 
-// out[o] += Σ_j cf[j] · src[o + (j − R)·dir] over the o where that index lies in [0, W)
-// (dir = 1: the forward correlation; dir = −1: its transpose). Interior o, where every
-// tap is inside, take all K taps in one pass (one load and store of out per K products;
-// K = 7, ELAT's, unrolled); the R columns at each edge take theirs one by one.
-template <typename acc_t>
-inline void add_row_taps(acc_t* out, const acc_t* src, const acc_t* cf, int64_t K, int64_t R, int64_t W, int dir) {
-  const int64_t a = std::min<int64_t>(R, W), z = std::max<int64_t>(W - R, a);
-  for (int64_t o = 0; o < W; ++o) {
-    if (o == a) o = z;  // skip the interior
-    if (o >= W) break;
-    acc_t sum = 0;
-    for (int64_t j = 0; j < K; ++j) {
-      const int64_t k = o + (j - R) * dir;
-      if (k >= 0 && k < W) sum += cf[j] * src[k];
-    }
-    out[o] += sum;
-  }
-  if (K == 7) {
-    const acc_t c0 = cf[dir > 0 ? 0 : 6], c1 = cf[dir > 0 ? 1 : 5], c2 = cf[dir > 0 ? 2 : 4], c3 = cf[3],
-                c4 = cf[dir > 0 ? 4 : 2], c5 = cf[dir > 0 ? 5 : 1], c6 = cf[dir > 0 ? 6 : 0];
-_Pragma("omp simd")
-    for (int64_t o = a; o < z; ++o)
-      out[o] += c0 * src[o - 3] + c1 * src[o - 2] + c2 * src[o - 1] + c3 * src[o] + c4 * src[o + 1] + c5 * src[o + 2] +
-                c6 * src[o + 3];
-  } else {
-    for (int64_t j = 0; j < K; ++j) {
-      const acc_t coef = cf[j];
-      const acc_t* sj = src + (j - R) * dir;
-_Pragma("omp simd")
-      for (int64_t o = a; o < z; ++o) out[o] += coef * sj[o];
-    }
-  }
+// One image's input rows [r0, r1) of x as a (C, rows·W) matrix view (both layouts; no copy).
+at::Tensor stencil_rows(const at::Tensor& x, const Stencil& s, int64_t b, int64_t r0, int64_t r1) {
+  const at::Tensor xb = x[b];
+  return s.c_unit ? xb.permute({1, 2, 0}).narrow(0, r0, r1 - r0).reshape({(r1 - r0) * s.W, s.C}).t()
+                  : xb.narrow(1, r0, r1 - r0).reshape({s.C, (r1 - r0) * s.W});
 }
 
 // y[b, h, w] = Σ_c Σ_ij w[c, i, j] · x[b, c, h + i − R, w + j − R], as (B, H·W) in the
@@ -575,6 +528,7 @@ _Pragma("omp simd")
 // per-pixel channel loops too short); (8, 64, 64, 64) 10.5 → 1.5 and 7.6 → 1.6 ms;
 // (4, 256, 32, 32) 9.2 → 0.66 and 2.7 → 0.72 ms: about 150 GFLOP/s.
 at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are this kernel's own arithmetic
   const Stencil s = stencil_geometry(x, w, "gates_stencil");
   const auto acc = acc_type(x);
   auto y = at::zeros({s.B, s.H * s.W}, x.options().dtype(acc));
@@ -586,12 +540,11 @@ at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w) {
   AT_DISPATCH_FLOATING_TYPES(acc, "gates_stencil", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, s.B * nbands, 1, [&](int64_t t0, int64_t t1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again on each worker
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / nbands, h0 = (t % nbands) * band, h1 = std::min<int64_t>(H, h0 + band);
         const int64_t r0 = std::max<int64_t>(0, h0 - R), r1 = std::min<int64_t>(H, h1 + R), n = (r1 - r0) * W;
-        const at::Tensor xb = x[b];  // (C, H, W)
-        at::Tensor rows = s.c_unit ? xb.permute({1, 2, 0}).narrow(0, r0, r1 - r0).reshape({n, s.C}).t()
-                                   : xb.narrow(1, r0, r1 - r0).reshape({s.C, n});
+        at::Tensor rows = stencil_rows(x, s, b, r0, r1);
         if (rows.scalar_type() != acc) rows = rows.to(acc);
         const at::Tensor d = at::mm(taps, rows);  // (K², rows·W), contiguous
         const scalar_t* dp = d.const_data_ptr<scalar_t>();
@@ -616,56 +569,62 @@ _Pragma("omp simd")
   return y;
 }
 
-// dx[b, c, h, w] += Σ_ij wt[c, i, j] · g[b, h − i + R, w − j + R] (g: (B, H·W), the
-// accumulation type; dx: x's layout and dtype, updated in place).
+// The backward's shifted gradient for one image's input rows [r0, r1): (K², rows·W) in the
+// accumulation type, entry (t = i·K + j, (hh − r0)·W + ww) = g[b, hh − i + R, ww − j + R],
+// the gradient of the output pixel whose tap t reads input pixel (hh, ww) (0 where that
+// pixel is outside the map). Both weight and input gradients are GEMMs with it.
+template <typename acc_t>
+at::Tensor shifted_grad(const acc_t* gp, const Stencil& s, int64_t b, int64_t r0, int64_t r1,
+                        const at::TensorOptions& opts) {
+  const int64_t K = s.K, R = s.R, H = s.H, W = s.W, n = (r1 - r0) * W;
+  auto gs = at::empty({K * K, n}, opts);
+  acc_t* out = gs.data_ptr<acc_t>();
+  for (int64_t i = 0; i < K; ++i) {
+    for (int64_t j = 0; j < K; ++j) {
+      acc_t* row = out + (i * K + j) * n;
+      int64_t lo, hi;  // input columns ww whose output column ww − j + R is inside
+      tap_range(K - 1 - j, R, W, lo, hi);
+      for (int64_t hh = r0; hh < r1; ++hh) {
+        acc_t* dst = row + (hh - r0) * W;
+        const int64_t h = hh - i + R;
+        if (h < 0 || h >= H || lo >= hi) {
+          std::fill(dst, dst + W, acc_t(0));
+          continue;
+        }
+        const acc_t* grow = gp + (b * H + h) * W;  // dst[ww] = grow[ww − j + R]
+        std::fill(dst, dst + lo, acc_t(0));
+        std::copy(grow + (lo - j + R), grow + (hi - j + R), dst + lo);
+        std::fill(dst + hi, dst + W, acc_t(0));
+      }
+    }
+  }
+  return gs;
+}
+
+
+// dx[b, c, h, w] += Σ_ij w[c, i, j] · g[b, h − i + R, w − j + R] (g: (B, H·W), the
+// accumulation type; dx: x's layout and dtype, updated in place, one rounding). Per band of
+// input rows of one image: (C, K²) @ shifted_grad (K², rows·W), added into dx's rows.
 void gates_stencil_grad_input_cpu(at::Tensor& dx, const at::Tensor& w, const at::Tensor& g) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are this kernel's own arithmetic
   const Stencil s = stencil_geometry(dx, w, "gates_stencil_grad_input_");
   const auto acc = acc_type(dx);
-  const at::Tensor wt = stencil_weights(w, s, acc);
   const at::Tensor gc = stencil_grad(g, s, acc, "gates_stencil_grad_input_");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "gates_stencil_grad_input_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* dp = dx.data_ptr<scalar_t>();
-    const acc_t* gp = gc.data_ptr<acc_t>();
-    const int64_t K = s.K, R = s.R, C = s.C, W = s.W;
-    const acc_t* wp = wt.data_ptr<acc_t>();
-    at::parallel_for(0, s.B * s.H, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> tmp(s.c_unit ? C : W);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / s.H, hh = r % s.H;
-        scalar_t* dr = dp + b * s.sB + hh * s.sH;
-        if (!s.c_unit) {
-          for (int64_t c = 0; c < C; ++c) {
-            std::fill(tmp.begin(), tmp.end(), acc_t(0));
-            for (int64_t i = 0; i < K; ++i) {
-              const int64_t h = hh - i + R;
-              if (h < 0 || h >= s.H) continue;
-              // dx[ww] += Σ_j w[c, i, j] · g[h, ww − j + R]
-              add_row_taps(tmp.data(), gp + (b * s.H + h) * W, wp + (c * K + i) * K, K, R, W, -1);
-            }
-            scalar_t* dc = dr + c * s.sC;
-_Pragma("omp simd")
-            for (int64_t o = 0; o < W; ++o) dc[o] = scalar_t(acc_t(dc[o]) + tmp[o]);
-          }
+  if (dx.numel() == 0) return;
+  const at::Tensor taps = w[0].reshape({s.C, s.K * s.K}).to(acc).contiguous();  // (C, K²)
+  const int64_t band = std::min<int64_t>(s.H, 32), nbands = (s.H + band - 1) / band;
+  AT_DISPATCH_FLOATING_TYPES(acc, "gates_stencil_grad_input_", [&] {
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    at::parallel_for(0, s.B * nbands, 1, [&](int64_t t0, int64_t t1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again on each worker
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / nbands, r0 = (t % nbands) * band, r1 = std::min<int64_t>(s.H, r0 + band);
+        const at::Tensor gs = shifted_grad(gp, s, b, r0, r1, gc.options());
+        at::Tensor rows = stencil_rows(dx, s, b, r0, r1);  // a view of dx: added in place
+        if (s.c_unit) {
+          rows.t().add_(at::mm(gs.t(), taps.t()));  // (rows·W, C), dx's contiguous order
         } else {
-          for (int64_t ww = 0; ww < W; ++ww) {
-            std::fill(tmp.begin(), tmp.end(), acc_t(0));
-            for (int64_t i = 0; i < K; ++i) {
-              const int64_t h = hh - i + R;
-              if (h < 0 || h >= s.H) continue;
-              for (int64_t j = 0; j < K; ++j) {
-                const int64_t o = ww - j + R;
-                if (o < 0 || o >= W) continue;
-                const acc_t gv = gp[(b * s.H + h) * W + o];
-                const acc_t* wc = wp + (i * K + j) * C;
-_Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) tmp[c] += gv * wc[c];
-              }
-            }
-            scalar_t* dc = dr + ww * s.sW;
-_Pragma("omp simd")
-            for (int64_t c = 0; c < C; ++c) dc[c] = scalar_t(acc_t(dc[c]) + tmp[c]);
-          }
+          rows.add_(at::mm(taps, gs));
         }
       }
     });
@@ -673,116 +632,34 @@ _Pragma("omp simd")
 }
 
 // dw[0, c, i, j] = Σ_b Σ_hw x[b, c, h + i − R, w + j − R] · g[b, h, w], in the accumulation
-// type. NCHW: one channel per task; K = 7 as register dot products, other K with the sums
-// kept per output column (no reduction in the inner loop); channels_last: rows of pixels
-// per task, each with its own (K, K, C) sums.
+// type: per band of input rows of one image, (C, rows·W) @ shifted_grad (K², rows·W)ᵀ, the
+// bands' (C, K²) partial sums added in a fixed order (deterministic for a given shape).
+// With the input gradient's GEMM, the ELAT module's backward went 29.1 → 13.8 ms at
+// (4, 64, 128, 128) NCHW, fwd+bwd 34.9 → 7.4 ms at (8, 64, 64, 64), channels_last 56.7 →
+// 15.2 ms (benchmarks/results/gates_cpu_2026-11-27*stencil_gemm.md, before: *_before_*).
 at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& g, int64_t K) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are this kernel's own arithmetic
   const Stencil s = stencil_geometry(x, K, "gates_stencil_grad_weight");
   const auto acc = acc_type(x);
   const at::Tensor gc = stencil_grad(g, s, acc, "gates_stencil_grad_weight");
-  auto dw = at::zeros({1, s.C, K, K}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_stencil_grad_weight", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const acc_t* gp = gc.data_ptr<acc_t>();
-    acc_t* dwp = dw.data_ptr<acc_t>();
-    const int64_t R = s.R, C = s.C, W = s.W, KK = K * K;
-    if (!s.c_unit && K == 7) {
-      // ELAT's K = 7: per input row and tap row i, the 7 column taps as 7 dot products of
-      // the zero-padded row (shifted by j) with the output row's gradient, in registers
-      // (8 loads per 7 products, no stores), instead of 7 running sums in memory.
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<acc_t> padded(W + 6, acc_t(0));
-        acc_t* rp = padded.data();
-        for (int64_t c = c0; c < c1; ++c) {
-          acc_t tot[49] = {};
-          for (int64_t b = 0; b < s.B; ++b) {
-            for (int64_t hh = 0; hh < s.H; ++hh) {
-              const scalar_t* xr = xp + b * s.sB + c * s.sC + hh * s.sH;
-              for (int64_t k = 0; k < W; ++k) rp[k + 3] = acc_t(xr[k]);  // rp[o + j] = x[o + j − 3]
-              for (int64_t i = 0; i < 7; ++i) {
-                const int64_t h = hh - i + 3;  // the output row whose tap i reads input row hh
-                if (h < 0 || h >= s.H) continue;
-                const acc_t* gr = gp + (b * s.H + h) * W;
-                acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0;
-                _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6)")
-                for (int64_t o = 0; o < W; ++o) {
-                  const acc_t gv = gr[o];
-                  s0 += rp[o] * gv;
-                  s1 += rp[o + 1] * gv;
-                  s2 += rp[o + 2] * gv;
-                  s3 += rp[o + 3] * gv;
-                  s4 += rp[o + 4] * gv;
-                  s5 += rp[o + 5] * gv;
-                  s6 += rp[o + 6] * gv;
-                }
-                acc_t* ti = tot + i * 7;
-                ti[0] += s0, ti[1] += s1, ti[2] += s2, ti[3] += s3, ti[4] += s4, ti[5] += s5, ti[6] += s6;
-              }
-            }
-          }
-          for (int64_t t = 0; t < 49; ++t) dwp[c * 49 + t] = tot[t];
-        }
-      });
-    } else if (!s.c_unit) {
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<acc_t> sums(KK * W), row(W);
-        for (int64_t c = c0; c < c1; ++c) {
-          std::fill(sums.begin(), sums.end(), acc_t(0));
-          for (int64_t b = 0; b < s.B; ++b) {
-            for (int64_t hh = 0; hh < s.H; ++hh) {
-              const scalar_t* xr = xp + b * s.sB + c * s.sC + hh * s.sH;
-              for (int64_t k = 0; k < W; ++k) row[k] = acc_t(xr[k]);
-              for (int64_t i = 0; i < K; ++i) {
-                const int64_t h = hh - i + R;  // the output row whose tap i reads input row hh
-                if (h < 0 || h >= s.H) continue;
-                const acc_t* gr = gp + (b * s.H + h) * W;
-                for (int64_t j = 0; j < K; ++j) {
-                  int64_t lo, hi;
-                  tap_range(j, R, W, lo, hi);
-                  acc_t* sj = sums.data() + (i * K + j) * W;
-                  const acc_t* src = row.data() + (j - R);
-_Pragma("omp simd")
-                  for (int64_t o = lo; o < hi; ++o) sj[o] += src[o] * gr[o];
-                }
-              }
-            }
-          }
-          for (int64_t t = 0; t < KK; ++t) {
-            acc_t total = 0;
-            for (int64_t o = 0; o < W; ++o) total += sums[t * W + o];
-            dwp[c * KK + t] = total;
-          }
-        }
-      });
-    } else {
-      const int64_t rows = s.B * s.H;
-      const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-      std::vector<acc_t> part(nt * KK * C, acc_t(0));  // per task: (K, K, C)
-      at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          acc_t* pt = part.data() + t * KK * C;
-          for (int64_t r = rows * t / nt; r < rows * (t + 1) / nt; ++r) {
-            const int64_t b = r / s.H, h = r % s.H;
-            for (int64_t o = 0; o < W; ++o) {
-              const acc_t gv = gp[r * W + o];
-              if (gv == acc_t(0)) continue;
-              for_each_tap(s, h, o, [&](int64_t t, int64_t hh, int64_t ww) {
-                const scalar_t* xc = xp + b * s.sB + hh * s.sH + ww * s.sW;
-                acc_t* pc = pt + t * C;
-_Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) pc[c] += gv * acc_t(xc[c]);
-              });
-            }
-          }
-        }
-      });
-      for (int64_t t = 0; t < nt; ++t)  // fixed order: deterministic for a given thread count
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t k = 0; k < KK; ++k) dwp[c * KK + k] += part[(t * KK + k) * C + c];
-    }
+  if (x.numel() == 0) return at::zeros({1, s.C, K, K}, x.options().dtype(acc));
+  const int64_t band = std::min<int64_t>(s.H, 32), nbands = (s.H + band - 1) / band;
+  auto parts = at::empty({s.B * nbands, s.C, K * K}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "gates_stencil_grad_weight", [&] {
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    at::parallel_for(0, s.B * nbands, 1, [&](int64_t t0, int64_t t1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again on each worker
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / nbands, r0 = (t % nbands) * band, r1 = std::min<int64_t>(s.H, r0 + band);
+        const at::Tensor gs = shifted_grad(gp, s, b, r0, r1, gc.options());
+        at::Tensor rows = stencil_rows(x, s, b, r0, r1);
+        if (rows.scalar_type() != acc) rows = rows.to(acc);
+        at::Tensor part = parts[t];
+        at::mm_out(part, rows, gs.t());
+      }
+    });
   });
-  return dw;
+  return parts.sum(0).reshape({1, s.C, K, K});
 }
 
 TORCH_LIBRARY_FRAGMENT(disseg, m) {
