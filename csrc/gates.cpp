@@ -510,6 +510,28 @@ inline void tap_range(int64_t j, int64_t R, int64_t n, int64_t& lo, int64_t& hi)
   hi = std::min<int64_t>(n, n + R - j);
 }
 
+// Rows of the stencil kernels go in bands of up to 32 per task (one GEMM each).
+constexpr int64_t kStencilBand = 32;
+
+int64_t stencil_bands(const Stencil& s) {
+  return s.B * ((s.H + kStencilBand - 1) / kStencilBand);
+}
+
+// f(task, b, h0, h1) for every band [h0, h1) of every image b, in parallel. Each worker
+// first sets the dispatch guard (it is thread-local): the tasks' ATen calls are this
+// kernel's own arithmetic, never autograd's, even for a grad-requiring x in grad mode.
+template <typename F>
+void for_each_band(const Stencil& s, F&& f) {
+  const int64_t per_image = (s.H + kStencilBand - 1) / kStencilBand;
+  at::parallel_for(0, stencil_bands(s), 1, [&](int64_t t0, int64_t t1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t h0 = (t % per_image) * kStencilBand;
+      f(t, t / per_image, h0, std::min<int64_t>(s.H, h0 + kStencilBand));
+    }
+  });
+}
+
 // One image's input rows [r0, r1) of x as a (C, rows·W) matrix view (both layouts; no copy).
 at::Tensor stencil_rows(const at::Tensor& x, const Stencil& s, int64_t b, int64_t r0, int64_t r1) {
   const at::Tensor xb = x[b];
@@ -535,32 +557,26 @@ at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w) {
   if (y.numel() == 0 || s.C == 0) return y;
   const int64_t K = s.K, R = s.R, H = s.H, W = s.W, T = K * K;
   const at::Tensor taps = w[0].reshape({s.C, T}).t().to(acc).contiguous();  // (K², C)
-  const int64_t band = std::min<int64_t>(H, 32);
-  const int64_t nbands = (H + band - 1) / band;
   AT_DISPATCH_FLOATING_TYPES(acc, "gates_stencil", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * nbands, 1, [&](int64_t t0, int64_t t1) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again on each worker
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / nbands, h0 = (t % nbands) * band, h1 = std::min<int64_t>(H, h0 + band);
-        const int64_t r0 = std::max<int64_t>(0, h0 - R), r1 = std::min<int64_t>(H, h1 + R), n = (r1 - r0) * W;
-        at::Tensor rows = stencil_rows(x, s, b, r0, r1);
-        if (rows.scalar_type() != acc) rows = rows.to(acc);
-        const at::Tensor d = at::mm(taps, rows);  // (K², rows·W), contiguous
-        const scalar_t* dp = d.const_data_ptr<scalar_t>();
-        for (int64_t h = h0; h < h1; ++h) {
-          scalar_t* out = yp + (b * H + h) * W;
-          for (int64_t i = 0; i < K; ++i) {
-            const int64_t hh = h + i - R;
-            if (hh < 0 || hh >= H) continue;
-            for (int64_t j = 0; j < K; ++j) {
-              const scalar_t* row = dp + (i * K + j) * n + (hh - r0) * W;
-              const int64_t shift = j - R;
-              int64_t lo, hi;
-              tap_range(j, R, W, lo, hi);
+    for_each_band(s, [&](int64_t, int64_t b, int64_t h0, int64_t h1) {
+      const int64_t r0 = std::max<int64_t>(0, h0 - R), r1 = std::min<int64_t>(H, h1 + R), n = (r1 - r0) * W;
+      at::Tensor rows = stencil_rows(x, s, b, r0, r1);
+      if (rows.scalar_type() != acc) rows = rows.to(acc);
+      const at::Tensor d = at::mm(taps, rows);  // (K², rows·W), contiguous
+      const scalar_t* dp = d.const_data_ptr<scalar_t>();
+      for (int64_t h = h0; h < h1; ++h) {
+        scalar_t* out = yp + (b * H + h) * W;
+        for (int64_t i = 0; i < K; ++i) {
+          const int64_t hh = h + i - R;
+          if (hh < 0 || hh >= H) continue;
+          for (int64_t j = 0; j < K; ++j) {
+            const scalar_t* row = dp + (i * K + j) * n + (hh - r0) * W;
+            const int64_t shift = j - R;
+            int64_t lo, hi;
+            tap_range(j, R, W, lo, hi);
 _Pragma("omp simd")
-              for (int64_t o = lo; o < hi; ++o) out[o] += row[o + shift];
-            }
+            for (int64_t o = lo; o < hi; ++o) out[o] += row[o + shift];
           }
         }
       }
@@ -612,20 +628,15 @@ void gates_stencil_grad_input_cpu(at::Tensor& dx, const at::Tensor& w, const at:
   const at::Tensor gc = stencil_grad(g, s, acc, "gates_stencil_grad_input_");
   if (dx.numel() == 0) return;
   const at::Tensor taps = w[0].reshape({s.C, s.K * s.K}).to(acc).contiguous();  // (C, K²)
-  const int64_t band = std::min<int64_t>(s.H, 32), nbands = (s.H + band - 1) / band;
   AT_DISPATCH_FLOATING_TYPES(acc, "gates_stencil_grad_input_", [&] {
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * nbands, 1, [&](int64_t t0, int64_t t1) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again on each worker
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / nbands, r0 = (t % nbands) * band, r1 = std::min<int64_t>(s.H, r0 + band);
-        const at::Tensor gs = shifted_grad(gp, s, b, r0, r1, gc.options());
-        at::Tensor rows = stencil_rows(dx, s, b, r0, r1);  // a view of dx: added in place
-        if (s.c_unit) {
-          rows.t().add_(at::mm(gs.t(), taps.t()));  // (rows·W, C), dx's contiguous order
-        } else {
-          rows.add_(at::mm(taps, gs));
-        }
+    for_each_band(s, [&](int64_t, int64_t b, int64_t r0, int64_t r1) {
+      const at::Tensor gs = shifted_grad(gp, s, b, r0, r1, gc.options());
+      at::Tensor rows = stencil_rows(dx, s, b, r0, r1);  // a view of dx: added in place
+      if (s.c_unit) {
+        rows.t().add_(at::mm(gs.t(), taps.t()));  // (rows·W, C), dx's contiguous order
+      } else {
+        rows.add_(at::mm(taps, gs));
       }
     });
   });
@@ -643,20 +654,15 @@ at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
   const auto acc = acc_type(x);
   const at::Tensor gc = stencil_grad(g, s, acc, "gates_stencil_grad_weight");
   if (x.numel() == 0) return at::zeros({1, s.C, K, K}, x.options().dtype(acc));
-  const int64_t band = std::min<int64_t>(s.H, 32), nbands = (s.H + band - 1) / band;
-  auto parts = at::empty({s.B * nbands, s.C, K * K}, x.options().dtype(acc));
+  auto parts = at::empty({stencil_bands(s), s.C, K * K}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "gates_stencil_grad_weight", [&] {
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * nbands, 1, [&](int64_t t0, int64_t t1) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again on each worker
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / nbands, r0 = (t % nbands) * band, r1 = std::min<int64_t>(s.H, r0 + band);
-        const at::Tensor gs = shifted_grad(gp, s, b, r0, r1, gc.options());
-        at::Tensor rows = stencil_rows(x, s, b, r0, r1);
-        if (rows.scalar_type() != acc) rows = rows.to(acc);
-        at::Tensor part = parts[t];
-        at::mm_out(part, rows, gs.t());
-      }
+    for_each_band(s, [&](int64_t t, int64_t b, int64_t r0, int64_t r1) {
+      const at::Tensor gs = shifted_grad(gp, s, b, r0, r1, gc.options());
+      at::Tensor rows = stencil_rows(x, s, b, r0, r1);
+      if (rows.scalar_type() != acc) rows = rows.to(acc);
+      at::Tensor part = parts[t];
+      at::mm_out(part, rows, gs.t());
     });
   });
   return parts.sum(0).reshape({1, s.C, K, K});

@@ -109,6 +109,24 @@ __device__ __forceinline__ void candidates(int64_t k, int64_t in, int64_t out, i
   hi = hi > out - 1 ? out - 1 : hi;
 }
 
+// Row r of a (B, C, H, W) map walked in rows: (b, c, h) with the inner axis w, or (b, h, w)
+// with the inner axis c (C_INNER); the inner index is the caller's.
+template <bool C_INNER>
+__device__ __forceinline__ void decode_row(int64_t r, int64_t C, int64_t H, int64_t W, int64_t& b, int64_t& c,
+                                           int64_t& h, int64_t& w) {
+  if (C_INNER) {
+    w = r % W;
+    const int64_t q = r / W;
+    h = q % H;
+    b = q / H;
+  } else {
+    h = r % H;
+    const int64_t q = r / H;
+    c = q % C;
+    b = q / C;
+  }
+}
+
 // out[b, c, oh, ow] (c within the input's slice; `out` points at the slice's channel 0) =
 // the bilinear sample of in[b, c] at (oh·scale_h, ow·scale_w). Rows: (b, c, oh) with the
 // inner axis ow (NCHW output), or (b, oh, ow) with the inner axis c (channels_last).
@@ -122,17 +140,7 @@ __global__ void __launch_bounds__(kThreads) upsample_kernel(const scalar_t* __re
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.x) * kRows) {
     int64_t b, c = 0, oh, ow = 0;
-    if (C_INNER) {
-      ow = r % W;
-      const int64_t q = r / W;
-      oh = q % H;
-      b = q / H;
-    } else {
-      oh = r % H;
-      const int64_t q = r / H;
-      c = q % C;
-      b = q / C;
-    }
+    decode_row<C_INNER>(r, C, H, W, b, c, oh, ow);
     int64_t h0, h1;
     acc_t a0, a1;
     taps(oh, ah, h0, h1, a0, a1);
@@ -171,17 +179,7 @@ __global__ void __launch_bounds__(kThreads) axis_grad_kernel(const src_t* __rest
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.x) * kRows) {
     int64_t b, c = 0, h, w = 0;
-    if (C_INNER) {
-      w = r % Wd;
-      const int64_t q = r / Wd;
-      h = q % Hd;
-      b = q / Hd;
-    } else {
-      h = r % Hd;
-      const int64_t q = r / Hd;
-      c = q % C;
-      b = q / C;
-    }
+    decode_row<C_INNER>(r, C, Hd, Wd, b, c, h, w);
     for (int64_t i = static_cast<int64_t>(blockIdx.y) * kWarp + threadIdx.x; i < inner;
          i += static_cast<int64_t>(gridDim.y) * kWarp) {
       if (C_INNER) {
