@@ -41,3 +41,11 @@ def _system_malloc_in_this_process():
     trainer.keep_freed_memory = lambda: "freed-memory cache not applied inside the test process"
     yield
     trainer.keep_freed_memory = real
+
+
+@pytest.fixture
+def _no_tf32(monkeypatch):
+    """Convolutions and matmuls in true float32 on a GPU: with TF32 (cuDNN's default) their
+    10-bit products would set the error of a float32 parity test, not the code under test."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

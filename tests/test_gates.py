@@ -793,12 +793,6 @@ def requires_cuda_kernels(family):
     return pytest.mark.skipif(reason is not None, reason=f"CUDA {family} kernels (csrc/{family}.cu) unavailable: {reason}")
 
 
-@pytest.fixture
-def _no_tf32(monkeypatch):
-    """The reference's 7×7 convs and MLPs in true float32 (TF32 would dominate the error)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
 
 @requires_cuda
 @requires_cuda_kernels("gates")
