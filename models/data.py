@@ -497,9 +497,22 @@ def normalize(x: torch.Tensor, how: str) -> torch.Tensor:
         return x
     if how != "imagenet":
         raise ValueError(f"normalize={how!r}: expected 'imagenet' or 'none'")
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device, x.dtype)
     return (x - mean) / std
+
+
+_MEAN_STD: dict = {}
+
+
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on ``device``, made once per device and
+    dtype: ``torch.tensor(..., device=cuda)`` copies from the host and synchronises the
+    stream, which in a training step would wait for the work queued before it."""
+    key = (device, dtype)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device)
+                               for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _MEAN_STD[key]
 
 
 # ------------------------------------------------------------------------------------------

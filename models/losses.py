@@ -25,6 +25,10 @@ over the ranks (``models.ddp.Dist.sum``, an autograd-aware all-reduce; the ident
 process). Every batch-wide reduction goes through it, one call per term, so each rank
 computes the loss of the global batch and DDP's gradient average gives its exact gradient
 (see ``models/ddp.py``).
+
+No function here reads a value back to the host or copies one from it (a CUDA stream
+synchronisation each): on a GPU the loss is issued behind the forward without waiting for
+it (``tests/test_sync_free.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _count(t: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(float(t.numel()), dtype=torch.float32, device=t.device)
+    # new_full fills on t's device: torch.tensor(..., device=cuda) would copy from the host
+    # and synchronise the stream, stalling the step until the forward has run
+    return t.new_full((), float(t.numel()), dtype=torch.float32)
 
 
 def dice_bce(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
@@ -65,8 +71,10 @@ def consistency(logits_a: torch.Tensor, logits_b: torch.Tensor, total: Total = _
     return (s[0] + s[1]) / s[2]
 
 
-def _disp(d: Optional[torch.Tensor]) -> torch.Tensor:
-    return d.float() if d is not None else torch.zeros(())
+def _disp(d: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The dispersive term in float32 on ``like``'s device (0 when disabled: made there,
+    not copied from the host)."""
+    return d.float().to(like.device) if d is not None else like.new_zeros((), dtype=torch.float32)
 
 
 def stage1_loss(out, out_aug, y: torch.Tensor, disp_weight: float,
@@ -75,7 +83,7 @@ def stage1_loss(out, out_aug, y: torch.Tensor, disp_weight: float,
     l_main = dice_bce(out.mask, y, total=total)
     l_aug = dice_bce(out_aug.mask, y, total=total)
     l_cons = consistency(out.mask, out_aug.mask, total=total)
-    disp = _disp(out.disp_loss).to(l_main.device) + _disp(out_aug.disp_loss).to(l_main.device)
+    disp = _disp(out.disp_loss, l_main) + _disp(out_aug.disp_loss, l_main)
     loss = l_main + l_aug + l_cons + disp_weight * disp
     parts = {"mask": l_main.detach(), "mask_aug": l_aug.detach(), "cons": l_cons.detach(),
              "disp": disp.detach()}
@@ -88,7 +96,7 @@ def complementary(fg: torch.Tensor, bg: torch.Tensor, uc: torch.Tensor, total: T
     q_fg, q_bg, q_uc = probs.unbind(1)
     B, H, W = fg.shape[0], fg.shape[-2], fg.shape[-1]
     s = total(torch.stack([(q_fg * q_bg).sum() + (q_fg * q_uc).sum() + (q_bg * q_uc).sum(),
-                           torch.tensor(float(B * H * W), device=probs.device)]))
+                           probs.new_full((), float(B * H * W))]))
     return s[0] / s[1]
 
 
@@ -108,7 +116,7 @@ def stage2_loss(out, y: torch.Tensor, disp_weight: float, beta_eps: float = 1e-6
     l_bg = dice_bce(out.bg, 1.0 - y, total=total)
     b1, b2 = balance_weight(out.fg, beta_eps, total), balance_weight(out.bg, beta_eps, total)
     l_comp = complementary(out.fg, out.bg, out.uncertainty, total)
-    disp = _disp(out.disp_loss).to(l_mask.device)
+    disp = _disp(out.disp_loss, l_mask)
     loss = l_mask + b1 * l_fg + b2 * l_bg + l_comp + disp_weight * disp
     parts = {"mask": l_mask.detach(), "fg": l_fg.detach(), "bg": l_bg.detach(),
              "beta_fg": b1.detach(), "beta_bg": b2.detach(), "comp": l_comp.detach(),

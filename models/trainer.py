@@ -331,6 +331,15 @@ def plot_curves(rows: list[dict], path: str) -> bool:
 # ------------------------------------------------------------------------------------------
 # the trainer
 
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory without a stream
+    synchronisation (the caching host allocator keeps the pinned buffer until the copy is
+    done)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
 class Trainer:
     """Train one stage as configured. ``run()`` returns the final summary dict."""
 
@@ -629,14 +638,21 @@ class Trainer:
         x = x.contiguous(memory_format=self._memory_format)
         if cfg.compile == "reduce-overhead" and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free
+        if cfg.stage == 1:
+            # The strong copy is drawn on the host. Its input is read back before the first
+            # forward is issued (on a GPU that waits only for x's own upload, not for the
+            # forward), the augmentation runs while the device computes the first forward,
+            # and the result goes up without a synchronisation (pinned, non-blocking).
+            x_host = x.detach().cpu()
+            # one generator per sample, seeded by (seed, epoch, sample): the same draws
+            # whatever the batch composition or the process that holds the sample
+            gens = [torch.Generator().manual_seed(D.mix_seed(cfg.seed, self.epoch, int(i), 0x57A6E1))
+                    for i in idx.tolist()]
         with autocast_context(self.device, cfg.amp):
             out = self.net(D.normalize(x, cfg.normalize))
             if cfg.stage == 1:
-                # one generator per sample, seeded by (seed, epoch, sample): the same draws
-                # whatever the batch composition or the process that holds the sample
-                gens = [torch.Generator().manual_seed(D.mix_seed(cfg.seed, self.epoch, int(i), 0x57A6E1))
-                        for i in idx]
-                xs = D.strong_photometric(x, self.photo, gens).contiguous(memory_format=self._memory_format)
+                xs = _to_device(D.strong_photometric(x_host, self.photo, gens), x.device)
+                xs = xs.contiguous(memory_format=self._memory_format)
                 out_aug = self.net(D.normalize(xs, cfg.normalize))
         if cfg.stage == 1:
             loss, parts = stage1_loss(out, out_aug, y, cfg.disp_weight, total=total)
@@ -654,11 +670,17 @@ class Trainer:
             idx = torch.arange(x.shape[0])
         self._disp_rows.clear()
         out, loss, parts = self._forward_loss(x, y, idx)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {float(loss)} at epoch {self.epoch + 1}, "
-                                     f"batch {self.batch}: parts {({k: float(v) for k, v in parts.items()})}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        # The finiteness check reads the loss on the host: a CUDA stream synchronisation. It
+        # comes after the backward has been issued (the host queues the backward behind the
+        # forward instead of waiting for the forward to finish) and before anything changes
+        # the weights, so a non-finite loss still leaves the model as it was.
+        values = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())]).cpu()
+        if not math.isfinite(values[0]):
+            named = dict(zip(parts, values[1:].tolist()))
+            raise FloatingPointError(f"non-finite training loss {float(values[0])} at epoch {self.epoch + 1}, "
+                                     f"batch {self.batch}: parts {named}")
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -674,12 +696,13 @@ class Trainer:
         rows = batch_metrics(out.mask, y, cfg.threshold, cfg.empty_policy, with_hd95=False)
         dice = [r["dice"] for r in rows]
         n = x.shape[0]
-        self.running["loss"] += float(loss.detach()) * n
+        loss_value, *part_values = values.tolist()  # read back once, above: no further syncs
+        self.running["loss"] += loss_value * n
         self.running["n"] += n
         self.running["dice"].extend(dice)
-        for k, v in parts.items():
-            self.running["parts"][k] = self.running["parts"].get(k, 0.0) + float(v) * n
-        return float(loss.detach()), dice
+        for k, v in zip(parts, part_values):
+            self.running["parts"][k] = self.running["parts"].get(k, 0.0) + v * n
+        return loss_value, dice
 
     @torch.no_grad()
     def validate(self, with_hd95: bool = False) -> dict:
@@ -716,9 +739,10 @@ class Trainer:
         # A private generator: DataLoader would otherwise draw its worker base seed from the
         # global RNG, and a resumed run would draw one more time than the original.
         g = torch.Generator().manual_seed(D.mix_seed(self.cfg.seed, sampler.epoch, 0xD1))
+        # pinned batches on CUDA: the loop's non_blocking uploads are then truly asynchronous
         return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=self.cfg.workers,
                                            collate_fn=D.collate, generator=g,
-                                           persistent_workers=False)
+                                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
     # ---------------------------------------------------------------- the loop
     def _write_logs(self) -> None:
