@@ -71,8 +71,9 @@ def _cuda_ms(fn, repeats, setup=None):
     return min(times) if STAT["value"] == "min" else statistics.median(times)
 
 
-def _kernel_ms(fn, iters=3):
-    """Summed device time (ms) of the kernels, memsets and copies of one fn() call."""
+def _kernel_ms(fn, iters=3, per_kernel=None):
+    """Summed device time (ms) of the kernels, memsets and copies of one fn() call;
+    ``per_kernel`` (a dict), when given, receives name -> [ms, launches] per call."""
     try:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
@@ -82,8 +83,13 @@ def _kernel_ms(fn, iters=3):
             for _ in range(iters):
                 fn()
             torch.cuda.synchronize()
-        us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
-        return us / 1e3 / iters
+        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        if per_kernel is not None:
+            for e in events:
+                entry = per_kernel.setdefault(e.name, [0.0, 0.0])
+                entry[0] += e.time_range.elapsed_us() / 1e3 / iters
+                entry[1] += 1 / iters
+        return sum(e.time_range.elapsed_us() for e in events) / 1e3 / iters
     except Exception as exc:  # noqa: BLE001 - a profiler problem must not stop the timings
         print(f"  (kernel time unavailable: {type(exc).__name__}: {exc})")
         return float("nan")
@@ -226,7 +232,7 @@ def saved_bytes(fn, inputs) -> int:
     return sum(seen.values())
 
 
-def measure(fn, inputs, device, repeats) -> dict:
+def measure(fn, inputs, device, repeats, per_kernel=None) -> dict:
     go = None
 
     def fwd():
@@ -255,7 +261,7 @@ def measure(fn, inputs, device, repeats) -> dict:
     t_bwd = _median_ms(lambda: holder["y"].backward(go), device, repeats, setup=make)
     holder.clear()
     t_both = _median_ms(fwd_bwd, device, repeats)
-    gpu_ms = _kernel_ms(fwd_bwd) if device == "cuda" else float("nan")
+    gpu_ms = _kernel_ms(fwd_bwd, per_kernel=per_kernel) if device == "cuda" else float("nan")
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -293,6 +299,9 @@ def build_parser():
     p.add_argument("--graphs", action="store_true",
                    help="CUDA: also time fused and eager captured as CUDA graphs (torch.cuda.make_graphed_callables)")
     p.add_argument("--channels-last", action="store_true", help="NHWC inputs (and module weights)")
+    p.add_argument("--kernels", action="store_true",
+                   help="CUDA: print each fused variant's kernels (device ms and launches per fwd+bwd, and the "
+                        "share of the floor each would be at copy bandwidth) and write them to gates_kernels_*.md")
     p.add_argument("--tag", default="", help="appended to the result files' names")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="CPU timing statistic")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU; default: torch's)")
@@ -511,7 +520,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device == "cuda":
         print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     date = _dt.date.today().isoformat()
-    rows = []
+    rows, kernel_rows = [], []
     for op, b, c, h, w in cases:
         torch.manual_seed(0)
         variants = [("fused", True), ("eager", False)] + ([] if args.no_compile else [("compile", False)])
@@ -537,7 +546,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     # Forward and backward captured as CUDA graphs: no host work per call,
                     # what a training step with static shapes can reach (reduce-overhead).
                     fn = torch.cuda.make_graphed_callables(fn, tuple(inputs), num_warmup_iters=3)
-                r = measure(fn, inputs, device, repeats)
+                per_kernel = {} if args.kernels and fused and device == "cuda" else None
+                r = measure(fn, inputs, device, repeats, per_kernel)
+                if per_kernel:
+                    kernel_rows.extend(_kernel_table(op, f"{b}x{c}x{h}x{w}", name, per_kernel, min_bytes(op, inputs),
+                                                     copy_gbps))
             except Exception as exc:  # noqa: BLE001 - report, keep going
                 r = {"fwd_ms": float("nan"), "bwd_ms": float("nan"), "fwdbwd_ms": float("nan"), "gpu_ms": float("nan"),
                      "peak_mb": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:200]}
@@ -559,8 +572,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 line += f" | {r['error']}"
             print(line, flush=True)
         _write(rows, args, device, date, machine, quiet=True)  # a stage timeout keeps the finished cases
+        if kernel_rows:
+            _write_kernels(kernel_rows, args, device, date, machine)
     _write(rows, args, device, date, machine)
     return rows
+
+
+def _kernel_table(op, shape, variant, per_kernel, floor_bytes, copy_gbps) -> list[dict]:
+    """Rows of one case's kernels, the slowest first, printed as they come. ``x floor``:
+    the kernel's time over the time the whole op's minimum bytes take at copy bandwidth
+    (a map pass, 2 of the chain's 13 maps, is ideally ~0.15 of it)."""
+    floor_ms = floor_bytes / (copy_gbps * 1e9) * 1e3
+    out = []
+    for name, (ms, launches) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
+        out.append(dict(op=op, shape=shape, variant=variant, kernel=name, ms=ms, launches=launches,
+                        x_floor=ms / floor_ms))
+        print(f"    {variant:10s} {ms:8.4f} ms  {launches:4.0f}x  {ms / floor_ms:5.2f} of floor  {name[:90]}", flush=True)
+    return out
+
+
+def _write_kernels(rows, args, device, date, machine) -> None:
+    out = Path(args.out)
+    stem = f"gates_kernels_{device}_{date}" + ("" if args.dtype == "float32" else f"_{args.dtype}") + (
+        "_cl" if args.channels_last else "") + (f"_{args.tag}" if args.tag else "")
+    lines = [f"# Kernels of the fused attention-calibration ops, {device}, {args.dtype}", "",
+             f"Machine: {machine}. Date: {date}. `python -m benchmarks.bench_gates --kernels` (see the gates_* table of "
+             "the same run for the command). Device ms and launches per forward+backward (torch.profiler, 3 calls); "
+             "x floor: the kernel's time over the op's whole minimum-bytes time at the measured copy bandwidth.", "",
+             "| op | shape | variant | kernel | ms | launches | x floor |", "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['op']} | {r['shape']} | {r['variant']} | `{r['kernel'][:80]}` | {r['ms']:.4f} | {r['launches']:.0f} | "
+              f"{r['x_floor']:.2f} |" for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def _write(rows, args, device, date, machine, quiet=False):

@@ -122,7 +122,7 @@ STAGES=(
   "bench_models_graph|100|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain_graph,fused_graph,fused_cuda_graph --tag graph"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
-  "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
+  "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --kernels --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
   # host cost per call of every fused op on tiny tensors (real launches): what an op costs
   # where the GPU work is a few µs (the model's gate and TeLU shapes)
   "host_overhead|45|$PY -m benchmarks.bench_host_overhead --device cuda --calls 100 --rounds 5"
