@@ -224,6 +224,38 @@ class _Case:
             self.bwd.append(t2 - t1)
             self.step.append(t3 - t0)
 
+    def free_steps(self, n: int) -> None:
+        """n training steps as a training loop runs them: no synchronisation between the
+        forward, the backward and the optimizer step, nor between steps."""
+        for _ in range(n):
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(self.forward_loss()).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+
+    def host_profile(self, n: int, top: int = 25) -> dict:
+        """Where the host's time goes in ``n`` free-running steps (cProfile; on a GPU the time
+        the host spends blocked on the device shows under the synchronising call), and those
+        steps' wall time per step without the profiler."""
+        import cProfile
+        import pstats
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.free_steps(n)
+        _sync(self.device)
+        free_ms = (time.perf_counter() - t0) / n * 1e3
+        prof = cProfile.Profile()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        prof.enable()
+        self.free_steps(n)
+        _sync(self.device)
+        prof.disable()
+        profiled_ms = (time.perf_counter() - t0) / n * 1e3
+        self.opt.zero_grad(set_to_none=True)
+        return host_breakdown(pstats.Stats(prof).stats, n, free_ms, profiled_ms, top)
+
     def row(self, profile: int) -> dict:
         device = self.device
         if self.error or not self.step:
@@ -277,14 +309,16 @@ class _Case:
 def run_group(
     stage: int, modes: list[str], encoder: str, batch: int, size: int, warmup: int, steps: int, device: str,
     amp: str = "none", channels_last: bool = False, profile: int = 0, compile_mode: str = "default",
-    malloc: str = "cache",
+    malloc: str = "cache", host_profile: int = 0,
 ) -> list[dict]:
     """The (stage, mode) cases of ``modes`` in this process, their steps interleaved: round
     i runs one step of every case, the order rotated each round, so that a drift of the
     machine's speed over the run falls on every mode alike. ``amp``: autocast dtype (fp16
     with a GradScaler); every step's loss must be finite. ``profile`` > 0: one more
     forward+backward under torch.profiler, its ``profile`` most expensive kernels (CUDA)
-    or ops (CPU) in ``row["profile"]``."""
+    or ops (CPU) in ``row["profile"]``. ``host_profile`` > 0: that many free-running steps
+    (no synchronisation inside or between them) timed, then run under cProfile: ``row["host"]``
+    (see host_breakdown); not for the captured modes, which have no host work per step."""
     cases = [_Case(stage, m, encoder, batch, size, device, amp, channels_last, compile_mode) for m in modes]
     if device == "cpu":
         # The resident-set peak needs the system allocator (with freed memory cached the
@@ -304,12 +338,42 @@ def run_group(
     for c in cases:
         with c.backends():
             rows.append(c.row(profile))
+            if host_profile > 0 and not c.graphed and not c.error:
+                rows[-1]["host"] = c.host_profile(host_profile)
     return rows
 
 
 def run_case(stage: int, mode: str, **kwargs) -> dict:
     """One (stage, mode) case in this process; returns its row (see run_group)."""
     return run_group(stage, [mode], **kwargs)[0]
+
+
+# cProfile's self time by where the function lives: our glue, the model, Triton's launcher,
+# torch's Python, and the C functions they call (ATen ops, kernel launches, synchronisation)
+HOST_AREAS = (("disseg_kernels (ops, glue, references)", "/disseg_kernels/"), ("models", "/models/"), ("triton", "/triton/"),
+              ("torch (Python)", "/torch/"))
+
+
+def host_breakdown(stats: dict, n: int, free_ms: float, profiled_ms: float, top: int) -> dict:
+    """pstats' raw table -> ms per step by area, and the ``top`` functions by self time.
+    Built-in (C) calls are their own area; the synchronising ones (the host waiting for the
+    device) are split out, so a host-bound step shows little time there."""
+    areas: dict[str, float] = {}
+    funcs = []
+    for (path, line, name), (_cc, calls, tt, ct, _callers) in stats.items():
+        if path == "~":
+            area = "wait for device (synchronize, item, copies to host)" if any(
+                k in name for k in ("synchronize", "_local_scalar_dense", "'item'", "'tolist'", "'cpu'")) \
+                else "C calls (ATen ops, launches)"
+            label = name
+        else:
+            area = next((a for a, key in HOST_AREAS if key in path), "other Python")
+            label = f"{path.rsplit('/site-packages/', 1)[-1].rsplit('/work/main/', 1)[-1]}:{line}({name})"
+        areas[area] = areas.get(area, 0.0) + tt * 1e3 / n
+        funcs.append({"name": label, "calls": calls / n, "self_ms": tt * 1e3 / n, "cum_ms": ct * 1e3 / n})
+    funcs.sort(key=lambda f: -f["self_ms"])
+    return {"free_ms": free_ms, "profiled_ms": profiled_ms, "areas": dict(sorted(areas.items(), key=lambda kv: -kv[1])),
+            "top": funcs[:top]}
 
 
 def top_kernels(prof, device: str, n: int) -> list[dict]:
@@ -359,12 +423,13 @@ def write_results(rows, header: dict, device: str, quick: bool, out_dir: Path) -
     tag = "".join(f"_{t}" for t in header.get("tags", ()))
     stem = f"models_{device}{tag}{'_quick' if quick else ''}_{date}"
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
-    fields = [k for k in rows[0] if k != "profile"] + ["machine", "date"]
+    fields = [k for k in rows[0] if k not in ("profile", "host")] + ["free_step_ms", "machine", "date"]
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "machine": header["machine"], "date": header["date"]})
+            w.writerow({**r, "free_step_ms": r.get("host", {}).get("free_ms", ""), "machine": header["machine"],
+                        "date": header["date"]})
     lines = [f"# Med-DisSeg training step: fused vs plain ({device})", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += [
@@ -440,6 +505,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tag", default="", help="appended to the result files' names")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one step per case and write its N most expensive kernels (CUDA) or ops (CPU)")
+    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+                    help="also time N free-running steps per case (no sync inside or between them, as a "
+                         "training loop runs) and profile N more with cProfile: where the host's time goes "
+                         "(our glue, Triton's launcher, torch, C calls, waiting for the device)")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -494,7 +563,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     common = dict(encoder=enc, batch=batch, size=size, warmup=warmup, steps=steps, device=args.device, amp=args.amp,
                   channels_last=args.channels_last, profile=args.profile, compile_mode=args.compile_mode,
-                  malloc=args.malloc)
+                  malloc=args.malloc, host_profile=args.host_profile)
     groups = ([dict(stage=stage, modes=modes, **common) for stage in stages] if args.interleave else
               [dict(stage=stage, mode=mode, **common) for stage in stages for mode in modes])
     for group in groups:
@@ -519,7 +588,32 @@ def main(argv=None) -> list[dict]:
     print(f"wrote {csv_path} and {md_path}")
     if args.profile:
         print(f"wrote {write_profile(rows, header, md_path)}")
+    if any("host" in r for r in rows):
+        print(f"wrote {write_host_profile(rows, header, md_path)}")
     return rows
+
+
+def write_host_profile(rows, header: dict, md_path: Path) -> Path:
+    """Each case's host breakdown (--host-profile), next to the results' markdown."""
+    path = md_path.with_name(md_path.stem + "_host.md")
+    lines = [f"# Med-DisSeg training step: where the host's time goes ({header['machine']})", ""]
+    lines += [f"- {k}: {header[k]}" for k in ("date", "torch", "config", "command")]
+    lines += ["- free-running: steps issued back to back as a training loop does (one synchronisation at the "
+              "end), wall time per step; profiled: the same under cProfile, which slows Python calls (compare "
+              "areas within a case, and cases by their free-running time)", ""]
+    for r in rows:
+        h = r.get("host")
+        if not h:
+            continue
+        lines += [f"## stage {r['stage']}, {r['mode']}: free-running {h['free_ms']:.1f} ms/step "
+                  f"(synchronised timed steps: {r['step_ms']:.1f}), profiled {h['profiled_ms']:.1f}", "",
+                  "| area | self ms / step |", "| --- | ---: |"]
+        lines += [f"| {a} | {ms:.2f} |" for a, ms in h["areas"].items()]
+        lines += ["", "| function | calls / step | self ms | cumulative ms |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{f['name'][:100]}` | {f['calls']:.0f} | {f['self_ms']:.2f} | {f['cum_ms']:.2f} |" for f in h["top"]]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
 
 
 def write_profile(rows, header: dict, md_path: Path) -> Path:

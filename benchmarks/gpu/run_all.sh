@@ -114,8 +114,10 @@ STAGES=(
   # kernels first (_backend._AUTO_ORDER; fused_cuda below measured 1.22-1.45x plain)
   "tests|170|stage_tests gpu"
   # Stage II fused vs plain (issue 5's target), and the 25 kernels that take the most device
-  # time in each: a session's 15 device minutes hold about one 540 s call
-  "bench_models|120|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda --profile 25"
+  # time in each: a session's 15 device minutes hold about one 540 s call. --host-profile:
+  # 3 free-running steps per mode (no sync inside: a training loop's figure) and where the
+  # host's time goes (models_cuda_*_host.md: our glue, Triton's launcher, C calls, waits)
+  "bench_models|120|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda --profile 25 --host-profile 3"
   # the same step captured as one CUDA graph per mode (no host work per step): the fused step
   # was host-bound on 2026-11-27 (77-86 ms of kernels in a 119-160 ms step; plain: 141 ms of
   # kernels, device-bound). A failed capture is reported in its row.
