@@ -351,6 +351,12 @@ def min_bytes(op, inputs) -> int:
     return MIN_MAPS[op] * in_bytes
 
 
+def _triton_settings():
+    from disseg_kernels.triton import _settings
+
+    return _settings
+
+
 def count_launches(op, b, c, h, w, sms=132) -> dict:
     """Device operations one fused fwd and bwd issue on the Triton path, counted on the CPU:
     the Triton kernels are replaced by counting stubs (index outputs zeroed, the rest left
@@ -391,6 +397,7 @@ def count_launches(op, b, c, h, w, sms=132) -> dict:
         setattr(tg, name, _Stub(name))
     tg.FORCE_TARGET_PROGRAMS = getattr(tg, "PROGRAMS_PER_SM", 4) * sms  # (absent before the split kernels)
     os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"  # the stubs cannot be autotuned
+    _triton_settings().AUTOTUNE = False  # read at import
     from benchmarks.bench_host_overhead import NO_LAUNCH as no_launch
 
     class _Mode(TorchDispatchMode):
@@ -463,6 +470,7 @@ def compile_check(quick: bool) -> int:
             return launch
 
     os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"
+    _triton_settings().AUTOTUNE = False  # read at import
     for name in dir(tg):
         if name.endswith("_kernel") and isinstance(getattr(tg, name), triton.runtime.jit.JITFunction):
             setattr(tg, name, _Stub(getattr(tg, name)))

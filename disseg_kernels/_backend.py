@@ -172,6 +172,8 @@ def _cpp_kernel_error(family: str, dispatch_key: str) -> str | None:
 
 
 def triton_interpret() -> bool:
+    # read per call (only for CPU tensors): Triton binds the mode when it decorates a kernel,
+    # and a benchmark may set it after this module was imported, before the kernels are
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

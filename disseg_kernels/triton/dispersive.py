@@ -66,8 +66,8 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._settings import autotune_enabled as _autotune_enabled  # noqa: E402
+from ._settings import interpret as _interpret  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------
@@ -559,7 +559,7 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
         TF32_ROUND=PV_PREC == "tf32", UPCAST=_interpret() and z.dtype == torch.bfloat16, LAZY=bool(lazy),
     )
     if autotune is None:
-        autotune = config is None and not _interpret() and os.environ.get("DISSEG_TRITON_AUTOTUNE", "1") != "0"
+        autotune = config is None and _autotune_enabled()
     if autotune:
         grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), n_dchunks, splits)  # noqa: E731
         _tuned_rows_kernel(d_pad, fma)[grid](*args, **meta)

@@ -26,7 +26,6 @@ float32 Gram error (of order 1e-7 (‖r̃_i‖² + ‖c̃_j‖²) in d²).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -40,8 +39,7 @@ _DUP_EPS_FP32 = 2e-6
 _DUP_EPS_FP64 = 1e-12
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._settings import interpret as _interpret  # noqa: E402
 
 
 @triton.jit

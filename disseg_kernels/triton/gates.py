@@ -56,12 +56,8 @@ FORCE_TILES: tuple[int, int] | None = None  # tests: (BLOCK_C, BLOCK_P)
 FORCE_TARGET_PROGRAMS: int | None = None  # tests: force splits at tiny sizes
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _autotune_enabled() -> bool:
-    return not _interpret() and os.environ.get("DISSEG_TRITON_AUTOTUNE", "1") != "0"
+from ._settings import autotune_enabled as _autotune_enabled  # noqa: E402
+from ._settings import interpret as _interpret  # noqa: E402
 
 
 @functools.lru_cache(maxsize=8)

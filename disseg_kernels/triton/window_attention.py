@@ -29,7 +29,6 @@ in ops/window_attention.py promise exactly these layouts).
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 import triton
@@ -289,12 +288,8 @@ FORCE_BLOCK_P: int | None = None  # tests: run every kernel with this pixel bloc
 FORCE_ALGO: int | None = None  # tests: run the gather kernels with this ALGO
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _autotune_enabled() -> bool:
-    return not _interpret() and os.environ.get("DISSEG_TRITON_AUTOTUNE", "1") != "0"
+from ._settings import autotune_enabled as _autotune_enabled  # noqa: E402
+from ._settings import interpret as _interpret  # noqa: E402
 
 
 def _config(values: tuple, kind: str) -> dict:
