@@ -42,6 +42,7 @@ import random
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -347,6 +348,9 @@ class Trainer:
                  step_hook: Optional[Callable[["Trainer"], None]] = None):
         self.cfg, self.log, self.step_hook = cfg, log, step_hook
         self.out = cfg.out
+        # Stage I's strong copy in a helper thread (on CUDA, set in setup); see _strong_copy
+        self._aug_thread: Optional[bool] = None
+        self._aug_pool = None
         self.last_path = os.path.join(self.out, "last.pt")
         self.best_path = os.path.join(self.out, "best.pt")
 
@@ -641,17 +645,16 @@ class Trainer:
         if cfg.stage == 1:
             # The strong copy is drawn on the host. Its input is read back before the first
             # forward is issued (on a GPU that waits only for x's own upload, not for the
-            # forward), the augmentation runs while the device computes the first forward,
-            # and the result goes up without a synchronisation (pinned, non-blocking).
-            x_host = x.detach().cpu()
+            # forward), and the result goes up without a synchronisation (pinned, non-blocking).
             # one generator per sample, seeded by (seed, epoch, sample): the same draws
             # whatever the batch composition or the process that holds the sample
             gens = [torch.Generator().manual_seed(D.mix_seed(cfg.seed, self.epoch, int(i), 0x57A6E1))
                     for i in idx.tolist()]
+            strong = self._strong_copy(x.detach().cpu(), gens)
         with autocast_context(self.device, cfg.amp):
             out = self.net(D.normalize(x, cfg.normalize))
             if cfg.stage == 1:
-                xs = _to_device(D.strong_photometric(x_host, self.photo, gens), x.device)
+                xs = _to_device(strong.result(), x.device)
                 xs = xs.contiguous(memory_format=self._memory_format)
                 out_aug = self.net(D.normalize(xs, cfg.normalize))
         if cfg.stage == 1:
@@ -659,6 +662,22 @@ class Trainer:
         else:
             loss, parts = stage2_loss(out, y, cfg.disp_weight, total=total)
         return out, loss, parts
+
+    def _strong_copy(self, x_host: torch.Tensor, gens: list) -> Future:
+        """Stage I's strong copy of a host batch, as a future. On a GPU it is computed in a
+        helper thread while this thread issues the first forward (torch's CPU ops release
+        the GIL, so the two proceed together); on the CPU the forward needs the cores, so
+        here, at once. Either way outside autocast (its state is per thread): the
+        augmentation is float32 image processing, not part of the model."""
+        if self._aug_thread is None:
+            self._aug_thread = self.device.type == "cuda"
+        if self._aug_thread:
+            if self._aug_pool is None:
+                self._aug_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disseg-strong-copy")
+            return self._aug_pool.submit(D.strong_photometric, x_host, self.photo, gens)
+        done: Future = Future()
+        done.set_result(D.strong_photometric(x_host, self.photo, gens))
+        return done
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor] = None) -> tuple[float, list[float]]:
         """One optimizer step on the batch (x, y) of dataset indices ``idx`` (this process's

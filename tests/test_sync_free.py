@@ -198,3 +198,27 @@ def test_non_finite_loss_raises_before_the_weights_change(tiny_data, tmp_path):
     after = t.model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k]) and "running" not in k]
     assert changed == []  # BatchNorm's running statistics move in any forward; nothing else may
+
+
+def test_strong_copy_in_a_helper_thread_is_the_same(tiny_data, tmp_path):
+    """On CUDA, Stage I draws its strong copy in a helper thread while the main thread issues
+    the first forward. Forced on here: the thread's copy, and a whole step's loss and
+    weights, are bitwise those of the in-thread path (the copy's draws come from its own
+    per-sample generators, never from a shared RNG)."""
+    results = []
+    for in_thread in (False, True):
+        t = _trainer(tiny_data, tmp_path / f"aug{in_thread}", 1)
+        t._aug_thread = in_thread
+        x, y, idx = next(iter(t._loader(t.train_ds, t.sampler)))
+        gens = lambda: [torch.Generator().manual_seed(int(i)) for i in idx]  # noqa: E731
+        fut = t._strong_copy(x, gens())
+        if not in_thread:
+            assert fut.done()  # computed at once, in this thread
+        copy = fut.result()
+        loss, _ = t.train_step(x, y, idx)
+        results.append((copy, loss, [p.detach().clone() for p in t.model.parameters()]))
+        if in_thread:
+            assert t._aug_pool is not None  # the helper thread was used
+    (c0, l0, p0), (c1, l1, p1) = results
+    assert torch.equal(c0, c1) and l0 == l1
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
