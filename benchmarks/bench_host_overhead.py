@@ -78,7 +78,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager-custom-ops", action="store_true",
                    help="call the fused ops through their torch.library custom ops in eager mode too "
                         "(DISSEG_EAGER_CUSTOM_OPS=1; the default is one autograd.Function per call)")
+    p.add_argument("--launch-cost", action="store_true",
+                   help="CUDA: the host cost of one launch, issued each way our ops can issue it (Triton's "
+                        "kernel[grid](...), the same compiled kernel called directly, an ATen op, our C++ op, "
+                        "the fused telu() on each backend); writes launch_cost_cuda_<date>.md")
     return p
+
+
+def launch_costs(calls: int, rounds: int) -> list[dict]:
+    """Host µs per launch of the TeLU forward on a 1,024-element tensor (the device work is
+    ~2 µs, so back-to-back launches are host-bound), each way it can be issued. "direct":
+    the ``CompiledKernel`` that ``kernel[grid](...)`` returns, called as Triton >= 3.3's own
+    ``JITFunction.run`` calls it, skipping the binder, the cache key and the checks: what a
+    lean launcher of our own would cost (docs/gates_gpu.md). A way that fails on this
+    Triton is reported in its row, not raised."""
+    import torch
+    import triton
+
+    import disseg_kernels as dk
+    from disseg_kernels import _backend
+    from disseg_kernels.triton.telu import _BLOCK, _telu_fwd_kernel
+
+    x = torch.randn(1024, device="cuda")
+    y = torch.empty_like(x)
+    n, grid = x.numel(), (triton.cdiv(x.numel(), _BLOCK),)
+    compiled = _telu_fwd_kernel[grid](x, y, n, BLOCK=_BLOCK)
+
+    def direct():
+        from triton import knobs
+        from triton.runtime import driver
+
+        stream = driver.active.get_current_stream(torch.cuda.current_device())
+        compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None,
+                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, x, y, n, _BLOCK)
+
+    ways = [
+        ("Triton kernel[grid](...) (JITFunction.run)", lambda: _telu_fwd_kernel[grid](x, y, n, BLOCK=_BLOCK)),
+        ("Triton CompiledKernel.run, direct", direct),
+        ("ATen op: torch.mul(x, x, out=y)", lambda: torch.mul(x, x, out=y)),
+    ]
+    if _backend.unavailable_reason("telu", "cuda", x.device) is None:
+        ways.append(("C++ op: torch.ops.disseg.telu_fwd (CUDA)", lambda: torch.ops.disseg.telu_fwd(x)))
+    ways += [("fused telu(x, backend='triton'), no grad", lambda: dk.telu(x, backend="triton"))]
+    if _backend.unavailable_reason("telu", "cuda", x.device) is None:
+        ways.append(("fused telu(x, backend='cuda'), no grad", lambda: dk.telu(x, backend="cuda")))
+    rows = []
+    with torch.no_grad():
+        for name, fn in ways:
+            try:
+                fn()
+                torch.cuda.synchronize()
+                y.zero_()
+                if name.startswith("Triton"):  # the direct call must compute what the normal one does
+                    fn()
+                    torch.cuda.synchronize()
+                    want = dk.telu(x, backend="reference")
+                    if not torch.allclose(y, want, rtol=1e-5, atol=1e-6):
+                        raise RuntimeError("wrong output")
+                rows.append({"way": name, "us": _host_us(fn, "cuda", calls, rounds), "error": ""})
+            except Exception as exc:  # noqa: BLE001 - one row per way
+                rows.append({"way": name, "us": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            print(f"{rows[-1]['us']:8.1f} us  {name}  {rows[-1]['error']}", flush=True)
+    return rows
 
 
 def _cases(op, backend, device, fused, encoder="resnet50"):
@@ -217,6 +278,8 @@ def _measure(op, path, fn, inputs, device, calls, rounds) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    if args.launch_cost and args.device != "cuda":
+        raise SystemExit("--launch-cost: needs --device cuda (a CPU has no launches to time)")
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"  # stubs cannot be autotuned
@@ -237,6 +300,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_flush_denormal(True)
     elif not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
+    if args.launch_cost:
+        rows = launch_costs(args.calls * 10, args.rounds)
+        args.out.mkdir(parents=True, exist_ok=True)
+        date = _dt.datetime.now(_dt.timezone.utc)
+        import triton
+
+        lines = [f"# Host cost of one launch ({machine_name('cuda')})", "",
+                 f"- date: {date:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; triton {triton.__version__}",
+                 f"- command: `python -m benchmarks.bench_host_overhead {' '.join(sys.argv[1:] if argv is None else argv)}`",
+                 "- the TeLU forward on 1,024 elements, issued back to back; µs per call, fastest of "
+                 f"{args.rounds} rounds of {args.calls * 10}", "", "| way | host µs per launch | error |",
+                 "| --- | ---: | --- |"]
+        lines += [f"| {r['way']} | {r['us']:.1f} | {r['error']} |" for r in rows]
+        path = args.out / f"launch_cost_cuda_{date:%Y-%m-%d}{('_' + args.tag) if args.tag else ''}.md"
+        path.write_text("\n".join(lines) + "\n")
+        print(f"wrote {path}")
+        return rows
     ops = [o for o in args.ops.split(",") if o]
     for o in ops:
         if o not in OPS:

@@ -23,3 +23,12 @@ def test_kernel_table_orders_and_scales(tmp_path, capsys):
     bg._write_kernels(rows, args, "cuda", "2026-11-27", "NVIDIA H200")
     text = (tmp_path / "gates_kernels_cuda_2026-11-27.md").read_text()
     assert "| cbat | 8x64x128x128 | fused | `_grad_x_kernel` | 0.0600 | 1 | " in text
+
+
+def test_launch_cost_needs_a_gpu():
+    """bench_host_overhead --launch-cost times real launches: on the CPU it says so and stops
+    before it stubs anything."""
+    from benchmarks import bench_host_overhead as bho
+
+    with pytest.raises(SystemExit, match="--launch-cost: needs --device cuda"):
+        bho.main(["--launch-cost"])

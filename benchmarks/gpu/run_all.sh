@@ -118,6 +118,10 @@ STAGES=(
   # 3 free-running steps per mode (no sync inside: a training loop's figure) and where the
   # host's time goes (models_cuda_*_host.md: our glue, Triton's launcher, C calls, waits)
   "bench_models|120|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda --profile 25 --host-profile 3"
+  # the host cost of one launch, each way our ops can issue one (Triton's kernel[grid], the
+  # compiled kernel called directly, an ATen op, our C++ op): decides between the CUDA
+  # backend and a lean Triton launcher (docs/gates_gpu.md, "What one Triton launch costs")
+  "launch_cost|25|$PY -m benchmarks.bench_host_overhead --device cuda --launch-cost --calls 100 --rounds 5"
   # the same step captured as one CUDA graph per mode (no host work per step): the fused step
   # was host-bound on 2026-11-27 (77-86 ms of kernels in a 119-160 ms step; plain: 141 ms of
   # kernels, device-bound). A failed capture is reported in its row.
