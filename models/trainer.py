@@ -341,6 +341,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
+
 class Trainer:
     """Train one stage as configured. ``run()`` returns the final summary dict."""
 
@@ -348,7 +349,7 @@ class Trainer:
                  step_hook: Optional[Callable[["Trainer"], None]] = None):
         self.cfg, self.log, self.step_hook = cfg, log, step_hook
         self.out = cfg.out
-        # Stage I's strong copy in a helper thread (on CUDA, set in setup); see _strong_copy
+        # Stage I's strong copy in a helper thread: decided at the first call (on CUDA), see _strong_copy
         self._aug_thread: Optional[bool] = None
         self._aug_pool = None
         self.last_path = os.path.join(self.out, "last.pt")
@@ -646,8 +647,8 @@ class Trainer:
             # The strong copy is drawn on the host. Its input is read back before the first
             # forward is issued (on a GPU that waits only for x's own upload, not for the
             # forward), and the result goes up without a synchronisation (pinned, non-blocking).
-            # one generator per sample, seeded by (seed, epoch, sample): the same draws
-            # whatever the batch composition or the process that holds the sample
+            # One generator per sample, seeded by (seed, epoch, sample): the same draws
+            # whatever the batch composition or the process that holds the sample.
             gens = [torch.Generator().manual_seed(D.mix_seed(cfg.seed, self.epoch, int(i), 0x57A6E1))
                     for i in idx.tolist()]
             strong = self._strong_copy(x.detach().cpu(), gens)
