@@ -7,9 +7,10 @@
 // strides (NCHW or channels_last, the output in the layout of the first input).
 #include <ATen/ATen.h>
 #include <torch/library.h>
-
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+
+#include "multiscale_args.h"
 
 #include <algorithm>
 #include <utility>
@@ -43,23 +44,11 @@ Taps<acc_t> taps(int64_t in, int64_t out) {
 }  // namespace
 
 at::Tensor multiscale_fwd_cpu(at::TensorList tensors, at::IntArrayRef scales) {
-  TORCH_CHECK(!tensors.empty(), "multiscale_fwd: tensors must not be empty");
-  TORCH_CHECK(scales.size() == tensors.size(), "multiscale_fwd: scales must have one entry per tensor, got ",
-              scales.size(), " for ", tensors.size());
+  TORCH_CHECK(tensors.empty() || tensors[0].device().is_cpu(), "multiscale_fwd: tensors[0] must be a CPU tensor, got ",
+              tensors[0].device());
+  const auto [B, Ctot, H, W, channels_last] = multiscale_out(tensors, scales);
   const auto& t0 = tensors[0];
-  const int64_t B = t0.size(0), H = t0.size(2) * scales[0], W = t0.size(3) * scales[0];
-  int64_t Ctot = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& t = tensors[i];
-    TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && t.scalar_type() == t0.scalar_type() && t.size(0) == B,
-                "multiscale_fwd: tensors[", i, "] must be a 4-d CPU tensor with tensors[0]'s batch size and dtype");
-    TORCH_CHECK(scales[i] >= 1 && t.size(2) * scales[i] == H && t.size(3) * scales[i] == W, "multiscale_fwd: tensors[",
-                i, "] upsampled by ", scales[i], " is not ", H, "x", W);
-    Ctot += t.size(1);
-  }
-  const auto fmt = (t0.is_contiguous(at::MemoryFormat::ChannelsLast) && !t0.is_contiguous())
-                       ? at::MemoryFormat::ChannelsLast
-                       : at::MemoryFormat::Contiguous;
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   auto out = at::empty({B, Ctot, H, W}, t0.options().memory_format(fmt));
   const bool c_unit = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t osB = out.stride(0), osC = out.stride(1), osH = out.stride(2), osW = out.stride(3);

@@ -32,6 +32,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "multiscale_args.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -208,10 +210,6 @@ dim3 row_grid(int64_t rows, int64_t inner) {
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, gx)), static_cast<unsigned>(std::max<int64_t>(1, gy)));
 }
 
-bool channels_last_only(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-}
-
 // One pass of the separable backward over dst (B, C, Hd, Wd).
 template <bool ALONG_W, typename src_t, typename acc_t, typename out_t, typename Stream>
 void launch_axis_grad(const src_t* src, Strides ss, out_t* dst, Strides ds, int64_t B, int64_t C, int64_t Hd,
@@ -230,26 +228,11 @@ void launch_axis_grad(const src_t* src, Strides ss, out_t* dst, Strides ds, int6
 }  // namespace
 
 at::Tensor multiscale_fwd_cuda(at::TensorList tensors, at::IntArrayRef scales) {
-  TORCH_CHECK(!tensors.empty(), "multiscale_fwd: tensors must not be empty");
-  TORCH_CHECK(scales.size() == tensors.size(), "multiscale_fwd: scales must have one entry per tensor, got ",
-              scales.size(), " for ", tensors.size());
+  TORCH_CHECK(tensors.empty() || tensors[0].is_cuda(), "multiscale_fwd: tensors[0] must be a CUDA tensor, got ",
+              tensors[0].device());
+  const auto [B, Ctot, H, W, c_inner] = multiscale_out(tensors, scales);
   const auto& t0 = tensors[0];
-  TORCH_CHECK(t0.dim() == 4, "multiscale_fwd: tensors[0] must be 4-d (B, C, H, W), got ", t0.sizes());
-  const int64_t B = t0.size(0), H = t0.size(2) * scales[0], W = t0.size(3) * scales[0];
-  int64_t Ctot = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& t = tensors[i];
-    TORCH_CHECK(t.dim() == 4 && t.is_cuda() && t.device() == t0.device() && t.scalar_type() == t0.scalar_type() &&
-                    t.size(0) == B,
-                "multiscale_fwd: tensors[", i, "] must be a 4-d CUDA tensor with tensors[0]'s device ", t0.device(),
-                ", batch size ", B, " and dtype ", t0.scalar_type(), "; got ", t.sizes(), " ", t.scalar_type(), " on ",
-                t.device());
-    TORCH_CHECK(scales[i] >= 1 && t.size(2) * scales[i] == H && t.size(3) * scales[i] == W, "multiscale_fwd: tensors[",
-                i, "] upsampled by ", scales[i], " is not ", H, "x", W);
-    Ctot += t.size(1);
-  }
   const c10::cuda::CUDAGuard guard(t0.device());
-  const bool c_inner = channels_last_only(t0);
   auto out = at::empty({B, Ctot, H, W},
                        t0.options().memory_format(c_inner ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;

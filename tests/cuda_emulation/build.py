@@ -74,7 +74,7 @@ def build(families=FAMILIES):
             open(path, "w").write(new)
         srcs.append(path)
     bd = os.path.join(HERE, "build"); os.makedirs(bd, exist_ok=True)
-    load("disseg_emu", srcs, extra_cflags=["-O1", f"-I{HERE}", "-w"], extra_ldflags=["-pthread"],
+    load("disseg_emu", srcs, extra_cflags=["-O1", f"-I{HERE}", f"-I{os.path.join(ROOT, 'csrc')}", "-w"], extra_ldflags=["-pthread"],
          build_directory=bd, is_python_module=False, verbose=False)
 
 
