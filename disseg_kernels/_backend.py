@@ -172,8 +172,9 @@ def _cpp_kernel_error(family: str, dispatch_key: str) -> str | None:
 
 
 def triton_interpret() -> bool:
-    # read per call (only for CPU tensors): Triton binds the mode when it decorates a kernel,
-    # and a benchmark may set it after this module was imported, before the kernels are
+    # Read per call (only CPU tensors ask): Triton binds the mode when it decorates a kernel,
+    # and a benchmark may set the variable after this module is imported but before our
+    # Triton modules (and their kernels) are.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

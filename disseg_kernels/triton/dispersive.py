@@ -44,6 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._settings import autotune_enabled as _autotune_enabled
+from ._settings import interpret as _interpret
+
 INFONCE_L2, INFONCE_L2SQ, INFONCE_COSINE, HINGE, COVARIANCE = 0, 1, 2, 3, 4
 _VARIANT_NAMES = ("infonce_l2", "infonce_l2sq", "infonce_cosine", "hinge", "covariance")
 
@@ -64,10 +67,6 @@ _DUP_EPS_FP64 = 1e-12
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-
-
-from ._settings import autotune_enabled as _autotune_enabled  # noqa: E402
-from ._settings import interpret as _interpret  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------
@@ -376,7 +375,6 @@ def _dispersive_rows_kernel(
             zo = tl.load(Z + rows[:, None] * D + dcols[None, :], mask=out_mask, other=0.0).to(ACC)
         out_rows = pid_s.to(tl.int64) * N + rows
         tl.store(OUT + out_rows[:, None] * D + dcols[None, :], a_i[:, None] * zo - acc, mask=out_mask)
-
 
 
 def _fma_layout(dtype: torch.dtype) -> bool:

@@ -32,14 +32,12 @@ import triton
 import triton.language as tl
 
 from disseg_kernels.triton.dispersive import device_params
+from ._settings import interpret as _interpret
 
 INFONCE_L2, INFONCE_L2SQ, INFONCE_COSINE, HINGE = 0, 1, 2, 3
 
 _DUP_EPS_FP32 = 2e-6
 _DUP_EPS_FP64 = 1e-12
-
-
-from ._settings import interpret as _interpret  # noqa: E402
 
 
 @triton.jit

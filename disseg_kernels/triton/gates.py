@@ -39,6 +39,8 @@ import triton
 import triton.language as tl
 
 from .telu import _tanh_pos
+from ._settings import autotune_enabled as _autotune_enabled
+from ._settings import interpret as _interpret
 
 # ---------------------------------------------------------------------------------------
 # Tiling and split heuristics (module globals so tests can force small tiles and splits)
@@ -54,10 +56,6 @@ MAX_BLOCK_C = 128  # channels_last: longest contiguous run per tile column
 PROGRAMS_PER_SM = int(os.environ.get("DISSEG_GATES_PROGRAMS_PER_SM", "4"))
 FORCE_TILES: tuple[int, int] | None = None  # tests: (BLOCK_C, BLOCK_P)
 FORCE_TARGET_PROGRAMS: int | None = None  # tests: force splits at tiny sizes
-
-
-from ._settings import autotune_enabled as _autotune_enabled  # noqa: E402
-from ._settings import interpret as _interpret  # noqa: E402
 
 
 @functools.lru_cache(maxsize=8)

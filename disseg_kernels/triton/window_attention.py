@@ -34,6 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._settings import autotune_enabled as _autotune_enabled
+from ._settings import interpret as _interpret
+
 
 @triton.jit
 def _window_attention_fwd_kernel(
@@ -286,10 +289,6 @@ _TUNE_KEY = ["H", "W", "HEADS", "HD"]
 _TUNED: dict[str, object] = {}
 FORCE_BLOCK_P: int | None = None  # tests: run every kernel with this pixel block
 FORCE_ALGO: int | None = None  # tests: run the gather kernels with this ALGO
-
-
-from ._settings import autotune_enabled as _autotune_enabled  # noqa: E402
-from ._settings import interpret as _interpret  # noqa: E402
 
 
 def _config(values: tuple, kind: str) -> dict:
