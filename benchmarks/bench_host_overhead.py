@@ -117,10 +117,11 @@ def launch_costs(calls: int, rounds: int) -> list[dict]:
         ("Triton CompiledKernel.run, direct", direct),
         ("ATen op: torch.mul(x, x, out=y)", lambda: torch.mul(x, x, out=y)),
     ]
-    if _backend.unavailable_reason("telu", "cuda", x.device) is None:
+    cpp = _backend.unavailable_reason("telu", "cuda", x.device) is None  # the extension's CUDA kernels
+    if cpp:
         ways.append(("C++ op: torch.ops.disseg.telu_fwd (CUDA)", lambda: torch.ops.disseg.telu_fwd(x)))
-    ways += [("fused telu(x, backend='triton'), no grad", lambda: dk.telu(x, backend="triton"))]
-    if _backend.unavailable_reason("telu", "cuda", x.device) is None:
+    ways.append(("fused telu(x, backend='triton'), no grad", lambda: dk.telu(x, backend="triton")))
+    if cpp:
         ways.append(("fused telu(x, backend='cuda'), no grad", lambda: dk.telu(x, backend="cuda")))
     rows = []
     with torch.no_grad():

@@ -240,19 +240,16 @@ class _Case:
         import cProfile
         import pstats
 
-        _sync(self.device)
-        t0 = time.perf_counter()
-        self.free_steps(n)
-        _sync(self.device)
-        free_ms = (time.perf_counter() - t0) / n * 1e3
+        def ms_per_step(prof=None) -> float:
+            _sync(self.device)
+            t0 = time.perf_counter()
+            with prof or contextlib.nullcontext():
+                self.free_steps(n)
+                _sync(self.device)
+            return (time.perf_counter() - t0) / n * 1e3
+
         prof = cProfile.Profile()
-        _sync(self.device)
-        t0 = time.perf_counter()
-        prof.enable()
-        self.free_steps(n)
-        _sync(self.device)
-        prof.disable()
-        profiled_ms = (time.perf_counter() - t0) / n * 1e3
+        free_ms, profiled_ms = ms_per_step(), ms_per_step(prof)
         self.opt.zero_grad(set_to_none=True)
         return host_breakdown(pstats.Stats(prof).stats, n, free_ms, profiled_ms, top)
 
@@ -354,6 +351,9 @@ HOST_AREAS = (("disseg_kernels (ops, glue, references)", "/disseg_kernels/"), ("
               ("torch (Python)", "/torch/"))
 
 
+_REPO = str(Path(__file__).resolve().parent.parent) + os.sep  # paths in the table are relative to it
+
+
 def host_breakdown(stats: dict, n: int, free_ms: float, profiled_ms: float, top: int) -> dict:
     """pstats' raw table -> ms per step by area, and the ``top`` functions by self time.
     Built-in (C) calls are their own area; the synchronising ones (the host waiting for the
@@ -368,7 +368,7 @@ def host_breakdown(stats: dict, n: int, free_ms: float, profiled_ms: float, top:
             label = name
         else:
             area = next((a for a, key in HOST_AREAS if key in path), "other Python")
-            label = f"{path.rsplit('/site-packages/', 1)[-1].rsplit('/work/main/', 1)[-1]}:{line}({name})"
+            label = f"{path.rsplit('/site-packages/', 1)[-1].rsplit(_REPO, 1)[-1]}:{line}({name})"
         areas[area] = areas.get(area, 0.0) + tt * 1e3 / n
         funcs.append({"name": label, "calls": calls / n, "self_ms": tt * 1e3 / n, "cum_ms": ct * 1e3 / n})
     funcs.sort(key=lambda f: -f["self_ms"])
