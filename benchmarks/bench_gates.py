@@ -351,10 +351,13 @@ def min_bytes(op, inputs) -> int:
     return MIN_MAPS[op] * in_bytes
 
 
-def _triton_settings():
+def _autotune_off() -> None:
+    """No triton.autotune from here on: stubbed or ahead-of-time-compiled kernels cannot be
+    timed. The setting is read once, when disseg_kernels.triton is imported (set both)."""
     from disseg_kernels.triton import _settings
 
-    return _settings
+    os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"
+    _settings.AUTOTUNE = False
 
 
 def count_launches(op, b, c, h, w, sms=132) -> dict:
@@ -396,8 +399,7 @@ def count_launches(op, b, c, h, w, sms=132) -> dict:
     for name in kernels:  # fresh stubs per call: each counts into this call's counter
         setattr(tg, name, _Stub(name))
     tg.FORCE_TARGET_PROGRAMS = getattr(tg, "PROGRAMS_PER_SM", 4) * sms  # (absent before the split kernels)
-    os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"  # the stubs cannot be autotuned
-    _triton_settings().AUTOTUNE = False  # read at import
+    _autotune_off()  # the stubs cannot be autotuned
     from benchmarks.bench_host_overhead import NO_LAUNCH as no_launch
 
     class _Mode(TorchDispatchMode):
@@ -469,8 +471,7 @@ def compile_check(quick: bool) -> int:
 
             return launch
 
-    os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"
-    _triton_settings().AUTOTUNE = False  # read at import
+    _autotune_off()
     for name in dir(tg):
         if name.endswith("_kernel") and isinstance(getattr(tg, name), triton.runtime.jit.JITFunction):
             setattr(tg, name, _Stub(getattr(tg, name)))
