@@ -49,3 +49,14 @@ def _no_tf32(monkeypatch):
     10-bit products would set the error of a float32 parity test, not the code under test."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """The embedded synthetic dataset, small (12 training and 4 validation images of 48²),
+    made once per test module, for the trainer's tests (test_ddp.py keeps its own)."""
+    from models.synthetic import generate
+
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    generate(str(root), n_train=12, n_val=4, n_test=0, size=48, seed=0)
+    return str(root)

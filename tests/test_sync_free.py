@@ -138,15 +138,6 @@ def test_losses_make_no_host_tensor():
     assert not [op for op in rec.ops if op in SYNC_OPS]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from models.synthetic import generate
-
-    root = tmp_path_factory.mktemp("sync") / "data"
-    generate(str(root), n_train=4, n_val=2, n_test=0, size=32, seed=0)
-    return str(root)
-
-
 def _trainer(data, out, stage):
     from models.config import TrainConfig
     from models.trainer import Trainer

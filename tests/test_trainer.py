@@ -21,17 +21,9 @@ from models.config import TrainConfig
 from models.evaluate import evaluate
 from models.losses import consistency, dice_bce, stage1_loss, stage2_loss
 from models.predict import predict
-from models.synthetic import generate
 from models.trainer import Trainer, load_checkpoint, make_adam, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny") / "data"
-    generate(str(root), n_train=12, n_val=4, n_test=0, size=48, seed=0)
-    return str(root)
 
 
 def _cfg(data, out, **kw):
