@@ -11,7 +11,12 @@ time. This script measures it on tiny tensors, where the kernels themselves cost
 CPU (no GPU needed): the Triton path runs under ``TRITON_INTERPRET=1`` with every kernel
 launch replaced by a counting stub, so what is timed is exactly our Python glue, the
 custom-op/autograd machinery and the torch ops around the launches (a real GPU launch
-adds its own issue cost per launch on top: see the ``launches`` column). The C++ path
+adds its own issue cost per launch on top: see the ``launches`` column). With
+``--triton-launcher jit`` the kernels are compiled-mode ``JITFunction``s instead, launched
+through Triton's own ``kernel[grid](...)`` path (binder, specialization, cache key, global
+check, launch metadata) against a stand-in sm_90 driver whose compiled kernel's ``run``
+only counts: the time then includes Triton's launcher up to the driver call, everything
+but the CUDA driver's own launch cost. The C++ path
 runs its real kernels on tiny tensors. "eager" is the plain-PyTorch formula of the
 spec (``fused=False`` / the reference), which is what the fused op replaces.
 
@@ -50,7 +55,9 @@ NO_LAUNCH = {
 OPS = ("telu", "ca", "sa", "cbam", "elat", "cbat", "multiscale", "window_attention", "cdfa", "dispersive", "stage2")
 FAMILY = {"ca": "gates", "sa": "gates", "cbam": "gates", "elat": "gates", "cbat": "gates", "cdfa": "window_attention",
           "stage2": "gates"}
-FIELDS = ["op", "path", "fwd_us", "fwd_bwd_us", "fwd_ops", "fwd_bwd_ops", "launches_fwd", "launches_fwd_bwd", "x_eager_fwd_bwd"]
+FIELDS = ["op", "path", "fwd_us", "fwd_bwd_us", "fwd_ops", "fwd_bwd_ops", "launches_fwd", "launches_fwd_bwd", "x_eager_fwd_bwd",
+          "launcher_us_fwd_bwd"]
+_JIT_STAND_IN = False  # set by _jit_launcher_stand_in()
 
 _LAUNCHES = collections.Counter()
 
@@ -65,6 +72,78 @@ def _stub_triton_launches() -> None:
     import triton.runtime.interpreter as interp
 
     interp.InterpretedFunction.run = _counting_run
+
+
+class _CountingCompiledKernel:
+    """Stands in for a ``CompiledKernel`` under ``--triton-launcher jit``: what Triton's
+    ``JITFunction.run`` reads of it, and a ``run`` that counts the launch."""
+
+    function = 0
+    packed_metadata = None
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        _LAUNCHES["triton"] += 1
+
+
+class _StandInDriver:
+    """The sm_90 CUDA driver, as far as ``JITFunction.run`` asks it (device 0, stream 0)."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        import torch
+
+        return torch.device("cpu")
+
+
+def _jit_launcher_stand_in() -> None:
+    """``--triton-launcher jit``: compiled-mode kernels launched through Triton's own
+    ``JITFunction.run`` against ``_StandInDriver``; "compiling" a specialization stores a
+    ``_CountingCompiledKernel`` where Triton caches its compiled kernels. Must run before
+    our Triton modules are imported (TRITON_INTERPRET unset). Written against Triton 3.9's
+    internals; another version that lacks them is refused with the reason."""
+    import triton
+    import triton.runtime.jit as jit
+    from triton.runtime import driver
+
+    from disseg_kernels import _backend
+
+    missing = [name for name, ok in (("triton.runtime.driver.set_active", hasattr(driver, "set_active")),
+                                     ("JITFunction._do_compile", hasattr(jit.JITFunction, "_do_compile")),
+                                     ("JITFunction.device_caches", "self.device_caches" in
+                                      __import__("inspect").getsource(jit.JITFunction.__init__)))
+               if not ok]
+    if missing:
+        raise SystemExit(f"--triton-launcher jit: Triton {triton.__version__} lacks {', '.join(missing)} "
+                         "(written against Triton 3.9); use --triton-launcher stub")
+
+    def stand_in_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = _CountingCompiledKernel()
+        self.device_caches[device][0][key] = kernel  # (kernel_cache, key_cache, target, backend, binder)
+        return kernel
+
+    global _JIT_STAND_IN
+    _JIT_STAND_IN = True
+    driver.set_active(_StandInDriver())
+    jit.JITFunction._do_compile = stand_in_compile
+    from disseg_kernels.triton import _settings
+
+    # CPU tensors may take the Triton path; the wrappers then pick their interpreter-sized
+    # configurations (the same launches, other block sizes and grids)
+    _backend.triton_interpret = lambda: True
+    _settings.INTERPRET = True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: the host cost of one launch, issued each way our ops can issue it (Triton's "
                         "kernel[grid](...), the same compiled kernel called directly, an ATen op, our C++ op, "
                         "the fused telu() on each backend); writes launch_cost_cuda_<date>.md")
+    p.add_argument("--triton-launcher", choices=("stub", "jit"), default="stub",
+                   help="CPU: how the Triton path's launches are stood in for. stub: interpreted kernels, each "
+                        "launch a counter (our Python only); jit: compiled-mode kernels through Triton's own "
+                        "launcher, against a stand-in driver (adds Triton's host cost up to the driver call)")
     return p
 
 
@@ -271,19 +354,49 @@ def _measure(op, path, fn, inputs, device, calls, rounds) -> dict:
     row = {"op": op, "path": path}
     row["fwd_us"] = _host_us(fwd, device, calls, rounds)
     row["fwd_bwd_us"] = _host_us(fwd_bwd, device, max(1, calls // 2), rounds)
+    if device == "cpu" and _JIT_STAND_IN and path == "triton":
+        row["launcher_us_fwd_bwd"] = _launcher_us(fn, inputs, grad_out, rounds)
     if device == "cpu":
         row["fwd_ops"], row["launches_fwd"] = _count_ops(fn, inputs, grad_out, False)
         row["fwd_bwd_ops"], row["launches_fwd_bwd"] = _count_ops(fn, inputs, grad_out, True)
     return row
 
 
+def _launcher_us(fn, inputs, grad_out, rounds: int, calls: int = 50) -> float:
+    """``--triton-launcher jit``: µs that Triton's ``kernel[grid](...)`` path spends on the
+    launches of one forward+backward. Each launch is recorded once, then re-issued
+    ``calls`` times alone (fastest of ``rounds``); the sum is the launcher's share of the
+    op's host time, what a launcher that called the compiled kernel directly would save
+    (less its own C call)."""
+    import triton.runtime.jit as jit
+
+    recorded, run = [], jit.JITFunction.run
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        recorded.append((self, grid, args, dict(kwargs)))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    jit.JITFunction.run = recording
+    try:
+        fn(*inputs).backward(grad_out)
+    finally:
+        jit.JITFunction.run = run
+    return sum(_host_us(lambda k=k, g=g, a=a, kw=kw: k[g](*a, **kw), "cpu", calls, rounds)
+               for k, g, a, kw in recorded)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if args.launch_cost and args.device != "cuda":
         raise SystemExit("--launch-cost: needs --device cuda (a CPU has no launches to time)")
+    if args.triton_launcher == "jit" and args.device != "cpu":
+        raise SystemExit("--triton-launcher jit: CPU only (on a GPU the launches are real)")
     if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-        os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"  # stubs cannot be autotuned
+        if args.triton_launcher == "stub":
+            os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        elif os.environ.get("TRITON_INTERPRET", "0") == "1":
+            raise SystemExit("--triton-launcher jit: unset TRITON_INTERPRET (the kernels must be JITFunctions)")
+        os.environ["DISSEG_TRITON_AUTOTUNE"] = "0"  # stand-ins cannot be autotuned
     import torch
 
     from benchmarks.bench_dispersive import load_average, machine_name
@@ -292,8 +405,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     _backend._EAGER_CUSTOM_OPS = _backend._EAGER_CUSTOM_OPS or args.eager_custom_ops
     if _backend._EAGER_CUSTOM_OPS and "custom_ops" not in args.tag:
         args.tag = "_".join(t for t in (args.tag, "custom_ops") if t)
+    if args.triton_launcher == "jit":
+        _jit_launcher_stand_in()
+        if "jit_launcher" not in args.tag:
+            args.tag = "_".join(t for t in (args.tag, "jit_launcher") if t)
     if args.device == "cpu":
-        if _backend.unavailable_reason("telu", "triton", torch.device("cpu")) is None:
+        if args.triton_launcher == "stub" and _backend.unavailable_reason("telu", "triton", torch.device("cpu")) is None:
             _stub_triton_launches()
         torch.set_num_threads(1)
         # The stubs leave their outputs unwritten: garbage that may hold denormals, which
@@ -347,6 +464,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
 def _write(rows, args, date, machine, load, argv) -> None:
     import torch
 
@@ -359,7 +484,7 @@ def _write(rows, args, date, machine, load, argv) -> None:
     lines = [
         f"# Host cost per call of the fused ops ({args.device})",
         "",
-        f"- machine: {machine}; torch {torch.__version__}; {torch.get_num_threads()} thread(s)",
+        f"- machine: {machine}; torch {torch.__version__}; triton {_triton_version()}; {torch.get_num_threads()} thread(s)",
         f"- date: {date:%Y-%m-%d %H:%M} UTC; load average at start: {load}",
         f"- command: `python -m benchmarks.bench_host_overhead {cmd}`".rstrip(),
         "- eager calls: " + ("through the torch.library custom ops (DISSEG_EAGER_CUSTOM_OPS=1)"
@@ -369,16 +494,24 @@ def _write(rows, args, date, machine, load, argv) -> None:
         "- stage2: one training step of the whole Stage II network (ResNet-50, batch 2, 32×32; 3 rounds of 4 "
         "calls); its time includes the CPU's real convolutions, the same in every path, so compare the op counts",
     ]
+    jit = "jit_launcher" in args.tag
     if args.device == "cpu":
-        lines.append("- triton: interpreted launches replaced by counting stubs, so the time is the Python glue, the "
-                     "op machinery and the torch ops around the launches; a GPU adds each launch's own issue cost. "
+        lines.append(("- triton: compiled-mode kernels launched through Triton's own kernel[grid](...) path against a "
+                      "stand-in sm_90 driver whose compiled kernel only counts (--triton-launcher jit), so the time is "
+                      "our Python, the op machinery, the torch ops around the launches and Triton's launcher up to the "
+                      "driver call; a GPU adds the driver's launch cost. The last column: µs of Triton's launcher summed "
+                      "over one fwd+bwd's launches, each re-issued alone (what calling the compiled kernels directly "
+                      "would save, less that C call). " if jit else
+                      "- triton: interpreted launches replaced by counting stubs, so the time is the Python glue, the "
+                      "op machinery and the torch ops around the launches; a GPU adds each launch's own issue cost. ") +
                      "eager and cpu: the CPU's real arithmetic on these tiny tensors is in their times (ELAT: a 7×7 "
                      "conv's weight gradient, ~1 ms here, also on the triton path; window_attention eager: unfold + "
                      "bmm + fold)")
     lines += [
         "",
-        "| op | path | fwd µs | fwd+bwd µs | device ops fwd | fwd+bwd | of which Triton launches fwd | fwd+bwd | fwd+bwd host × eager |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| op | path | fwd µs | fwd+bwd µs | device ops fwd | fwd+bwd | of which Triton launches fwd | fwd+bwd | fwd+bwd host × eager |"
+        + (" of which Triton's launcher µs |" if jit else ""),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if jit else ""),
     ]
 
     f = _fmt
@@ -387,6 +520,7 @@ def _write(rows, args, date, machine, load, argv) -> None:
             f"| {r['op']} | {r['path']} | {f(r.get('fwd_us'), '.0f')} | {f(r.get('fwd_bwd_us'), '.0f')} | "
             f"{f(r.get('fwd_ops'), 'd')} | {f(r.get('fwd_bwd_ops'), 'd')} | {f(r.get('launches_fwd'), 'd')} | "
             f"{f(r.get('launches_fwd_bwd'), 'd')} | {f(r.get('x_eager_fwd_bwd'), '.2f')} |"
+            + (f" {f(r.get('launcher_us_fwd_bwd'), '.0f')} |" if jit else "")
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem.with_suffix('.csv')} and {stem.with_suffix('.md')}")

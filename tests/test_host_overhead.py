@@ -111,3 +111,42 @@ def test_stage2_step_runs_under_cuda_deterministic_mode(stubbed):
         ops[fused] = _aten_ops_of_step(fn, inputs)
     assert not ops[True] & NONDETERMINISTIC_ON_CUDA, sorted(ops[True] & NONDETERMINISTIC_ON_CUDA)
     assert "upsample_bilinear2d_backward" in ops[False]
+
+
+def test_jit_launcher_stand_in_issues_the_interpreted_launches(stubbed, tmp_path):
+    """``bench_host_overhead --triton-launcher jit`` (compiled-mode kernels through Triton's
+    own launcher, a stand-in driver) really launches through ``JITFunction.run``: it counts
+    the same launches per call as the interpreted path, and times Triton's launcher. If the
+    stand-in stopped reaching Triton's launch (a Triton upgrade), the counts would read 0.
+    Runs in a subprocess: the stand-in replaces Triton's active driver for the process."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    want = {}
+    for op in ("telu", "cbat"):
+        fn, inputs = stubbed._cases(op, "triton", "cpu", True)
+        grad_out = torch.ones_like(fn(*inputs).detach())
+        want[op] = (stubbed._count_ops(fn, inputs, grad_out, False)[1], stubbed._count_ops(fn, inputs, grad_out, True)[1])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_host_overhead", "--triton-launcher", "jit",
+                           "--ops", "telu,cbat", "--calls", "2", "--rounds", "1", "--out", str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (table,) = tmp_path.glob("host_overhead_cpu_*_jit_launcher.csv")
+    rows = {r["op"]: r for r in csv.DictReader(table.open()) if r["path"] == "triton"}
+    for op, (fwd, both) in want.items():
+        assert (int(rows[op]["launches_fwd"]), int(rows[op]["launches_fwd_bwd"])) == (fwd, both), (op, rows[op])
+        assert float(rows[op]["launcher_us_fwd_bwd"]) > 0, rows[op]
+    assert "stand-in sm_90 driver" in table.with_suffix(".md").read_text()
+
+
+def test_jit_launcher_stand_in_is_cpu_only():
+    """On a GPU the launches are real: the stand-in is refused there, with the reason."""
+    from benchmarks import bench_host_overhead as bho
+
+    with pytest.raises(SystemExit, match="--triton-launcher jit: CPU only"):
+        bho.main(["--triton-launcher", "jit", "--device", "cuda"])
