@@ -126,6 +126,10 @@ class TrainConfig:
     compile: str = _f("none", "torch.compile the training network with this mode (reduce-overhead: "
                       "also CUDA graphs on a GPU); validation and checkpoints use the plain module",
                       ["none", "default", "reduce-overhead", "max-autotune"], "machinery")
+    cuda_graph: bool = _f(False, "capture the training step's forward, loss and backward once as a CUDA graph "
+                          "and replay it every step (no per-operation host work; the optimizer step stays "
+                          "eager). Needs a GPU; not with --ddp, --compile or --disp-bank. A batch of another "
+                          "shape (the last one with --no-drop-last) runs eagerly", group="machinery")
     cpu_malloc: str = _f("cache", "CPU training: cache = glibc keeps freed memory for reuse (no page "
                          "faults on each step's fresh tensors; 10-40%% faster steps here, the resident set "
                          "stays at its peak), system = glibc's defaults", ["cache", "system"], "machinery")

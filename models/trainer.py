@@ -59,7 +59,7 @@ CHECKPOINT_FORMAT = "disseg-checkpoint"
 CHECKPOINT_VERSION = 1  # version 1 files without "world"/"bank" load as world 1, no bank
 # Fields a --resume may change; every other one must equal the interrupted run's.
 RESUMABLE_CHANGES = {"resume", "epochs", "workers", "threads", "progress", "save_every_steps",
-                     "early_stop_patience", "device", "out", "data", "init", "pretrained"}
+                     "early_stop_patience", "device", "out", "data", "init", "pretrained", "cuda_graph"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,11 +286,13 @@ def encoder_and_rest(model) -> tuple[list, list]:
     return list(model.encoder.parameters()), [p for p in model.parameters() if id(p) not in enc_ids]
 
 
-def autocast_context(device: torch.device, amp: str):
+def autocast_context(device: torch.device, amp: str, cache: bool = True):
+    """Autocast to ``amp``'s dtype. ``cache=False`` inside a CUDA-graph capture: autocast's
+    cache of casted weights would hand the graph tensors that the next step frees."""
     if amp == "none":
         return nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,6 +354,11 @@ class Trainer:
         # Stage I's strong copy in a helper thread: decided at the first call (on CUDA), see _strong_copy
         self._aug_thread: Optional[bool] = None
         self._aug_pool = None
+        # --cuda-graph: the captured step (made at the first training step), the names of the
+        # loss parts it returns, and whether a batch of another shape was announced
+        self._graph = None
+        self._graph_parts: list[str] = []
+        self._graph_mismatch_said = False
         self.last_path = os.path.join(self.out, "last.pt")
         self.best_path = os.path.join(self.out, "best.pt")
 
@@ -415,6 +422,8 @@ class Trainer:
             raise UserError("--deterministic with --no-fused on CUDA: the plain model's bilinear upsampling "
                             "backward (F.interpolate) has no deterministic CUDA kernel, so torch would stop at "
                             "the first backward pass; the fused model (--fused, the default) has none of those ops")
+        if cfg.cuda_graph:
+            self._check_cuda_graph()
         if self.dist.world > 1:
             self.log(f"data parallel: {self.dist.world} processes ({self.dist.backend}), batch "
                      f"{cfg.batch_size} per process = {cfg.batch_size * self.dist.world} per step"
@@ -516,6 +525,23 @@ class Trainer:
             env = environment()
             env["world_size"] = self.dist.world
             atomic_write_text(os.path.join(self.out, "env.json"), json.dumps(env, indent=1) + "\n")
+
+    # Tests run --cuda-graph's bookkeeping on the CPU (models.step_graph, emulate=True).
+    _emulate_graph = False
+
+    def _check_cuda_graph(self) -> None:
+        cfg = self.cfg
+        why = None
+        if self.device.type != "cuda" and not self._emulate_graph:
+            why = f"needs a CUDA device (the device is {self.device})"
+        elif cfg.ddp:
+            why = "not with --ddp (DDP all-reduces the gradients inside the backward, outside any graph)"
+        elif cfg.compile != "none":
+            why = f"not with --compile={cfg.compile} (torch.compile's reduce-overhead mode captures graphs itself)"
+        elif cfg.disp_bank:
+            why = "not with --disp-bank (the bank's filled rows change the loss's shapes from step to step)"
+        if why:
+            raise UserError(f"--cuda-graph: {why}")
 
     def _make_bank(self):
         """The memory bank, its D read from the encoder's output (one eval-mode forward of zeros)."""
@@ -637,32 +663,79 @@ class Trainer:
     def _memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
 
+    def _strong_future(self, x: torch.Tensor, idx: torch.Tensor) -> Future:
+        """Stage I: the strong copy of the batch x, drawn on the host. Its input is read back
+        before the first forward is issued (on a GPU that waits only for x's own upload, not
+        for the forward). One generator per sample, seeded by (seed, epoch, sample): the same
+        draws whatever the batch composition or the process that holds the sample."""
+        cfg = self.cfg
+        gens = [torch.Generator().manual_seed(D.mix_seed(cfg.seed, self.epoch, int(i), 0x57A6E1))
+                for i in idx.tolist()]
+        return self._strong_copy(x.detach().cpu(), gens)
+
+    def _strong_input(self, strong: Future, like: torch.Tensor) -> torch.Tensor:
+        # to the device without a synchronisation (pinned, non-blocking)
+        return _to_device(strong.result(), like.device).contiguous(memory_format=self._memory_format)
+
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         cfg = self.cfg
-        total = self.dist.sum
         x = x.contiguous(memory_format=self._memory_format)
         if cfg.compile == "reduce-overhead" and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free
-        if cfg.stage == 1:
-            # The strong copy is drawn on the host. Its input is read back before the first
-            # forward is issued (on a GPU that waits only for x's own upload, not for the
-            # forward), and the result goes up without a synchronisation (pinned, non-blocking).
-            # One generator per sample, seeded by (seed, epoch, sample): the same draws
-            # whatever the batch composition or the process that holds the sample.
-            gens = [torch.Generator().manual_seed(D.mix_seed(cfg.seed, self.epoch, int(i), 0x57A6E1))
-                    for i in idx.tolist()]
-            strong = self._strong_copy(x.detach().cpu(), gens)
-        with autocast_context(self.device, cfg.amp):
+        strong = self._strong_future(x, idx) if cfg.stage == 1 else None
+        return self._net_loss(x, y, strong)
+
+    def _net_loss(self, x: torch.Tensor, y: torch.Tensor, strong, cache: bool = True):
+        """The network on x (Stage I: also on its strong copy: a Future, or the tensor
+        itself) and the stage's loss: (output, loss, parts)."""
+        cfg = self.cfg
+        with autocast_context(self.device, cfg.amp, cache):
             out = self.net(D.normalize(x, cfg.normalize))
             if cfg.stage == 1:
-                xs = _to_device(strong.result(), x.device)
-                xs = xs.contiguous(memory_format=self._memory_format)
+                xs = strong if isinstance(strong, torch.Tensor) else self._strong_input(strong, x)
                 out_aug = self.net(D.normalize(xs, cfg.normalize))
         if cfg.stage == 1:
-            loss, parts = stage1_loss(out, out_aug, y, cfg.disp_weight, total=total)
+            loss, parts = stage1_loss(out, out_aug, y, cfg.disp_weight, total=self.dist.sum)
         else:
-            loss, parts = stage2_loss(out, y, cfg.disp_weight, total=total)
+            loss, parts = stage2_loss(out, y, cfg.disp_weight, total=self.dist.sum)
         return out, loss, parts
+
+    def _graph_body(self, x: torch.Tensor, y: torch.Tensor, *strong: torch.Tensor) -> tuple:
+        """What --cuda-graph captures: forward, loss, backward. Returns (loss, mask logits,
+        *loss parts), the tensors the eager rest of the step reads."""
+        out, loss, parts = self._net_loss(x, y, strong[0] if strong else None, cache=False)
+        self.scaler.scale(loss).backward()
+        self._graph_parts = list(parts)
+        return (loss, out.mask, *parts.values())
+
+    def _graph_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        """--cuda-graph: (mask logits, loss, parts) of the step on (x, y) by a replay of
+        the captured forward+backward (captured at the first call), or None when the batch
+        differs in shape from the captured one (the caller then steps eagerly)."""
+        from .step_graph import CaptureError, StepGraph
+
+        cfg = self.cfg
+        x = x.contiguous(memory_format=self._memory_format)
+        signature = (x, y, x) if cfg.stage == 1 else (x, y)  # the strong copy is shaped as x
+        if self._graph is not None and not self._graph.matches(*signature):
+            if not self._graph_mismatch_said:
+                self.log(f"--cuda-graph: a batch of shape {tuple(x.shape)} (captured: "
+                         f"{tuple(self._graph.static_inputs[0].shape)}) runs eagerly")
+                self._graph_mismatch_said = True
+            return None
+        inputs = (x, y, self._strong_input(self._strong_future(x, idx), x)) if cfg.stage == 1 else (x, y)
+        if self._graph is None:
+            graph = StepGraph(self._graph_body, [p for p in self.model.parameters() if p.requires_grad],
+                              [self.model], emulate=self._emulate_graph)
+            try:
+                graph.capture(*inputs)
+            except CaptureError as exc:
+                raise UserError(f"--cuda-graph: {exc}") from exc
+            self._graph = graph
+            self.log(f"--cuda-graph: captured the training step's forward and backward for batches of shape "
+                     f"{tuple(x.shape)}")
+        loss, mask, *parts = self._graph.replay(*inputs)
+        return mask, loss, dict(zip(self._graph_parts, parts))
 
     def _strong_copy(self, x_host: torch.Tensor, gens: list) -> Future:
         """Stage I's strong copy of a host batch, as a future. On a GPU it is computed in a
@@ -689,9 +762,15 @@ class Trainer:
         if idx is None:
             idx = torch.arange(x.shape[0])
         self._disp_rows.clear()
-        out, loss, parts = self._forward_loss(x, y, idx)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        graphed = self._graph_step(x, y, idx) if cfg.cuda_graph else None
+        if graphed is not None:
+            mask, loss, parts = graphed
+        else:
+            out, loss, parts = self._forward_loss(x, y, idx)
+            mask = out.mask
+            # with a captured step, the gradients are the graph's tensors: zeroed in place
+            self.optimizer.zero_grad(set_to_none=self._graph is None)
+            self.scaler.scale(loss).backward()
         # The finiteness check reads the loss on the host: a CUDA stream synchronisation. It
         # comes after the backward has been issued (the host queues the backward behind the
         # forward instead of waiting for the forward to finish) and before anything changes
@@ -713,7 +792,7 @@ class Trainer:
             else:
                 self.bank.enqueue(self._disp_rows[0])
         self._disp_rows.clear()
-        rows = batch_metrics(out.mask, y, cfg.threshold, cfg.empty_policy, with_hd95=False)
+        rows = batch_metrics(mask, y, cfg.threshold, cfg.empty_policy, with_hd95=False)
         dice = [r["dice"] for r in rows]
         n = x.shape[0]
         loss_value, *part_values = values.tolist()  # read back once, above: no further syncs
