@@ -48,8 +48,9 @@ from models.trainer import freed_memory_kept, keep_freed_memory, make_adam
 RESULTS = Path(__file__).resolve().parent / "results"
 # compiled: torch.compile of plain; fused_compiled: of fused; fused_cuda: fused with "auto"
 # trying the CUDA kernels before the Triton ones (disseg_kernels._backend.auto_order);
-# *_graph (CUDA): the whole training step (forward, loss, backward, Adam) captured once as a
-# CUDA graph and replayed, so no host work per step: what a host-bound step can reach
+# *_graph (CUDA): the training step's forward, loss and backward captured once as a CUDA
+# graph and replayed, the Adam step eager (models.step_graph, what `disseg train --cuda-graph`
+# runs), so almost no host work per step: what a host-bound step can reach
 MODES = ("plain", "fused", "fused_cuda", "compiled", "fused_compiled", "plain_graph", "fused_graph",
          "fused_cuda_graph")
 
@@ -115,9 +116,8 @@ class _Case:
         self.graph, self.static_loss, self.error = None, None, ""
         self.run = torch.compile(self.model, mode=compile_mode) if self.compiled else self.model
         self.compile_s = float("nan")
-        # the trainer's Adam (fused where torch has it); a captured step keeps its step count
-        # on the device (capturable)
-        self.opt = make_adam(self.model.parameters(), lr=1e-4, **({"capturable": True} if self.graphed else {}))
+        # the trainer's Adam (fused where torch has it)
+        self.opt = make_adam(self.model.parameters(), lr=1e-4)
         self.peak = float("nan")
         self.fwd, self.bwd, self.step = [], [], []
 
@@ -155,25 +155,21 @@ class _Case:
         return peak
 
     def capture(self) -> None:
-        """Warm up on a side stream (Triton compiles and autotunes there, Adam makes its
-        state), then capture forward, loss, backward and the Adam step as one CUDA graph
-        (PyTorch's whole-network recipe: gradients set to None before the capture are
-        allocated in the graph's pool and rewritten, not accumulated, by each replay)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.opt.zero_grad(set_to_none=True)
-                self.forward_loss().backward()
-                self.opt.step()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+        """Capture forward, loss and backward as one CUDA graph, as ``disseg train
+        --cuda-graph`` does (``models.step_graph``: warm-up on a side stream that leaves
+        BatchNorm's statistics and the RNG as they were, gradients allocated in the
+        graph's pool and rewritten by each replay); the Adam step stays eager."""
+        from models.step_graph import StepGraph
+
+        def body(x, target):
+            with self.autocast():
+                loss = seg_loss(self.run(x), target, 0.2)
+            self.scaler.scale(loss).backward()
+            return (loss,)
+
         self.opt.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.static_loss = self.forward_loss()
-            self.static_loss.backward()
-            self.opt.step()
+        graph = StepGraph(body, list(self.model.parameters()), [self.model], emulate=self.device != "cuda")
+        graph.capture(self.x, self.target)
         self.graph = graph
 
     def graph_step(self, i: int, record: bool) -> None:
@@ -186,13 +182,16 @@ class _Case:
                 self.error = f"capture failed: {type(exc).__name__}: {exc}"[:300]
                 print(f"stage {self.stage} {self.mode}: {self.error}", flush=True)
                 return
-        torch.cuda.synchronize()
+        _sync(self.device)
         t0 = time.perf_counter()
-        self.graph.replay()
-        torch.cuda.synchronize()
+        (loss,) = self.graph.replay(self.x, self.target)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        _sync(self.device)
         t3 = time.perf_counter()
-        if not torch.isfinite(self.static_loss):
-            raise RuntimeError(f"stage {self.stage} {self.mode}: non-finite loss {self.static_loss.item()} at step {i}")
+        self.static_loss = loss
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"stage {self.stage} {self.mode}: non-finite loss {loss.item()} at step {i}")
         if record:
             self.fwd.append(float("nan"))
             self.bwd.append(float("nan"))
@@ -532,8 +531,6 @@ def main(argv=None) -> list[dict]:
     cuda_only = [m for m in modes if m.startswith("fused_cuda") or m.endswith("_graph")]
     if cuda_only and args.device != "cuda":
         raise SystemExit(f"--modes {','.join(cuda_only)}: needs --device cuda")
-    if any(m.endswith("_graph") for m in modes) and args.amp == "fp16":
-        raise SystemExit("--modes *_graph: not with --amp fp16 (GradScaler's step reads the device; bf16 works)")
     if any(m.startswith("fused_cuda") for m in modes) and "cuda" not in dk.available_backends("gates", "cuda"):
         why = _backend.unavailable_reason("gates", "cuda", torch.device("cuda"))
         for m in [m for m in modes if m.startswith("fused_cuda")]:

@@ -111,7 +111,7 @@ def test_a_host_read_inside_the_step_stops_the_capture():
 
 def _cfg(data, out, **kw):
     base = dict(data=data, out=str(out), encoder="resnet18", size=32, batch_size=4, epochs=1, threads=1,
-                progress=False, seed=0, lr=1e-3, lr_encoder=1e-3, dropout_size=4)
+                progress=False, seed=0, lr=1e-3, lr_encoder=1e-3, dropout_size=4, device="cpu")
     base.update(kw)
     return TrainConfig(**base).validate()
 
@@ -166,16 +166,20 @@ def test_cuda_graph_refuses_what_it_cannot_capture(tiny_data, tmp_path, monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA-graph capture needs a GPU")
 @pytest.mark.parametrize("stage", [1, 2])
 def test_trainer_cuda_graph_on_a_gpu(tiny_data, tmp_path, stage):
-    """On a GPU: the real capture; four replayed steps track four eager ones (float32
-    rounding apart: cuDNN may choose other algorithms in the two runs)."""
+    """On a GPU: the real capture. Four replayed steps track four eager ones, at a learning
+    rate (1e-2) where a replay that fed the optimizer stale gradients, or lost BatchNorm's
+    updates, would move the losses by about 1e-2 per step; float32 rounding (cuDNN may
+    choose other algorithms in the two runs, Adam's first steps flip the sign of a few
+    near-zero gradients) stays far below the bounds."""
     runs = []
     for graphed in (False, True):
         t = Trainer(_cfg(tiny_data, tmp_path / f"g{stage}{graphed}", stage=stage, device="cuda", cuda_graph=graphed,
-                         deterministic=True), log=lambda s: None)
+                         deterministic=True, lr=1e-2, lr_encoder=1e-2), log=lambda s: None)
         t.setup()
         runs.append(_steps(t, [4, 4, 4, 4]))
+        if graphed:
+            assert t._graph is not None and t._graph.replays == 4
     (l0, w0), (l1, w1) = runs
-    assert l1 == pytest.approx(l0, rel=1e-3)
-    for k, v in w0.items():
-        if v.is_floating_point():
-            torch.testing.assert_close(w1[k], v, rtol=1e-3, atol=1e-4)
+    assert l1 == pytest.approx(l0, rel=1e-4)
+    diffs = [(w1[k] - v).abs().mean().item() for k, v in w0.items() if v.is_floating_point()]
+    assert max(diffs) < 1e-4, max(diffs)

@@ -122,9 +122,11 @@ STAGES=(
   # compiled kernel called directly, an ATen op, our C++ op): decides between the CUDA
   # backend and a lean Triton launcher (docs/gates_gpu.md, "What one Triton launch costs")
   "launch_cost|25|$PY -m benchmarks.bench_host_overhead --device cuda --launch-cost --calls 100 --rounds 5"
-  # the same step captured as one CUDA graph per mode (no host work per step): the fused step
-  # was host-bound on 2026-11-27 (77-86 ms of kernels in a 119-160 ms step; plain: 141 ms of
-  # kernels, device-bound). A failed capture is reported in its row.
+  # the same step's forward+backward captured as one CUDA graph per mode, Adam eager (what
+  # `disseg train --cuda-graph` runs: models/step_graph.py): the fused step was host-bound on
+  # 2026-11-27 (77-86 ms of kernels in a 119-160 ms step; plain: 141 ms of kernels,
+  # device-bound). A failed capture is reported in its row. The trainer's own capture is
+  # checked against eager steps by tests/test_step_graph.py's GPU test in the tests stage.
   "bench_models_graph|100|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain_graph,fused_graph,fused_cuda_graph --tag graph"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
