@@ -116,7 +116,9 @@ class TrainConfig:
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible runs and resumes; "
                              "on CUDA only with --fused)",
                              group="machinery")
-    workers: int = _f(0, "data-loading worker processes", group="machinery")
+    workers: int = _f(-1, "data-loading worker processes (-1: auto = none on the CPU, where the step needs "
+                      "every core; on CUDA min(8, cores per process - 1), so that loading and augmentation "
+                      "overlap the GPU's step; the batches are the same for any count)", group="machinery")
     threads: int = _f(0, "torch intra-op CPU threads (0: torch's default)", group="machinery")
     save_every_steps: int = _f(0, "also write last.pt every N training steps (0: end of epoch only)",
                                group="machinery")
@@ -159,7 +161,9 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "synth_size"):
             if getattr(self, name) <= 0:
                 bad(name, "must be positive")
-        for name in ("workers", "threads", "save_every_steps", "dropout_holes", "dropout_size",
+        if self.workers < -1:
+            bad("workers", "must be >= 0, or -1 (auto)")
+        for name in ("threads", "save_every_steps", "dropout_holes", "dropout_size",
                      "plateau_patience", "early_stop_patience", "synth_test"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")

@@ -834,12 +834,21 @@ class Trainer:
         s["loss"] = total / max(n, 1)
         return s
 
+    def _workers(self) -> int:
+        """--workers, with -1 resolved: none on the CPU (the step's convolutions need every
+        core), on CUDA one per spare core of this process's share, at most 8."""
+        if self.cfg.workers >= 0:
+            return self.cfg.workers
+        if self.device.type != "cuda":
+            return 0
+        return max(0, min(8, (os.cpu_count() or 1) // max(self.dist.world, 1) - 1))
+
     def _loader(self, ds, sampler):
         # A private generator: DataLoader would otherwise draw its worker base seed from the
         # global RNG, and a resumed run would draw one more time than the original.
         g = torch.Generator().manual_seed(D.mix_seed(self.cfg.seed, sampler.epoch, 0xD1))
         # pinned batches on CUDA: the loop's non_blocking uploads are then truly asynchronous
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=self.cfg.workers,
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=self._workers(),
                                            collate_fn=D.collate, generator=g,
                                            persistent_workers=False, pin_memory=self.device.type == "cuda")
 

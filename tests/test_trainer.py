@@ -384,3 +384,28 @@ def test_make_adam_fused_takes_the_default_steps(monkeypatch):
     monkeypatch.setattr(torch.optim, "Adam", adam_without_fused)
     o = make_adam((p for p in a.parameters()), lr=1e-3)  # a generator, as model.parameters()
     assert not o.defaults["fused"] and len(o.param_groups[0]["params"]) == 4
+
+
+def test_worker_processes_change_no_batch(tiny_data, tmp_path, monkeypatch):
+    """--workers only moves loading and augmentation to other processes: the batches (images
+    after augmentation, masks, indices) are bitwise those of the main process. And -1
+    (the default) resolves to none on the CPU and, on CUDA, to the spare cores of this
+    process's share, at most 8."""
+    batches = []
+    for workers in (0, 2):
+        t = Trainer(_cfg(tiny_data, tmp_path / f"w{workers}", workers=workers, device="cpu"), log=lambda s: None)
+        t.setup()
+        t.sampler.set_epoch(1, 0)  # an epoch > 0: its augmentation draws differ from epoch 0's
+        batches.append(list(t._loader(t.train_ds, t.sampler)))
+    assert len(batches[0]) == len(batches[1]) > 0
+    for (x0, y0, i0), (x1, y1, i1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1) and torch.equal(i0, i1)
+
+    t = Trainer(_cfg(tiny_data, tmp_path / "auto", device="cpu"), log=lambda s: None)
+    t.setup()
+    assert t.cfg.workers == -1 and t._workers() == 0
+    t.device = torch.device("cuda")  # only _workers() reads it here
+    for cores, world, want in ((16, 1, 8), (4, 1, 3), (16, 2, 7), (1, 1, 0)):
+        monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
+        t.dist.world = world
+        assert t._workers() == want, (cores, world)
