@@ -113,24 +113,24 @@ STAGES=(
   # backend's parity tests (never run on a GPU yet) decide whether "auto" may put the CUDA
   # kernels first (_backend._AUTO_ORDER; fused_cuda below measured 1.22-1.45x plain)
   "tests|170|stage_tests gpu"
-  # Stage II fused vs plain (issue 5's target), and the 25 kernels that take the most device
-  # time in each: a session's 15 device minutes hold about one 540 s call. --host-profile:
-  # 3 free-running steps per mode (no sync inside: a training loop's figure) and where the
-  # host's time goes (models_cuda_*_host.md: our glue, Triton's launcher, C calls, waits)
-  "bench_models|120|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda --profile 25 --host-profile 3"
-  # the host cost of one launch, each way our ops can issue one (Triton's kernel[grid], the
-  # compiled kernel called directly, an ATen op, our C++ op): decides between the CUDA
-  # backend and a lean Triton launcher (docs/gates_gpu.md, "What one Triton launch costs")
-  "launch_cost|25|$PY -m benchmarks.bench_host_overhead --device cuda --launch-cost --calls 100 --rounds 5"
   # the same step's forward+backward captured as one CUDA graph per mode, Adam eager (what
   # `disseg train --cuda-graph` runs: models/step_graph.py): the fused step was host-bound on
   # 2026-11-27 (77-86 ms of kernels in a 119-160 ms step; plain: 141 ms of kernels,
   # device-bound). A failed capture is reported in its row. The trainer's own capture is
   # checked against eager steps by tests/test_step_graph.py's GPU test in the tests stage.
   "bench_models_graph|100|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain_graph,fused_graph,fused_cuda_graph --tag graph"
+  # Stage II fused vs plain (issue 5's target), and the 25 kernels that take the most device
+  # time in each: a session's 15 device minutes hold about one 540 s call. --host-profile:
+  # 3 free-running steps per mode (no sync inside: a training loop's figure) and where the
+  # host's time goes (models_cuda_*_host.md: our glue, Triton's launcher, C calls, waits)
+  "bench_models|120|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda --profile 25 --host-profile 3"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
   "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --kernels --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
+  # the host cost of one launch, each way our ops can issue one (Triton's kernel[grid], the
+  # compiled kernel called directly, an ATen op, our C++ op): decides between the CUDA
+  # backend and a lean Triton launcher (docs/gates_gpu.md, "What one Triton launch costs")
+  "launch_cost|25|$PY -m benchmarks.bench_host_overhead --device cuda --launch-cost --calls 100 --rounds 5"
   # host cost per call of every fused op on tiny tensors (real launches): what an op costs
   # where the GPU work is a few µs (the model's gate and TeLU shapes)
   "host_overhead|45|$PY -m benchmarks.bench_host_overhead --device cuda --calls 100 --rounds 5"
