@@ -529,18 +529,30 @@ def mix_seed(*parts: int) -> int:
     return z & 0x7FFFFFFFFFFFFFFF
 
 
+STRONG_SALT = 0x57A6E1  # the strong copy's seed: mix_seed(seed, epoch, index, STRONG_SALT)
+
+
+def strong_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of sample ``index``'s strong copy in ``epoch``: its draws depend on
+    nothing else (not the batch, the process, nor where the copy is drawn)."""
+    return torch.Generator().manual_seed(mix_seed(seed, epoch, index, STRONG_SALT))
+
+
 class SegDataset(torch.utils.data.Dataset):
     """Images and masks of a split at ``size`` x ``size``.
 
     ``ds[i]`` or ``ds[(i, epoch)]`` -> (image (3, S, S) float in [0, 1], mask (1, S, S) float
     in {0, 1}, i). With ``aug`` set, the sample is augmented with a generator seeded by
-    (seed, epoch, i). ``cache`` keeps the resized, un-augmented tensors in memory.
+    (seed, epoch, i). With ``strong`` set (Stage I), the tuple also holds the image's strong
+    photometric copy (``strong_photometric`` with ``strong_generator(seed, epoch, i)``), so
+    that DataLoader workers draw it ahead of the step. ``cache`` keeps the resized,
+    un-augmented tensors in memory.
     """
 
     def __init__(self, samples: Sequence[Sample], size: int, aug: Optional[AugConfig] = None,
-                 seed: int = 0, cache: bool = True):
+                 seed: int = 0, cache: bool = True, strong: Optional["PhotometricConfig"] = None):
         self.samples = list(samples)
-        self.size, self.aug, self.seed, self.cache = size, aug, seed, cache
+        self.size, self.aug, self.seed, self.cache, self.strong = size, aug, seed, cache, strong
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -565,6 +577,9 @@ class SegDataset(torch.utils.data.Dataset):
         if self.aug is not None:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
             img, msk = augment_pair(img, msk, self.aug, g)
+        if self.strong is not None:
+            strong = strong_photometric(img[None], self.strong, [strong_generator(self.seed, epoch, i)])[0]
+            return img, msk, i, strong
         return img, msk, i
 
 
@@ -633,5 +648,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 
 def collate(batch):
-    imgs, masks, idx = zip(*batch)
-    return torch.stack(imgs), torch.stack(masks), torch.tensor(idx, dtype=torch.int64)
+    """(images, masks, indices), plus the strong copies when the dataset draws them."""
+    imgs, masks, idx, *strong = zip(*batch)
+    out = (torch.stack(imgs), torch.stack(masks), torch.tensor(idx, dtype=torch.int64))
+    return out + (torch.stack(strong[0]),) if strong else out

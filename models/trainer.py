@@ -499,7 +499,10 @@ class Trainer:
             self.model.set_dispersive_fn(self._dispersive)
         self.aug = D.AugConfig.from_config(cfg)
         self.photo = D.PhotometricConfig.from_config(cfg)
-        self.train_ds = D.SegDataset(self.train_samples, cfg.size, self.aug, cfg.seed)
+        # Stage I's strong copy: drawn by the loader's workers, ahead of the step, when there
+        # are workers; otherwise by the step itself (_strong_future). The same draws either way.
+        strong = self.photo if cfg.stage == 1 and self._workers() > 0 else None
+        self.train_ds = D.SegDataset(self.train_samples, cfg.size, self.aug, cfg.seed, strong=strong)
         self.val_ds = D.SegDataset(self.val_samples, cfg.size, None, cfg.seed)
         r, w = self.dist.rank, self.dist.world
         self.sampler = D.EpochBatchSampler(len(self.train_ds), cfg.batch_size, cfg.seed, True, cfg.drop_last,
@@ -668,21 +671,23 @@ class Trainer:
         before the first forward is issued (on a GPU that waits only for x's own upload, not
         for the forward). One generator per sample, seeded by (seed, epoch, sample): the same
         draws whatever the batch composition or the process that holds the sample."""
-        cfg = self.cfg
-        gens = [torch.Generator().manual_seed(D.mix_seed(cfg.seed, self.epoch, int(i), 0x57A6E1))
-                for i in idx.tolist()]
+        gens = [D.strong_generator(self.cfg.seed, self.epoch, int(i)) for i in idx.tolist()]
         return self._strong_copy(x.detach().cpu(), gens)
 
-    def _strong_input(self, strong: Future, like: torch.Tensor) -> torch.Tensor:
-        # to the device without a synchronisation (pinned, non-blocking)
-        return _to_device(strong.result(), like.device).contiguous(memory_format=self._memory_format)
+    def _strong_input(self, strong, like: torch.Tensor) -> torch.Tensor:
+        """The strong copy (a Future of a host batch, or a batch the loader drew) on the
+        device, without a synchronisation (pinned, non-blocking)."""
+        xs = strong if isinstance(strong, torch.Tensor) else strong.result()
+        return _to_device(xs, like.device).contiguous(memory_format=self._memory_format)
 
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, xs: Optional[torch.Tensor] = None):
         cfg = self.cfg
         x = x.contiguous(memory_format=self._memory_format)
         if cfg.compile == "reduce-overhead" and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free
-        strong = self._strong_future(x, idx) if cfg.stage == 1 else None
+        strong = None
+        if cfg.stage == 1:
+            strong = self._strong_input(xs, x) if xs is not None else self._strong_future(x, idx)
         return self._net_loss(x, y, strong)
 
     def _net_loss(self, x: torch.Tensor, y: torch.Tensor, strong, cache: bool = True):
@@ -708,7 +713,7 @@ class Trainer:
         self._graph_parts = list(parts)
         return (loss, out.mask, *parts.values())
 
-    def _graph_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+    def _graph_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, xs: Optional[torch.Tensor] = None):
         """--cuda-graph: (mask logits, loss, parts) of the step on (x, y) by a replay of
         the captured forward+backward (captured at the first call), or None when the batch
         differs in shape from the captured one (the caller then steps eagerly)."""
@@ -723,7 +728,10 @@ class Trainer:
                          f"{tuple(self._graph.static_inputs[0].shape)}) runs eagerly")
                 self._graph_mismatch_said = True
             return None
-        inputs = (x, y, self._strong_input(self._strong_future(x, idx), x)) if cfg.stage == 1 else (x, y)
+        if cfg.stage == 1:
+            inputs = (x, y, self._strong_input(xs if xs is not None else self._strong_future(x, idx), x))
+        else:
+            inputs = (x, y)
         if self._graph is None:
             graph = StepGraph(self._graph_body, [p for p in self.model.parameters() if p.requires_grad],
                               [self.model], emulate=self._emulate_graph)
@@ -753,20 +761,22 @@ class Trainer:
         done.set_result(D.strong_photometric(x_host, self.photo, gens))
         return done
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor] = None) -> tuple[float, list[float]]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor] = None,
+                   xs: Optional[torch.Tensor] = None) -> tuple[float, list[float]]:
         """One optimizer step on the batch (x, y) of dataset indices ``idx`` (this process's
-        slice of the global batch under DDP). Returns the loss (of the global batch) and the
-        per-sample Dice of this slice."""
+        slice of the global batch under DDP). Stage I: ``xs`` is the batch's strong copy when
+        the loader drew it; otherwise the step draws it. Returns the loss (of the global
+        batch) and the per-sample Dice of this slice."""
         cfg = self.cfg
         self.model.train()
         if idx is None:
             idx = torch.arange(x.shape[0])
         self._disp_rows.clear()
-        graphed = self._graph_step(x, y, idx) if cfg.cuda_graph else None
+        graphed = self._graph_step(x, y, idx, xs) if cfg.cuda_graph else None
         if graphed is not None:
             mask, loss, parts = graphed
         else:
-            out, loss, parts = self._forward_loss(x, y, idx)
+            out, loss, parts = self._forward_loss(x, y, idx, xs)
             mask = out.mask
             # with a captured step, the gradients are the graph's tensors: zeroed in place
             self.optimizer.zero_grad(set_to_none=self._graph is None)
@@ -889,9 +899,9 @@ class Trainer:
             if cfg.progress and tqdm is not None and self.dist.main:
                 bar = tqdm(total=nb, initial=self.batch, desc=f"stage {cfg.stage} epoch {self.epoch + 1}/{cfg.epochs}",
                            leave=False, dynamic_ncols=True, file=sys.stderr)
-            for x, y, idx in loader:
+            for x, y, idx, *xs in loader:  # xs: Stage I's strong copy, when the workers draw it
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                loss, dice = self.train_step(x, y, idx)
+                loss, dice = self.train_step(x, y, idx, xs[0] if xs else None)
                 self.batch += 1
                 self.global_step += 1
                 if bar is not None:

@@ -398,7 +398,7 @@ def test_worker_processes_change_no_batch(tiny_data, tmp_path, monkeypatch):
         t.sampler.set_epoch(1, 0)  # an epoch > 0: its augmentation draws differ from epoch 0's
         batches.append(list(t._loader(t.train_ds, t.sampler)))
     assert len(batches[0]) == len(batches[1]) > 0
-    for (x0, y0, i0), (x1, y1, i1) in zip(*batches):
+    for (x0, y0, i0), (x1, y1, i1, *_strong) in zip(*batches):  # Stage I: the workers also draw the strong copy
         assert torch.equal(x0, x1) and torch.equal(y0, y1) and torch.equal(i0, i1)
 
     t = Trainer(_cfg(tiny_data, tmp_path / "auto", device="cpu"), log=lambda s: None)
@@ -409,3 +409,21 @@ def test_worker_processes_change_no_batch(tiny_data, tmp_path, monkeypatch):
         monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
         t.dist.world = world
         assert t._workers() == want, (cores, world)
+
+
+def test_stage1_strong_copy_drawn_by_the_workers_is_the_same(tiny_data, tmp_path):
+    """With loader workers, Stage I's strong copy is drawn in the workers, ahead of the step
+    (the dataset returns it with the batch); without, by the step. Each sample's copy comes
+    from its own (seed, epoch, index) generator, so an epoch trains to bitwise the same
+    weights and losses either way."""
+    runs = []
+    for workers in (0, 2):
+        t = Trainer(_cfg(tiny_data, tmp_path / f"s1w{workers}", stage=1, workers=workers, device="cpu"),
+                    log=lambda s: None)
+        t.setup()
+        assert (t.train_ds.strong is not None) == (workers > 0)
+        t.run()
+        runs.append((t.history[-1]["train_loss"], {k: v.clone() for k, v in t.model.state_dict().items()}))
+    (l0, w0), (l1, w1) = runs
+    assert l0 == l1
+    assert all(torch.equal(v, w1[k]) for k, v in w0.items())
