@@ -128,7 +128,6 @@ class StepGraph:
         self._restore(snap)  # the warm-up's BatchNorm updates and random draws
         self._grads_to_none()
         torch.cuda.empty_cache()  # the warm-up's cached blocks: the graph allocates from its own pool
-        self._grads_to_none()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):  # records, executes nothing
