@@ -899,9 +899,18 @@ class Trainer:
             if cfg.progress and tqdm is not None and self.dist.main:
                 bar = tqdm(total=nb, initial=self.batch, desc=f"stage {cfg.stage} epoch {self.epoch + 1}/{cfg.epochs}",
                            leave=False, dynamic_ncols=True, file=sys.stderr)
+            # throughput from the epoch's second step on: the first also compiles, autotunes
+            # and (--cuda-graph) captures; each step reads its loss back, so the wall time is
+            # the device's too
+            steps, images, t_second = 0, 0, None
             for x, y, idx, *xs in loader:  # xs: Stage I's strong copy, when the workers draw it
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 loss, dice = self.train_step(x, y, idx, xs[0] if xs else None)
+                steps += 1
+                if steps == 1:
+                    t_second = time.perf_counter()
+                else:
+                    images += x.shape[0] * self.dist.world
                 self.batch += 1
                 self.global_step += 1
                 if bar is not None:
@@ -912,6 +921,7 @@ class Trainer:
                     self.step_hook(self)
                 if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.batch < nb:
                     self.save_last()
+            loop_s = time.perf_counter() - t_second if t_second is not None else 0.0
             if bar is not None:
                 bar.close()
             val = self.validate()
@@ -924,6 +934,7 @@ class Trainer:
                    "val_recall": val["Rec."], "val_precision": val["Prec."], "val_f2": val["mean_f2"],
                    "val_accuracy": val["mean_accuracy"],
                    "lr_encoder": self.optimizer.param_groups[0]["lr"], "lr": self.optimizer.param_groups[1]["lr"],
+                   "train_images_per_s": round(images / loop_s, 2) if images and loop_s > 0 else math.nan,
                    "epoch_seconds": round(time.time() - epoch_t0, 3),
                    "epoch_cpu_seconds": round(time.process_time() - epoch_c0, 3)}
             self.history.append(row)
@@ -944,7 +955,7 @@ class Trainer:
             self.log(f"stage {cfg.stage} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
                      f"dice {row['train_dice']:.3f} | val loss {row['val_loss']:.4f} mIoU {row['val_mIoU']:.4f} "
                      f"mDSC {row['val_mDSC']:.4f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s, "
-                     f"cpu {row['epoch_cpu_seconds']:.1f}s)")
+                     f"cpu {row['epoch_cpu_seconds']:.1f}s, {row['train_images_per_s']:.1f} img/s)")
             if self.bad_epochs >= cfg.early_stop_patience > 0:
                 self.log(f"early stop: no better validation mIoU for {self.bad_epochs} epochs")
                 stopped_early = True
