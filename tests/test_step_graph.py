@@ -151,6 +151,24 @@ def test_trainer_cuda_graph_steps_equal_eager_steps(tiny_data, tmp_path, monkeyp
     assert all(torch.equal(v, w1[k]) for k, v in w0.items())
 
 
+def test_trainer_cuda_graph_epoch_with_loader_workers(tiny_data, tmp_path, monkeypatch):
+    """A whole Stage I epoch through Trainer.run: --cuda-graph (emulated) with two loader
+    workers, which then draw the strong copy, trains to bitwise the weights of an eager
+    epoch whose steps draw it themselves."""
+    states = []
+    for graphed, workers in ((False, 0), (True, 2)):
+        monkeypatch.setattr(Trainer, "_emulate_graph", graphed)
+        t = Trainer(_cfg(tiny_data, tmp_path / f"e{graphed}", stage=1, cuda_graph=graphed, workers=workers),
+                    log=lambda s: None)
+        t.run()
+        states.append((t.history[-1]["train_loss"], {k: v.clone() for k, v in t.model.state_dict().items()}))
+        if graphed:
+            assert t.train_ds.strong is not None and t._graph.replays == 3
+    (l0, w0), (l1, w1) = states
+    assert l0 == l1
+    assert all(torch.equal(v, w1[k]) for k, v in w0.items())
+
+
 @pytest.mark.parametrize("kw, why", [
     (dict(), "needs a CUDA device"),
     (dict(compile="default"), "not with --compile=default"),
