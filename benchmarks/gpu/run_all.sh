@@ -124,6 +124,10 @@ STAGES=(
   # 3 free-running steps per mode (no sync inside: a training loop's figure) and where the
   # host's time goes (models_cuda_*_host.md: our glue, Triton's launcher, C calls, waits)
   "bench_models|120|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda --profile 25 --host-profile 3"
+  # what a user's run gets: `disseg train` Stage II at the paper's setting (ResNet-50, batch 8,
+  # 256x256, synthetic data), eager then --cuda-graph; each epoch's log line ends with the
+  # training images/s (from the epoch's second step on)
+  "train_cuda_graph|90|rm -rf /tmp/tg_*; for g in no-cuda-graph cuda-graph; do $PY -m models.cli train --stage 2 --device cuda --size 256 --synth-size 256 --synth-train 48 --synth-val 8 --batch-size 8 --epochs 2 --no-progress --\$g --out /tmp/tg_\$g \$([ -d /tmp/tg_no-cuda-graph/data ] && echo --data /tmp/tg_no-cuda-graph/data) 2>&1 | grep -iE 'img/s|captured|runs eagerly|error'; done"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
   "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --kernels --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
