@@ -10,7 +10,9 @@ HD95 (pixels): the boundary of a mask is its pixels with a 4-neighbour outside i
 image border counts as outside); d(A→B) are the Euclidean distances from each boundary
 pixel of A to the nearest boundary pixel of B; HD95 = max(q95(d(P→G)), q95(d(G→P))), q95
 the linearly interpolated 95th percentile (MONAI's and medpy's definition). Computed
-exactly with chunked pairwise distances; no scipy needed.
+exactly, no scipy needed: by pairwise distances between the two boundaries, or, where
+that costs more (a speckled prediction at a native resolution has ~10⁵–10⁶ boundary
+pixels), by a separable distance transform evaluated at the boundary pixels only.
 
 Empty masks (``empty_policy``):
 - both P and G empty: ``"nan"`` makes every ratio and HD95 NaN (the case is skipped by the
@@ -43,11 +45,65 @@ def boundary(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _nearest_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """For each point of a (n, 2), the distance to the nearest point of b (m, 2); float64."""
+    """For each point of a (n, 2), the distance to the nearest point of b (m, 2); float64.
+    Pairwise: n·m distances."""
     out = torch.empty(a.shape[0], dtype=torch.float64)
     for s in range(0, a.shape[0], chunk):
         out[s:s + chunk] = torch.cdist(a[s:s + chunk], b).min(dim=1).values
     return out
+
+
+def _row_gaps(mask: torch.Tensor) -> torch.Tensor:
+    """(H, W) bool -> (H, W) int64: |j - j'| to the nearest True pixel (i, j') of the same
+    row, or 2(H + W) where the row has none (its square exceeds every real squared distance)."""
+    h, w = mask.shape
+    far = 2 * (h + w)
+    col = torch.arange(w, dtype=torch.int64).expand(h, w)
+    left = torch.where(mask, col, torch.full_like(col, -far)).cummax(dim=1).values
+    right = torch.where(mask, col, torch.full_like(col, w + far)).flip(1).cummin(dim=1).values.flip(1)
+    return torch.minimum(col - left, right - col).clamp_(max=far)
+
+
+def _nearest_distances_to_mask(a: torch.Tensor, mask: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """For each pixel of a (n, 2) (int64 row, column), the distance to the nearest True pixel
+    of ``mask`` (H, W); float64, exact. Separable: with g(k, j) the distance along row k
+    from column j to the mask, d(i, j)² = min_k ((i − k)² + g(k, j)²). Only rows with
+    |k − i| ≤ u can attain the minimum, u being any known distance from (i, j) to the mask
+    (here the nearer of the same row's and the same column's mask pixel), so each chunk of
+    queries, taken in row order, scans only the rows its bound reaches: a few per query for
+    a prediction close to its mask, every row at worst (H·W + n·H operations, against n·m
+    for the pairwise distances to the mask's m pixels)."""
+    h, w = mask.shape
+    rows_gap = _row_gaps(mask)
+    cols_gap = _row_gaps(mask.t().contiguous()).t()
+    i_all, j_all = a[:, 0], a[:, 1]
+    bound = torch.minimum(rows_gap[i_all, j_all], cols_gap[i_all, j_all])
+    big = 5 * (h + w) ** 2 >= 2 ** 31
+    g2 = rows_gap.square() if big else rows_gap.to(torch.int32).square()
+    order = torch.argsort(i_all, stable=True)
+    out = torch.empty(a.shape[0], dtype=torch.float64)
+    for s in range(0, a.shape[0], chunk):
+        sel = order[s:s + chunk]
+        i, j = i_all[sel], j_all[sel]
+        u = int(bound[sel].max())
+        lo, hi = max(0, int(i.min()) - u), min(h, int(i.max()) + u + 1)
+        k = torch.arange(lo, hi, dtype=g2.dtype)[:, None]
+        d2 = ((k - i.to(g2.dtype)[None, :]).square() + g2[lo:hi, j]).min(dim=0).values
+        out[sel] = d2.to(torch.float64).sqrt()
+    return out
+
+
+def _nearest(a_mask: torch.Tensor, b_mask: torch.Tensor) -> torch.Tensor:
+    """Distances from each True pixel of a_mask to the nearest True pixel of b_mask (both
+    (H, W) bool, non-empty): pairwise where that is small, else the distance transform."""
+    a = a_mask.nonzero()
+    n, m = a.shape[0], int(b_mask.sum())
+    # The transform's fixed cost, a few passes over H·W, is worth ~16 pairwise distances a
+    # pixel (measured on this 2-core CPU: 2,000 × 1,500 with 3,400 boundary pixels each
+    # side: pairwise 0.14 s, transform 0.4 s; a 2 % speckled prediction: 4.1 s against 1.1 s)
+    if n * m <= 16 * b_mask.numel():
+        return _nearest_distances(a.to(torch.float64), b_mask.nonzero().to(torch.float64))
+    return _nearest_distances_to_mask(a, b_mask)
 
 
 def hd95(pred: torch.Tensor, gt: torch.Tensor) -> float:
@@ -55,10 +111,8 @@ def hd95(pred: torch.Tensor, gt: torch.Tensor) -> float:
     pb, gb = boundary(pred), boundary(gt)
     if not pb.any() or not gb.any():
         return math.nan
-    pa = pb.nonzero().to(torch.float64)
-    ga = gb.nonzero().to(torch.float64)
-    d_pg = _nearest_distances(pa, ga)
-    d_gp = _nearest_distances(ga, pa)
+    d_pg = _nearest(pb, gb)
+    d_gp = _nearest(gb, pb)
     return float(max(torch.quantile(d_pg, 0.95), torch.quantile(d_gp, 0.95)))
 
 

@@ -148,3 +148,38 @@ def test_hd95_large_masks_chunked():
     """Boundaries longer than one distance chunk give the same value as the hand loop."""
     a, b = _blob(64, 64, 30, 30, 25), _blob(64, 64, 34, 31, 22)
     assert hd95(_t(a), _t(b)) == pytest.approx(_hand_hd95(a, b), abs=1e-9)
+
+
+@pytest.mark.parametrize("shape, density", [((37, 53), 0.02), ((53, 37), 0.3), ((64, 64), 0.002), ((5, 90), 0.05),
+                                            ((1, 21000), 0.001), ((200, 3), 0.1)])
+def test_distance_transform_equals_pairwise_distances(shape, density):
+    """HD95's distance transform (the path for large, speckled masks) returns exactly the
+    pairwise distances to the nearest mask pixel: random masks with empty rows and columns,
+    tall and wide shapes (the row windows), queries on mask pixels (distance 0), and a
+    21,000-pixel-wide mask whose squared distances need 64-bit integers."""
+    from models.metrics import _nearest_distances, _nearest_distances_to_mask
+
+    g = torch.Generator().manual_seed(sum(shape))
+    mask = torch.rand(shape, generator=g) < density
+    mask[shape[0] // 2, shape[1] // 3] = True  # never empty
+    queries = (torch.rand(shape, generator=g) < 0.2).nonzero()
+    want = _nearest_distances(queries.to(torch.float64), mask.nonzero().to(torch.float64))
+    got = _nearest_distances_to_mask(queries, mask, chunk=7)  # small chunks: many row windows
+    assert torch.equal(got, want)
+
+
+def test_hd95_of_a_speckled_prediction_at_native_size():
+    """A 2 %-speckled prediction at 600 × 800 (~40,000 boundary pixels against ~1,500):
+    HD95 through the distance transform equals the pairwise computation."""
+    from models import metrics as M
+
+    yy, xx = torch.meshgrid(torch.arange(600), torch.arange(800), indexing="ij")
+    gt = ((yy - 290) ** 2 / 200 ** 2 + (xx - 400) ** 2 / 280 ** 2) < 1
+    g = torch.Generator().manual_seed(0)
+    pred = ((((yy - 300) ** 2 / 190 ** 2 + (xx - 395) ** 2 / 275 ** 2) < 1)
+            ^ (torch.rand(600, 800, generator=g) < 0.02))
+    pb, gb = M.boundary(pred), M.boundary(gt)
+    assert int(pb.sum()) * int(gb.sum()) > 16 * pred.numel()  # hd95 takes the transform
+    pairwise = max(torch.quantile(M._nearest_distances(pb.nonzero().double(), gb.nonzero().double()), 0.95),
+                   torch.quantile(M._nearest_distances(gb.nonzero().double(), pb.nonzero().double()), 0.95))
+    assert hd95(pred, gt) == float(pairwise)
