@@ -114,6 +114,8 @@ def _jit_launcher_stand_in() -> None:
     ``_CountingCompiledKernel`` where Triton caches its compiled kernels. Must run before
     our Triton modules are imported (TRITON_INTERPRET unset). Written against Triton 3.9's
     internals; another version that lacks them is refused with the reason."""
+    import inspect
+
     import triton
     import triton.runtime.jit as jit
     from triton.runtime import driver
@@ -122,8 +124,8 @@ def _jit_launcher_stand_in() -> None:
 
     missing = [name for name, ok in (("triton.runtime.driver.set_active", hasattr(driver, "set_active")),
                                      ("JITFunction._do_compile", hasattr(jit.JITFunction, "_do_compile")),
-                                     ("JITFunction.device_caches", "self.device_caches" in
-                                      __import__("inspect").getsource(jit.JITFunction.__init__)))
+                                     ("JITFunction.device_caches",
+                                      "self.device_caches" in inspect.getsource(jit.JITFunction.__init__)))
                if not ok]
     if missing:
         raise SystemExit(f"--triton-launcher jit: Triton {triton.__version__} lacks {', '.join(missing)} "
