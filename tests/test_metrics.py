@@ -183,3 +183,15 @@ def test_hd95_of_a_speckled_prediction_at_native_size():
     pairwise = max(torch.quantile(M._nearest_distances(pb.nonzero().double(), gb.nonzero().double()), 0.95),
                    torch.quantile(M._nearest_distances(gb.nonzero().double(), pb.nonzero().double()), 0.95))
     assert hd95(pred, gt) == float(pairwise)
+
+
+def test_bench_metrics_runs_and_agrees(tmp_path):
+    """benchmarks/bench_metrics.py: both HD95 methods on a clean and a speckled case (it
+    raises if they disagree), the table written."""
+    from benchmarks import bench_metrics
+
+    rows = bench_metrics.main(["--sizes", "120x90", "--noise", "0,0.2", "--repeats", "1", "--out", str(tmp_path)])
+    assert [r["noise"] for r in rows] == [0.0, 0.2]
+    assert rows[1]["pred_boundary"] > 10 * rows[0]["pred_boundary"]
+    assert all(r["pairwise_s"] > 0 and not r["pairwise_estimated"] for r in rows)
+    assert "| 120x90 | 0.2 / 0.0 |" in next(tmp_path.glob("metrics_cpu_*.md")).read_text()
