@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "# HD95 at native sizes: the distance transform against pairwise boundary distances", "",
         f"- machine: {machine_name('cpu')}; torch {torch.__version__}; {torch.get_num_threads()} thread(s)",
         f"- date: {date:%Y-%m-%d %H:%M} UTC; load average at start: {load}",
-        f"- command: `python -m benchmarks.bench_metrics {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(),
+        f"- command: `{' '.join(['python -m benchmarks.bench_metrics', *(sys.argv[1:] if argv is None else argv)])}`",
         f"- an elliptical lesion and a shifted prediction with speckle noise; seconds per HD95, fastest of "
         f"{args.repeats}; pairwise timed up to {args.pairwise_max:.0e} distances, above that estimated from its "
         "fastest measured rate (marked ~); both methods give the same value (checked where both ran)", "",
