@@ -80,7 +80,9 @@ def _nearest_distances_to_mask(a: torch.Tensor, mask: torch.Tensor, chunk: int =
     bound = torch.minimum(rows_gap[i_all, j_all], cols_gap[i_all, j_all])
     big = 5 * (h + w) ** 2 >= 2 ** 31
     g2 = rows_gap.square() if big else rows_gap.to(torch.int32).square()
-    order = torch.argsort(i_all, stable=True)
+    # chunks of queries with bounds within a factor 2 (the chunk's window is set by its
+    # largest bound), each in row order (the window also spans the chunk's rows)
+    order = torch.argsort(torch.log2(bound.double() + 1).floor().to(torch.int64) * (h + 1) + i_all, stable=True)
     out = torch.empty(a.shape[0], dtype=torch.float64)
     for s in range(0, a.shape[0], chunk):
         sel = order[s:s + chunk]
