@@ -70,9 +70,9 @@ def _nearest_distances_to_mask(a: torch.Tensor, mask: torch.Tensor, chunk: int =
     from column j to the mask, d(i, j)² = min_k ((i − k)² + g(k, j)²). Only rows with
     |k − i| ≤ u can attain the minimum, u being any known distance from (i, j) to the mask
     (here the nearer of the same row's and the same column's mask pixel), so each chunk of
-    queries, taken in row order, scans only the rows its bound reaches: a few per query for
-    a prediction close to its mask, every row at worst (H·W + n·H operations, against n·m
-    for the pairwise distances to the mask's m pixels)."""
+    queries (bounds within a factor 2, in row order) scans only the rows its largest bound
+    reaches: a few per query for a prediction close to its mask, every row at worst (H·W +
+    n·H operations, against n·m for the pairwise distances to the mask's m pixels)."""
     h, w = mask.shape
     rows_gap = _row_gaps(mask)
     cols_gap = _row_gaps(mask.t().contiguous()).t()

@@ -23,10 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from models import build_model
 from models import data as D
 from models.losses import stage1_loss, stage2_loss
-
-# ATen ops that read device memory on the host or copy host data to the device
-SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "lift_fresh", "lift_fresh_copy", "equal",
-            "masked_select", "_unique2", "unique_consecutive", "item"}
+# ATen ops that read device memory on the host or copy host data to the device: the set a
+# CUDA-graph capture refuses (--cuda-graph's emulation refuses them too)
+from models.step_graph import SYNCING_OPS as SYNC_OPS
 
 
 class _Recorder(TorchDispatchMode):
