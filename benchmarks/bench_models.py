@@ -113,7 +113,7 @@ class _Case:
         self.scaler = torch.amp.GradScaler(device, enabled=self.amp_dtype is torch.float16)
         self.compiled = mode.endswith("compiled")
         self.graphed = mode.endswith("_graph")
-        self.graph, self.static_loss, self.error = None, None, ""
+        self.graph, self.error = None, ""
         self.run = torch.compile(self.model, mode=compile_mode) if self.compiled else self.model
         self.compile_s = float("nan")
         # the trainer's Adam (fused where torch has it)
@@ -132,9 +132,10 @@ class _Case:
         return torch.autocast(self.device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None,
                               cache_enabled=not self.graphed)
 
-    def forward_loss(self):
+    def forward_loss(self, x=None, target=None):
+        """The segmentation loss of the case's batch (or of ``x``, ``target``: a capture's inputs)."""
         with self.autocast():
-            return seg_loss(self.run(self.x), self.target, 0.2)
+            return seg_loss(self.run(self.x if x is None else x), self.target if target is None else target, 0.2)
 
     def peak_fwd_bwd(self) -> float:
         """Peak memory of one forward+backward (gradients included) above the level before."""
@@ -162,8 +163,7 @@ class _Case:
         from models.step_graph import StepGraph
 
         def body(x, target):
-            with self.autocast():
-                loss = seg_loss(self.run(x), target, 0.2)
+            loss = self.forward_loss(x, target)
             self.scaler.scale(loss).backward()
             return (loss,)
 
@@ -189,7 +189,6 @@ class _Case:
         self.scaler.update()
         _sync(self.device)
         t3 = time.perf_counter()
-        self.static_loss = loss
         if not torch.isfinite(loss):
             raise RuntimeError(f"stage {self.stage} {self.mode}: non-finite loss {loss.item()} at step {i}")
         if record:
