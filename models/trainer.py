@@ -687,17 +687,17 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free
         strong = None
         if cfg.stage == 1:
-            strong = self._strong_input(xs, x) if xs is not None else self._strong_future(x, idx)
+            strong = xs if xs is not None else self._strong_future(x, idx)
         return self._net_loss(x, y, strong)
 
     def _net_loss(self, x: torch.Tensor, y: torch.Tensor, strong, cache: bool = True):
-        """The network on x (Stage I: also on its strong copy: a Future, or the tensor
-        itself) and the stage's loss: (output, loss, parts)."""
+        """The network on x (Stage I: also on its strong copy: a Future of it, or a host or
+        device tensor) and the stage's loss: (output, loss, parts)."""
         cfg = self.cfg
         with autocast_context(self.device, cfg.amp, cache):
             out = self.net(D.normalize(x, cfg.normalize))
             if cfg.stage == 1:
-                xs = strong if isinstance(strong, torch.Tensor) else self._strong_input(strong, x)
+                xs = self._strong_input(strong, x)  # a device tensor passes through unchanged
                 out_aug = self.net(D.normalize(xs, cfg.normalize))
         if cfg.stage == 1:
             loss, parts = stage1_loss(out, out_aug, y, cfg.disp_weight, total=self.dist.sum)
