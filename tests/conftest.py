@@ -21,6 +21,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """The trainer sets process-wide switches (thread count, --deterministic's
+    use_deterministic_algorithms and cuDNN flags). Every test gets them back as they were:
+    on an H200 on 2026-11-27 a trainer test left deterministic mode on, and eight gate tests
+    after it failed in adaptive_max_pool2d's backward, which has no deterministic CUDA kernel."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    cudnn = torch.backends.cudnn
+    flags = (cudnn.benchmark, cudnn.deterministic)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+    cudnn.benchmark, cudnn.deterministic = flags
+
+
 def pytest_configure(config):
     # The Triton interpreter evaluates both sides of tl.where with numpy, so a kernel that
     # selects away rsqrt(0) or inf - inf (never used: the other side is taken) makes numpy

@@ -184,6 +184,11 @@ def test_parity_float32_grid(backend, variant):
         assert got.dtype == torch.float32 and got_g.dtype == torch.float32 and got_g.shape == z.shape
         scale = max(1.0, abs(float(ref)))
         gscale = float(ref_g.abs().max())
+        if variant == "infonce_cosine" and d == 1:
+            # every normalised row is +-1: the float64 gradient is exactly zero, and float32
+            # returns the rounding of two terms of size ~1/(tau |z_i|) that cancel (the CUDA
+            # kernel's 1.1e-6 against eager's 4.8e-7 on an H200 at N = 3): their size is the scale
+            gscale = 1.0 / (opts["tau"] * float(z.double().norm(dim=1).min()))
         assert _err(got, ref) <= 2 * _err(eag, ref) + 2e-6 * scale, (n, d, float(got), float(ref), float(eag))
         assert _err(got_g, ref_g) <= 2 * _err(eag_g, ref_g) + 2e-5 * gscale + 1e-12, (n, d)
 

@@ -111,7 +111,7 @@ def test_a_host_read_inside_the_step_stops_the_capture():
 
 def _cfg(data, out, **kw):
     base = dict(data=data, out=str(out), encoder="resnet18", size=32, batch_size=4, epochs=1, threads=1,
-                progress=False, seed=0, lr=1e-3, lr_encoder=1e-3, dropout_size=4, device="cpu")
+                progress=False, seed=0, lr=1e-3, lr_encoder=1e-3, dropout_size=4, device="cpu", workers=0)
     base.update(kw)
     return TrainConfig(**base).validate()
 
@@ -120,9 +120,10 @@ def _steps(t: Trainer, shapes):
     """Train steps on the first training images, in batches of the given sizes."""
     losses = []
     x_all, y_all, idx_all = [], [], []
-    for x, y, idx in t._loader(t.train_ds, t.sampler):
+    for x, y, idx in t._loader(t.train_ds, t.sampler):  # workers=0: no loader-drawn strong copy
         x_all.append(x), y_all.append(y), idx_all.append(idx)
-    x_all, y_all, idx_all = torch.cat(x_all), torch.cat(y_all), torch.cat(idx_all)
+    x_all, y_all = torch.cat(x_all).to(t.device), torch.cat(y_all).to(t.device)
+    idx_all = torch.cat(idx_all)
     start = 0
     for b in shapes:
         sl = slice(start, start + b)

@@ -33,14 +33,6 @@ def _cfg(data, out, **kw):
     return TrainConfig(**base).validate()
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det)
-
-
 # ------------------------------------------------------------------------------ losses
 
 def test_dice_bce_over_whole_batch():
