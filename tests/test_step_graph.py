@@ -182,23 +182,66 @@ def test_cuda_graph_refuses_what_it_cannot_capture(tiny_data, tmp_path, monkeypa
         t.setup()
 
 
+def _lockstep(cfg_for, device: str, emulate: bool, steps: int = 4):
+    """An eager trainer and a --cuda-graph trainer in lockstep: before each step the graphed
+    one gets the eager one's weights and BatchNorm buffers (copied in place: the graph keeps
+    its tensors), then both step on the same batch. Returns, per step, (eager loss, graphed
+    loss, the largest relative gradient difference over the parameters with its name, the
+    largest relative BatchNorm-buffer difference after the step with its name)."""
+    te = Trainer(cfg_for("eager", False), log=lambda s: None)
+    tg = Trainer(cfg_for("graph", True), log=lambda s: None)
+    tg._emulate_graph = emulate
+    te.setup(), tg.setup()
+    x_all, y_all, idx_all = [], [], []
+    for x, y, idx in te._loader(te.train_ds, te.sampler):
+        x_all.append(x), y_all.append(y), idx_all.append(idx)
+    x_all, y_all, idx_all = torch.cat(x_all).to(device), torch.cat(y_all).to(device), torch.cat(idx_all)
+    b = te.cfg.batch_size
+    rows = []
+    for step in range(steps):
+        tg.model.load_state_dict(te.model.state_dict())
+        start = step * b % (len(x_all) - b + 1)
+        sl = slice(start, start + b)
+        le, _ = te.train_step(x_all[sl], y_all[sl], idx_all[sl])
+        lg, _ = tg.train_step(x_all[sl], y_all[sl], idx_all[sl])
+
+        def rel(a, b):
+            return float((a.double() - b.double()).norm() / (b.double().norm() + 1e-12))
+
+        pe, pg = dict(te.model.named_parameters()), dict(tg.model.named_parameters())
+        grad = max((rel(pg[k].grad, p.grad), k) for k, p in pe.items() if p.grad is not None)
+        be, bg = dict(te.model.named_buffers()), dict(tg.model.named_buffers())
+        buf = max((rel(bg[k], v), k) for k, v in be.items() if v.is_floating_point())
+        rows.append((le, lg, grad, buf))
+    assert tg._graph is not None and tg._graph.replays == steps
+    return rows
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_trainer_cuda_graph_lockstep_emulated(tiny_data, tmp_path, stage):
+    """The GPU test's lockstep comparison, run emulated: there it must be exact. Protects
+    the GPU test itself (its first version, never run before an H200 did, failed on its
+    own set-up there)."""
+    rows = _lockstep(lambda tag, g: _cfg(tiny_data, tmp_path / f"{tag}{stage}", stage=stage, cuda_graph=g),
+                     "cpu", emulate=True)
+    for le, lg, (g, gk), (bv, bk) in rows:
+        assert le == lg and g == 0.0 and bv == 0.0, (le, lg, gk, g, bk, bv)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA-graph capture needs a GPU")
 @pytest.mark.parametrize("stage", [1, 2])
 def test_trainer_cuda_graph_on_a_gpu(tiny_data, tmp_path, stage):
-    """On a GPU: the real capture. Four replayed steps track four eager ones, at a learning
-    rate (1e-2) where a replay that fed the optimizer stale gradients, or lost BatchNorm's
-    updates, would move the losses by about 1e-2 per step; float32 rounding (cuDNN may
-    choose other algorithms in the two runs, Adam's first steps flip the sign of a few
-    near-zero gradients) stays far below the bounds."""
-    runs = []
-    for graphed in (False, True):
-        t = Trainer(_cfg(tiny_data, tmp_path / f"g{stage}{graphed}", stage=stage, device="cuda", cuda_graph=graphed,
-                         deterministic=True, lr=1e-2, lr_encoder=1e-2), log=lambda s: None)
-        t.setup()
-        runs.append(_steps(t, [4, 4, 4, 4]))
-        if graphed:
-            assert t._graph is not None and t._graph.replays == 4
-    (l0, w0), (l1, w1) = runs
-    assert l1 == pytest.approx(l0, rel=1e-4)
-    diffs = [(w1[k] - v).abs().mean().item() for k, v in w0.items() if v.is_floating_point()]
-    assert max(diffs) < 1e-4, max(diffs)
+    """On a GPU: the real capture, four replayed steps in lockstep with four eager ones
+    from the same weights each step. A replay that fed the optimizer stale gradients (the
+    previous batch's), or lost BatchNorm's updates, differs by O(1) in gradients or
+    buffers; float32 rounding (cuDNN may choose other algorithms under capture) stays
+    below 1e-3. Compared step by step because across steps Adam turns rounding-level
+    gradient differences into lr-sized weight differences (an H200 on 2026-11-27 failed
+    the first, cumulative, version of this test in Stage II; its message was not kept)."""
+    rows = _lockstep(lambda tag, g: _cfg(tiny_data, tmp_path / f"{tag}{stage}", stage=stage, device="cuda",
+                                         cuda_graph=g, deterministic=True, lr=1e-2, lr_encoder=1e-2),
+                     "cuda", emulate=False)
+    for step, (le, lg, (g, gk), (bv, bk)) in enumerate(rows):
+        detail = f"step {step}: loss {le} vs {lg}; grad {gk} rel {g:.2e}; buffer {bk} rel {bv:.2e}"
+        assert lg == pytest.approx(le, rel=1e-4, abs=1e-6), detail
+        assert g < 1e-3 and bv < 1e-3, detail
