@@ -25,8 +25,10 @@ fwd+bwd whose ``gpu_ms`` is far below its wall time is bound by host-side launch
 ``--graphs`` adds fused and eager captured as CUDA graphs (no host work per call).
 
 On CUDA, when the extension was built with its CUDA kernels, a ``fused_cuda`` row (and
-``fused_cuda_graph`` with ``--graphs``) times backend="cuda" (csrc/*.cu) next to ``fused``
-(backend "auto": Triton first).
+``fused_cuda_graph`` with ``--graphs``) times backend="cuda" (csrc/*.cu) next to ``fused``,
+which on CUDA is backend="triton" (named, since "auto" puts the CUDA kernels of TeLU, the
+gates and the multi-scale concat first in eager code and the Triton ones first in captured
+code: disseg_kernels._backend); on the CPU ``fused`` is "auto" (the C++ kernels).
 
 Writes benchmarks/results/gates_<device>_<date>.csv and .md; ``main(argv)`` is importable.
 """
@@ -174,7 +176,7 @@ def cuda_backend_available(op) -> bool:
 
 def _make_case(op, b, c, h, w, device, dtype, fused, backend="auto", channels_last=False):
     """(fn, inputs): fn(*inputs) → output; inputs require grad. ``backend`` picks the fused
-    path ("auto": Triton first on CUDA; "cuda": the kernels of csrc/*.cu). With
+    path ("auto", "triton", "cuda": the kernels of csrc/*.cu). With
     ``channels_last`` the inputs (and a module's weights) are NHWC."""
     fn, inputs = _make_case_contiguous(op, b, c, h, w, device, dtype, fused, backend)
     if channels_last:
@@ -532,8 +534,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, kernel_rows = [], []
 
     def run_variant(op, b, c, h, w, name, fused):
-        fn, inputs = _make_case(op, b, c, h, w, device, dtype, fused, "cuda" if name.startswith("fused_cuda") else "auto",
-                                channels_last=args.channels_last)
+        backend = "cuda" if name.startswith("fused_cuda") else "triton" if device == "cuda" and fused else "auto"
+        fn, inputs = _make_case(op, b, c, h, w, device, dtype, fused, backend, channels_last=args.channels_last)
         in_bytes = sum(t.numel() * t.element_size() for t in inputs)
         sb = saved_bytes(fn, inputs)
         if name == "compile":
@@ -579,7 +581,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for op, b, c, h, w in cases:
         torch.manual_seed(0)
         variants = [("fused", True), ("eager", False)] + ([] if args.no_compile else [("compile", False)])
-        # The CUDA kernels of csrc/*.cu next to "fused" ("auto": Triton first on CUDA).
+        # The CUDA kernels of csrc/*.cu next to "fused" (on CUDA: the Triton kernels).
         with_cuda = device == "cuda" and cuda_backend_available(op)
         if with_cuda:
             variants.insert(1, ("fused_cuda", True))

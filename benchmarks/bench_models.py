@@ -46,12 +46,14 @@ from models import FUSED_OPS, DispersiveConfig, build_model
 from models.trainer import freed_memory_kept, keep_freed_memory, make_adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# compiled: torch.compile of plain; fused_compiled: of fused; fused_cuda: fused with "auto"
-# trying the CUDA kernels before the Triton ones (disseg_kernels._backend.auto_order);
+# compiled: torch.compile of plain; fused_compiled: of fused; fused: "auto" (on CUDA since
+# 2026-11-27: the CUDA kernels first for TeLU, gates, multi-scale; Triton first for window
+# attention and the dispersive loss); fused_cuda / fused_triton: "auto" trying the CUDA /
+# the Triton kernels first for every family (disseg_kernels._backend.auto_order);
 # *_graph (CUDA): the training step's forward, loss and backward captured once as a CUDA
 # graph and replayed, the Adam step eager (models.step_graph, what `disseg train --cuda-graph`
 # runs), so almost no host work per step: what a host-bound step can reach
-MODES = ("plain", "fused", "fused_cuda", "compiled", "fused_compiled", "plain_graph", "fused_graph",
+MODES = ("plain", "fused", "fused_cuda", "fused_triton", "compiled", "fused_compiled", "plain_graph", "fused_graph",
          "fused_cuda_graph")
 
 # device -> quick -> (encoder, batch, size, warmup, steps)
@@ -122,9 +124,13 @@ class _Case:
         self.fwd, self.bwd, self.step = [], [], []
 
     def backends(self):
-        """The op backends of this mode: fused_cuda puts the CUDA kernels first."""
+        """The op backends of this mode: fused_cuda / fused_triton put the CUDA / the
+        Triton kernels first for every family; the others use "auto" as it is (a *_graph
+        mode's capture chooses as captured code: StepGraph)."""
         if self.mode.startswith("fused_cuda"):
             return _backend.auto_order("cuda", ("cuda", "triton"))
+        if self.mode.startswith("fused_triton"):
+            return _backend.auto_order("cuda", ("triton", "cuda"))
         return contextlib.nullcontext()
 
     def autocast(self):
@@ -527,7 +533,7 @@ def main(argv=None) -> list[dict]:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"--modes: unknown mode(s) {bad}; choose among {MODES}")
-    cuda_only = [m for m in modes if m.startswith("fused_cuda") or m.endswith("_graph")]
+    cuda_only = [m for m in modes if m.startswith(("fused_cuda", "fused_triton")) or m.endswith("_graph")]
     if cuda_only and args.device != "cuda":
         raise SystemExit(f"--modes {','.join(cuda_only)}: needs --device cuda")
     if any(m.startswith("fused_cuda") for m in modes) and "cuda" not in dk.available_backends("gates", "cuda"):

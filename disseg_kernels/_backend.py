@@ -59,16 +59,30 @@ def use_custom_op() -> bool:
 
 
 # Preference order of "auto": per device type, then per (device type, family) where a
-# family's measurements say otherwise (empty so far: on 2026-11-27 the fused Stage II step
-# on the H200 ran 1.22-1.45x faster with the CUDA kernels first, but their GPU parity tests
-# have not run yet; once they pass, e.g. ("cuda", "telu"): ("cuda", "triton")). The CUDA
-# kernels launch from C++, a few µs of host time per call against Triton's Python launcher,
-# which counts where a model's many small ops keep the GPU waiting on the host.
+# family's measurements say otherwise. On CUDA the families whose ops a model calls many
+# times per step at small sizes (TeLU, the gates, the multi-scale concat) put their CUDA
+# kernels first: they launch from C++, a few µs of host time per call against Triton's
+# Python launcher (H200, 2026-11-27: 13 against 19 µs per launch, 16.6 against 35.2 µs per
+# no-grad TeLU call), and the fused Stage II step is host-bound. That day, free-running
+# training steps (ResNet-50, batch 8, 256x256): plain 222 ms, fused Triton first 215 ms,
+# fused with every family's CUDA kernels first 140 ms; these families' CUDA parity tests
+# passed there. Window attention and the dispersive loss stay Triton first: a few calls per
+# step, and their Triton kernels take less device time (WA backward 3.5 vs 6.6 ms).
 # DISSEG_AUTO_ORDER_CUDA="cuda,triton" (read at import) or ``auto_order("cuda", ...)``
 # overrides both for every family of that device type.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
-_FAMILY_AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {}
+_FAMILY_AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
+    ("cuda", "telu"): ("cuda", "triton"),
+    ("cuda", "gates"): ("cuda", "triton"),
+    ("cuda", "multiscale"): ("cuda", "triton"),
+}
+# Inside ``captured_auto_order()``: code recorded once into a CUDA graph and replayed, where
+# the host's cost is paid only at capture and the device time decides. There the Triton
+# kernels are first for every family (H200, 2026-11-27: the captured Stage II step 79 ms
+# Triton first against 86 ms CUDA first; CBAT 8x64x128x128 kernels 0.32 against 1.15 ms).
+_CAPTURED_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda")}
 _AUTO_OVERRIDE: dict[str, tuple[str, ...]] = {}
+_CAPTURED = [0]  # depth of captured_auto_order() blocks
 
 
 def _parse_order(text: str, source: str) -> tuple[str, ...]:
@@ -85,8 +99,23 @@ if os.environ.get("DISSEG_AUTO_ORDER_CUDA"):
 
 def auto_order_for(family: str, device_type: str) -> tuple[str, ...]:
     """The backends "auto" tries, in order, for ``family`` on ``device_type``."""
-    return (_AUTO_OVERRIDE.get(device_type) or _FAMILY_AUTO_ORDER.get((device_type, family))
+    return (_AUTO_OVERRIDE.get(device_type)
+            or (_CAPTURED_AUTO_ORDER.get(device_type) if _CAPTURED[0] else None)
+            or _FAMILY_AUTO_ORDER.get((device_type, family))
             or _AUTO_ORDER.get(device_type, ()))
+
+
+@contextlib.contextmanager
+def captured_auto_order():
+    """Within the block, ``backend="auto"`` chooses for code that is captured into a CUDA
+    graph and replayed (its warm-up and its capture both belong inside): by device time
+    alone, since the replay has no host cost per launch (``_CAPTURED_AUTO_ORDER``). An
+    explicit order (``auto_order``, DISSEG_AUTO_ORDER_CUDA) still wins."""
+    _CAPTURED[0] += 1
+    try:
+        yield
+    finally:
+        _CAPTURED[0] -= 1
 
 
 @contextlib.contextmanager

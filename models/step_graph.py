@@ -22,6 +22,10 @@ The recipe (PyTorch's "CUDA Graphs" notes, whole-network capture):
   and ``param.grad`` keeps pointing at them. Code that steps eagerly in between (a batch
   of another shape) must zero them in place (``zero_grad(set_to_none=False)``), never
   drop them: ``StepGraph.replay`` checks that;
+- the fused ops' ``backend="auto"`` chooses as for captured code, by device time
+  (``disseg_kernels._backend.captured_auto_order``: Triton first on CUDA, where eager
+  steps put the CUDA kernels of TeLU, the gates and the multi-scale concat first for their
+  cheaper launches); warm-up and capture both run under it, so both use the same kernels;
 - nothing inside may synchronise the host with the device (``.item()``, ``.cpu()``, a
   tensor built from host data) or change a shape: the trainer's step is free of both
   (``tests/test_sync_free.py``).
@@ -38,6 +42,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+
+from disseg_kernels._backend import captured_auto_order
 
 # ATen ops that read device memory on the host or copy host data to the device: a CUDA
 # capture fails on them (emulate=True raises on them too)
@@ -110,10 +116,11 @@ class StepGraph:
                                f"{sorted({str(t.device) for t in inputs})}")
         self.static_inputs = tuple(t.detach().clone(memory_format=torch.preserve_format) for t in inputs)
         snap = self._snapshot()
-        if self.emulate:
-            self._emulated_capture(snap)
-        else:
-            self._cuda_capture(snap)
+        with captured_auto_order():
+            if self.emulate:
+                self._emulated_capture(snap)
+            else:
+                self._cuda_capture(snap)
         self.grads = [p.grad for p in self.params]
 
     def _cuda_capture(self, snap) -> None:
@@ -176,7 +183,8 @@ class StepGraph:
             for s, t in zip(self.static_inputs, inputs):
                 s.copy_(t, non_blocking=True)
         if self.emulate:
-            self._emulated_replay()
+            with captured_auto_order():  # the kernels a real replay runs: the captured ones
+                self._emulated_replay()
         else:
             self.graph.replay()
         self.replays += 1

@@ -448,6 +448,26 @@ def test_auto_order_per_family_and_override_precedence(monkeypatch):
     assert _backend.auto_order_for("gates", "cpu") == ("reference",)
 
 
+def test_auto_order_on_cuda_eager_and_captured(monkeypatch):
+    """On CUDA, "auto" puts the CUDA kernels first for TeLU, the gates and the multi-scale
+    concat (cheaper launches: the fused step is host-bound) and Triton first for window
+    attention and the dispersive loss; code being captured into a CUDA graph gets Triton
+    first for every family (device time decides); an explicit override beats both."""
+    from disseg_kernels import _backend
+
+    monkeypatch.delitem(_backend._AUTO_OVERRIDE, "cuda", raising=False)  # a DISSEG_AUTO_ORDER_CUDA in the env
+    eager = {f: _backend.auto_order_for(f, "cuda")[0] for f in ("telu", "gates", "multiscale", "window_attention",
+                                                                 "dispersive")}
+    assert eager == {"telu": "cuda", "gates": "cuda", "multiscale": "cuda", "window_attention": "triton",
+                     "dispersive": "triton"}
+    with _backend.captured_auto_order():
+        assert {f: _backend.auto_order_for(f, "cuda")[0] for f in eager} == dict.fromkeys(eager, "triton")
+        with _backend.auto_order("cuda", ("cuda", "triton")):
+            assert _backend.auto_order_for("window_attention", "cuda")[0] == "cuda"
+        assert _backend.auto_order_for("telu", "cpu") == _backend._AUTO_ORDER["cpu"]  # the CPU: unchanged
+    assert {f: _backend.auto_order_for(f, "cuda")[0] for f in eager} == eager  # restored on exit
+
+
 def test_module_matches_function():
     z = _sample(10, 20, seed=9)
     mod = disseg_kernels.DispersiveLoss(variant="infonce_cosine", tau=0.2)

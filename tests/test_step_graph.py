@@ -80,6 +80,26 @@ def test_replays_train_as_eager_steps_do():
     assert all(torch.equal(v, eager[k]) for k, v in model.state_dict().items())
 
 
+def test_capture_and_replay_choose_backends_as_captured_code():
+    """Warm-up, capture and (emulated) replay all run the step with "auto" choosing as for
+    captured code (Triton first on CUDA), so the kernels warmed up are the kernels captured;
+    the eager code around them keeps the eager order."""
+    from disseg_kernels import _backend
+
+    model, _ = _tiny()
+    (x, y), = _batches(1)
+    seen = []
+
+    def body(x, y):
+        seen.append(_backend._CAPTURED[0] > 0)
+        return _body(model)(x, y)
+
+    graph = StepGraph(body, list(model.parameters()), [model], emulate=True)
+    graph.capture(x, y)
+    graph.replay(x, y)
+    assert seen and all(seen) and _backend._CAPTURED[0] == 0
+
+
 def test_replay_refuses_a_replaced_gradient_and_another_shape():
     model, opt = _tiny()
     (x, y), = _batches(1)
