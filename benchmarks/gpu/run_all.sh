@@ -94,10 +94,10 @@ stage_tests() {
   # is installed (it is in the GPU image), so one hang cannot take the whole stage
   local to=""
   "$PY" -c "import pytest_timeout" 2>/dev/null && to="--timeout=60"
-  # The tests that decide something run first (the trainer's CUDA graph, the CUDA backends'
-  # parity for gates/telu/multiscale, which "auto" may then put first), each test's result on
+  # The tests that decide something run first (the trainer's CUDA graph against eager steps,
+  # the model on CUDA with "auto" now putting the CUDA gate kernels first), each test's result on
   # its own line (-v) so a stage cut off by its timeout still says what passed and failed.
-  local first="tests/test_step_graph.py tests/test_gates.py tests/test_models.py tests/test_trainer.py tests/test_window_attention.py"
+  local first="tests/test_step_graph.py tests/test_models.py tests/test_trainer.py tests/test_gates.py tests/test_window_attention.py"
   if [ "${1:-gpu}" = "triton" ]; then first=""; fi
   local rc1=0 rc2=0
   if [ -n "$first" ]; then
@@ -123,21 +123,22 @@ GATES_COMPILE_SIZES="cbat:8x64x128x128,elat:8x64x256x256,cbat:8x1024x16x16"
 STAGES=(
   "env|15|stage_env"
   "build|150|stage_build"
-  # the GPU tests first: since 2026-11-27 the extension builds on the H200, and the CUDA
-  # backend's parity tests (never run on a GPU yet) decide whether "auto" may put the CUDA
-  # kernels first (_backend._AUTO_ORDER; fused_cuda below measured 1.22-1.45x plain)
+  # the GPU tests first. On 2026-11-27 (12:40 UTC) the CUDA backends' parity tests passed on
+  # the H200 and "auto" now puts the CUDA kernels first for TeLU/gates/multiscale in eager
+  # code; the trainer's --cuda-graph GPU test (now step by step against eager) has not passed yet
   "tests|190|stage_tests gpu"
-  # the same step's forward+backward captured as one CUDA graph per mode, Adam eager (what
-  # `disseg train --cuda-graph` runs: models/step_graph.py): the fused step was host-bound on
-  # 2026-11-27 (77-86 ms of kernels in a 119-160 ms step; plain: 141 ms of kernels,
-  # device-bound). A failed capture is reported in its row. The trainer's own capture is
-  # checked against eager steps by tests/test_step_graph.py's GPU test in the tests stage.
-  "bench_models_graph|100|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain_graph,fused_graph,fused_cuda_graph --tag graph"
   # Stage II fused vs plain (issue 5's target), and the 25 kernels that take the most device
-  # time in each: a session's 15 device minutes hold about one 540 s call. --host-profile:
-  # 3 free-running steps per mode (no sync inside: a training loop's figure) and where the
-  # host's time goes (models_cuda_*_host.md: our glue, Triton's launcher, C calls, waits)
-  "bench_models|120|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda --profile 25 --host-profile 3"
+  # time in each. --host-profile: 3 free-running steps per mode (no sync inside: a training
+  # loop's figure) and where the host's time goes (models_cuda_*_host.md: our glue, Triton's
+  # launcher, C calls, waits). fused = "auto" (since 2026-11-27 afternoon: CUDA kernels first
+  # for TeLU/gates/multiscale, Triton first for window attention and dispersive);
+  # fused_triton / fused_cuda = every family Triton / CUDA first: the new default is untimed
+  "bench_models|140|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain,fused,fused_cuda,fused_triton --profile 25 --host-profile 3"
+  # the same step's forward+backward captured as one CUDA graph per mode, Adam eager (what
+  # `disseg train --cuda-graph` runs: models/step_graph.py; the capture chooses Triton first,
+  # _backend.captured_auto_order). 2026-11-27 12:37: plain 142 ms, fused 79 ms (1.81x),
+  # fused_cuda 86 ms.
+  "bench_models_graph|100|$PY -m benchmarks.bench_models --device cuda --stages 2 --modes plain_graph,fused_graph,fused_cuda_graph --tag graph"
   # what a user's run gets: `disseg train` Stage II at the paper's setting (ResNet-50, batch 8,
   # 256x256, synthetic data), eager then --cuda-graph; each epoch's log line ends with the
   # training images/s (from the epoch's second step on)
