@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import disseg_kernels as dk
 from disseg_kernels import _backend
@@ -664,6 +665,52 @@ def test_triton_grad_x_stencil_term(channels_last):
         want = grad + torch.nn.grad.conv2d_input(x.shape, w7, dl.view(b, 1, h, w), padding=3)
         assert dx.stride() == x.stride()
         torch.testing.assert_close(dx, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_slice"])
+def test_triton_stencil_kernels_match_convolution(layout, monkeypatch):
+    """The Triton ELAT logit (a 7×7 C→1 convolution, padding 3) and its weight gradient
+    against conv2d and convolution_backward in float64: dense 7×7 weights (49 taps), and
+    ELAT's composite stencil with only its 25 taps visited; H ≠ W with borders inside the
+    3-wide halo; the default blocks, and blocks of 16 where C = 20 spans two channel blocks
+    and the weight gradient's pixel blocks are split over several programs (their partial
+    sums added in order)."""
+    from disseg_kernels.reference.gates import elat_composite_stencil
+    from disseg_kernels.triton import gates as tg
+
+    b, c, h, w = 2, 20, 5, 9
+    if layout == "channel_slice":  # a channel slice of a wider map: sB != C·H·W
+        x = _x_layout((b, c + 3, h, w), False, seed=31)[:, 2:2 + c]
+    else:
+        x = _x_layout((b, c, h, w), layout == "channels_last", seed=31)
+    dl = torch.randn(b, h * w)
+    dense = torch.randn(1, c, 7, 7)
+    composite, _ = elat_composite_stencil([torch.randn(1, c, 3, 3) for _ in range(3)], [torch.randn(1) for _ in range(3)],
+                                          torch.randn(1, 3, 1, 1), torch.randn(1))
+    on_grid = composite != 0
+    xd = x.double()
+    for forced in (False, True):
+        with monkeypatch.context() as m:
+            if forced:
+                m.setattr(tg, "FORCE_TILES", (16, 16))  # tl.dot's smallest blocks
+                m.setattr(tg, "FORCE_TARGET_PROGRAMS", 6)
+            for w7, taps in ((dense, False), (composite, True)):
+                logit = F.conv2d(xd, w7.double(), padding=3).reshape(b, -1)
+                _, dw, _ = torch.ops.aten.convolution_backward(dl.double().view(b, 1, h, w), xd, w7.double(), None,
+                                                               [1, 1], [3, 3], [1, 1], False, [0, 0], 1,
+                                                               [False, True, False])
+                if taps:
+                    dw = torch.where(on_grid, dw, 0.0)  # the taps not visited come back as 0
+                got = tg.stencil(x, w7, elat_taps=taps)
+                assert got.dtype == torch.float32 and got.shape == (b, h * w)
+                torch.testing.assert_close(got.double(), logit, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(tg.stencil_grad_weight(x, dl, w7, elat_taps=taps).double(), dw,
+                                           atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"w7 must be \(1, 20, 7, 7\)"):
+        tg.stencil(x, dense[:, :5])
+    with pytest.raises(ValueError, match=r"dlogit must be \(2, 45\)"):
+        tg.stencil_grad_weight(x, dl[:, :44], dense)
 
 
 @pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")

@@ -141,14 +141,14 @@ class _CompiledKernels:
         return dx
 
     @staticmethod
-    def stencil(x, w7):
-        """ELAT's 7×7 C→1 logit, (B, H·W) in the accumulation type."""
+    def stencil(x, w7, elat_taps=False):
+        """ELAT's 7×7 C→1 logit, (B, H·W) in the accumulation type (all 49 taps)."""
         if x.is_cpu:  # csrc/gates.cpp: 2.5× oneDNN at (4, 64, 128, 128) on this CPU
             return torch.ops.disseg.gates_stencil(x, w7)
         return _stencil_conv(x, w7)
 
     @staticmethod
-    def stencil_grad_weight(x, dlogit, w7):
+    def stencil_grad_weight(x, dlogit, w7, elat_taps=False):
         """The gradient of the 7×7 stencil's weight from dlogit (B, H·W), accumulation type."""
         if x.is_cpu:
             return torch.ops.disseg.gates_stencil_grad_weight(x, dlogit.contiguous(), w7.shape[-1])
@@ -426,7 +426,7 @@ def _elat_bwd(bw, rec, p, dG, dS):
     dlogit = torch.ops.aten.sigmoid_backward(dS, s)
     dbias = dlogit.sum()
     if hasattr(bw.k, "stencil_grad_weight"):
-        dw7 = bw.k.stencil_grad_weight(x, dlogit, w7)
+        dw7 = bw.k.stencil_grad_weight(x, dlogit, w7, elat_taps=True)
     else:
         dw7 = _stencil_conv_grad_weight(x, dlogit, w7)
     bw.stencil = (w7, dlogit)  # its input gradient is added in the dx pass
@@ -496,8 +496,8 @@ class _RunOps:
         return out
 
     def stencil(self, w7):
-        if hasattr(self.k, "stencil"):
-            return self.k.stencil(self.x, w7)
+        if hasattr(self.k, "stencil"):  # only ELAT's composite stencil comes here
+            return self.k.stencil(self.x, w7, elat_taps=True)
         return _stencil_conv(self.x, w7)
 
 
