@@ -795,14 +795,16 @@ def test_triton_gate_kernels_compile_for_sm90():
 
 
 @pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
-@pytest.mark.parametrize("hw,k,gated,bias", [((5, 7), 7, True, True), ((9, 4), 7, False, False), ((3, 3), 3, True, False)])
-def test_triton_spatial_gate_kernels(hw, k, gated, bias):
+@pytest.mark.parametrize("hw,k,gated,bias", [((5, 7), 7, True, True), ((9, 4), 7, False, False), ((3, 3), 3, True, False),
+                                             ((13, 11), 7, True, True), ((10, 9), 3, False, True)])
+def test_triton_spatial_gate_kernels(hw, k, gated, bias, monkeypatch):
     """The spatial gate's conv kernels (one launch forward, two backward) against autograd
     through conv2d on [mean, max]·S0: H ≠ W, maps smaller than the kernel, with and without
-    an earlier spatial gate and a bias."""
-    import torch.nn.functional as F
-
+    an earlier spatial gate and a bias; the larger maps in several blocks of 16 positions
+    (the weight gradient's per-block partials summed)."""
     from disseg_kernels.triton import gates as tg
+
+    monkeypatch.setattr(tg, "SPATIAL_LOGIT_BLOCK", 16)
 
     torch.manual_seed(21)
     (h, w), b = hw, 2

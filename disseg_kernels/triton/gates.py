@@ -661,9 +661,11 @@ def _spatial_fwd_kernel(mean_ptr, max_ptr, s0_ptr, w_ptr, bias_ptr, s_ptr, gate_
 
 @triton.jit
 def _spatial_bwd_logit_kernel(dgate_ptr, s0_ptr, s_ptr, mean_ptr, max_ptr, dl_ptr, ds0_ptr, part_ptr, P, W, N_PB,
-                              HAS_S0: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
+                              HAS_S0: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr, BLOCK_P: tl.constexpr):
     # dlogit = dgate·S0·s(1 − s); dS0 = dgate·s (its first part); per block of positions the
     # partial sums of the weight gradient Σ dlogit·M[ch, shifted] and of the bias gradient.
+    # The K·K taps are the columns of a (BLOCK_P, TAPS) gather, so a block ends in two
+    # column sums, not 2·K·K separate ones (which took 37 µs a launch for 8×128×128 on an H200).
     b = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(1).to(tl.int64)
     offs = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -678,20 +680,21 @@ def _spatial_bwd_logit_kernel(dgate_ptr, s0_ptr, s_ptr, mean_ptr, max_ptr, dl_pt
         dg = dg * tl.load(s0_ptr + b * P + offs, mask=mask, other=0.0)
     dl = tl.where(mask, dg * sg * (1.0 - sg), 0.0)
     tl.store(dl_ptr + b * P + offs, dl, mask=mask)
+    cols = tl.arange(0, TAPS)
+    is_tap = cols < K * K
+    ys = yy[:, None] + (cols // K - K // 2)[None, :]
+    xs = xx[:, None] + (cols % K - K // 2)[None, :]
+    ok = mask[:, None] & is_tap[None, :] & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+    q = b * P + ys * W + xs
+    mv = tl.load(mean_ptr + q, mask=ok, other=0.0)
+    xv = tl.load(max_ptr + q, mask=ok, other=0.0)
+    if HAS_S0:
+        sv = tl.load(s0_ptr + q, mask=ok, other=0.0)
+        mv = mv * sv
+        xv = xv * sv
     row = part_ptr + (b * N_PB + pb) * (2 * K * K + 1)
-    for t in tl.static_range(K * K):
-        ys = yy + (t // K - K // 2)
-        xs = xx + (t % K - K // 2)
-        ok = mask & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-        q = b * P + ys * W + xs
-        mv = tl.load(mean_ptr + q, mask=ok, other=0.0)
-        xv = tl.load(max_ptr + q, mask=ok, other=0.0)
-        if HAS_S0:
-            sv = tl.load(s0_ptr + q, mask=ok, other=0.0)
-            mv = mv * sv
-            xv = xv * sv
-        tl.store(row + t, tl.sum(dl * mv, axis=0))
-        tl.store(row + K * K + t, tl.sum(dl * xv, axis=0))
+    tl.store(row + cols, tl.sum(dl[:, None] * mv, axis=0), mask=is_tap)
+    tl.store(row + K * K + cols, tl.sum(dl[:, None] * xv, axis=0), mask=is_tap)
     tl.store(row + 2 * K * K, tl.sum(dl, axis=0))
 
 
@@ -1041,6 +1044,7 @@ def channel_mlp_bwd(dgate, a, m, G0, H, T, parts, g, w1, w2, telu, pair, biases,
 
 
 _SPATIAL_BLOCK = 256
+SPATIAL_LOGIT_BLOCK = 64  # positions per block of the spatial gate's logit backward (tests: smaller)
 
 
 def _spatial_block(p: int) -> int:
@@ -1070,14 +1074,17 @@ def spatial_gate_bwd(dgate, S0, s, mean, mx, cw, has_bias, width, scale_mean=1.0
     k = cw.shape[-1]
     block = _spatial_block(p)
     n_pb = triton.cdiv(p, block)
+    # the logit kernel's blocks hold (positions × taps) tiles: fewer positions per block
+    block_l = min(SPATIAL_LOGIT_BLOCK, block)
+    n_lb = triton.cdiv(p, block_l)
     dl = mean.new_empty((b, p))
     dS0 = mean.new_empty((b, p)) if S0 is not None else None
-    part = mean.new_empty((b * n_pb, 2 * k * k + 1))
+    part = mean.new_empty((b * n_lb, 2 * k * k + 1))
     w = cw.reshape(-1).contiguous()
     dgate = dgate.contiguous()
-    _spatial_bwd_logit_kernel[(b, n_pb)](
-        dgate, S0 if S0 is not None else dl, s, mean, mx, dl, dS0 if dS0 is not None else dl, part, p, width, n_pb,
-        HAS_S0=S0 is not None, K=k, BLOCK_P=block)
+    _spatial_bwd_logit_kernel[(b, n_lb)](
+        dgate, S0 if S0 is not None else dl, s, mean, mx, dl, dS0 if dS0 is not None else dl, part, p, width, n_lb,
+        HAS_S0=S0 is not None, K=k, TAPS=max(16, _pow2(k * k)), BLOCK_P=block_l)
     dmean, dmax = mean.new_empty((b, p)), mean.new_empty((b, p))
     _spatial_bwd_input_kernel[(b, n_pb)](
         dl, w, S0 if S0 is not None else dl, mean, mx, dS0 if dS0 is not None else dl, dmean, dmax, p, width,
