@@ -396,25 +396,41 @@ def _stencil_fwd_kernel(x_ptr, wt_ptr, out_ptr, C, P, W, sB, sC, sP,
 
 
 @triton.jit
+def _stencil_taps(ELAT_TAPS: tl.constexpr, NT: tl.constexpr):
+    # (di, dj, is_tap) per column of an NT-wide tap matrix. Dense: the 49 taps of the 7×7
+    # grid in row-major order. ELAT: its composite stencil's 25 taps, column 0 the centre and
+    # 1 + 3·dir + (dist − 1) the tap at distance 1..3 in direction dir (N, NE, E, SE, S, SW,
+    # W, NW), so its weight gradient is a 32-wide product, not a 64-wide one.
+    cols = tl.arange(0, NT)
+    if ELAT_TAPS:
+        k = tl.maximum(cols - 1, 0)
+        d = k // 3
+        dist = k % 3 + 1
+        dy = tl.where((d == 0) | (d == 1) | (d == 7), -1, tl.where((d == 2) | (d == 6), 0, 1))
+        dx = tl.where((d == 0) | (d == 4), 0, tl.where(d <= 3, 1, -1))
+        di = tl.where(cols == 0, 0, dy * dist)
+        dj = tl.where(cols == 0, 0, dx * dist)
+        return di, dj, cols < 25
+    else:
+        return cols // 7 - 3, cols % 7 - 3, cols < 49
+
+
+@triton.jit
 def _stencil_grad_weight_kernel(x_ptr, dl_ptr, part_ptr, C, P, W, sB, sC, sP, N_QBLK, N_BLK, CHUNK,
-                                ELAT_TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
-    # part[split, c, t] = Σ over this split's pixel blocks (b, q) of x[b, c, q]·dl[b, q − off_t]
-    # (= Σ_p x[b, c, p + off_t]·dl[b, p], the 7×7 stencil's weight gradient), summed over the
-    # splits on the host side in a fixed order (deterministic, no atomics). Each block of x
-    # is read once, unshifted; the taps are a gather from the one-channel dl (cached) into a
-    # (BLOCK_Q, 64) matrix, and the block's contribution is one (BLOCK_C × BLOCK_Q) ·
-    # (BLOCK_Q × 64) product in float32 (taps are columns 0..48).
+                                ELAT_TAPS: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr,
+                                BLOCK_Q: tl.constexpr):
+    # part[split, c, (3 + di)·7 + 3 + dj] = Σ over this split's pixel blocks (b, q) of
+    # x[b, c, q]·dl[b, q − (di, dj)] (= Σ_p x[b, c, p + (di, dj)]·dl[b, p], the 7×7 stencil's
+    # weight gradient), summed over the splits on the host side in a fixed order
+    # (deterministic, no atomics). Each block of x is read once, unshifted; the taps are a
+    # gather from the one-channel dl (cached) into a (BLOCK_Q, NT) matrix, and the block's
+    # contribution is one (BLOCK_C × BLOCK_Q)·(BLOCK_Q × NT) product in float32.
     offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     mask_c = offs_c < C
     H = P // W
-    cols = tl.arange(0, 64)
-    di = cols // 7 - 3
-    dj = cols % 7 - 3
-    tap = cols < 49
-    if ELAT_TAPS:
-        tap = tap & ((di == 0) | (dj == 0) | (di * di == dj * dj))
-    acc = tl.zeros((BLOCK_C, 64), dtype=tl.float32)
+    di, dj, tap = _stencil_taps(ELAT_TAPS, NT)
+    acc = tl.zeros((BLOCK_C, NT), dtype=tl.float32)
     k0 = split * CHUNK
     for k in range(k0, tl.minimum(k0 + CHUNK, N_BLK)):
         b = k // N_QBLK
@@ -427,7 +443,8 @@ def _stencil_grad_weight_kernel(x_ptr, dl_ptr, part_ptr, C, P, W, sB, sC, sP, N_
         ok = mask_q[:, None] & tap[None, :] & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
         dv = tl.load(dl_ptr + b * P + ys * W + xs, mask=ok, other=0.0)
         acc += tl.dot(xv, dv, input_precision="ieee")
-    tl.store(part_ptr + split * C * 64 + offs_c[:, None] * 64 + cols[None, :], acc, mask=mask_c[:, None])
+    pos = (3 + di) * 7 + 3 + dj
+    tl.store(part_ptr + split * C * 49 + offs_c[:, None] * 49 + pos[None, :], acc, mask=mask_c[:, None] & tap[None, :])
 
 
 # ---------------------------------------------------------------------------------------
@@ -967,8 +984,9 @@ def stencil(x, w7, elat_taps=False):
 def stencil_grad_weight(x, dlogit, w7, elat_taps=False):
     """The weight gradient of :func:`stencil`: dw7[0, c, i, j] = Σ_{b, y, x} x[b, c, y + i − 3,
     x + j − 3]·dlogit[b, y·W + x], (1, C, 7, 7) float32 (taps off ELAT's grids are 0 with
-    ``elat_taps``). x is read once (cuDNN's weight gradient took 2.04 ms at (8, 64, 256,
-    256) on an H200); split over pixel blocks, the splits summed in order."""
+    ``elat_taps``, whose 25 taps take a 32-wide product). x is read once (cuDNN's weight
+    gradient took 2.04 ms at (8, 64, 256, 256) on an H200); split over pixel blocks, the
+    splits summed in order."""
     _check_stencil(x, w7)
     b, c, p, sB, sC, sP = _geometry(x)
     if tuple(dlogit.shape) != (b, p):
@@ -978,12 +996,13 @@ def stencil_grad_weight(x, dlogit, w7, elat_taps=False):
     bc, bq = (FORCE_TILES[0], FORCE_TILES[1]) if FORCE_TILES is not None else (min(64, max(16, _pow2(c))), 64)
     n_cblk, n_qblk = triton.cdiv(c, bc), triton.cdiv(p, bq)
     chunk, n_split = _split(n_cblk, b * n_qblk, 1, _target_programs(x))
-    part = x.new_empty((n_split, c, 64), dtype=torch.float32)
+    # ELAT: the 24 taps off its grids are never written (zeros)
+    part = (x.new_zeros if elat_taps else x.new_empty)((n_split, c, 49), dtype=torch.float32)
     _stencil_grad_weight_kernel[(n_cblk, n_split)](x, dl, part, c, p, x.shape[3], sB, sC, sP, n_qblk, b * n_qblk, chunk,
-                                                   ELAT_TAPS=bool(elat_taps), BLOCK_C=bc, BLOCK_Q=bq,
-                                                   **({} if _interpret() else {"num_warps": 4}))
+                                                   ELAT_TAPS=bool(elat_taps), NT=32 if elat_taps else 64, BLOCK_C=bc,
+                                                   BLOCK_Q=bq, **({} if _interpret() else {"num_warps": 4}))
     dw = part[0] if n_split == 1 else part.sum(0)
-    return dw[:, :49].reshape(1, c, 7, 7)
+    return dw.view(1, c, 7, 7)
 
 
 def _mlp_blocks(c: int, hid: int) -> tuple[int, int]:
