@@ -411,6 +411,11 @@ def _loadavg() -> str:
         return "n/a"
 
 
+def _captured(family: str, device: str) -> str:
+    with _backend.captured_auto_order():
+        return _backend.resolve(family, "auto", device)
+
+
 def _backends(device: str) -> dict[str, str]:
     out = {}
     for family in FUSED_OPS:
@@ -552,6 +557,9 @@ def main(argv=None) -> list[dict]:
         "threads": torch.get_num_threads(),
         "load average before": _loadavg(),
         "backends available per family": _backends(args.device),
+        "what \"auto\" runs per family (eager; in a captured step)": {
+            f: f"{_backend.resolve(f, 'auto', args.device)}; {_captured(f, args.device)}" for f in FUSED_OPS
+            if f in _backend.FAMILIES},
         "config": (
             f"{enc}, batch {batch}, {size}×{size}, warmup {warmup}, {steps} timed steps, "
             f"amp {args.amp}, {'channels_last' if args.channels_last else 'contiguous'}, Adam"
