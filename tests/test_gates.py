@@ -675,7 +675,8 @@ def test_triton_stencil_kernels_match_convolution(layout, monkeypatch):
     ELAT's composite stencil with only its 25 taps visited; H ≠ W with borders inside the
     3-wide halo; the default blocks, and blocks of 16 where C = 20 spans two channel blocks
     and the weight gradient's pixel blocks are split over several programs (their partial
-    sums added in order)."""
+    sums added in order). And ELAT's fused forward read: the H·W pool taken in the same
+    pass equals pool_hw's (max and first arg-max exactly, across blocks)."""
     from disseg_kernels.reference.gates import elat_composite_stencil
     from disseg_kernels.triton import gates as tg
 
@@ -707,6 +708,18 @@ def test_triton_stencil_kernels_match_convolution(layout, monkeypatch):
                 torch.testing.assert_close(got.double(), logit, atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(tg.stencil_grad_weight(x, dl, w7, elat_taps=taps).double(), dw,
                                            atol=1e-4, rtol=1e-5)
+            # ELAT's forward pass: the H·W pool in the stencil's read of x, its blocks merged
+            # in order (ties: the first arg-max; the max of a channel repeated in two blocks)
+            xt = x.clone()
+            xt[:, :, h - 1, w - 1] = xt[:, :, 0, 1] = 9.0
+            for xi in (x, xt):
+                mean, mx, idx, logit = tg.pool_hw_stencil(xi, composite, elat_taps=True)
+                want_mean, want_mx, want_idx = tg.pool_hw(xi, None)
+                torch.testing.assert_close(mean, want_mean, atol=1e-6, rtol=1e-6)
+                assert torch.equal(mx, want_mx) and torch.equal(idx, want_idx) and idx.dtype == want_idx.dtype
+                torch.testing.assert_close(logit, tg.stencil(xi, composite, elat_taps=True), atol=1e-6, rtol=1e-6)
+                # x: maxima all over the map (several blocks); xt: ties, the first position wins
+                assert (idx == 1).all() if xi is xt else len(set(idx.flatten().tolist())) > 4
     with pytest.raises(ValueError, match=r"w7 must be \(1, 20, 7, 7\)"):
         tg.stencil(x, dense[:, :5])
     with pytest.raises(ValueError, match=r"dlogit must be \(2, 45\)"):

@@ -373,17 +373,18 @@ def _cbam_bwd(bw, rec, p, dG, dS):
 
 
 def _elat_fwd(src, p, shape, G0, S0):
-    a, _, idx = src.pool_hw(None)
     if src.replaying:
+        a, _, idx = src.pool_hw(None)
         H, T, u, th, g, s, w7 = src.load(7)
         return g, s, (a, H, T, (u, th), g, s, w7, idx)
+    w7, bias = _elat_stencil(p[2:5], p[5:8], p[8], p[9])
+    a, _, idx, logit = src.pool_hw_stencil(w7)  # one read of x where the backend fuses them
     if src.fused_small:  # one launch (Triton)
         H, T, parts, g, _ = src.k.channel_mlp_fwd(a, None, None, p[0], None, p[1], None, True, False)
     else:
         z, (_, H, T, parts) = _mlp_fwd(a, p[0], None, p[1], None, "telu", pair=False)
         g = torch.sigmoid(z)
-    w7, bias = _elat_stencil(p[2:5], p[5:8], p[8], p[9])
-    s = torch.sigmoid(src.stencil(w7) + bias)
+    s = torch.sigmoid(logit + bias)
     src.keep([H, T, *parts, g, s, w7])
     return g, s, (a, H, T, parts, g, s, w7, idx)
 
@@ -499,6 +500,15 @@ class _RunOps:
         if hasattr(self.k, "stencil"):  # only ELAT's composite stencil comes here
             return self.k.stencil(self.x, w7, elat_taps=True)
         return _stencil_conv(self.x, w7)
+
+    def pool_hw_stencil(self, w7):
+        """pool_hw(None) (saved as it saves) and ELAT's logit; in one read of x where the
+        backend has the fused pass (Triton)."""
+        if hasattr(self.k, "pool_hw_stencil"):
+            mean, mx, idx, logit = self.k.pool_hw_stencil(self.x, w7, elat_taps=True)
+            self.saved += [mean, mx, idx]
+            return mean, mx, idx, logit
+        return (*self.pool_hw(None), self.stencil(w7))
 
 
 class _FakeOps(_RunOps):

@@ -365,14 +365,18 @@ def _grad_x_kernel(grad_ptr, g_ptr, s_ptr,
 
 
 @triton.jit
-def _stencil_fwd_kernel(x_ptr, wt_ptr, out_ptr, C, P, W, sB, sC, sP,
-                        ELAT_TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _stencil_fwd_kernel(x_ptr, wt_ptr, out_ptr, psum_ptr, pmax_ptr, pidx_ptr, C, P, W, sB, sC, sP,
+                        ELAT_TAPS: tl.constexpr, POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # out[b, p] = Σ_c Σ_{i,j} w[c, i, j]·x[b, c, y + i − 3, x + j − 3] (a 7×7 C→1
     # convolution, padding 3, no bias), float32. One program: one block of pixels, every
     # channel; the taps' shifted tiles come mostly from cache (x is read from memory about
-    # once). ELAT_TAPS visits only the 25 taps of ELAT's composite stencil.
+    # once). ELAT_TAPS visits only the 25 taps of ELAT's composite stencil. POOL: the centre
+    # tap's tile also gives this block's partial (sum, max, first arg-max) over p of every
+    # channel, at [b, block, c] (ELAT's H·W pool in the same read of x; _pool_combine_kernel
+    # merges the blocks in order).
     b = tl.program_id(0).to(tl.int64)
-    offs_p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    pb = tl.program_id(1).to(tl.int64)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     mask_p = offs_p < P
     H = P // W
     yy = offs_p // W
@@ -389,9 +393,19 @@ def _stencil_fwd_kernel(x_ptr, wt_ptr, out_ptr, C, P, W, sB, sC, sP,
                 ys = yy + di
                 xs = xx + dj
                 ok = mask_p & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-                xv = tl.load(x_ptr + base + (ys * W + xs)[None, :] * sP, mask=mask_c[:, None] & ok[None, :], other=0.0)
+                xv = tl.load(x_ptr + base + (ys * W + xs)[None, :] * sP, mask=mask_c[:, None] & ok[None, :],
+                             other=0.0).to(tl.float32)
                 wv = tl.load(wt_ptr + t * C + offs_c, mask=mask_c, other=0.0)
-                acc += wv[:, None] * xv.to(tl.float32)
+                acc += wv[:, None] * xv
+                if POOL and di == 0 and dj == 0:
+                    vm = tl.where(mask_c[:, None] & mask_p[None, :], xv, float("-inf"))
+                    tmax, targ = tl.max(vm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                    gt = tmax > float("-inf")  # as _pool_hw_kernel: a block of no finite max keeps index 0
+                    o = (b * tl.num_programs(1) + pb) * C + offs_c
+                    tl.store(psum_ptr + o, tl.sum(xv, axis=1), mask=mask_c)
+                    tl.store(pmax_ptr + o, tl.where(gt, tmax, float("-inf")), mask=mask_c)
+                    tl.store(pidx_ptr + o, tl.where(gt, pb * BLOCK_P + targ.to(tl.int64), 0).to(pidx_ptr.dtype.element_ty),
+                             mask=mask_c)
     tl.store(out_ptr + b * P + offs_p, tl.sum(acc, axis=0), mask=mask_p)
 
 
@@ -971,14 +985,33 @@ def stencil(x, w7, elat_taps=False):
     in one pass over x (cuDNN took 1.04 ms for it at (8, 64, 256, 256) on an H200, ~30× its
     byte floor). ``elat_taps``: w7 is ELAT's composite stencil (zero off the three dilated
     3×3 grids), so only its 25 taps are visited."""
+    return _stencil(x, w7, elat_taps, pool=False)[0]
+
+
+def pool_hw_stencil(x, w7, elat_taps=False):
+    """:func:`pool_hw` (no gate) and :func:`stencil` in the same read of x: (mean, max,
+    first arg-max) over p, (B, C) float32, float32, int32, and the logit (B, H·W) float32.
+    ELAT's forward, which needs both of x before anything else."""
+    return _stencil(x, w7, elat_taps, pool=True)
+
+
+def _stencil(x, w7, elat_taps, pool):
     _check_stencil(x, w7)
     b, c, p, sB, sC, sP = _geometry(x)
     wt = w7.reshape(c, 49).t().float().contiguous()  # (49, C)
     out = x.new_empty((b, p), dtype=torch.float32)
     bc, bp = _stencil_tiles(c, p, sC, sP)
-    _stencil_fwd_kernel[(b, triton.cdiv(p, bp))](x, wt, out, c, p, x.shape[3], sB, sC, sP, ELAT_TAPS=bool(elat_taps),
-                                                 BLOCK_C=bc, BLOCK_P=bp, **({} if _interpret() else {"num_warps": 4}))
-    return out
+    n_pb = triton.cdiv(p, bp)
+    parts = ((x.new_empty((b, n_pb, c), dtype=torch.float32), x.new_empty((b, n_pb, c), dtype=torch.float32),
+              x.new_empty((b, n_pb, c), dtype=IDX_DTYPE)) if pool else (out, out, out))
+    _stencil_fwd_kernel[(b, n_pb)](x, wt, out, *parts, c, p, x.shape[3], sB, sC, sP, ELAT_TAPS=bool(elat_taps),
+                                   POOL=pool, BLOCK_C=bc, BLOCK_P=bp, **({} if _interpret() else {"num_warps": 4}))
+    if not pool:
+        return (out,)
+    stats = (x.new_empty((b, c), dtype=torch.float32), x.new_empty((b, c), dtype=torch.float32),
+             x.new_empty((b, c), dtype=IDX_DTYPE))
+    _combine(parts, stats, c, n_pb, p)
+    return (*stats, out)
 
 
 def stencil_grad_weight(x, dlogit, w7, elat_taps=False):
