@@ -518,6 +518,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     cases = select_cases(args)
     if args.count_launches:
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            raise SystemExit("--count-launches: unset TRITON_INTERPRET (it counts stubs of the compiled-mode "
+                             "kernels; under the interpreter it would run them)")
         for op, b, c, h, w in cases:
             if op not in ("ca", "sa", "cbam", "cbat", "elat"):
                 continue

@@ -32,3 +32,27 @@ def test_launch_cost_needs_a_gpu():
 
     with pytest.raises(SystemExit, match="--launch-cost: needs --device cuda"):
         bho.main(["--launch-cost"])
+
+
+def test_count_launches_counts_the_compiled_path():
+    """--count-launches (no GPU): the device operations one fused fwd and bwd issue on the
+    Triton path, counted in a process without TRITON_INTERPRET (under the interpreter it
+    refuses: it found no compiled-mode kernels to stub and counted 0 Triton launches, as
+    it silently did before 2026-11-27). ELAT: the forward's one pass over x (H·W pool and
+    stencil), the pool's combine, the channel MLP and the apply; CBAT: 37 at C = 64."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_gates", "--count-launches", "--ops", "elat,cbat",
+                        "--sizes", "elat:8x64x64x64,cbat:8x64x64x64"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "elat  8x64x64x64: fwd 4 Triton + 12 ATen, bwd 5 Triton + 18 ATen, total 39" in r.stdout, r.stdout
+    assert "cbat  8x64x64x64: fwd 13 Triton + 0 ATen, bwd 13 Triton + 11 ATen, total 37" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_gates", "--count-launches", "--ops", "elat"], cwd=root,
+                       env={**env, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--count-launches: unset TRITON_INTERPRET" in r.stderr
