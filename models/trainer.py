@@ -674,6 +674,10 @@ class Trainer:
         gens = [D.strong_generator(self.cfg.seed, self.epoch, int(i)) for i in idx.tolist()]
         return self._strong_copy(x.detach().cpu(), gens)
 
+    def _strong_source(self, x: torch.Tensor, idx: torch.Tensor, xs: Optional[torch.Tensor]):
+        """Stage I's strong copy of x: the one the loader drew (xs), else drawn now."""
+        return xs if xs is not None else self._strong_future(x, idx)
+
     def _strong_input(self, strong, like: torch.Tensor) -> torch.Tensor:
         """The strong copy (a Future of a host batch, or a batch the loader drew) on the
         device, without a synchronisation (pinned, non-blocking)."""
@@ -685,10 +689,7 @@ class Trainer:
         x = x.contiguous(memory_format=self._memory_format)
         if cfg.compile == "reduce-overhead" and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free
-        strong = None
-        if cfg.stage == 1:
-            strong = xs if xs is not None else self._strong_future(x, idx)
-        return self._net_loss(x, y, strong)
+        return self._net_loss(x, y, self._strong_source(x, idx, xs) if cfg.stage == 1 else None)
 
     def _net_loss(self, x: torch.Tensor, y: torch.Tensor, strong, cache: bool = True):
         """The network on x (Stage I: also on its strong copy: a Future of it, or a host or
@@ -728,10 +729,7 @@ class Trainer:
                          f"{tuple(self._graph.static_inputs[0].shape)}) runs eagerly")
                 self._graph_mismatch_said = True
             return None
-        if cfg.stage == 1:
-            inputs = (x, y, self._strong_input(xs if xs is not None else self._strong_future(x, idx), x))
-        else:
-            inputs = (x, y)
+        inputs = (x, y, self._strong_input(self._strong_source(x, idx, xs), x)) if cfg.stage == 1 else (x, y)
         if self._graph is None:
             graph = StepGraph(self._graph_body, [p for p in self.model.parameters() if p.requires_grad],
                               [self.model], emulate=self._emulate_graph)

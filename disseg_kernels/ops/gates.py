@@ -141,8 +141,8 @@ class _CompiledKernels:
         return dx
 
     @staticmethod
-    def stencil(x, w7, elat_taps=False):
-        """ELAT's 7×7 C→1 logit, (B, H·W) in the accumulation type (all 49 taps)."""
+    def stencil(x, w7):
+        """ELAT's 7×7 C→1 logit, (B, H·W) in the accumulation type."""
         if x.is_cpu:  # csrc/gates.cpp: 2.5× oneDNN at (4, 64, 128, 128) on this CPU
             return torch.ops.disseg.gates_stencil(x, w7)
         return _stencil_conv(x, w7)
@@ -497,8 +497,8 @@ class _RunOps:
         return out
 
     def stencil(self, w7):
-        if hasattr(self.k, "stencil"):  # only ELAT's composite stencil comes here
-            return self.k.stencil(self.x, w7, elat_taps=True)
+        if hasattr(self.k, "stencil"):
+            return self.k.stencil(self.x, w7)
         return _stencil_conv(self.x, w7)
 
     def pool_hw_stencil(self, w7):

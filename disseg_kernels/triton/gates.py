@@ -373,6 +373,16 @@ def _grad_x_kernel(grad_ptr, g_ptr, s_ptr,
 
 
 @triton.jit
+def _pixel_block(P, W, BLOCK_P: tl.constexpr):
+    # The program's batch row b and block pb of BLOCK_P positions of an H×W map (P = H·W):
+    # (b, pb, positions, their mask, H, row and column of each position); int64.
+    b = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(1).to(tl.int64)
+    offs = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    return b, pb, offs, offs < P, P // W, offs // W, offs % W
+
+
+@triton.jit
 def _stencil_fwd_kernel(x_ptr, wt_ptr, out_ptr, psum_ptr, pmax_ptr, pidx_ptr, C, P, W, sB, sC, sP,
                         ELAT_TAPS: tl.constexpr, POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # out[b, p] = Σ_c Σ_{i,j} w[c, i, j]·x[b, c, y + i − 3, x + j − 3] (a 7×7 C→1
@@ -382,13 +392,7 @@ def _stencil_fwd_kernel(x_ptr, wt_ptr, out_ptr, psum_ptr, pmax_ptr, pidx_ptr, C,
     # tap's tile also gives this block's partial (sum, max, first arg-max) over p of every
     # channel, at [b, block, c] (ELAT's H·W pool in the same read of x; _pool_combine_kernel
     # merges the blocks in order).
-    b = tl.program_id(0).to(tl.int64)
-    pb = tl.program_id(1).to(tl.int64)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    mask_p = offs_p < P
-    H = P // W
-    yy = offs_p // W
-    xx = offs_p % W
+    b, pb, offs_p, mask_p, H, yy, xx = _pixel_block(P, W, BLOCK_P)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
@@ -671,12 +675,7 @@ def _spatial_fwd_kernel(mean_ptr, max_ptr, s0_ptr, w_ptr, bias_ptr, s_ptr, gate_
                         HAS_S0: tl.constexpr, HAS_BIAS: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
     # s = σ(bias + Σ_{ch, i, j} w[ch, i, j]·M[ch, y + i − k/2, x + j − k/2]) with M = [mean, max]·S0
     # (zero outside the map), gate = S0·s.
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    mask = offs < P
-    H = P // W
-    yy = offs // W
-    xx = offs % W
+    b, _, offs, mask, H, yy, xx = _pixel_block(P, W, BLOCK_P)
     acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr)
@@ -705,13 +704,7 @@ def _spatial_bwd_logit_kernel(dgate_ptr, s0_ptr, s_ptr, mean_ptr, max_ptr, dl_pt
     # partial sums of the weight gradient Σ dlogit·M[ch, shifted] and of the bias gradient.
     # The K·K taps are the columns of a (BLOCK_P, TAPS) gather, so a block ends in two
     # column sums, not 2·K·K separate ones (which took 37 µs a launch for 8×128×128 on an H200).
-    b = tl.program_id(0).to(tl.int64)
-    pb = tl.program_id(1).to(tl.int64)
-    offs = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    mask = offs < P
-    H = P // W
-    yy = offs // W
-    xx = offs % W
+    b, pb, offs, mask, H, yy, xx = _pixel_block(P, W, BLOCK_P)
     dg = tl.load(dgate_ptr + b * P + offs, mask=mask, other=0.0)
     sg = tl.load(s_ptr + b * P + offs, mask=mask, other=0.0)
     if HAS_S0:
@@ -742,12 +735,7 @@ def _spatial_bwd_input_kernel(dl_ptr, w_ptr, s0_ptr, mean_ptr, max_ptr, ds0_ptr,
                               HAS_S0: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
     # dM[ch, y, x] = Σ_{i,j} w[ch, i, j]·dlogit[y − i + k/2, x − j + k/2]; with S0,
     # dS0 += Σ_ch dM·[mean, max] and the statistics' gradients are dM·S0.
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    mask = offs < P
-    H = P // W
-    yy = offs // W
-    xx = offs % W
+    b, _, offs, mask, H, yy, xx = _pixel_block(P, W, BLOCK_P)
     a0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     a1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for t in tl.static_range(K * K):
@@ -949,7 +937,7 @@ def grad_x_terms(grad, x, G, S, terms, stencil=None, elat_taps=False):
         w7, dl = stencil
         if tuple(w7.shape) != (1, c, 7, 7) or tuple(dl.shape) != (b, p):
             raise ValueError(f"stencil must be (w7 (1, {c}, 7, 7), dlogit ({b}, {p})), got {tuple(w7.shape)}, {tuple(dl.shape)}")
-        wt = w7.reshape(c, 49).t().float().contiguous()  # (49, C): one tap's weights contiguous
+        wt = _tap_major(w7)
         dl = dl.float().contiguous()
     bc, bp = _tiles(c, p, sC, sP)
     kern, opts = _launcher(_grad_x_kernel, "grad_x")
@@ -981,6 +969,11 @@ def _stencil_tiles(c: int, p: int, sC: int, sP: int) -> tuple[int, int]:
     return bc, bp
 
 
+def _tap_major(w7):
+    """w7 (1, C, 7, 7) as (49, C) float32: one tap's weights over the channels contiguous."""
+    return w7.reshape(w7.shape[1], 49).t().float().contiguous()
+
+
 def _check_stencil(x, w7):
     _check_f32(x)
     c = x.shape[1]
@@ -1006,7 +999,7 @@ def pool_hw_stencil(x, w7, elat_taps=False):
 def _stencil(x, w7, elat_taps, pool):
     _check_stencil(x, w7)
     b, c, p, sB, sC, sP = _geometry(x)
-    wt = w7.reshape(c, 49).t().float().contiguous()  # (49, C)
+    wt = _tap_major(w7)
     out = x.new_empty((b, p), dtype=torch.float32)
     bc, bp = _stencil_tiles(c, p, sC, sP)
     n_pb = triton.cdiv(p, bp)
