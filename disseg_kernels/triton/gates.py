@@ -671,6 +671,18 @@ def _channel_mlp_bwd_cols_kernel(dz_ptr, dh_ptr, t_ptr, a_ptr, m_ptr, g0_ptr, dg
 
 
 @triton.jit
+def _gated_stats(mean_ptr, max_ptr, s0_ptr, q, ok, HAS_S0: tl.constexpr):
+    # The spatial gate's inputs [mean, max]·S0 at offsets q (zero where not ok)
+    mv = tl.load(mean_ptr + q, mask=ok, other=0.0)
+    xv = tl.load(max_ptr + q, mask=ok, other=0.0)
+    if HAS_S0:
+        sv = tl.load(s0_ptr + q, mask=ok, other=0.0)
+        mv = mv * sv
+        xv = xv * sv
+    return mv, xv
+
+
+@triton.jit
 def _spatial_fwd_kernel(mean_ptr, max_ptr, s0_ptr, w_ptr, bias_ptr, s_ptr, gate_ptr, P, W,
                         HAS_S0: tl.constexpr, HAS_BIAS: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
     # s = σ(bias + Σ_{ch, i, j} w[ch, i, j]·M[ch, y + i − k/2, x + j − k/2]) with M = [mean, max]·S0
@@ -683,13 +695,7 @@ def _spatial_fwd_kernel(mean_ptr, max_ptr, s0_ptr, w_ptr, bias_ptr, s_ptr, gate_
         ys = yy + (t // K - K // 2)
         xs = xx + (t % K - K // 2)
         ok = mask & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-        q = b * P + ys * W + xs
-        mv = tl.load(mean_ptr + q, mask=ok, other=0.0)
-        xv = tl.load(max_ptr + q, mask=ok, other=0.0)
-        if HAS_S0:
-            sv = tl.load(s0_ptr + q, mask=ok, other=0.0)
-            mv = mv * sv
-            xv = xv * sv
+        mv, xv = _gated_stats(mean_ptr, max_ptr, s0_ptr, b * P + ys * W + xs, ok, HAS_S0)
         acc += tl.load(w_ptr + t) * mv + tl.load(w_ptr + K * K + t) * xv
     sg = tl.sigmoid(acc)
     tl.store(s_ptr + b * P + offs, sg, mask=mask)
@@ -717,13 +723,7 @@ def _spatial_bwd_logit_kernel(dgate_ptr, s0_ptr, s_ptr, mean_ptr, max_ptr, dl_pt
     ys = yy[:, None] + (cols // K - K // 2)[None, :]
     xs = xx[:, None] + (cols % K - K // 2)[None, :]
     ok = mask[:, None] & is_tap[None, :] & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-    q = b * P + ys * W + xs
-    mv = tl.load(mean_ptr + q, mask=ok, other=0.0)
-    xv = tl.load(max_ptr + q, mask=ok, other=0.0)
-    if HAS_S0:
-        sv = tl.load(s0_ptr + q, mask=ok, other=0.0)
-        mv = mv * sv
-        xv = xv * sv
+    mv, xv = _gated_stats(mean_ptr, max_ptr, s0_ptr, b * P + ys * W + xs, ok, HAS_S0)
     row = part_ptr + (b * N_PB + pb) * (2 * K * K + 1)
     tl.store(row + cols, tl.sum(dl[:, None] * mv, axis=0), mask=is_tap)
     tl.store(row + K * K + cols, tl.sum(dl[:, None] * xv, axis=0), mask=is_tap)
