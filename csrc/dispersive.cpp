@@ -18,17 +18,7 @@
 // Every L2-family gradient is grad_i = sum_j W_ij (z_i - z_j) = r_i z_i - (W Z)_i with
 // W symmetric, so each row keeps r_i = sum_j W_ij and acc_i = (W Z)_i.
 
-// at::vec::Vectorized picks its width from CPU_CAPABILITY_*; setup.py builds with
-// -march=native, so enable the widest one the compiler targets (this TU only).
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+#include "cpu_vec.h"  // first: it sets CPU_CAPABILITY before any ATen header
 
 #include <ATen/ATen.h>
 #include <torch/library.h>

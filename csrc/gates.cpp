@@ -6,6 +6,8 @@
 // run along the unit-stride dimension, so neither layout is copied. The small gate
 // tensors are dense (B, C) or (B, P) in the accumulation type (float for float/half/
 // bfloat16 inputs, double for double). A gate that is absent (nullopt) is 1.
+#include "cpu_vec.h"  // first: it sets CPU_CAPABILITY before any ATen header
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,6 +18,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "gates_small.h"
 
 namespace disseg {
 namespace {
@@ -668,6 +672,355 @@ at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
   return parts.sum(0).reshape({1, s.C, K, K});
 }
 
+// ---------------------------------------------------------------------------------------
+// The small programs (csrc/gates_small.h): the channel gate's MLP and the spatial gate's
+// 2→1 k×k convolution, forward and backward, on the (B, C) and (B, H·W) statistics. Every
+// sum runs in a fixed order (per-image partials added in image order): deterministic.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  T lanes[Vec::size()];
+  acc.store(lanes);
+  T s = T(0);
+  for (int k = 0; k < Vec::size(); ++k) s += lanes[k];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return small::has(t) ? t->const_data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+// The channel gate's MLP forward: (H, T, U, TH, g, gate), rows [a; m] (B of them without
+// m); U = e^min(H, 20) and TH = tanh(U) for TeLU (empty for ReLU), gate = G0·g (empty
+// without G0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_channel_mlp_fwd_cpu(
+    const at::Tensor& a, const std::optional<at::Tensor>& m, const std::optional<at::Tensor>& G0, const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1, const at::Tensor& w2, const std::optional<at::Tensor>& b2, bool telu) {
+  const auto d = small::mlp_dims(a, m, G0, w1, b1, w2, b2, "gates_channel_mlp_fwd");
+  const int64_t rows = d.pair ? 2 * d.B : d.B;
+  auto H = at::empty({rows, d.HID}, a.options());
+  auto T_ = at::empty({rows, d.HID}, a.options());
+  auto U = telu ? at::empty({rows, d.HID}, a.options()) : none_like(a);
+  auto TH = telu ? at::empty({rows, d.HID}, a.options()) : none_like(a);
+  auto g = at::empty({d.B, d.C}, a.options());
+  auto gate = small::has(G0) ? at::empty({d.B, d.C}, a.options()) : none_like(a);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gates_channel_mlp_fwd", [&] {
+    using T = scalar_t;
+    const T *ap = a.const_data_ptr<T>(), *mp = opt_ptr<T>(m), *g0 = opt_ptr<T>(G0);
+    const T *w1p = w1.const_data_ptr<T>(), *w2p = w2.const_data_ptr<T>(), *b1p = opt_ptr<T>(b1), *b2p = opt_ptr<T>(b2);
+    T *hp = H.data_ptr<T>(), *tp = T_.data_ptr<T>(), *gp = g.data_ptr<T>();
+    T *up = telu ? U.data_ptr<T>() : nullptr, *thp = telu ? TH.data_ptr<T>() : nullptr;
+    T* gatep = g0 ? gate.data_ptr<T>() : nullptr;
+    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1_) {
+      std::vector<T> A(d.C), tsum(d.HID);
+      for (int64_t b = b0; b < b1_; ++b) {
+        std::fill(tsum.begin(), tsum.end(), T(0));
+        for (int64_t k = 0; k < (d.pair ? 2 : 1); ++k) {
+          const T* src = (k == 0 ? ap : mp) + b * d.C;
+          for (int64_t c = 0; c < d.C; ++c) A[c] = g0 ? src[c] * g0[b * d.C + c] : src[c];
+          const int64_t r = k * d.B + b;
+          for (int64_t h = 0; h < d.HID; ++h) {
+            const T hv = dot(w1p + h * d.C, A.data(), d.C) + (b1p ? b1p[h] : T(0));
+            T u, th;
+            const T t = small::mlp_act(hv, telu, u, th);
+            hp[r * d.HID + h] = hv;
+            tp[r * d.HID + h] = t;
+            if (telu) {
+              up[r * d.HID + h] = u;
+              thp[r * d.HID + h] = th;
+            }
+            tsum[h] += t;
+          }
+        }
+        for (int64_t c = 0; c < d.C; ++c) {
+          T z = dot(w2p + c * d.HID, tsum.data(), d.HID);
+          if (b2p) z += (d.pair ? T(2) : T(1)) * b2p[c];
+          const T gv = small::sigmoid(z);
+          gp[b * d.C + c] = gv;
+          if (g0) gatep[b * d.C + c] = g0[b * d.C + c] * gv;
+        }
+      }
+    });
+  });
+  return {H, T_, U, TH, g, gate};
+}
+
+// Backward of gates_channel_mlp_fwd for the gradient of its gate: (da, dm, dG0, dw1, db1,
+// dw2, db2), da multiplied by scale_a; dm empty without m, dG0 without G0, db1/db2
+// without biases.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gates_channel_mlp_bwd_cpu(const at::Tensor& dgate, const at::Tensor& a, const std::optional<at::Tensor>& m,
+                          const std::optional<at::Tensor>& G0, const at::Tensor& H, const at::Tensor& T_,
+                          const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& TH, const at::Tensor& g,
+                          const at::Tensor& w1, const at::Tensor& w2, bool telu, bool biases, double scale_a) {
+  const char* op = "gates_channel_mlp_bwd";
+  const auto d = small::mlp_dims(a, m, G0, w1, std::nullopt, w2, std::nullopt, op);
+  const int64_t rows = d.pair ? 2 * d.B : d.B;
+  const auto acc = a.scalar_type();
+  small::check_small(dgate, d.B * d.C, acc, a.device(), op, "dgate");
+  small::check_small(g, d.B * d.C, acc, a.device(), op, "g");
+  small::check_small(H, rows * d.HID, acc, a.device(), op, "H");
+  small::check_small(T_, rows * d.HID, acc, a.device(), op, "T");
+  TORCH_CHECK(!telu || (small::has(U) && small::has(TH)), op, ": telu=True needs U and TH");
+  if (telu) {
+    small::check_small(*U, rows * d.HID, acc, a.device(), op, "U");
+    small::check_small(*TH, rows * d.HID, acc, a.device(), op, "TH");
+  }
+  auto da = at::empty({d.B, d.C}, a.options());
+  auto dm = d.pair ? at::empty({d.B, d.C}, a.options()) : none_like(a);
+  auto dG0 = small::has(G0) ? at::empty({d.B, d.C}, a.options()) : none_like(a);
+  auto dw1 = at::zeros({d.HID, d.C}, a.options());
+  auto dw2 = at::zeros({d.C, d.HID}, a.options());
+  auto db1 = biases ? at::zeros({d.HID}, a.options()) : none_like(a);
+  auto db2 = biases ? at::zeros({d.C}, a.options()) : none_like(a);
+  AT_DISPATCH_FLOATING_TYPES(acc, "gates_channel_mlp_bwd", [&] {
+    using T = scalar_t;
+    const T *ap = a.const_data_ptr<T>(), *mp = opt_ptr<T>(m), *g0 = opt_ptr<T>(G0), *dgp = dgate.const_data_ptr<T>();
+    const T *hp = H.const_data_ptr<T>(), *tp = T_.const_data_ptr<T>(), *gp = g.const_data_ptr<T>();
+    const T *up = telu ? U->const_data_ptr<T>() : nullptr, *thp = telu ? TH->const_data_ptr<T>() : nullptr;
+    const T *w1p = w1.const_data_ptr<T>(), *w2p = w2.const_data_ptr<T>();
+    T *dap = da.data_ptr<T>(), *dmp = d.pair ? dm.data_ptr<T>() : nullptr, *dg0p = g0 ? dG0.data_ptr<T>() : nullptr;
+    T *dw1p = dw1.data_ptr<T>(), *dw2p = dw2.data_ptr<T>();
+    T *db1p = biases ? db1.data_ptr<T>() : nullptr, *db2p = biases ? db2.data_ptr<T>() : nullptr;
+    // Per image: dz = σ'·dgate·G0, dT = W2ᵀ·dz (both rows), dH = dT·act'(H), and the
+    // statistics' gradients dA = W1ᵀ·dH.
+    std::vector<T> dz(d.B * d.C), dh(rows * d.HID);
+    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1_) {
+      std::vector<T> dt(d.HID), dA(d.C);
+      for (int64_t b = b0; b < b1_; ++b) {
+        std::fill(dt.begin(), dt.end(), T(0));
+        for (int64_t c = 0; c < d.C; ++c) {
+          const int64_t q = b * d.C + c;
+          const T dg = g0 ? dgp[q] * g0[q] : dgp[q];
+          const T z = dg * gp[q] * (T(1) - gp[q]);
+          dz[q] = z;
+          const T* w2r = w2p + c * d.HID;
+          for (int64_t h = 0; h < d.HID; ++h) dt[h] += w2r[h] * z;
+        }
+        for (int64_t k = 0; k < (d.pair ? 2 : 1); ++k) {
+          const int64_t r = k * d.B + b;
+          for (int64_t h = 0; h < d.HID; ++h) {
+            const int64_t q = r * d.HID + h;
+            dh[q] = small::mlp_act_grad(dt[h], hp[q], telu ? up[q] : T(0), telu ? thp[q] : T(0), telu);
+          }
+          std::fill(dA.begin(), dA.end(), T(0));
+          for (int64_t h = 0; h < d.HID; ++h) {
+            const T v = dh[r * d.HID + h];
+            const T* w1r = w1p + h * d.C;
+            for (int64_t c = 0; c < d.C; ++c) dA[c] += v * w1r[c];
+          }
+          T* out = k == 0 ? dap : dmp;
+          for (int64_t c = 0; c < d.C; ++c) {
+            const int64_t q = b * d.C + c;
+            const T raw = (k == 0 ? ap : mp)[q];
+            if (g0) {
+              if (k == 0) dg0p[q] = dgp[q] * gp[q];
+              dg0p[q] += dA[c] * raw;
+              out[q] = dA[c] * g0[q];
+            } else {
+              out[q] = dA[c];
+            }
+            if (k == 0) out[q] *= static_cast<T>(scale_a);
+          }
+        }
+      }
+    });
+    // The weight gradients, summed over the images in order.
+    std::vector<T> A(d.C), tsum(d.HID);
+    for (int64_t b = 0; b < d.B; ++b) {
+      for (int64_t h = 0; h < d.HID; ++h) tsum[h] = tp[b * d.HID + h] + (d.pair ? tp[(d.B + b) * d.HID + h] : T(0));
+      for (int64_t c = 0; c < d.C; ++c) {
+        const T z = dz[b * d.C + c];
+        T* row = dw2p + c * d.HID;
+        for (int64_t h = 0; h < d.HID; ++h) row[h] += z * tsum[h];
+        if (biases) db2p[c] += d.pair ? T(2) * z : z;
+      }
+      for (int64_t k = 0; k < (d.pair ? 2 : 1); ++k) {
+        const T* src = (k == 0 ? ap : mp) + b * d.C;
+        for (int64_t c = 0; c < d.C; ++c) A[c] = g0 ? src[c] * g0[b * d.C + c] : src[c];
+        const int64_t r = k * d.B + b;
+        for (int64_t h = 0; h < d.HID; ++h) {
+          const T v = dh[r * d.HID + h];
+          T* row = dw1p + h * d.C;
+          for (int64_t c = 0; c < d.C; ++c) row[c] += v * A[c];
+          if (biases) db1p[h] += v;
+        }
+      }
+    }
+  });
+  return {da, dm, dG0, dw1, db1, dw2, db2};
+}
+
+// The spatial gate forward: s = σ(bias + conv_k([mean, max]·S0, w)) and gate = S0·s (empty
+// without S0), each (B, H·W). Per output row: one unit-stride pass per tap.
+std::tuple<at::Tensor, at::Tensor> gates_spatial_fwd_cpu(const at::Tensor& mean, const at::Tensor& mx,
+                                                         const std::optional<at::Tensor>& S0, const at::Tensor& w,
+                                                         const std::optional<at::Tensor>& bias, int64_t width) {
+  const char* op = "gates_spatial_fwd";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // M's products are this kernel's own arithmetic
+  const auto d = small::spatial_dims(mean, mx, w, width, op);
+  small::check_opt(S0, d.B * d.P, mean.scalar_type(), mean.device(), op, "S0");
+  small::check_opt(bias, 1, mean.scalar_type(), mean.device(), op, "bias");
+  auto s = at::empty({d.B, d.P}, mean.options());
+  auto gate = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : none_like(mean);
+  if (mean.numel() == 0) return {s, gate};
+  // the gated maps M = [mean, max]·S0, once
+  const at::Tensor M0 = small::has(S0) ? mean * *S0 : mean, M1 = small::has(S0) ? mx * *S0 : mx;
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "gates_spatial_fwd", [&] {
+    using T = scalar_t;
+    const T *m0 = M0.const_data_ptr<T>(), *m1 = M1.const_data_ptr<T>(), *wp = w.const_data_ptr<T>();
+    const T* s0 = opt_ptr<T>(S0);
+    const T bv = small::has(bias) ? bias->const_data_ptr<T>()[0] : T(0);
+    T *sp = s.data_ptr<T>(), *gatep = s0 ? gate.data_ptr<T>() : nullptr;
+    const int64_t R = d.K / 2, KK = d.K * d.K;
+    at::parallel_for(0, d.B * d.H, 8, [&](int64_t r0, int64_t r1) {
+      std::vector<T> acc(d.W);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / d.H, y = r % d.H;
+        std::fill(acc.begin(), acc.end(), bv);
+        for (int64_t i = 0; i < d.K; ++i) {
+          const int64_t ys = y + i - R;
+          if (ys < 0 || ys >= d.H) continue;
+          for (int64_t j = 0; j < d.K; ++j) {
+            const T w0 = wp[i * d.K + j], w1 = wp[KK + i * d.K + j];
+            const int64_t lo = std::max<int64_t>(0, R - j), hi = std::min<int64_t>(d.W, d.W + R - j);
+            const T* a0 = m0 + b * d.P + ys * d.W + (j - R);
+            const T* a1 = m1 + b * d.P + ys * d.W + (j - R);
+            for (int64_t x = lo; x < hi; ++x) acc[x] += w0 * a0[x] + w1 * a1[x];
+          }
+        }
+        const int64_t o = b * d.P + y * d.W;
+        for (int64_t x = 0; x < d.W; ++x) {
+          const T sv = small::sigmoid(acc[x]);
+          sp[o + x] = sv;
+          if (s0) gatep[o + x] = s0[o + x] * sv;
+        }
+      }
+    });
+  });
+  return {s, gate};
+}
+
+// Backward of gates_spatial_fwd for the gradient of its gate: (dmean, dmax, dS0, dw, db),
+// dmean multiplied by scale_mean; dS0 empty without S0, db empty without has_bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spatial_bwd_cpu(
+    const at::Tensor& dgate, const std::optional<at::Tensor>& S0, const at::Tensor& s, const at::Tensor& mean,
+    const at::Tensor& mx, const at::Tensor& w, bool has_bias, int64_t width, double scale_mean) {
+  const char* op = "gates_spatial_bwd";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto d = small::spatial_dims(mean, mx, w, width, op);
+  const auto acc = mean.scalar_type();
+  small::check_small(dgate, d.B * d.P, acc, mean.device(), op, "dgate");
+  small::check_small(s, d.B * d.P, acc, mean.device(), op, "s");
+  small::check_opt(S0, d.B * d.P, acc, mean.device(), op, "S0");
+  const int64_t R = d.K / 2, KK = d.K * d.K;
+  auto dmean = at::empty({d.B, d.P}, mean.options());
+  auto dmax = at::empty({d.B, d.P}, mean.options());
+  auto dS0 = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : none_like(mean);
+  auto dl = at::empty({d.B, d.P}, mean.options());
+  auto part = at::zeros({d.B, 2 * KK + 1}, mean.options());
+  const at::Tensor M0 = small::has(S0) ? mean * *S0 : mean, M1 = small::has(S0) ? mx * *S0 : mx;
+  AT_DISPATCH_FLOATING_TYPES(acc, "gates_spatial_bwd", [&] {
+    using T = scalar_t;
+    const T *dgp = dgate.const_data_ptr<T>(), *s0 = opt_ptr<T>(S0), *sp = s.const_data_ptr<T>();
+    const T *mp = mean.const_data_ptr<T>(), *xp = mx.const_data_ptr<T>(), *wp = w.const_data_ptr<T>();
+    const T *m0 = M0.const_data_ptr<T>(), *m1 = M1.const_data_ptr<T>();
+    T *dlp = dl.data_ptr<T>(), *ds0 = s0 ? dS0.data_ptr<T>() : nullptr, *pp = part.data_ptr<T>();
+    T *dmp = dmean.data_ptr<T>(), *dxp = dmax.data_ptr<T>();
+    // 1. dlogit = dgate·S0·s(1 − s), dS0 = dgate·s (its first part); per image the weight
+    //    gradient's sums Σ dl·M[ch, shifted] kept per tap and column, reduced at the end.
+    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1_) {
+      std::vector<T> cols(2 * KK * d.W);
+      for (int64_t b = b0; b < b1_; ++b) {
+        T* pr = pp + b * (2 * KK + 1);
+        for (int64_t p = b * d.P; p < (b + 1) * d.P; ++p) {
+          T dg = dgp[p];
+          if (s0) {
+            ds0[p] = dg * sp[p];
+            dg *= s0[p];
+          }
+          dlp[p] = dg * sp[p] * (T(1) - sp[p]);
+          pr[2 * KK] += dlp[p];
+        }
+        std::fill(cols.begin(), cols.end(), T(0));
+        for (int64_t y = 0; y < d.H; ++y) {
+          const T* dly = dlp + b * d.P + y * d.W;
+          for (int64_t i = 0; i < d.K; ++i) {
+            const int64_t ys = y + i - R;
+            if (ys < 0 || ys >= d.H) continue;
+            for (int64_t j = 0; j < d.K; ++j) {
+              const int64_t lo = std::max<int64_t>(0, R - j), hi = std::min<int64_t>(d.W, d.W + R - j);
+              const T* a0 = m0 + b * d.P + ys * d.W + (j - R);
+              const T* a1 = m1 + b * d.P + ys * d.W + (j - R);
+              T* c0 = cols.data() + (i * d.K + j) * d.W;
+              T* c1 = cols.data() + (KK + i * d.K + j) * d.W;
+              for (int64_t x = lo; x < hi; ++x) {
+                c0[x] += dly[x] * a0[x];
+                c1[x] += dly[x] * a1[x];
+              }
+            }
+          }
+        }
+        for (int64_t t = 0; t < 2 * KK; ++t) {
+          T v = T(0);
+          for (int64_t x = 0; x < d.W; ++x) v += cols[t * d.W + x];
+          pr[t] = v;
+        }
+      }
+    });
+    // 2. dM[ch] = the transposed convolution of dl; with S0, dS0 += Σ_ch dM·[mean, max] and
+    //    the statistics' gradients are dM·S0.
+    at::parallel_for(0, d.B * d.H, 8, [&](int64_t r0, int64_t r1) {
+      std::vector<T> a0(d.W), a1(d.W);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / d.H, y = r % d.H;
+        std::fill(a0.begin(), a0.end(), T(0));
+        std::fill(a1.begin(), a1.end(), T(0));
+        for (int64_t i = 0; i < d.K; ++i) {
+          const int64_t ys = y - i + R;
+          if (ys < 0 || ys >= d.H) continue;
+          for (int64_t j = 0; j < d.K; ++j) {
+            const T w0 = wp[i * d.K + j], w1 = wp[KK + i * d.K + j];
+            const int64_t lo = std::max<int64_t>(0, j - R), hi = std::min<int64_t>(d.W, d.W + j - R);
+            const T* src = dlp + b * d.P + ys * d.W + (R - j);
+            for (int64_t x = lo; x < hi; ++x) {
+              a0[x] += w0 * src[x];
+              a1[x] += w1 * src[x];
+            }
+          }
+        }
+        const int64_t o = b * d.P + y * d.W;
+        for (int64_t x = 0; x < d.W; ++x) {
+          T v0 = a0[x], v1 = a1[x];
+          if (s0) {
+            ds0[o + x] += v0 * mp[o + x] + v1 * xp[o + x];
+            v0 *= s0[o + x];
+            v1 *= s0[o + x];
+          }
+          dmp[o + x] = v0 * static_cast<T>(scale_mean);
+          dxp[o + x] = v1;
+        }
+      }
+    });
+  });
+  auto sums = part.sum(0);
+  auto dw = sums.narrow(0, 0, 2 * KK).reshape(w.sizes()).contiguous();
+  auto db = has_bias ? sums.narrow(0, 2 * KK, 1).contiguous() : none_like(mean);
+  return {dmean, dmax, dS0, dw, db};
+}
+
 TORCH_LIBRARY_FRAGMENT(disseg, m) {
   m.def("gates_pool_hw(Tensor x, Tensor? S) -> (Tensor, Tensor, Tensor)");
   m.def("gates_pool_c(Tensor x, Tensor? G) -> (Tensor, Tensor, Tensor)");
@@ -677,6 +1030,17 @@ TORCH_LIBRARY_FRAGMENT(disseg, m) {
   m.def("gates_stencil(Tensor x, Tensor w) -> Tensor");
   m.def("gates_stencil_grad_input_(Tensor(a!) dx, Tensor w, Tensor g) -> ()");
   m.def("gates_stencil_grad_weight(Tensor x, Tensor g, int K) -> Tensor");
+  m.def(
+      "gates_channel_mlp_fwd(Tensor a, Tensor? m, Tensor? G0, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool telu)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gates_channel_mlp_bwd(Tensor dgate, Tensor a, Tensor? m, Tensor? G0, Tensor H, Tensor T, Tensor? U, Tensor? TH,"
+      " Tensor g, Tensor w1, Tensor w2, bool telu, bool biases, float scale_a)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gates_spatial_fwd(Tensor mean, Tensor mx, Tensor? S0, Tensor w, Tensor? bias, int width) -> (Tensor, Tensor)");
+  m.def(
+      "gates_spatial_bwd(Tensor dgate, Tensor? S0, Tensor s, Tensor mean, Tensor mx, Tensor w, bool has_bias,"
+      " int width, float scale_mean) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(disseg, CPU, m) {
@@ -688,6 +1052,10 @@ TORCH_LIBRARY_IMPL(disseg, CPU, m) {
   m.impl("gates_stencil", &gates_stencil_cpu);
   m.impl("gates_stencil_grad_input_", &gates_stencil_grad_input_cpu);
   m.impl("gates_stencil_grad_weight", &gates_stencil_grad_weight_cpu);
+  m.impl("gates_channel_mlp_fwd", &gates_channel_mlp_fwd_cpu);
+  m.impl("gates_channel_mlp_bwd", &gates_channel_mlp_bwd_cpu);
+  m.impl("gates_spatial_fwd", &gates_spatial_fwd_cpu);
+  m.impl("gates_spatial_bwd", &gates_spatial_bwd_cpu);
 }
 
 }  // namespace disseg

@@ -140,6 +140,36 @@ class _CompiledKernels:
                 dx += torch.nn.grad.conv2d_input(x.shape, w7.to(x.dtype), dlogit.view(b, 1, h, w).to(x.dtype), padding=3)
         return dx
 
+    # The gates' small programs (csrc/gates_small.h), with the Triton functions' signatures
+    # (triton.gates.channel_mlp_fwd / _bwd, spatial_gate_fwd / _bwd). An absent output
+    # comes back from the op as an empty tensor and is None here.
+
+    @staticmethod
+    def channel_mlp_fwd(a, m, G0, w1, b1, w2, b2, telu, pair):
+        H, T, U, TH, g, gate = torch.ops.disseg.gates_channel_mlp_fwd(
+            a, m if pair else None, _dense(G0), w1.contiguous(), b1, w2.contiguous(), b2, bool(telu))
+        return H, T, ((U, TH) if telu else None), g, (gate if G0 is not None else g)
+
+    @staticmethod
+    def channel_mlp_bwd(dgate, a, m, G0, H, T, parts, g, w1, w2, telu, pair, biases, scale_a=1.0):
+        U, TH = parts if telu else (None, None)
+        da, dm, dG0, dw1, db1, dw2, db2 = torch.ops.disseg.gates_channel_mlp_bwd(
+            dgate.contiguous(), a, m if pair else None, _dense(G0), H, T, U, TH, g, w1.contiguous(), w2.contiguous(),
+            bool(telu), bool(biases), float(scale_a))
+        return (da, dm if pair else None, dG0 if G0 is not None else None, dw1, db1 if biases else None, dw2,
+                db2 if biases else None)
+
+    @staticmethod
+    def spatial_gate_fwd(mean, mx, S0, cw, cb, width):
+        s, gate = torch.ops.disseg.gates_spatial_fwd(mean, mx, _dense(S0), cw.contiguous(), cb, width)
+        return s, (gate if S0 is not None else s)
+
+    @staticmethod
+    def spatial_gate_bwd(dgate, S0, s, mean, mx, cw, has_bias, width, scale_mean=1.0):
+        dmean, dmax, dS0, dcw, dcb = torch.ops.disseg.gates_spatial_bwd(
+            dgate.contiguous(), _dense(S0), s, mean, mx, cw.contiguous(), bool(has_bias), width, float(scale_mean))
+        return dmean, dmax, (dS0 if S0 is not None else None), dcw, (dcb if has_bias else None)
+
     @staticmethod
     def stencil(x, w7):
         """ELAT's 7×7 C→1 logit, (B, H·W) in the accumulation type."""
@@ -153,6 +183,10 @@ class _CompiledKernels:
         if x.is_cpu:
             return torch.ops.disseg.gates_stencil_grad_weight(x, dlogit.contiguous(), w7.shape[-1])
         return _stencil_conv_grad_weight(x, dlogit, w7)
+
+
+def _dense(t):
+    return t.contiguous() if t is not None else None
 
 
 def _kernels(backend: str):
@@ -266,7 +300,7 @@ def _channel_fwd(src, mlp, act, G0, S0):
         H, T, g, *rest = src.load((5 if telu else 3) + (G0 is not None))
         G = rest.pop() if G0 is not None else g
         parts = tuple(rest) or None
-    elif src.fused_small:  # one launch (Triton)
+    elif src.fused_small:  # one launch
         H, T, parts, g, G = src.k.channel_mlp_fwd(a, m, G0, *mlp, telu, True)
         src.keep([H, T, g, *(parts or ()), *([G] if G0 is not None else [])])
     else:
@@ -282,7 +316,7 @@ def _channel_fwd(src, mlp, act, G0, S0):
 
 def _channel_bwd(bw, rec, w_in, w_out, act, biases, dG, dS):
     a, m, idx, H, T, parts, g, G0, S0 = rec
-    if hasattr(bw.k, "channel_mlp_bwd"):  # two launches (Triton)
+    if hasattr(bw.k, "channel_mlp_bwd"):  # two launches
         da, dm, dG0, dw_in, db_in, dw_out, db_out = bw.k.channel_mlp_bwd(
             dG, a, m, G0, H, T, parts, g, w_in, w_out, act == "telu", True, biases, scale_a=1.0 / bw.p)
         return dG0, _add(dS, bw.hw_stat(S0, idx, da, dm, prescaled=True)), (dw_in, db_in, dw_out, db_out)
@@ -305,7 +339,7 @@ def _spatial_fwd(src, cw, cb, shape, G0, S0):
     if src.replaying and src.keep_spatial:
         (s,) = src.load(1)
         S = s if S0 is None else S0 * s
-    elif src.fused_small:  # one launch (Triton)
+    elif src.fused_spatial:  # one launch (C++, CUDA, Triton)
         s, S = src.k.spatial_gate_fwd(mean, mx, S0, cw, cb, w)
     else:
         M = torch.stack([mean, mx], dim=1)
@@ -319,7 +353,7 @@ def _spatial_fwd(src, cw, cb, shape, G0, S0):
 
 def _spatial_bwd(bw, rec, cw, has_bias, dG, dS):
     mean, mx, s, idx, G0, S0, width = rec
-    if hasattr(bw.k, "spatial_gate_bwd"):  # two launches and a sum (Triton)
+    if hasattr(bw.k, "spatial_gate_bwd"):  # two launches and a sum
         dmean, dm, dS0, dcw, dcb = bw.k.spatial_gate_bwd(dS, S0, s, mean, mx, cw, has_bias, width, scale_mean=1.0 / bw.c)
         return _add(dG, bw.c_stat(G0, idx, dmean, dm, prescaled=True)), dS0, (dcw, dcb)
     b, p = mean.shape
@@ -379,7 +413,7 @@ def _elat_fwd(src, p, shape, G0, S0):
         return g, s, (a, H, T, (u, th), g, s, w7, idx)
     w7, bias = _elat_stencil(p[2:5], p[5:8], p[8], p[9])
     a, _, idx, logit = src.pool_hw_stencil(w7)  # one read of x where the backend fuses them
-    if src.fused_small:  # one launch (Triton)
+    if src.fused_small:  # one launch
         H, T, parts, g, _ = src.k.channel_mlp_fwd(a, None, None, p[0], None, p[1], None, True, False)
     else:
         z, (_, H, T, parts) = _mlp_fwd(a, p[0], None, p[1], None, "telu", pair=False)
@@ -416,7 +450,7 @@ def _elat_stencil(dconv_w, dconv_b, fuse_w, fuse_b):
 def _elat_bwd(bw, rec, p, dG, dS):
     a, H, T, parts, g, s, w7, idx = rec
     x = bw.x
-    if hasattr(bw.k, "channel_mlp_bwd"):  # two launches (Triton)
+    if hasattr(bw.k, "channel_mlp_bwd"):  # two launches
         dA, _, _, dw0, _, dw2, _ = bw.k.channel_mlp_bwd(dG, a, None, None, H, T, parts, g, p[0], p[1], True, False, False,
                                                         scale_a=1.0 / bw.p)
         bw.hw_stat(None, idx, dA, None, prescaled=True)
@@ -476,10 +510,12 @@ class _RunOps:
 
     def __init__(self, k, x):
         self.k, self.x, self.saved = k, x, []
-        # Triton: the small math runs as fused kernels, and the spatial gates are kept
-        # for backward (two (B, H·W) maps; its arg-max indices are int32 there, so the
-        # chain still saves under 1.2× x). C++: torch small math, the gates recomputed.
+        # Every backend runs the small math (channel MLP, spatial gate) as fused kernels.
+        # Triton keeps the spatial gates for backward (two (B, H·W) maps; its arg-max
+        # indices are int32 there, so the chain still saves under 1.2× x); C++ and CUDA
+        # recompute them (one launch each in backward).
         self.fused_small = hasattr(k, "channel_mlp_fwd")
+        self.fused_spatial = hasattr(k, "spatial_gate_fwd")
         self.keep_spatial = getattr(k, "KEEP_SPATIAL_GATES", False)
 
     def keep(self, tensors):
@@ -516,7 +552,7 @@ class _FakeOps(_RunOps):
 
     def __init__(self, backend, x):
         self.k, self.x, self.saved = None, x, []
-        self.fused_small = False
+        self.fused_small = self.fused_spatial = False
         self.keep_spatial = backend == "triton"
         self.idx_dtype = torch.int32 if backend == "triton" else torch.long
 
@@ -546,8 +582,9 @@ class _Replay:
     fused_small = False  # nothing is computed forward again but the gates the C++ path drops
 
     def __init__(self, saved, k):
-        self.saved, self.pos = saved, 0
+        self.saved, self.pos, self.k = saved, 0, k
         self.keep_spatial = getattr(k, "KEEP_SPATIAL_GATES", False)
+        self.fused_spatial = hasattr(k, "spatial_gate_fwd")
 
     def _take(self, n):
         out = self.saved[self.pos : self.pos + n]
