@@ -40,6 +40,8 @@
 #include <optional>
 #include <tuple>
 
+#include "gates_small.h"
+
 namespace disseg {
 namespace {
 
@@ -505,6 +507,283 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_stats(const at::Tensor& x, c
   return {mean, mx, idx};
 }
 
+// ---- the small programs (csrc/gates_small.h) ---------------------------------------------
+// The channel MLP: one block per image (rows kernels), warps over hidden units with lanes
+// over channels (coalesced rows of W1); the weight gradients one thread per weight,
+// summing the images in order. The spatial gate: one thread per pixel, its k×k taps read
+// through L1; the weight gradient as per-block partials (a warp sum per tap, then the
+// block's 8 warps in shared memory), added in block order by one sum.
+
+__device__ __forceinline__ int flat_tid() { return threadIdx.y * kWarp + threadIdx.x; }
+
+// H = W1·(a·G0) + b1 (and the max row), T = act(H), g = σ(W2·(T_a + T_m) + 2·b2), gate = G0·g.
+// Shared memory: A (C) and tsum (HID).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) channel_mlp_fwd_kernel(
+    const T* __restrict__ a, const T* __restrict__ m, const T* __restrict__ g0, const T* __restrict__ w1,
+    const T* __restrict__ b1, const T* __restrict__ w2, const T* __restrict__ b2, T* __restrict__ H,
+    T* __restrict__ Tt, T* __restrict__ U, T* __restrict__ TH, T* __restrict__ g, T* __restrict__ gate,
+    small::MlpDims d, bool telu) {
+  extern __shared__ unsigned char smem_raw[];
+  T* A = reinterpret_cast<T*>(smem_raw);
+  T* tsum = A + d.C;
+  const int64_t b = blockIdx.x;
+  const int tid = flat_tid();
+  for (int k = 0; k < (d.pair ? 2 : 1); ++k) {
+    const T* src = (k == 0 ? a : m) + b * d.C;
+    for (int64_t c = tid; c < d.C; c += kThreads) A[c] = g0 ? src[c] * g0[b * d.C + c] : src[c];
+    __syncthreads();
+    const int64_t r = k * d.B + b;
+    for (int64_t h = threadIdx.y; h < d.HID; h += kRows) {  // the same trip count for a whole warp
+      T acc = T(0);
+      for (int64_t c = threadIdx.x; c < d.C; c += kWarp) acc += w1[h * d.C + c] * A[c];
+      acc = warp_sum(acc);
+      if (threadIdx.x == 0) {
+        const T hv = acc + (b1 ? b1[h] : T(0));
+        T u, th;
+        const T t = small::mlp_act(hv, telu, u, th);
+        H[r * d.HID + h] = hv;
+        Tt[r * d.HID + h] = t;
+        if (telu) {
+          U[r * d.HID + h] = u;
+          TH[r * d.HID + h] = th;
+        }
+        tsum[h] = k == 0 ? t : tsum[h] + t;  // one writer per h
+      }
+    }
+    __syncthreads();  // A is reloaded for the next row; tsum complete after the last
+  }
+  for (int64_t c = tid; c < d.C; c += kThreads) {
+    T z = T(0);
+    for (int64_t h = 0; h < d.HID; ++h) z += w2[c * d.HID + h] * tsum[h];
+    if (b2) z += (d.pair ? T(2) : T(1)) * b2[c];
+    const T gv = small::sigmoid(z);
+    g[b * d.C + c] = gv;
+    if (g0) gate[b * d.C + c] = g0[b * d.C + c] * gv;
+  }
+}
+
+// Backward, per image: dz = σ'·dgate·G0, dT = W2ᵀ·dz, dH = dT·act'(H) (both rows), then the
+// statistics' gradients dA = W1ᵀ·dH: da = dA_a·G0·scale_a, dm = dA_m·G0, dG0 = dgate·g +
+// dA_a·a + dA_m·m. Shared memory: dz (C), dH (2·HID).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) channel_mlp_bwd_rows_kernel(
+    const T* __restrict__ dgate, const T* __restrict__ a, const T* __restrict__ m, const T* __restrict__ g0,
+    const T* __restrict__ H, const T* __restrict__ U, const T* __restrict__ TH, const T* __restrict__ g,
+    const T* __restrict__ w1, const T* __restrict__ w2, T* __restrict__ dz_out, T* __restrict__ dh_out,
+    T* __restrict__ da, T* __restrict__ dm, T* __restrict__ dG0, small::MlpDims d, bool telu, T scale_a) {
+  extern __shared__ unsigned char smem_raw[];
+  T* dz = reinterpret_cast<T*>(smem_raw);
+  T* dh = dz + d.C;
+  const int64_t b = blockIdx.x;
+  const int tid = flat_tid();
+  for (int64_t c = tid; c < d.C; c += kThreads) {
+    const int64_t q = b * d.C + c;
+    const T dg = g0 ? dgate[q] * g0[q] : dgate[q];
+    const T z = dg * g[q] * (T(1) - g[q]);
+    dz[c] = z;
+    dz_out[q] = z;
+  }
+  __syncthreads();
+  for (int64_t h = threadIdx.y; h < d.HID; h += kRows) {
+    T acc = T(0);
+    for (int64_t c = threadIdx.x; c < d.C; c += kWarp) acc += w2[c * d.HID + h] * dz[c];
+    acc = warp_sum(acc);
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < (d.pair ? 2 : 1); ++k) {
+        const int64_t q = (k * d.B + b) * d.HID + h;
+        const T v = small::mlp_act_grad(acc, H[q], telu ? U[q] : T(0), telu ? TH[q] : T(0), telu);
+        dh[k * d.HID + h] = v;
+        dh_out[q] = v;
+      }
+    }
+  }
+  __syncthreads();
+  for (int64_t c = tid; c < d.C; c += kThreads) {
+    const int64_t q = b * d.C + c;
+    T dA0 = T(0), dA1 = T(0);
+    for (int64_t h = 0; h < d.HID; ++h) {
+      dA0 += dh[h] * w1[h * d.C + c];
+      if (d.pair) dA1 += dh[d.HID + h] * w1[h * d.C + c];
+    }
+    if (g0) {
+      dG0[q] = dgate[q] * g[q] + dA0 * a[q] + (d.pair ? dA1 * m[q] : T(0));
+      dA0 *= g0[q];
+      dA1 *= g0[q];
+    }
+    da[q] = dA0 * scale_a;
+    if (d.pair) dm[q] = dA1;
+  }
+}
+
+// The weight gradients, one thread per output, the images summed in order:
+// dW1[h, c] = Σ_b Σ_rows dH·(x·G0), dW2[c, h] = Σ_b dz·(T_a + T_m), db1[h] = Σ dH,
+// db2[c] = (2 when paired)·Σ_b dz. Outputs laid out as [dW1 | dW2 | db1 | db2].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) channel_mlp_bwd_weights_kernel(
+    const T* __restrict__ dz, const T* __restrict__ dh, const T* __restrict__ Tt, const T* __restrict__ a,
+    const T* __restrict__ m, const T* __restrict__ g0, T* __restrict__ dw1, T* __restrict__ dw2, T* __restrict__ db1,
+    T* __restrict__ db2, small::MlpDims d, bool biases) {
+  const int64_t n1 = d.HID * d.C, n2 = n1 + d.C * d.HID, n3 = n2 + (biases ? d.HID : 0), n4 = n3 + (biases ? d.C : 0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + flat_tid(); t < n4; t += stride) {
+    T acc = T(0);
+    if (t < n1) {
+      const int64_t h = t / d.C, c = t - h * d.C;
+      for (int64_t b = 0; b < d.B; ++b) {
+        const T gv = g0 ? g0[b * d.C + c] : T(1);
+        acc += dh[b * d.HID + h] * (a[b * d.C + c] * gv);
+        if (d.pair) acc += dh[(d.B + b) * d.HID + h] * (m[b * d.C + c] * gv);
+      }
+      dw1[t] = acc;
+    } else if (t < n2) {
+      const int64_t q = t - n1, c = q / d.HID, h = q - c * d.HID;
+      for (int64_t b = 0; b < d.B; ++b) {
+        const T ts = Tt[b * d.HID + h] + (d.pair ? Tt[(d.B + b) * d.HID + h] : T(0));
+        acc += dz[b * d.C + c] * ts;
+      }
+      dw2[q] = acc;
+    } else if (t < n3) {
+      const int64_t h = t - n2;
+      for (int64_t b = 0; b < d.B; ++b) {
+        acc += dh[b * d.HID + h];
+        if (d.pair) acc += dh[(d.B + b) * d.HID + h];
+      }
+      db1[h] = acc;
+    } else {
+      const int64_t c = t - n3;
+      for (int64_t b = 0; b < d.B; ++b) acc += dz[b * d.C + c];
+      db2[c] = d.pair ? T(2) * acc : acc;
+    }
+  }
+}
+
+// The spatial gate's logit at (b, y, x) (without the bias): Σ over the k×k taps inside the
+// map of w[0, t]·mean·S0 + w[1, t]·max·S0 at the tap.
+template <typename T>
+__device__ __forceinline__ T spatial_logit(const T* mean, const T* mx, const T* s0, const T* w, int64_t b, int64_t y,
+                                           int64_t x, const small::SpatialDims& d) {
+  const int64_t R = d.K / 2, KK = d.K * d.K;
+  T acc = T(0);
+  for (int64_t i = 0; i < d.K; ++i) {
+    const int64_t ys = y + i - R;
+    if (ys < 0 || ys >= d.H) continue;
+    for (int64_t j = 0; j < d.K; ++j) {
+      const int64_t xs = x + j - R;
+      if (xs < 0 || xs >= d.W) continue;
+      const int64_t q = b * d.P + ys * d.W + xs;
+      const T gv = s0 ? s0[q] : T(1);
+      acc += w[i * d.K + j] * (mean[q] * gv) + w[KK + i * d.K + j] * (mx[q] * gv);
+    }
+  }
+  return acc;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) spatial_fwd_kernel(const T* __restrict__ mean, const T* __restrict__ mx,
+                                                               const T* __restrict__ s0, const T* __restrict__ w,
+                                                               const T* __restrict__ bias, T* __restrict__ s,
+                                                               T* __restrict__ gate, small::SpatialDims d) {
+  const int64_t n = d.B * d.P, stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + flat_tid(); q < n; q += stride) {
+    const int64_t b = q / d.P, p = q - b * d.P, y = p / d.W, x = p - y * d.W;
+    const T sv = small::sigmoid((bias ? bias[0] : T(0)) + spatial_logit(mean, mx, s0, w, b, y, x, d));
+    s[q] = sv;
+    if (s0) gate[q] = s0[q] * sv;
+  }
+}
+
+// dlogit = dgate·S0·s(1 − s), dS0 = dgate·s (its first part); per block the partial sums
+// of the weight gradient Σ dlogit·M[ch, shifted] (2·k² of them) and of the bias gradient,
+// written to part[block]. One pixel per thread (no grid stride: the partials are per block).
+// Shared memory: 8 warps × (2·k² + 1).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) spatial_bwd_logit_kernel(
+    const T* __restrict__ dgate, const T* __restrict__ s0, const T* __restrict__ s, const T* __restrict__ mean,
+    const T* __restrict__ mx, T* __restrict__ dl, T* __restrict__ ds0, T* __restrict__ part, small::SpatialDims d) {
+  extern __shared__ unsigned char smem_raw[];
+  const int64_t KK = d.K * d.K, NP = 2 * KK + 1, R = d.K / 2;
+  T* sp = reinterpret_cast<T*>(smem_raw);  // [kRows][NP]
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + flat_tid();
+  const bool ok = q < d.B * d.P;
+  const int64_t b = ok ? q / d.P : 0, p = ok ? q - b * d.P : 0, y = p / d.W, x = p - y * d.W;
+  T v = T(0);
+  if (ok) {
+    T dg = dgate[q];
+    if (s0) {
+      ds0[q] = dg * s[q];
+      dg *= s0[q];
+    }
+    v = dg * s[q] * (T(1) - s[q]);
+    dl[q] = v;
+  }
+  for (int64_t t = 0; t < NP; ++t) {  // the same for every thread: warp sums stay converged
+    T c = T(0);
+    if (ok && t < 2 * KK) {
+      const int64_t ch = t / KK, tap = t - ch * KK, i = tap / d.K, j = tap - i * d.K;
+      const int64_t ys = y + i - R, xs = x + j - R;
+      if (ys >= 0 && ys < d.H && xs >= 0 && xs < d.W) {
+        const int64_t o = b * d.P + ys * d.W + xs;
+        c = v * ((ch == 0 ? mean[o] : mx[o]) * (s0 ? s0[o] : T(1)));
+      }
+    } else if (ok) {
+      c = v;
+    }
+    c = warp_sum(c);
+    if (threadIdx.x == 0) sp[threadIdx.y * NP + t] = c;
+  }
+  __syncthreads();
+  for (int64_t t = flat_tid(); t < NP; t += kThreads) {
+    T acc = T(0);
+    for (int w = 0; w < kRows; ++w) acc += sp[w * NP + t];
+    part[static_cast<int64_t>(blockIdx.x) * NP + t] = acc;
+  }
+}
+
+// dM[ch] = Σ_{i,j} w[ch, i, j]·dl[y − i + k/2, x − j + k/2] (the transposed convolution);
+// with S0, dS0 += dM·[mean, max] and the statistics' gradients are dM·S0; dmean · scale.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) spatial_bwd_input_kernel(
+    const T* __restrict__ dl, const T* __restrict__ w, const T* __restrict__ s0, const T* __restrict__ mean,
+    const T* __restrict__ mx, T* __restrict__ ds0, T* __restrict__ dmean, T* __restrict__ dmax, small::SpatialDims d,
+    T scale_mean) {
+  const int64_t n = d.B * d.P, stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t R = d.K / 2, KK = d.K * d.K;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + flat_tid(); q < n; q += stride) {
+    const int64_t b = q / d.P, p = q - b * d.P, y = p / d.W, x = p - y * d.W;
+    T d0 = T(0), d1 = T(0);
+    for (int64_t i = 0; i < d.K; ++i) {
+      const int64_t ys = y - i + R;
+      if (ys < 0 || ys >= d.H) continue;
+      for (int64_t j = 0; j < d.K; ++j) {
+        const int64_t xs = x - j + R;
+        if (xs < 0 || xs >= d.W) continue;
+        const T v = dl[b * d.P + ys * d.W + xs];
+        d0 += w[i * d.K + j] * v;
+        d1 += w[KK + i * d.K + j] * v;
+      }
+    }
+    if (s0) {
+      ds0[q] += d0 * mean[q] + d1 * mx[q];
+      d0 *= s0[q];
+      d1 *= s0[q];
+    }
+    dmean[q] = d0 * scale_mean;
+    dmax[q] = d1;
+  }
+}
+
+unsigned flat_blocks(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20)));
+}
+
+at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return small::has(t) ? t->const_data_ptr<T>() : nullptr;
+}
+
 }  // namespace
 
 // Mean, max and first arg-max over p = (h, w) of y = x · S[b, p]; each (B, C).
@@ -660,12 +939,163 @@ at::Tensor gates_grad_x_cuda(const std::optional<at::Tensor>& grad, const at::Te
   return dx;
 }
 
+// ---- the small programs: semantics as in csrc/gates.cpp ----------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_channel_mlp_fwd_cuda(
+    const at::Tensor& a, const std::optional<at::Tensor>& m, const std::optional<at::Tensor>& G0, const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1, const at::Tensor& w2, const std::optional<at::Tensor>& b2, bool telu) {
+  const auto d = small::mlp_dims(a, m, G0, w1, b1, w2, b2, "gates_channel_mlp_fwd");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t rows = d.pair ? 2 * d.B : d.B;
+  auto H = at::empty({rows, d.HID}, a.options());
+  auto T_ = at::empty({rows, d.HID}, a.options());
+  auto U = telu ? at::empty({rows, d.HID}, a.options()) : none_like(a);
+  auto TH = telu ? at::empty({rows, d.HID}, a.options()) : none_like(a);
+  auto g = at::empty({d.B, d.C}, a.options());
+  auto gate = small::has(G0) ? at::empty({d.B, d.C}, a.options()) : none_like(a);
+  if (d.B == 0 || d.C == 0) return {H.zero_(), T_.zero_(), U, TH, g, gate};
+  TORCH_CHECK(d.B <= kMaxGrid, "gates_channel_mlp_fwd: batch ", d.B, " exceeds the grid limit");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gates_channel_mlp_fwd", [&] {
+    using T = scalar_t;
+    const size_t smem = (d.C + d.HID) * sizeof(T);
+    channel_mlp_fwd_kernel<T><<<static_cast<unsigned>(d.B), dim3(kWarp, kRows), smem, stream>>>(
+        a.const_data_ptr<T>(), opt_ptr<T>(m), opt_ptr<T>(G0), w1.const_data_ptr<T>(), opt_ptr<T>(b1),
+        w2.const_data_ptr<T>(), opt_ptr<T>(b2), H.data_ptr<T>(), T_.data_ptr<T>(), telu ? U.data_ptr<T>() : nullptr,
+        telu ? TH.data_ptr<T>() : nullptr, g.data_ptr<T>(), small::has(G0) ? gate.data_ptr<T>() : nullptr, d, telu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {H, T_, U, TH, g, gate};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gates_channel_mlp_bwd_cuda(const at::Tensor& dgate, const at::Tensor& a, const std::optional<at::Tensor>& m,
+                           const std::optional<at::Tensor>& G0, const at::Tensor& H, const at::Tensor& T_,
+                           const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& TH, const at::Tensor& g,
+                           const at::Tensor& w1, const at::Tensor& w2, bool telu, bool biases, double scale_a) {
+  const char* op = "gates_channel_mlp_bwd";
+  const auto d = small::mlp_dims(a, m, G0, w1, std::nullopt, w2, std::nullopt, op);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t rows = d.pair ? 2 * d.B : d.B;
+  const auto acc = a.scalar_type();
+  small::check_small(dgate, d.B * d.C, acc, a.device(), op, "dgate");
+  small::check_small(g, d.B * d.C, acc, a.device(), op, "g");
+  small::check_small(H, rows * d.HID, acc, a.device(), op, "H");
+  small::check_small(T_, rows * d.HID, acc, a.device(), op, "T");
+  TORCH_CHECK(!telu || (small::has(U) && small::has(TH)), op, ": telu=True needs U and TH");
+  if (telu) {
+    small::check_small(*U, rows * d.HID, acc, a.device(), op, "U");
+    small::check_small(*TH, rows * d.HID, acc, a.device(), op, "TH");
+  }
+  auto da = at::empty({d.B, d.C}, a.options());
+  auto dm = d.pair ? at::empty({d.B, d.C}, a.options()) : none_like(a);
+  auto dG0 = small::has(G0) ? at::empty({d.B, d.C}, a.options()) : none_like(a);
+  auto dw1 = at::empty({d.HID, d.C}, a.options());
+  auto dw2 = at::empty({d.C, d.HID}, a.options());
+  auto db1 = biases ? at::empty({d.HID}, a.options()) : none_like(a);
+  auto db2 = biases ? at::empty({d.C}, a.options()) : none_like(a);
+  if (d.B == 0 || d.C == 0) {
+    dw1.zero_(), dw2.zero_();
+    if (biases) db1.zero_(), db2.zero_();
+    return {da, dm, dG0, dw1, db1, dw2, db2};
+  }
+  TORCH_CHECK(d.B <= kMaxGrid, op, ": batch ", d.B, " exceeds the grid limit");
+  auto dz = at::empty({d.B, d.C}, a.options());
+  auto dh = at::empty({rows, d.HID}, a.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "gates_channel_mlp_bwd", [&] {
+    using T = scalar_t;
+    const size_t smem = (d.C + 2 * d.HID) * sizeof(T);
+    channel_mlp_bwd_rows_kernel<T><<<static_cast<unsigned>(d.B), dim3(kWarp, kRows), smem, stream>>>(
+        dgate.const_data_ptr<T>(), a.const_data_ptr<T>(), opt_ptr<T>(m), opt_ptr<T>(G0), H.const_data_ptr<T>(),
+        telu ? U->const_data_ptr<T>() : nullptr, telu ? TH->const_data_ptr<T>() : nullptr, g.const_data_ptr<T>(),
+        w1.const_data_ptr<T>(), w2.const_data_ptr<T>(), dz.data_ptr<T>(), dh.data_ptr<T>(), da.data_ptr<T>(),
+        d.pair ? dm.data_ptr<T>() : nullptr, small::has(G0) ? dG0.data_ptr<T>() : nullptr, d, telu,
+        static_cast<T>(scale_a));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t n = 2 * d.HID * d.C + (biases ? d.HID + d.C : 0);
+    channel_mlp_bwd_weights_kernel<T><<<flat_blocks(n), dim3(kWarp, kRows), 0, stream>>>(
+        dz.const_data_ptr<T>(), dh.const_data_ptr<T>(), T_.const_data_ptr<T>(), a.const_data_ptr<T>(), opt_ptr<T>(m),
+        opt_ptr<T>(G0), dw1.data_ptr<T>(), dw2.data_ptr<T>(), biases ? db1.data_ptr<T>() : nullptr,
+        biases ? db2.data_ptr<T>() : nullptr, d, biases);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {da, dm, dG0, dw1, db1, dw2, db2};
+}
+
+std::tuple<at::Tensor, at::Tensor> gates_spatial_fwd_cuda(const at::Tensor& mean, const at::Tensor& mx,
+                                                          const std::optional<at::Tensor>& S0, const at::Tensor& w,
+                                                          const std::optional<at::Tensor>& bias, int64_t width) {
+  const char* op = "gates_spatial_fwd";
+  const auto d = small::spatial_dims(mean, mx, w, width, op);
+  small::check_opt(S0, d.B * d.P, mean.scalar_type(), mean.device(), op, "S0");
+  small::check_opt(bias, 1, mean.scalar_type(), mean.device(), op, "bias");
+  const c10::cuda::CUDAGuard guard(mean.device());
+  auto s = at::empty({d.B, d.P}, mean.options());
+  auto gate = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : none_like(mean);
+  if (mean.numel() == 0) return {s, gate};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "gates_spatial_fwd", [&] {
+    using T = scalar_t;
+    spatial_fwd_kernel<T><<<flat_blocks(d.B * d.P), dim3(kWarp, kRows), 0, stream>>>(
+        mean.const_data_ptr<T>(), mx.const_data_ptr<T>(), opt_ptr<T>(S0), w.const_data_ptr<T>(), opt_ptr<T>(bias),
+        s.data_ptr<T>(), small::has(S0) ? gate.data_ptr<T>() : nullptr, d);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {s, gate};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spatial_bwd_cuda(
+    const at::Tensor& dgate, const std::optional<at::Tensor>& S0, const at::Tensor& s, const at::Tensor& mean,
+    const at::Tensor& mx, const at::Tensor& w, bool has_bias, int64_t width, double scale_mean) {
+  const char* op = "gates_spatial_bwd";
+  const auto d = small::spatial_dims(mean, mx, w, width, op);
+  const auto acc = mean.scalar_type();
+  small::check_small(dgate, d.B * d.P, acc, mean.device(), op, "dgate");
+  small::check_small(s, d.B * d.P, acc, mean.device(), op, "s");
+  small::check_opt(S0, d.B * d.P, acc, mean.device(), op, "S0");
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const int64_t KK = d.K * d.K, NP = 2 * KK + 1;
+  auto dmean = at::empty({d.B, d.P}, mean.options());
+  auto dmax = at::empty({d.B, d.P}, mean.options());
+  auto dS0 = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : none_like(mean);
+  const int64_t n = d.B * d.P;
+  const int64_t blocks = std::max<int64_t>(1, (n + kThreads - 1) / kThreads);
+  TORCH_CHECK(blocks <= kMaxGrid, op, ": ", blocks, " thread blocks exceed the grid limit");
+  auto part = at::zeros({blocks, NP}, mean.options());
+  if (n > 0) {
+    auto dl = at::empty({d.B, d.P}, mean.options());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(acc, "gates_spatial_bwd", [&] {
+      using T = scalar_t;
+      spatial_bwd_logit_kernel<T><<<static_cast<unsigned>(blocks), dim3(kWarp, kRows), kRows * NP * sizeof(T), stream>>>(
+          dgate.const_data_ptr<T>(), opt_ptr<T>(S0), s.const_data_ptr<T>(), mean.const_data_ptr<T>(),
+          mx.const_data_ptr<T>(), dl.data_ptr<T>(), small::has(S0) ? dS0.data_ptr<T>() : nullptr, part.data_ptr<T>(),
+          d);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      spatial_bwd_input_kernel<T><<<flat_blocks(n), dim3(kWarp, kRows), 0, stream>>>(
+          dl.const_data_ptr<T>(), w.const_data_ptr<T>(), opt_ptr<T>(S0), mean.const_data_ptr<T>(),
+          mx.const_data_ptr<T>(), small::has(S0) ? dS0.data_ptr<T>() : nullptr, dmean.data_ptr<T>(),
+          dmax.data_ptr<T>(), d, static_cast<T>(scale_mean));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  auto sums = part.sum(0);  // the blocks' partials in block order
+  auto dw = sums.narrow(0, 0, 2 * KK).reshape(w.sizes()).contiguous();
+  auto db = has_bias ? sums.narrow(0, 2 * KK, 1).contiguous() : none_like(mean);
+  return {dmean, dmax, dS0, dw, db};
+}
+
 TORCH_LIBRARY_IMPL(disseg, CUDA, m) {
   m.impl("gates_pool_hw", &gates_pool_hw_cuda);
   m.impl("gates_pool_c", &gates_pool_c_cuda);
   m.impl("gates_apply", &gates_apply_cuda);
   m.impl("gates_reduce", &gates_reduce_cuda);
   m.impl("gates_grad_x", &gates_grad_x_cuda);
+  m.impl("gates_channel_mlp_fwd", &gates_channel_mlp_fwd_cuda);
+  m.impl("gates_channel_mlp_bwd", &gates_channel_mlp_bwd_cuda);
+  m.impl("gates_spatial_fwd", &gates_spatial_fwd_cuda);
+  m.impl("gates_spatial_bwd", &gates_spatial_bwd_cuda);
 }
 
 }  // namespace disseg

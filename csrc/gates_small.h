@@ -3,6 +3,7 @@
 // backward. Shared by the CPU kernels (csrc/gates.cpp) and the CUDA kernels
 // (csrc/gates_cuda.cu): the argument checks, and the per-element formulas as functions
 // both compilers build (DISSEG_HD), so that the two backends compute the same expressions.
+// (The spatial convolution's sums run per pixel on CUDA and per row of taps on the CPU.)
 // They replace ~10 small PyTorch ops each (F.linear, cat, sigmoid, cuDNN's 2-channel conv
 // and its transposes) with one to three launches; the Triton backend has the same four
 // programs (disseg_kernels/triton/gates.py: channel_mlp_*, spatial_gate_*).
@@ -132,47 +133,6 @@ template <typename T>
 DISSEG_HD T mlp_act_grad(T dt, T h, T u, T th, bool telu) {
   if (telu) return dt * (th + h * u * (T(1) - th * th));
   return h > T(0) ? dt : T(0);
-}
-
-// The spatial gate's logit at (b, y, x) (without the bias): Σ over the k×k taps inside the
-// map of w[0, t]·mean·S0 + w[1, t]·max·S0 at the tap.
-template <typename T>
-DISSEG_HD T spatial_logit(const T* mean, const T* mx, const T* s0, const T* w, int64_t b, int64_t y, int64_t x,
-                          const SpatialDims& d) {
-  const int64_t R = d.K / 2, KK = d.K * d.K;
-  T acc = T(0);
-  for (int64_t i = 0; i < d.K; ++i) {
-    const int64_t ys = y + i - R;
-    if (ys < 0 || ys >= d.H) continue;
-    for (int64_t j = 0; j < d.K; ++j) {
-      const int64_t xs = x + j - R;
-      if (xs < 0 || xs >= d.W) continue;
-      const int64_t q = b * d.P + ys * d.W + xs;
-      const T g = s0 ? s0[q] : T(1);
-      acc += w[i * d.K + j] * (mean[q] * g) + w[KK + i * d.K + j] * (mx[q] * g);
-    }
-  }
-  return acc;
-}
-
-// The logit's gradient carried back to the two input maps at (b, y, x):
-// dM[ch] = Σ_{i,j} w[ch, i, j]·dl[y − i + k/2, x − j + k/2] (the transposed convolution).
-template <typename T>
-DISSEG_HD void spatial_dM(const T* dl, const T* w, int64_t b, int64_t y, int64_t x, const SpatialDims& d, T& d0,
-                          T& d1) {
-  const int64_t R = d.K / 2, KK = d.K * d.K;
-  d0 = d1 = T(0);
-  for (int64_t i = 0; i < d.K; ++i) {
-    const int64_t ys = y - i + R;
-    if (ys < 0 || ys >= d.H) continue;
-    for (int64_t j = 0; j < d.K; ++j) {
-      const int64_t xs = x - j + R;
-      if (xs < 0 || xs >= d.W) continue;
-      const T v = dl[b * d.P + ys * d.W + xs];
-      d0 += w[i * d.K + j] * v;
-      d1 += w[KK + i * d.K + j] * v;
-    }
-  }
 }
 
 }  // namespace small

@@ -1092,3 +1092,163 @@ def test_cpu_stencil_kernels_match_convolution(channels_last, dtype):
             err = ((a.double() - b).abs().max() / b.abs().max()).item()
             assert err < (0.05 if name == "dx" and dtype == torch.bfloat16 else tol), (shape, k, name, err)
         assert dx.stride() == base.stride()
+
+
+# ---------------------------------------------------------------------------------------
+# The small programs as C++/CUDA ops (csrc/gates_small.h): the channel MLP and the
+# spatial gate, against their torch formulas differentiated by autograd (float64).
+# ---------------------------------------------------------------------------------------
+
+_MLP_CASES = [  # B, C, HID, telu, pair, G0, biases
+    (2, 17, 3, True, True, True, True),
+    (3, 40, 8, False, True, False, False),
+    (2, 33, 4, True, False, False, False),
+    (1, 5, 1, True, True, True, True),
+]
+_SPATIAL_CASES = [  # B, H, W, S0, bias, k
+    (2, 5, 7, True, True, 7),
+    (3, 9, 4, False, False, 7),
+    (1, 1, 1, True, False, 3),
+    (1, 3, 20, False, True, 5),
+]
+
+
+def _mlp_inputs(case, device, dtype, seed):
+    b, c, hid, telu, pair, g0, bias = case
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, pos=False):
+        t = torch.rand(*shape, generator=g, dtype=dtype) + 0.1 if pos else torch.randn(*shape, generator=g, dtype=dtype)
+        return t.to(device)
+
+    return dict(a=r(b, c), m=r(b, c) if pair else None, G0=r(b, c, pos=True) if g0 else None, w1=r(hid, c),
+                b1=r(hid) if bias else None, w2=r(c, hid), b2=r(c) if bias else None, telu=telu, dgate=r(b, c))
+
+
+def _spatial_inputs(case, device, dtype, seed):
+    b, h, w, s0, bias, k = case
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, pos=False):
+        t = torch.rand(*shape, generator=g, dtype=dtype) + 0.1 if pos else torch.randn(*shape, generator=g, dtype=dtype)
+        return t.to(device)
+
+    return dict(mean=r(b, h * w), mx=r(b, h * w), S0=r(b, h * w, pos=True) if s0 else None, w=r(1, 2, k, k),
+                bias=r(1) if bias else None, width=w, dgate=r(b, h * w))
+
+
+def _mlp_ops(i, scale_a):
+    E = torch.ops.disseg
+    H, T, U, TH, g, gate = E.gates_channel_mlp_fwd(i["a"], i["m"], i["G0"], i["w1"], i["b1"], i["w2"], i["b2"], i["telu"])
+    grads = E.gates_channel_mlp_bwd(i["dgate"], i["a"], i["m"], i["G0"], H, T, U if i["telu"] else None,
+                                    TH if i["telu"] else None, g, i["w1"], i["w2"], i["telu"], i["b1"] is not None, scale_a)
+    return (H, T, g, gate), grads
+
+
+def _spatial_ops(i, scale_mean):
+    E = torch.ops.disseg
+    s, gate = E.gates_spatial_fwd(i["mean"], i["mx"], i["S0"], i["w"], i["bias"], i["width"])
+    grads = E.gates_spatial_bwd(i["dgate"], i["S0"], s, i["mean"], i["mx"], i["w"], i["bias"] is not None, i["width"],
+                                scale_mean)
+    return (s, gate), grads
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("case", _MLP_CASES)
+def test_channel_mlp_op_matches_autograd(case):
+    """gates_channel_mlp_fwd/bwd (C++) against H = W1·(x·G0) + b1, act, g = σ(W2·ΣT + 2·b2),
+    gate = G0·g differentiated by autograd in float64: every output and every gradient
+    (da scaled by scale_a, an absent input's gradient an empty tensor)."""
+    i = _mlp_inputs(case, "cpu", torch.float64, 7)
+    (H, T, g, gate), (da, dm, dG0, dw1, db1, dw2, db2) = _mlp_ops(i, 0.3)
+    leaves = {k: v.clone().requires_grad_() for k, v in i.items() if isinstance(v, torch.Tensor) and k != "dgate"}
+    rows = [leaves["a"]] + ([leaves["m"]] if "m" in leaves else [])
+    A = torch.stack(rows) * (leaves["G0"] if "G0" in leaves else 1.0)
+    H_ref = A @ leaves["w1"].t() + (leaves["b1"] if "b1" in leaves else 0.0)
+    T_ref = H_ref * torch.tanh(torch.exp(H_ref)) if i["telu"] else torch.relu(H_ref)
+    Z = (T_ref @ leaves["w2"].t() + (leaves["b2"] if "b2" in leaves else 0.0)).sum(0)
+    g_ref = torch.sigmoid(Z)
+    gate_ref = g_ref * leaves["G0"] if "G0" in leaves else g_ref
+    (gate_ref * i["dgate"]).sum().backward()
+    close = lambda u, v: torch.testing.assert_close(u, v, atol=1e-12, rtol=1e-10)  # noqa: E731
+    close(H, H_ref.detach().flatten(0, 1))
+    close(T, T_ref.detach().flatten(0, 1))
+    close(g, g_ref.detach())
+    close(gate if i["G0"] is not None else g, gate_ref.detach())
+    close(da, leaves["a"].grad * 0.3)
+    close(dw1, leaves["w1"].grad)
+    close(dw2, leaves["w2"].grad)
+    for name, got in (("m", dm), ("G0", dG0), ("b1", db1), ("b2", db2)):
+        if name in leaves:
+            close(got, leaves[name].grad)
+        else:
+            assert got.numel() == 0, name
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("case", _SPATIAL_CASES)
+def test_spatial_gate_op_matches_autograd(case):
+    """gates_spatial_fwd/bwd (C++) against s = σ(conv_k([mean, max]·S0) + bias), gate = S0·s
+    differentiated by autograd in float64 (maps of 1×1 to 9×4, k = 3, 5, 7: taps that fall
+    outside the map on every side)."""
+    i = _spatial_inputs(case, "cpu", torch.float64, 8)
+    (s, gate), (dmean, dmax, dS0, dw, db) = _spatial_ops(i, 0.25)
+    b, p = i["mean"].shape
+    h, w = p // i["width"], i["width"]
+    leaves = {k: v.clone().requires_grad_() for k, v in i.items() if isinstance(v, torch.Tensor) and k != "dgate"}
+    M = torch.stack([leaves["mean"], leaves["mx"]], 1) * (leaves["S0"].unsqueeze(1) if "S0" in leaves else 1.0)
+    k = i["w"].shape[-1]
+    s_ref = torch.sigmoid(F.conv2d(M.view(b, 2, h, w), leaves["w"], leaves.get("bias"), padding=k // 2)).view(b, p)
+    gate_ref = s_ref * leaves["S0"] if "S0" in leaves else s_ref
+    (gate_ref * i["dgate"]).sum().backward()
+    close = lambda u, v: torch.testing.assert_close(u, v, atol=1e-12, rtol=1e-10)  # noqa: E731
+    close(s, s_ref.detach())
+    close(gate if i["S0"] is not None else s, gate_ref.detach())
+    close(dmean, leaves["mean"].grad * 0.25)
+    close(dmax, leaves["mx"].grad)
+    close(dw, leaves["w"].grad)
+    for name, got in (("S0", dS0), ("bias", db)):
+        if name in leaves:
+            close(got, leaves[name].grad)
+        else:
+            assert got.numel() == 0, name
+
+
+@requires_cpu_ext
+def test_small_program_ops_name_bad_arguments():
+    """The ops' argument errors name the argument and its value."""
+    E = torch.ops.disseg
+    a = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match=r"w2 must be \(C, HID\)"):
+        E.gates_channel_mlp_fwd(a, None, None, torch.randn(2, 8), None, torch.randn(2, 8), None, True)
+    with pytest.raises(RuntimeError, match="b1 and b2 must be both given"):
+        E.gates_channel_mlp_fwd(a, None, None, torch.randn(2, 8), torch.randn(2), torch.randn(8, 2), None, True)
+    with pytest.raises(RuntimeError, match="G0 must be Double"):
+        E.gates_channel_mlp_fwd(a.double(), None, torch.rand(2, 8), torch.randn(2, 8).double(), None,
+                                torch.randn(8, 2).double(), None, True)
+    m = torch.randn(2, 12)
+    with pytest.raises(RuntimeError, match="width must be ≥ 1 and divide H·W = 12, got 5"):
+        E.gates_spatial_fwd(m, m, None, torch.randn(1, 2, 7, 7), None, 5)
+    with pytest.raises(RuntimeError, match=r"w must be \(1, 2, K, K\) with K odd"):
+        E.gates_spatial_fwd(m, m, None, torch.randn(1, 2, 4, 4), None, 4)
+    with pytest.raises(RuntimeError, match="S0 must have 24 elements"):
+        E.gates_spatial_fwd(m, m, torch.rand(2, 11), torch.randn(1, 2, 3, 3), None, 4)
+
+
+@requires_cuda
+@requires_cuda_kernels("gates")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_small_program_ops_match_cpu(dtype):
+    """The CUDA channel-MLP and spatial-gate ops against the C++ ones on the same data (and
+    larger shapes than the CPU tests: C = 1024 with HID = 64, a 128×128 map: many blocks
+    of per-block weight-gradient partials)."""
+    tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-4, rtol=1e-4)
+    mlp = _MLP_CASES + [(8, 1024, 64, True, True, True, True), (8, 256, 16, False, True, False, False)]
+    spatial = _SPATIAL_CASES + [(8, 128, 128, True, True, 7), (2, 64, 96, False, False, 7)]
+    for cases, inputs, ops, scale in ((mlp, _mlp_inputs, _mlp_ops, 0.3), (spatial, _spatial_inputs, _spatial_ops, 0.25)):
+        for n, case in enumerate(cases):
+            cpu = ops(inputs(case, "cpu", dtype, n), scale)
+            dev = ops(inputs(case, "cuda", dtype, n), scale)
+            for u, v in zip([*cpu[0], *cpu[1]], [*dev[0], *dev[1]]):
+                assert u.shape == v.shape, case
+                torch.testing.assert_close(v.cpu(), u, **tol, msg=lambda m: f"{case}: {m}")

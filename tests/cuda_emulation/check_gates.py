@@ -72,4 +72,42 @@ for cl in (False, True):
 # empty
 x = torch.randn(2, 0, 3, 3)
 print([t.shape for t in E.gates_pool_hw(x, None)], [t.shape for t in E.gates_reduce(x, None, None, None)])
+
+# The small programs: the channel MLP and the spatial gate, forward and backward.
+def small_close(e, c, what, dt):
+    for i, (u, v) in enumerate(zip(e, c)):
+        assert u.shape == v.shape, (what, i, u.shape, v.shape)
+        if u.numel():
+            tol = 1e-12 if dt == torch.float64 else 2e-5
+            torch.testing.assert_close(u, v, atol=tol, rtol=tol, msg=lambda m: f"{what} output {i}: {m}")
+
+for dt in (torch.float32, torch.float64):
+    for B, Cc, hid, telu, pair, g0, bias in [(2, 17, 3, True, True, True, True), (3, 300, 8, False, True, False, False),
+                                             (2, 33, 4, True, False, False, False), (1, 5, 1, True, True, True, True),
+                                             (2, 129, 16, False, True, True, False)]:
+        a, m = torch.randn(B, Cc, dtype=dt), torch.randn(B, Cc, dtype=dt)
+        G0 = torch.rand(B, Cc, dtype=dt) if g0 else None
+        w1, w2 = torch.randn(hid, Cc, dtype=dt), torch.randn(Cc, hid, dtype=dt)
+        b1, b2 = (torch.randn(hid, dtype=dt), torch.randn(Cc, dtype=dt)) if bias else (None, None)
+        args = (a, m if pair else None, G0, w1, b1, w2, b2, telu)
+        tag = f"mlp {(B, Cc, hid, telu, pair, g0, bias)} {dt}"
+        fe, fc = E.gates_channel_mlp_fwd(*args), C.gates_channel_mlp_fwd(*args)
+        small_close(fe, fc, tag + " fwd", dt)
+        H, T, U, TH, g, _ = fc
+        dg = torch.randn(B, Cc, dtype=dt)
+        bargs = (dg, a, m if pair else None, G0, H, T, U if telu else None, TH if telu else None, g, w1, w2, telu, bias, 0.3)
+        small_close(E.gates_channel_mlp_bwd(*bargs), C.gates_channel_mlp_bwd(*bargs), tag + " bwd", dt)
+    for B, h, w, s0, bias, k in [(2, 5, 7, True, True, 7), (3, 9, 4, False, False, 7), (1, 1, 1, True, False, 3),
+                                 (2, 16, 17, True, True, 7), (1, 3, 20, False, True, 5), (3, 11, 13, True, False, 7)]:
+        mean, mx = torch.randn(B, h * w, dtype=dt), torch.randn(B, h * w, dtype=dt)
+        S0 = torch.rand(B, h * w, dtype=dt) if s0 else None
+        cw = torch.randn(1, 2, k, k, dtype=dt)
+        cb = torch.randn(1, dtype=dt) if bias else None
+        tag = f"spatial {(B, h, w, s0, bias, k)} {dt}"
+        fe, fc = E.gates_spatial_fwd(mean, mx, S0, cw, cb, w), C.gates_spatial_fwd(mean, mx, S0, cw, cb, w)
+        small_close(fe, fc, tag + " fwd", dt)
+        dg = torch.randn(B, h * w, dtype=dt)
+        bargs = (dg, S0, fc[0], mean, mx, cw, bias, w, 0.25)
+        small_close(E.gates_spatial_bwd(*bargs), C.gates_spatial_bwd(*bargs), tag + " bwd", dt)
+    print("small programs ok", dt, round(time.time() - t0, 1), flush=True)
 print("gates ok", round(time.time() - t0, 1))
