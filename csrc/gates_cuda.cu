@@ -21,6 +21,7 @@
 // Only ATen core / per-operator headers, <torch/library.h>, <cuda_runtime.h> and c10/cuda
 // headers are included, as in csrc/dispersive_cuda.cu (tests/test_cuda_compile.py compiles
 // this file against a CPU build of torch). Offsets and indices are int64.
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -54,6 +55,7 @@ constexpr int64_t kNone = std::numeric_limits<int64_t>::max();  // arg-max: no e
 constexpr int64_t kBlocksPerSM = 4;                              // split target (as the Triton path)
 constexpr int64_t kMaxGrid = (int64_t(1) << 31) - 1;
 constexpr int64_t kMaxGridY = 65535;
+constexpr size_t kMaxSmem = 48 * 1024;  // dynamic shared memory without an opt-in
 
 struct Geometry {
   int64_t B, C, P, sB, sC, sP;
@@ -959,6 +961,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gates_channel_mlp_fwd", [&] {
     using T = scalar_t;
     const size_t smem = (d.C + d.HID) * sizeof(T);
+    TORCH_CHECK(smem <= kMaxSmem, "gates_channel_mlp_fwd: C + HID = ", d.C + d.HID, " values of ", sizeof(T),
+                " bytes exceed the kernel's 48 KB of shared memory");
     channel_mlp_fwd_kernel<T><<<static_cast<unsigned>(d.B), dim3(kWarp, kRows), smem, stream>>>(
         a.const_data_ptr<T>(), opt_ptr<T>(m), opt_ptr<T>(G0), w1.const_data_ptr<T>(), opt_ptr<T>(b1),
         w2.const_data_ptr<T>(), opt_ptr<T>(b2), H.data_ptr<T>(), T_.data_ptr<T>(), telu ? U.data_ptr<T>() : nullptr,
@@ -1006,6 +1010,8 @@ gates_channel_mlp_bwd_cuda(const at::Tensor& dgate, const at::Tensor& a, const s
   AT_DISPATCH_FLOATING_TYPES(acc, "gates_channel_mlp_bwd", [&] {
     using T = scalar_t;
     const size_t smem = (d.C + 2 * d.HID) * sizeof(T);
+    TORCH_CHECK(smem <= kMaxSmem, "gates_channel_mlp_bwd: C + 2·HID = ", d.C + 2 * d.HID, " values of ", sizeof(T),
+                " bytes exceed the kernel's 48 KB of shared memory");
     channel_mlp_bwd_rows_kernel<T><<<static_cast<unsigned>(d.B), dim3(kWarp, kRows), smem, stream>>>(
         dgate.const_data_ptr<T>(), a.const_data_ptr<T>(), opt_ptr<T>(m), opt_ptr<T>(G0), H.const_data_ptr<T>(),
         telu ? U->const_data_ptr<T>() : nullptr, telu ? TH->const_data_ptr<T>() : nullptr, g.const_data_ptr<T>(),
@@ -1055,6 +1061,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
   small::check_small(s, d.B * d.P, acc, mean.device(), op, "s");
   small::check_opt(S0, d.B * d.P, acc, mean.device(), op, "S0");
   const c10::cuda::CUDAGuard guard(mean.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the partials' sum is this kernel's own arithmetic
   const int64_t KK = d.K * d.K, NP = 2 * KK + 1;
   auto dmean = at::empty({d.B, d.P}, mean.options());
   auto dmax = at::empty({d.B, d.P}, mean.options());
