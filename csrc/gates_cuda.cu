@@ -775,6 +775,204 @@ __global__ void __launch_bounds__(kThreads) spatial_bwd_input_kernel(
   }
 }
 
+// ---- ELAT's K×K, C→1 stencil (semantics as csrc/gates.cpp's gates_stencil*) ------------
+// Blocks take 8 × 32 output pixels of one image (kRows × kWarp threads). The map's input
+// tile with its K/2 halo is staged in shared memory, CC channels at a time, loaded in x's
+// own order (w fastest for NCHW, c fastest for channels_last: coalesced either way); the
+// taps then read shared memory. A tap whose weight is 0 is skipped (warp-uniform): ELAT's
+// composite 7×7 stencil has 25 nonzero taps of 49.
+
+constexpr int kTileH = kRows, kTileW = kWarp;
+constexpr int kMaxPairs = 4;  // (channel, tap) pairs per thread in the weight gradient
+
+struct StencilGeo {
+  int64_t B, C, H, W, K, R, sB, sC, sH, sW;
+  int64_t tiles_h, tiles_w;
+  bool c_unit;  // channels_last: c has stride 1
+};
+
+// Stage channels [c0, c0 + cc) of image b's tile (origin h0 − R, w0 − R, size
+// (8 + K − 1) × (32 + K − 1)) into t[c][r][q], zero outside the map.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_tile(const scalar_t* __restrict__ x, const StencilGeo& g, int64_t b,
+                                           int64_t h0, int64_t w0, int64_t c0, int64_t cc, acc_t* t) {
+  const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1, n = cc * TH * TW;
+  for (int64_t e = flat_tid(); e < n; e += kThreads) {
+    int64_t c, r, q;
+    if (g.c_unit) {  // c fastest: consecutive threads read consecutive channels of a pixel
+      c = e % cc;
+      const int64_t rq = e / cc;
+      r = rq / TW, q = rq - r * TW;
+    } else {  // q fastest: consecutive threads read consecutive w
+      q = e % TW;
+      const int64_t cr = e / TW;
+      r = cr % TH, c = cr / TH;
+    }
+    const int64_t h = h0 - g.R + r, w = w0 - g.R + q;
+    acc_t v = acc_t(0);
+    if (h >= 0 && h < g.H && w >= 0 && w < g.W) v = static_cast<acc_t>(x[b * g.sB + (c0 + c) * g.sC + h * g.sH + w * g.sW]);
+    t[(c * TH + r) * TW + q] = v;
+  }
+}
+
+// y[b, h·W + w] = Σ_c Σ_ij wt[c, i·K + j]·x[b, c, h + i − R, w + j − R]. Grid: (tiles, B).
+// Shared memory: cc·TH·TW tile values and cc·K² weights.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) stencil_fwd_kernel(const scalar_t* __restrict__ x,
+                                                               const acc_t* __restrict__ wt, acc_t* __restrict__ y,
+                                                               StencilGeo g, int64_t cc) {
+  extern __shared__ unsigned char smem_raw[];
+  const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1, KK = g.K * g.K;
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* ws = tile + cc * TH * TW;
+  const int64_t b = blockIdx.y, tile_id = blockIdx.x;
+  const int64_t h0 = (tile_id / g.tiles_w) * kTileH, w0 = (tile_id % g.tiles_w) * kTileW;
+  const int ty = threadIdx.y, tx = threadIdx.x;
+  acc_t acc = acc_t(0);
+  for (int64_t c0 = 0; c0 < g.C; c0 += cc) {
+    const int64_t n = std::min<int64_t>(cc, g.C - c0);
+    __syncthreads();  // the previous chunk's reads are done
+    stage_tile(x, g, b, h0, w0, c0, n, tile);
+    for (int64_t e = flat_tid(); e < n * KK; e += kThreads) ws[e] = wt[c0 * KK + e];
+    __syncthreads();
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t* tc = tile + c * TH * TW;
+      for (int64_t i = 0; i < g.K; ++i) {
+        for (int64_t j = 0; j < g.K; ++j) {
+          const acc_t wv = ws[c * KK + i * g.K + j];
+          if (wv == acc_t(0)) continue;  // the same tap for every thread: no divergence
+          acc += wv * tc[(ty + i) * TW + tx + j];
+        }
+      }
+    }
+  }
+  const int64_t h = h0 + ty, w = w0 + tx;
+  if (h < g.H && w < g.W) y[b * g.H * g.W + h * g.W + w] = acc;
+}
+
+// dx[b, c, h, w] += Σ_ij wt[c, i·K + j]·gr[b, h − i + R, w − j + R]. Grid: (tiles, B); the
+// gradient's tile with its halo is staged once, the channels loop in chunks of 32, the
+// work items ordered for coalesced access to dx in its layout. Shared memory: TH·TW values.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) stencil_grad_input_kernel(scalar_t* __restrict__ dx,
+                                                                      const acc_t* __restrict__ wt,
+                                                                      const acc_t* __restrict__ gr, StencilGeo g) {
+  extern __shared__ unsigned char smem_raw[];
+  const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1, KK = g.K * g.K, P = g.H * g.W;
+  acc_t* gt = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t b = blockIdx.y, tile_id = blockIdx.x;
+  const int64_t h0 = (tile_id / g.tiles_w) * kTileH, w0 = (tile_id % g.tiles_w) * kTileW;
+  for (int64_t e = flat_tid(); e < TH * TW; e += kThreads) {
+    const int64_t r = e / TW, q = e - r * TW, h = h0 - g.R + r, w = w0 - g.R + q;
+    gt[e] = (h >= 0 && h < g.H && w >= 0 && w < g.W) ? gr[b * P + h * g.W + w] : acc_t(0);
+  }
+  __syncthreads();
+  constexpr int64_t kChunk = kWarp;
+  const int64_t pix = kTileH * kTileW;
+  for (int64_t c0 = 0; c0 < g.C; c0 += kChunk) {
+    const int64_t n = std::min<int64_t>(kChunk, g.C - c0);
+    for (int64_t e = flat_tid(); e < n * pix; e += kThreads) {
+      int64_t c, p;
+      if (g.c_unit) {
+        c = e % n, p = e / n;
+      } else {
+        p = e % pix, c = e / pix;
+      }
+      const int64_t ty = p / kTileW, tx = p - ty * kTileW, h = h0 + ty, w = w0 + tx;
+      if (h >= g.H || w >= g.W) continue;
+      const acc_t* wc = wt + (c0 + c) * KK;
+      acc_t acc = acc_t(0);
+      for (int64_t i = 0; i < g.K; ++i) {
+        for (int64_t j = 0; j < g.K; ++j) {
+          // gr at (h − i + R, w − j + R): tile row ty − i + 2R, column tx − j + 2R
+          acc += wc[i * g.K + j] * gt[(ty - i + 2 * g.R) * TW + tx - j + 2 * g.R];
+        }
+      }
+      scalar_t* d = dx + b * g.sB + (c0 + c) * g.sC + h * g.sH + w * g.sW;
+      *d = static_cast<scalar_t>(static_cast<acc_t>(*d) + acc);
+    }
+  }
+}
+
+// Partial weight gradients: block (group of tiles, chunk of cc channels) sums
+// x[b, c, h + i − R, w + j − R]·gr[b, h, w] over its tiles' pixels for each of its cc·K²
+// (channel, tap) pairs (at most kMaxPairs per thread, in registers), into
+// part[group, c, tap]. Shared memory: cc·TH·TW x values and 8·32 gradient values.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) stencil_grad_weight_kernel(const scalar_t* __restrict__ x,
+                                                                       const acc_t* __restrict__ gr,
+                                                                       acc_t* __restrict__ part, StencilGeo g,
+                                                                       int64_t cc, int64_t groups) {
+  extern __shared__ unsigned char smem_raw[];
+  const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1, KK = g.K * g.K, P = g.H * g.W;
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* gs = tile + cc * TH * TW;
+  const int64_t grp = blockIdx.x, c0 = static_cast<int64_t>(blockIdx.y) * cc;
+  const int64_t n = std::min<int64_t>(cc, g.C - c0);
+  const int64_t tiles = g.tiles_h * g.tiles_w, total = g.B * tiles;
+  const int64_t t_lo = total * grp / groups, t_hi = total * (grp + 1) / groups;
+  acc_t acc[kMaxPairs];
+#pragma unroll
+  for (int u = 0; u < kMaxPairs; ++u) acc[u] = acc_t(0);
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    const int64_t b = t / tiles, tile_id = t - b * tiles;
+    const int64_t h0 = (tile_id / g.tiles_w) * kTileH, w0 = (tile_id % g.tiles_w) * kTileW;
+    __syncthreads();
+    stage_tile(x, g, b, h0, w0, c0, n, tile);
+    {
+      const int ty = threadIdx.y, tx = threadIdx.x;
+      const int64_t h = h0 + ty, w = w0 + tx;
+      gs[ty * kTileW + tx] = (h < g.H && w < g.W) ? gr[b * P + h * g.W + w] : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kMaxPairs; ++u) {
+      const int64_t pair = flat_tid() + static_cast<int64_t>(u) * kThreads;
+      if (pair >= n * KK) break;
+      const int64_t c = pair / KK, tap = pair - c * KK, i = tap / g.K, j = tap - i * g.K;
+      const acc_t* tc = tile + c * TH * TW;
+      acc_t s = acc_t(0);
+      for (int64_t ty = 0; ty < kTileH; ++ty) {
+        for (int64_t tx = 0; tx < kTileW; ++tx) s += tc[(ty + i) * TW + tx + j] * gs[ty * kTileW + tx];
+      }
+      acc[u] += s;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kMaxPairs; ++u) {
+    const int64_t pair = flat_tid() + static_cast<int64_t>(u) * kThreads;
+    if (pair < n * KK) part[(grp * g.C + c0) * KK + pair] = acc[u];
+  }
+}
+
+StencilGeo stencil_geo(const at::Tensor& x, int64_t K, const char* name) {
+  TORCH_CHECK(x.dim() == 4 && x.is_cuda(), name, ": x must be a (B, C, H, W) CUDA tensor, got ", x.sizes(), " on ",
+              x.device());
+  TORCH_CHECK(K >= 1 && K % 2 == 1 && K <= 15, name, ": the stencil size K must be odd, 1 to 15, got ", K);
+  StencilGeo g{x.size(0), x.size(1), x.size(2), x.size(3), K, K / 2, x.stride(0), x.stride(1), x.stride(2),
+               x.stride(3), (x.size(2) + kTileH - 1) / kTileH, (x.size(3) + kTileW - 1) / kTileW, false};
+  if (!(g.W == 1 || g.sW == 1)) {
+    TORCH_CHECK(g.C == 1 || g.sC == 1, name, ": x must be contiguous or channels_last, got strides ", x.strides());
+    g.c_unit = true;
+  }
+  TORCH_CHECK(g.tiles_h * g.tiles_w <= kMaxGrid && g.B <= kMaxGridY, name, ": ", g.B, " images of ",
+              g.tiles_h * g.tiles_w, " tiles exceed the grid limits");
+  return g;
+}
+
+// Channels per staged tile: as many as fit in `budget` bytes (at most 8, at least 1).
+int64_t stencil_chunk(const StencilGeo& g, size_t elem, size_t budget) {
+  const int64_t per = (kTileH + g.K - 1) * (kTileW + g.K - 1) * static_cast<int64_t>(elem);
+  return std::max<int64_t>(1, std::min<int64_t>({8, g.C, static_cast<int64_t>(budget) / per}));
+}
+
+// The stencil's weight as (C, K²) values of the accumulation type, contiguous.
+at::Tensor stencil_taps(const at::Tensor& w, const StencilGeo& g, at::ScalarType acc, const char* name) {
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == 1 && w.size(1) == g.C && w.size(2) == g.K && w.size(3) == g.K, name,
+              ": w must be (1, C = ", g.C, ", K, K), got ", w.sizes());
+  return w.to(acc).contiguous();
+}
+
 unsigned flat_blocks(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20)));
 }
@@ -1093,6 +1291,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
   return {dmean, dmax, dS0, dw, db};
 }
 
+// ---- ELAT's stencil: semantics as in csrc/gates.cpp ---------------------------------------
+
+at::Tensor gates_stencil_cuda(const at::Tensor& x, const at::Tensor& w) {
+  const char* op = "gates_stencil";
+  TORCH_CHECK(w.dim() == 4, op, ": w must be (1, C, K, K), got ", w.sizes());
+  const StencilGeo g = stencil_geo(x, w.size(2), op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = acc_type(x);
+  TORCH_CHECK(w.device() == x.device(), op, ": w must be on x's device ", x.device(), ", got ", w.device());
+  const at::Tensor wt = stencil_taps(w, g, acc, op);
+  auto y = at::zeros({g.B, g.H * g.W}, x.options().dtype(acc));
+  if (y.numel() == 0 || g.C == 0) return y;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_stencil", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t KK = g.K * g.K;
+    const int64_t cc = stencil_chunk(g, sizeof(acc_t), kMaxSmem - 8 * KK * sizeof(acc_t));
+    const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + cc * KK) * sizeof(acc_t);
+    const dim3 grid(static_cast<unsigned>(g.tiles_h * g.tiles_w), static_cast<unsigned>(g.B));
+    stencil_fwd_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
+        x.const_data_ptr<scalar_t>(), wt.const_data_ptr<acc_t>(), y.data_ptr<acc_t>(), g, cc);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+void gates_stencil_grad_input__cuda(at::Tensor& dx, const at::Tensor& w, const at::Tensor& gr) {
+  const char* op = "gates_stencil_grad_input_";
+  TORCH_CHECK(w.dim() == 4, op, ": w must be (1, C, K, K), got ", w.sizes());
+  const StencilGeo g = stencil_geo(dx, w.size(2), op);
+  const c10::cuda::CUDAGuard guard(dx.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = acc_type(dx);
+  TORCH_CHECK(w.device() == dx.device(), op, ": w must be on dx's device ", dx.device(), ", got ", w.device());
+  TORCH_CHECK(gr.device() == dx.device() && gr.scalar_type() == acc && gr.numel() == g.B * g.H * g.W, op,
+              ": g must be ", acc, " on ", dx.device(), " with B·H·W = ", g.B * g.H * g.W, " elements, got ",
+              gr.scalar_type(), " ", gr.sizes(), " on ", gr.device());
+  if (dx.numel() == 0) return;
+  const at::Tensor wt = stencil_taps(w, g, acc, op);
+  const at::Tensor gc = gr.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "gates_stencil_grad_input_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = (kTileH + g.K - 1) * (kTileW + g.K - 1) * sizeof(acc_t);
+    const dim3 grid(static_cast<unsigned>(g.tiles_h * g.tiles_w), static_cast<unsigned>(g.B));
+    stencil_grad_input_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
+        dx.data_ptr<scalar_t>(), wt.const_data_ptr<acc_t>(), gc.const_data_ptr<acc_t>(), g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor gates_stencil_grad_weight_cuda(const at::Tensor& x, const at::Tensor& gr, int64_t K) {
+  const char* op = "gates_stencil_grad_weight";
+  const StencilGeo g = stencil_geo(x, K, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = acc_type(x);
+  TORCH_CHECK(gr.device() == x.device() && gr.scalar_type() == acc && gr.numel() == g.B * g.H * g.W, op,
+              ": g must be ", acc, " on ", x.device(), " with B·H·W = ", g.B * g.H * g.W, " elements, got ",
+              gr.scalar_type(), " ", gr.sizes(), " on ", gr.device());
+  const int64_t KK = K * K;
+  if (x.numel() == 0) return at::zeros({1, g.C, K, K}, x.options().dtype(acc));
+  const at::Tensor gc = gr.contiguous();
+  at::Tensor part;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_stencil_grad_weight", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t fit = stencil_chunk(g, sizeof(acc_t), kMaxSmem - kTileH * kTileW * sizeof(acc_t));
+    const int64_t cc = std::max<int64_t>(1, std::min<int64_t>(fit, int64_t(kMaxPairs) * kThreads / KK));
+    TORCH_CHECK(KK <= int64_t(kMaxPairs) * kThreads, op, ": K = ", K, " has more taps than one block holds");
+    const int64_t chunks = (g.C + cc - 1) / cc, tiles = g.B * g.tiles_h * g.tiles_w;
+    const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(tiles, (sm_count(x) * kBlocksPerSM + chunks - 1) / chunks));
+    TORCH_CHECK(chunks <= kMaxGridY, op, ": ", g.C, " channels exceed the grid limit");
+    part = at::empty({groups, g.C, KK}, x.options().dtype(acc));
+    const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + kTileH * kTileW) * sizeof(acc_t);
+    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(chunks));
+    stencil_grad_weight_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
+        x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return part.sum(0).reshape({1, g.C, K, K});  // the groups' partials in group order
+}
+
 TORCH_LIBRARY_IMPL(disseg, CUDA, m) {
   m.impl("gates_pool_hw", &gates_pool_hw_cuda);
   m.impl("gates_pool_c", &gates_pool_c_cuda);
@@ -1103,6 +1385,9 @@ TORCH_LIBRARY_IMPL(disseg, CUDA, m) {
   m.impl("gates_channel_mlp_bwd", &gates_channel_mlp_bwd_cuda);
   m.impl("gates_spatial_fwd", &gates_spatial_fwd_cuda);
   m.impl("gates_spatial_bwd", &gates_spatial_bwd_cuda);
+  m.impl("gates_stencil", &gates_stencil_cuda);
+  m.impl("gates_stencil_grad_input_", &gates_stencil_grad_input__cuda);
+  m.impl("gates_stencil_grad_weight", &gates_stencil_grad_weight_cuda);
 }
 
 }  // namespace disseg

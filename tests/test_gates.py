@@ -1252,3 +1252,39 @@ def test_cuda_small_program_ops_match_cpu(dtype):
             for u, v in zip([*cpu[0], *cpu[1]], [*dev[0], *dev[1]]):
                 assert u.shape == v.shape, case
                 torch.testing.assert_close(v.cpu(), u, **tol, msg=lambda m: f"{case}: {m}")
+
+
+@requires_cuda
+@requires_cuda_kernels("gates")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_stencil_ops_match_cpu(layout, dtype):
+    """ELAT's K×K C→1 stencil on CUDA (csrc/gates_cuda.cu: staged tiles, zero taps skipped)
+    against the C++ ops: the logit, the in-place input gradient and the weight gradient, on
+    maps that are not multiples of the 8×32 tile, K = 3 and ELAT's 7 with its 25 nonzero
+    taps, and the model's 8×64×256×256 (many tile groups in the weight gradient)."""
+    E = torch.ops.disseg
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = {torch.float64: dict(atol=1e-9, rtol=1e-9), torch.float32: dict(atol=1e-3, rtol=1e-4),
+           torch.bfloat16: dict(atol=5e-2, rtol=1e-2)}[dtype]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for (b, c, h, w), k in [((2, 3, 5, 7), 7), ((1, 17, 9, 40), 7), ((2, 9, 12, 33), 3), ((8, 64, 256, 256), 7)]:
+        g = torch.Generator().manual_seed(b * c + h * w)
+        x = torch.randn(b, c, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)
+        wt = torch.zeros(1, c, k, k, dtype=acc)
+        for d in range(1, k // 2 + 1):  # ELAT's composite: taps of dilation d at rows/cols R−d, R, R+d
+            r = k // 2
+            wt[:, :, r - d : r + d + 1 : d, r - d : r + d + 1 : d] += torch.randn(1, c, 3, 3, generator=g, dtype=acc)
+        dl = torch.randn(b, h * w, generator=g, dtype=acc)
+        scale = max(1.0, (c * k * k) ** 0.5)  # sums of c·k² products: absolute tolerance grows with them
+        torch.testing.assert_close(E.gates_stencil(x.cuda(), wt.cuda()).cpu(), E.gates_stencil(x, wt),
+                                   atol=tol["atol"] * scale, rtol=tol["rtol"])
+        big = scale * (h * w * b) ** 0.5
+        torch.testing.assert_close(E.gates_stencil_grad_weight(x.cuda(), dl.cuda(), k).cpu(),
+                                   E.gates_stencil_grad_weight(x, dl, k), atol=tol["atol"] * big, rtol=tol["rtol"])
+        d0 = torch.randn(b, c, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)
+        dd, dc = d0.cuda(), d0.clone()
+        E.gates_stencil_grad_input_(dd, wt.cuda(), dl.cuda())
+        E.gates_stencil_grad_input_(dc, wt, dl)
+        assert dd.stride() == d0.stride()
+        torch.testing.assert_close(dd.cpu(), dc, atol=tol["atol"] * scale, rtol=tol["rtol"])

@@ -110,4 +110,35 @@ for dt in (torch.float32, torch.float64):
         bargs = (dg, S0, fc[0], mean, mx, cw, bias, w, 0.25)
         small_close(E.gates_spatial_bwd(*bargs), C.gates_spatial_bwd(*bargs), tag + " bwd", dt)
     print("small programs ok", dt, round(time.time() - t0, 1), flush=True)
+
+# ELAT's K×K C→1 stencil: the logit, its input gradient (in place) and its weight gradient.
+def elat_like(c, dt):
+    w = torch.zeros(1, c, 7, 7, dtype=dt)
+    for d in (1, 2, 3):
+        w[:, :, 3 - d:4 + d:d, 3 - d:4 + d:d] += torch.randn(1, c, 3, 3, dtype=dt)
+    return w
+
+for dt in (torch.float32, torch.float64, torch.bfloat16):
+    a = acc(dt)
+    for (B, Cc, H, W), K, layout in [((2, 3, 5, 7), 7, "nchw"), ((1, 17, 9, 40), 7, "cl"), ((2, 9, 12, 33), 3, "nchw"),
+                                     ((1, 20, 17, 35), 7, "cl"), ((1, 1, 1, 1), 7, "nchw"), ((1, 5, 8, 32), 5, "cl")]:
+        x = torch.randn(B, Cc, H, W).to(dt)
+        if layout == "cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = elat_like(Cc, a) if K == 7 else torch.randn(1, Cc, K, K, dtype=a)
+        g = torch.randn(B, H * W, dtype=a)
+        tag = f"stencil {(B, Cc, H, W)} K={K} {layout} {dt}"
+        tol = 1e-12 if dt == torch.float64 else (1e-2 if dt == torch.bfloat16 else 2e-5)
+        torch.testing.assert_close(E.gates_stencil(x, w), C.gates_stencil(x, w), atol=tol, rtol=tol, msg=lambda m: tag + m)
+        torch.testing.assert_close(E.gates_stencil_grad_weight(x, g, K), C.gates_stencil_grad_weight(x, g, K), atol=tol * 10,
+                                   rtol=tol, msg=lambda m: tag + " dw " + m)
+        d0 = torch.randn(B, Cc, H, W).to(dt)
+        if layout == "cl":
+            d0 = d0.contiguous(memory_format=torch.channels_last)
+        de, dc = d0.clone(), d0.clone()
+        E.gates_stencil_grad_input_(de, w, g)
+        C.gates_stencil_grad_input_(dc, w, g)
+        assert de.stride() == d0.stride()
+        torch.testing.assert_close(de, dc, atol=tol * 10, rtol=tol, msg=lambda m: tag + " dx " + m)
+    print("stencil ok", dt, round(time.time() - t0, 1), flush=True)
 print("gates ok", round(time.time() - t0, 1))
