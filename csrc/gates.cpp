@@ -693,8 +693,6 @@ T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
-
 template <typename T>
 const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return small::has(t) ? t->const_data_ptr<T>() : nullptr;
@@ -709,13 +707,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& a, const std::optional<at::Tensor>& m, const std::optional<at::Tensor>& G0, const at::Tensor& w1,
     const std::optional<at::Tensor>& b1, const at::Tensor& w2, const std::optional<at::Tensor>& b2, bool telu) {
   const auto d = small::mlp_dims(a, m, G0, w1, b1, w2, b2, "gates_channel_mlp_fwd");
-  const int64_t rows = d.pair ? 2 * d.B : d.B;
-  auto H = at::empty({rows, d.HID}, a.options());
-  auto T_ = at::empty({rows, d.HID}, a.options());
-  auto U = telu ? at::empty({rows, d.HID}, a.options()) : none_like(a);
-  auto TH = telu ? at::empty({rows, d.HID}, a.options()) : none_like(a);
-  auto g = at::empty({d.B, d.C}, a.options());
-  auto gate = small::has(G0) ? at::empty({d.B, d.C}, a.options()) : none_like(a);
+  const small::MlpOut o = small::mlp_outputs(a, d, telu, small::has(G0));
+  at::Tensor H = o.H, T_ = o.T, U = o.U, TH = o.TH, g = o.g, gate = o.gate;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gates_channel_mlp_fwd", [&] {
     using T = scalar_t;
     const T *ap = a.const_data_ptr<T>(), *mp = opt_ptr<T>(m), *g0 = opt_ptr<T>(G0);
@@ -765,27 +758,11 @@ gates_channel_mlp_bwd_cpu(const at::Tensor& dgate, const at::Tensor& a, const st
                           const std::optional<at::Tensor>& G0, const at::Tensor& H, const at::Tensor& T_,
                           const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& TH, const at::Tensor& g,
                           const at::Tensor& w1, const at::Tensor& w2, bool telu, bool biases, double scale_a) {
-  const char* op = "gates_channel_mlp_bwd";
-  const auto d = small::mlp_dims(a, m, G0, w1, std::nullopt, w2, std::nullopt, op);
+  const auto d = small::mlp_bwd_dims(dgate, a, m, G0, H, T_, U, TH, g, w1, w2, telu, "gates_channel_mlp_bwd");
   const int64_t rows = d.pair ? 2 * d.B : d.B;
-  const auto acc = a.scalar_type();
-  small::check_small(dgate, d.B * d.C, acc, a.device(), op, "dgate");
-  small::check_small(g, d.B * d.C, acc, a.device(), op, "g");
-  small::check_small(H, rows * d.HID, acc, a.device(), op, "H");
-  small::check_small(T_, rows * d.HID, acc, a.device(), op, "T");
-  TORCH_CHECK(!telu || (small::has(U) && small::has(TH)), op, ": telu=True needs U and TH");
-  if (telu) {
-    small::check_small(*U, rows * d.HID, acc, a.device(), op, "U");
-    small::check_small(*TH, rows * d.HID, acc, a.device(), op, "TH");
-  }
-  auto da = at::empty({d.B, d.C}, a.options());
-  auto dm = d.pair ? at::empty({d.B, d.C}, a.options()) : none_like(a);
-  auto dG0 = small::has(G0) ? at::empty({d.B, d.C}, a.options()) : none_like(a);
-  auto dw1 = at::zeros({d.HID, d.C}, a.options());
-  auto dw2 = at::zeros({d.C, d.HID}, a.options());
-  auto db1 = biases ? at::zeros({d.HID}, a.options()) : none_like(a);
-  auto db2 = biases ? at::zeros({d.C}, a.options()) : none_like(a);
-  AT_DISPATCH_FLOATING_TYPES(acc, "gates_channel_mlp_bwd", [&] {
+  const small::MlpGrads r = small::mlp_grads(a, d, small::has(G0), biases, /*zero_weights=*/true);
+  at::Tensor da = r.da, dm = r.dm, dG0 = r.dG0, dw1 = r.dw1, db1 = r.db1, dw2 = r.dw2, db2 = r.db2;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gates_channel_mlp_bwd", [&] {
     using T = scalar_t;
     const T *ap = a.const_data_ptr<T>(), *mp = opt_ptr<T>(m), *g0 = opt_ptr<T>(G0), *dgp = dgate.const_data_ptr<T>();
     const T *hp = H.const_data_ptr<T>(), *tp = T_.const_data_ptr<T>(), *gp = g.const_data_ptr<T>();
@@ -868,13 +845,10 @@ gates_channel_mlp_bwd_cpu(const at::Tensor& dgate, const at::Tensor& a, const st
 std::tuple<at::Tensor, at::Tensor> gates_spatial_fwd_cpu(const at::Tensor& mean, const at::Tensor& mx,
                                                          const std::optional<at::Tensor>& S0, const at::Tensor& w,
                                                          const std::optional<at::Tensor>& bias, int64_t width) {
-  const char* op = "gates_spatial_fwd";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // M's products are this kernel's own arithmetic
-  const auto d = small::spatial_dims(mean, mx, w, width, op);
-  small::check_opt(S0, d.B * d.P, mean.scalar_type(), mean.device(), op, "S0");
-  small::check_opt(bias, 1, mean.scalar_type(), mean.device(), op, "bias");
+  const auto d = small::spatial_fwd_dims(mean, mx, S0, w, bias, width, "gates_spatial_fwd");
   auto s = at::empty({d.B, d.P}, mean.options());
-  auto gate = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : none_like(mean);
+  auto gate = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : small::none_like(mean);
   if (mean.numel() == 0) return {s, gate};
   // the gated maps M = [mean, max]·S0, once
   const at::Tensor M0 = small::has(S0) ? mean * *S0 : mean, M1 = small::has(S0) ? mx * *S0 : mx;
@@ -918,17 +892,13 @@ std::tuple<at::Tensor, at::Tensor> gates_spatial_fwd_cpu(const at::Tensor& mean,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spatial_bwd_cpu(
     const at::Tensor& dgate, const std::optional<at::Tensor>& S0, const at::Tensor& s, const at::Tensor& mean,
     const at::Tensor& mx, const at::Tensor& w, bool has_bias, int64_t width, double scale_mean) {
-  const char* op = "gates_spatial_bwd";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto d = small::spatial_dims(mean, mx, w, width, op);
+  const auto d = small::spatial_bwd_dims(dgate, S0, s, mean, mx, w, width, "gates_spatial_bwd");
   const auto acc = mean.scalar_type();
-  small::check_small(dgate, d.B * d.P, acc, mean.device(), op, "dgate");
-  small::check_small(s, d.B * d.P, acc, mean.device(), op, "s");
-  small::check_opt(S0, d.B * d.P, acc, mean.device(), op, "S0");
   const int64_t R = d.K / 2, KK = d.K * d.K;
   auto dmean = at::empty({d.B, d.P}, mean.options());
   auto dmax = at::empty({d.B, d.P}, mean.options());
-  auto dS0 = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : none_like(mean);
+  auto dS0 = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : small::none_like(mean);
   auto dl = at::empty({d.B, d.P}, mean.options());
   auto part = at::zeros({d.B, 2 * KK + 1}, mean.options());
   const at::Tensor M0 = small::has(S0) ? mean * *S0 : mean, M1 = small::has(S0) ? mx * *S0 : mx;
@@ -1017,7 +987,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
   });
   auto sums = part.sum(0);
   auto dw = sums.narrow(0, 0, 2 * KK).reshape(w.sizes()).contiguous();
-  auto db = has_bias ? sums.narrow(0, 2 * KK, 1).contiguous() : none_like(mean);
+  auto db = has_bias ? sums.narrow(0, 2 * KK, 1).contiguous() : small::none_like(mean);
   return {dmean, dmax, dS0, dw, db};
 }
 

@@ -960,6 +960,13 @@ StencilGeo stencil_geo(const at::Tensor& x, int64_t K, const char* name) {
   return g;
 }
 
+// The map's geometry with the stencil w (1, C, K, K) on its device.
+StencilGeo stencil_geo(const at::Tensor& x, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(w.dim() == 4, name, ": w must be (1, C, K, K), got ", w.sizes());
+  TORCH_CHECK(w.device() == x.device(), name, ": w must be on the map's device ", x.device(), ", got ", w.device());
+  return stencil_geo(x, w.size(2), name);
+}
+
 // Channels per staged tile: as many as fit in `budget` bytes (at most 8, at least 1).
 int64_t stencil_chunk(const StencilGeo& g, size_t elem, size_t budget) {
   const int64_t per = (kTileH + g.K - 1) * (kTileW + g.K - 1) * static_cast<int64_t>(elem);
@@ -973,11 +980,17 @@ at::Tensor stencil_taps(const at::Tensor& w, const StencilGeo& g, at::ScalarType
   return w.to(acc).contiguous();
 }
 
+// dlogit: (B, H·W) values of the accumulation type on the map's device.
+void check_stencil_grad(const at::Tensor& gr, const StencilGeo& g, at::ScalarType acc, const at::Device& dev,
+                        const char* op) {
+  TORCH_CHECK(gr.device() == dev && gr.scalar_type() == acc && gr.numel() == g.B * g.H * g.W, op, ": g must be ", acc,
+              " on ", dev, " with B·H·W = ", g.B * g.H * g.W, " elements, got ", gr.scalar_type(), " ", gr.sizes(),
+              " on ", gr.device());
+}
+
 unsigned flat_blocks(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20)));
 }
-
-at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
 
 template <typename T>
 const T* opt_ptr(const std::optional<at::Tensor>& t) {
@@ -1146,13 +1159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& b1, const at::Tensor& w2, const std::optional<at::Tensor>& b2, bool telu) {
   const auto d = small::mlp_dims(a, m, G0, w1, b1, w2, b2, "gates_channel_mlp_fwd");
   const c10::cuda::CUDAGuard guard(a.device());
-  const int64_t rows = d.pair ? 2 * d.B : d.B;
-  auto H = at::empty({rows, d.HID}, a.options());
-  auto T_ = at::empty({rows, d.HID}, a.options());
-  auto U = telu ? at::empty({rows, d.HID}, a.options()) : none_like(a);
-  auto TH = telu ? at::empty({rows, d.HID}, a.options()) : none_like(a);
-  auto g = at::empty({d.B, d.C}, a.options());
-  auto gate = small::has(G0) ? at::empty({d.B, d.C}, a.options()) : none_like(a);
+  const small::MlpOut o = small::mlp_outputs(a, d, telu, small::has(G0));
+  at::Tensor H = o.H, T_ = o.T, U = o.U, TH = o.TH, g = o.g, gate = o.gate;
   if (d.B == 0 || d.C == 0) return {H.zero_(), T_.zero_(), U, TH, g, gate};
   TORCH_CHECK(d.B <= kMaxGrid, "gates_channel_mlp_fwd: batch ", d.B, " exceeds the grid limit");
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -1176,31 +1184,14 @@ gates_channel_mlp_bwd_cuda(const at::Tensor& dgate, const at::Tensor& a, const s
                            const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& TH, const at::Tensor& g,
                            const at::Tensor& w1, const at::Tensor& w2, bool telu, bool biases, double scale_a) {
   const char* op = "gates_channel_mlp_bwd";
-  const auto d = small::mlp_dims(a, m, G0, w1, std::nullopt, w2, std::nullopt, op);
+  const auto d = small::mlp_bwd_dims(dgate, a, m, G0, H, T_, U, TH, g, w1, w2, telu, op);
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t rows = d.pair ? 2 * d.B : d.B;
   const auto acc = a.scalar_type();
-  small::check_small(dgate, d.B * d.C, acc, a.device(), op, "dgate");
-  small::check_small(g, d.B * d.C, acc, a.device(), op, "g");
-  small::check_small(H, rows * d.HID, acc, a.device(), op, "H");
-  small::check_small(T_, rows * d.HID, acc, a.device(), op, "T");
-  TORCH_CHECK(!telu || (small::has(U) && small::has(TH)), op, ": telu=True needs U and TH");
-  if (telu) {
-    small::check_small(*U, rows * d.HID, acc, a.device(), op, "U");
-    small::check_small(*TH, rows * d.HID, acc, a.device(), op, "TH");
-  }
-  auto da = at::empty({d.B, d.C}, a.options());
-  auto dm = d.pair ? at::empty({d.B, d.C}, a.options()) : none_like(a);
-  auto dG0 = small::has(G0) ? at::empty({d.B, d.C}, a.options()) : none_like(a);
-  auto dw1 = at::empty({d.HID, d.C}, a.options());
-  auto dw2 = at::empty({d.C, d.HID}, a.options());
-  auto db1 = biases ? at::empty({d.HID}, a.options()) : none_like(a);
-  auto db2 = biases ? at::empty({d.C}, a.options()) : none_like(a);
-  if (d.B == 0 || d.C == 0) {
-    dw1.zero_(), dw2.zero_();
-    if (biases) db1.zero_(), db2.zero_();
-    return {da, dm, dG0, dw1, db1, dw2, db2};
-  }
+  // the weights' gradients are written whole by their kernel (zeroed only when it does not run)
+  const small::MlpGrads r = small::mlp_grads(a, d, small::has(G0), biases, /*zero_weights=*/d.B == 0);
+  at::Tensor da = r.da, dm = r.dm, dG0 = r.dG0, dw1 = r.dw1, db1 = r.db1, dw2 = r.dw2, db2 = r.db2;
+  if (d.B == 0 || d.C == 0) return {da, dm, dG0, dw1, db1, dw2, db2};
   TORCH_CHECK(d.B <= kMaxGrid, op, ": batch ", d.B, " exceeds the grid limit");
   auto dz = at::empty({d.B, d.C}, a.options());
   auto dh = at::empty({rows, d.HID}, a.options());
@@ -1230,13 +1221,10 @@ gates_channel_mlp_bwd_cuda(const at::Tensor& dgate, const at::Tensor& a, const s
 std::tuple<at::Tensor, at::Tensor> gates_spatial_fwd_cuda(const at::Tensor& mean, const at::Tensor& mx,
                                                           const std::optional<at::Tensor>& S0, const at::Tensor& w,
                                                           const std::optional<at::Tensor>& bias, int64_t width) {
-  const char* op = "gates_spatial_fwd";
-  const auto d = small::spatial_dims(mean, mx, w, width, op);
-  small::check_opt(S0, d.B * d.P, mean.scalar_type(), mean.device(), op, "S0");
-  small::check_opt(bias, 1, mean.scalar_type(), mean.device(), op, "bias");
+  const auto d = small::spatial_fwd_dims(mean, mx, S0, w, bias, width, "gates_spatial_fwd");
   const c10::cuda::CUDAGuard guard(mean.device());
   auto s = at::empty({d.B, d.P}, mean.options());
-  auto gate = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : none_like(mean);
+  auto gate = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : small::none_like(mean);
   if (mean.numel() == 0) return {s, gate};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "gates_spatial_fwd", [&] {
@@ -1253,17 +1241,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
     const at::Tensor& dgate, const std::optional<at::Tensor>& S0, const at::Tensor& s, const at::Tensor& mean,
     const at::Tensor& mx, const at::Tensor& w, bool has_bias, int64_t width, double scale_mean) {
   const char* op = "gates_spatial_bwd";
-  const auto d = small::spatial_dims(mean, mx, w, width, op);
+  const auto d = small::spatial_bwd_dims(dgate, S0, s, mean, mx, w, width, op);
   const auto acc = mean.scalar_type();
-  small::check_small(dgate, d.B * d.P, acc, mean.device(), op, "dgate");
-  small::check_small(s, d.B * d.P, acc, mean.device(), op, "s");
-  small::check_opt(S0, d.B * d.P, acc, mean.device(), op, "S0");
   const c10::cuda::CUDAGuard guard(mean.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the partials' sum is this kernel's own arithmetic
   const int64_t KK = d.K * d.K, NP = 2 * KK + 1;
   auto dmean = at::empty({d.B, d.P}, mean.options());
   auto dmax = at::empty({d.B, d.P}, mean.options());
-  auto dS0 = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : none_like(mean);
+  auto dS0 = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : small::none_like(mean);
   const int64_t n = d.B * d.P;
   const int64_t blocks = std::max<int64_t>(1, (n + kThreads - 1) / kThreads);
   TORCH_CHECK(blocks <= kMaxGrid, op, ": ", blocks, " thread blocks exceed the grid limit");
@@ -1287,7 +1272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
   }
   auto sums = part.sum(0);  // the blocks' partials in block order
   auto dw = sums.narrow(0, 0, 2 * KK).reshape(w.sizes()).contiguous();
-  auto db = has_bias ? sums.narrow(0, 2 * KK, 1).contiguous() : none_like(mean);
+  auto db = has_bias ? sums.narrow(0, 2 * KK, 1).contiguous() : small::none_like(mean);
   return {dmean, dmax, dS0, dw, db};
 }
 
@@ -1295,12 +1280,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
 
 at::Tensor gates_stencil_cuda(const at::Tensor& x, const at::Tensor& w) {
   const char* op = "gates_stencil";
-  TORCH_CHECK(w.dim() == 4, op, ": w must be (1, C, K, K), got ", w.sizes());
-  const StencilGeo g = stencil_geo(x, w.size(2), op);
+  const StencilGeo g = stencil_geo(x, w, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = acc_type(x);
-  TORCH_CHECK(w.device() == x.device(), op, ": w must be on x's device ", x.device(), ", got ", w.device());
   const at::Tensor wt = stencil_taps(w, g, acc, op);
   auto y = at::zeros({g.B, g.H * g.W}, x.options().dtype(acc));
   if (y.numel() == 0 || g.C == 0) return y;
@@ -1320,15 +1303,11 @@ at::Tensor gates_stencil_cuda(const at::Tensor& x, const at::Tensor& w) {
 
 void gates_stencil_grad_input__cuda(at::Tensor& dx, const at::Tensor& w, const at::Tensor& gr) {
   const char* op = "gates_stencil_grad_input_";
-  TORCH_CHECK(w.dim() == 4, op, ": w must be (1, C, K, K), got ", w.sizes());
-  const StencilGeo g = stencil_geo(dx, w.size(2), op);
+  const StencilGeo g = stencil_geo(dx, w, op);
   const c10::cuda::CUDAGuard guard(dx.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = acc_type(dx);
-  TORCH_CHECK(w.device() == dx.device(), op, ": w must be on dx's device ", dx.device(), ", got ", w.device());
-  TORCH_CHECK(gr.device() == dx.device() && gr.scalar_type() == acc && gr.numel() == g.B * g.H * g.W, op,
-              ": g must be ", acc, " on ", dx.device(), " with B·H·W = ", g.B * g.H * g.W, " elements, got ",
-              gr.scalar_type(), " ", gr.sizes(), " on ", gr.device());
+  check_stencil_grad(gr, g, acc, dx.device(), op);
   if (dx.numel() == 0) return;
   const at::Tensor wt = stencil_taps(w, g, acc, op);
   const at::Tensor gc = gr.contiguous();
@@ -1349,9 +1328,7 @@ at::Tensor gates_stencil_grad_weight_cuda(const at::Tensor& x, const at::Tensor&
   const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = acc_type(x);
-  TORCH_CHECK(gr.device() == x.device() && gr.scalar_type() == acc && gr.numel() == g.B * g.H * g.W, op,
-              ": g must be ", acc, " on ", x.device(), " with B·H·W = ", g.B * g.H * g.W, " elements, got ",
-              gr.scalar_type(), " ", gr.sizes(), " on ", gr.device());
+  check_stencil_grad(gr, g, acc, x.device(), op);
   const int64_t KK = K * K;
   if (x.numel() == 0) return at::zeros({1, g.C, K, K}, x.options().dtype(acc));
   const at::Tensor gc = gr.contiguous();

@@ -20,6 +20,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <cstdint>
@@ -107,6 +109,85 @@ inline SpatialDims spatial_dims(const at::Tensor& mean, const at::Tensor& mx, co
   check_small(mx, B * P, acc, dev, op, "mx");
   check_small(w, w.numel(), acc, dev, op, "w");
   return SpatialDims{B, P, P / width, width, w.size(2)};
+}
+
+// The MLP backward's inputs beyond mlp_dims's: dgate and g (B, C); H, T and, for TeLU, U
+// and TH (rows, HID).
+inline MlpDims mlp_bwd_dims(const at::Tensor& dgate, const at::Tensor& a, const std::optional<at::Tensor>& m,
+                            const std::optional<at::Tensor>& G0, const at::Tensor& H, const at::Tensor& T,
+                            const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& TH, const at::Tensor& g,
+                            const at::Tensor& w1, const at::Tensor& w2, bool telu, const char* op) {
+  const MlpDims d = mlp_dims(a, m, G0, w1, std::nullopt, w2, std::nullopt, op);
+  const int64_t rows = d.pair ? 2 * d.B : d.B;
+  const auto acc = a.scalar_type();
+  const auto dev = a.device();
+  check_small(dgate, d.B * d.C, acc, dev, op, "dgate");
+  check_small(g, d.B * d.C, acc, dev, op, "g");
+  check_small(H, rows * d.HID, acc, dev, op, "H");
+  check_small(T, rows * d.HID, acc, dev, op, "T");
+  TORCH_CHECK(!telu || (has(U) && has(TH)), op, ": telu=True needs U and TH");
+  if (telu) {
+    check_small(*U, rows * d.HID, acc, dev, op, "U");
+    check_small(*TH, rows * d.HID, acc, dev, op, "TH");
+  }
+  return d;
+}
+
+// An output the op does not produce (an absent input's gradient, ReLU's U and TH).
+inline at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
+
+inline at::Tensor alloc(at::IntArrayRef shape, const at::Tensor& like, bool zero) {
+  return zero ? at::zeros(shape, like.options()) : at::empty(shape, like.options());
+}
+
+struct MlpOut {
+  at::Tensor H, T, U, TH, g, gate;
+};
+
+inline MlpOut mlp_outputs(const at::Tensor& a, const MlpDims& d, bool telu, bool has_g0) {
+  const int64_t rows = d.pair ? 2 * d.B : d.B;
+  auto o = a.options();
+  return MlpOut{at::empty({rows, d.HID}, o), at::empty({rows, d.HID}, o),
+                telu ? at::empty({rows, d.HID}, o) : none_like(a), telu ? at::empty({rows, d.HID}, o) : none_like(a),
+                at::empty({d.B, d.C}, o), has_g0 ? at::empty({d.B, d.C}, o) : none_like(a)};
+}
+
+// The MLP backward's outputs; the weights' gradients zeroed when the kernel adds into them.
+struct MlpGrads {
+  at::Tensor da, dm, dG0, dw1, db1, dw2, db2;
+};
+
+inline MlpGrads mlp_grads(const at::Tensor& a, const MlpDims& d, bool has_g0, bool biases, bool zero_weights) {
+  auto o = a.options();
+  return MlpGrads{at::empty({d.B, d.C}, o),
+                  d.pair ? at::empty({d.B, d.C}, o) : none_like(a),
+                  has_g0 ? at::empty({d.B, d.C}, o) : none_like(a),
+                  alloc({d.HID, d.C}, a, zero_weights),
+                  biases ? alloc({d.HID}, a, zero_weights) : none_like(a),
+                  alloc({d.C, d.HID}, a, zero_weights),
+                  biases ? alloc({d.C}, a, zero_weights) : none_like(a)};
+}
+
+// The spatial gate forward's optional inputs S0 (B, P) and bias (1), with spatial_dims.
+inline SpatialDims spatial_fwd_dims(const at::Tensor& mean, const at::Tensor& mx, const std::optional<at::Tensor>& S0,
+                                    const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t width,
+                                    const char* op) {
+  const SpatialDims d = spatial_dims(mean, mx, w, width, op);
+  check_opt(S0, d.B * d.P, mean.scalar_type(), mean.device(), op, "S0");
+  check_opt(bias, 1, mean.scalar_type(), mean.device(), op, "bias");
+  return d;
+}
+
+// The spatial gate backward's inputs dgate, s and S0 (B, P), with spatial_dims.
+inline SpatialDims spatial_bwd_dims(const at::Tensor& dgate, const std::optional<at::Tensor>& S0, const at::Tensor& s,
+                                    const at::Tensor& mean, const at::Tensor& mx, const at::Tensor& w, int64_t width,
+                                    const char* op) {
+  const SpatialDims d = spatial_dims(mean, mx, w, width, op);
+  const auto acc = mean.scalar_type();
+  check_small(dgate, d.B * d.P, acc, mean.device(), op, "dgate");
+  check_small(s, d.B * d.P, acc, mean.device(), op, "s");
+  check_opt(S0, d.B * d.P, acc, mean.device(), op, "S0");
+  return d;
 }
 
 // ---- per-element formulas ---------------------------------------------------------------
