@@ -144,8 +144,14 @@ STAGES=(
   # training images/s (from the epoch's second step on)
   "train_cuda_graph|90|rm -rf /tmp/tg_*; for g in no-cuda-graph cuda-graph; do $PY -m models.cli train --stage 2 --device cuda --size 256 --synth-size 256 --synth-train 48 --synth-val 8 --batch-size 8 --epochs 2 --no-progress --\$g --out /tmp/tg_\$g \$([ -d /tmp/tg_no-cuda-graph/data ] && echo --data /tmp/tg_no-cuda-graph/data) 2>&1 | grep -iE 'img/s|captured|runs eagerly|error'; done"
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
-  # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md)
+  # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md).
+  # Since 2026-11-27 evening the fused_cuda rows run CUDA kernels for the channel MLP, the
+  # spatial gate and ELAT's stencil (no cuDNN left in the gates): untimed until this stage runs
   "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --kernels --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
+  # Stage I (its head runs four ELATs at 8x64x256x256, where cuDNN's stencil took 3.1 of 3.7 ms
+  # each until the CUDA stencil kernels of 2026-11-27 evening): plain vs fused (auto: CUDA
+  # first) vs fused_triton
+  "bench_models_s1|80|$PY -m benchmarks.bench_models --device cuda --stages 1 --modes plain,fused,fused_triton --tag s1"
   # the host cost of one launch, each way our ops can issue one (Triton's kernel[grid], the
   # compiled kernel called directly, an ATen op, our C++ op): decides between the CUDA
   # backend and a lean Triton launcher (docs/gates_gpu.md, "What one Triton launch costs")
