@@ -640,6 +640,11 @@ struct ManySamples {
     const bool mask_diag = diag && !include_diagonal;
     const VG zero(g_t(0)), ninf(-std::numeric_limits<g_t>::infinity()), bjv((g_t)bj);
     const VG kappa(g_t(1.0 / 16.0)), hmargin((g_t)margin), vs((g_t)s);
+    // Duplicate rows: d2 = n_i + n_j - 2 G_ij is exactly 0 only if the GEMM computes G_ij
+    // and G_ii alike, which a BLAS need not do (MKL on an AMD EPYC gave them different
+    // last bits; infonce_l2's weight p / ||z_i - z_j|| then blew up). A pair within this
+    // relative distance of a duplicate is one, as in the Triton kernel (_DUP_EPS_*).
+    const VG dup_eps(std::is_same<g_t, double>::value ? g_t(1e-12) : g_t(2e-6));
     const g_t* nj = sq + j0;
     if (!diag) std::fill(colsum, colsum + ldS, g_t(0));
     const g_t negc = static_cast<g_t>(-s / tau);
@@ -664,7 +669,8 @@ struct ManySamples {
           u = VG(g_t(1)) - sv;
         } else {
           const VG nsum = ni + VG::loadu(nj + b0);
-          const VG d2 = at::vec::maximum(at::vec::fmadd(sv, VG(g_t(-2)), nsum), zero);
+          VG d2 = at::vec::maximum(at::vec::fmadd(sv, VG(g_t(-2)), nsum), zero);
+          d2 = VG::blendv(d2, zero, d2 <= nsum * dup_eps);
           if (check_close) {
             VG close = d2 < nsum * kappa;
             if (tail || has_diag) close = VG::blendv(close, zero, invalid);
