@@ -12,7 +12,9 @@ from build import emulated  # noqa: E402
 E, C = emulated("gates")
 import disseg_kernels as dk  # noqa: E402
 
-OPS = [n for n in dir(E) if n.startswith("gates_")]
+OPS = sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+              if n.startswith("disseg_emu::gates_")})
+assert len(OPS) >= 12, OPS  # pools, apply, reduce, grad_x, the small programs, the stencil
 for name in OPS:  # the engine now calls the emulated CUDA code for CPU tensors
     setattr(torch.ops.disseg, name, getattr(E, name))
 print("routed", OPS)
