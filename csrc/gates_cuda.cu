@@ -884,8 +884,10 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_input_kernel(scalar_t* 
       acc_t acc = acc_t(0);
       for (int64_t i = 0; i < g.K; ++i) {
         for (int64_t j = 0; j < g.K; ++j) {
+          const acc_t wv = wc[i * g.K + j];
+          if (wv == acc_t(0)) continue;  // ELAT's zero taps sit at the same place in every channel
           // gr at (h − i + R, w − j + R): tile row ty − i + 2R, column tx − j + 2R
-          acc += wc[i * g.K + j] * gt[(ty - i + 2 * g.R) * TW + tx - j + 2 * g.R];
+          acc += wv * gt[(ty - i + 2 * g.R) * TW + tx - j + 2 * g.R];
         }
       }
       scalar_t* d = dx + b * g.sB + (c0 + c) * g.sC + h * g.sH + w * g.sW;
@@ -942,6 +944,75 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_weight_kernel(const sca
   for (int u = 0; u < kMaxPairs; ++u) {
     const int64_t pair = flat_tid() + static_cast<int64_t>(u) * kThreads;
     if (pair < n * KK) part[(grp * g.C + c0) * KK + pair] = acc[u];
+  }
+}
+
+// The same partial sums for a compile-time K (ELAT's 7): work item (channel, tap row i,
+// tile row ty) slides along the tile row, each staged x value feeding K multiply-adds from
+// registers (a fully unrolled 32-wide row), instead of two shared-memory reads per
+// multiply-add. The 8 tile rows' sums are merged in shared memory at the end, in order.
+template <typename scalar_t, typename acc_t, int KT>
+__global__ void __launch_bounds__(kThreads) stencil_grad_weight_rows_kernel(const scalar_t* __restrict__ x,
+                                                                            const acc_t* __restrict__ gr,
+                                                                            acc_t* __restrict__ part, StencilGeo g,
+                                                                            int64_t cc, int64_t groups) {
+  constexpr int TH = kTileH + KT - 1, TW = kTileW + KT - 1;
+  constexpr int kItems = (8 * KT * kTileH + kThreads - 1) / kThreads;  // cc ≤ 8
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* gs = tile + cc * TH * TW;
+  const int64_t P = g.H * g.W;
+  const int64_t grp = blockIdx.x, c0 = static_cast<int64_t>(blockIdx.y) * cc;
+  const int64_t n = std::min<int64_t>(cc, g.C - c0);
+  const int64_t tiles = g.tiles_h * g.tiles_w, total = g.B * tiles;
+  const int64_t t_lo = total * grp / groups, t_hi = total * (grp + 1) / groups;
+  const int tid = flat_tid();
+  acc_t acc[kItems][KT];
+#pragma unroll
+  for (int u = 0; u < kItems; ++u)
+#pragma unroll
+    for (int j = 0; j < KT; ++j) acc[u][j] = acc_t(0);
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    const int64_t b = t / tiles, tile_id = t - b * tiles;
+    const int64_t h0 = (tile_id / g.tiles_w) * kTileH, w0 = (tile_id % g.tiles_w) * kTileW;
+    __syncthreads();
+    stage_tile(x, g, b, h0, w0, c0, n, tile);
+    {
+      const int64_t h = h0 + threadIdx.y, w = w0 + threadIdx.x;
+      gs[threadIdx.y * kTileW + threadIdx.x] = (h < g.H && w < g.W) ? gr[b * P + h * g.W + w] : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kItems; ++u) {
+      const int item = tid + u * kThreads;  // (c, i, ty), ty fastest
+      if (item >= n * KT * kTileH) break;
+      const int ty = item % kTileH, i = (item / kTileH) % KT, c = item / (kTileH * KT);
+      const acc_t* xr = tile + (c * TH + ty + i) * TW;
+      const acc_t* grow = gs + ty * kTileW;
+#pragma unroll
+      for (int tx = 0; tx < kTileW; ++tx) {
+        const acc_t gv = grow[tx];
+#pragma unroll
+        for (int j = 0; j < KT; ++j) acc[u][j] += xr[tx + j] * gv;
+      }
+    }
+  }
+  // merge the tile rows: red[(c·K + i)·K + j][ty], then one thread per (c, tap) sums over ty
+  __syncthreads();
+  acc_t* red = tile;
+#pragma unroll
+  for (int u = 0; u < kItems; ++u) {
+    const int item = tid + u * kThreads;
+    if (item >= n * KT * kTileH) break;
+    const int ty = item % kTileH, ci = item / kTileH;  // ci = c·K + i
+#pragma unroll
+    for (int j = 0; j < KT; ++j) red[(ci * KT + j) * kTileH + ty] = acc[u][j];
+  }
+  __syncthreads();
+  for (int64_t e = tid; e < n * KT * KT; e += kThreads) {
+    acc_t sum = acc_t(0);
+    for (int ty = 0; ty < kTileH; ++ty) sum += red[e * kTileH + ty];
+    part[(grp * g.C + c0) * KT * KT + e] = sum;
   }
 }
 
@@ -1343,10 +1414,17 @@ at::Tensor gates_stencil_grad_weight_cuda(const at::Tensor& x, const at::Tensor&
     const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(tiles, (sm_count(x) * kBlocksPerSM + chunks - 1) / chunks));
     TORCH_CHECK(chunks <= kMaxGridY, op, ": ", g.C, " channels exceed the grid limit");
     part = at::empty({groups, g.C, KK}, x.options().dtype(acc));
-    const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + kTileH * kTileW) * sizeof(acc_t);
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(chunks));
-    stencil_grad_weight_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
-        x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups);
+    if (K == 7 && cc <= 8) {  // ELAT: the sliding-row kernel; its end-of-block merge reuses the tile's memory
+      const size_t tile_elems = cc * (kTileH + 6) * (kTileW + 6) + kTileH * kTileW;
+      const size_t smem = std::max<size_t>(tile_elems, cc * KK * kTileH) * sizeof(acc_t);
+      stencil_grad_weight_rows_kernel<scalar_t, acc_t, 7><<<grid, dim3(kWarp, kRows), smem, stream>>>(
+          x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups);
+    } else {
+      const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + kTileH * kTileW) * sizeof(acc_t);
+      stencil_grad_weight_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
+          x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return part.sum(0).reshape({1, g.C, K, K});  // the groups' partials in group order
