@@ -44,7 +44,9 @@ def _hidden(channels: int, ratio: int, name: str) -> int:
 # ---------------------------------------------------------------------------------------
 # The fused engine.
 #
-# A module's fused path is a *program*: small PyTorch code (MLPs, 2→1 convs, sigmoids) on
+# A module's fused path is a *program*: small math (the channel MLPs, the spatial gate's
+# 2→1 convolution, sigmoids; one kernel each on every backend, ``channel_mlp_*`` and
+# ``spatial_gate_*``; their PyTorch formulas below serve the fake-tensor pass) on
 # statistics of the gated map y = x · G[b, c] · S[b, p] (p = h·W + w), ending in the
 # output gates (G, S) with out = x · G · S. The statistics come from one read pass over x
 # each (``pool_hw``: mean/max over p of x · S; ``pool_c``: mean/max over c of x · G;
@@ -206,11 +208,6 @@ def _telu_parts(h):
     return h * th, (u, th)
 
 
-def _telu_grad(dt, h, parts):
-    u, th = parts
-    return dt * (th + h * u * (1.0 - th * th))
-
-
 def _pair_sum(t):
     """mlp(avg) + mlp(max) from one MLP call on the stacked [avg; max] (2B, C) rows."""
     half = t.shape[0] // 2
@@ -225,20 +222,6 @@ def _mlp_fwd(A, w_in, b_in, w_out, b_out, act, pair):
         T, parts = _telu_parts(H)
     Z = F.linear(T, w_out, b_out)
     return (_pair_sum(Z) if pair else Z), (A, H, T, parts)
-
-
-def _mlp_bwd(dz, rec, w_in, w_out, act, pair, biases):
-    """(dA, dw_in, db_in, dw_out, db_out) of :func:`_mlp_fwd` (bias grads None without biases)."""
-    A, H, T, parts = rec
-    dZ = torch.cat([dz, dz]) if pair else dz
-    dw_out = dZ.t().mm(T)
-    dT = dZ.mm(w_out)
-    dH = torch.ops.aten.threshold_backward(dT, H, 0.0) if act == "relu" else _telu_grad(dT, H, parts)
-    dw_in = dH.t().mm(A)
-    dA = dH.mm(w_in)
-    if not biases:
-        return dA, dw_in, None, dw_out, None
-    return dA, dw_in, dH.sum(0), dw_out, dZ.sum(0)
 
 
 class _Backward:
@@ -257,22 +240,18 @@ class _Backward:
         self.b, self.c, self.p = b, c, h * w
         self.terms, self.stencil = [], None
 
-    def hw_stat(self, S0, idx, da, dm, prescaled=False):
-        """Gradient (da, dm) of mean/max over p of x·S0 (da already divided by P when
-        ``prescaled``); returns dS0 (None when S0 is)."""
-        if not prescaled:
-            da = da / self.p
+    def hw_stat(self, S0, idx, da, dm):
+        """Gradient (da, dm) of mean/max over p of x·S0, da already divided by P (the small
+        programs' kernels scale it); returns dS0 (None when S0 is)."""
         self.terms.append(("hw", da, S0, idx, dm))
         if S0 is None:
             return None
         arg = None if dm is None else (idx, dm)
         return self.k.reduce(self.x, None, da, None, g_arg=arg, need=(False, True))[1]
 
-    def c_stat(self, G0, idx, dmean, dm, prescaled=False):
-        """Gradient (dmean, dm) of mean/max over c of x·G0 (dmean already divided by C when
-        ``prescaled``); returns dG0 (None when G0 is)."""
-        if not prescaled:
-            dmean = dmean / self.c
+    def c_stat(self, G0, idx, dmean, dm):
+        """Gradient (dmean, dm) of mean/max over c of x·G0, dmean already divided by C;
+        returns dG0 (None when G0 is)."""
         self.terms.append(("c", G0, dmean, idx, dm))
         if G0 is None:
             return None
@@ -311,21 +290,9 @@ def _channel_fwd(src, mlp, act, G0, S0):
 
 def _channel_bwd(bw, rec, w_in, w_out, act, biases, dG, dS):
     a, m, idx, H, T, parts, g, G0, S0 = rec
-    if hasattr(bw.k, "channel_mlp_bwd"):  # two launches
-        da, dm, dG0, dw_in, db_in, dw_out, db_out = bw.k.channel_mlp_bwd(
-            dG, a, m, G0, H, T, parts, g, w_in, w_out, act == "telu", True, biases, scale_a=1.0 / bw.p)
-        return dG0, _add(dS, bw.hw_stat(S0, idx, da, dm, prescaled=True)), (dw_in, db_in, dw_out, db_out)
-    A_raw = torch.cat([a, m])
-    A = A_raw if G0 is None else (A_raw.view(2, *a.shape) * G0).flatten(0, 1)
-    dz = torch.ops.aten.sigmoid_backward(dG if G0 is None else dG * G0, g)
-    dA, dw_in, db_in, dw_out, db_out = _mlp_bwd(dz, (A, H, T, parts), w_in, w_out, act, True, biases)
-    dG0 = None
-    if G0 is not None:
-        dG0 = dG * g + _pair_sum(dA * A_raw)
-        dA = (dA.view(2, *G0.shape) * G0).flatten(0, 1)
-    da, dm = dA[: a.shape[0]], dA[a.shape[0] :]
-    dS0 = _add(dS, bw.hw_stat(S0, idx, da, dm))
-    return dG0, dS0, (dw_in, db_in, dw_out, db_out)
+    da, dm, dG0, dw_in, db_in, dw_out, db_out = bw.k.channel_mlp_bwd(  # two launches
+        dG, a, m, G0, H, T, parts, g, w_in, w_out, act == "telu", True, biases, scale_a=1.0 / bw.p)
+    return dG0, _add(dS, bw.hw_stat(S0, idx, da, dm)), (dw_in, db_in, dw_out, db_out)
 
 
 def _spatial_fwd(src, cw, cb, shape, G0, S0):
@@ -348,24 +315,9 @@ def _spatial_fwd(src, cw, cb, shape, G0, S0):
 
 def _spatial_bwd(bw, rec, cw, has_bias, dG, dS):
     mean, mx, s, idx, G0, S0, width = rec
-    if hasattr(bw.k, "spatial_gate_bwd"):  # two launches and a sum
-        dmean, dm, dS0, dcw, dcb = bw.k.spatial_gate_bwd(dS, S0, s, mean, mx, cw, has_bias, width, scale_mean=1.0 / bw.c)
-        return _add(dG, bw.c_stat(G0, idx, dmean, dm, prescaled=True)), dS0, (dcw, dcb)
-    b, p = mean.shape
-    h, pad = p // width, cw.shape[-1] // 2
-    M_raw = torch.stack([mean, mx], dim=1)
-    M = (M_raw if S0 is None else M_raw * S0.unsqueeze(1)).view(b, 2, h, width)
-    dlogit = torch.ops.aten.sigmoid_backward(dS if S0 is None else dS * S0, s).view(b, 1, h, width)
-    dM, dcw, dcb = torch.ops.aten.convolution_backward(
-        dlogit, M, cw, [1] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, has_bias])
-    dM = dM.view(b, 2, p)
-    dS0 = None
-    if S0 is not None:
-        dS0 = dS * s + (dM * M_raw).sum(1)
-        dM = dM * S0.unsqueeze(1)
-    dmean, dm = dM[:, 0], dM[:, 1]
-    dG0 = _add(dG, bw.c_stat(G0, idx, dmean, dm))
-    return dG0, dS0, (dcw, dcb)
+    dmean, dm, dS0, dcw, dcb = bw.k.spatial_gate_bwd(  # two launches and a sum
+        dS, S0, s, mean, mx, cw, has_bias, width, scale_mean=1.0 / bw.c)
+    return _add(dG, bw.c_stat(G0, idx, dmean, dm)), dS0, (dcw, dcb)
 
 
 def _ca_fwd(src, p, shape, G0, S0):
@@ -432,14 +384,9 @@ def _elat_stencil(dconv_w, dconv_b, fuse_w, fuse_b):
 def _elat_bwd(bw, rec, p, dG, dS):
     a, H, T, parts, g, s, w7, idx = rec
     x = bw.x
-    if hasattr(bw.k, "channel_mlp_bwd"):  # two launches
-        dA, _, _, dw0, _, dw2, _ = bw.k.channel_mlp_bwd(dG, a, None, None, H, T, parts, g, p[0], p[1], True, False, False,
-                                                        scale_a=1.0 / bw.p)
-        bw.hw_stat(None, idx, dA, None, prescaled=True)
-    else:
-        dz = torch.ops.aten.sigmoid_backward(dG, g)
-        dA, dw0, _, dw2, _ = _mlp_bwd(dz, (a, H, T, parts), p[0], p[1], "telu", False, False)
-        bw.hw_stat(None, idx, dA, None)
+    dA, _, _, dw0, _, dw2, _ = bw.k.channel_mlp_bwd(  # two launches
+        dG, a, None, None, H, T, parts, g, p[0], p[1], True, False, False, scale_a=1.0 / bw.p)
+    bw.hw_stat(None, idx, dA, None)
     dlogit = torch.ops.aten.sigmoid_backward(dS, s)
     dbias = dlogit.sum()
     dw7 = bw.k.stencil_grad_weight(x, dlogit, w7, elat_taps=True)
