@@ -847,8 +847,8 @@ std::tuple<at::Tensor, at::Tensor> gates_spatial_fwd_cpu(const at::Tensor& mean,
                                                          const std::optional<at::Tensor>& bias, int64_t width) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // M's products are this kernel's own arithmetic
   const auto d = small::spatial_fwd_dims(mean, mx, S0, w, bias, width, "gates_spatial_fwd");
-  auto s = at::empty({d.B, d.P}, mean.options());
-  auto gate = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : small::none_like(mean);
+  const small::SpatialFwdOut out = small::spatial_fwd_outputs(mean, d, small::has(S0));
+  at::Tensor s = out.s, gate = out.gate;
   if (mean.numel() == 0) return {s, gate};
   // the gated maps M = [mean, max]·S0, once
   const at::Tensor M0 = small::has(S0) ? mean * *S0 : mean, M1 = small::has(S0) ? mx * *S0 : mx;
@@ -896,9 +896,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
   const auto d = small::spatial_bwd_dims(dgate, S0, s, mean, mx, w, width, "gates_spatial_bwd");
   const auto acc = mean.scalar_type();
   const int64_t R = d.K / 2, KK = d.K * d.K;
-  auto dmean = at::empty({d.B, d.P}, mean.options());
-  auto dmax = at::empty({d.B, d.P}, mean.options());
-  auto dS0 = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : small::none_like(mean);
+  const small::SpatialBwdOut grads = small::spatial_bwd_outputs(mean, d, small::has(S0));
+  at::Tensor dmean = grads.dmean, dmax = grads.dmax, dS0 = grads.dS0;
   auto dl = at::empty({d.B, d.P}, mean.options());
   auto part = at::zeros({d.B, 2 * KK + 1}, mean.options());
   const at::Tensor M0 = small::has(S0) ? mean * *S0 : mean, M1 = small::has(S0) ? mx * *S0 : mx;
@@ -985,9 +984,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
       }
     });
   });
-  auto sums = part.sum(0);
-  auto dw = sums.narrow(0, 0, 2 * KK).reshape(w.sizes()).contiguous();
-  auto db = has_bias ? sums.narrow(0, 2 * KK, 1).contiguous() : small::none_like(mean);
+  const auto [dw, db] = small::spatial_weight_grads(part, w, has_bias);  // the partials in order
   return {dmean, dmax, dS0, dw, db};
 }
 

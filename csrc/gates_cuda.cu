@@ -1294,8 +1294,8 @@ std::tuple<at::Tensor, at::Tensor> gates_spatial_fwd_cuda(const at::Tensor& mean
                                                           const std::optional<at::Tensor>& bias, int64_t width) {
   const auto d = small::spatial_fwd_dims(mean, mx, S0, w, bias, width, "gates_spatial_fwd");
   const c10::cuda::CUDAGuard guard(mean.device());
-  auto s = at::empty({d.B, d.P}, mean.options());
-  auto gate = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : small::none_like(mean);
+  const small::SpatialFwdOut out = small::spatial_fwd_outputs(mean, d, small::has(S0));
+  at::Tensor s = out.s, gate = out.gate;
   if (mean.numel() == 0) return {s, gate};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "gates_spatial_fwd", [&] {
@@ -1317,9 +1317,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
   const c10::cuda::CUDAGuard guard(mean.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the partials' sum is this kernel's own arithmetic
   const int64_t KK = d.K * d.K, NP = 2 * KK + 1;
-  auto dmean = at::empty({d.B, d.P}, mean.options());
-  auto dmax = at::empty({d.B, d.P}, mean.options());
-  auto dS0 = small::has(S0) ? at::empty({d.B, d.P}, mean.options()) : small::none_like(mean);
+  const small::SpatialBwdOut grads = small::spatial_bwd_outputs(mean, d, small::has(S0));
+  at::Tensor dmean = grads.dmean, dmax = grads.dmax, dS0 = grads.dS0;
   const int64_t n = d.B * d.P;
   const int64_t blocks = std::max<int64_t>(1, (n + kThreads - 1) / kThreads);
   TORCH_CHECK(blocks <= kMaxGrid, op, ": ", blocks, " thread blocks exceed the grid limit");
@@ -1341,9 +1340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  auto sums = part.sum(0);  // the blocks' partials in block order
-  auto dw = sums.narrow(0, 0, 2 * KK).reshape(w.sizes()).contiguous();
-  auto db = has_bias ? sums.narrow(0, 2 * KK, 1).contiguous() : small::none_like(mean);
+  const auto [dw, db] = small::spatial_weight_grads(part, w, has_bias);  // the partials in order
   return {dmean, dmax, dS0, dw, db};
 }
 

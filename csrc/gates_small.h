@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #if defined(__CUDACC__)
 #define DISSEG_HD __host__ __device__ __forceinline__
@@ -37,8 +38,6 @@ namespace disseg {
 namespace small {
 
 // ---- argument checks ------------------------------------------------------------------
-
-inline at::ScalarType acc_of(const at::Tensor& t) { return t.scalar_type(); }
 
 // t must be a dense tensor of `n` elements, of dtype `acc`, on `dev`.
 inline void check_small(const at::Tensor& t, int64_t n, at::ScalarType acc, const at::Device& dev, const char* op,
@@ -188,6 +187,35 @@ inline SpatialDims spatial_bwd_dims(const at::Tensor& dgate, const std::optional
   check_small(s, d.B * d.P, acc, mean.device(), op, "s");
   check_opt(S0, d.B * d.P, acc, mean.device(), op, "S0");
   return d;
+}
+
+// The spatial gate's (B, P) outputs: forward (s, gate), backward (dmean, dmax, dS0); gate
+// and dS0 are empty without S0.
+struct SpatialFwdOut {
+  at::Tensor s, gate;
+};
+struct SpatialBwdOut {
+  at::Tensor dmean, dmax, dS0;
+};
+
+inline SpatialFwdOut spatial_fwd_outputs(const at::Tensor& mean, const SpatialDims& d, bool has_s0) {
+  auto o = mean.options();
+  return {at::empty({d.B, d.P}, o), has_s0 ? at::empty({d.B, d.P}, o) : none_like(mean)};
+}
+
+inline SpatialBwdOut spatial_bwd_outputs(const at::Tensor& mean, const SpatialDims& d, bool has_s0) {
+  auto o = mean.options();
+  return {at::empty({d.B, d.P}, o), at::empty({d.B, d.P}, o), has_s0 ? at::empty({d.B, d.P}, o) : none_like(mean)};
+}
+
+// The weight and bias gradients from the per-image or per-block partial sums part
+// (rows, 2·K² + 1), summed in row order: dw shaped like w, db (1) or empty.
+inline std::pair<at::Tensor, at::Tensor> spatial_weight_grads(const at::Tensor& part, const at::Tensor& w,
+                                                              bool has_bias) {
+  const int64_t taps = w.numel();
+  auto sums = part.sum(0);
+  return {sums.narrow(0, 0, taps).reshape(w.sizes()).contiguous(),
+          has_bias ? sums.narrow(0, taps, 1).contiguous() : none_like(part)};
 }
 
 // ---- per-element formulas ---------------------------------------------------------------
