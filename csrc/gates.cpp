@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "gates_small.h"
+#include "gates_terms.h"
 
 namespace disseg {
 namespace {
@@ -284,10 +285,16 @@ _Pragma("omp simd")
 }
 
 // U[b, c] = Σ_p R·x·S[b, p] and V[b, p] = Σ_c R·x·G[b, c], in one read of x (and of R,
-// which must have x's strides). R, G, S absent = 1.
+// which must have x's strides). R, G, S absent = 1. The arg-max pairs (csrc/gates_terms.h)
+// add V[b, g_idx[b, c]] += g_val[b, c]·R·x[b, c, g_idx[b, c]] and U[b, s_idx[b, p]] +=
+// s_val[b, p]·R·x[b, s_idx[b, p], p], in index order after the pass.
 std::tuple<at::Tensor, at::Tensor> gates_reduce_cpu(const at::Tensor& x, const std::optional<at::Tensor>& R,
                                                     const std::optional<at::Tensor>& G,
-                                                    const std::optional<at::Tensor>& S) {
+                                                    const std::optional<at::Tensor>& S,
+                                                    const std::optional<at::Tensor>& g_idx,
+                                                    const std::optional<at::Tensor>& g_val,
+                                                    const std::optional<at::Tensor>& s_idx,
+                                                    const std::optional<at::Tensor>& s_val) {
   auto g = geometry(x, "gates_reduce");
   auto acc = acc_type(x);
   const bool has_r = R.has_value() && R->defined();
@@ -303,6 +310,11 @@ std::tuple<at::Tensor, at::Tensor> gates_reduce_cpu(const at::Tensor& x, const s
     at::Tensor kg, ks;
     const acc_t* gp = gate_ptr<acc_t>(G, g.B, g.C, acc, "G", kg);
     const acc_t* sp = gate_ptr<acc_t>(S, g.B, g.P, acc, "S", ks);
+    std::vector<at::Tensor> keep;
+    const int64_t *gi, *si;  // (lambdas cannot capture structured bindings in C++17)
+    const acc_t *gv, *sv;
+    std::tie(gi, gv) = terms::arg_pair<acc_t>(g_idx, g_val, g.B, g.C, acc, x.device(), "g_idx", "g_val", keep);
+    std::tie(si, sv) = terms::arg_pair<acc_t>(s_idx, s_val, g.B, g.P, acc, x.device(), "s_idx", "s_val", keep);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = has_r ? R->const_data_ptr<scalar_t>() : nullptr;
     acc_t* up = U.data_ptr<acc_t>();
@@ -367,15 +379,37 @@ _Pragma("omp simd reduction(+ : v)")
         }
       }
     }
+    if (gi || si) {
+      // R·x at (b, c, p)
+      auto t_at = [&](int64_t b, int64_t c, int64_t p) {
+        const int64_t off = b * g.sB + c * g.sC + p * g.sP;
+        return acc_t(xp[off]) * (rp ? acc_t(rp[off]) : acc_t(1));
+      };
+      at::parallel_for(0, g.B, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          for (int64_t c = 0; gi && c < g.C; ++c) {
+            const int64_t p = gi[b * g.C + c];
+            if (p >= 0 && p < g.P) vp[b * g.P + p] += gv[b * g.C + c] * t_at(b, c, p);
+          }
+          for (int64_t p = 0; si && p < g.P; ++p) {
+            const int64_t c = si[b * g.P + p];
+            if (c >= 0 && c < g.C) up[b * g.C + c] += sv[b * g.P + p] * t_at(b, c, p);
+          }
+        }
+      });
+    }
   });
   return {U, V};
 }
 
-// dx = grad · G[b, c] · S[b, p] + Σ_k L[k, b, c] · Rk[k, b, p], in x's dtype and layout
-// (grad must have x's strides). L is (K, B, C), Rk is (K, B, P), K ≥ 0.
+// dx = grad · G[b, c] · S[b, p] + each statistic's term (csrc/gates_terms.h: L·R and the
+// max's share at its arg-max), in x's dtype and layout (grad must have x's strides).
 at::Tensor gates_grad_x_cpu(const std::optional<at::Tensor>& grad, const at::Tensor& x,
                             const std::optional<at::Tensor>& G, const std::optional<at::Tensor>& S,
-                            const at::Tensor& L, const at::Tensor& Rk) {
+                            const c10::List<std::optional<at::Tensor>>& L,
+                            const c10::List<std::optional<at::Tensor>>& R,
+                            const c10::List<std::optional<at::Tensor>>& idx,
+                            const c10::List<std::optional<at::Tensor>>& d, at::IntArrayRef kinds) {
   auto g = geometry(x, "gates_grad_x");
   auto acc = acc_type(x);
   const bool has_grad = grad.has_value() && grad->defined();
@@ -384,27 +418,21 @@ at::Tensor gates_grad_x_cpu(const std::optional<at::Tensor>& grad, const at::Ten
                 "gates_grad_x: grad must match x in shape, strides and dtype; got ", grad->sizes(), " ",
                 grad->strides());
   }
-  TORCH_CHECK(L.dim() == 3 && L.size(1) == g.B && L.size(2) == g.C && L.scalar_type() == acc,
-              "gates_grad_x: L must be (K, B, C) of ", acc, ", got ", L.sizes(), " ", L.scalar_type());
-  TORCH_CHECK(Rk.dim() == 3 && Rk.size(0) == L.size(0) && Rk.size(1) == g.B && Rk.size(2) == g.P &&
-                  Rk.scalar_type() == acc,
-              "gates_grad_x: Rk must be (K, B, P) of ", acc, ", got ", Rk.sizes(), " ", Rk.scalar_type());
-  const int64_t K = L.size(0);
-  auto Lc = L.contiguous();
-  auto Rc = Rk.contiguous();
   auto dx = at::empty_like(x);
   TORCH_CHECK(dx.strides() == x.strides(), "gates_grad_x: could not allocate dx in x's layout");
-  if (x.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_grad_x", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    std::vector<at::Tensor> keep;
+    const terms::Terms<acc_t> T = terms::dx_terms<acc_t>(L, R, idx, d, kinds, g.B, g.C, g.P, acc, x.device(), keep);
+    if (x.numel() == 0) return;
     at::Tensor kg, ks;
     const acc_t* gp = gate_ptr<acc_t>(G, g.B, g.C, acc, "G", kg);
     const acc_t* sp = gate_ptr<acc_t>(S, g.B, g.P, acc, "S", ks);
     const scalar_t* gr_p = has_grad ? grad->const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* lp = Lc.const_data_ptr<acc_t>();
-    const acc_t* rp = Rc.const_data_ptr<acc_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
     if (g.p_unit) {
+      // Row (b, c), blocks of p: the rank-1 parts along p; a max over p adds at one p of the
+      // row, a max over c wherever idx[b, p] is this c.
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t lo, int64_t hi) {
         std::vector<acc_t> buf(kBlock);
         acc_t* bw = buf.data();
@@ -421,19 +449,36 @@ _Pragma("omp simd")
             } else {
               std::fill(bw, bw + n, acc_t(0));
             }
-            for (int64_t k = 0; k < K; ++k) {
-              const acc_t l = lp[(k * g.B + b) * g.C + c];
-              const acc_t* rr = rp + (k * g.B + b) * g.P + p0;
+            for (int k = 0; k < T.K; ++k) {
+              const terms::Term<acc_t>& t = T.t[k];
+              const acc_t l = t.L ? t.L[bc] : acc_t(1);
+              const acc_t* rr = t.R ? t.R + b * g.P + p0 : nullptr;
+              if (rr) {
 _Pragma("omp simd")
-              for (int64_t p = 0; p < n; ++p) bw[p] += l * rr[p];
+                for (int64_t p = 0; p < n; ++p) bw[p] += l * rr[p];
+              } else {
+_Pragma("omp simd")
+                for (int64_t p = 0; p < n; ++p) bw[p] += l;
+              }
+              if (!t.idx) continue;
+              if (!t.over_c) {
+                const int64_t q = t.idx[bc] - p0;
+                if (q >= 0 && q < n) bw[q] += t.d[bc] * (rr ? rr[q] : acc_t(1));
+              } else {
+                const int64_t* ir = t.idx + b * g.P + p0;
+                const acc_t* dr = t.d + b * g.P + p0;
+_Pragma("omp simd")
+                for (int64_t p = 0; p < n; ++p) bw[p] += ir[p] == c ? dr[p] * l : acc_t(0);
+              }
             }
-            scalar_t* dr = dp + off + p0;
+            scalar_t* out = dp + off + p0;
 _Pragma("omp simd")
-            for (int64_t p = 0; p < n; ++p) dr[p] = scalar_t(bw[p]);
+            for (int64_t p = 0; p < n; ++p) out[p] = scalar_t(bw[p]);
           }
         }
       });
     } else {
+      // Row (b, p) along c: the transpose.
       at::parallel_for(0, g.B * g.P, 16, [&](int64_t lo, int64_t hi) {
         std::vector<acc_t> buf(g.C);
         acc_t* bw = buf.data();
@@ -448,15 +493,31 @@ _Pragma("omp simd")
           } else {
             std::fill(bw, bw + g.C, acc_t(0));
           }
-          for (int64_t k = 0; k < K; ++k) {
-            const acc_t r = rp[(k * g.B + b) * g.P + p];
-            const acc_t* lr = lp + (k * g.B + b) * g.C;
+          for (int k = 0; k < T.K; ++k) {
+            const terms::Term<acc_t>& t = T.t[k];
+            const acc_t r = t.R ? t.R[bp] : acc_t(1);
+            const acc_t* lr = t.L ? t.L + b * g.C : nullptr;
+            if (lr) {
 _Pragma("omp simd")
-            for (int64_t c = 0; c < g.C; ++c) bw[c] += lr[c] * r;
+              for (int64_t c = 0; c < g.C; ++c) bw[c] += lr[c] * r;
+            } else {
+_Pragma("omp simd")
+              for (int64_t c = 0; c < g.C; ++c) bw[c] += r;
+            }
+            if (!t.idx) continue;
+            if (t.over_c) {
+              const int64_t c = t.idx[bp];
+              if (c >= 0 && c < g.C) bw[c] += t.d[bp] * (lr ? lr[c] : acc_t(1));
+            } else {
+              const int64_t* ir = t.idx + b * g.C;
+              const acc_t* dr = t.d + b * g.C;
+_Pragma("omp simd")
+              for (int64_t c = 0; c < g.C; ++c) bw[c] += ir[c] == p ? dr[c] * r : acc_t(0);
+            }
           }
-          scalar_t* dr = dp + off;
+          scalar_t* out = dp + off;
 _Pragma("omp simd")
-          for (int64_t c = 0; c < g.C; ++c) dr[c] = scalar_t(bw[c]);
+          for (int64_t c = 0; c < g.C; ++c) out[c] = scalar_t(bw[c]);
         }
       });
     }
@@ -992,8 +1053,12 @@ TORCH_LIBRARY_FRAGMENT(disseg, m) {
   m.def("gates_pool_hw(Tensor x, Tensor? S) -> (Tensor, Tensor, Tensor)");
   m.def("gates_pool_c(Tensor x, Tensor? G) -> (Tensor, Tensor, Tensor)");
   m.def("gates_apply(Tensor x, Tensor? G, Tensor? S) -> Tensor");
-  m.def("gates_reduce(Tensor x, Tensor? R, Tensor? G, Tensor? S) -> (Tensor, Tensor)");
-  m.def("gates_grad_x(Tensor? grad, Tensor x, Tensor? G, Tensor? S, Tensor L, Tensor Rk) -> Tensor");
+  m.def(
+      "gates_reduce(Tensor x, Tensor? R, Tensor? G, Tensor? S, Tensor? g_idx=None, Tensor? g_val=None,"
+      " Tensor? s_idx=None, Tensor? s_val=None) -> (Tensor, Tensor)");
+  m.def(
+      "gates_grad_x(Tensor? grad, Tensor x, Tensor? G, Tensor? S, Tensor?[] L, Tensor?[] R, Tensor?[] idx,"
+      " Tensor?[] d, int[] kinds) -> Tensor");
   m.def("gates_stencil(Tensor x, Tensor w) -> Tensor");
   m.def("gates_stencil_grad_input_(Tensor(a!) dx, Tensor w, Tensor g) -> ()");
   m.def("gates_stencil_grad_weight(Tensor x, Tensor g, int K) -> Tensor");

@@ -42,6 +42,11 @@
 #include <tuple>
 
 #include "gates_small.h"
+#include "gates_terms.h"
+
+#ifndef DISSEG_CHECK_ALIGNED  // tests/cuda_emulation/simt.h checks it
+#define DISSEG_CHECK_ALIGNED(p, bytes) ((void)0)
+#endif
 
 namespace disseg {
 namespace {
@@ -50,6 +55,7 @@ constexpr int kWarp = 32;
 constexpr int kRows = 8;  // warps per block; blocks are (32, 8) = 256 threads everywhere
 constexpr int kThreads = kWarp * kRows;
 constexpr int kUnroll = 4;  // loads in flight per thread in the reduction loops
+constexpr int kVec = 4;     // elements per pack (one 16-byte float32 access) where the plane allows it
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();  // arg-max: no element taken yet
 constexpr int64_t kBlocksPerSM = 4;                              // split target (as the Triton path)
@@ -117,9 +123,31 @@ int64_t split_count(int64_t items, int64_t len, int64_t min_len, int64_t target)
   return std::max<int64_t>(1, std::min({want, len / min_len, kMaxGridY}));
 }
 
+bool aligned_to(const void* p, size_t bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 unsigned grid_1d(int64_t blocks, const char* name) {
   TORCH_CHECK(blocks <= kMaxGrid, name, ": ", blocks, " thread blocks exceed the grid limit");
   return static_cast<unsigned>(std::max<int64_t>(1, blocks));
+}
+
+__device__ __forceinline__ int flat_tid() { return threadIdx.y * kWarp + threadIdx.x; }
+
+// N consecutive elements loaded or stored as one access (16 bytes for float, N = 4).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  DISSEG_CHECK_ALIGNED(p, sizeof(T) * N);
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  DISSEG_CHECK_ALIGNED(p, sizeof(T) * N);
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
 }
 
 template <typename T>
@@ -193,8 +221,10 @@ __device__ __forceinline__ void store_stat(const StatOut<T>& o, int64_t r, int64
 }
 
 // Statistics along the inner axis: warp (blockIdx.x·8 + threadIdx.y) owns row r = (b, j)
-// and piece k of [0, Li); y = x[b, j, i] · gate[b, i]. Output row r = b·Lo + j.
-template <typename scalar_t, typename acc_t>
+// and piece k of [0, Li); y = x[b, j, i] · gate[b, i]. Output row r = b·Lo + j. A lane
+// reads packs of VEC consecutive i (VEC > 1: Li, the strides and the pointers are multiples
+// of VEC; the pieces are cut at pack boundaries), kUnroll packs in flight.
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads) inner_stats_kernel(const scalar_t* __restrict__ x,
                                                                const acc_t* __restrict__ gate, Plane pl,
                                                                StatOut<acc_t> out) {
@@ -203,71 +233,98 @@ __global__ void __launch_bounds__(kThreads) inner_stats_kernel(const scalar_t* _
   if (w >= pl.B * pl.Lo * out.splits) return;  // a whole warp leaves together
   const int64_t r = w / out.splits, k = w - r * out.splits;
   const int64_t b = r / pl.Lo, j = r - b * pl.Lo;
-  const int64_t lo = pl.Li * k / out.splits, hi = pl.Li * (k + 1) / out.splits;
+  const int64_t packs = pl.Li / VEC;
+  const int64_t lo = packs * k / out.splits * VEC, hi = packs * (k + 1) / out.splits * VEC;
   const scalar_t* xr = x + b * pl.sB + j * pl.sO;
   const acc_t* gr = gate ? gate + b * pl.Li : nullptr;
   acc_t sum = 0, best = neg_inf<acc_t>();
   int64_t arg = kNone;
-  for (int64_t i0 = lo + lane; i0 < hi; i0 += kWarp * kUnroll) {
-    acc_t v[kUnroll];
+  for (int64_t i0 = lo + lane * VEC; i0 < hi; i0 += kWarp * VEC * kUnroll) {
+    Pack<scalar_t, VEC> v[kUnroll];
+    Pack<acc_t, VEC> gv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = i0 + u * kWarp;
-      v[u] = i < hi ? static_cast<acc_t>(xr[i]) * (gr ? gr[i] : acc_t(1)) : acc_t(0);
+      const int64_t i = i0 + u * kWarp * VEC;
+      if (i < hi) {
+        v[u] = load_pack<VEC>(xr + i);
+        if (gr) gv[u] = load_pack<VEC>(gr + i);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = i0 + u * kWarp;
-      if (i < hi) take(sum, best, arg, v[u], i);  // increasing i: the lane's first arg-max
+      const int64_t i = i0 + u * kWarp * VEC;
+      if (i >= hi) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {  // increasing i: the lane's first arg-max
+        take(sum, best, arg, static_cast<acc_t>(v[u].v[e]) * (gr ? gv[u].v[e] : acc_t(1)), i + e);
+      }
     }
   }
   warp_merge(sum, best, arg);
   if (lane == 0) store_stat(out, r, k, sum, best, arg);
 }
 
-// Statistics along the outer axis: block (b, 32-wide tile of i, piece k of [0, Lo)); lane
-// tx owns i = tile·32 + tx, warp ty the j ≡ ty (mod 8) of the piece; y = x[b, j, i] ·
-// gate[b, j]. Output row r = b·Li + i.
-template <typename scalar_t, typename acc_t>
+// Statistics along the outer axis: block (b, tile of 32·VEC consecutive i, piece k of
+// [0, Lo)); lane tx owns the VEC consecutive i from tile·32·VEC + tx·VEC (one pack; VEC > 1:
+// Li, the strides and x's pointer are multiples of VEC), warp ty the j ≡ ty (mod 8) of the
+// piece; y = x[b, j, i] · gate[b, j]. Output row r = b·Li + i.
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads) outer_stats_kernel(const scalar_t* __restrict__ x,
                                                                const acc_t* __restrict__ gate, Plane pl,
                                                                StatOut<acc_t> out) {
-  __shared__ acc_t s_sum[kRows][kWarp];
-  __shared__ acc_t s_max[kRows][kWarp];
-  __shared__ int64_t s_arg[kRows][kWarp];
+  __shared__ acc_t s_sum[kRows][kWarp * VEC];
+  __shared__ acc_t s_max[kRows][kWarp * VEC];
+  __shared__ int64_t s_arg[kRows][kWarp * VEC];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t tiles = (pl.Li + kWarp - 1) / kWarp;
+  const int64_t tiles = (pl.Li + kWarp * VEC - 1) / (kWarp * VEC);
   const int64_t bid = blockIdx.x;
   const int64_t k = bid % out.splits, q = bid / out.splits;
   const int64_t tile = q % tiles, b = q / tiles;
-  const int64_t i = tile * kWarp + tx;
+  const int64_t i = (tile * kWarp + tx) * VEC;  // this lane's first i
   const int64_t lo = pl.Lo * k / out.splits, hi = pl.Lo * (k + 1) / out.splits;
-  acc_t sum = 0, best = neg_inf<acc_t>();
-  int64_t arg = kNone;
-  if (i < pl.Li) {
+  acc_t sum[VEC], best[VEC];
+  int64_t arg[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    sum[e] = 0;
+    best[e] = neg_inf<acc_t>();
+    arg[e] = kNone;
+  }
+  if (i < pl.Li) {  // the whole pack (VEC divides Li)
     const scalar_t* xc = x + b * pl.sB + i;
     const acc_t* gr = gate ? gate + b * pl.Lo : nullptr;
     for (int64_t j0 = lo + ty; j0 < hi; j0 += kRows * kUnroll) {
-      acc_t v[kUnroll];
+      Pack<scalar_t, VEC> v[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t j = j0 + u * kRows;
-        v[u] = j < hi ? static_cast<acc_t>(xc[j * pl.sO]) * (gr ? gr[j] : acc_t(1)) : acc_t(0);
+        if (j < hi) v[u] = load_pack<VEC>(xc + j * pl.sO);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t j = j0 + u * kRows;
-        if (j < hi) take(sum, best, arg, v[u], j);
+        if (j >= hi) continue;
+        const acc_t gj = gr ? gr[j] : acc_t(1);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) take(sum[e], best[e], arg[e], static_cast<acc_t>(v[u].v[e]) * gj, j);
       }
     }
   }
-  s_sum[ty][tx] = sum;
-  s_max[ty][tx] = best;
-  s_arg[ty][tx] = arg;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    s_sum[ty][tx * VEC + e] = sum[e];
+    s_max[ty][tx * VEC + e] = best[e];
+    s_arg[ty][tx * VEC + e] = arg[e];
+  }
   __syncthreads();
   if (ty == 0 && i < pl.Li) {
-    for (int t = 1; t < kRows; ++t) merge(sum, best, arg, s_sum[t][tx], s_max[t][tx], s_arg[t][tx]);
-    store_stat(out, b * pl.Li + i, k, sum, best, arg);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      for (int t = 1; t < kRows; ++t) {
+        merge(sum[e], best[e], arg[e], s_sum[t][tx * VEC + e], s_max[t][tx * VEC + e], s_arg[t][tx * VEC + e]);
+      }
+      store_stat(out, b * pl.Li + i + e, k, sum[e], best[e], arg[e]);
+    }
   }
 }
 
@@ -288,70 +345,153 @@ __global__ void combine_stats_kernel(int64_t rows, StatOut<acc_t> out) {
   }
 }
 
-// Rows (b, j) on blockIdx.x·8 + threadIdx.y and inner indices on blockIdx.y·32 + threadIdx.x,
-// both grid-stride: the launch shape of the two elementwise kernels.
-dim3 elementwise_grid(const Plane& pl) {
-  const int64_t rows = pl.B * pl.Lo;
-  const int64_t gx = std::min<int64_t>((rows + kRows - 1) / kRows, int64_t(1) << 24);
-  const int64_t gy = std::min<int64_t>((pl.Li + kWarp * kUnroll - 1) / (kWarp * kUnroll), kMaxGridY);
-  return dim3(static_cast<unsigned>(std::max<int64_t>(1, gx)), static_cast<unsigned>(std::max<int64_t>(1, gy)));
-}
+constexpr int kMapUnroll = 4;  // packs per thread in flight before any is computed
 
-// out = x · G[b, c] · S[b, p] (the CPU's order of products: (x·G)·S).
-template <typename scalar_t, typename acc_t, bool P_UNIT>
-__global__ void __launch_bounds__(kThreads) apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ G,
-                                                         const acc_t* __restrict__ S, scalar_t* __restrict__ out,
-                                                         Plane pl) {
-  const int64_t rows = pl.B * pl.Lo;
-  const acc_t* row_gate = P_UNIT ? G : S;  // indexed by (b, j)
-  const acc_t* col_gate = P_UNIT ? S : G;  // indexed by (b, i)
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y; r < rows;
-       r += static_cast<int64_t>(gridDim.x) * kRows) {
-    const int64_t b = r / pl.Lo, j = r - b * pl.Lo;
-    const int64_t base = b * pl.sB + j * pl.sO;
-    const acc_t rg = row_gate ? row_gate[r] : acc_t(1);
-    const acc_t* cg = col_gate ? col_gate + b * pl.Li : nullptr;
-    for (int64_t i = static_cast<int64_t>(blockIdx.y) * kWarp + threadIdx.x; i < pl.Li;
-         i += static_cast<int64_t>(gridDim.y) * kWarp) {
-      const acc_t v = static_cast<acc_t>(x[base + i]);
-      const acc_t c = cg ? cg[i] : acc_t(1);
-      out[base + i] = static_cast<scalar_t>(P_UNIT ? v * rg * c : v * c * rg);
-    }
+// dx's statistic terms (csrc/gates_terms.h) in the plane's axes: rf of (b, j), cf of (b, i)
+// (null = 1); a max along i adds rd[b, j]·cf at i = ridx[b, j], a max along j adds
+// cd[b, i]·rf at j = cidx[b, i]. Passed by value (kernel parameter space).
+template <typename acc_t>
+struct PlaneTerms {
+  const acc_t* rf[terms::kMaxTerms];
+  const acc_t* cf[terms::kMaxTerms];
+  const int64_t* ridx[terms::kMaxTerms];
+  const acc_t* rd[terms::kMaxTerms];
+  const int64_t* cidx[terms::kMaxTerms];
+  const acc_t* cd[terms::kMaxTerms];
+  int K;
+};
+
+template <typename acc_t>
+PlaneTerms<acc_t> plane_terms(const terms::Terms<acc_t>& T, bool p_unit) {
+  PlaneTerms<acc_t> out{};
+  out.K = T.K;
+  for (int k = 0; k < T.K; ++k) {
+    const terms::Term<acc_t>& t = T.t[k];
+    out.rf[k] = p_unit ? t.L : t.R;
+    out.cf[k] = p_unit ? t.R : t.L;
+    // The arg-max is indexed by the statistic's output: (b, c) for a max over p, (b, p)
+    // for a max over c. It is a row's when that output axis is the plane's row axis.
+    const bool per_row = t.over_c != p_unit;
+    (per_row ? out.ridx[k] : out.cidx[k]) = t.idx;
+    (per_row ? out.rd[k] : out.cd[k]) = t.d;
   }
+  return out;
 }
 
-// dx = grad · G[b, c] · S[b, p] + Σ_k L[k, b, c] · Rk[k, b, p]; grad may be absent (0).
-template <typename scalar_t, typename acc_t, bool P_UNIT>
-__global__ void __launch_bounds__(kThreads) grad_x_kernel(const scalar_t* __restrict__ grad,
-                                                          const acc_t* __restrict__ G, const acc_t* __restrict__ S,
-                                                          const acc_t* __restrict__ L, const acc_t* __restrict__ Rk,
-                                                          int64_t K, scalar_t* __restrict__ dx, Plane pl) {
-  const int64_t rows = pl.B * pl.Lo;
-  const acc_t* row_gate = P_UNIT ? G : S;
-  const acc_t* col_gate = P_UNIT ? S : G;
-  const acc_t* row_f = P_UNIT ? L : Rk;  // term k's factor of (b, j): [(k·B + b)·Lo + j]
-  const acc_t* col_f = P_UNIT ? Rk : L;  // term k's factor of (b, i): [(k·B + b)·Li + i]
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y; r < rows;
-       r += static_cast<int64_t>(gridDim.x) * kRows) {
-    const int64_t b = r / pl.Lo, j = r - b * pl.Lo;
-    const int64_t base = b * pl.sB + j * pl.sO;
-    const acc_t rg = row_gate ? row_gate[r] : acc_t(1);
-    const acc_t* cg = col_gate ? col_gate + b * pl.Li : nullptr;
-    for (int64_t i = static_cast<int64_t>(blockIdx.y) * kWarp + threadIdx.x; i < pl.Li;
-         i += static_cast<int64_t>(gridDim.y) * kWarp) {
-      acc_t t = 0;
+// The map kernel: out = grad · G[b, c] · S[b, p] + the terms, grad absent = 0, in x's
+// layout. gates_grad_x; gates_apply is it with grad = x and no terms. The plane's elements
+// are taken in order as packs of VEC along i (Li, the strides and the pointers are
+// multiples of VEC when VEC > 1): thread t of the grid owns packs t + n·kThreads·gridDim
+// (coalesced runs per warp) and issues kMapUnroll packs' loads before computing any,
+// so that each thread has 64 bytes of float32 in flight. A pack's (b, j, i) come from two
+// divisions in index_t (32-bit where the plane allows). Products in the CPU's order.
+template <typename scalar_t, typename acc_t, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads) map_kernel(const scalar_t* __restrict__ grad, const acc_t* __restrict__ G,
+                                                       const acc_t* __restrict__ S, PlaneTerms<acc_t> T,
+                                                       scalar_t* __restrict__ out, Plane pl, bool p_unit) {
+  constexpr int U = kMapUnroll;
+  const acc_t* row_gate = p_unit ? G : S;  // of (b, j)
+  const acc_t* col_gate = p_unit ? S : G;  // of (b, i)
+  const index_t Li = static_cast<index_t>(pl.Li), Lo = static_cast<index_t>(pl.Lo);
+  const index_t n_packs = static_cast<index_t>(pl.B * pl.Lo * pl.Li / VEC);
+  const index_t stride = static_cast<index_t>(gridDim.x) * kThreads;
+  for (index_t q0 = static_cast<index_t>(blockIdx.x) * (kThreads * U) + flat_tid(); q0 < n_packs;
+       q0 += stride * U) {
+    // r: (b, j) in a (B, Lo) tensor; col: (b, i) in a (B, Li) tensor; off: in x.
+    index_t r[U], j[U], i[U], col[U], off[U];
+    Pack<scalar_t, VEC> g[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const index_t q = q0 + u * kThreads;
+      if (q >= n_packs) continue;
+      const index_t e = q * VEC;
+      r[u] = e / Li;
+      i[u] = e - r[u] * Li;
+      const index_t b = r[u] / Lo;
+      j[u] = r[u] - b * Lo;
+      col[u] = b * Li + i[u];
+      off[u] = b * static_cast<index_t>(pl.sB) + j[u] * static_cast<index_t>(pl.sO) + i[u];
+      if (grad) g[u] = load_pack<VEC>(grad + off[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (q0 + u * kThreads >= n_packs) continue;
+      acc_t t[VEC];
       if (grad) {
-        const acc_t v = static_cast<acc_t>(grad[base + i]);
-        const acc_t c = cg ? cg[i] : acc_t(1);
-        t = P_UNIT ? v * rg * c : v * c * rg;
+        const acc_t rg = row_gate ? row_gate[r[u]] : acc_t(1);
+        Pack<acc_t, VEC> cg;
+        if (col_gate) cg = load_pack<VEC>(col_gate + col[u]);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const acc_t x = static_cast<acc_t>(g[u].v[v]);
+          const acc_t c = col_gate ? cg.v[v] : acc_t(1);
+          t[v] = p_unit ? x * rg * c : x * c * rg;
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) t[v] = 0;
       }
-      for (int64_t kk = 0; kk < K; ++kk) {
-        const int64_t kb = kk * pl.B + b;
-        t += row_f[kb * pl.Lo + j] * col_f[kb * pl.Li + i];
+#pragma unroll
+      for (int k = 0; k < terms::kMaxTerms; ++k) {
+        if (k >= T.K) break;
+        const acc_t rf = T.rf[k] ? T.rf[k][r[u]] : acc_t(1);
+        Pack<acc_t, VEC> cf;
+        if (T.cf[k]) {
+          cf = load_pack<VEC>(T.cf[k] + col[u]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) cf.v[v] = 1;
+        }
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) t[v] += rf * cf.v[v];
+        if (T.ridx[k]) {  // a max along i: this row's one i
+          const int64_t at_i = T.ridx[k][r[u]] - static_cast<int64_t>(i[u]);
+          const acc_t d = T.rd[k][r[u]];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) t[v] += at_i == v ? d * cf.v[v] : acc_t(0);
+        }
+        if (T.cidx[k]) {  // a max along j: the columns whose arg-max is this row
+          const Pack<int64_t, VEC> ci = load_pack<VEC>(T.cidx[k] + col[u]);
+          const Pack<acc_t, VEC> cd = load_pack<VEC>(T.cd[k] + col[u]);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) t[v] += ci.v[v] == static_cast<int64_t>(j[u]) ? cd.v[v] * rf : acc_t(0);
+        }
       }
-      dx[base + i] = static_cast<scalar_t>(t);
+      Pack<scalar_t, VEC> o;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) o.v[v] = static_cast<scalar_t>(t[v]);
+      store_pack<VEC>(out + off[u], o);
     }
   }
+}
+
+// map_kernel's launch: packs of kVec where the plane and every pointer allow, 32-bit index
+// arithmetic where every offset fits.
+template <typename scalar_t, typename acc_t>
+void launch_map(const scalar_t* grad, const acc_t* G, const acc_t* S, const PlaneTerms<acc_t>& T, scalar_t* out,
+                const Plane& pl, bool p_unit, cudaStream_t stream) {
+  bool vec = pl.Li % kVec == 0 && pl.sB % kVec == 0 && pl.sO % kVec == 0 && aligned_to(grad, sizeof(scalar_t) * kVec) &&
+             aligned_to(out, sizeof(scalar_t) * kVec) && aligned_to(p_unit ? S : G, sizeof(acc_t) * kVec);
+  for (int k = 0; k < T.K; ++k) {
+    vec = vec && aligned_to(T.cf[k], sizeof(acc_t) * kVec) && aligned_to(T.cidx[k], sizeof(int64_t) * kVec) &&
+          aligned_to(T.cd[k], sizeof(acc_t) * kVec);
+  }
+  const int64_t n = pl.B * pl.Lo * pl.Li;
+  const int64_t max_off = (pl.B - 1) * pl.sB + (pl.Lo - 1) * pl.sO + pl.Li;
+  const bool narrow = n < (int64_t(1) << 31) && max_off < (int64_t(1) << 31);
+  const int64_t per_block = int64_t(kThreads) * kMapUnroll * (vec ? kVec : 1);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((n + per_block - 1) / per_block, int64_t(1) << 20)));
+  const dim3 block(kWarp, kRows);
+  if (vec && narrow) {
+    map_kernel<scalar_t, acc_t, kVec, uint32_t><<<grid, block, 0, stream>>>(grad, G, S, T, out, pl, p_unit);
+  } else if (vec) {
+    map_kernel<scalar_t, acc_t, kVec, int64_t><<<grid, block, 0, stream>>>(grad, G, S, T, out, pl, p_unit);
+  } else if (narrow) {
+    map_kernel<scalar_t, acc_t, 1, uint32_t><<<grid, block, 0, stream>>>(grad, G, S, T, out, pl, p_unit);
+  } else {
+    map_kernel<scalar_t, acc_t, 1, int64_t><<<grid, block, 0, stream>>>(grad, G, S, T, out, pl, p_unit);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // One read of x (and R): row[b, j] = Σ_i t · cw[b, i] and col[b, i] = Σ_j t · rw[b, j] with
@@ -359,11 +499,19 @@ __global__ void __launch_bounds__(kThreads) grad_x_kernel(const scalar_t* __rest
 // i = chunk·32·CPT + tx + 32u (u < CPT), warp ty the j ≡ ty (mod 8) of the piece. A row's
 // chunk sum is a warp sum (written to row, or to row_part[(b·Lo + j)·chunks + chunk]); the
 // column sums merge the 8 warps in shared memory (col, or col_part[(b·splits + k)·Li + i]).
+template <typename acc_t>
+struct ArgPairs {  // gates_reduce's arg-max pairs in the plane's axes (null: absent)
+  const int64_t* ri;  // of (b, j): adds rv[b, j]·t at i = ri[b, j] to the column sums
+  const acc_t* rv;
+  const int64_t* ci;  // of (b, i): adds cv[b, i]·t at j = ci[b, i] to the row sums
+  const acc_t* cv;
+};
+
 template <typename scalar_t, typename acc_t, int CPT>
 __global__ void __launch_bounds__(kThreads) reduce_kernel(const scalar_t* __restrict__ x,
                                                           const scalar_t* __restrict__ R,
                                                           const acc_t* __restrict__ rw, const acc_t* __restrict__ cw,
-                                                          Plane pl, int64_t chunks, int64_t splits,
+                                                          ArgPairs<acc_t> args, Plane pl, int64_t chunks, int64_t splits,
                                                           acc_t* __restrict__ row, acc_t* __restrict__ col,
                                                           acc_t* __restrict__ row_part, acc_t* __restrict__ col_part) {
   __shared__ acc_t s_col[kRows][kWarp * CPT];
@@ -373,16 +521,21 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const scalar_t* __rest
   const int64_t chunk = q % chunks, b = q / chunks;
   const int64_t i0 = chunk * (kWarp * CPT) + tx;
   const int64_t lo = pl.Lo * k / splits, hi = pl.Lo * (k + 1) / splits;
-  acc_t csum[CPT], cwv[CPT];
+  acc_t csum[CPT], cwv[CPT], cav[CPT];
+  int64_t cai[CPT];
 #pragma unroll
   for (int u = 0; u < CPT; ++u) {
     const int64_t i = i0 + u * kWarp;
     csum[u] = 0;
     cwv[u] = i < pl.Li ? (cw ? cw[b * pl.Li + i] : acc_t(1)) : acc_t(0);
+    cai[u] = args.ci && i < pl.Li ? args.ci[b * pl.Li + i] : -1;
+    cav[u] = args.ci && i < pl.Li ? args.cv[b * pl.Li + i] : acc_t(0);
   }
   for (int64_t j = lo + ty; j < hi; j += kRows) {  // the same trip count for a whole warp
     const int64_t base = b * pl.sB + j * pl.sO;
     const acc_t rv = rw ? rw[b * pl.Lo + j] : acc_t(1);
+    const int64_t rai = args.ri ? args.ri[b * pl.Lo + j] : -1;
+    const acc_t rav = args.ri ? args.rv[b * pl.Lo + j] : acc_t(0);
     acc_t t[CPT];
 #pragma unroll
     for (int u = 0; u < CPT; ++u) {
@@ -393,9 +546,10 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const scalar_t* __rest
     acc_t rsum = 0;
 #pragma unroll
     for (int u = 0; u < CPT; ++u) {
-      if (i0 + u * kWarp < pl.Li) {
-        rsum += t[u] * cwv[u];
-        csum[u] += t[u] * rv;
+      const int64_t i = i0 + u * kWarp;
+      if (i < pl.Li) {
+        rsum += t[u] * (cwv[u] + (cai[u] == j ? cav[u] : acc_t(0)));
+        csum[u] += t[u] * (rv + (rai == i ? rav : acc_t(0)));
       }
     }
     rsum = warp_sum(rsum);
@@ -426,23 +580,29 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const scalar_t* __rest
   }
 }
 
-// Second launch of a split reduce: row = Σ_chunk row_part, col = Σ_k col_part, in order.
+// Second launch of a split reduce: row = Σ_chunk row_part (a warp per row, its lanes over
+// the chunks, then the butterfly: one fixed order), col = Σ_k col_part (a thread per column,
+// k in order). (A thread per row summing its chunks serially took 18 µs per call at
+// 8×64×128×128 on the H200: 512 threads, 128 dependent loads each.)
 template <typename acc_t>
 __global__ void reduce_finish_kernel(const acc_t* __restrict__ row_part, const acc_t* __restrict__ col_part, Plane pl,
                                      int64_t chunks, int64_t splits, acc_t* __restrict__ row, acc_t* __restrict__ col) {
   const int64_t n_row = chunks > 1 ? pl.B * pl.Lo : 0;
   const int64_t n_col = splits > 1 ? pl.B * pl.Li : 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n_row + n_col; t += stride) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t t = tid / kWarp; t < n_row; t += n_threads / kWarp) {  // warp-uniform
     acc_t s = 0;
-    if (t < n_row) {
-      for (int64_t c = 0; c < chunks; ++c) s += row_part[t * chunks + c];
-      row[t] = s;
-    } else {
-      const int64_t q = t - n_row, b = q / pl.Li, i = q - b * pl.Li;
-      for (int64_t k = 0; k < splits; ++k) s += col_part[(b * splits + k) * pl.Li + i];
-      col[q] = s;
-    }
+    for (int64_t c = lane; c < chunks; c += kWarp) s += row_part[t * chunks + c];
+    s = warp_sum(s);
+    if (lane == 0) row[t] = s;
+  }
+  for (int64_t q = tid; q < n_col; q += n_threads) {
+    const int64_t b = q / pl.Li, i = q - b * pl.Li;
+    acc_t s = 0;
+    for (int64_t k = 0; k < splits; ++k) s += col_part[(b * splits + k) * pl.Li + i];
+    col[q] = s;
   }
 }
 
@@ -464,27 +624,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_stats(const at::Tensor& x, c
   const bool inner = over_p == g.p_unit;  // the reduced axis is the unit-stride one
   const int64_t sms = sm_count(x);
   const int64_t rows = g.B * n_out;
-  int64_t splits, blocks;
-  if (inner) {  // one warp per row and piece
-    splits = split_count(rows, len, int64_t(kWarp) * kUnroll * 4, sms * kBlocksPerSM * kRows);
-    blocks = (rows * splits + kRows - 1) / kRows;
-  } else {  // one block per (b, 32 outputs) and piece
-    const int64_t tiles = g.B * ((n_out + kWarp - 1) / kWarp);
-    splits = split_count(tiles, len, int64_t(kRows) * kUnroll * 2, sms * kBlocksPerSM);
-    blocks = tiles * splits;
-  }
-  const unsigned grid = grid_1d(blocks, name);
-  at::Tensor ps, pm, pi;
-  if (splits > 1) {
-    ps = at::empty({rows * splits}, x.options().dtype(acc));
-    pm = at::empty({rows * splits}, x.options().dtype(acc));
-    pi = at::empty({rows * splits}, x.options().dtype(at::kLong));
-  }
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_pool_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor keep;
     const acc_t* gp = gate_ptr<acc_t>(gate, x, g.B, len, acc, gate_name, keep);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    // Packs of kVec along the unit-stride axis where the plane and the pointers allow.
+    const bool vec = pl.Li % kVec == 0 && pl.sB % kVec == 0 && pl.sO % kVec == 0 &&
+                     aligned_to(xp, sizeof(scalar_t) * kVec) && (!inner || aligned_to(gp, sizeof(acc_t) * kVec));
+    const int64_t width = vec ? kVec : 1;
+    int64_t splits, blocks;
+    if (inner) {  // one warp per row and piece
+      splits = split_count(rows, len, int64_t(kWarp) * kUnroll * 2 * width, sms * kBlocksPerSM * kRows);
+      blocks = (rows * splits + kRows - 1) / kRows;
+    } else {  // one block per (b, 32·width outputs) and piece
+      const int64_t tiles = g.B * ((n_out + kWarp * width - 1) / (kWarp * width));
+      splits = split_count(tiles, len, int64_t(kRows) * kUnroll * 2, sms * kBlocksPerSM);
+      blocks = tiles * splits;
+    }
+    const unsigned grid = grid_1d(blocks, name);
+    at::Tensor ps, pm, pi;
+    if (splits > 1) {
+      ps = at::empty({rows * splits}, x.options().dtype(acc));
+      pm = at::empty({rows * splits}, x.options().dtype(acc));
+      pi = at::empty({rows * splits}, x.options().dtype(at::kLong));
+    }
     StatOut<acc_t> out{mean.data_ptr<acc_t>(),
                        mx.data_ptr<acc_t>(),
                        idx.data_ptr<int64_t>(),
@@ -493,12 +658,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_stats(const at::Tensor& x, c
                        splits > 1 ? pi.data_ptr<int64_t>() : nullptr,
                        splits,
                        acc_t(1) / acc_t(len)};
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const dim3 block(kWarp, kRows);
-    if (inner) {
-      inner_stats_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(xp, gp, pl, out);
+    if (inner && vec) {
+      inner_stats_kernel<scalar_t, acc_t, kVec><<<grid, block, 0, stream>>>(xp, gp, pl, out);
+    } else if (inner) {
+      inner_stats_kernel<scalar_t, acc_t, 1><<<grid, block, 0, stream>>>(xp, gp, pl, out);
+    } else if (vec) {
+      outer_stats_kernel<scalar_t, acc_t, kVec><<<grid, block, 0, stream>>>(xp, gp, pl, out);
     } else {
-      outer_stats_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(xp, gp, pl, out);
+      outer_stats_kernel<scalar_t, acc_t, 1><<<grid, block, 0, stream>>>(xp, gp, pl, out);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
@@ -516,7 +684,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_stats(const at::Tensor& x, c
 // through L1; the weight gradient as per-block partials (a warp sum per tap, then the
 // block's 8 warps in shared memory), added in block order by one sum.
 
-__device__ __forceinline__ int flat_tid() { return threadIdx.y * kWarp + threadIdx.x; }
 
 // H = W1·(a·G0) + b1 (and the max row), T = act(H), g = σ(W2·(T_a + T_m) + 2·b2), gate = G0·g.
 // Shared memory: A (C) and tsum (HID).
@@ -1082,7 +1249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gates_pool_c_cuda(const at::Tenso
   return pool_stats(x, G, /*over_p=*/false, "gates_pool_c", "G");
 }
 
-// out = x · G[b, c] · S[b, p], in x's dtype and layout.
+// out = x · G[b, c] · S[b, p], in x's dtype and layout: the map kernel with grad = x.
 at::Tensor gates_apply_cuda(const at::Tensor& x, const std::optional<at::Tensor>& G, const std::optional<at::Tensor>& S) {
   auto g = geometry(x, "gates_apply");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -1090,22 +1257,13 @@ at::Tensor gates_apply_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   auto out = at::empty_like(x);
   TORCH_CHECK(out.strides() == x.strides(), "gates_apply: could not allocate the output in x's layout");
   if (x.numel() == 0) return out;
-  const Plane pl = plane(g);
-  const dim3 grid = elementwise_grid(pl), block(kWarp, kRows);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor kg, ks;
     const acc_t* gp = gate_ptr<acc_t>(G, x, g.B, g.C, acc, "G", kg);
     const acc_t* sp = gate_ptr<acc_t>(S, x, g.B, g.P, acc, "S", ks);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    if (g.p_unit) {
-      apply_kernel<scalar_t, acc_t, true><<<grid, block, 0, stream>>>(xp, gp, sp, op, pl);
-    } else {
-      apply_kernel<scalar_t, acc_t, false><<<grid, block, 0, stream>>>(xp, gp, sp, op, pl);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_map<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), gp, sp, PlaneTerms<acc_t>{}, out.data_ptr<scalar_t>(),
+                                plane(g), g.p_unit, c10::cuda::getCurrentCUDAStream());
   });
   return out;
 }
@@ -1114,7 +1272,11 @@ at::Tensor gates_apply_cuda(const at::Tensor& x, const std::optional<at::Tensor>
 // which must have x's strides). R, G, S absent = 1.
 std::tuple<at::Tensor, at::Tensor> gates_reduce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& R,
                                                      const std::optional<at::Tensor>& G,
-                                                     const std::optional<at::Tensor>& S) {
+                                                     const std::optional<at::Tensor>& S,
+                                                     const std::optional<at::Tensor>& g_idx,
+                                                     const std::optional<at::Tensor>& g_val,
+                                                     const std::optional<at::Tensor>& s_idx,
+                                                     const std::optional<at::Tensor>& s_val) {
   auto g = geometry(x, "gates_reduce");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type(x);
@@ -1149,6 +1311,13 @@ std::tuple<at::Tensor, at::Tensor> gates_reduce_cuda(const at::Tensor& x, const 
     const acc_t* sp = gate_ptr<acc_t>(S, x, g.B, g.P, acc, "S", ks);
     const acc_t* rw = g.p_unit ? gp : sp;
     const acc_t* cw = g.p_unit ? sp : gp;
+    std::vector<at::Tensor> keep;
+    const auto gpair = terms::arg_pair<acc_t>(g_idx, g_val, g.B, g.C, acc, x.device(), "g_idx", "g_val", keep);
+    const auto spair = terms::arg_pair<acc_t>(s_idx, s_val, g.B, g.P, acc, x.device(), "s_idx", "s_val", keep);
+    // NCHW: the g pair is indexed by the rows (channels), the s pair by the columns; else the reverse.
+    const auto& rpair = g.p_unit ? gpair : spair;
+    const auto& cpair = g.p_unit ? spair : gpair;
+    const ArgPairs<acc_t> args{rpair.first, rpair.second, cpair.first, cpair.second};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = has_r ? R->const_data_ptr<scalar_t>() : nullptr;
     acc_t* row = row_out.data_ptr<acc_t>();
@@ -1157,15 +1326,15 @@ std::tuple<at::Tensor, at::Tensor> gates_reduce_cuda(const at::Tensor& x, const 
     acc_t* cpart = splits > 1 ? col_part.data_ptr<acc_t>() : nullptr;
     const dim3 block(kWarp, kRows);
     if (cpt == 1) {
-      reduce_kernel<scalar_t, acc_t, 1><<<grid, block, 0, stream>>>(xp, rp, rw, cw, pl, chunks, splits, row, col, rpart, cpart);
+      reduce_kernel<scalar_t, acc_t, 1><<<grid, block, 0, stream>>>(xp, rp, rw, cw, args, pl, chunks, splits, row, col, rpart, cpart);
     } else if (cpt == 2) {
-      reduce_kernel<scalar_t, acc_t, 2><<<grid, block, 0, stream>>>(xp, rp, rw, cw, pl, chunks, splits, row, col, rpart, cpart);
+      reduce_kernel<scalar_t, acc_t, 2><<<grid, block, 0, stream>>>(xp, rp, rw, cw, args, pl, chunks, splits, row, col, rpart, cpart);
     } else {
-      reduce_kernel<scalar_t, acc_t, 4><<<grid, block, 0, stream>>>(xp, rp, rw, cw, pl, chunks, splits, row, col, rpart, cpart);
+      reduce_kernel<scalar_t, acc_t, 4><<<grid, block, 0, stream>>>(xp, rp, rw, cw, args, pl, chunks, splits, row, col, rpart, cpart);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (chunks > 1 || splits > 1) {
-      const int64_t n = (chunks > 1 ? g.B * pl.Lo : 0) + (splits > 1 ? g.B * pl.Li : 0);
+      const int64_t n = std::max(chunks > 1 ? g.B * pl.Lo * kWarp : 0, splits > 1 ? g.B * pl.Li : 0);
       reduce_finish_kernel<acc_t><<<finish_blocks(n), 256, 0, stream>>>(rpart, cpart, pl, chunks, splits, row, col);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -1173,11 +1342,14 @@ std::tuple<at::Tensor, at::Tensor> gates_reduce_cuda(const at::Tensor& x, const 
   return {U, V};
 }
 
-// dx = grad · G[b, c] · S[b, p] + Σ_k L[k, b, c] · Rk[k, b, p], in x's dtype and layout
-// (grad must have x's strides). L is (K, B, C), Rk is (K, B, P), K ≥ 0.
+// dx = grad · G[b, c] · S[b, p] + each statistic's term (csrc/gates_terms.h), in x's dtype
+// and layout (grad must have x's strides): one pass, the map kernel.
 at::Tensor gates_grad_x_cuda(const std::optional<at::Tensor>& grad, const at::Tensor& x,
                              const std::optional<at::Tensor>& G, const std::optional<at::Tensor>& S,
-                             const at::Tensor& L, const at::Tensor& Rk) {
+                             const c10::List<std::optional<at::Tensor>>& L,
+                             const c10::List<std::optional<at::Tensor>>& R,
+                             const c10::List<std::optional<at::Tensor>>& idx,
+                             const c10::List<std::optional<at::Tensor>>& d, at::IntArrayRef kinds) {
   auto g = geometry(x, "gates_grad_x");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type(x);
@@ -1188,37 +1360,18 @@ at::Tensor gates_grad_x_cuda(const std::optional<at::Tensor>& grad, const at::Te
                 "gates_grad_x: grad must match x in device, shape, strides and dtype; got ", grad->device(), " ",
                 grad->sizes(), " ", grad->strides(), " ", grad->scalar_type());
   }
-  TORCH_CHECK(L.dim() == 3 && L.size(1) == g.B && L.size(2) == g.C && L.scalar_type() == acc && L.device() == x.device(),
-              "gates_grad_x: L must be (K, B, C) of ", acc, " on ", x.device(), ", got ", L.sizes(), " ",
-              L.scalar_type(), " on ", L.device());
-  TORCH_CHECK(Rk.dim() == 3 && Rk.size(0) == L.size(0) && Rk.size(1) == g.B && Rk.size(2) == g.P &&
-                  Rk.scalar_type() == acc && Rk.device() == x.device(),
-              "gates_grad_x: Rk must be (K, B, P) of ", acc, " on ", x.device(), ", got ", Rk.sizes(), " ",
-              Rk.scalar_type(), " on ", Rk.device());
-  const int64_t K = L.size(0);
-  auto Lc = L.contiguous();
-  auto Rc = Rk.contiguous();
   auto dx = at::empty_like(x);
   TORCH_CHECK(dx.strides() == x.strides(), "gates_grad_x: could not allocate dx in x's layout");
-  if (x.numel() == 0) return dx;
-  const Plane pl = plane(g);
-  const dim3 grid = elementwise_grid(pl), block(kWarp, kRows);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_grad_x", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    std::vector<at::Tensor> keep;
+    const terms::Terms<acc_t> T = terms::dx_terms<acc_t>(L, R, idx, d, kinds, g.B, g.C, g.P, acc, x.device(), keep);
+    if (x.numel() == 0) return;
     at::Tensor kg, ks;
     const acc_t* gp = gate_ptr<acc_t>(G, x, g.B, g.C, acc, "G", kg);
     const acc_t* sp = gate_ptr<acc_t>(S, x, g.B, g.P, acc, "S", ks);
-    const scalar_t* grp = has_grad ? grad->const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* lp = K > 0 ? Lc.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* rp = K > 0 ? Rc.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* dp = dx.data_ptr<scalar_t>();
-    if (g.p_unit) {
-      grad_x_kernel<scalar_t, acc_t, true><<<grid, block, 0, stream>>>(grp, gp, sp, lp, rp, K, dp, pl);
-    } else {
-      grad_x_kernel<scalar_t, acc_t, false><<<grid, block, 0, stream>>>(grp, gp, sp, lp, rp, K, dp, pl);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_map<scalar_t, acc_t>(has_grad ? grad->const_data_ptr<scalar_t>() : nullptr, gp, sp, plane_terms(T, g.p_unit),
+                                dx.data_ptr<scalar_t>(), plane(g), g.p_unit, c10::cuda::getCurrentCUDAStream());
   });
   return dx;
 }

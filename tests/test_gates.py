@@ -535,7 +535,20 @@ def test_triton_gate_kernels_split_paths(monkeypatch, channels_last, tiles, targ
         torch.testing.assert_close(mean, y.mean(1))
         torch.testing.assert_close(mx, y.amax(1))
         assert torch.equal(idx.long(), (y == y.amax(1, keepdim=True)).float().argmax(1))
-    R = _x_layout((b, c, h, w), channels_last, seed=12)
+    _check_reduce_apply_grad_x(tg, x, G, S, channels_last)
+
+
+def _check_reduce_apply_grad_x(k, x, G, S, channels_last):
+    """A kernel set's reduce, apply, grad_x and grad_x_terms against their torch formulas,
+    arg-max terms included (a max pool's gradient carried to the gate it was taken under,
+    and each max's share of dx at its arg-max). ``k``: triton.gates or the engine's
+    _CompiledKernels (csrc/gates.cpp on CPU tensors)."""
+    tg = k
+    b, c, h, w = x.shape
+    p = h * w
+    acc = G.dtype
+    S = S.reshape(b, p)
+    R = _x_layout((b, c, h, w), channels_last, seed=12).to(x.dtype)
     U, V = tg.reduce(x, R, G, S)
     t = (x * R).reshape(b, c, p)
     torch.testing.assert_close(U, (t * S[:, None, :]).sum(2))
@@ -544,8 +557,8 @@ def test_triton_gate_kernels_split_paths(monkeypatch, channels_last, tiles, targ
     torch.testing.assert_close(U, x.reshape(b, c, p).sum(2))
     torch.testing.assert_close(V, x.reshape(b, c, p).sum(1))
     # arg-max terms (a max pool's gradient carried to the gate it was taken under)
-    gi, gv = torch.randint(0, p, (b, c)), torch.randn(b, c)
-    si, sv = torch.randint(0, c, (b, p)), torch.randn(b, p)
+    gi, gv = torch.randint(0, p, (b, c)), torch.randn(b, c, dtype=acc)
+    si, sv = torch.randint(0, c, (b, p)), torch.randn(b, p, dtype=acc)
     U, V = tg.reduce(x, R, G, S, g_arg=(gi, gv), s_arg=(si, sv))
     Gw = G[:, :, None] + gv[:, :, None] * (torch.arange(p)[None, None, :] == gi[:, :, None])
     Sw = S[:, None, :] + sv[:, None, :] * (torch.arange(c)[None, :, None] == si[:, None, :])
@@ -557,20 +570,23 @@ def test_triton_gate_kernels_split_paths(monkeypatch, channels_last, tiles, targ
     out = tg.apply(x, G, S)
     assert out.stride() == x.stride()
     torch.testing.assert_close(out, x * G[:, :, None, None] * S.view(b, 1, h, w))
-    L, Rk = torch.randn(2, b, c), torch.randn(2, b, p)
-    dx = tg.grad_x(R, x, G, S, L, Rk)
+    L, Rk = torch.randn(2, b, c, dtype=acc), torch.randn(2, b, p, dtype=acc)
+    if hasattr(k, "grad_x"):  # Triton's stacked-factor entry point
+        dx = k.grad_x(R, x, G, S, L, Rk)
+    else:
+        dx = k.grad_x_terms(R, x, G, S, [("hw", L[i], Rk[i], None, None) for i in range(2)])
     assert dx.stride() == x.stride()
     want = R * G[:, :, None, None] * S.view(b, 1, h, w) + torch.einsum("kbc,kbp->bcp", L, Rk).view(b, c, h, w)
     torch.testing.assert_close(dx, want)
     # every kind of statistic term, arg-max included (what the chain's backward passes)
-    ihw, dhw = torch.randint(0, p, (b, c)), torch.randn(b, c)
-    ic, dc = torch.randint(0, c, (b, p)), torch.randn(b, p)
+    ihw, dhw = torch.randint(0, p, (b, c)), torch.randn(b, c, dtype=acc)
+    ic, dc = torch.randint(0, c, (b, p)), torch.randn(b, p, dtype=acc)
     terms = [("hw", L[0], S, ihw, dhw), ("c", G, Rk[1], ic, dc), ("hw", L[1], None, ihw, None), ("c", None, Rk[0], ic, dc)]
     dx = tg.grad_x_terms(R, x, None, S, terms)
     want = (R * S.view(b, 1, h, w)).reshape(b, c, p).clone()
     for kind, Lk, Rt, idx, d in terms:
-        Lf = Lk if Lk is not None else torch.ones(b, c)
-        Rf = Rt if Rt is not None else torch.ones(b, p)
+        Lf = Lk if Lk is not None else torch.ones(b, c, dtype=acc)
+        Rf = Rt if Rt is not None else torch.ones(b, p, dtype=acc)
         want += Lf[:, :, None] * Rf[:, None, :]
         if d is not None and kind == "hw":
             want.scatter_add_(2, idx.unsqueeze(2), (d * Rf.gather(1, idx)).unsqueeze(2))
@@ -578,6 +594,51 @@ def test_triton_gate_kernels_split_paths(monkeypatch, channels_last, tiles, targ
             want.scatter_add_(1, idx.unsqueeze(1), (d * Lf.gather(1, idx)).unsqueeze(1))
     assert dx.stride() == x.stride()
     torch.testing.assert_close(dx.reshape(b, c, p), want)
+
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_reduce_and_grad_x_ops_match_formulas(channels_last, dtype):
+    """csrc/gates.cpp's gates_reduce (with its arg-max pairs) and gates_grad_x (with its
+    statistic terms: rank-1 parts and each max's share at its arg-max, csrc/gates_terms.h)
+    through the engine's _CompiledKernels, against the torch formulas the Triton entry
+    points are held to; odd sizes, both layouts; shapes where P and C are multiples of 4
+    too (the CUDA map kernel's packed path reads the same arguments)."""
+    from disseg_kernels.ops.gates import _CompiledKernels
+
+    for shape in [(2, 7, 3, 5), (2, 8, 4, 6)]:
+        b, c, h, w = shape
+        x = _x_layout(shape, channels_last).to(dtype)
+        G = torch.rand(b, c, dtype=dtype) + 0.1
+        S = torch.rand(b, h * w, dtype=dtype) + 0.1
+        _check_reduce_apply_grad_x(_CompiledKernels, x, G, S, channels_last)
+
+
+def test_compiled_reduce_and_grad_x_name_bad_arguments():
+    """The term lists and arg-max pairs: mismatched lengths, an index without its values,
+    a wrong kind, a wrong size or dtype each name the argument."""
+    E = torch.ops.disseg
+    x = torch.randn(2, 3, 4, 5)
+    L, R = torch.randn(2, 3), torch.randn(2, 20)
+    i_hw, d_hw = torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="one length"):
+        E.gates_grad_x(None, x, None, None, [L], [R, R], [None], [None], [0])
+    with pytest.raises(RuntimeError, match=r"idx\[0\] and d\[0\] must be both given"):
+        E.gates_grad_x(None, x, None, None, [L], [R], [i_hw], [None], [0])
+    with pytest.raises(RuntimeError, match=r"kinds\[0\] must be 0"):
+        E.gates_grad_x(None, x, None, None, [L], [R], [None], [None], [2])
+    with pytest.raises(RuntimeError, match=r"d\[0\] must have 40 elements"):
+        E.gates_grad_x(None, x, None, None, [L], [R], [torch.zeros(2, 20, dtype=torch.long)], [d_hw], [1])  # over c: (B, P)
+    with pytest.raises(RuntimeError, match=r"idx\[0\] must be Long"):
+        E.gates_grad_x(None, x, None, None, [L], [R], [i_hw.int()], [d_hw], [0])
+    with pytest.raises(RuntimeError, match="at most 4 terms"):
+        E.gates_grad_x(None, x, None, None, [L] * 5, [R] * 5, [None] * 5, [None] * 5, [0] * 5)
+    with pytest.raises(RuntimeError, match="g_idx and g_val must be both given"):
+        E.gates_reduce(x, None, None, None, i_hw, None, None, None)
+    with pytest.raises(RuntimeError, match="s_val must have 40 elements"):
+        E.gates_reduce(x, None, None, None, None, None, torch.zeros(2, 20, dtype=torch.long), d_hw)
 
 
 @pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
@@ -880,9 +941,12 @@ def test_cuda_gate_modules_match_reference(_no_tf32, name, channels_last):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cuda_gate_kernels_match_cpu_kernels(layout, dtype):
     """Each CUDA op against the C++ CPU op on the same data: pools (with ties, so the first
-    arg-max must agree exactly), apply, reduce (with R and both gates), grad_x (K = 0, 1, 3
-    terms, grad absent). Shapes chosen so that every grid path runs on a real GPU: few rows
-    with long reductions (split, combined by a second launch) and many short rows."""
+    arg-max must agree exactly), apply, reduce (with R, both gates and the arg-max pairs),
+    grad_x (no terms, one rank-1 term, the chain's four statistics with their arg-max
+    terms; grad absent). Shapes chosen so that every grid path runs on a real GPU: few
+    rows with long reductions (split, combined by a second launch), many short rows, and
+    planes whose unit-stride length is and is not a multiple of 4 (the map kernel's packed
+    and unpacked paths)."""
     E = torch.ops.disseg
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     # Sums of up to ~5000 terms in another order: absolute tolerance for the reduce sums.
@@ -901,7 +965,14 @@ def test_cuda_gate_kernels_match_cpu_kernels(layout, dtype):
 
         def both(op, *args):
             cpu = getattr(E, op)(*args)
-            dev = getattr(E, op)(*[xd if a is x else (a.cuda() if isinstance(a, torch.Tensor) else a) for a in args])
+            def to_dev(a):
+                if a is x:
+                    return xd
+                if isinstance(a, list):
+                    return [to_dev(t) for t in a]
+                return a.cuda() if isinstance(a, torch.Tensor) else a
+
+            dev = getattr(E, op)(*[to_dev(a) for a in args])
             cpu, dev = (cpu, dev) if isinstance(cpu, (tuple, list)) else ((cpu,), (dev,))
             for u, v in zip(cpu, dev):
                 if u.dtype == torch.long:
@@ -919,12 +990,20 @@ def test_cuda_gate_kernels_match_cpu_kernels(layout, dtype):
         for gg, ss in ((None, None), (G, None), (None, S), (G, S)):
             assert both("gates_apply", x, gg, ss)[0].stride() == x.stride()
         R = torch.empty_like(x).copy_(torch.randn(x.shape, generator=g))  # x's strides, as the engine passes it
-        for rr, gg, ss in ((None, None, None), (R, G, S), (R, None, S), (None, G, None)):
-            both("gates_reduce", x, rr, gg, ss)
+        p = h * w
+        gi, gv = torch.randint(0, p, (b, c), generator=g), torch.randn(b, c, generator=g, dtype=acc)
+        si, sv = torch.randint(0, c, (b, p), generator=g), torch.randn(b, p, generator=g, dtype=acc)
+        for rr, gg, ss, pairs in ((None, None, None, ()), (R, G, S, ()), (R, None, S, (gi, gv, None, None)),
+                                  (None, G, None, (None, None, si, sv)), (R, G, S, (gi, gv, si, sv))):
+            both("gates_reduce", x, rr, gg, ss, *(pairs or (None,) * 4))
         L = torch.randn(3, b, c, generator=g, dtype=acc)
-        Rk = torch.randn(3, b, h * w, generator=g, dtype=acc)
-        for gr, gg, ss, k in ((R, G, S, 3), (None, None, None, 3), (R, None, S, 0), (R, G, None, 1)):
-            assert both("gates_grad_x", gr, x, gg, ss, L[:k], Rk[:k])[0].stride() == x.stride()
+        Rk = torch.randn(3, b, p, generator=g, dtype=acc)
+        # (kind, L, R, idx, d): the chain's four statistics; rank-1 terms only; none
+        chain = [(0, L[0], S, gi, gv), (1, G, Rk[1], si, sv), (0, L[1], None, None, None), (1, None, Rk[0], si, sv)]
+        rank1 = [(0, L[2], Rk[2], None, None)]
+        for gr, gg, ss, ts in ((R, G, S, chain), (None, None, None, chain), (R, None, S, []), (R, G, None, rank1)):
+            lists = [[t[i] for t in ts] for i in (1, 2, 3, 4, 0)]
+            assert both("gates_grad_x", gr, x, gg, ss, *lists)[0].stride() == x.stride()
 
 
 @requires_cuda

@@ -62,8 +62,8 @@ def _hidden(channels: int, ratio: int, name: str) -> int:
 # over (x, grad) gives dG, dS (``reduce``); each statistic taken under an earlier gate
 # carries its gradient to that gate with one pass over x (``_Backward.hw_stat`` /
 # ``c_stat``); then dx is written in one pass (``grad_x``: grad·G·S plus one rank-1 term
-# per statistic) and the few arg-max terms are scattered. Backward therefore reads x once
-# per gated statistic plus once with grad, and writes dx once.
+# per statistic and each max's share at its arg-max). Backward therefore reads x once per
+# gated statistic plus once with grad, and writes dx once.
 # ---------------------------------------------------------------------------------------
 
 
@@ -89,51 +89,25 @@ class _CompiledKernels:
 
     @staticmethod
     def reduce(x, R, G, S, g_arg=None, s_arg=None, need=(True, True)):
-        """As triton.gates.reduce; the arg-max terms are gathered and scattered here."""
-        G = G.contiguous() if G is not None else None
-        S = S.contiguous() if S is not None else None
-        U, V = torch.ops.disseg.gates_reduce(x, R, G, S)
-        if g_arg is not None:  # V[b, idx[b, c]] += val[b, c]·x[b, c, idx[b, c]]
-            idx, val = g_arg
-            x_at = _flat_p(x).gather(2, idx.unsqueeze(2)).squeeze(2).to(V.dtype)
-            V = V.scatter_add_(1, idx, val * x_at)
-        if s_arg is not None:  # U[b, idx[b, p]] += val[b, p]·x[b, idx[b, p], p]
-            idx, val = s_arg
-            x_at = _flat_p(x).gather(1, idx.unsqueeze(1)).squeeze(1).to(U.dtype)
-            U = U.scatter_add_(1, idx, val * x_at)
+        """As triton.gates.reduce: the arg-max terms are added in the same op (csrc/gates_terms.h)."""
+        gi, gv = g_arg if g_arg is not None else (None, None)
+        si, sv = s_arg if s_arg is not None else (None, None)
+        U, V = torch.ops.disseg.gates_reduce(x, R, _dense(G), _dense(S), gi, gv, si, sv)
         return (U if need[0] else None), (V if need[1] else None)
 
     @staticmethod
     def grad_x_terms(grad, x, G, S, terms, stencil=None, elat_taps=False):
-        """As triton.gates.grad_x_terms: the rank-1 parts in one C++ pass, then the arg-max
-        terms scattered and the stencil's transposed convolution added."""
-        b, c, h, w = x.shape
-        acc = _acc(x.dtype)
-        ones = {}
-
-        def fill(t, n):
-            if t is not None:
-                return t
-            if n not in ones:
-                ones[n] = x.new_ones((b, n), dtype=acc)
-            return ones[n]
-
-        if terms:
-            L = torch.stack([fill(t[1], c) for t in terms])
-            R = torch.stack([fill(t[2], h * w) for t in terms])
-        else:
-            L, R = x.new_zeros((0, b, c), dtype=acc), x.new_zeros((0, b, h * w), dtype=acc)
-        dx = torch.ops.disseg.gates_grad_x(grad, x, G, S, L, R)
-        flat = _flat_p(dx)
-        for k, (kind, Lk, Rk, idx, d) in enumerate(terms):
-            if d is None:
-                continue
-            if kind == "hw":  # dx[b, c, idx] += d · R[b, idx]
-                val = d if Rk is None else d * Rk.gather(1, idx)
-                flat.scatter_add_(2, idx.unsqueeze(2), val.to(dx.dtype).unsqueeze(2))
-            else:  # dx[b, idx, p] += d · L[b, idx]
-                val = d if Lk is None else d * Lk.gather(1, idx)
-                flat.scatter_add_(1, idx.unsqueeze(1), val.to(dx.dtype).unsqueeze(1))
+        """As triton.gates.grad_x_terms: grad·G·S, the statistics' rank-1 parts and their
+        arg-max terms in one op (csrc/gates_terms.h), then the stencil's transposed
+        convolution added in place."""
+        L, R, idx, d, kinds = [], [], [], [], []
+        for kind, Lk, Rk, ik, dk in terms:
+            L.append(Lk)
+            R.append(Rk)
+            idx.append(ik if dk is not None else None)
+            d.append(dk)
+            kinds.append(_TERM_KINDS[kind])
+        dx = torch.ops.disseg.gates_grad_x(grad, x, _dense(G), _dense(S), L, R, idx, d, kinds)
         if stencil is not None:  # added in place (oneDNN and cuDNN are slow at one output channel)
             w7, dlogit = stencil
             torch.ops.disseg.gates_stencil_grad_input_(dx, w7, dlogit.contiguous())
@@ -184,6 +158,9 @@ class _CompiledKernels:
 
 def _dense(t):
     return t.contiguous() if t is not None else None
+
+
+_TERM_KINDS = {"hw": 0, "c": 1}  # csrc/gates_terms.h: a statistic over p, over c
 
 
 def _kernels(backend: str):
@@ -422,10 +399,6 @@ def _run_program(src, program, pf, shape):
         G, S, rec = _STAGE_FWD[kind](src, pf[lo:hi], shape, G, S)
         tape.append((kind, lo, hi, rec))
     return G, S, tape
-
-
-def _flat_p(x):
-    return x.flatten(2)  # (B, C, P): a view for contiguous and channels_last x
 
 
 class _RunOps:

@@ -42,13 +42,35 @@ def check(shape, cl, dt, ties=False, sms="4", K=2):
         assert E.gates_apply(x, g_, s_).stride() == x.stride()
     R = torch.randn(shape).to(dt)
     if cl == "cl": R = R.to(memory_format=torch.channels_last)
-    for r_, g_, s_ in ((None, None, None), (R, G, S), (R, None, S), (None, G, None)):
-        for e, c, n in zip(E.gates_reduce(x, r_, g_, s_), C.gates_reduce(x, r_, g_, s_), "UV"):
-            close(e, c, f"reduce {n} {r_ is not None} {g_ is not None} {s_ is not None} {tag}")
-    L = torch.randn(K, B, Cc, dtype=a); Rk = torch.randn(K, B, P, dtype=a)
-    for gr, g_, s_, k in ((R, G, S, K), (None, None, None, K), (R, None, S, 0), (R, G, None, 1)):
-        e = E.gates_grad_x(gr, x, g_, s_, L[:k], Rk[:k]); c = C.gates_grad_x(gr, x, g_, s_, L[:k], Rk[:k])
-        close(e, c, f"grad_x {gr is not None} {k} {tag}")
+    gi, gv = torch.randint(-1, P + 1, (B, Cc)), torch.randn(B, Cc, dtype=a)  # -1 and P: out of range, add nothing
+    si, sv = torch.randint(0, Cc, (B, P)), torch.randn(B, P, dtype=a)
+    for r_, g_, s_, ga, sa in ((None, None, None, None, None), (R, G, S, None, None), (R, None, S, (gi, gv), None),
+                               (None, G, None, None, (si, sv)), (R, G, S, (gi, gv), (si, sv))):
+        args = (x, r_, g_, s_, *(ga or (None, None)), *(sa or (None, None)))
+        for e, c, n in zip(E.gates_reduce(*args), C.gates_reduce(*args), "UV"):
+            close(e, c, f"reduce {n} {r_ is not None} {g_ is not None} {s_ is not None} {ga is not None} {sa is not None} {tag}")
+    L = torch.randn(K + 2, B, Cc, dtype=a); Rk = torch.randn(K + 2, B, P, dtype=a)
+    ihw, dhw = torch.randint(0, P, (B, Cc)), torch.randn(B, Cc, dtype=a)
+    ic, dc = torch.randint(-1, Cc, (B, P)), torch.randn(B, P, dtype=a)
+
+    def off4(t):  # the same values 4 bytes past an aligned address: the map kernel's unpacked path
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        return buf[1:].view(t.shape).copy_(t)
+
+    term_sets = {
+        "none": [],
+        "rank1": [(0, L[0], Rk[0], None, None), (1, None, Rk[1], None, None)],
+        "chain": [(0, L[0], S.view(B, P), ihw, dhw), (1, G, Rk[1], ic, dc), (0, L[1], None, ihw, None), (1, None, Rk[0], ic, dc)],
+        "maxes": [(0, None, None, ihw, dhw), (1, L[2], None, ic, dc)],
+        "offset": [(0, off4(L[0]), off4(Rk[0]), off4(ihw), off4(dhw)), (1, G, off4(Rk[1]), off4(ic), off4(dc))],
+    }
+    for gr, g_, s_, ts in ((R, G, S, "chain"), (None, None, None, "chain"), (R, None, S, "none"), (R, G, None, "rank1"),
+                           (None, None, None, "maxes"), (R, G, S, "offset")):
+        terms = term_sets[ts]
+        lists = [[t[1] for t in terms], [t[2] for t in terms], [t[3] if t[4] is not None else None for t in terms],
+                 [t[4] for t in terms], [t[0] for t in terms]]
+        e = E.gates_grad_x(gr, x, g_, s_, *lists); c = C.gates_grad_x(gr, x, g_, s_, *lists)
+        close(e, c, f"grad_x {gr is not None} {ts} {tag}")
         assert e.stride() == x.stride()
 
 t0 = time.time()
@@ -71,7 +93,8 @@ for cl in (False, True):
     for e, c in zip(E.gates_pool_c(xx, None), C.gates_pool_c(xx, None)): close(e, c, f"-inf c {cl}")
 # empty
 x = torch.randn(2, 0, 3, 3)
-print([t.shape for t in E.gates_pool_hw(x, None)], [t.shape for t in E.gates_reduce(x, None, None, None)])
+print([t.shape for t in E.gates_pool_hw(x, None)], [t.shape for t in E.gates_reduce(x, None, None, None)],
+      E.gates_grad_x(None, x, None, None, [], [], [], [], []).shape)
 
 # The small programs: the channel MLP and the spatial gate, forward and backward.
 def small_close(e, c, what, dt):

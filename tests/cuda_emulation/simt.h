@@ -6,6 +6,7 @@
 #pragma once
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -22,6 +23,16 @@
 #define __shared__ static
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() do { } while (0)
 #define C10_CUDA_CHECK(e) (void)(e)
+// A vector access (csrc/*.cu: load_pack/store_pack) must be aligned to its size on a GPU;
+// x86 would not fault, so the emulator checks it.
+#define DISSEG_CHECK_ALIGNED(p, bytes)                                                     \
+  do {                                                                                     \
+    if (reinterpret_cast<uintptr_t>(p) % (bytes) != 0) {                                   \
+      std::fprintf(stderr, "misaligned %zu-byte access at %p\n", size_t(bytes), (const void*)(p)); \
+      std::abort();                                                                        \
+    }                                                                                      \
+  } while (0)
+using cudaStream_t = int;
 
 struct dim3 {
   unsigned x, y, z;
