@@ -113,6 +113,25 @@ def test_stage2_step_runs_under_cuda_deterministic_mode(stubbed):
     assert "upsample_bilinear2d_backward" in ops[False]
 
 
+# ATen ops whose CUDA kernels accumulate through atomics (different bits from run to run
+# where two updates meet, unless torch's deterministic mode swaps in a slower kernel).
+ATOMIC_ACCUMULATION = {"scatter_add", "scatter_add_", "index_add", "index_add_", "scatter_reduce", "scatter_reduce_",
+                       "index_put", "index_put_", "_index_put_impl_", "put_"}
+
+
+def test_compiled_engine_step_accumulates_without_atomics(stubbed, monkeypatch):
+    """The fused Stage II training step on the C++/CUDA gate engine (what "auto" runs in
+    eager code on a GPU; here its CPU twin, the same Python calling the same op schemas)
+    issues no ATen op that accumulates through atomics on CUDA, so two runs give the same
+    bits without deterministic mode. Until 2026-11-27 (evening) the max pools' arg-max terms
+    were gathered and scatter_add_-ed around gates_reduce / gates_grad_x."""
+    monkeypatch.setitem(_backend._AUTO_OVERRIDE, "cpu", ("cpu",))  # the model's "auto": the compiled engine
+    fn, inputs = stubbed._cases("stage2", "cpu", "cpu", True, encoder="resnet18")
+    ops = _aten_ops_of_step(fn, inputs)
+    assert "gates_grad_x" in ops and "gates_reduce" in ops, sorted(ops)  # the engine really ran
+    assert not ops & ATOMIC_ACCUMULATION, sorted(ops & ATOMIC_ACCUMULATION)
+
+
 def test_jit_launcher_stand_in_issues_the_interpreted_launches(stubbed, tmp_path):
     """``bench_host_overhead --triton-launcher jit`` (compiled-mode kernels through Triton's
     own launcher, a stand-in driver) really launches through ``JITFunction.run``: it counts
