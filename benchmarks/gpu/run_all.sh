@@ -146,7 +146,10 @@ STAGES=(
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
   # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md).
   # Since 2026-11-27 evening the fused_cuda rows run CUDA kernels for the channel MLP, the
-  # spatial gate and ELAT's stencil (no cuDNN left in the gates): untimed until this stage runs
+  # spatial gate and ELAT's stencil (no cuDNN left in the gates), and since late evening the
+  # arg-max terms inside gates_reduce/gates_grad_x (no gathers/scatter_add_), one packed map
+  # kernel for apply and grad_x, packed pools and a warp-per-row reduce finish (afternoon
+  # table: grad_x 96 us, finish 73 us, pools 114 us, scatters 92 us): untimed until this runs
   "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --kernels --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
   # Stage I (its head runs four ELATs at 8x64x256x256, where cuDNN's stencil took 3.1 of 3.7 ms
   # each until the CUDA stencil kernels of 2026-11-27 evening): plain vs fused (auto: CUDA
