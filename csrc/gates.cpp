@@ -1049,6 +1049,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
   return {dmean, dmax, dS0, dw, db};
 }
 
+// gates_pool_hw(x, None) and gates_stencil(x, w): one op so that a device with a fused pass
+// (CUDA: the stencil kernel pools its staged tiles) reads x once. On the CPU the two passes
+// run one after the other (the stencil is a GEMM here: x is read in its own blocking).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_stencil_cpu(const at::Tensor& x,
+                                                                                     const at::Tensor& w) {
+  auto [mean, mx, idx] = gates_pool_hw_cpu(x, std::nullopt);
+  return {mean, mx, idx, gates_stencil_cpu(x, w)};
+}
+
 TORCH_LIBRARY_FRAGMENT(disseg, m) {
   m.def("gates_pool_hw(Tensor x, Tensor? S) -> (Tensor, Tensor, Tensor)");
   m.def("gates_pool_c(Tensor x, Tensor? G) -> (Tensor, Tensor, Tensor)");
@@ -1060,6 +1069,7 @@ TORCH_LIBRARY_FRAGMENT(disseg, m) {
       "gates_grad_x(Tensor? grad, Tensor x, Tensor? G, Tensor? S, Tensor?[] L, Tensor?[] R, Tensor?[] idx,"
       " Tensor?[] d, int[] kinds) -> Tensor");
   m.def("gates_stencil(Tensor x, Tensor w) -> Tensor");
+  m.def("gates_pool_hw_stencil(Tensor x, Tensor w) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gates_stencil_grad_input_(Tensor(a!) dx, Tensor w, Tensor g) -> ()");
   m.def("gates_stencil_grad_weight(Tensor x, Tensor g, int K) -> Tensor");
   m.def(
@@ -1082,6 +1092,7 @@ TORCH_LIBRARY_IMPL(disseg, CPU, m) {
   m.impl("gates_reduce", &gates_reduce_cpu);
   m.impl("gates_grad_x", &gates_grad_x_cpu);
   m.impl("gates_stencil", &gates_stencil_cpu);
+  m.impl("gates_pool_hw_stencil", &gates_pool_hw_stencil_cpu);
   m.impl("gates_stencil_grad_input_", &gates_stencil_grad_input_cpu);
   m.impl("gates_stencil_grad_weight", &gates_stencil_grad_weight_cpu);
   m.impl("gates_channel_mlp_fwd", &gates_channel_mlp_fwd_cpu);

@@ -328,20 +328,27 @@ __global__ void __launch_bounds__(kThreads) outer_stats_kernel(const scalar_t* _
   }
 }
 
-// Second launch of a split reduction: the pieces of each row merged in piece order.
+// Second launch of a split reduction: a warp per row, lane l merging pieces l, l + 32, …
+// in order, then the butterfly (one fixed order: deterministic; the first arg-max, since a
+// tie keeps the lower index). Launched with 32 threads per row.
 template <typename acc_t>
 __global__ void combine_stats_kernel(int64_t rows, StatOut<acc_t> out) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t r = tid / kWarp; r < rows; r += n_warps) {  // warp-uniform
     acc_t sum = 0, best = neg_inf<acc_t>();
     int64_t arg = kNone;
-    for (int64_t k = 0; k < out.splits; ++k) {
+    for (int64_t k = lane; k < out.splits; k += kWarp) {
       const int64_t q = r * out.splits + k;
       merge(sum, best, arg, out.part_sum[q], out.part_max[q], out.part_idx[q]);
     }
-    out.mean[r] = sum * out.inv;
-    out.max[r] = best;
-    out.idx[r] = arg == kNone ? 0 : arg;
+    warp_merge(sum, best, arg);
+    if (lane == 0) {
+      out.mean[r] = sum * out.inv;
+      out.max[r] = best;
+      out.idx[r] = arg == kNone ? 0 : arg;
+    }
   }
 }
 
@@ -670,7 +677,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_stats(const at::Tensor& x, c
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
-      combine_stats_kernel<acc_t><<<finish_blocks(rows), 256, 0, stream>>>(rows, out);
+      combine_stats_kernel<acc_t><<<finish_blocks(rows * kWarp), 256, 0, stream>>>(rows, out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -982,12 +989,36 @@ __device__ __forceinline__ void stage_tile(const scalar_t* __restrict__ x, const
   }
 }
 
+// The staged tile's (sum, max, first arg-max) over its pixels for channels [c0, c0 + n):
+// warp ty takes channels ty, ty + 8, …; lane l scans the pixels (l / 4, 8·(l % 4) + 0…7)
+// in increasing p, then the warp merges. Not inlined: it keeps the logit loop's registers.
+template <typename acc_t>
+__device__ __noinline__ void pool_tile(const acc_t* tile, const StencilGeo& g, const StatOut<acc_t>& pool, int64_t b,
+                                       int64_t h0, int64_t w0, int64_t c0, int64_t n, int64_t tile_id) {
+  const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1;
+  const int tx = threadIdx.x;
+  const int64_t r = tx / 4, q0 = (tx % 4) * 8, h = h0 + r;
+  for (int64_t c = threadIdx.y; c < n; c += kRows) {  // warp-uniform
+    const acc_t* tc = tile + c * TH * TW + (r + g.R) * TW + g.R;
+    acc_t sum = 0, best = neg_inf<acc_t>();
+    int64_t arg = kNone;
+    for (int64_t q = q0; q < q0 + 8; ++q) {
+      if (h < g.H && w0 + q < g.W) take(sum, best, arg, tc[q], h * g.W + w0 + q);
+    }
+    warp_merge(sum, best, arg);
+    if (tx == 0) store_stat(pool, b * g.C + c0 + c, tile_id, sum, best, arg);
+  }
+}
+
 // y[b, h·W + w] = Σ_c Σ_ij wt[c, i·K + j]·x[b, c, h + i − R, w + j − R]. Grid: (tiles, B).
-// Shared memory: cc·TH·TW tile values and cc·K² weights.
-template <typename scalar_t, typename acc_t>
+// Shared memory: cc·TH·TW tile values and cc·K² weights. With POOL the block also writes
+// its tile's (sum, max, first arg-max) over p of every channel of x, read from the staged
+// tile (ELAT's H·W pool in the same read of x; pool_tile); piece k of row (b, c) is the
+// tile's index.
+template <typename scalar_t, typename acc_t, bool POOL>
 __global__ void __launch_bounds__(kThreads) stencil_fwd_kernel(const scalar_t* __restrict__ x,
                                                                const acc_t* __restrict__ wt, acc_t* __restrict__ y,
-                                                               StencilGeo g, int64_t cc) {
+                                                               StencilGeo g, int64_t cc, StatOut<acc_t> pool) {
   extern __shared__ unsigned char smem_raw[];
   const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1, KK = g.K * g.K;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -1002,6 +1033,7 @@ __global__ void __launch_bounds__(kThreads) stencil_fwd_kernel(const scalar_t* _
     stage_tile(x, g, b, h0, w0, c0, n, tile);
     for (int64_t e = flat_tid(); e < n * KK; e += kThreads) ws[e] = wt[c0 * KK + e];
     __syncthreads();
+    if (POOL) pool_tile(tile, g, pool, b, h0, w0, c0, n, tile_id);
     for (int64_t c = 0; c < n; ++c) {
       const acc_t* tc = tile + c * TH * TW;
       for (int64_t i = 0; i < g.K; ++i) {
@@ -1515,11 +1547,59 @@ at::Tensor gates_stencil_cuda(const at::Tensor& x, const at::Tensor& w) {
     const int64_t cc = stencil_chunk(g, sizeof(acc_t), kMaxSmem - 8 * KK * sizeof(acc_t));
     const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + cc * KK) * sizeof(acc_t);
     const dim3 grid(static_cast<unsigned>(g.tiles_h * g.tiles_w), static_cast<unsigned>(g.B));
-    stencil_fwd_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
-        x.const_data_ptr<scalar_t>(), wt.const_data_ptr<acc_t>(), y.data_ptr<acc_t>(), g, cc);
+    stencil_fwd_kernel<scalar_t, acc_t, false><<<grid, dim3(kWarp, kRows), smem, stream>>>(
+        x.const_data_ptr<scalar_t>(), wt.const_data_ptr<acc_t>(), y.data_ptr<acc_t>(), g, cc, StatOut<acc_t>{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
+}
+
+// gates_pool_hw(x, None) and gates_stencil(x, w) in one read of x: the stencil kernel with
+// POOL, its per-tile statistics merged in tile order by combine_stats_kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_stencil_cuda(const at::Tensor& x,
+                                                                                      const at::Tensor& w) {
+  const char* op = "gates_pool_hw_stencil";
+  const StencilGeo g = stencil_geo(x, w, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = acc_type(x);
+  const at::Tensor wt = stencil_taps(w, g, acc, op);
+  auto y = at::zeros({g.B, g.H * g.W}, x.options().dtype(acc));
+  auto mean = at::zeros({g.B, g.C}, x.options().dtype(acc));
+  auto mx = at::zeros({g.B, g.C}, x.options().dtype(acc));
+  auto idx = at::zeros({g.B, g.C}, x.options().dtype(at::kLong));
+  if (x.numel() == 0) return {mean, mx, idx, y};
+  const int64_t tiles = g.tiles_h * g.tiles_w, rows = g.B * g.C;
+  at::Tensor ps, pm, pi;
+  if (tiles > 1) {
+    ps = at::empty({rows * tiles}, x.options().dtype(acc));
+    pm = at::empty({rows * tiles}, x.options().dtype(acc));
+    pi = at::empty({rows * tiles}, x.options().dtype(at::kLong));
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_pool_hw_stencil", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t KK = g.K * g.K;
+    const int64_t cc = stencil_chunk(g, sizeof(acc_t), kMaxSmem - 8 * KK * sizeof(acc_t));
+    const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + cc * KK) * sizeof(acc_t);
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(g.B));
+    StatOut<acc_t> out{mean.data_ptr<acc_t>(),
+                       mx.data_ptr<acc_t>(),
+                       idx.data_ptr<int64_t>(),
+                       tiles > 1 ? ps.data_ptr<acc_t>() : nullptr,
+                       tiles > 1 ? pm.data_ptr<acc_t>() : nullptr,
+                       tiles > 1 ? pi.data_ptr<int64_t>() : nullptr,
+                       tiles,
+                       acc_t(1) / acc_t(g.H * g.W)};
+    stencil_fwd_kernel<scalar_t, acc_t, true><<<grid, dim3(kWarp, kRows), smem, stream>>>(
+        x.const_data_ptr<scalar_t>(), wt.const_data_ptr<acc_t>(), y.data_ptr<acc_t>(), g, cc, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (tiles > 1) {
+      combine_stats_kernel<acc_t><<<finish_blocks(rows * kWarp), 256, 0, stream>>>(rows, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {mean, mx, idx, y};
 }
 
 void gates_stencil_grad_input__cuda(at::Tensor& dx, const at::Tensor& w, const at::Tensor& gr) {
@@ -1584,6 +1664,7 @@ TORCH_LIBRARY_IMPL(disseg, CUDA, m) {
   m.impl("gates_pool_hw", &gates_pool_hw_cuda);
   m.impl("gates_pool_c", &gates_pool_c_cuda);
   m.impl("gates_apply", &gates_apply_cuda);
+  m.impl("gates_pool_hw_stencil", &gates_pool_hw_stencil_cuda);
   m.impl("gates_reduce", &gates_reduce_cuda);
   m.impl("gates_grad_x", &gates_grad_x_cuda);
   m.impl("gates_channel_mlp_fwd", &gates_channel_mlp_fwd_cuda);

@@ -1362,7 +1362,8 @@ def test_cuda_small_program_ops_match_cpu(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cuda_stencil_ops_match_cpu(layout, dtype):
     """ELAT's K×K C→1 stencil on CUDA (csrc/gates_cuda.cu: staged tiles, zero taps skipped)
-    against the C++ ops: the logit, the in-place input gradient and the weight gradient, on
+    against the C++ ops: the logit (alone, and with the H·W pool taken from the staged tiles,
+    arg-max ties included), the in-place input gradient and the weight gradient, on
     maps that are not multiples of the 8×32 tile, K = 3 and ELAT's 7 with its 25 nonzero
     taps, and the model's 8×64×256×256 (many tile groups in the weight gradient)."""
     E = torch.ops.disseg
@@ -1381,6 +1382,14 @@ def test_cuda_stencil_ops_match_cpu(layout, dtype):
         scale = max(1.0, (c * k * k) ** 0.5)  # sums of c·k² products: absolute tolerance grows with them
         torch.testing.assert_close(E.gates_stencil(x.cuda(), wt.cuda()).cpu(), E.gates_stencil(x, wt),
                                    atol=tol["atol"] * scale, rtol=tol["rtol"])
+        # the pool taken from the stencil's staged tiles (ties: a coarse copy of x)
+        xt = x.float().mul(2).round().to(dtype).contiguous(memory_format=fmt)
+        fused = E.gates_pool_hw_stencil(xt.cuda(), wt.cuda())
+        for u, v in zip(fused, (*E.gates_pool_hw(xt, None), E.gates_stencil(xt, wt))):
+            if v.dtype == torch.long:
+                assert torch.equal(u.cpu(), v)
+            else:
+                torch.testing.assert_close(u.cpu(), v, atol=tol["atol"] * scale, rtol=tol["rtol"])
         big = scale * (h * w * b) ** 0.5
         torch.testing.assert_close(E.gates_stencil_grad_weight(x.cuda(), dl.cuda(), k).cpu(),
                                    E.gates_stencil_grad_weight(x, dl, k), atol=tol["atol"] * big, rtol=tol["rtol"])

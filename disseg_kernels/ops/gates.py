@@ -151,6 +151,12 @@ class _CompiledKernels:
         return torch.ops.disseg.gates_stencil(x, w7)
 
     @staticmethod
+    def pool_hw_stencil(x, w7, elat_taps=False):
+        """(mean, max, first arg-max) over p of x and ELAT's logit: one read of x on CUDA
+        (the stencil kernel pools the tiles it stages), two passes on the CPU."""
+        return torch.ops.disseg.gates_pool_hw_stencil(x, w7)
+
+    @staticmethod
     def stencil_grad_weight(x, dlogit, w7, elat_taps=False):
         """The gradient of the 7×7 stencil's weight from dlogit (B, H·W), accumulation type."""
         return torch.ops.disseg.gates_stencil_grad_weight(x, dlogit.contiguous(), w7.shape[-1])
@@ -436,7 +442,7 @@ class _RunOps:
 
     def pool_hw_stencil(self, w7):
         """pool_hw(None) (saved as it saves) and ELAT's logit; in one read of x where the
-        backend has the fused pass (Triton)."""
+        backend has the fused pass (Triton, CUDA)."""
         if hasattr(self.k, "pool_hw_stencil"):
             mean, mx, idx, logit = self.k.pool_hw_stencil(self.x, w7, elat_taps=True)
             self.saved += [mean, mx, idx]

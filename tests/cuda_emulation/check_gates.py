@@ -144,7 +144,8 @@ def elat_like(c, dt):
 for dt in (torch.float32, torch.float64, torch.bfloat16):
     a = acc(dt)
     for (B, Cc, H, W), K, layout in [((2, 3, 5, 7), 7, "nchw"), ((1, 17, 9, 40), 7, "cl"), ((2, 9, 12, 33), 3, "nchw"),
-                                     ((1, 20, 17, 35), 7, "cl"), ((1, 1, 1, 1), 7, "nchw"), ((1, 5, 8, 32), 5, "cl")]:
+                                     ((1, 20, 17, 35), 7, "cl"), ((1, 1, 1, 1), 7, "nchw"), ((1, 5, 8, 32), 5, "cl"),
+                                     ((1, 3, 70, 140), 7, "nchw")]:  # 45 tiles: more pieces than a warp has lanes
         x = torch.randn(B, Cc, H, W).to(dt)
         if layout == "cl":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -153,6 +154,10 @@ for dt in (torch.float32, torch.float64, torch.bfloat16):
         tag = f"stencil {(B, Cc, H, W)} K={K} {layout} {dt}"
         tol = 1e-12 if dt == torch.float64 else (1e-2 if dt == torch.bfloat16 else 2e-5)
         torch.testing.assert_close(E.gates_stencil(x, w), C.gates_stencil(x, w), atol=tol, rtol=tol, msg=lambda m: tag + m)
+        xt = x.float().round().to(dt).contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+        for e, c, n in zip(E.gates_pool_hw_stencil(xt, w), C.gates_pool_hw_stencil(xt, w), "mean max idx logit".split()):
+            close(e, c, f"pool_hw_stencil {n} {tag}") if n != "logit" else torch.testing.assert_close(
+                e, c, atol=tol, rtol=tol, msg=lambda m: tag + " fused logit " + m)
         torch.testing.assert_close(E.gates_stencil_grad_weight(x, g, K), C.gates_stencil_grad_weight(x, g, K), atol=tol * 10,
                                    rtol=tol, msg=lambda m: tag + " dw " + m)
         d0 = torch.randn(B, Cc, H, W).to(dt)

@@ -18,6 +18,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__  // (glibc's __attribute__((__noinline__)) then reads __attribute__(()): still valid)
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
