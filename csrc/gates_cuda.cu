@@ -220,6 +220,32 @@ __device__ __forceinline__ void store_stat(const StatOut<T>& o, int64_t r, int64
   }
 }
 
+// The (sum, max, arg-max) partials of `rows` rows split in `splits` pieces (none when 1).
+struct StatParts {
+  at::Tensor sum, max, idx;
+};
+
+StatParts stat_parts(int64_t rows, int64_t splits, const at::Tensor& x, at::ScalarType acc) {
+  if (splits <= 1 || rows == 0) return {};
+  return {at::empty({rows * splits}, x.options().dtype(acc)), at::empty({rows * splits}, x.options().dtype(acc)),
+          at::empty({rows * splits}, x.options().dtype(at::kLong))};
+}
+
+// The kernels' view of a pool's outputs (mean over `len` elements) and its partials.
+template <typename acc_t>
+StatOut<acc_t> stat_out(at::Tensor& mean, at::Tensor& mx, at::Tensor& idx, StatParts& parts, int64_t splits,
+                        int64_t len) {
+  const bool split = parts.sum.defined();
+  return StatOut<acc_t>{mean.data_ptr<acc_t>(),
+                        mx.data_ptr<acc_t>(),
+                        idx.data_ptr<int64_t>(),
+                        split ? parts.sum.data_ptr<acc_t>() : nullptr,
+                        split ? parts.max.data_ptr<acc_t>() : nullptr,
+                        split ? parts.idx.data_ptr<int64_t>() : nullptr,
+                        splits,
+                        acc_t(1) / acc_t(len)};
+}
+
 // Statistics along the inner axis: warp (blockIdx.x·8 + threadIdx.y) owns row r = (b, j)
 // and piece k of [0, Li); y = x[b, j, i] · gate[b, i]. Output row r = b·Lo + j. A lane
 // reads packs of VEC consecutive i (VEC > 1: Li, the strides and the pointers are multiples
@@ -651,20 +677,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_stats(const at::Tensor& x, c
       blocks = tiles * splits;
     }
     const unsigned grid = grid_1d(blocks, name);
-    at::Tensor ps, pm, pi;
-    if (splits > 1) {
-      ps = at::empty({rows * splits}, x.options().dtype(acc));
-      pm = at::empty({rows * splits}, x.options().dtype(acc));
-      pi = at::empty({rows * splits}, x.options().dtype(at::kLong));
-    }
-    StatOut<acc_t> out{mean.data_ptr<acc_t>(),
-                       mx.data_ptr<acc_t>(),
-                       idx.data_ptr<int64_t>(),
-                       splits > 1 ? ps.data_ptr<acc_t>() : nullptr,
-                       splits > 1 ? pm.data_ptr<acc_t>() : nullptr,
-                       splits > 1 ? pi.data_ptr<int64_t>() : nullptr,
-                       splits,
-                       acc_t(1) / acc_t(len)};
+    StatParts parts = stat_parts(rows, splits, x, acc);
+    const StatOut<acc_t> out = stat_out<acc_t>(mean, mx, idx, parts, splits, len);
     const dim3 block(kWarp, kRows);
     if (inner && vec) {
       inner_stats_kernel<scalar_t, acc_t, kVec><<<grid, block, 0, stream>>>(xp, gp, pl, out);
@@ -1531,68 +1545,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
 
 // ---- ELAT's stencil: semantics as in csrc/gates.cpp ---------------------------------------
 
-at::Tensor gates_stencil_cuda(const at::Tensor& x, const at::Tensor& w) {
-  const char* op = "gates_stencil";
+// ELAT's logit y (B, H·W) and, with `pool`, the H·W pool of x (mean, max, first arg-max,
+// each (B, C)) taken from the same staged tiles, merged over the tiles in tile order by
+// combine_stats_kernel. Without `pool` those three come back undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stencil_forward(const at::Tensor& x, const at::Tensor& w,
+                                                                           bool pool, const char* op) {
   const StencilGeo g = stencil_geo(x, w, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = acc_type(x);
   const at::Tensor wt = stencil_taps(w, g, acc, op);
   auto y = at::zeros({g.B, g.H * g.W}, x.options().dtype(acc));
-  if (y.numel() == 0 || g.C == 0) return y;
+  at::Tensor mean, mx, idx;
+  if (pool) {
+    mean = at::zeros({g.B, g.C}, x.options().dtype(acc));
+    mx = at::zeros({g.B, g.C}, x.options().dtype(acc));
+    idx = at::zeros({g.B, g.C}, x.options().dtype(at::kLong));
+  }
+  if (x.numel() == 0) return {mean, mx, idx, y};
+  const int64_t tiles = g.tiles_h * g.tiles_w, rows = g.B * g.C;
+  StatParts parts = stat_parts(pool ? rows : 0, tiles, x, acc);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_stencil", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t KK = g.K * g.K;
     const int64_t cc = stencil_chunk(g, sizeof(acc_t), kMaxSmem - 8 * KK * sizeof(acc_t));
     const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + cc * KK) * sizeof(acc_t);
-    const dim3 grid(static_cast<unsigned>(g.tiles_h * g.tiles_w), static_cast<unsigned>(g.B));
-    stencil_fwd_kernel<scalar_t, acc_t, false><<<grid, dim3(kWarp, kRows), smem, stream>>>(
-        x.const_data_ptr<scalar_t>(), wt.const_data_ptr<acc_t>(), y.data_ptr<acc_t>(), g, cc, StatOut<acc_t>{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return y;
-}
-
-// gates_pool_hw(x, None) and gates_stencil(x, w) in one read of x: the stencil kernel with
-// POOL, its per-tile statistics merged in tile order by combine_stats_kernel.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_stencil_cuda(const at::Tensor& x,
-                                                                                      const at::Tensor& w) {
-  const char* op = "gates_pool_hw_stencil";
-  const StencilGeo g = stencil_geo(x, w, op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto acc = acc_type(x);
-  const at::Tensor wt = stencil_taps(w, g, acc, op);
-  auto y = at::zeros({g.B, g.H * g.W}, x.options().dtype(acc));
-  auto mean = at::zeros({g.B, g.C}, x.options().dtype(acc));
-  auto mx = at::zeros({g.B, g.C}, x.options().dtype(acc));
-  auto idx = at::zeros({g.B, g.C}, x.options().dtype(at::kLong));
-  if (x.numel() == 0) return {mean, mx, idx, y};
-  const int64_t tiles = g.tiles_h * g.tiles_w, rows = g.B * g.C;
-  at::Tensor ps, pm, pi;
-  if (tiles > 1) {
-    ps = at::empty({rows * tiles}, x.options().dtype(acc));
-    pm = at::empty({rows * tiles}, x.options().dtype(acc));
-    pi = at::empty({rows * tiles}, x.options().dtype(at::kLong));
-  }
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gates_pool_hw_stencil", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t KK = g.K * g.K;
-    const int64_t cc = stencil_chunk(g, sizeof(acc_t), kMaxSmem - 8 * KK * sizeof(acc_t));
-    const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + cc * KK) * sizeof(acc_t);
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(g.B));
-    StatOut<acc_t> out{mean.data_ptr<acc_t>(),
-                       mx.data_ptr<acc_t>(),
-                       idx.data_ptr<int64_t>(),
-                       tiles > 1 ? ps.data_ptr<acc_t>() : nullptr,
-                       tiles > 1 ? pm.data_ptr<acc_t>() : nullptr,
-                       tiles > 1 ? pi.data_ptr<int64_t>() : nullptr,
-                       tiles,
-                       acc_t(1) / acc_t(g.H * g.W)};
-    stencil_fwd_kernel<scalar_t, acc_t, true><<<grid, dim3(kWarp, kRows), smem, stream>>>(
-        x.const_data_ptr<scalar_t>(), wt.const_data_ptr<acc_t>(), y.data_ptr<acc_t>(), g, cc, out);
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(g.B)), block(kWarp, kRows);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* wp = wt.const_data_ptr<acc_t>();
+    if (!pool) {
+      stencil_fwd_kernel<scalar_t, acc_t, false><<<grid, block, smem, stream>>>(xp, wp, y.data_ptr<acc_t>(), g, cc,
+                                                                               StatOut<acc_t>{});
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const StatOut<acc_t> out = stat_out<acc_t>(mean, mx, idx, parts, tiles, g.H * g.W);
+    stencil_fwd_kernel<scalar_t, acc_t, true><<<grid, block, smem, stream>>>(xp, wp, y.data_ptr<acc_t>(), g, cc, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (tiles > 1) {
       combine_stats_kernel<acc_t><<<finish_blocks(rows * kWarp), 256, 0, stream>>>(rows, out);
@@ -1600,6 +1589,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_stencil
     }
   });
   return {mean, mx, idx, y};
+}
+
+at::Tensor gates_stencil_cuda(const at::Tensor& x, const at::Tensor& w) {
+  return std::get<3>(stencil_forward(x, w, /*pool=*/false, "gates_stencil"));
+}
+
+// gates_pool_hw(x, None) and gates_stencil(x, w) in one read of x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_stencil_cuda(const at::Tensor& x,
+                                                                                      const at::Tensor& w) {
+  return stencil_forward(x, w, /*pool=*/true, "gates_pool_hw_stencil");
 }
 
 void gates_stencil_grad_input__cuda(at::Tensor& dx, const at::Tensor& w, const at::Tensor& gr) {

@@ -127,6 +127,16 @@ STAGES=(
   # the H200 and "auto" now puts the CUDA kernels first for TeLU/gates/multiscale in eager
   # code; the trainer's --cuda-graph GPU test (now step by step against eager) has not passed yet
   "tests|190|stage_tests gpu"
+  # (first after the tests since 2026-11-27 late evening: issue 3's GPU target is the open one,
+  # and the CUDA gate kernels it times changed; issue 5's is met)
+  # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
+  # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md).
+  # Since 2026-11-27 evening the fused_cuda rows run CUDA kernels for the channel MLP, the
+  # spatial gate and ELAT's stencil (no cuDNN left in the gates), and since late evening the
+  # arg-max terms inside gates_reduce/gates_grad_x (no gathers/scatter_add_), one packed map
+  # kernel for apply and grad_x, packed pools and a warp-per-row reduce finish (afternoon
+  # table: grad_x 96 us, finish 73 us, pools 114 us, scatters 92 us): untimed until this runs
+  "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --kernels --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
   # Stage II fused vs plain (issue 5's target), and the 25 kernels that take the most device
   # time in each. --host-profile: 3 free-running steps per mode (no sync inside: a training
   # loop's figure) and where the host's time goes (models_cuda_*_host.md: our glue, Triton's
@@ -143,14 +153,6 @@ STAGES=(
   # 256x256, synthetic data), eager then --cuda-graph; each epoch's log line ends with the
   # training images/s (from the epoch's second step on)
   "train_cuda_graph|90|rm -rf /tmp/tg_*; for g in no-cuda-graph cuda-graph; do $PY -m models.cli train --stage 2 --device cuda --size 256 --synth-size 256 --synth-train 48 --synth-val 8 --batch-size 8 --epochs 2 --no-progress --\$g --out /tmp/tg_\$g \$([ -d /tmp/tg_no-cuda-graph/data ] && echo --data /tmp/tg_no-cuda-graph/data) 2>&1 | grep -iE 'img/s|captured|runs eagerly|error'; done"
-  # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
-  # CUDA graphs; each fwd+bwd's summed kernel time against its byte floor (docs/gates_gpu.md).
-  # Since 2026-11-27 evening the fused_cuda rows run CUDA kernels for the channel MLP, the
-  # spatial gate and ELAT's stencil (no cuDNN left in the gates), and since late evening the
-  # arg-max terms inside gates_reduce/gates_grad_x (no gathers/scatter_add_), one packed map
-  # kernel for apply and grad_x, packed pools and a warp-per-row reduce finish (afternoon
-  # table: grad_x 96 us, finish 73 us, pools 114 us, scatters 92 us): untimed until this runs
-  "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --kernels --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
   # Stage I (its head runs four ELATs at 8x64x256x256, where cuDNN's stencil took 3.1 of 3.7 ms
   # each until the CUDA stencil kernels of 2026-11-27 evening): plain vs fused (auto: CUDA
   # first) vs fused_triton
