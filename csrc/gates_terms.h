@@ -22,7 +22,7 @@
 
 #include <cstdint>
 #include <optional>
-#include <string>
+#include <ostream>
 #include <utility>
 #include <vector>
 
@@ -48,11 +48,24 @@ struct Terms {
   int K;
 };
 
+// An argument's name in errors, "L[2]" or "g_idx", formatted only when a check fails (these
+// checks run on every call of a host-bound op).
+struct ArgName {
+  const char* what;
+  int64_t k;  // the list index, or -1
+};
+
+inline std::ostream& operator<<(std::ostream& os, const ArgName& a) {
+  os << a.what;
+  if (a.k >= 0) os << "[" << a.k << "]";
+  return os;
+}
+
 // A small tensor of `n` elements of dtype `dt` on `dev`, made dense (kept alive in
-// `keep`); null when absent. `what` names the argument in errors ("L[2]", "g_idx").
+// `keep`); null when absent.
 template <typename T>
 const T* small_ptr(const std::optional<at::Tensor>& t, int64_t n, at::ScalarType dt, const at::Device& dev,
-                   const char* op, const std::string& what, std::vector<at::Tensor>& keep) {
+                   const char* op, ArgName what, std::vector<at::Tensor>& keep) {
   if (!t.has_value() || !t->defined()) return nullptr;
   TORCH_CHECK(t->scalar_type() == dt, op, ": ", what, " must be ", dt, ", got ", t->scalar_type());
   TORCH_CHECK(t->device() == dev, op, ": ", what, " must be on ", dev, ", got ", t->device());
@@ -85,11 +98,11 @@ Terms<acc_t> dx_terms(const c10::List<std::optional<at::Tensor>>& L, const c10::
     const bool hi = ik.has_value() && ik->defined(), hd = dk.has_value() && dk->defined();
     TORCH_CHECK(hi == hd, op, ": idx[", k, "] and d[", k, "] must be both given or both absent");
     const int64_t n_arg = B * (over_c ? P : C);
-    const std::string at_k = "[" + std::to_string(k) + "]";
-    out.t[k] = Term<acc_t>{small_ptr<acc_t>(L.get(k), B * C, acc, dev, op, "L" + at_k, keep),
-                           small_ptr<acc_t>(R.get(k), B * P, acc, dev, op, "R" + at_k, keep),
-                           small_ptr<int64_t>(ik, n_arg, at::kLong, dev, op, "idx" + at_k, keep),
-                           small_ptr<acc_t>(dk, n_arg, acc, dev, op, "d" + at_k, keep), over_c};
+    const auto kk = static_cast<int64_t>(k);
+    out.t[k] = Term<acc_t>{small_ptr<acc_t>(L.get(k), B * C, acc, dev, op, {"L", kk}, keep),
+                           small_ptr<acc_t>(R.get(k), B * P, acc, dev, op, {"R", kk}, keep),
+                           small_ptr<int64_t>(ik, n_arg, at::kLong, dev, op, {"idx", kk}, keep),
+                           small_ptr<acc_t>(dk, n_arg, acc, dev, op, {"d", kk}, keep), over_c};
   }
   return out;
 }
@@ -103,8 +116,8 @@ std::pair<const int64_t*, const acc_t*> arg_pair(const std::optional<at::Tensor>
                                                  const char* val_name, std::vector<at::Tensor>& keep) {
   const bool hi = idx.has_value() && idx->defined(), hv = val.has_value() && val->defined();
   TORCH_CHECK(hi == hv, "gates_reduce: ", idx_name, " and ", val_name, " must be both given or both absent");
-  return {small_ptr<int64_t>(idx, B * n, at::kLong, dev, "gates_reduce", idx_name, keep),
-          small_ptr<acc_t>(val, B * n, acc, dev, "gates_reduce", val_name, keep)};
+  return {small_ptr<int64_t>(idx, B * n, at::kLong, dev, "gates_reduce", {idx_name, -1}, keep),
+          small_ptr<acc_t>(val, B * n, acc, dev, "gates_reduce", {val_name, -1}, keep)};
 }
 
 }  // namespace terms

@@ -92,7 +92,7 @@ class _CompiledKernels:
         """As triton.gates.reduce: the arg-max terms are added in the same op (csrc/gates_terms.h)."""
         gi, gv = g_arg if g_arg is not None else (None, None)
         si, sv = s_arg if s_arg is not None else (None, None)
-        U, V = torch.ops.disseg.gates_reduce(x, R, _dense(G), _dense(S), gi, gv, si, sv)
+        U, V = torch.ops.disseg.gates_reduce(x, R, G, S, gi, gv, si, sv)  # the op makes the small tensors dense
         return (U if need[0] else None), (V if need[1] else None)
 
     @staticmethod
@@ -107,7 +107,7 @@ class _CompiledKernels:
             idx.append(ik if dk is not None else None)
             d.append(dk)
             kinds.append(_TERM_KINDS[kind])
-        dx = torch.ops.disseg.gates_grad_x(grad, x, _dense(G), _dense(S), L, R, idx, d, kinds)
+        dx = torch.ops.disseg.gates_grad_x(grad, x, G, S, L, R, idx, d, kinds)
         if stencil is not None:  # added in place (oneDNN and cuDNN are slow at one output channel)
             w7, dlogit = stencil
             torch.ops.disseg.gates_stencil_grad_input_(dx, w7, dlogit.contiguous())
