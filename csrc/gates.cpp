@@ -402,15 +402,22 @@ _Pragma("omp simd reduction(+ : v)")
   return {U, V};
 }
 
+void add_stencil_grad_input(at::Tensor& dx, const at::Tensor& w, const at::Tensor& g, bool elat_taps, const char* op);
+
 // dx = grad · G[b, c] · S[b, p] + each statistic's term (csrc/gates_terms.h: L·R and the
-// max's share at its arg-max), in x's dtype and layout (grad must have x's strides).
+// max's share at its arg-max) + with stencil_w the input gradient of ELAT's stencil for
+// its output gradient stencil_g (add_stencil_grad_input), in x's dtype and layout (grad
+// must have x's strides).
 at::Tensor gates_grad_x_cpu(const std::optional<at::Tensor>& grad, const at::Tensor& x,
                             const std::optional<at::Tensor>& G, const std::optional<at::Tensor>& S,
                             const c10::List<std::optional<at::Tensor>>& L,
                             const c10::List<std::optional<at::Tensor>>& R,
                             const c10::List<std::optional<at::Tensor>>& idx,
-                            const c10::List<std::optional<at::Tensor>>& d, at::IntArrayRef kinds) {
+                            const c10::List<std::optional<at::Tensor>>& d, at::IntArrayRef kinds,
+                            const std::optional<at::Tensor>& stencil_w, const std::optional<at::Tensor>& stencil_g,
+                            bool elat_taps) {
   auto g = geometry(x, "gates_grad_x");
+  const bool stencil = terms::stencil_args(stencil_w, stencil_g, elat_taps, "gates_grad_x");
   auto acc = acc_type(x);
   const bool has_grad = grad.has_value() && grad->defined();
   if (has_grad) {
@@ -522,6 +529,7 @@ _Pragma("omp simd")
       });
     }
   });
+  if (stencil) add_stencil_grad_input(dx, *stencil_w, *stencil_g, elat_taps, "gates_grad_x");
   return dx;
 }
 
@@ -536,13 +544,30 @@ _Pragma("omp simd")
 struct Stencil {
   int64_t B, C, H, W, K, R, sB, sC, sH, sW;
   bool c_unit;  // channels_last (c has stride 1); else w has stride 1
+  std::vector<int64_t> taps;  // the taps read, t = i·K + j: all K², or ELAT's 25 (elat_taps)
 };
+
+// s.taps for elat_taps or not (csrc/gates_terms.h's elat_tap; w checked 7×7 before).
+void set_taps(Stencil& s, bool elat_taps) {
+  s.taps.clear();
+  for (int64_t t = 0; t < s.K * s.K; ++t) {
+    if (!elat_taps || terms::elat_tap(t / s.K - s.R, t % s.K - s.R)) s.taps.push_back(t);
+  }
+}
+
+// w (1, C, K, K) as the read taps' (C, T) matrix in the accumulation type, contiguous.
+at::Tensor tap_matrix(const at::Tensor& w, const Stencil& s, at::ScalarType acc) {
+  const at::Tensor all = w[0].reshape({s.C, s.K * s.K}).to(acc);
+  if (static_cast<int64_t>(s.taps.size()) == s.K * s.K) return all.contiguous();
+  return all.index_select(1, at::tensor(s.taps, at::TensorOptions().dtype(at::kLong)));
+}
 
 Stencil stencil_geometry(const at::Tensor& x, int64_t K, const char* name) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), name, ": x must be a (B, C, H, W) CPU tensor, got ", x.sizes());
   TORCH_CHECK(K >= 1 && K % 2 == 1, name, ": the stencil size K must be odd and positive, got ", K);
   Stencil s{x.size(0), x.size(1), x.size(2), x.size(3), K, K / 2,
-            x.stride(0), x.stride(1), x.stride(2), x.stride(3), false};
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3), false, {}};
+  set_taps(s, false);
   if (s.W == 1 || s.sW == 1) {
     s.sW = 1;
   } else {
@@ -554,11 +579,13 @@ Stencil stencil_geometry(const at::Tensor& x, int64_t K, const char* name) {
 }
 
 // x's geometry and the stencil w's size, w checked to be (1, C, K, K).
-Stencil stencil_geometry(const at::Tensor& x, const at::Tensor& w, const char* name) {
+Stencil stencil_geometry(const at::Tensor& x, const at::Tensor& w, bool elat_taps, const char* name) {
   TORCH_CHECK(w.dim() == 4 && w.size(0) == 1 && w.size(2) == w.size(3), name, ": w must be (1, C, K, K), got ",
               w.sizes());
-  const Stencil s = stencil_geometry(x, w.size(2), name);
+  terms::check_elat_taps(w, elat_taps, name);
+  Stencil s = stencil_geometry(x, w.size(2), name);
   TORCH_CHECK(w.size(1) == s.C, name, ": w must have C = ", s.C, " channels, got ", w.sizes());
+  set_taps(s, elat_taps);
   return s;
 }
 
@@ -614,35 +641,33 @@ at::Tensor stencil_rows(const at::Tensor& x, const Stencil& s, int64_t b, int64_
 // (4, 64, 128, 128) NCHW 7.7 → 2.9 ms, channels_last 15.7 → 3.4 ms (C = 64 made its
 // per-pixel channel loops too short); (8, 64, 64, 64) 10.5 → 1.5 and 7.6 → 1.6 ms;
 // (4, 256, 32, 32) 9.2 → 0.66 and 2.7 → 0.72 ms: about 150 GFLOP/s.
-at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor gates_stencil_cpu(const at::Tensor& x, const at::Tensor& w, bool elat_taps) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are this kernel's own arithmetic
-  const Stencil s = stencil_geometry(x, w, "gates_stencil");
+  const Stencil s = stencil_geometry(x, w, elat_taps, "gates_stencil");
   const auto acc = acc_type(x);
   auto y = at::zeros({s.B, s.H * s.W}, x.options().dtype(acc));
   if (y.numel() == 0 || s.C == 0) return y;
-  const int64_t K = s.K, R = s.R, H = s.H, W = s.W, T = K * K;
-  const at::Tensor taps = w[0].reshape({s.C, T}).t().to(acc).contiguous();  // (K², C)
+  const int64_t K = s.K, R = s.R, H = s.H, W = s.W;
+  const at::Tensor taps = tap_matrix(w, s, acc).t().contiguous();  // (T, C)
   AT_DISPATCH_FLOATING_TYPES(acc, "gates_stencil", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
     for_each_band(s, [&](int64_t, int64_t b, int64_t h0, int64_t h1) {
       const int64_t r0 = std::max<int64_t>(0, h0 - R), r1 = std::min<int64_t>(H, h1 + R), n = (r1 - r0) * W;
       at::Tensor rows = stencil_rows(x, s, b, r0, r1);
       if (rows.scalar_type() != acc) rows = rows.to(acc);
-      const at::Tensor d = at::mm(taps, rows);  // (K², rows·W), contiguous
+      const at::Tensor d = at::mm(taps, rows);  // (T, rows·W), contiguous
       const scalar_t* dp = d.const_data_ptr<scalar_t>();
       for (int64_t h = h0; h < h1; ++h) {
         scalar_t* out = yp + (b * H + h) * W;
-        for (int64_t i = 0; i < K; ++i) {
-          const int64_t hh = h + i - R;
+        for (size_t k = 0; k < s.taps.size(); ++k) {
+          const int64_t i = s.taps[k] / K, j = s.taps[k] % K, hh = h + i - R;
           if (hh < 0 || hh >= H) continue;
-          for (int64_t j = 0; j < K; ++j) {
-            const scalar_t* row = dp + (i * K + j) * n + (hh - r0) * W;
-            const int64_t shift = j - R;
-            int64_t lo, hi;
-            tap_range(j, R, W, lo, hi);
+          const scalar_t* row = dp + static_cast<int64_t>(k) * n + (hh - r0) * W;
+          const int64_t shift = j - R;
+          int64_t lo, hi;
+          tap_range(j, R, W, lo, hi);
 _Pragma("omp simd")
-            for (int64_t o = lo; o < hi; ++o) out[o] += row[o + shift];
-          }
+          for (int64_t o = lo; o < hi; ++o) out[o] += row[o + shift];
         }
       }
     });
@@ -650,33 +675,33 @@ _Pragma("omp simd")
   return y;
 }
 
-// The backward's shifted gradient for one image's input rows [r0, r1): (K², rows·W) in the
-// accumulation type, entry (t = i·K + j, (hh − r0)·W + ww) = g[b, hh − i + R, ww − j + R],
+// The backward's shifted gradient for one image's input rows [r0, r1): (T, rows·W) in the
+// accumulation type, entry (k, (hh − r0)·W + ww) = g[b, hh − i + R, ww − j + R] for the k-th
+// read tap s.taps[k] = i·K + j,
 // the gradient of the output pixel whose tap t reads input pixel (hh, ww) (0 where that
 // pixel is outside the map). Both weight and input gradients are GEMMs with it.
 template <typename acc_t>
 at::Tensor shifted_grad(const acc_t* gp, const Stencil& s, int64_t b, int64_t r0, int64_t r1,
                         const at::TensorOptions& opts) {
   const int64_t K = s.K, R = s.R, H = s.H, W = s.W, n = (r1 - r0) * W;
-  auto gs = at::empty({K * K, n}, opts);
+  auto gs = at::empty({static_cast<int64_t>(s.taps.size()), n}, opts);
   acc_t* out = gs.data_ptr<acc_t>();
-  for (int64_t i = 0; i < K; ++i) {
-    for (int64_t j = 0; j < K; ++j) {
-      acc_t* row = out + (i * K + j) * n;
-      int64_t lo, hi;  // input columns ww whose output column ww − j + R is inside
-      tap_range(K - 1 - j, R, W, lo, hi);
-      for (int64_t hh = r0; hh < r1; ++hh) {
-        acc_t* dst = row + (hh - r0) * W;
-        const int64_t h = hh - i + R;
-        if (h < 0 || h >= H || lo >= hi) {
-          std::fill(dst, dst + W, acc_t(0));
-          continue;
-        }
-        const acc_t* grow = gp + (b * H + h) * W;  // dst[ww] = grow[ww − j + R]
-        std::fill(dst, dst + lo, acc_t(0));
-        std::copy(grow + (lo - j + R), grow + (hi - j + R), dst + lo);
-        std::fill(dst + hi, dst + W, acc_t(0));
+  for (size_t k = 0; k < s.taps.size(); ++k) {
+    const int64_t i = s.taps[k] / K, j = s.taps[k] % K;
+    acc_t* row = out + static_cast<int64_t>(k) * n;
+    int64_t lo, hi;  // input columns ww whose output column ww − j + R is inside
+    tap_range(K - 1 - j, R, W, lo, hi);
+    for (int64_t hh = r0; hh < r1; ++hh) {
+      acc_t* dst = row + (hh - r0) * W;
+      const int64_t h = hh - i + R;
+      if (h < 0 || h >= H || lo >= hi) {
+        std::fill(dst, dst + W, acc_t(0));
+        continue;
       }
+      const acc_t* grow = gp + (b * H + h) * W;  // dst[ww] = grow[ww − j + R]
+      std::fill(dst, dst + lo, acc_t(0));
+      std::copy(grow + (lo - j + R), grow + (hi - j + R), dst + lo);
+      std::fill(dst + hi, dst + W, acc_t(0));
     }
   }
   return gs;
@@ -684,16 +709,18 @@ at::Tensor shifted_grad(const acc_t* gp, const Stencil& s, int64_t b, int64_t r0
 
 
 // dx[b, c, h, w] += Σ_ij w[c, i, j] · g[b, h − i + R, w − j + R] (g: (B, H·W), the
-// accumulation type; dx: x's layout and dtype, updated in place, one rounding). Per band of
-// input rows of one image: (C, K²) @ shifted_grad (K², rows·W), added into dx's rows.
-void gates_stencil_grad_input_cpu(at::Tensor& dx, const at::Tensor& w, const at::Tensor& g) {
+// accumulation type; dx: x's layout and dtype, updated in place, one rounding): gates_grad_x's
+// stencil term (with elat_taps, only ELAT's 25 taps read). Per band of input rows of one
+// image: (C, T) @ shifted_grad (T, rows·W), added into dx's rows. A second
+// pass over dx on the CPU; the CUDA kernel adds it in the map's own pass.
+void add_stencil_grad_input(at::Tensor& dx, const at::Tensor& w, const at::Tensor& g, bool elat_taps, const char* op) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are this kernel's own arithmetic
-  const Stencil s = stencil_geometry(dx, w, "gates_stencil_grad_input_");
+  const Stencil s = stencil_geometry(dx, w, elat_taps, op);
   const auto acc = acc_type(dx);
-  const at::Tensor gc = stencil_grad(g, s, acc, "gates_stencil_grad_input_");
+  const at::Tensor gc = stencil_grad(g, s, acc, op);
   if (dx.numel() == 0) return;
-  const at::Tensor taps = w[0].reshape({s.C, s.K * s.K}).to(acc).contiguous();  // (C, K²)
-  AT_DISPATCH_FLOATING_TYPES(acc, "gates_stencil_grad_input_", [&] {
+  const at::Tensor taps = tap_matrix(w, s, acc);  // (C, T)
+  AT_DISPATCH_FLOATING_TYPES(acc, "gates_grad_x", [&] {
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
     for_each_band(s, [&](int64_t, int64_t b, int64_t r0, int64_t r1) {
       const at::Tensor gs = shifted_grad(gp, s, b, r0, r1, gc.options());
@@ -708,18 +735,23 @@ void gates_stencil_grad_input_cpu(at::Tensor& dx, const at::Tensor& w, const at:
 }
 
 // dw[0, c, i, j] = Σ_b Σ_hw x[b, c, h + i − R, w + j − R] · g[b, h, w], in the accumulation
-// type: per band of input rows of one image, (C, rows·W) @ shifted_grad (K², rows·W)ᵀ, the
-// bands' (C, K²) partial sums added in a fixed order (deterministic for a given shape).
+// type: per band of input rows of one image, (C, rows·W) @ shifted_grad (T, rows·W)ᵀ, the
+// bands' (C, T) partial sums added in a fixed order (deterministic for a given shape). With
+// elat_taps only ELAT's 25 taps are computed; the other 24 are returned as 0.
 // With the input gradient's GEMM, the ELAT module's backward went 29.1 → 13.8 ms at
 // (4, 64, 128, 128) NCHW, fwd+bwd 34.9 → 7.4 ms at (8, 64, 64, 64), channels_last 56.7 →
 // 15.2 ms (benchmarks/results/gates_cpu_2026-11-27*stencil_gemm.md, before: *_before_*).
-at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& g, int64_t K) {
+at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& g, int64_t K, bool elat_taps) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are this kernel's own arithmetic
-  const Stencil s = stencil_geometry(x, K, "gates_stencil_grad_weight");
+  const char* op = "gates_stencil_grad_weight";
+  Stencil s = stencil_geometry(x, K, op);
+  TORCH_CHECK(!elat_taps || K == 7, op, ": elat_taps needs K = 7, got ", K);
+  set_taps(s, elat_taps);
   const auto acc = acc_type(x);
-  const at::Tensor gc = stencil_grad(g, s, acc, "gates_stencil_grad_weight");
+  const at::Tensor gc = stencil_grad(g, s, acc, op);
+  const int64_t T = static_cast<int64_t>(s.taps.size());
   if (x.numel() == 0) return at::zeros({1, s.C, K, K}, x.options().dtype(acc));
-  auto parts = at::empty({stencil_bands(s), s.C, K * K}, x.options().dtype(acc));
+  auto parts = at::empty({stencil_bands(s), s.C, T}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "gates_stencil_grad_weight", [&] {
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
     for_each_band(s, [&](int64_t t, int64_t b, int64_t r0, int64_t r1) {
@@ -730,7 +762,11 @@ at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
       at::mm_out(part, rows, gs.t());
     });
   });
-  return parts.sum(0).reshape({1, s.C, K, K});
+  const at::Tensor dw = parts.sum(0);  // (C, T)
+  if (T == K * K) return dw.reshape({1, s.C, K, K});
+  auto full = at::zeros({s.C, K * K}, dw.options());  // the taps not read: 0
+  full.index_copy_(1, at::tensor(s.taps, at::TensorOptions().dtype(at::kLong)), dw);
+  return full.reshape({1, s.C, K, K});
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1053,9 +1089,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
 // (CUDA: the stencil kernel pools its staged tiles) reads x once. On the CPU the two passes
 // run one after the other (the stencil is a GEMM here: x is read in its own blocking).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_stencil_cpu(const at::Tensor& x,
-                                                                                     const at::Tensor& w) {
+                                                                                     const at::Tensor& w,
+                                                                                     bool elat_taps) {
   auto [mean, mx, idx] = gates_pool_hw_cpu(x, std::nullopt);
-  return {mean, mx, idx, gates_stencil_cpu(x, w)};
+  return {mean, mx, idx, gates_stencil_cpu(x, w, elat_taps)};
 }
 
 TORCH_LIBRARY_FRAGMENT(disseg, m) {
@@ -1067,11 +1104,10 @@ TORCH_LIBRARY_FRAGMENT(disseg, m) {
       " Tensor? s_idx=None, Tensor? s_val=None) -> (Tensor, Tensor)");
   m.def(
       "gates_grad_x(Tensor? grad, Tensor x, Tensor? G, Tensor? S, Tensor?[] L, Tensor?[] R, Tensor?[] idx,"
-      " Tensor?[] d, int[] kinds) -> Tensor");
-  m.def("gates_stencil(Tensor x, Tensor w) -> Tensor");
-  m.def("gates_pool_hw_stencil(Tensor x, Tensor w) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("gates_stencil_grad_input_(Tensor(a!) dx, Tensor w, Tensor g) -> ()");
-  m.def("gates_stencil_grad_weight(Tensor x, Tensor g, int K) -> Tensor");
+      " Tensor?[] d, int[] kinds, Tensor? stencil_w=None, Tensor? stencil_g=None, bool elat_taps=False) -> Tensor");
+  m.def("gates_stencil(Tensor x, Tensor w, bool elat_taps=False) -> Tensor");
+  m.def("gates_pool_hw_stencil(Tensor x, Tensor w, bool elat_taps=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gates_stencil_grad_weight(Tensor x, Tensor g, int K, bool elat_taps=False) -> Tensor");
   m.def(
       "gates_channel_mlp_fwd(Tensor a, Tensor? m, Tensor? G0, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool telu)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -1093,7 +1129,6 @@ TORCH_LIBRARY_IMPL(disseg, CPU, m) {
   m.impl("gates_grad_x", &gates_grad_x_cpu);
   m.impl("gates_stencil", &gates_stencil_cpu);
   m.impl("gates_pool_hw_stencil", &gates_pool_hw_stencil_cpu);
-  m.impl("gates_stencil_grad_input_", &gates_stencil_grad_input_cpu);
   m.impl("gates_stencil_grad_weight", &gates_stencil_grad_weight_cpu);
   m.impl("gates_channel_mlp_fwd", &gates_channel_mlp_fwd_cpu);
   m.impl("gates_channel_mlp_bwd", &gates_channel_mlp_bwd_cpu);

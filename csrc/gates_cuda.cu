@@ -40,6 +40,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "gates_small.h"
 #include "gates_terms.h"
@@ -411,13 +412,63 @@ PlaneTerms<acc_t> plane_terms(const terms::Terms<acc_t>& T, bool p_unit) {
   return out;
 }
 
+// The map's value at VEC consecutive elements of one plane row (b, j), i.. i + VEC − 1:
+// grad · G[b, c] · S[b, p] (g absent: 0) + the terms, in the accumulation type. r: (b, j)
+// in a (B, Lo) tensor; col: (b, i) in a (B, Li) tensor. Products in the CPU's order. Used
+// by map_kernel (packs) and stencil_dx_kernel (VEC = 1).
+template <typename scalar_t, typename acc_t, int VEC, typename index_t>
+__device__ __forceinline__ void map_pack(const Pack<scalar_t, VEC>& g, bool has_grad, const acc_t* __restrict__ row_gate,
+                                         const acc_t* __restrict__ col_gate, const PlaneTerms<acc_t>& T, index_t r,
+                                         index_t j, index_t i, index_t col, bool p_unit, acc_t (&t)[VEC]) {
+  if (has_grad) {
+    const acc_t rg = row_gate ? row_gate[r] : acc_t(1);
+    Pack<acc_t, VEC> cg;
+    if (col_gate) cg = load_pack<VEC>(col_gate + col);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t x = static_cast<acc_t>(g.v[v]);
+      const acc_t c = col_gate ? cg.v[v] : acc_t(1);
+      t[v] = p_unit ? x * rg * c : x * c * rg;
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) t[v] = 0;
+  }
+#pragma unroll
+  for (int k = 0; k < terms::kMaxTerms; ++k) {
+    if (k >= T.K) break;
+    const acc_t rf = T.rf[k] ? T.rf[k][r] : acc_t(1);
+    Pack<acc_t, VEC> cf;
+    if (T.cf[k]) {
+      cf = load_pack<VEC>(T.cf[k] + col);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) cf.v[v] = 1;
+    }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) t[v] += rf * cf.v[v];
+    if (T.ridx[k]) {  // a max along i: this row's one i
+      const int64_t at_i = T.ridx[k][r] - static_cast<int64_t>(i);
+      const acc_t d = T.rd[k][r];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) t[v] += at_i == v ? d * cf.v[v] : acc_t(0);
+    }
+    if (T.cidx[k]) {  // a max along j: the columns whose arg-max is this row
+      const Pack<int64_t, VEC> ci = load_pack<VEC>(T.cidx[k] + col);
+      const Pack<acc_t, VEC> cd = load_pack<VEC>(T.cd[k] + col);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) t[v] += ci.v[v] == static_cast<int64_t>(j) ? cd.v[v] * rf : acc_t(0);
+    }
+  }
+}
+
 // The map kernel: out = grad · G[b, c] · S[b, p] + the terms, grad absent = 0, in x's
 // layout. gates_grad_x; gates_apply is it with grad = x and no terms. The plane's elements
 // are taken in order as packs of VEC along i (Li, the strides and the pointers are
 // multiples of VEC when VEC > 1): thread t of the grid owns packs t + n·kThreads·gridDim
 // (coalesced runs per warp) and issues kMapUnroll packs' loads before computing any,
 // so that each thread has 64 bytes of float32 in flight. A pack's (b, j, i) come from two
-// divisions in index_t (32-bit where the plane allows). Products in the CPU's order.
+// divisions in index_t (32-bit where the plane allows).
 template <typename scalar_t, typename acc_t, int VEC, typename index_t>
 __global__ void __launch_bounds__(kThreads) map_kernel(const scalar_t* __restrict__ grad, const acc_t* __restrict__ G,
                                                        const acc_t* __restrict__ S, PlaneTerms<acc_t> T,
@@ -430,8 +481,7 @@ __global__ void __launch_bounds__(kThreads) map_kernel(const scalar_t* __restric
   const index_t stride = static_cast<index_t>(gridDim.x) * kThreads;
   for (index_t q0 = static_cast<index_t>(blockIdx.x) * (kThreads * U) + flat_tid(); q0 < n_packs;
        q0 += stride * U) {
-    // r: (b, j) in a (B, Lo) tensor; col: (b, i) in a (B, Li) tensor; off: in x.
-    index_t r[U], j[U], i[U], col[U], off[U];
+    index_t r[U], j[U], i[U], col[U], off[U];  // off: in x
     Pack<scalar_t, VEC> g[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -450,46 +500,8 @@ __global__ void __launch_bounds__(kThreads) map_kernel(const scalar_t* __restric
     for (int u = 0; u < U; ++u) {
       if (q0 + u * kThreads >= n_packs) continue;
       acc_t t[VEC];
-      if (grad) {
-        const acc_t rg = row_gate ? row_gate[r[u]] : acc_t(1);
-        Pack<acc_t, VEC> cg;
-        if (col_gate) cg = load_pack<VEC>(col_gate + col[u]);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          const acc_t x = static_cast<acc_t>(g[u].v[v]);
-          const acc_t c = col_gate ? cg.v[v] : acc_t(1);
-          t[v] = p_unit ? x * rg * c : x * c * rg;
-        }
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) t[v] = 0;
-      }
-#pragma unroll
-      for (int k = 0; k < terms::kMaxTerms; ++k) {
-        if (k >= T.K) break;
-        const acc_t rf = T.rf[k] ? T.rf[k][r[u]] : acc_t(1);
-        Pack<acc_t, VEC> cf;
-        if (T.cf[k]) {
-          cf = load_pack<VEC>(T.cf[k] + col[u]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) cf.v[v] = 1;
-        }
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) t[v] += rf * cf.v[v];
-        if (T.ridx[k]) {  // a max along i: this row's one i
-          const int64_t at_i = T.ridx[k][r[u]] - static_cast<int64_t>(i[u]);
-          const acc_t d = T.rd[k][r[u]];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) t[v] += at_i == v ? d * cf.v[v] : acc_t(0);
-        }
-        if (T.cidx[k]) {  // a max along j: the columns whose arg-max is this row
-          const Pack<int64_t, VEC> ci = load_pack<VEC>(T.cidx[k] + col[u]);
-          const Pack<acc_t, VEC> cd = load_pack<VEC>(T.cd[k] + col[u]);
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) t[v] += ci.v[v] == static_cast<int64_t>(j[u]) ? cd.v[v] * rf : acc_t(0);
-        }
-      }
+      map_pack<scalar_t, acc_t, VEC, index_t>(g[u], grad != nullptr, row_gate, col_gate, T, r[u], j[u], i[u], col[u],
+                                              p_unit, t);
       Pack<scalar_t, VEC> o;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) o.v[v] = static_cast<scalar_t>(t[v]);
@@ -1024,11 +1036,121 @@ __device__ __noinline__ void pool_tile(const acc_t* tile, const StencilGeo& g, c
   }
 }
 
+// ELAT's composite 7×7 stencil has 25 nonzero taps, those of its three dilated 3×3
+// convolutions: (di, dj) ∈ {−d, 0, d}² for d = 1, 2, 3. Tap t: 0 the centre, then
+// 1 + 3·dir + (d − 1) in direction dir = N, NE, E, SE, S, SW, W, NW (as the Triton path's
+// _stencil_taps). With elat_taps the kernels below read only these, at offsets fixed at
+// compile time.
+constexpr int kElatTaps = 25;
+constexpr int kElatK = 7;
+constexpr int kElatR = kElatK / 2;
+constexpr int kElatWPad = 28;  // a channel's 25 weights staged as 7 packs of 4 (3 zeros)
+constexpr int kElatChunk = 64;  // stencil_dx_kernel, NCHW: channels whose weights are staged at once
+
+__host__ __device__ constexpr int elat_dir_y(int dir) { return (dir == 0 || dir == 1 || dir == 7) ? -1 : (dir == 2 || dir == 6) ? 0 : 1; }
+__host__ __device__ constexpr int elat_dir_x(int dir) { return (dir == 0 || dir == 4) ? 0 : (dir <= 3 ? 1 : -1); }
+__host__ __device__ constexpr int elat_di(int t) { return t == 0 ? 0 : elat_dir_y((t - 1) / 3) * ((t - 1) % 3 + 1); }
+__host__ __device__ constexpr int elat_dj(int t) { return t == 0 ? 0 : elat_dir_x((t - 1) / 3) * ((t - 1) % 3 + 1); }
+
+// The tap index of offset (di, dj), −1 where ELAT has no tap.
+__host__ __device__ constexpr int elat_index(int di, int dj) {
+  for (int t = 0; t < kElatTaps; ++t) {
+    if (elat_di(t) == di && elat_dj(t) == dj) return t;
+  }
+  return -1;
+}
+
+constexpr bool elat_table_ok() {  // 25 distinct taps, each one of csrc/gates_terms.h's elat_tap (the CPU's set)
+  int n = 0;
+  for (int di = -kElatR; di <= kElatR; ++di) {
+    for (int dj = -kElatR; dj <= kElatR; ++dj) {
+      const int t = elat_index(di, dj);
+      if ((t >= 0) != terms::elat_tap(di, dj)) return false;
+      n += t >= 0;
+    }
+  }
+  return n == kElatTaps;
+}
+static_assert(elat_table_ok(), "ELAT's tap table must list its 25 taps once each");
+
+// The staged tile of a 7×7 stencil: (8 + 6) × (32 + 6) values; the centre tap's index in K².
+constexpr int kElatTH = kTileH + kElatK - 1, kElatTW = kTileW + kElatK - 1;
+constexpr int kElatCentre = kElatR * kElatK + kElatR;
+
+// A column of kTileH outputs from a staged tile, each the sum over ELAT's taps:
+// acc[r] += Σ_t w[t]·base[(r + S·di_t)·TW + S·dj_t] (S = +1: the logit from x's tile;
+// S = −1: the input gradient from the gradient's tile). base points at the column's row 0
+// (the tile's halo before it). Unrolled over the source values: each of the ~86 values the
+// column reads is loaded from shared memory once and feeds every product that uses it
+// (200 multiply-adds), instead of one load per product; the indices are template
+// arguments, so every offset and tap is a compile-time constant.
+template <int S, int Q, int U, int R, typename acc_t>
+__device__ __forceinline__ void elat_add(acc_t v, const acc_t (&w)[kElatTaps], acc_t (&acc)[kTileH]) {
+  constexpr int t = elat_index(S * (Q - R), S * U);
+  if constexpr (t >= 0) acc[R] += w[t] * v;
+}
+
+template <int S, int Q, int U, typename acc_t, int... R>
+__device__ __forceinline__ void elat_source(const acc_t* base, const acc_t (&w)[kElatTaps], acc_t (&acc)[kTileH],
+                                            std::integer_sequence<int, R...>) {
+  if constexpr (((elat_index(S * (Q - R), S * U) >= 0) || ...)) {
+    const acc_t v = base[Q * kElatTW + U];
+    (elat_add<S, Q, U, R>(v, w, acc), ...);
+  }
+}
+
+template <int S, int Q, typename acc_t, int... U>
+__device__ __forceinline__ void elat_source_row(const acc_t* base, const acc_t (&w)[kElatTaps], acc_t (&acc)[kTileH],
+                                                std::integer_sequence<int, U...>) {
+  (elat_source<S, Q, U - kElatR>(base, w, acc, std::make_integer_sequence<int, kTileH>{}), ...);
+}
+
+template <int S, typename acc_t, int... Q>
+__device__ __forceinline__ void elat_source_rows(const acc_t* base, const acc_t (&w)[kElatTaps], acc_t (&acc)[kTileH],
+                                                 std::integer_sequence<int, Q...>) {
+  (elat_source_row<S, Q - kElatR>(base, w, acc, std::make_integer_sequence<int, kElatK>{}), ...);
+}
+
+template <int S, typename acc_t>
+__device__ __forceinline__ void elat_column(const acc_t* base, const acc_t (&w)[kElatTaps], acc_t (&acc)[kTileH]) {
+  elat_source_rows<S>(base, w, acc, std::make_integer_sequence<int, kTileH + kElatK - 1>{});
+}
+
+// Channels [c0, c0 + n) of ELAT's weights wt (C, 49) into ws[c·28 + t] (t < 25; 0 after).
+template <typename acc_t>
+__device__ __forceinline__ void stage_elat_weights(const acc_t* __restrict__ wt, int64_t c0, int64_t n, acc_t* ws) {
+  for (int64_t e = flat_tid(); e < n * kElatWPad; e += kThreads) {
+    const int64_t c = e / kElatWPad;
+    const int t = static_cast<int>(e - c * kElatWPad);
+    ws[e] = t < kElatTaps ? wt[(c0 + c) * kElatK * kElatK + kElatCentre + elat_di(t) * kElatK + elat_dj(t)] : acc_t(0);
+  }
+}
+
+// One channel's staged weights into registers, 16 bytes per shared-memory read.
+template <typename acc_t>
+__device__ __forceinline__ void load_elat_weights(const acc_t* ws, acc_t (&w)[kElatTaps]) {
+  constexpr int V = 16 / sizeof(acc_t);
+#pragma unroll
+  for (int k = 0; k < kElatWPad / V; ++k) {
+    const Pack<acc_t, V> p = load_pack<V>(ws + k * V);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (k * V + v < kElatTaps) w[k * V + v] = p.v[v];
+    }
+  }
+}
+
+// The shared memory of the ELAT kernels: cc staged channels and their padded weights, at
+// least the 8 warps' partial columns of elat_fwd_kernel.
+size_t elat_smem(int64_t cc, size_t elem) {
+  return std::max<size_t>(cc * (kElatTH * kElatTW + kElatWPad), size_t(kRows) * kTileH * kTileW) * elem;
+}
+
 // y[b, h·W + w] = Σ_c Σ_ij wt[c, i·K + j]·x[b, c, h + i − R, w + j − R]. Grid: (tiles, B).
 // Shared memory: cc·TH·TW tile values and cc·K² weights. With POOL the block also writes
 // its tile's (sum, max, first arg-max) over p of every channel of x, read from the staged
 // tile (ELAT's H·W pool in the same read of x; pool_tile); piece k of row (b, c) is the
-// tile's index.
+// tile's index. Any K; a zero weight is skipped (warp-uniform). ELAT's taps: elat_fwd_kernel.
 template <typename scalar_t, typename acc_t, bool POOL>
 __global__ void __launch_bounds__(kThreads) stencil_fwd_kernel(const scalar_t* __restrict__ x,
                                                                const acc_t* __restrict__ wt, acc_t* __restrict__ y,
@@ -1063,50 +1185,180 @@ __global__ void __launch_bounds__(kThreads) stencil_fwd_kernel(const scalar_t* _
   if (h < g.H && w < g.W) y[b * g.H * g.W + h * g.W + w] = acc;
 }
 
-// dx[b, c, h, w] += Σ_ij wt[c, i·K + j]·gr[b, h − i + R, w − j + R]. Grid: (tiles, B); the
-// gradient's tile with its halo is staged once, the channels loop in chunks of 32, the
-// work items ordered for coalesced access to dx in its layout. Shared memory: TH·TW values.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) stencil_grad_input_kernel(scalar_t* __restrict__ dx,
-                                                                      const acc_t* __restrict__ wt,
-                                                                      const acc_t* __restrict__ gr, StencilGeo g) {
+// ELAT's logit (gates_stencil with elat_taps; K = 7): the same tiles and pool, but thread
+// (tx, ty) takes the tile's column tx for channels ty, ty + 8, … of each staged chunk and
+// keeps the column's 8 outputs in registers (elat_column: ~11 shared-memory reads per
+// output and channel instead of 50); the 8 warps' partial columns are summed at the end in
+// shared memory, in warp order (deterministic). Shared memory: elat_smem(cc).
+template <typename scalar_t, typename acc_t, bool POOL>
+__global__ void __launch_bounds__(kThreads) elat_fwd_kernel(const scalar_t* __restrict__ x,
+                                                            const acc_t* __restrict__ wt, acc_t* __restrict__ y,
+                                                            StencilGeo g, int64_t cc, StatOut<acc_t> pool) {
   extern __shared__ unsigned char smem_raw[];
-  const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1, KK = g.K * g.K, P = g.H * g.W;
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* ws = tile + cc * kElatTH * kElatTW;
+  const int64_t b = blockIdx.y, tile_id = blockIdx.x;
+  const int64_t h0 = (tile_id / g.tiles_w) * kTileH, w0 = (tile_id % g.tiles_w) * kTileW;
+  const int ty = threadIdx.y, tx = threadIdx.x;
+  acc_t acc[kTileH];
+#pragma unroll
+  for (int r = 0; r < kTileH; ++r) acc[r] = acc_t(0);
+  for (int64_t c0 = 0; c0 < g.C; c0 += cc) {
+    const int64_t n = std::min<int64_t>(cc, g.C - c0);
+    __syncthreads();  // the previous chunk's reads are done
+    stage_tile(x, g, b, h0, w0, c0, n, tile);
+    stage_elat_weights(wt, c0, n, ws);
+    __syncthreads();
+    if (POOL) pool_tile(tile, g, pool, b, h0, w0, c0, n, tile_id);
+    for (int64_t c = ty; c < n; c += kRows) {  // warp-uniform
+      acc_t w[kElatTaps];
+      load_elat_weights(ws + c * kElatWPad, w);
+      elat_column<1>(tile + c * (kElatTH * kElatTW) + kElatR * kElatTW + tx + kElatR, w, acc);
+    }
+  }
+  __syncthreads();
+  acc_t* red = tile;  // red[(warp·8 + r)·32 + tx]
+#pragma unroll
+  for (int r = 0; r < kTileH; ++r) red[(ty * kTileH + r) * kTileW + tx] = acc[r];
+  __syncthreads();
+  acc_t sum = acc_t(0);
+  for (int k = 0; k < kRows; ++k) sum += red[(k * kTileH + ty) * kTileW + tx];
+  const int64_t h = h0 + ty, w = w0 + tx;
+  if (h < g.H && w < g.W) y[b * g.H * g.W + h * g.W + w] = sum;
+}
+
+// dx = the map's value (map_pack: grad·G·S + the statistics' terms) + the stencil's input
+// gradient Σ_ij wt[c, i·K + j]·gr[b, h − i + R, w − j + R], in one pass: one read of grad,
+// one write of dx (gates_grad_x with a stencil; ELAT's backward). Grid (tiles, B), the
+// tile's 8 × 32 pixels; the gradient's tile with its halo is staged in shared memory once.
+// ELAT (elat_taps): only its 25 taps, at compile-time offsets; otherwise any K, every tap,
+// zero weights skipped (the first kernel of this pass, kept for K ≠ 7).
+// - p_unit (NCHW): thread = pixel, looping over the channels (stores coalesced along w).
+//   ELAT: its 25 gradient neighbours in registers; each channel's weights staged in shared
+//   memory (chunks of kElatChunk channels) and read as 7 broadcast 16-byte packs.
+// - channels_last: thread = channel c0 + t mod nc (chunks of nc ≤ 256 channels; stores
+//   coalesced along c), looping over the tile's columns t / nc + k·(256 / nc). ELAT: its
+//   channel's 25 weights in registers, each column's 8 pixels from elat_column (the
+//   gradient values are broadcast reads shared by the lanes of a pixel).
+template <typename scalar_t, typename acc_t, bool ELAT, bool P_UNIT>
+__global__ void __launch_bounds__(kThreads) stencil_dx_kernel(const scalar_t* __restrict__ grad,
+                                                              const acc_t* __restrict__ G, const acc_t* __restrict__ S,
+                                                              PlaneTerms<acc_t> T, const acc_t* __restrict__ wt,
+                                                              const acc_t* __restrict__ gr, scalar_t* __restrict__ dx,
+                                                              StencilGeo g) {
+  extern __shared__ unsigned char smem_raw[];
+  const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1, KK = g.K * g.K, P = g.H * g.W, R = g.R;
   acc_t* gt = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* ws = gt + kElatTH * kElatTW;  // ELAT, NCHW: kElatChunk·28 weights
   const int64_t b = blockIdx.y, tile_id = blockIdx.x;
   const int64_t h0 = (tile_id / g.tiles_w) * kTileH, w0 = (tile_id % g.tiles_w) * kTileW;
   for (int64_t e = flat_tid(); e < TH * TW; e += kThreads) {
-    const int64_t r = e / TW, q = e - r * TW, h = h0 - g.R + r, w = w0 - g.R + q;
+    const int64_t r = e / TW, q = e - r * TW, h = h0 - R + r, w = w0 - R + q;
     gt[e] = (h >= 0 && h < g.H && w >= 0 && w < g.W) ? gr[b * P + h * g.W + w] : acc_t(0);
   }
   __syncthreads();
-  constexpr int64_t kChunk = kWarp;
-  const int64_t pix = kTileH * kTileW;
-  for (int64_t c0 = 0; c0 < g.C; c0 += kChunk) {
-    const int64_t n = std::min<int64_t>(kChunk, g.C - c0);
-    for (int64_t e = flat_tid(); e < n * pix; e += kThreads) {
-      int64_t c, p;
-      if (g.c_unit) {
-        c = e % n, p = e / n;
-      } else {
-        p = e % pix, c = e / pix;
+  const acc_t* row_gate = P_UNIT ? G : S;
+  const acc_t* col_gate = P_UNIT ? S : G;
+  // Any K: the stencil term of channel c at tile pixel (ty, tx).
+  auto tap_sum = [&](int64_t c, int64_t ty, int64_t tx) {
+    acc_t s = acc_t(0);
+    for (int64_t i = 0; i < g.K; ++i) {
+      for (int64_t j = 0; j < g.K; ++j) {
+        const acc_t wv = wt[c * KK + i * g.K + j];
+        if (wv == acc_t(0)) continue;
+        s += wv * gt[(ty - i + 2 * R) * TW + tx - j + 2 * R];  // gr at (h − i + R, w − j + R)
       }
-      const int64_t ty = p / kTileW, tx = p - ty * kTileW, h = h0 + ty, w = w0 + tx;
-      if (h >= g.H || w >= g.W) continue;
-      const acc_t* wc = wt + (c0 + c) * KK;
-      acc_t acc = acc_t(0);
-      for (int64_t i = 0; i < g.K; ++i) {
-        for (int64_t j = 0; j < g.K; ++j) {
-          const acc_t wv = wc[i * g.K + j];
-          if (wv == acc_t(0)) continue;  // ELAT's zero taps sit at the same place in every channel
-          // gr at (h − i + R, w − j + R): tile row ty − i + 2R, column tx − j + 2R
-          acc += wv * gt[(ty - i + 2 * g.R) * TW + tx - j + 2 * g.R];
+    }
+    return s;
+  };
+  // dx's offset at (b, c) and tile pixel (ty, tx).
+  auto offset = [&](int64_t c, int64_t ty, int64_t tx) { return b * g.sB + c * g.sC + (h0 + ty) * g.sH + (w0 + tx) * g.sW; };
+  // dx there: the map's value (grad's value gv there) plus the stencil term st.
+  auto finish = [&](int64_t c, int64_t ty, int64_t tx, scalar_t gv, acc_t st) {
+    const int64_t p = (h0 + ty) * g.W + w0 + tx;
+    Pack<scalar_t, 1> gp;
+    gp.v[0] = gv;
+    acc_t v[1];
+    if constexpr (P_UNIT) {
+      map_pack<scalar_t, acc_t, 1, int64_t>(gp, grad != nullptr, row_gate, col_gate, T, b * g.C + c, c, p, b * P + p,
+                                            true, v);
+    } else {
+      map_pack<scalar_t, acc_t, 1, int64_t>(gp, grad != nullptr, row_gate, col_gate, T, b * P + p, p, c, b * g.C + c,
+                                            false, v);
+    }
+    dx[offset(c, ty, tx)] = static_cast<scalar_t>(v[0] + st);
+  };
+  auto put = [&](int64_t c, int64_t ty, int64_t tx, acc_t st) {
+    finish(c, ty, tx, grad ? grad[offset(c, ty, tx)] : scalar_t(0), st);
+  };
+  if constexpr (P_UNIT) {
+    const int64_t ty = threadIdx.y, tx = threadIdx.x;
+    const bool inside = h0 + ty < g.H && w0 + tx < g.W;
+    if constexpr (ELAT) {
+      acc_t nb[kElatTaps];
+#pragma unroll
+      for (int t = 0; t < kElatTaps; ++t) nb[t] = gt[(ty + kElatR - elat_di(t)) * kElatTW + tx + kElatR - elat_dj(t)];
+      for (int64_t c0 = 0; c0 < g.C; c0 += kElatChunk) {
+        const int64_t n = std::min<int64_t>(kElatChunk, g.C - c0);
+        __syncthreads();  // the previous chunk's weights are read
+        stage_elat_weights(wt, c0, n, ws);
+        __syncthreads();
+        if (!inside) continue;
+        for (int64_t c = 0; c < n; c += kMapUnroll) {  // kMapUnroll loads of grad in flight
+          scalar_t gv[kMapUnroll];
+#pragma unroll
+          for (int u = 0; u < kMapUnroll; ++u) gv[u] = grad && c + u < n ? grad[offset(c0 + c + u, ty, tx)] : scalar_t(0);
+#pragma unroll
+          for (int u = 0; u < kMapUnroll; ++u) {
+            if (c + u >= n) break;
+            acc_t w[kElatTaps];
+            load_elat_weights(ws + (c + u) * kElatWPad, w);
+            acc_t s = acc_t(0);
+#pragma unroll
+            for (int t = 0; t < kElatTaps; ++t) s += w[t] * nb[t];
+            finish(c0 + c + u, ty, tx, gv[u], s);
+          }
         }
       }
-      scalar_t* d = dx + b * g.sB + (c0 + c) * g.sC + h * g.sH + w * g.sW;
-      *d = static_cast<scalar_t>(static_cast<acc_t>(*d) + acc);
+    } else if (inside) {
+      for (int64_t c = 0; c < g.C; ++c) put(c, ty, tx, tap_sum(c, ty, tx));
+    }
+    return;
+  } else {
+  const int tid = flat_tid();
+  for (int64_t c0 = 0; c0 < g.C; c0 += kThreads) {
+    const int64_t nc = std::min<int64_t>(kThreads, g.C - c0), lanes = kThreads / nc;
+    if (tid >= nc * lanes) break;  // the same for every chunk but the last; no barrier below
+    const int64_t c = c0 + tid % nc;
+    if constexpr (ELAT) {
+      acc_t w[kElatTaps];
+#pragma unroll
+      for (int t = 0; t < kElatTaps; ++t) w[t] = wt[c * kElatK * kElatK + kElatCentre + elat_di(t) * kElatK + elat_dj(t)];
+      for (int64_t tx = tid / nc; tx < kTileW; tx += lanes) {
+        if (w0 + tx >= g.W) break;
+        acc_t acc[kTileH];
+#pragma unroll
+        for (int r = 0; r < kTileH; ++r) acc[r] = acc_t(0);
+        elat_column<-1>(gt + kElatR * kElatTW + tx + kElatR, w, acc);
+#pragma unroll
+        for (int r = 0; r < kTileH; ++r) {
+          if (h0 + r < g.H) put(c, r, tx, acc[r]);
+        }
+      }
+    } else {
+      for (int64_t q = tid / nc; q < kTileH * kTileW; q += lanes) {
+        const int64_t ty = q / kTileW, tx = q - ty * kTileW;
+        if (h0 + ty < g.H && w0 + tx < g.W) put(c, ty, tx, tap_sum(c, ty, tx));
+      }
     }
   }
+  }
+}
+
+// Whether tap t = i·K + j of the weight gradient is computed: every tap, or with elat_taps
+// ELAT's 25 (the others are written as 0, as the CPU op returns them).
+__device__ __forceinline__ bool read_tap(const StencilGeo& g, int64_t t, bool elat_taps) {
+  return !elat_taps || terms::elat_tap(t / g.K - g.R, t % g.K - g.R);
 }
 
 // Partial weight gradients: block (group of tiles, chunk of cc channels) sums
@@ -1117,7 +1369,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) stencil_grad_weight_kernel(const scalar_t* __restrict__ x,
                                                                        const acc_t* __restrict__ gr,
                                                                        acc_t* __restrict__ part, StencilGeo g,
-                                                                       int64_t cc, int64_t groups) {
+                                                                       int64_t cc, int64_t groups, bool elat_taps) {
   extern __shared__ unsigned char smem_raw[];
   const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1, KK = g.K * g.K, P = g.H * g.W;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -1156,7 +1408,7 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_weight_kernel(const sca
 #pragma unroll
   for (int u = 0; u < kMaxPairs; ++u) {
     const int64_t pair = flat_tid() + static_cast<int64_t>(u) * kThreads;
-    if (pair < n * KK) part[(grp * g.C + c0) * KK + pair] = acc[u];
+    if (pair < n * KK) part[(grp * g.C + c0) * KK + pair] = read_tap(g, pair % KK, elat_taps) ? acc[u] : acc_t(0);
   }
 }
 
@@ -1168,7 +1420,7 @@ template <typename scalar_t, typename acc_t, int KT>
 __global__ void __launch_bounds__(kThreads) stencil_grad_weight_rows_kernel(const scalar_t* __restrict__ x,
                                                                             const acc_t* __restrict__ gr,
                                                                             acc_t* __restrict__ part, StencilGeo g,
-                                                                            int64_t cc, int64_t groups) {
+                                                                            int64_t cc, int64_t groups, bool elat_taps) {
   constexpr int TH = kTileH + KT - 1, TW = kTileW + KT - 1;
   constexpr int kItems = (8 * KT * kTileH + kThreads - 1) / kThreads;  // cc ≤ 8
   extern __shared__ unsigned char smem_raw[];
@@ -1225,7 +1477,7 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_weight_rows_kernel(cons
   for (int64_t e = tid; e < n * KT * KT; e += kThreads) {
     acc_t sum = acc_t(0);
     for (int ty = 0; ty < kTileH; ++ty) sum += red[e * kTileH + ty];
-    part[(grp * g.C + c0) * KT * KT + e] = sum;
+    part[(grp * g.C + c0) * KT * KT + e] = read_tap(g, e % (KT * KT), elat_taps) ? sum : acc_t(0);
   }
 }
 
@@ -1395,8 +1647,11 @@ at::Tensor gates_grad_x_cuda(const std::optional<at::Tensor>& grad, const at::Te
                              const c10::List<std::optional<at::Tensor>>& L,
                              const c10::List<std::optional<at::Tensor>>& R,
                              const c10::List<std::optional<at::Tensor>>& idx,
-                             const c10::List<std::optional<at::Tensor>>& d, at::IntArrayRef kinds) {
-  auto g = geometry(x, "gates_grad_x");
+                             const c10::List<std::optional<at::Tensor>>& d, at::IntArrayRef kinds,
+                             const std::optional<at::Tensor>& stencil_w, const std::optional<at::Tensor>& stencil_g,
+                             bool elat_taps) {
+  const char* op = "gates_grad_x";
+  auto g = geometry(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type(x);
   const bool has_grad = grad.has_value() && grad->defined();
@@ -1405,6 +1660,15 @@ at::Tensor gates_grad_x_cuda(const std::optional<at::Tensor>& grad, const at::Te
                     grad->scalar_type() == x.scalar_type(),
                 "gates_grad_x: grad must match x in device, shape, strides and dtype; got ", grad->device(), " ",
                 grad->sizes(), " ", grad->strides(), " ", grad->scalar_type());
+  }
+  const bool stencil = terms::stencil_args(stencil_w, stencil_g, elat_taps, op);
+  StencilGeo sg{};
+  at::Tensor wt, gc;
+  if (stencil) {
+    sg = stencil_geo(x, *stencil_w, op);
+    check_stencil_grad(*stencil_g, sg, acc, x.device(), op);
+    wt = stencil_taps(*stencil_w, sg, acc, op);
+    gc = stencil_g->contiguous();
   }
   auto dx = at::empty_like(x);
   TORCH_CHECK(dx.strides() == x.strides(), "gates_grad_x: could not allocate dx in x's layout");
@@ -1416,8 +1680,31 @@ at::Tensor gates_grad_x_cuda(const std::optional<at::Tensor>& grad, const at::Te
     at::Tensor kg, ks;
     const acc_t* gp = gate_ptr<acc_t>(G, x, g.B, g.C, acc, "G", kg);
     const acc_t* sp = gate_ptr<acc_t>(S, x, g.B, g.P, acc, "S", ks);
-    launch_map<scalar_t, acc_t>(has_grad ? grad->const_data_ptr<scalar_t>() : nullptr, gp, sp, plane_terms(T, g.p_unit),
-                                dx.data_ptr<scalar_t>(), plane(g), g.p_unit, c10::cuda::getCurrentCUDAStream());
+    const scalar_t* gr_p = has_grad ? grad->const_data_ptr<scalar_t>() : nullptr;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (!stencil) {
+      launch_map<scalar_t, acc_t>(gr_p, gp, sp, plane_terms(T, g.p_unit), dx.data_ptr<scalar_t>(), plane(g), g.p_unit,
+                                  stream);
+      return;
+    }
+    // One pass: the map's value plus the stencil's input gradient (stencil_dx_kernel).
+    size_t smem = (kTileH + sg.K - 1) * (kTileW + sg.K - 1) * sizeof(acc_t);
+    if (elat_taps && !sg.c_unit) smem += kElatChunk * kElatWPad * sizeof(acc_t);
+    const dim3 grid(static_cast<unsigned>(sg.tiles_h * sg.tiles_w), static_cast<unsigned>(sg.B)), block(kWarp, kRows);
+    const PlaneTerms<acc_t> pt = plane_terms(T, !sg.c_unit);
+    const acc_t* wp = wt.const_data_ptr<acc_t>();
+    const acc_t* gcp = gc.const_data_ptr<acc_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    if (elat_taps && !sg.c_unit) {
+      stencil_dx_kernel<scalar_t, acc_t, true, true><<<grid, block, smem, stream>>>(gr_p, gp, sp, pt, wp, gcp, dxp, sg);
+    } else if (elat_taps) {
+      stencil_dx_kernel<scalar_t, acc_t, true, false><<<grid, block, smem, stream>>>(gr_p, gp, sp, pt, wp, gcp, dxp, sg);
+    } else if (!sg.c_unit) {
+      stencil_dx_kernel<scalar_t, acc_t, false, true><<<grid, block, smem, stream>>>(gr_p, gp, sp, pt, wp, gcp, dxp, sg);
+    } else {
+      stencil_dx_kernel<scalar_t, acc_t, false, false><<<grid, block, smem, stream>>>(gr_p, gp, sp, pt, wp, gcp, dxp, sg);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dx;
 }
@@ -1548,9 +1835,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_spa
 // ELAT's logit y (B, H·W) and, with `pool`, the H·W pool of x (mean, max, first arg-max,
 // each (B, C)) taken from the same staged tiles, merged over the tiles in tile order by
 // combine_stats_kernel. Without `pool` those three come back undefined.
+// The logit's launch: elat_fwd_kernel for ELAT's taps, stencil_fwd_kernel for any K.
+template <typename scalar_t, typename acc_t, bool POOL>
+void launch_stencil_fwd(bool elat_taps, dim3 grid, dim3 block, int64_t cc, cudaStream_t stream, const scalar_t* x,
+                        const acc_t* wt, acc_t* y, const StencilGeo& g, const StatOut<acc_t>& out) {
+  if (elat_taps) {
+    elat_fwd_kernel<scalar_t, acc_t, POOL><<<grid, block, elat_smem(cc, sizeof(acc_t)), stream>>>(x, wt, y, g, cc, out);
+  } else {
+    const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + cc * g.K * g.K) * sizeof(acc_t);
+    stencil_fwd_kernel<scalar_t, acc_t, POOL><<<grid, block, smem, stream>>>(x, wt, y, g, cc, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stencil_forward(const at::Tensor& x, const at::Tensor& w,
-                                                                           bool pool, const char* op) {
+                                                                           bool pool, bool elat_taps, const char* op) {
   const StencilGeo g = stencil_geo(x, w, op);
+  terms::check_elat_taps(w, elat_taps, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = acc_type(x);
@@ -1570,19 +1871,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stencil_forward(const
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t KK = g.K * g.K;
     const int64_t cc = stencil_chunk(g, sizeof(acc_t), kMaxSmem - 8 * KK * sizeof(acc_t));
-    const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + cc * KK) * sizeof(acc_t);
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(g.B)), block(kWarp, kRows);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const acc_t* wp = wt.const_data_ptr<acc_t>();
     if (!pool) {
-      stencil_fwd_kernel<scalar_t, acc_t, false><<<grid, block, smem, stream>>>(xp, wp, y.data_ptr<acc_t>(), g, cc,
-                                                                               StatOut<acc_t>{});
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_stencil_fwd<scalar_t, acc_t, false>(elat_taps, grid, block, cc, stream, xp, wp, y.data_ptr<acc_t>(), g,
+                                                 StatOut<acc_t>{});
       return;
     }
     const StatOut<acc_t> out = stat_out<acc_t>(mean, mx, idx, parts, tiles, g.H * g.W);
-    stencil_fwd_kernel<scalar_t, acc_t, true><<<grid, block, smem, stream>>>(xp, wp, y.data_ptr<acc_t>(), g, cc, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_stencil_fwd<scalar_t, acc_t, true>(elat_taps, grid, block, cc, stream, xp, wp, y.data_ptr<acc_t>(), g, out);
     if (tiles > 1) {
       combine_stats_kernel<acc_t><<<finish_blocks(rows * kWarp), 256, 0, stream>>>(rows, out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1591,40 +1889,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stencil_forward(const
   return {mean, mx, idx, y};
 }
 
-at::Tensor gates_stencil_cuda(const at::Tensor& x, const at::Tensor& w) {
-  return std::get<3>(stencil_forward(x, w, /*pool=*/false, "gates_stencil"));
+at::Tensor gates_stencil_cuda(const at::Tensor& x, const at::Tensor& w, bool elat_taps) {
+  return std::get<3>(stencil_forward(x, w, /*pool=*/false, elat_taps, "gates_stencil"));
 }
 
 // gates_pool_hw(x, None) and gates_stencil(x, w) in one read of x.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_stencil_cuda(const at::Tensor& x,
-                                                                                      const at::Tensor& w) {
-  return stencil_forward(x, w, /*pool=*/true, "gates_pool_hw_stencil");
+                                                                                      const at::Tensor& w,
+                                                                                      bool elat_taps) {
+  return stencil_forward(x, w, /*pool=*/true, elat_taps, "gates_pool_hw_stencil");
 }
 
-void gates_stencil_grad_input__cuda(at::Tensor& dx, const at::Tensor& w, const at::Tensor& gr) {
-  const char* op = "gates_stencil_grad_input_";
-  const StencilGeo g = stencil_geo(dx, w, op);
-  const c10::cuda::CUDAGuard guard(dx.device());
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto acc = acc_type(dx);
-  check_stencil_grad(gr, g, acc, dx.device(), op);
-  if (dx.numel() == 0) return;
-  const at::Tensor wt = stencil_taps(w, g, acc, op);
-  const at::Tensor gc = gr.contiguous();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "gates_stencil_grad_input_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const size_t smem = (kTileH + g.K - 1) * (kTileW + g.K - 1) * sizeof(acc_t);
-    const dim3 grid(static_cast<unsigned>(g.tiles_h * g.tiles_w), static_cast<unsigned>(g.B));
-    stencil_grad_input_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
-        dx.data_ptr<scalar_t>(), wt.const_data_ptr<acc_t>(), gc.const_data_ptr<acc_t>(), g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-at::Tensor gates_stencil_grad_weight_cuda(const at::Tensor& x, const at::Tensor& gr, int64_t K) {
+at::Tensor gates_stencil_grad_weight_cuda(const at::Tensor& x, const at::Tensor& gr, int64_t K, bool elat_taps) {
   const char* op = "gates_stencil_grad_weight";
   const StencilGeo g = stencil_geo(x, K, op);
+  TORCH_CHECK(!elat_taps || K == kElatK, op, ": elat_taps needs K = 7, got ", K);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = acc_type(x);
@@ -1648,11 +1927,11 @@ at::Tensor gates_stencil_grad_weight_cuda(const at::Tensor& x, const at::Tensor&
       const size_t tile_elems = cc * (kTileH + 6) * (kTileW + 6) + kTileH * kTileW;
       const size_t smem = std::max<size_t>(tile_elems, cc * KK * kTileH) * sizeof(acc_t);
       stencil_grad_weight_rows_kernel<scalar_t, acc_t, 7><<<grid, dim3(kWarp, kRows), smem, stream>>>(
-          x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups);
+          x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups, elat_taps);
     } else {
       const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + kTileH * kTileW) * sizeof(acc_t);
       stencil_grad_weight_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
-          x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups);
+          x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups, elat_taps);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -1671,7 +1950,6 @@ TORCH_LIBRARY_IMPL(disseg, CUDA, m) {
   m.impl("gates_spatial_fwd", &gates_spatial_fwd_cuda);
   m.impl("gates_spatial_bwd", &gates_spatial_bwd_cuda);
   m.impl("gates_stencil", &gates_stencil_cuda);
-  m.impl("gates_stencil_grad_input_", &gates_stencil_grad_input__cuda);
   m.impl("gates_stencil_grad_weight", &gates_stencil_grad_weight_cuda);
 }
 

@@ -120,5 +120,26 @@ std::pair<const int64_t*, const acc_t*> arg_pair(const std::optional<at::Tensor>
           small_ptr<acc_t>(val, B * n, acc, dev, "gates_reduce", {val_name, -1}, keep)};
 }
 
+// elat_taps (gates_stencil, gates_pool_hw_stencil, gates_grad_x): w is ELAT's composite
+// 7×7 stencil, whose taps off its three dilated 3×3 grids (elat_tap) are read as zero.
+// gates_grad_x's stencil: stencil_w (1, C, K, K) and its output gradient stencil_g (B, H·W)
+// both or neither (the shapes are the device's stencil checks); returns whether there is one.
+inline void check_elat_taps(const at::Tensor& w, bool elat_taps, const char* op, const char* name = "w") {
+  TORCH_CHECK(!elat_taps || (w.defined() && w.dim() == 4 && w.size(2) == 7 && w.size(3) == 7), op,
+              ": elat_taps needs a 7×7 ", name, ", got ", w.defined() ? w.sizes() : at::IntArrayRef{});
+}
+
+inline bool stencil_args(const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& g, bool elat_taps,
+                         const char* op) {
+  const bool hw = w.has_value() && w->defined(), hg = g.has_value() && g->defined();
+  TORCH_CHECK(hw == hg, op, ": stencil_w and stencil_g must be both given or both absent");
+  check_elat_taps(hw ? *w : at::Tensor(), elat_taps, op, "stencil_w");
+  return hw;
+}
+
+// Tap (di, dj) of a 7×7 stencil (offsets −3..3) is one of ELAT's 25: on a row, a column
+// or a diagonal through the centre, which is where the taps of dilation 1, 2, 3 sit.
+constexpr bool elat_tap(int64_t di, int64_t dj) { return di == 0 || dj == 0 || di == dj || di == -dj; }
+
 }  // namespace terms
 }  // namespace disseg

@@ -1164,9 +1164,9 @@ def test_cuda_multiscale_gradcheck_and_opcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cpu_stencil_kernels_match_convolution(channels_last, dtype):
     """csrc/gates.cpp's ELAT stencil (K×K, C→1, zero padding K/2): the logit, the input
-    gradient added into dx and the weight gradient equal the float64 convolutions, at K = 7
-    and 3, odd sizes, one-pixel rows and columns, several row bands, both layouts (no copy:
-    dx keeps x's)."""
+    gradient (gates_grad_x's stencil term, added to the map's value) and the weight
+    gradient equal the float64 convolutions, at K = 7 and 3, odd sizes, one-pixel rows and
+    columns, several row bands, both layouts (no copy: dx keeps x's)."""
     import torch.nn.functional as F
 
     torch.manual_seed(11)
@@ -1183,8 +1183,7 @@ def test_cpu_stencil_kernels_match_convolution(channels_last, dtype):
         g4 = g.double().view(shape[0], 1, shape[2], shape[3])
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         base = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
-        dx = base.clone()
-        torch.ops.disseg.gates_stencil_grad_input_(dx, w, g)
+        dx = torch.ops.disseg.gates_grad_x(base, base, None, None, [], [], [], [], [], w, g)
         got = (torch.ops.disseg.gates_stencil(x, w), dx.double() - base.double(),
                torch.ops.disseg.gates_stencil_grad_weight(x, g, k))
         want = (F.conv2d(x.double(), w.double(), padding=k // 2).reshape(shape[0], -1),
@@ -1194,6 +1193,53 @@ def test_cpu_stencil_kernels_match_convolution(channels_last, dtype):
             err = ((a.double() - b).abs().max() / b.abs().max()).item()
             assert err < (0.05 if name == "dx" and dtype == torch.bfloat16 else tol), (shape, k, name, err)
         assert dx.stride() == base.stride()
+
+
+@pytest.mark.skipif("cpu" not in GATE_BACKENDS, reason="C++ gate kernels unavailable")
+def test_stencil_ops_with_elat_taps_read_only_elats_taps():
+    """elat_taps on the stencil ops (the logit, alone and with the pool; gates_grad_x's
+    stencil term; the weight gradient): only ELAT's 25 taps of w are read, so a dense w
+    gives the result of w masked to them (the weight gradient is 0 off them). The CUDA
+    kernels unroll exactly those taps; the CPU GEMMs take 25 rows instead of 49. The stencil
+    term adds to the statistics' terms in the same call; bad stencil arguments are named."""
+    import torch.nn.functional as F
+
+    E = torch.ops.disseg
+    g = torch.Generator().manual_seed(5)
+    b, c, h, w = 2, 5, 9, 13
+    x = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(1, c, 7, 7, generator=g, dtype=torch.float64)  # dense: 49 taps
+    dl = torch.randn(b, h * w, generator=g, dtype=torch.float64)
+    r = torch.arange(7) - 3
+    mask = ((r[:, None] == 0) | (r[None, :] == 0) | (r[:, None].abs() == r[None, :].abs())).double()
+    assert int(mask.sum()) == 25
+    dl4 = dl.view(b, 1, h, w)
+    L, Rk = torch.randn(b, c, generator=g, dtype=torch.float64), torch.randn(b, h * w, generator=g, dtype=torch.float64)
+    term = L[:, :, None, None] * Rk.view(b, 1, h, w)
+    for elat, taps in ((False, wt), (True, wt * mask)):
+        got = E.gates_grad_x(None, x, None, None, [L], [Rk], [None], [None], [0], wt, dl, elat)
+        want = term + torch.nn.grad.conv2d_input(x.shape, taps, dl4, padding=3)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(E.gates_grad_x(None, x, None, None, [], [], [], [], [], wt, dl, True),
+                              E.gates_grad_x(None, x, None, None, [], [], [], [], [], wt, dl, False))
+    for elat, taps in ((False, wt), (True, wt * mask)):
+        logit = F.conv2d(x, taps, padding=3).reshape(b, h * w)
+        torch.testing.assert_close(E.gates_stencil(x, wt, elat), logit, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(E.gates_pool_hw_stencil(x, wt, elat)[3], logit, atol=1e-12, rtol=1e-12)
+        dw = torch.nn.grad.conv2d_weight(x, wt.shape, dl4, padding=3) * (mask if elat else 1)
+        torch.testing.assert_close(E.gates_stencil_grad_weight(x, dl, 7, elat), dw, atol=1e-11, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="elat_taps needs a 7×7 w"):
+        E.gates_stencil(x, wt[:, :, :5, :5].contiguous(), True)
+    with pytest.raises(RuntimeError, match="elat_taps needs K = 7"):
+        E.gates_stencil_grad_weight(x, dl, 5, True)
+    with pytest.raises(RuntimeError, match="stencil_w and stencil_g must be both given"):
+        E.gates_grad_x(None, x, None, None, [], [], [], [], [], wt, None)
+    with pytest.raises(RuntimeError, match="elat_taps needs a 7×7 stencil_w"):
+        E.gates_grad_x(None, x, None, None, [], [], [], [], [], wt[:, :, :5, :5].contiguous(), dl, True)
+    with pytest.raises(RuntimeError, match="elat_taps needs a 7×7 stencil_w"):
+        E.gates_grad_x(None, x, None, None, [], [], [], [], [], None, None, True)
+    with pytest.raises(RuntimeError, match="g must be"):
+        E.gates_grad_x(None, x, None, None, [], [], [], [], [], wt, dl[:, :-1].contiguous())
 
 
 # ---------------------------------------------------------------------------------------
@@ -1363,7 +1409,8 @@ def test_cuda_small_program_ops_match_cpu(dtype):
 def test_cuda_stencil_ops_match_cpu(layout, dtype):
     """ELAT's K×K C→1 stencil on CUDA (csrc/gates_cuda.cu: staged tiles, zero taps skipped)
     against the C++ ops: the logit (alone, and with the H·W pool taken from the staged tiles,
-    arg-max ties included), the in-place input gradient and the weight gradient, on
+    arg-max ties included), the input gradient in gates_grad_x's pass (any K, and ELAT's 25
+    compile-time taps) and the weight gradient, on
     maps that are not multiples of the 8×32 tile, K = 3 and ELAT's 7 with its 25 nonzero
     taps, and the model's 8×64×256×256 (many tile groups in the weight gradient)."""
     E = torch.ops.disseg
@@ -1393,9 +1440,11 @@ def test_cuda_stencil_ops_match_cpu(layout, dtype):
         big = scale * (h * w * b) ** 0.5
         torch.testing.assert_close(E.gates_stencil_grad_weight(x.cuda(), dl.cuda(), k).cpu(),
                                    E.gates_stencil_grad_weight(x, dl, k), atol=tol["atol"] * big, rtol=tol["rtol"])
+        # the input gradient in the map's pass: grad·G·S plus the stencil term, both tap sets
         d0 = torch.randn(b, c, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)
-        dd, dc = d0.cuda(), d0.clone()
-        E.gates_stencil_grad_input_(dd, wt.cuda(), dl.cuda())
-        E.gates_stencil_grad_input_(dc, wt, dl)
-        assert dd.stride() == d0.stride()
-        torch.testing.assert_close(dd.cpu(), dc, atol=tol["atol"] * scale, rtol=tol["rtol"])
+        G, S = torch.rand(b, c, generator=g, dtype=acc), torch.rand(b, h * w, generator=g, dtype=acc)
+        for elat in ((False, True) if k == 7 else (False,)):
+            dd = E.gates_grad_x(d0.cuda(), x.cuda(), G.cuda(), S.cuda(), [], [], [], [], [], wt.cuda(), dl.cuda(), elat)
+            dc = E.gates_grad_x(d0, x, G, S, [], [], [], [], [], wt, dl, elat)
+            assert dd.stride() == d0.stride()
+            torch.testing.assert_close(dd.cpu(), dc, atol=tol["atol"] * scale, rtol=tol["rtol"])

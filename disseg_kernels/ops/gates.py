@@ -97,9 +97,9 @@ class _CompiledKernels:
 
     @staticmethod
     def grad_x_terms(grad, x, G, S, terms, stencil=None, elat_taps=False):
-        """As triton.gates.grad_x_terms: grad·G·S, the statistics' rank-1 parts and their
-        arg-max terms in one op (csrc/gates_terms.h), then the stencil's transposed
-        convolution added in place."""
+        """As triton.gates.grad_x_terms: grad·G·S, the statistics' rank-1 parts, their
+        arg-max terms (csrc/gates_terms.h) and ELAT's stencil term in one op (one pass on
+        CUDA; the CPU adds the stencil's term in a second pass)."""
         L, R, idx, d, kinds = [], [], [], [], []
         for kind, Lk, Rk, ik, dk in terms:
             L.append(Lk)
@@ -107,11 +107,8 @@ class _CompiledKernels:
             idx.append(ik if dk is not None else None)
             d.append(dk)
             kinds.append(_TERM_KINDS[kind])
-        dx = torch.ops.disseg.gates_grad_x(grad, x, G, S, L, R, idx, d, kinds)
-        if stencil is not None:  # added in place (oneDNN and cuDNN are slow at one output channel)
-            w7, dlogit = stencil
-            torch.ops.disseg.gates_stencil_grad_input_(dx, w7, dlogit.contiguous())
-        return dx
+        w7, dlogit = stencil if stencil is not None else (None, None)
+        return torch.ops.disseg.gates_grad_x(grad, x, G, S, L, R, idx, d, kinds, w7, dlogit, bool(elat_taps))
 
     # The gates' small programs (csrc/gates_small.h), with the Triton functions' signatures
     # (triton.gates.channel_mlp_fwd / _bwd, spatial_gate_fwd / _bwd). An absent output
@@ -144,22 +141,24 @@ class _CompiledKernels:
         return dmean, dmax, (dS0 if S0 is not None else None), dcw, (dcb if has_bias else None)
 
     @staticmethod
-    def stencil(x, w7):
+    def stencil(x, w7, elat_taps=False):
         """ELAT's 7×7 C→1 logit, (B, H·W) in the accumulation type (CPU: 2.5× oneDNN at
         (4, 64, 128, 128); CUDA: cuDNN took 1.04 ms of ELAT's 3.7 ms at 8×64×256×256 on
-        the H200 for this one-output-channel convolution)."""
-        return torch.ops.disseg.gates_stencil(x, w7)
+        the H200 for this one-output-channel convolution). ``elat_taps``: w7 is ELAT's
+        composite stencil and only its 25 taps are read (csrc/gates_terms.h)."""
+        return torch.ops.disseg.gates_stencil(x, w7, bool(elat_taps))
 
     @staticmethod
     def pool_hw_stencil(x, w7, elat_taps=False):
         """(mean, max, first arg-max) over p of x and ELAT's logit: one read of x on CUDA
         (the stencil kernel pools the tiles it stages), two passes on the CPU."""
-        return torch.ops.disseg.gates_pool_hw_stencil(x, w7)
+        return torch.ops.disseg.gates_pool_hw_stencil(x, w7, bool(elat_taps))
 
     @staticmethod
     def stencil_grad_weight(x, dlogit, w7, elat_taps=False):
-        """The gradient of the 7×7 stencil's weight from dlogit (B, H·W), accumulation type."""
-        return torch.ops.disseg.gates_stencil_grad_weight(x, dlogit.contiguous(), w7.shape[-1])
+        """The gradient of the 7×7 stencil's weight from dlogit (B, H·W), accumulation type
+        (with ``elat_taps`` only ELAT's 25 taps are computed, the others are 0)."""
+        return torch.ops.disseg.gates_stencil_grad_weight(x, dlogit.contiguous(), w7.shape[-1], bool(elat_taps))
 
 
 def _dense(t):
