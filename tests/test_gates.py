@@ -1409,16 +1409,19 @@ def test_cuda_small_program_ops_match_cpu(dtype):
 def test_cuda_stencil_ops_match_cpu(layout, dtype):
     """ELAT's K×K C→1 stencil on CUDA (csrc/gates_cuda.cu: staged tiles, zero taps skipped)
     against the C++ ops: the logit (alone, and with the H·W pool taken from the staged tiles,
-    arg-max ties included), the input gradient in gates_grad_x's pass (any K, and ELAT's 25
-    compile-time taps) and the weight gradient, on
-    maps that are not multiples of the 8×32 tile, K = 3 and ELAT's 7 with its 25 nonzero
-    taps, and the model's 8×64×256×256 (many tile groups in the weight gradient)."""
+    arg-max ties included), the input gradient in gates_grad_x's pass and the weight
+    gradient; every tap on ELAT's composite (zero taps skipped) and, with elat_taps, on a
+    dense w (the kernels' 25 compile-time taps against the CPU's 25-tap GEMMs); on maps that
+    are not multiples of the 8×32 tile, K = 3 and 7, C = 70 and 260 (two weight or channel
+    chunks of the dx kernel), and the model's 8×64×256×256 (many tile groups in the
+    weight gradient)."""
     E = torch.ops.disseg
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     tol = {torch.float64: dict(atol=1e-9, rtol=1e-9), torch.float32: dict(atol=1e-3, rtol=1e-4),
            torch.bfloat16: dict(atol=5e-2, rtol=1e-2)}[dtype]
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    for (b, c, h, w), k in [((2, 3, 5, 7), 7), ((1, 17, 9, 40), 7), ((2, 9, 12, 33), 3), ((8, 64, 256, 256), 7)]:
+    for (b, c, h, w), k in [((2, 3, 5, 7), 7), ((1, 17, 9, 40), 7), ((2, 9, 12, 33), 3), ((1, 70, 9, 33), 7),
+                            ((1, 260, 3, 5), 7), ((8, 64, 256, 256), 7)]:
         g = torch.Generator().manual_seed(b * c + h * w)
         x = torch.randn(b, c, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)
         wt = torch.zeros(1, c, k, k, dtype=acc)
@@ -1427,24 +1430,28 @@ def test_cuda_stencil_ops_match_cpu(layout, dtype):
             wt[:, :, r - d : r + d + 1 : d, r - d : r + d + 1 : d] += torch.randn(1, c, 3, 3, generator=g, dtype=acc)
         dl = torch.randn(b, h * w, generator=g, dtype=acc)
         scale = max(1.0, (c * k * k) ** 0.5)  # sums of c·k² products: absolute tolerance grows with them
-        torch.testing.assert_close(E.gates_stencil(x.cuda(), wt.cuda()).cpu(), E.gates_stencil(x, wt),
-                                   atol=tol["atol"] * scale, rtol=tol["rtol"])
-        # the pool taken from the stencil's staged tiles (ties: a coarse copy of x)
-        xt = x.float().mul(2).round().to(dtype).contiguous(memory_format=fmt)
-        fused = E.gates_pool_hw_stencil(xt.cuda(), wt.cuda())
-        for u, v in zip(fused, (*E.gates_pool_hw(xt, None), E.gates_stencil(xt, wt))):
-            if v.dtype == torch.long:
-                assert torch.equal(u.cpu(), v)
-            else:
-                torch.testing.assert_close(u.cpu(), v, atol=tol["atol"] * scale, rtol=tol["rtol"])
-        big = scale * (h * w * b) ** 0.5
-        torch.testing.assert_close(E.gates_stencil_grad_weight(x.cuda(), dl.cuda(), k).cpu(),
-                                   E.gates_stencil_grad_weight(x, dl, k), atol=tol["atol"] * big, rtol=tol["rtol"])
-        # the input gradient in the map's pass: grad·G·S plus the stencil term, both tap sets
+        xt = x.float().mul(2).round().to(dtype).contiguous(memory_format=fmt)  # arg-max ties: a coarse copy of x
         d0 = torch.randn(b, c, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)
         G, S = torch.rand(b, c, generator=g, dtype=acc), torch.rand(b, h * w, generator=g, dtype=acc)
-        for elat in ((False, True) if k == 7 else (False,)):
-            dd = E.gates_grad_x(d0.cuda(), x.cuda(), G.cuda(), S.cuda(), [], [], [], [], [], wt.cuda(), dl.cuda(), elat)
-            dc = E.gates_grad_x(d0, x, G, S, [], [], [], [], [], wt, dl, elat)
+        big = scale * (h * w * b) ** 0.5
+        # every tap (ELAT's composite: zeros skipped), and elat_taps on a dense w: the CUDA kernels
+        # unroll ELAT's 25 taps, the CPU's GEMMs take the same 25
+        dense = torch.randn(1, c, k, k, generator=g, dtype=acc)
+        for elat, ww in ((False, wt), (True, dense)) if k == 7 else ((False, wt),):
+            torch.testing.assert_close(E.gates_stencil(x.cuda(), ww.cuda(), elat).cpu(), E.gates_stencil(x, ww, elat),
+                                       atol=tol["atol"] * scale, rtol=tol["rtol"])
+            # the pool taken from the stencil's staged tiles
+            fused = E.gates_pool_hw_stencil(xt.cuda(), ww.cuda(), elat)
+            for u, v in zip(fused, (*E.gates_pool_hw(xt, None), E.gates_stencil(xt, ww, elat))):
+                if v.dtype == torch.long:
+                    assert torch.equal(u.cpu(), v)
+                else:
+                    torch.testing.assert_close(u.cpu(), v, atol=tol["atol"] * scale, rtol=tol["rtol"])
+            torch.testing.assert_close(E.gates_stencil_grad_weight(x.cuda(), dl.cuda(), k, elat).cpu(),
+                                       E.gates_stencil_grad_weight(x, dl, k, elat), atol=tol["atol"] * big,
+                                       rtol=tol["rtol"])
+            # the input gradient in the map's pass: grad·G·S plus the stencil term
+            dd = E.gates_grad_x(d0.cuda(), x.cuda(), G.cuda(), S.cuda(), [], [], [], [], [], ww.cuda(), dl.cuda(), elat)
+            dc = E.gates_grad_x(d0, x, G, S, [], [], [], [], [], ww, dl, elat)
             assert dd.stride() == d0.stride()
             torch.testing.assert_close(dd.cpu(), dc, atol=tol["atol"] * scale, rtol=tol["rtol"])
