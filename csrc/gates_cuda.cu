@@ -1325,33 +1325,33 @@ __global__ void __launch_bounds__(kThreads) stencil_dx_kernel(const scalar_t* __
     }
     return;
   } else {
-  const int tid = flat_tid();
-  for (int64_t c0 = 0; c0 < g.C; c0 += kThreads) {
-    const int64_t nc = std::min<int64_t>(kThreads, g.C - c0), lanes = kThreads / nc;
-    if (tid >= nc * lanes) break;  // the same for every chunk but the last; no barrier below
-    const int64_t c = c0 + tid % nc;
-    if constexpr (ELAT) {
-      acc_t w[kElatTaps];
+    const int tid = flat_tid();
+    for (int64_t c0 = 0; c0 < g.C; c0 += kThreads) {
+      const int64_t nc = std::min<int64_t>(kThreads, g.C - c0), lanes = kThreads / nc;
+      if (tid >= nc * lanes) break;  // the same for every chunk but the last; no barrier below
+      const int64_t c = c0 + tid % nc;
+      if constexpr (ELAT) {
+        acc_t w[kElatTaps];
 #pragma unroll
-      for (int t = 0; t < kElatTaps; ++t) w[t] = wt[c * kElatK * kElatK + kElatCentre + elat_di(t) * kElatK + elat_dj(t)];
-      for (int64_t tx = tid / nc; tx < kTileW; tx += lanes) {
-        if (w0 + tx >= g.W) break;
-        acc_t acc[kTileH];
+        for (int t = 0; t < kElatTaps; ++t) w[t] = wt[c * kElatK * kElatK + kElatCentre + elat_di(t) * kElatK + elat_dj(t)];
+        for (int64_t tx = tid / nc; tx < kTileW; tx += lanes) {
+          if (w0 + tx >= g.W) break;
+          acc_t acc[kTileH];
 #pragma unroll
-        for (int r = 0; r < kTileH; ++r) acc[r] = acc_t(0);
-        elat_column<-1>(gt + kElatR * kElatTW + tx + kElatR, w, acc);
+          for (int r = 0; r < kTileH; ++r) acc[r] = acc_t(0);
+          elat_column<-1>(gt + kElatR * kElatTW + tx + kElatR, w, acc);
 #pragma unroll
-        for (int r = 0; r < kTileH; ++r) {
-          if (h0 + r < g.H) put(c, r, tx, acc[r]);
+          for (int r = 0; r < kTileH; ++r) {
+            if (h0 + r < g.H) put(c, r, tx, acc[r]);
+          }
+        }
+      } else {
+        for (int64_t q = tid / nc; q < kTileH * kTileW; q += lanes) {
+          const int64_t ty = q / kTileW, tx = q - ty * kTileW;
+          if (h0 + ty < g.H && w0 + tx < g.W) put(c, ty, tx, tap_sum(c, ty, tx));
         }
       }
-    } else {
-      for (int64_t q = tid / nc; q < kTileH * kTileW; q += lanes) {
-        const int64_t ty = q / kTileW, tx = q - ty * kTileW;
-        if (h0 + ty < g.H && w0 + tx < g.W) put(c, ty, tx, tap_sum(c, ty, tx));
-      }
     }
-  }
   }
 }
 

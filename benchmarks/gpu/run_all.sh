@@ -135,7 +135,10 @@ STAGES=(
   # spatial gate and ELAT's stencil (no cuDNN left in the gates), and since late evening the
   # arg-max terms inside gates_reduce/gates_grad_x (no gathers/scatter_add_), one packed map
   # kernel for apply and grad_x, packed pools and a warp-per-row reduce finish (afternoon
-  # table: grad_x 96 us, finish 73 us, pools 114 us, scatters 92 us): untimed until this runs
+  # table: grad_x 96 us, finish 73 us, pools 114 us, scatters 92 us): untimed until this runs.
+  # Since 2026-11-27 night ELAT's CUDA kernels read only its 25 taps at compile-time offsets
+  # (elat_fwd_kernel: ~50 us expected for the logit at 8x64x256x256) and its input gradient
+  # is added in the dx pass (stencil_dx_kernel; no separate in-place pass): also untimed
   "bench_gates|110|$PY -m benchmarks.bench_gates --device cuda --no-compile --graphs --kernels --ops cbat,elat,telu --repeats 10 --sizes $GATES_SIZES"
   # Stage II fused vs plain (issue 5's target), and the 25 kernels that take the most device
   # time in each. --host-profile: 3 free-running steps per mode (no sync inside: a training
