@@ -555,11 +555,15 @@ void set_taps(Stencil& s, bool elat_taps) {
   }
 }
 
+bool all_taps(const Stencil& s) { return static_cast<int64_t>(s.taps.size()) == s.K * s.K; }
+
+// s.taps as an index tensor over the K² taps.
+at::Tensor tap_index(const Stencil& s) { return at::tensor(s.taps, at::TensorOptions().dtype(at::kLong)); }
+
 // w (1, C, K, K) as the read taps' (C, T) matrix in the accumulation type, contiguous.
 at::Tensor tap_matrix(const at::Tensor& w, const Stencil& s, at::ScalarType acc) {
   const at::Tensor all = w[0].reshape({s.C, s.K * s.K}).to(acc);
-  if (static_cast<int64_t>(s.taps.size()) == s.K * s.K) return all.contiguous();
-  return all.index_select(1, at::tensor(s.taps, at::TensorOptions().dtype(at::kLong)));
+  return all_taps(s) ? all.contiguous() : all.index_select(1, tap_index(s));
 }
 
 Stencil stencil_geometry(const at::Tensor& x, int64_t K, const char* name) {
@@ -745,7 +749,7 @@ at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are this kernel's own arithmetic
   const char* op = "gates_stencil_grad_weight";
   Stencil s = stencil_geometry(x, K, op);
-  TORCH_CHECK(!elat_taps || K == 7, op, ": elat_taps needs K = 7, got ", K);
+  terms::check_elat_k(K, elat_taps, op);
   set_taps(s, elat_taps);
   const auto acc = acc_type(x);
   const at::Tensor gc = stencil_grad(g, s, acc, op);
@@ -763,9 +767,9 @@ at::Tensor gates_stencil_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
     });
   });
   const at::Tensor dw = parts.sum(0);  // (C, T)
-  if (T == K * K) return dw.reshape({1, s.C, K, K});
+  if (all_taps(s)) return dw.reshape({1, s.C, K, K});
   auto full = at::zeros({s.C, K * K}, dw.options());  // the taps not read: 0
-  full.index_copy_(1, at::tensor(s.taps, at::TensorOptions().dtype(at::kLong)), dw);
+  full.index_copy_(1, tap_index(s), dw);
   return full.reshape({1, s.C, K, K});
 }
 

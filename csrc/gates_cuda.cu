@@ -1042,7 +1042,7 @@ __device__ __noinline__ void pool_tile(const acc_t* tile, const StencilGeo& g, c
 // _stencil_taps). With elat_taps the kernels below read only these, at offsets fixed at
 // compile time.
 constexpr int kElatTaps = 25;
-constexpr int kElatK = 7;
+constexpr int kElatK = static_cast<int>(terms::kElatK);
 constexpr int kElatR = kElatK / 2;
 constexpr int kElatWPad = 28;  // a channel's 25 weights staged as 7 packs of 4 (3 zeros)
 constexpr int kElatChunk = 64;  // stencil_dx_kernel, NCHW: channels whose weights are staged at once
@@ -1076,6 +1076,12 @@ static_assert(elat_table_ok(), "ELAT's tap table must list its 25 taps once each
 // The staged tile of a 7×7 stencil: (8 + 6) × (32 + 6) values; the centre tap's index in K².
 constexpr int kElatTH = kTileH + kElatK - 1, kElatTW = kTileW + kElatK - 1;
 constexpr int kElatCentre = kElatR * kElatK + kElatR;
+
+// Channel c's weight of ELAT tap t in the stencil's (C, K²) weights.
+template <typename acc_t>
+__device__ __forceinline__ acc_t elat_weight(const acc_t* __restrict__ wt, int64_t c, int t) {
+  return wt[c * kElatK * kElatK + kElatCentre + elat_di(t) * kElatK + elat_dj(t)];
+}
 
 // A column of kTileH outputs from a staged tile, each the sum over ELAT's taps:
 // acc[r] += Σ_t w[t]·base[(r + S·di_t)·TW + S·dj_t] (S = +1: the logit from x's tile;
@@ -1122,7 +1128,7 @@ __device__ __forceinline__ void stage_elat_weights(const acc_t* __restrict__ wt,
   for (int64_t e = flat_tid(); e < n * kElatWPad; e += kThreads) {
     const int64_t c = e / kElatWPad;
     const int t = static_cast<int>(e - c * kElatWPad);
-    ws[e] = t < kElatTaps ? wt[(c0 + c) * kElatK * kElatK + kElatCentre + elat_di(t) * kElatK + elat_dj(t)] : acc_t(0);
+    ws[e] = t < kElatTaps ? elat_weight(wt, c0 + c, t) : acc_t(0);
   }
 }
 
@@ -1333,7 +1339,7 @@ __global__ void __launch_bounds__(kThreads) stencil_dx_kernel(const scalar_t* __
       if constexpr (ELAT) {
         acc_t w[kElatTaps];
 #pragma unroll
-        for (int t = 0; t < kElatTaps; ++t) w[t] = wt[c * kElatK * kElatK + kElatCentre + elat_di(t) * kElatK + elat_dj(t)];
+        for (int t = 0; t < kElatTaps; ++t) w[t] = elat_weight(wt, c, t);
         for (int64_t tx = tid / nc; tx < kTileW; tx += lanes) {
           if (w0 + tx >= g.W) break;
           acc_t acc[kTileH];
@@ -1640,8 +1646,9 @@ std::tuple<at::Tensor, at::Tensor> gates_reduce_cuda(const at::Tensor& x, const 
   return {U, V};
 }
 
-// dx = grad · G[b, c] · S[b, p] + each statistic's term (csrc/gates_terms.h), in x's dtype
-// and layout (grad must have x's strides): one pass, the map kernel.
+// dx = grad · G[b, c] · S[b, p] + each statistic's term (csrc/gates_terms.h) + with
+// stencil_w ELAT's stencil input gradient, in x's dtype and layout (grad must have x's
+// strides): one pass, the map kernel (stencil_dx_kernel with a stencil).
 at::Tensor gates_grad_x_cuda(const std::optional<at::Tensor>& grad, const at::Tensor& x,
                              const std::optional<at::Tensor>& G, const std::optional<at::Tensor>& S,
                              const c10::List<std::optional<at::Tensor>>& L,
@@ -1903,7 +1910,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_stencil
 at::Tensor gates_stencil_grad_weight_cuda(const at::Tensor& x, const at::Tensor& gr, int64_t K, bool elat_taps) {
   const char* op = "gates_stencil_grad_weight";
   const StencilGeo g = stencil_geo(x, K, op);
-  TORCH_CHECK(!elat_taps || K == kElatK, op, ": elat_taps needs K = 7, got ", K);
+  terms::check_elat_k(K, elat_taps, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = acc_type(x);

@@ -124,8 +124,14 @@ std::pair<const int64_t*, const acc_t*> arg_pair(const std::optional<at::Tensor>
 // 7×7 stencil, whose taps off its three dilated 3×3 grids (elat_tap) are read as zero.
 // gates_grad_x's stencil: stencil_w (1, C, K, K) and its output gradient stencil_g (B, H·W)
 // both or neither (the shapes are the device's stencil checks); returns whether there is one.
+constexpr int64_t kElatK = 7;  // ELAT's composite stencil is 7×7
+
+inline void check_elat_k(int64_t K, bool elat_taps, const char* op) {
+  TORCH_CHECK(!elat_taps || K == kElatK, op, ": elat_taps needs K = 7, got ", K);
+}
+
 inline void check_elat_taps(const at::Tensor& w, bool elat_taps, const char* op, const char* name = "w") {
-  TORCH_CHECK(!elat_taps || (w.defined() && w.dim() == 4 && w.size(2) == 7 && w.size(3) == 7), op,
+  TORCH_CHECK(!elat_taps || (w.defined() && w.dim() == 4 && w.size(2) == kElatK && w.size(3) == kElatK), op,
               ": elat_taps needs a 7×7 ", name, ", got ", w.defined() ? w.sizes() : at::IntArrayRef{});
 }
 

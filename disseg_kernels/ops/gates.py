@@ -141,17 +141,12 @@ class _CompiledKernels:
         return dmean, dmax, (dS0 if S0 is not None else None), dcw, (dcb if has_bias else None)
 
     @staticmethod
-    def stencil(x, w7, elat_taps=False):
-        """ELAT's 7×7 C→1 logit, (B, H·W) in the accumulation type (CPU: 2.5× oneDNN at
-        (4, 64, 128, 128); CUDA: cuDNN took 1.04 ms of ELAT's 3.7 ms at 8×64×256×256 on
-        the H200 for this one-output-channel convolution). ``elat_taps``: w7 is ELAT's
-        composite stencil and only its 25 taps are read (csrc/gates_terms.h)."""
-        return torch.ops.disseg.gates_stencil(x, w7, bool(elat_taps))
-
-    @staticmethod
     def pool_hw_stencil(x, w7, elat_taps=False):
-        """(mean, max, first arg-max) over p of x and ELAT's logit: one read of x on CUDA
-        (the stencil kernel pools the tiles it stages), two passes on the CPU."""
+        """(mean, max, first arg-max) over p of x and ELAT's 7×7 C→1 logit, (B, H·W) in the
+        accumulation type: one read of x on CUDA (the stencil kernel pools the tiles it
+        stages), two passes on the CPU (cuDNN took 1.04 ms of ELAT's 3.7 ms at
+        8×64×256×256 on the H200 for this one-output-channel convolution). ``elat_taps``:
+        w7 is ELAT's composite stencil and only its 25 taps are read (csrc/gates_terms.h)."""
         return torch.ops.disseg.gates_pool_hw_stencil(x, w7, bool(elat_taps))
 
     @staticmethod
@@ -436,17 +431,12 @@ class _RunOps:
         self.saved += out
         return out
 
-    def stencil(self, w7):
-        return self.k.stencil(self.x, w7)
-
     def pool_hw_stencil(self, w7):
-        """pool_hw(None) (saved as it saves) and ELAT's logit; in one read of x where the
-        backend has the fused pass (Triton, CUDA)."""
-        if hasattr(self.k, "pool_hw_stencil"):
-            mean, mx, idx, logit = self.k.pool_hw_stencil(self.x, w7, elat_taps=True)
-            self.saved += [mean, mx, idx]
-            return mean, mx, idx, logit
-        return (*self.pool_hw(None), self.stencil(w7))
+        """pool_hw(None) (saved as it saves) and ELAT's logit; in one read of x on the GPU
+        backends (Triton, CUDA), two passes on the CPU."""
+        mean, mx, idx, logit = self.k.pool_hw_stencil(self.x, w7, elat_taps=True)
+        self.saved += [mean, mx, idx]
+        return mean, mx, idx, logit
 
 
 class _FakeOps(_RunOps):
@@ -471,9 +461,9 @@ class _FakeOps(_RunOps):
     def pool_c(self, G):
         return self._stat(self.x.shape[2] * self.x.shape[3])
 
-    def stencil(self, w7):
+    def pool_hw_stencil(self, w7):
         b, _, h, w = self.x.shape
-        return self.x.new_empty((b, h * w), dtype=_acc(self.x.dtype))
+        return (*self.pool_hw(None), self.x.new_empty((b, h * w), dtype=_acc(self.x.dtype)))
 
 
 class _Replay:
