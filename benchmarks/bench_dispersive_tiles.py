@@ -53,11 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="16384x256,16384x128,65536x128")
     p.add_argument("--splits", default="1,2,4", help="column splits to try (0 = the library's heuristic)")
     p.add_argument("--lazy", default="0,1", help="lazy rescaling off/on")
+    p.add_argument("--kernels", default="triton",
+                   help="row kernels: triton (the autotune list) and/or sm90 (the Gluon Hopper kernel, "
+                        "disseg_kernels/triton/dispersive_sm90.py), timed right after the default launch")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=0.0, help="stop the sweep after this long (0: no limit)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, one configuration (CPU interpreter smoke run)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--compile-check", choices=["defaults", "all", "small"],
+    p.add_argument("--compile-check", choices=["defaults", "all", "small", "sm90"],
                    help="compile for sm_90 without a GPU and report registers and spills, then exit")
     return p
 
@@ -81,10 +84,42 @@ def _sm90_toolchain() -> str | None:
     return None
 
 
-def compile_sm90(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_stages: int = 2) -> dict:
-    """Compile one specialisation of a Triton kernel for sm_90 (no GPU needed) and read its
-    registers, local-memory stack bytes (spills) and HGMMA count from the cubin; a
-    compiler error is returned as {"error": ...}."""
+def wgmma_serialisation(ptx: str) -> str:
+    """What ptxas says about the kernel's wgmma pipelining: "no", or the codes of its
+    "wgmma.mma_async instructions are serialized" notes (C7513-C7515: a non-wgmma
+    instruction touches a wgmma's input or accumulator registers while it may be in
+    flight). A serialised kernel waits for every wgmma before issuing the next, so its
+    tensor-core work cannot overlap anything. Uses Triton's bundled ptxas (the first that
+    reads the PTX's version); "?" where none runs."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nv
+
+    bindir = os.path.join(os.path.dirname(nv.__file__), "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for name in ("ptxas", "ptxas-blackwell"):
+            exe = os.path.join(bindir, name)
+            if not os.access(exe, os.X_OK):
+                continue
+            r = subprocess.run([exe, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                codes = re.findall(r"\((C75\d\d)\) Potential Performance Loss: wgmma", r.stdout + r.stderr)
+                return ",".join(sorted(set(codes))) or "no"
+    return "?"
+
+
+def compile_sm90(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_stages: int = 2,
+                 gluon: bool = False) -> dict:
+    """Compile one specialisation of a Triton (or, with ``gluon``, Gluon) kernel for sm_90
+    (no GPU needed) and read its registers, local-memory stack bytes (spills) and HGMMA
+    count from the cubin, and whether ptxas serialised its wgmmas; a compiler error is
+    returned as {"error": ...}."""
     import re
     import subprocess
     import tempfile
@@ -93,6 +128,9 @@ def compile_sm90(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_s
     import triton.backends.nvidia as nv
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
+
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: N814
 
     cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
     target = GPUTarget("cuda", 90, 32)
@@ -108,9 +146,44 @@ def compile_sm90(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_s
             sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
         return {"regs": int(re.search(r"REG:(\d+)", res).group(1)),
                 "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
-                "hgmma": len(re.findall(r"HGMMA", sass))}
+                "hgmma": len(re.findall(r"HGMMA", sass)),
+                "serialised": wgmma_serialisation(k.asm["ptx"])}
     except Exception as exc:  # noqa: BLE001 - report every variant
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def compile_check_sm90_gluon() -> list[dict]:
+    """Compile the Gluon Hopper row kernel (``dispersive_sm90``) for every padded width
+    (16 ... 128), variant and diagonal option; report registers, spills, HGMMA count and
+    wgmma serialisation. [] (and SKIP) where Triton has no Gluon or no sm_90 toolchain."""
+    why = _sm90_toolchain()
+    if why:
+        print(f"SKIP: {why}")
+        return []
+    from disseg_kernels.triton import dispersive_sm90 as k90
+
+    if k90._IMPORT_ERROR:
+        print(f"SKIP: {k90._IMPORT_ERROR}")
+        return []
+    fn = k90._dispersive_rows_sm90_kernel
+    rows = []
+    for d_pad in (16, 32, 64, 128):
+        sig = {"z_desc": f"tensordesc<bf16[{k90.BLOCK_N},{d_pad}],{k90.z_layout(d_pad)!r}>", "SQN": "*fp32",
+               "OUT": "*fp32", "M_OUT": "*fp32", "S_OUT": "*fp32", "N": "i32", "D": "i32", "COL_CHUNK": "i32",
+               "PARAMS": "*fp32"}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if sig.get(a, "").startswith("*") or a in ("N", "D", "COL_CHUNK")}
+        for variant in k90.VARIANTS:
+            for include in (False, True):
+                consts = dict(VARIANT=variant, INCLUDE_DIAG=include, D_PAD=d_pad, BLOCK_M=k90.BLOCK_M,
+                              BLOCK_N=k90.BLOCK_N, STAGES=k90.STAGES)
+                row = {"kernel": "sm90 gluon", "D_PAD": d_pad, "variant": variant, "include_diag": include,
+                       **compile_sm90(fn, sig, consts, attrs, k90.NUM_WARPS, gluon=True)}
+                rows.append(row)
+                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    bad = [r for r in rows if "error" in r or r["stack"] or r["serialised"] != "no"]
+    print(f"{len(rows)} Gluon variants compiled for sm_90; failures (error, spill or serialised wgmma): {len(bad)}")
+    return rows
 
 
 def compile_check_small() -> list[dict]:
@@ -159,6 +232,8 @@ def compile_check(which: str, dtypes=("bfloat16",)) -> list[dict]:
     TRITON_INTERPRET; returns [] (and says SKIP) where the compiler or cuobjdump is absent."""
     if which == "small":
         return compile_check_small()
+    if which == "sm90":
+        return compile_check_sm90_gluon()
     why = _sm90_toolchain()
     if why:
         print(f"SKIP: {why}")
@@ -218,6 +293,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     splits_list = [1, 2] if args.quick else _parse_ints(args.splits, "--splits")
     lazy_list = [0, 1] if args.quick else _parse_ints(args.lazy, "--lazy")
     repeats = 1 if args.quick else args.repeats
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    bad = [k for k in kernels if k not in tdisp.ROWS_KERNELS]
+    if bad or not kernels:
+        raise SystemExit(f"--kernels: choose from {tdisp.ROWS_KERNELS}, got {args.kernels!r}")
     mm_rate = matmul_rate_gflops(device, dtype) if device == "cuda" else float("nan")
     start = time.perf_counter()
     rows: list[dict] = []
@@ -230,23 +309,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         z = (torch.randn(n, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
         d_pad = max(16, 1 << (d - 1).bit_length())
         configs = [None]  # the library's default launch first
-        if args.quick:
+        if "sm90" in kernels:
+            configs.append("sm90")
+        if "triton" in kernels and args.quick:
             configs.append({"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
-        else:
+        elif "triton" in kernels:
             configs += [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                         for c in tdisp._rows_configs(d_pad, tdisp._fma_layout(dtype))]
         flops = 4.0 * n * n * d
         for cfg in configs:
-            for splits in ([0] if cfg is None else splits_list):
-                for lazy in ([None] if cfg is None else lazy_list):
+            sm90 = cfg == "sm90"
+            for splits in ([0] if cfg is None else ([0] + splits_list) if sm90 else splits_list):
+                for lazy in ([None] if cfg is None or sm90 else lazy_list):
                     if out_of_time():
                         break
-                    label = "default (autotuned)" if cfg is None else "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
+                    if cfg is None:
+                        label = "default (autotuned)"
+                    elif sm90:
+                        label = "sm90 Gluon 64x64 w4"
+                    else:
+                        label = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
                     row = {"N": n, "D": d, "dtype": args.dtype, "config": label,
                            "splits": "auto" if splits == 0 else splits,
-                           "lazy": "env" if lazy is None else lazy}
+                           "lazy": "-" if sm90 else "env" if lazy is None else lazy}
                     kw = dict(_path="rows", _splits=None if splits == 0 else splits,
-                              _lazy=None if lazy is None else bool(lazy), _config=cfg)
+                              _lazy=None if lazy is None else bool(lazy), _config=None if sm90 else cfg,
+                              _kernel="sm90" if sm90 else "triton")
                     if cfg is None and device == "cpu":
                         kw["_autotune"] = False
                     try:
@@ -313,7 +401,7 @@ def args_to_text(args) -> list[str]:
     if args.quick:
         return out + ["--quick"]
     return out + [f"--shapes {args.shapes}", f"--splits {args.splits}", f"--lazy {args.lazy}",
-                  f"--repeats {args.repeats}"] + ([f"--budget-s {args.budget_s:g}"] if args.budget_s else [])
+                  f"--kernels {args.kernels}", f"--repeats {args.repeats}"] + ([f"--budget-s {args.budget_s:g}"] if args.budget_s else [])
 
 
 if __name__ == "__main__":

@@ -135,6 +135,96 @@ def test_rows_path_column_splits_float64_exact(code, include, lazy):
     assert float((grad.double().cpu() - ref_g).abs().max()) <= 1e-9 * float(ref_g.abs().max())
 
 
+@pytest.mark.parametrize("n,splits", [(65, 1), (300, 1), (300, 3), (540, 4), (1000, 3)])
+@pytest.mark.parametrize("code,include", [(0, False), (0, True), (1, False), (1, True)])
+def test_rows_path_sm90_schedule_float64_exact(monkeypatch, n, splits, code, include):
+    """``kernel="sm90"``'s host side and schedule, on the CPU: ``tests/sm90_schedule.py``
+    models the Gluon kernel's control flow (programs, split bounds, the prologue / loop /
+    last-tile order, which tiles are masked) and stands in for its launch, in float64.
+    Against the spec to 1e-9: a dropped or doubled tile, a diagonal pair in an unmasked
+    tile, a wrong last-split bound or a bad one-tile-tail fold (N = 540 with 4 splits:
+    256-column splits and a 28-column tail, folded into the previous split) is off by
+    1e-3 or more. N = 65 is the smallest the kernel takes (two tiles, one of one column)."""
+    from disseg_kernels.triton import dispersive_sm90
+    from sm90_schedule import launch_model
+
+    seen = []
+
+    def launch(*args):
+        seen.append(args[8])  # splits
+        launch_model(*args)
+
+    monkeypatch.setattr(dispersive_sm90, "eligible", lambda *a: None)
+    monkeypatch.setattr(dispersive_sm90, "launch", launch)
+    z = _z(n, 24, torch.float64, seed=20 + n, scale=3.0)
+    z[n // 3] = z[n - 2]  # a duplicate pair, in different tiles
+    loss, grad = tdisp.dispersive_fused_triton(z, code, 0.37, 1.0, include, False, True, _path="rows",
+                                               _splits=splits, _kernel="sm90")
+    assert seen, "the sm90 launch was not used"
+    if (n, splits) == (540, 4):
+        assert seen == [2]
+    ref, ref_g = _ref(z, code, tau=0.37, include=include)
+    assert abs(float(loss) - float(ref)) <= 1e-9 * max(1.0, abs(float(ref)))
+    assert float((grad.double().cpu() - ref_g).abs().max()) <= 1e-9 * float(ref_g.abs().max())
+
+
+def test_sm90_schedule_model_catches_a_one_tile_split():
+    """The schedule model refuses what the kernel cannot run (a split of one column tile:
+    its loop would run once and then take the same tile again as the last one), as the
+    real launch does: the folding in ``_rows_path`` is what keeps it out."""
+    from sm90_schedule import launch_model
+
+    z = _z(64 + 128, 16, torch.float64)
+    out, stats = torch.empty(2, 192, 16, dtype=torch.float64), torch.empty(2, 192, dtype=torch.float64)
+    params = torch.tensor([1.0, 2.0, 1.0, 1e-12], dtype=torch.float64)
+    with pytest.raises(ValueError, match="two or more whole column tiles"):
+        launch_model(z, z.square().sum(1), out, stats, stats.clone(), 192, 16, 128, 2, params, 0, False)
+
+
+def test_sm90_kernel_choice_and_its_errors(monkeypatch):
+    """The row kernel is chosen by ``_kernel`` or DISSEG_TRITON_ROWS_KERNEL ("triton" by
+    default); a name outside the list, or "sm90" where it cannot run, is an error that
+    says why (here: a CPU tensor, float64, hinge, D = 8, N = 64)."""
+    from disseg_kernels.triton import dispersive_sm90
+
+    assert tdisp._rows_kernel_choice(None) == "triton"
+    monkeypatch.setenv("DISSEG_TRITON_ROWS_KERNEL", "sm90")
+    assert tdisp._rows_kernel_choice(None) == "sm90"
+    monkeypatch.setenv("DISSEG_TRITON_ROWS_KERNEL", "wgmma")
+    with pytest.raises(ValueError, match="DISSEG_TRITON_ROWS_KERNEL.*'wgmma'"):
+        tdisp._rows_kernel_choice(None)
+    monkeypatch.delenv("DISSEG_TRITON_ROWS_KERNEL")
+    z = _z(100, 32)
+    with pytest.raises(ValueError, match="sm90 row kernel cannot run"):
+        tdisp.dispersive_fused_triton(z, 0, 0.5, 1.0, False, False, True, _path="rows", _kernel="sm90")
+    if dispersive_sm90._IMPORT_ERROR is None:
+        fake = torch.empty(100, 32, dtype=torch.bfloat16, device="meta")
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        for zz, code, need_grad, match in (
+            (fake.float(), 0, True, "bfloat16"), (fake, 3, True, "infonce_l2sq only"),
+            (fake, 0, False, "always computes the gradient"), (fake[:, :8], 0, True, "got D = 8"),
+            (fake[:64], 0, True, "N > 64"),
+        ):
+            why = dispersive_sm90.eligible(_CudaLike(zz), code, need_grad)
+            assert why is not None and match in why, why
+
+
+class _CudaLike:
+    """A meta tensor that reports a CUDA device (eligible() reads only attributes)."""
+
+    def __init__(self, t):
+        self._t = t
+        self.device = torch.device("cuda")
+        self.dtype = t.dtype
+        self.shape = t.shape
+
+    def is_contiguous(self):
+        return self._t.is_contiguous()
+
+    def data_ptr(self):
+        return 0
+
+
 @pytest.mark.parametrize("block_m,block_n", [(32, 64), (64, 32)])
 def test_rows_path_tile_partition(block_m, block_n):
     """Row blocks that do not line up with the column tiles (32-row blocks over 64-wide
@@ -277,10 +367,11 @@ def test_default_blocks_compile_without_spills_for_sm90():
     _sm90_compile_check("compile_check('defaults', ('bfloat16', 'float32'))", max_stack=8, expect=8)
 
 
-def _sm90_compile_check(call: str, max_stack: int, expect: int) -> None:
+def _sm90_compile_check(call: str, max_stack: int, expect: int, serialised_ok: bool = True) -> None:
     """Run ``benchmarks.bench_dispersive_tiles.<call>`` in a process without
     TRITON_INTERPRET (the interpreter has no compiler): every variant must compile with at
-    most ``max_stack`` bytes of local memory per thread, and ``expect`` variants must."""
+    most ``max_stack`` bytes of local memory per thread (and, unless ``serialised_ok``,
+    with its wgmmas not serialised by ptxas), and ``expect`` variants must."""
     import subprocess
     import sys
     from pathlib import Path
@@ -288,13 +379,27 @@ def _sm90_compile_check(call: str, max_stack: int, expect: int) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     code = (f"from benchmarks.bench_dispersive_tiles import compile_check, compile_check_small; rows = {call}; "
-            f"bad = [r for r in rows if 'error' in r or r['stack'] > {max_stack}]; "
+            f"bad = [r for r in rows if 'error' in r or r['stack'] > {max_stack} "
+            f"or ({not serialised_ok} and r['serialised'] != 'no')]; "
             "print('BAD', bad) if bad else print('CLEAN', len(rows))")
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if "SKIP:" in r.stdout:
         pytest.skip(r.stdout.split("SKIP:", 1)[1].strip())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"CLEAN {expect}" in r.stdout, r.stdout[-3000:]
+
+
+def test_sm90_gluon_kernel_compiles_without_spills_or_serialised_wgmma():
+    """The Gluon Hopper row kernel (dispersive_sm90) compiles for sm_90 at every padded
+    width (16 ... 128), both variants and both diagonal options, with no local-memory
+    spills and no ptxas note that its wgmmas are serialised. Protects the two schedule
+    rules found with this check (docs/dispersive_gpu_floor.md): the weights' bfloat16
+    operand is written only after the previous product is waited for (else C7513), and
+    the column loop has no zero-trip path (else C7515); either makes ptxas wait for
+    every wgmma, which undoes the kernel's overlap. (The Triton row kernel has C7515 at
+    D <= 256: ``--compile-check defaults`` reports it.)"""
+    _sm90_compile_check("__import__('benchmarks.bench_dispersive_tiles', fromlist=['x'])"
+                        ".compile_check_sm90_gluon()", max_stack=0, expect=16, serialised_ok=False)
 
 
 def test_small_path_kernels_compile_without_spills_for_sm90():
@@ -374,3 +479,32 @@ def test_gpu_many_samples_large(backend, dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert float(loss) == pytest.approx(float(ref), rel=tol)
     assert float((grad.double().cpu() - ref_g).abs().max()) <= tol * float(ref_g.abs().max())
+
+
+_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _HOPPER, reason="the sm90 Gluon row kernel needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("n,d,splits", [(300, 128, None), (4099, 40, None), (5000, 64, 3), (540, 128, 4),
+                                        (16384, 128, None)])
+@pytest.mark.parametrize("code,include", [(0, False), (1, True)])
+def test_gpu_sm90_rows_kernel_matches_reference_and_triton(n, d, splits, code, include):
+    """The Gluon Hopper row kernel (``_kernel="sm90"``, bf16) against the float64 spec
+    (N <= 5000; 2e-2 of the largest gradient, the bf16 bar of the row tests) and against
+    the Triton row kernel on the same input (5e-3: both round the weights to bf16 once;
+    only the fp32 summation order differs). Ragged last tiles (N = 300, 4099), D not a
+    power of two (40), column splits with a folded one-tile tail (540 with 4 splits), and
+    N = 16,384 (the Triton kernel only)."""
+    z = _z(n, d, torch.bfloat16, seed=n + d, scale=3.0).cuda()
+    z[n // 3] = z[n - 2]  # a duplicate pair
+    kw = dict(_path="rows", _splits=splits)
+    loss, grad = tdisp.dispersive_fused_triton(z, code, 0.5, 1.0, include, False, True, _kernel="sm90", **kw)
+    assert torch.isfinite(grad).all()
+    t_loss, t_grad = tdisp.dispersive_fused_triton(z, code, 0.5, 1.0, include, False, True, _kernel="triton", **kw)
+    gmax = float(t_grad.float().abs().max())
+    assert abs(float(loss) - float(t_loss)) <= 5e-3 * max(1.0, abs(float(t_loss)))
+    assert float((grad.float() - t_grad.float()).abs().max()) <= 5e-3 * gmax
+    if n <= 5000:
+        ref, ref_g = _ref(z, code, include=include)
+        assert abs(float(loss) - float(ref)) <= 2e-2 * max(1.0, abs(float(ref)))
+        assert float((grad.double().cpu() - ref_g).abs().max()) <= 2e-2 * float(ref_g.abs().max())

@@ -510,11 +510,35 @@ def _dot_settings(dtype: torch.dtype):
     return tl.float32, "ieee", tl.float32, "tf32"
 
 
+ROWS_KERNELS = ("triton", "sm90")
+
+
+def _rows_kernel_choice(kernel: str | None) -> str:
+    """The row kernel asked for: ``kernel``, else ``DISSEG_TRITON_ROWS_KERNEL``, else
+    "triton". "sm90" is the Gluon kernel of ``dispersive_sm90`` (Hopper, opt-in until it
+    has been timed on a GPU)."""
+    if kernel is None:
+        kernel = os.environ.get("DISSEG_TRITON_ROWS_KERNEL", "") or "triton"
+    if kernel not in ROWS_KERNELS:
+        raise ValueError(f"the row kernel must be one of {ROWS_KERNELS} (argument or DISSEG_TRITON_ROWS_KERNEL), "
+                         f"got {kernel!r}")
+    return kernel
+
+
 def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, autotune=None,
-               splits=None, lazy=None, config=None):
+               splits=None, lazy=None, config=None, kernel=None):
     """The many-samples path. ``splits`` (column splits), ``lazy`` (conditional rescaling)
     and ``config`` (a fixed {BLOCK_M, BLOCK_N, num_warps, num_stages}) are for tests and
-    benchmark sweeps; None means the heuristic / ``DISSEG_TRITON_LAZY`` / autotuning."""
+    benchmark sweeps; None means the heuristic / ``DISSEG_TRITON_LAZY`` / autotuning.
+    ``kernel`` picks the row kernel (``_rows_kernel_choice``); "sm90" ignores ``lazy``,
+    ``config`` and ``autotune`` (its blocks are fixed)."""
+    kernel = _rows_kernel_choice(kernel)
+    if kernel == "sm90":
+        from . import dispersive_sm90
+
+        why = dispersive_sm90.eligible(z, variant, need_grad)
+        if why is not None:
+            raise ValueError(f"the sm90 row kernel cannot run this call: {why}")
     n, d = z.shape
     acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     zf = z if z.dtype == acc_dtype else z.to(acc_dtype)
@@ -539,6 +563,8 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
         raise ValueError(f"splits must be an int >= 1, got {splits!r}")
     col_chunk = triton.cdiv(triton.cdiv(n, splits), _SPLIT_QUANTUM) * _SPLIT_QUANTUM
     splits = triton.cdiv(n, col_chunk)  # no empty split
+    if kernel == "sm90" and splits > 1 and n - (splits - 1) * col_chunk <= dispersive_sm90.BLOCK_N:
+        splits -= 1  # its last split runs to N and needs two column tiles: fold a one-tile tail into it
     if lazy is None:
         lazy = os.environ.get("DISSEG_TRITON_LAZY", "0") == "1"
 
@@ -558,7 +584,9 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
     )
     if autotune is None:
         autotune = config is None and _autotune_enabled()
-    if autotune:
+    if kernel == "sm90":
+        dispersive_sm90.launch(z, sqn, out, m_out, s_out, n, d, col_chunk, splits, params, variant, include_diagonal)
+    elif autotune:
         grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), n_dchunks, splits)  # noqa: E731
         _tuned_rows_kernel(d_pad, fma)[grid](*args, **meta)
     else:
@@ -863,11 +891,12 @@ def dispersive_fused_triton(
     _splits: int | None = None,
     _lazy: bool | None = None,
     _config: dict | None = None,
+    _kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, dL/dz) of a contiguous (N, D) z; the contract of torch.ops.disseg.dispersive_fused.
 
-    ``_path`` ("auto", "small", "rows"), ``_autotune``, ``_splits``, ``_lazy`` and ``_config``
-    (see ``_rows_path``) are for tests and benchmarks.
+    ``_path`` ("auto", "small", "rows"), ``_autotune``, ``_splits``, ``_lazy``, ``_config``
+    and ``_kernel`` (see ``_rows_path``) are for tests and benchmarks.
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"z must be a 2-D (N, D) tensor, got {getattr(z, 'shape', type(z))}")
@@ -898,7 +927,7 @@ def dispersive_fused_triton(
         loss, grad = _small_path(z, variant_code, float(tau), float(margin), include_diagonal, scale, need_grad)
     else:
         loss, grad = _rows_path(z, variant_code, float(tau), float(margin), include_diagonal, scale, need_grad,
-                                autotune=_autotune, splits=_splits, lazy=_lazy, config=_config)
+                                autotune=_autotune, splits=_splits, lazy=_lazy, config=_config, kernel=_kernel)
     loss_dtype = torch.float32 if z.dtype in _HALF else z.dtype
     loss = loss.to(loss_dtype)
     if need_grad:
