@@ -94,13 +94,16 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _pair_weights(
-        s, n_i, SQN, N, start_n, row0, m_i, s_i,
+        s, n_i, SQN, N, start_n, row0, masked, m_i, s_i,
         scale, dup_eps, c2,
-        mma_s: gl.constexpr, VARIANT: gl.constexpr, INCLUDE_DIAG: gl.constexpr, MASKED: gl.constexpr,
+        mma_s: gl.constexpr, VARIANT: gl.constexpr, INCLUDE_DIAG: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     ):
         """One tile's scalar work (the Triton kernel's ``_rows_tile`` after its Gram product):
-        returns the float32 weights, the rescale factor alpha and the updated (m, s)."""
+        returns the float32 weights, the rescale factor alpha and the updated (m, s).
+        ``masked`` (a run-time flag, true on the tiles that meet the diagonal or end past
+        N) applies the masks in one branch that changes only the exponent and the weight
+        factor, so the rest of the code is not compiled twice."""
         col_l: gl.constexpr = gl.SliceLayout(0, mma_s)
         cols = start_n + gl.arange(0, BLOCK_N, layout=col_l)
         col_ok = cols < N
@@ -108,31 +111,29 @@ if _IMPORT_ERROR is None:
         nsum = n_i[:, None] + n_j[None, :]
         d2 = nsum - 2.0 * s
         dup = d2 <= dup_eps * nsum
-        if MASKED:
-            local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_s))[:, None] + (row0 - start_n)
-            on_diag = local == gl.arange(0, BLOCK_N, layout=col_l)[None, :]
-            if INCLUDE_DIAG:
-                dup = dup | on_diag
+        # f: the factor that turns p into the weight; 0 on duplicates (their subgradient)
         if VARIANT == 1:
+            f = gl.where(dup, 0.0, 1.0)
             dd = gl.where(dup, 0.0, d2)
         else:
-            rs = gl.where(dup, 0.0, gl.rsqrt(d2))
-            dd = d2 * rs
+            f = gl.where(dup, 0.0, gl.rsqrt(d2))
+            dd = d2 * f
         e2 = dd * c2  # c2 = -scale / tau * log2(e)
-        if MASKED:
-            e2 = gl.where(col_ok[None, :], e2, float("-inf"))
-            if not INCLUDE_DIAG:
+        if masked:
+            local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_s))[:, None] + (row0 - start_n)
+            on_diag = local == gl.arange(0, BLOCK_N, layout=col_l)[None, :]
+            if INCLUDE_DIAG:  # the pair (i, i): d = 0 exactly, weight 0
+                e2 = gl.where(on_diag, 0.0, e2)
+                f = gl.where(on_diag, 0.0, f)
+            else:
                 e2 = gl.where(on_diag, float("-inf"), e2)
+            e2 = gl.where(col_ok[None, :], e2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(e2, 1))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_use)
         p = gl.exp2(e2 - m_use[:, None])
         s_i = s_i * alpha + gl.sum(p, 1)
-        if VARIANT == 0:
-            w = p * rs
-        else:
-            w = gl.where(dup, 0.0, p)
-        return w, alpha, m_new, s_i
+        return p * f, alpha, m_new, s_i
 
     @gluon.jit
     def _weights_operand(w, alpha, r_i, w_l: gl.constexpr):
@@ -229,14 +230,9 @@ if _IMPORT_ERROR is None:
             s_next = warpgroup_mma(zi_smem, zj_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
                                    is_async=True)
             # 2. This tile's weights.
-            if (start_n > diag_lo) & (start_n < diag_hi):
-                w, alpha, m_i, s_i = _pair_weights(s_cur, n_i, SQN, N, start_n, row0, m_i, s_i, scale,
-                                                         dup_eps, c2, mma_s, VARIANT, INCLUDE_DIAG, True,
-                                                         BLOCK_M, BLOCK_N)
-            else:
-                w, alpha, m_i, s_i = _pair_weights(s_cur, n_i, SQN, N, start_n, row0, m_i, s_i, scale,
-                                                         dup_eps, c2, mma_s, VARIANT, INCLUDE_DIAG, False,
-                                                         BLOCK_M, BLOCK_N)
+            masked = (start_n > diag_lo) & (start_n < diag_hi)
+            w, alpha, m_i, s_i = _pair_weights(s_cur, n_i, SQN, N, start_n, row0, masked, m_i, s_i, scale, dup_eps,
+                                               c2, mma_s, VARIANT, INCLUDE_DIAG, BLOCK_M, BLOCK_N)
             # 3. Both products in flight are done: the previous weights' product (its slot
             #    takes the tile STAGES - 1 ahead of it) and S(t+1). A wait for zero
             #    outstanding: with one, ptxas serialises every wgmma of the kernel (C7514).
@@ -254,8 +250,8 @@ if _IMPORT_ERROR is None:
         # The last tile (it always holds column N - 1 or the split's end: masked).
         t_last = n_tiles - 1
         start_n = lo + t_last * BLOCK_N
-        w, alpha, m_i, s_i = _pair_weights(s_cur, n_i, SQN, N, start_n, row0, m_i, s_i, scale, dup_eps,
-                                                 c2, mma_s, VARIANT, INCLUDE_DIAG, True, BLOCK_M, BLOCK_N)
+        w, alpha, m_i, s_i = _pair_weights(s_cur, n_i, SQN, N, start_n, row0, True, m_i, s_i, scale, dup_eps,
+                                           c2, mma_s, VARIANT, INCLUDE_DIAG, BLOCK_M, BLOCK_N)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         wv, r_i = _weights_operand(w, alpha, r_i, w_l)
