@@ -35,7 +35,7 @@ import torch
 from benchmarks.bench_dispersive import _median_ms, _parse_shapes, machine_name, matmul_rate_gflops, write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIELDS = ["N", "D", "dtype", "config", "splits", "lazy", "ms", "tflops", "pct_matmul", "note"]
+FIELDS = ["N", "D", "dtype", "config", "splits", "lazy", "loop", "ms", "tflops", "pct_matmul", "note"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="16384x256,16384x128,65536x128")
     p.add_argument("--splits", default="1,2,4", help="column splits to try (0 = the library's heuristic)")
     p.add_argument("--lazy", default="0,1", help="lazy rescaling off/on")
+    p.add_argument("--loops", default="segments",
+                   help="the Triton kernel's column loop: segments (the default form) and/or one (one loop, "
+                        "run-time masks; its wgmmas are not serialised by ptxas)")
     p.add_argument("--kernels", default="triton",
                    help="row kernels: triton (the autotune list) and/or sm90 (the Gluon Hopper kernel, "
                         "disseg_kernels/triton/dispersive_sm90.py), timed right after the default launch")
@@ -225,7 +228,7 @@ def compile_check_small() -> list[dict]:
     return rows
 
 
-def compile_check(which: str, dtypes=("bfloat16",)) -> list[dict]:
+def compile_check(which: str, dtypes=("bfloat16",), loops=("segments", "one")) -> list[dict]:
     """Compile the row kernel (infonce_l2, gradient on) for sm_90 for each D of
     CHECK_WIDTHS and each block config (the fixed default, or the autotune list), and read
     registers / stack bytes / HGMMA count from the cubin. Needs a process without
@@ -256,7 +259,9 @@ def compile_check(which: str, dtypes=("bfloat16",)) -> list[dict]:
             cfgs = tdisp._rows_configs(d_pad, fma)
             if which == "defaults":
                 cfgs = cfgs[:1]
-            for c in cfgs:
+            forms = [o for o in (False, True) if ("one" if o else "segments") in loops
+                     and (not o or tdisp._one_loop_applies(0, single, 0, False))]
+            for c, one_loop in ((c, o) for c in cfgs for o in forms):
                 sig, attrs = {}, {}
                 for i, name in enumerate(fn.arg_names):
                     if name in ptr_types:
@@ -268,9 +273,9 @@ def compile_check(which: str, dtypes=("bfloat16",)) -> list[dict]:
                 consts = dict(VARIANT=0, INCLUDE_DIAG=False, NEED_GRAD=True, SINGLE_K=single, DIRECT_D=0,
                               BLOCK_K=block_k, BLOCK_DO=block_do, ACC=acc,
                               GRAM_PREC=gram_prec, PV_DTYPE=pv_dtype, PV_PREC=pv_prec, TF32_ROUND=pv_prec == "tf32",
-                              UPCAST=False, LAZY=False, **c.kwargs)
+                              UPCAST=False, LAZY=False, ONE_LOOP=one_loop, **c.kwargs)
                 label = "{BLOCK_M}x{BLOCK_N} w{w} s{s}".format(w=c.num_warps, s=c.num_stages, **c.kwargs)
-                row = {"dtype": dtype_name, "D": d, "config": label}
+                row = {"dtype": dtype_name, "D": d, "config": label, "loop": "one" if one_loop else "segments"}
                 row.update(compile_sm90(fn, sig, consts, attrs, c.num_warps, c.num_stages))
                 rows.append(row)
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
@@ -292,6 +297,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shapes = [(256, 16), (200, 32)] if args.quick else _parse_shapes(args.shapes)
     splits_list = [1, 2] if args.quick else _parse_ints(args.splits, "--splits")
     lazy_list = [0, 1] if args.quick else _parse_ints(args.lazy, "--lazy")
+    loops_list = [x.strip() for x in args.loops.split(",") if x.strip()]
+    if not loops_list or any(x not in ("segments", "one") for x in loops_list):
+        raise SystemExit(f"--loops: choose from segments,one; got {args.loops!r}")
     repeats = 1 if args.quick else args.repeats
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     bad = [k for k in kernels if k not in tdisp.ROWS_KERNELS]
@@ -317,44 +325,51 @@ def main(argv: list[str] | None = None) -> list[dict]:
             configs += [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                         for c in tdisp._rows_configs(d_pad, tdisp._fma_layout(dtype))]
         flops = 4.0 * n * n * d
+        first = None  # the first launch's (loss, grad): every later one is checked against it
         for cfg in configs:
             sm90 = cfg == "sm90"
-            for splits in ([0] if cfg is None else ([0] + splits_list) if sm90 else splits_list):
-                for lazy in ([None] if cfg is None or sm90 else lazy_list):
-                    if out_of_time():
-                        break
-                    if cfg is None:
-                        label = "default (autotuned)"
-                    elif sm90:
-                        label = "sm90 Gluon 64x64 w4"
-                    else:
-                        label = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
-                    row = {"N": n, "D": d, "dtype": args.dtype, "config": label,
-                           "splits": "auto" if splits == 0 else splits,
-                           "lazy": "-" if sm90 else "env" if lazy is None else lazy}
-                    kw = dict(_path="rows", _splits=None if splits == 0 else splits,
-                              _lazy=None if lazy is None else bool(lazy), _config=None if sm90 else cfg,
-                              _kernel="sm90" if sm90 else "triton")
-                    if cfg is None and device == "cpu":
-                        kw["_autotune"] = False
-                    try:
-                        fn = lambda: tdisp.dispersive_fused_triton(z, 0, 0.5, 1.0, False, False, True, **kw)  # noqa: E731
-                        loss, grad = fn()
-                        if cfg is None:
-                            first = (float(loss), grad.float())
-                        else:  # a fast configuration must also be a correct one
-                            dl = abs(float(loss) - first[0]) / max(1.0, abs(first[0]))
-                            dg = float((grad.float() - first[1]).abs().max() / first[1].abs().max().clamp_min(1e-30))
-                            if dl > 1e-3 or dg > 3e-2:
-                                row["note"] = f"MISMATCH with the default launch: loss {dl:.1e}, grad {dg:.1e}"
-                        ms = _median_ms(fn, device, repeats)
-                        row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
-                        if mm_rate == mm_rate:
-                            row["pct_matmul"] = 100.0 * row["tflops"] * 1e3 / mm_rate
-                    except Exception as exc:  # a configuration that does not fit: record and go on
-                        row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-                    rows.append(row)
-                    print(" ".join(f"{k}={row.get(k, '')}" for k in FIELDS if row.get(k, "") != ""), flush=True)
+            if cfg is None:
+                combos = [(0, None, lp) for lp in loops_list]
+            elif sm90:
+                combos = [(sp, None, "-") for sp in [0] + splits_list]
+            else:  # the one-loop form has no lazy rescale
+                combos = [(sp, lz, lp) for sp in splits_list for lz in lazy_list for lp in loops_list
+                          if not (lz and lp == "one")]
+            for splits, lazy, loop in combos:
+                if out_of_time():
+                    break
+                if cfg is None:
+                    label = "default (autotuned)"
+                elif sm90:
+                    label = "sm90 Gluon 64x64 w4"
+                else:
+                    label = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
+                row = {"N": n, "D": d, "dtype": args.dtype, "config": label,
+                       "splits": "auto" if splits == 0 else splits,
+                       "lazy": "-" if sm90 else "env" if lazy is None else lazy, "loop": loop}
+                kw = dict(_path="rows", _splits=None if splits == 0 else splits,
+                          _lazy=None if lazy is None else bool(lazy), _config=None if sm90 else cfg,
+                          _kernel="sm90" if sm90 else "triton", _loop=None if sm90 else loop)
+                if cfg is None and device == "cpu":
+                    kw["_autotune"] = False
+                try:
+                    fn = lambda: tdisp.dispersive_fused_triton(z, 0, 0.5, 1.0, False, False, True, **kw)  # noqa: E731
+                    loss, grad = fn()
+                    if first is None:
+                        first = (float(loss), grad.float())
+                    else:  # a fast configuration must also be a correct one
+                        dl = abs(float(loss) - first[0]) / max(1.0, abs(first[0]))
+                        dg = float((grad.float() - first[1]).abs().max() / first[1].abs().max().clamp_min(1e-30))
+                        if dl > 1e-3 or dg > 3e-2:
+                            row["note"] = f"MISMATCH with the default launch: loss {dl:.1e}, grad {dg:.1e}"
+                    ms = _median_ms(fn, device, repeats)
+                    row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+                    if mm_rate == mm_rate:
+                        row["pct_matmul"] = 100.0 * row["tflops"] * 1e3 / mm_rate
+                except Exception as exc:  # a configuration that does not fit: record and go on
+                    row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                rows.append(row)
+                print(" ".join(f"{k}={row.get(k, '')}" for k in FIELDS if row.get(k, "") != ""), flush=True)
     _write(rows, args, device, mm_rate, time.perf_counter() - start, out_of_time())
     return rows
 
@@ -381,15 +396,17 @@ def _write(rows, args, device, mm_rate, elapsed, truncated) -> None:
         f"- measured matmul rate ({args.dtype}): {mm_rate / 1e3:.1f} TFLOP/s" if mm_rate == mm_rate else "- matmul rate: not measured (CPU)",
         "- command: `python -m benchmarks.bench_dispersive_tiles " + " ".join(args_to_text(args)) + "`",
         f"- sweep time {elapsed:.0f} s" + (" (stopped early by --budget-s: the list is incomplete)" if truncated else ""),
-        "- TFLOP/s on the 4·N²·D basis; config = BLOCK_M x BLOCK_N, warps, pipeline stages; splits = column splits",
+        "- TFLOP/s on the 4·N²·D basis; config = BLOCK_M x BLOCK_N, warps, pipeline stages; splits = column splits; "
+        "loop = the Triton kernel's column loop (segments / one: run-time masks, wgmmas not serialised)",
         "",
-        "| N | D | config | splits | lazy | ms | TFLOP/s | % of matmul | note |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "| N | D | config | splits | lazy | loop | ms | TFLOP/s | % of matmul | note |",
+        "|---:|---:|---|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
         mark = " **best**" if best.get((r["N"], r["D"])) is r else ""
         lines.append(
-            f"| {r['N']} | {r['D']} | {r['config']}{mark} | {r['splits']} | {r['lazy']} | {_fmt(r.get('ms'), '.3f')} | "
+            f"| {r['N']} | {r['D']} | {r['config']}{mark} | {r['splits']} | {r['lazy']} | {r.get('loop', '')} | "
+            f"{_fmt(r.get('ms'), '.3f')} | "
             f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('pct_matmul'), '.1f')} | {r.get('note', '')} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -399,9 +416,9 @@ def _write(rows, args, device, mm_rate, elapsed, truncated) -> None:
 def args_to_text(args) -> list[str]:
     out = [f"--device {args.device}", f"--dtype {args.dtype}"]
     if args.quick:
-        return out + ["--quick"]
+        return out + ["--quick", f"--loops {args.loops}", f"--kernels {args.kernels}"]
     return out + [f"--shapes {args.shapes}", f"--splits {args.splits}", f"--lazy {args.lazy}",
-                  f"--kernels {args.kernels}", f"--repeats {args.repeats}"] + ([f"--budget-s {args.budget_s:g}"] if args.budget_s else [])
+                  f"--loops {args.loops}", f"--kernels {args.kernels}", f"--repeats {args.repeats}"] + ([f"--budget-s {args.budget_s:g}"] if args.budget_s else [])
 
 
 if __name__ == "__main__":

@@ -135,6 +135,48 @@ def test_rows_path_column_splits_float64_exact(code, include, lazy):
     assert float((grad.double().cpu() - ref_g).abs().max()) <= 1e-9 * float(ref_g.abs().max())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,splits,cfg", [(161, 1, (64, 64)), (300, 3, (64, 64)), (161, 2, (32, 64)),
+                                          (161, 2, (64, 32))])
+@pytest.mark.parametrize("code,include", [(0, False), (0, True), (1, False), (1, True)])
+def test_rows_path_one_loop_equals_segments(dtype, n, splits, cfg, code, include):
+    """The Triton row kernel's ONE_LOOP form (one column loop, the masks in a run-time
+    branch; ``_loop="one"``) computes what the four-segment form computes, to the bit: the
+    same operations on the same values, only the masked tiles chosen at run time. Ragged N,
+    column splits, row blocks that do not line up with the column tiles (the diagonal
+    across two or three tiles), both diagonal options; a duplicate pair. And both against
+    the float64 spec (the bar of the half-precision row tests)."""
+    z = _z(n, 40, dtype, seed=n + code, scale=2.0)
+    z[5] = z[n - 3]
+    c = {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "num_warps": 4, "num_stages": 1}
+    out = {}
+    for loop in ("segments", "one"):
+        out[loop] = tdisp.dispersive_fused_triton(z, code, 0.5, 1.0, include, False, True, _path="rows",
+                                                  _splits=splits, _config=c, _loop=loop)
+    assert torch.equal(out["one"][0], out["segments"][0])
+    assert torch.equal(out["one"][1], out["segments"][1])
+    ref, ref_g = _ref(z, code, include=include)
+    loss, grad = out["one"]
+    assert abs(float(loss) - float(ref)) <= 2e-2 * max(1.0, abs(float(ref)))
+    assert float((grad.double().cpu() - ref_g).abs().max()) <= 2e-2 * float(ref_g.abs().max())
+
+
+def test_rows_loop_choice(monkeypatch):
+    """DISSEG_TRITON_LOOP / ``_loop`` pick the column loop ("segments" by default); any other
+    name is an error naming the choices; the form applies only to infonce_l2 / l2sq on the
+    tensor-core layout without the lazy rescale."""
+    assert tdisp._rows_loop_choice(None) == "segments"
+    monkeypatch.setenv("DISSEG_TRITON_LOOP", "one")
+    assert tdisp._rows_loop_choice(None) == "one"
+    monkeypatch.setenv("DISSEG_TRITON_LOOP", "single")
+    with pytest.raises(ValueError, match="DISSEG_TRITON_LOOP.*'single'"):
+        tdisp._rows_loop_choice(None)
+    assert tdisp._one_loop_applies(0, True, 0, False) and tdisp._one_loop_applies(1, True, 0, False)
+    assert not tdisp._one_loop_applies(2, True, 0, False) and not tdisp._one_loop_applies(3, True, 0, False)
+    assert not tdisp._one_loop_applies(0, False, 0, False) and not tdisp._one_loop_applies(0, True, 5, False)
+    assert not tdisp._one_loop_applies(0, True, 0, True)
+
+
 @pytest.mark.parametrize("n,splits", [(65, 1), (300, 1), (300, 3), (540, 4), (1000, 3)])
 @pytest.mark.parametrize("code,include", [(0, False), (0, True), (1, False), (1, True)])
 def test_rows_path_sm90_schedule_float64_exact(monkeypatch, n, splits, code, include):
@@ -364,7 +406,17 @@ def test_default_blocks_compile_without_spills_for_sm90():
     gave ptxas 32 registers and 8-23 KB of local memory per thread, and bf16 at D = 256
     spilled 312 B with the old 64x64/4-warp default. Compiled on the CPU with Triton's
     bundled ptxas (no GPU needed), in a process without TRITON_INTERPRET."""
-    _sm90_compile_check("compile_check('defaults', ('bfloat16', 'float32'))", max_stack=8, expect=8)
+    _sm90_compile_check("compile_check('defaults', ('bfloat16', 'float32'), ('segments',))", max_stack=8, expect=8)
+
+
+def test_one_loop_form_compiles_without_serialised_wgmma_for_sm90():
+    """The Triton row kernel's ONE_LOOP form (``_loop="one"``) at the default blocks, bf16,
+    D = 64 and 128: no spills, and ptxas does not serialise its wgmmas, where the
+    four-segment form's are (C7515: its possibly-empty segment loops set the accumulator's
+    registers on paths where a wgmma may be in flight). D = 256 is left out: with Triton
+    3.9 its one-loop form spills 120 B (3.6, the GPU image's, does not)."""
+    _sm90_compile_check("[r for r in compile_check('defaults', ('bfloat16',), ('one',)) if r['D'] <= 128]",
+                        max_stack=0, expect=2, serialised_ok=False)
 
 
 def _sm90_compile_check(call: str, max_stack: int, expect: int, serialised_ok: bool = True) -> None:
@@ -508,3 +560,21 @@ def test_gpu_sm90_rows_kernel_matches_reference_and_triton(n, d, splits, code, i
         ref, ref_g = _ref(z, code, include=include)
         assert abs(float(loss) - float(ref)) <= 2e-2 * max(1.0, abs(float(ref)))
         assert float((grad.double().cpu() - ref_g).abs().max()) <= 2e-2 * float(ref_g.abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n,d", [(4099, 128), (16384, 64), (3000, 256)])
+@pytest.mark.parametrize("code,include", [(0, False), (1, True)])
+def test_gpu_one_loop_form_matches_segments(n, d, code, include):
+    """The Triton row kernel's one-loop form (``_loop="one"``: its wgmmas are not serialised
+    at sm_90) against the four-segment form, compiled for the GPU at the autotuned blocks,
+    bf16: the same operations on the same values, so equal up to fp32 contraction and
+    summation order: the loss to 1e-5, the bf16 gradient to two units in its last place
+    (the interpreter test asks for bit equality)."""
+    z = _z(n, d, torch.bfloat16, seed=n + d + code, scale=3.0).cuda()
+    z[n // 2] = z[7]
+    seg = tdisp.dispersive_fused_triton(z, code, 0.5, 1.0, include, False, True, _path="rows", _loop="segments")
+    one = tdisp.dispersive_fused_triton(z, code, 0.5, 1.0, include, False, True, _path="rows", _loop="one")
+    assert abs(float(one[0]) - float(seg[0])) <= 1e-5 * max(1.0, abs(float(seg[0])))
+    g1, g0 = one[1].float(), seg[1].float()
+    assert bool(((g1 - g0).abs() <= 2.0**-7 * g0.abs() + 1e-6 * float(g0.abs().max())).all())

@@ -85,12 +85,17 @@ def _rows_tile(
     PV_DTYPE: tl.constexpr, PV_PREC: tl.constexpr, TF32_ROUND: tl.constexpr, UPCAST: tl.constexpr,
     LAZY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,  # the tile crosses the diagonal or the last column: apply the masks
+    ONE_LOOP: tl.constexpr = False,  # the masks depend on masked_rt, a run-time flag (see the kernel)
+    masked_rt=False,
 ):
     """One BLOCK_M x BLOCK_N tile of pairs: returns the updated (m_i, s_i, r_i, acc).
 
     Unmasked tiles (the vast majority) lie fully inside [0, N) and off the diagonal, so
     they skip the validity mask and the diagonal test. Rows past N are never masked: they
-    read zeros, stay finite, and are never stored.
+    read zeros, stay finite, and are never stored. With ONE_LOOP (infonce_l2 / l2sq, all
+    of D in one tile) the column loads are always masked and the masks are applied in one
+    run-time branch on ``masked_rt``, which changes only the exponent, the weight factor
+    and the duplicate flags.
     """
     cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < N
@@ -111,7 +116,7 @@ def _rows_tile(
                 diff = zik[:, None] - zjk[None, :]
                 d2x += diff * diff
     elif SINGLE_K:
-        if MASKED:
+        if MASKED or ONE_LOOP:
             zj = tl.load(Z + cols[:, None] * D + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < D), other=0.0)
         else:
             zj = tl.load(Z + cols[:, None] * D + ks[None, :], mask=ks[None, :] < D, other=0.0)
@@ -172,6 +177,18 @@ def _rows_tile(
             dd = d2 * rs
         d = scale * dd
         e2 = dd * (-scale * e_scale)
+        if ONE_LOOP:
+            if masked_rt:
+                local_rt = tl.arange(0, BLOCK_M)[:, None] + (row0 - start_n)
+                diag_rt = local_rt == tl.arange(0, BLOCK_N)[None, :]
+                if INCLUDE_DIAG:  # the pair (i, i): d = 0 exactly, weight 0
+                    e2 = tl.where(diag_rt, 0.0, e2)
+                    dup = dup | diag_rt
+                    if VARIANT == 0:
+                        rs = tl.where(diag_rt, 0.0, rs)
+                else:
+                    e2 = tl.where(diag_rt, float("-inf"), e2)
+                e2 = tl.where(col_ok[None, :], e2, float("-inf"))
 
     if VARIANT == 3:
         h = tl.maximum(margin - d, 0.0)
@@ -287,6 +304,7 @@ def _dispersive_rows_kernel(
     LAZY: tl.constexpr,  # rescale the accumulator only when a row maximum grows by > 2^8
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False,  # one column loop with run-time masks (``_one_loop_applies``)
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -333,24 +351,39 @@ def _dispersive_rows_kernel(
         full_end = tl.minimum(hi, (N // BLOCK_N) * BLOCK_N)
         dlo = tl.minimum(tl.maximum((row0 // BLOCK_N) * BLOCK_N, lo), full_end)
         dhi = tl.minimum(tl.maximum(((row0 + BLOCK_M + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo), full_end)
-    # Four column segments: unmasked [lo, dlo), masked [dlo, dhi), unmasked [dhi, full_end),
-    # masked [full_end, hi). The segment index is a compile-time constant (static_range),
-    # so each segment's loop is compiled with its own MASKED.
-    for seg in tl.static_range(4):
-        if seg == 0:
-            seg_lo, seg_hi = lo, dlo
-        elif seg == 1:
-            seg_lo, seg_hi = dlo, dhi
-        elif seg == 2:
-            seg_lo, seg_hi = dhi, full_end
-        else:
-            seg_lo, seg_hi = full_end, hi
-        for start_n in range(seg_lo, seg_hi, BLOCK_N):
+    if ONE_LOOP:
+        # One loop over the split's tiles, the masks in a run-time branch. Its trip count is
+        # at least 1 to the compiler (every split has columns): the four possibly-empty
+        # segment loops below give ptxas paths that set the accumulator's registers while
+        # a wgmma may be in flight, and it then serialises every wgmma of the kernel
+        # (C7515, ``bench_dispersive_tiles --compile-check``).
+        for t in range(0, tl.maximum(tl.cdiv(hi - lo, BLOCK_N), 1)):
+            start_n = lo + t * BLOCK_N
+            masked_rt = ((start_n > row0 - BLOCK_N) & (start_n < row0 + BLOCK_M)) | (start_n + BLOCK_N > N)
             m_i, s_i, r_i, acc = _rows_tile(
                 start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
                 m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
                 VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
-                TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, seg % 2 == 1)
+                TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, False, True, masked_rt)
+    else:
+        # Four column segments: unmasked [lo, dlo), masked [dlo, dhi), unmasked [dhi, full_end),
+        # masked [full_end, hi). The segment index is a compile-time constant (static_range),
+        # so each segment's loop is compiled with its own MASKED.
+        for seg in tl.static_range(4):
+            if seg == 0:
+                seg_lo, seg_hi = lo, dlo
+            elif seg == 1:
+                seg_lo, seg_hi = dlo, dhi
+            elif seg == 2:
+                seg_lo, seg_hi = dhi, full_end
+            else:
+                seg_lo, seg_hi = full_end, hi
+            for start_n in range(seg_lo, seg_hi, BLOCK_N):
+                m_i, s_i, r_i, acc = _rows_tile(
+                    start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
+                    m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
+                    VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
+                    TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, seg % 2 == 1)
 
     stat = pid_s.to(tl.int64) * N + rows
     if pid_d == 0:
@@ -433,7 +466,7 @@ def _tuned_rows_kernel(d_pad: int, fma: bool = False):
     if (d_pad, fma) not in _TUNED:
         _TUNED[(d_pad, fma)] = triton.autotune(
             configs=_rows_configs(d_pad, fma),
-            key=["D", "N_BUCKET", "COL_CHUNK", "VARIANT", "INCLUDE_DIAG", "NEED_GRAD", "LAZY"],
+            key=["D", "N_BUCKET", "COL_CHUNK", "VARIANT", "INCLUDE_DIAG", "NEED_GRAD", "LAZY", "ONE_LOOP"],
         )(_dispersive_rows_kernel)
     return _TUNED[(d_pad, fma)]
 
@@ -525,14 +558,39 @@ def _rows_kernel_choice(kernel: str | None) -> str:
     return kernel
 
 
+ROWS_LOOPS = ("segments", "one")
+
+
+def _one_loop_applies(variant: int, single_k: bool, direct_d: int, lazy: bool) -> bool:
+    """Where the row kernel's ONE_LOOP form exists: infonce_l2 / l2sq on the tensor-core
+    layout (all of D in one tile, the Gram trick), without the lazy rescale."""
+    return variant in (INFONCE_L2, INFONCE_L2SQ) and single_k and direct_d == 0 and not lazy
+
+
+def _rows_loop_choice(loop: str | None) -> str:
+    """The Triton row kernel's column loop: ``loop``, else ``DISSEG_TRITON_LOOP``, else
+    "segments" (four loops, the masks compiled in or out; measured on the H200). "one"
+    (one loop, run-time masks: the form whose wgmmas ptxas does not serialise) is opt-in
+    until a GPU run has timed it; it applies where ``_one_loop_applies``, elsewhere the
+    segments run."""
+    if loop is None:
+        loop = os.environ.get("DISSEG_TRITON_LOOP", "") or "segments"
+    if loop not in ROWS_LOOPS:
+        raise ValueError(f"the row kernel's loop must be one of {ROWS_LOOPS} (argument or DISSEG_TRITON_LOOP), "
+                         f"got {loop!r}")
+    return loop
+
+
 def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, autotune=None,
-               splits=None, lazy=None, config=None, kernel=None):
+               splits=None, lazy=None, config=None, kernel=None, loop=None):
     """The many-samples path. ``splits`` (column splits), ``lazy`` (conditional rescaling)
     and ``config`` (a fixed {BLOCK_M, BLOCK_N, num_warps, num_stages}) are for tests and
     benchmark sweeps; None means the heuristic / ``DISSEG_TRITON_LAZY`` / autotuning.
     ``kernel`` picks the row kernel (``_rows_kernel_choice``); "sm90" ignores ``lazy``,
-    ``config`` and ``autotune`` (its blocks are fixed)."""
+    ``config`` and ``autotune`` (its blocks are fixed). ``loop`` picks the Triton kernel's
+    column loop (``_rows_loop_choice``)."""
     kernel = _rows_kernel_choice(kernel)
+    loop = _rows_loop_choice(loop)
     if kernel == "sm90":
         from . import dispersive_sm90
 
@@ -576,11 +634,13 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
     dup_eps = _DUP_EPS_FP64 if z.dtype == torch.float64 else _DUP_EPS_FP32
     params = device_params((scale, 1.0 / tau, margin, dup_eps), acc_dtype, z.device)
     args = (z, sqn, rinv, proj, out, m_out, s_out, n, d, col_chunk, min(triton.next_power_of_2(n), 16384), params)
+    direct_d = d if d <= _DIRECT_MAX_D else 0
     meta = dict(
         VARIANT=variant, INCLUDE_DIAG=bool(include_diagonal), NEED_GRAD=bool(need_grad), SINGLE_K=single,
-        DIRECT_D=d if d <= _DIRECT_MAX_D else 0,
+        DIRECT_D=direct_d,
         BLOCK_K=block_k, BLOCK_DO=block_do, ACC=ACC, GRAM_PREC=GRAM_PREC, PV_DTYPE=PV_DTYPE, PV_PREC=PV_PREC,
         TF32_ROUND=PV_PREC == "tf32", UPCAST=_interpret() and z.dtype == torch.bfloat16, LAZY=bool(lazy),
+        ONE_LOOP=loop == "one" and _one_loop_applies(variant, single, direct_d, bool(lazy)),
     )
     if autotune is None:
         autotune = config is None and _autotune_enabled()
@@ -892,11 +952,12 @@ def dispersive_fused_triton(
     _lazy: bool | None = None,
     _config: dict | None = None,
     _kernel: str | None = None,
+    _loop: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, dL/dz) of a contiguous (N, D) z; the contract of torch.ops.disseg.dispersive_fused.
 
-    ``_path`` ("auto", "small", "rows"), ``_autotune``, ``_splits``, ``_lazy``, ``_config``
-    and ``_kernel`` (see ``_rows_path``) are for tests and benchmarks.
+    ``_path`` ("auto", "small", "rows"), ``_autotune``, ``_splits``, ``_lazy``, ``_config``,
+    ``_kernel`` and ``_loop`` (see ``_rows_path``) are for tests and benchmarks.
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"z must be a 2-D (N, D) tensor, got {getattr(z, 'shape', type(z))}")
@@ -927,7 +988,8 @@ def dispersive_fused_triton(
         loss, grad = _small_path(z, variant_code, float(tau), float(margin), include_diagonal, scale, need_grad)
     else:
         loss, grad = _rows_path(z, variant_code, float(tau), float(margin), include_diagonal, scale, need_grad,
-                                autotune=_autotune, splits=_splits, lazy=_lazy, config=_config, kernel=_kernel)
+                                autotune=_autotune, splits=_splits, lazy=_lazy, config=_config, kernel=_kernel,
+                                loop=_loop)
     loss_dtype = torch.float32 if z.dtype in _HALF else z.dtype
     loss = loss.to(loss_dtype)
     if need_grad:
