@@ -226,7 +226,7 @@ def test_sm90_schedule_model_catches_a_one_tile_split():
 def test_sm90_kernel_choice_and_its_errors(monkeypatch):
     """The row kernel is chosen by ``_kernel`` or DISSEG_TRITON_ROWS_KERNEL ("triton" by
     default); a name outside the list, or "sm90" where it cannot run, is an error that
-    says why (here: a CPU tensor, float64, hinge, D = 8, N = 64)."""
+    says why (here: a CPU tensor, float32, hinge, no gradient, D = 8, N = 64)."""
     from disseg_kernels.triton import dispersive_sm90
 
     assert tdisp._rows_kernel_choice(None) == "triton"

@@ -546,16 +546,21 @@ def _dot_settings(dtype: torch.dtype):
 ROWS_KERNELS = ("triton", "sm90")
 
 
+def _named_choice(value: str | None, env: str, choices: tuple, what: str) -> str:
+    """``value``, else the environment variable ``env``, else ``choices[0]``; a name outside
+    ``choices`` is an error naming ``what``, the variable and the choices."""
+    if value is None:
+        value = os.environ.get(env, "") or choices[0]
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices} (argument or {env}), got {value!r}")
+    return value
+
+
 def _rows_kernel_choice(kernel: str | None) -> str:
     """The row kernel asked for: ``kernel``, else ``DISSEG_TRITON_ROWS_KERNEL``, else
     "triton". "sm90" is the Gluon kernel of ``dispersive_sm90`` (Hopper, opt-in until it
     has been timed on a GPU)."""
-    if kernel is None:
-        kernel = os.environ.get("DISSEG_TRITON_ROWS_KERNEL", "") or "triton"
-    if kernel not in ROWS_KERNELS:
-        raise ValueError(f"the row kernel must be one of {ROWS_KERNELS} (argument or DISSEG_TRITON_ROWS_KERNEL), "
-                         f"got {kernel!r}")
-    return kernel
+    return _named_choice(kernel, "DISSEG_TRITON_ROWS_KERNEL", ROWS_KERNELS, "the row kernel")
 
 
 ROWS_LOOPS = ("segments", "one")
@@ -573,12 +578,7 @@ def _rows_loop_choice(loop: str | None) -> str:
     (one loop, run-time masks: the form whose wgmmas ptxas does not serialise) is opt-in
     until a GPU run has timed it; it applies where ``_one_loop_applies``, elsewhere the
     segments run."""
-    if loop is None:
-        loop = os.environ.get("DISSEG_TRITON_LOOP", "") or "segments"
-    if loop not in ROWS_LOOPS:
-        raise ValueError(f"the row kernel's loop must be one of {ROWS_LOOPS} (argument or DISSEG_TRITON_LOOP), "
-                         f"got {loop!r}")
-    return loop
+    return _named_choice(loop, "DISSEG_TRITON_LOOP", ROWS_LOOPS, "the row kernel's loop")
 
 
 def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, autotune=None,
