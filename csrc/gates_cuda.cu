@@ -1418,15 +1418,55 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_weight_kernel(const sca
   }
 }
 
+// One tap row's K multiply-adds per staged x value, sliding along a 32-wide tile row
+// (fully unrolled: each x value is read from shared memory once).
+template <typename acc_t, int KT>
+__device__ __forceinline__ void grad_weight_row(const acc_t* xr, const acc_t* grow, acc_t (&a)[KT]) {
+#pragma unroll
+  for (int tx = 0; tx < kTileW; ++tx) {
+    const acc_t gv = grow[tx];
+#pragma unroll
+    for (int j = 0; j < KT; ++j) a[j] += xr[tx + j] * gv;
+  }
+}
+
+// Whether ELAT's tap rows di = ±D hold exactly the taps (di, −D), (di, 0), (di, D).
+template <int KT, int D>
+constexpr bool elat_row_is_three() {
+  int count = 0;
+  for (int j = -KT / 2; j <= KT / 2; ++j) count += terms::elat_tap(D, j) + terms::elat_tap(-D, j);
+  return count == 6 && terms::elat_tap(D, -D) && terms::elat_tap(D, 0) && terms::elat_tap(D, D) &&
+         terms::elat_tap(-D, -D) && terms::elat_tap(-D, 0) && terms::elat_tap(-D, D);
+}
+
+// ELAT's tap row di = ±D (D = 1, 2, 3): only its taps (di, 0) and (di, ±D) (terms::elat_tap),
+// columns R − D, R and R + D: 3 multiply-adds per x value instead of 7.
+template <typename acc_t, int KT, int D>
+__device__ __forceinline__ void grad_weight_elat_row(const acc_t* xr, const acc_t* grow, acc_t (&a)[KT]) {
+  constexpr int R = KT / 2;
+  static_assert(elat_row_is_three<KT, D>(), "ELAT's off-centre rows hold the taps (±D, 0) and (±D, ±D) only");
+#pragma unroll
+  for (int tx = 0; tx < kTileW; ++tx) {
+    const acc_t gv = grow[tx];
+    a[R - D] += xr[tx + R - D] * gv;
+    a[R] += xr[tx + R] * gv;
+    a[R + D] += xr[tx + R + D] * gv;
+  }
+}
+
 // The same partial sums for a compile-time K (ELAT's 7): work item (channel, tap row i,
 // tile row ty) slides along the tile row, each staged x value feeding K multiply-adds from
 // registers (a fully unrolled 32-wide row), instead of two shared-memory reads per
 // multiply-add. The 8 tile rows' sums are merged in shared memory at the end, in order.
-template <typename scalar_t, typename acc_t, int KT>
+// ELAT (elat_taps): the items are ordered (i, c, ty), so that a warp's 32 items share a tap
+// row (for chunks of 4 or 8 channels), and the six off-centre rows compute their 3 taps
+// only: 25 multiply-adds per x value and channel instead of 49.
+template <typename scalar_t, typename acc_t, int KT, bool ELAT>
 __global__ void __launch_bounds__(kThreads) stencil_grad_weight_rows_kernel(const scalar_t* __restrict__ x,
                                                                             const acc_t* __restrict__ gr,
                                                                             acc_t* __restrict__ part, StencilGeo g,
                                                                             int64_t cc, int64_t groups, bool elat_taps) {
+  static_assert(!ELAT || KT == terms::kElatK, "ELAT's tap rows are those of its 7x7 stencil");
   constexpr int TH = kTileH + KT - 1, TW = kTileW + KT - 1;
   constexpr int kItems = (8 * KT * kTileH + kThreads - 1) / kThreads;  // cc ≤ 8
   extern __shared__ unsigned char smem_raw[];
@@ -1434,7 +1474,7 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_weight_rows_kernel(cons
   acc_t* gs = tile + cc * TH * TW;
   const int64_t P = g.H * g.W;
   const int64_t grp = blockIdx.x, c0 = static_cast<int64_t>(blockIdx.y) * cc;
-  const int64_t n = std::min<int64_t>(cc, g.C - c0);
+  const int n = static_cast<int>(std::min<int64_t>(cc, g.C - c0));
   const int64_t tiles = g.tiles_h * g.tiles_w, total = g.B * tiles;
   const int64_t t_lo = total * grp / groups, t_hi = total * (grp + 1) / groups;
   const int tid = flat_tid();
@@ -1455,16 +1495,22 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_weight_rows_kernel(cons
     __syncthreads();
 #pragma unroll
     for (int u = 0; u < kItems; ++u) {
-      const int item = tid + u * kThreads;  // (c, i, ty), ty fastest
+      const int item = tid + u * kThreads;
       if (item >= n * KT * kTileH) break;
-      const int ty = item % kTileH, i = (item / kTileH) % KT, c = item / (kTileH * KT);
+      const int ty = item % kTileH;
+      const int c = ELAT ? (item / kTileH) % n : item / (kTileH * KT);
+      const int i = ELAT ? item / (kTileH * n) : (item / kTileH) % KT;
       const acc_t* xr = tile + (c * TH + ty + i) * TW;
       const acc_t* grow = gs + ty * kTileW;
-#pragma unroll
-      for (int tx = 0; tx < kTileW; ++tx) {
-        const acc_t gv = grow[tx];
-#pragma unroll
-        for (int j = 0; j < KT; ++j) acc[u][j] += xr[tx + j] * gv;
+      if constexpr (ELAT) {
+        switch (i < KT / 2 ? KT / 2 - i : i - KT / 2) {  // |di|: uniform across a warp (see above)
+          case 1: grad_weight_elat_row<acc_t, KT, 1>(xr, grow, acc[u]); break;
+          case 2: grad_weight_elat_row<acc_t, KT, 2>(xr, grow, acc[u]); break;
+          case 3: grad_weight_elat_row<acc_t, KT, 3>(xr, grow, acc[u]); break;
+          default: grad_weight_row<acc_t, KT>(xr, grow, acc[u]);  // di = 0: all 7 taps
+        }
+      } else {
+        grad_weight_row<acc_t, KT>(xr, grow, acc[u]);
       }
     }
   }
@@ -1475,7 +1521,8 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_weight_rows_kernel(cons
   for (int u = 0; u < kItems; ++u) {
     const int item = tid + u * kThreads;
     if (item >= n * KT * kTileH) break;
-    const int ty = item % kTileH, ci = item / kTileH;  // ci = c·K + i
+    const int ty = item % kTileH;
+    const int ci = ELAT ? ((item / kTileH) % n) * KT + item / (kTileH * n) : item / kTileH;  // c·K + i
 #pragma unroll
     for (int j = 0; j < KT; ++j) red[(ci * KT + j) * kTileH + ty] = acc[u][j];
   }
@@ -1933,8 +1980,10 @@ at::Tensor gates_stencil_grad_weight_cuda(const at::Tensor& x, const at::Tensor&
     if (K == 7 && cc <= 8) {  // ELAT: the sliding-row kernel; its end-of-block merge reuses the tile's memory
       const size_t tile_elems = cc * (kTileH + 6) * (kTileW + 6) + kTileH * kTileW;
       const size_t smem = std::max<size_t>(tile_elems, cc * KK * kTileH) * sizeof(acc_t);
-      stencil_grad_weight_rows_kernel<scalar_t, acc_t, 7><<<grid, dim3(kWarp, kRows), smem, stream>>>(
-          x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups, elat_taps);
+      auto kernel = elat_taps ? stencil_grad_weight_rows_kernel<scalar_t, acc_t, 7, true>
+                              : stencil_grad_weight_rows_kernel<scalar_t, acc_t, 7, false>;
+      kernel<<<grid, dim3(kWarp, kRows), smem, stream>>>(x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(),
+                                                        part.data_ptr<acc_t>(), g, cc, groups, elat_taps);
     } else {
       const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + kTileH * kTileW) * sizeof(acc_t);
       stencil_grad_weight_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
