@@ -134,9 +134,10 @@ STAGES=(
   # ptxas serialises every wgmma of the Triton row kernel's default form (C7515); its
   # one-loop form (DISSEG_TRITON_LOOP=one) and the Gluon Hopper kernel
   # (disseg_kernels/triton/dispersive_sm90.py, DISSEG_TRITON_ROWS_KERNEL=sm90) are not
-  # serialised. The Gluon kernel's GPU test (against the spec and the Triton kernel), then
-  # the default launch in both loop forms and the Gluon kernel, timed in one run
-  "sm90_rows|110|DISSEG_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_dispersive_triton.py -v -rfE -p no:cacheprovider -k 'sm90 and not compile' > $OUT/pytest_sm90.txt 2>&1; grep -E 'PASSED|FAILED|ERROR|passed|failed|Error' $OUT/pytest_sm90.txt | tail -n 25; $PY -m benchmarks.bench_dispersive_tiles --device cuda --kernels sm90 --loops segments,one --splits 1,2 --shapes 65536x128,16384x128,65536x64 --repeats 10 --budget-s 40 --out-dir benchmarks/results/sm90"
+  # serialised. The Gluon kernel's GPU test (against the spec and the Triton kernel), its raw
+  # outputs against the schedule's model (benchmarks/gpu/sm90_diagnose.py: where it is wrong,
+  # if it is), then the default launch in both loop forms and the Gluon kernel, timed in one run
+  "sm90_rows|110|DISSEG_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_dispersive_triton.py -v -rfE -p no:cacheprovider -k 'sm90 and not compile' > $OUT/pytest_sm90.txt 2>&1; grep -E 'PASSED|FAILED|ERROR|passed|failed|Error' $OUT/pytest_sm90.txt | tail -n 25; $PY benchmarks/gpu/sm90_diagnose.py 2>&1 | tail -n 20; $PY -m benchmarks.bench_dispersive_tiles --device cuda --kernels sm90 --loops segments,one --splits 1,2 --shapes 65536x128,16384x128,65536x64 --repeats 10 --budget-s 40 --out-dir benchmarks/results/sm90"
   # (first after the tests since 2026-11-27 late evening: issue 3's GPU target is the open one,
   # and the CUDA gate kernels it times changed; issue 5's is met)
   # the gate ops at the model's shapes (batch 8, 256x256 input): fused vs eager, and both as
