@@ -138,14 +138,15 @@ def test_rows_path_column_splits_float64_exact(code, include, lazy):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,splits,cfg", [(161, 1, (64, 64)), (300, 3, (64, 64)), (161, 2, (32, 64)),
                                           (161, 2, (64, 32))])
-@pytest.mark.parametrize("code,include", [(0, False), (0, True), (1, False), (1, True)])
+@pytest.mark.parametrize("code,include", [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True),
+                                          (3, False), (3, True)])
 def test_rows_path_one_loop_equals_segments(dtype, n, splits, cfg, code, include):
     """The Triton row kernel's ONE_LOOP form (one column loop, the masks in a run-time
     branch; ``_loop="one"``) computes what the four-segment form computes, to the bit: the
     same operations on the same values, only the masked tiles chosen at run time. Ragged N,
     column splits, row blocks that do not line up with the column tiles (the diagonal
     across two or three tiles), both diagonal options; a duplicate pair. And both against
-    the float64 spec (the bar of the half-precision row tests)."""
+    the float64 spec (the bar of the half-precision row tests). All four row variants."""
     z = _z(n, 40, dtype, seed=n + code, scale=2.0)
     z[5] = z[n - 3]
     c = {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "num_warps": 4, "num_stages": 1}
@@ -163,16 +164,16 @@ def test_rows_path_one_loop_equals_segments(dtype, n, splits, cfg, code, include
 
 def test_rows_loop_choice(monkeypatch):
     """DISSEG_TRITON_LOOP / ``_loop`` pick the column loop ("segments" by default); any other
-    name is an error naming the choices; the form applies only to infonce_l2 / l2sq on the
-    tensor-core layout without the lazy rescale."""
+    name is an error naming the choices; the form applies to the InfoNCE variants and the
+    hinge on the tensor-core layout without the lazy rescale."""
     assert tdisp._rows_loop_choice(None) == "segments"
     monkeypatch.setenv("DISSEG_TRITON_LOOP", "one")
     assert tdisp._rows_loop_choice(None) == "one"
     monkeypatch.setenv("DISSEG_TRITON_LOOP", "single")
     with pytest.raises(ValueError, match="DISSEG_TRITON_LOOP.*'single'"):
         tdisp._rows_loop_choice(None)
-    assert tdisp._one_loop_applies(0, True, 0, False) and tdisp._one_loop_applies(1, True, 0, False)
-    assert not tdisp._one_loop_applies(2, True, 0, False) and not tdisp._one_loop_applies(3, True, 0, False)
+    assert all(tdisp._one_loop_applies(code, True, 0, False) for code in range(4))
+    assert not tdisp._one_loop_applies(4, True, 0, False)  # covariance has no row kernel
     assert not tdisp._one_loop_applies(0, False, 0, False) and not tdisp._one_loop_applies(0, True, 5, False)
     assert not tdisp._one_loop_applies(0, True, 0, True)
 
@@ -564,7 +565,7 @@ def test_gpu_sm90_rows_kernel_matches_reference_and_triton(n, d, splits, code, i
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("n,d", [(4099, 128), (16384, 64), (3000, 256)])
-@pytest.mark.parametrize("code,include", [(0, False), (1, True)])
+@pytest.mark.parametrize("code,include", [(0, False), (1, True), (2, False), (3, True)])
 def test_gpu_one_loop_form_matches_segments(n, d, code, include):
     """The Triton row kernel's one-loop form (``_loop="one"``: its wgmmas are not serialised
     at sm_90) against the four-segment form, compiled for the GPU at the autotuned blocks,

@@ -92,10 +92,10 @@ def _rows_tile(
 
     Unmasked tiles (the vast majority) lie fully inside [0, N) and off the diagonal, so
     they skip the validity mask and the diagonal test. Rows past N are never masked: they
-    read zeros, stay finite, and are never stored. With ONE_LOOP (infonce_l2 / l2sq, all
-    of D in one tile) the column loads are always masked and the masks are applied in one
-    run-time branch on ``masked_rt``, which changes only the exponent, the weight factor
-    and the duplicate flags.
+    read zeros, stay finite, and are never stored. With ONE_LOOP (all of D in one tile, no
+    lazy rescale) the column loads are always masked and the masks are applied in one
+    run-time branch on ``masked_rt``, which changes only the exponent, the distance (the
+    hinge's), the weight factor and the duplicate flags.
     """
     cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < N
@@ -177,18 +177,23 @@ def _rows_tile(
             dd = d2 * rs
         d = scale * dd
         e2 = dd * (-scale * e_scale)
-        if ONE_LOOP:
-            if masked_rt:
-                local_rt = tl.arange(0, BLOCK_M)[:, None] + (row0 - start_n)
-                diag_rt = local_rt == tl.arange(0, BLOCK_N)[None, :]
-                if INCLUDE_DIAG:  # the pair (i, i): d = 0 exactly, weight 0
-                    e2 = tl.where(diag_rt, 0.0, e2)
+
+    if ONE_LOOP:
+        if masked_rt:  # the masks of MASKED tiles, applied at run time
+            local_rt = tl.arange(0, BLOCK_M)[:, None] + (row0 - start_n)
+            diag_rt = local_rt == tl.arange(0, BLOCK_N)[None, :]
+            if INCLUDE_DIAG:
+                invalid = (cols >= N)[None, :]
+                if VARIANT != 2:  # the pair (i, i) is a duplicate: d = 0 exactly, weight 0
                     dup = dup | diag_rt
-                    if VARIANT == 0:
+                    e2 = tl.where(diag_rt, 0.0, e2)
+                    d = tl.where(diag_rt, 0.0, d)
+                    if VARIANT != 1:
                         rs = tl.where(diag_rt, 0.0, rs)
-                else:
-                    e2 = tl.where(diag_rt, float("-inf"), e2)
-                e2 = tl.where(col_ok[None, :], e2, float("-inf"))
+            else:
+                invalid = (cols >= N)[None, :] | diag_rt
+            e2 = tl.where(invalid, float("-inf"), e2)
+            d = tl.where(invalid, float("inf"), d)  # the hinge's max(margin - d, 0) is 0 there
 
     if VARIANT == 3:
         h = tl.maximum(margin - d, 0.0)
@@ -567,9 +572,9 @@ ROWS_LOOPS = ("segments", "one")
 
 
 def _one_loop_applies(variant: int, single_k: bool, direct_d: int, lazy: bool) -> bool:
-    """Where the row kernel's ONE_LOOP form exists: infonce_l2 / l2sq on the tensor-core
-    layout (all of D in one tile, the Gram trick), without the lazy rescale."""
-    return variant in (INFONCE_L2, INFONCE_L2SQ) and single_k and direct_d == 0 and not lazy
+    """Where the row kernel's ONE_LOOP form exists: the InfoNCE variants and the hinge on
+    the tensor-core layout (all of D in one tile, the Gram trick), without the lazy rescale."""
+    return variant in (INFONCE_L2, INFONCE_L2SQ, INFONCE_COSINE, HINGE) and single_k and direct_d == 0 and not lazy
 
 
 def _rows_loop_choice(loop: str | None) -> str:
