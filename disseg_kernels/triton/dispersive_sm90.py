@@ -25,10 +25,12 @@ rounded. The outputs are the same (OUT, M_OUT, S_OUT) arrays, merged by the same
 the gradient on, N > 64, D a multiple of 8 from 16 to 128. ``kernel="sm90"`` asks for it (anything else
 stays on the Triton kernel); ``eligible`` says why a call cannot take it.
 
-Status (2026-11-27): compiled for sm_90 ahead of time with Triton 3.9 (``python -m
-benchmarks.bench_dispersive_tiles --compile-check sm90``); **not yet run on a GPU**. The
-GPU test ``test_triton_sm90_rows_kernel_matches_reference`` and the tile sweep's
-``--kernels triton,sm90`` check and time it on the next GPU session.
+Status (2026-11-27): compiled for sm_90 ahead of time with Triton 3.9 and 3.6 (``python -m
+benchmarks.bench_dispersive_tiles --compile-check sm90``: no spills, wgmmas not serialised);
+**not yet run on a GPU**. Its schedule is tested on the CPU through a model
+(``tests/sm90_schedule.py``); the GPU test ``test_gpu_sm90_rows_kernel_matches_reference_and_triton``,
+``benchmarks/gpu/sm90_diagnose.py`` and the tile sweep's ``--kernels sm90`` check and time
+it on a GPU (the ``sm90_rows`` stage of ``benchmarks/gpu/run_all.sh``).
 """
 from __future__ import annotations
 
