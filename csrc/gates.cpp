@@ -65,6 +65,27 @@ const acc_t* gate_ptr(const std::optional<at::Tensor>& t, int64_t B, int64_t n, 
 
 constexpr int64_t kBlock = 512;
 
+// The first p with v[p] == target (P − 1 if none: a row of NaNs), in 64-wide chunks: a
+// vectorised test per chunk, then a vectorised min-reduction over the matching indices of
+// the chunk that holds the target. (A scalar scan from 0 cost about as much as the whole
+// vectorised sum-and-max pass before it.)
+template <typename acc_t>
+int64_t first_equal(const acc_t* v, int64_t P, acc_t target) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t p0 = 0; p0 < P; p0 += kChunk) {
+    const int64_t e = std::min(P, p0 + kChunk);
+    int hit = 0;
+_Pragma("omp simd reduction(| : hit)")
+    for (int64_t p = p0; p < e; ++p) hit |= static_cast<int>(v[p] == target);
+    if (!hit) continue;
+    int64_t first = e;
+_Pragma("omp simd reduction(min : first)")
+    for (int64_t p = p0; p < e; ++p) first = std::min(first, v[p] == target ? p : e);
+    return first;
+  }
+  return P - 1;
+}
+
 }  // namespace
 
 // Mean, max and first arg-max over p = (h, w) of y = x · S[b, p]; each (B, C).
@@ -110,8 +131,7 @@ _Pragma("omp simd reduction(+ : sum) reduction(max : best)")
               best = v > best ? v : best;
             }
           }
-          int64_t bi = 0;
-          while (bi < g.P - 1 && !(rw[bi] == best)) ++bi;
+          const int64_t bi = first_equal(rw, g.P, best);
           mean_p[bc] = sum * inv;
           max_p[bc] = best;
           idx_p[bc] = bi;
@@ -204,23 +224,57 @@ _Pragma("omp simd")
         }
       });
     } else {
+      // A pixel's C values are contiguous: 16 lanes, each with its own sum, maximum and first
+      // arg-max (the same pass), merged at the end; the overall first arg-max is the smallest
+      // lane index among the lanes that hold the maximum.
       at::parallel_for(0, g.B * g.P, 64, [&](int64_t lo, int64_t hi) {
-        std::vector<acc_t> row(g.C);
-        acc_t* rw = row.data();
-        for (int64_t bp = lo; bp < hi; ++bp) {
-          const int64_t b = bp / g.P, p = bp % g.P;
+        constexpr int64_t L = 16;
+        const int64_t full = g.C / L * L;
+        int64_t b = lo / g.P, p = lo % g.P;  // counters, not a division per pixel
+        for (int64_t bp = lo; bp < hi; ++bp, p = (p + 1 == g.P) ? (++b, 0) : p + 1) {
           const scalar_t* xr = xp + b * g.sB + p * g.sP;
           const acc_t* gr = gp ? gp + b * g.C : nullptr;
+          acc_t sl[L], bl[L];
+          int64_t il[L];
+          for (int64_t l = 0; l < L; ++l) {
+            sl[l] = acc_t(0);
+            bl[l] = -std::numeric_limits<acc_t>::infinity();
+            il[l] = g.C;
+          }
+          for (int64_t c0 = 0; c0 < full; c0 += L) {
+_Pragma("omp simd")
+            for (int64_t l = 0; l < L; ++l) {
+              const acc_t v = acc_t(xr[c0 + l]) * (gr ? gr[c0 + l] : acc_t(1));
+              sl[l] += v;
+              const bool gt = v > bl[l];
+              bl[l] = gt ? v : bl[l];
+              il[l] = gt ? c0 + l : il[l];
+            }
+          }
+          for (int64_t c = full; c < g.C; ++c) {
+            const int64_t l = c - full;
+            const acc_t v = acc_t(xr[c]) * (gr ? gr[c] : acc_t(1));
+            sl[l] += v;
+            if (v > bl[l]) bl[l] = v, il[l] = c;
+          }
           acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
 _Pragma("omp simd reduction(+ : sum) reduction(max : best)")
-          for (int64_t c = 0; c < g.C; ++c) {
-            acc_t v = acc_t(xr[c]) * (gr ? gr[c] : acc_t(1));
-            rw[c] = v;
-            sum += v;
-            best = v > best ? v : best;
+          for (int64_t l = 0; l < L; ++l) {
+            sum += sl[l];
+            best = bl[l] > best ? bl[l] : best;
           }
-          int64_t bi = 0;
-          while (bi < g.C - 1 && !(rw[bi] == best)) ++bi;
+          int64_t bi = g.C;
+_Pragma("omp simd reduction(min : bi)")
+          for (int64_t l = 0; l < L; ++l) bi = std::min(bi, bl[l] == best ? il[l] : g.C);
+          if (bi == g.C) {  // no value above −inf (−inf or NaN only): the first −inf, else C − 1
+            bi = g.C - 1;
+            for (int64_t c = 0; c < g.C; ++c) {
+              if (acc_t(xr[c]) * (gr ? gr[c] : acc_t(1)) == best) {
+                bi = c;
+                break;
+              }
+            }
+          }
           mean_p[bp] = sum * inv;
           max_p[bp] = best;
           idx_p[bp] = bi;

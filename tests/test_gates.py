@@ -1161,6 +1161,42 @@ def test_cuda_multiscale_gradcheck_and_opcheck():
 
 @pytest.mark.skipif("cpu" not in GATE_BACKENDS, reason="C++ gate kernels unavailable")
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_pool_ops_first_argmax(channels_last, dtype):
+    """csrc/gates.cpp's pools over H·W and over C: mean, max and the *first* arg-max, on
+    integer-valued maps full of ties, with H·W = 221 and C = 150 (the arg-max search runs
+    in 64-wide chunks: the first maximum sits in a later chunk for some rows), with and
+    without a gate; a row of NaNs keeps the old answer (max -inf, index n - 1)."""
+    torch.manual_seed(13)
+    b, c, h, w = 2, 150, 13, 17
+    x = torch.randint(-3, 3, (b, c, h, w)).to(dtype)
+    x[0, 5, :, :] = -3.0
+    x[0, 5, 12, 16] = 2.0  # the only maximum, in the last chunk
+    x[1, :, 0, 0] = x[1, :, 0, 0].clamp(max=0)  # pixel (1, 0, 0): its maximum later along C
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    flat = x.float().reshape(b, c, h * w)
+    S = torch.rand(b, h * w) + 0.5
+    G = torch.rand(b, c) + 0.5
+    for gate_hw, gate_c in ((None, None), (S, G)):
+        y = flat * (gate_hw[:, None, :] if gate_hw is not None else 1.0)
+        mean, mx, idx = torch.ops.disseg.gates_pool_hw(x, gate_hw)
+        torch.testing.assert_close(mean, y.mean(2), atol=1e-5, rtol=1e-5)
+        assert torch.equal(mx, y.amax(2))
+        assert torch.equal(idx, (y == y.amax(2, keepdim=True)).float().argmax(2))
+        y = flat * (gate_c[:, :, None] if gate_c is not None else 1.0)
+        mean, mx, idx = torch.ops.disseg.gates_pool_c(x, gate_c)
+        torch.testing.assert_close(mean, y.mean(1), atol=1e-5, rtol=1e-5)
+        assert torch.equal(mx, y.amax(1))
+        assert torch.equal(idx, (y == y.amax(1, keepdim=True)).float().argmax(1))
+    assert int(torch.ops.disseg.gates_pool_hw(x, None)[2][0, 5]) == h * w - 1
+    xn = torch.full((1, 2, 9, 9), float("nan"), dtype=dtype)
+    _, mx, idx = torch.ops.disseg.gates_pool_hw(xn, None)
+    assert torch.isinf(mx).all() and (mx < 0).all() and (idx == 80).all()
+
+
+@pytest.mark.skipif("cpu" not in GATE_BACKENDS, reason="C++ gate kernels unavailable")
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cpu_stencil_kernels_match_convolution(channels_last, dtype):
     """csrc/gates.cpp's ELAT stencil (K×K, C→1, zero padding K/2): the logit, the input
