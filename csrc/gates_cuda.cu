@@ -1361,12 +1361,6 @@ __global__ void __launch_bounds__(kThreads) stencil_dx_kernel(const scalar_t* __
   }
 }
 
-// Whether tap t = i·K + j of the weight gradient is computed: every tap, or with elat_taps
-// ELAT's 25 (the others are written as 0, as the CPU op returns them).
-__device__ __forceinline__ bool read_tap(const StencilGeo& g, int64_t t, bool elat_taps) {
-  return !elat_taps || terms::elat_tap(t / g.K - g.R, t % g.K - g.R);
-}
-
 // Partial weight gradients: block (group of tiles, chunk of cc channels) sums
 // x[b, c, h + i − R, w + j − R]·gr[b, h, w] over its tiles' pixels for each of its cc·K²
 // (channel, tap) pairs (at most kMaxPairs per thread, in registers), into
@@ -1375,7 +1369,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) stencil_grad_weight_kernel(const scalar_t* __restrict__ x,
                                                                        const acc_t* __restrict__ gr,
                                                                        acc_t* __restrict__ part, StencilGeo g,
-                                                                       int64_t cc, int64_t groups, bool elat_taps) {
+                                                                       int64_t cc, int64_t groups) {
   extern __shared__ unsigned char smem_raw[];
   const int64_t TH = kTileH + g.K - 1, TW = kTileW + g.K - 1, KK = g.K * g.K, P = g.H * g.W;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -1414,7 +1408,7 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_weight_kernel(const sca
 #pragma unroll
   for (int u = 0; u < kMaxPairs; ++u) {
     const int64_t pair = flat_tid() + static_cast<int64_t>(u) * kThreads;
-    if (pair < n * KK) part[(grp * g.C + c0) * KK + pair] = read_tap(g, pair % KK, elat_taps) ? acc[u] : acc_t(0);
+    if (pair < n * KK) part[(grp * g.C + c0) * KK + pair] = acc[u];
   }
 }
 
@@ -1465,7 +1459,7 @@ template <typename scalar_t, typename acc_t, int KT, bool ELAT>
 __global__ void __launch_bounds__(kThreads) stencil_grad_weight_rows_kernel(const scalar_t* __restrict__ x,
                                                                             const acc_t* __restrict__ gr,
                                                                             acc_t* __restrict__ part, StencilGeo g,
-                                                                            int64_t cc, int64_t groups, bool elat_taps) {
+                                                                            int64_t cc, int64_t groups) {
   static_assert(!ELAT || KT == terms::kElatK, "ELAT's tap rows are those of its 7x7 stencil");
   constexpr int TH = kTileH + KT - 1, TW = kTileW + KT - 1;
   constexpr int kItems = (8 * KT * kTileH + kThreads - 1) / kThreads;  // cc ≤ 8
@@ -1530,7 +1524,7 @@ __global__ void __launch_bounds__(kThreads) stencil_grad_weight_rows_kernel(cons
   for (int64_t e = tid; e < n * KT * KT; e += kThreads) {
     acc_t sum = acc_t(0);
     for (int ty = 0; ty < kTileH; ++ty) sum += red[e * kTileH + ty];
-    part[(grp * g.C + c0) * KT * KT + e] = read_tap(g, e % (KT * KT), elat_taps) ? sum : acc_t(0);
+    part[(grp * g.C + c0) * KT * KT + e] = sum;  // ELAT: the taps off its set were never accumulated, 0
   }
 }
 
@@ -1977,17 +1971,18 @@ at::Tensor gates_stencil_grad_weight_cuda(const at::Tensor& x, const at::Tensor&
     TORCH_CHECK(chunks <= kMaxGridY, op, ": ", g.C, " channels exceed the grid limit");
     part = at::empty({groups, g.C, KK}, x.options().dtype(acc));
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(chunks));
-    if (K == 7 && cc <= 8) {  // ELAT: the sliding-row kernel; its end-of-block merge reuses the tile's memory
+    if (K == terms::kElatK) {  // the sliding-row kernel; its end-of-block merge reuses the tile's memory
+      TORCH_INTERNAL_ASSERT(cc <= 8, op, ": the sliding-row kernel holds 8 channels a block (stencil_chunk)");
       const size_t tile_elems = cc * (kTileH + 6) * (kTileW + 6) + kTileH * kTileW;
       const size_t smem = std::max<size_t>(tile_elems, cc * KK * kTileH) * sizeof(acc_t);
       auto kernel = elat_taps ? stencil_grad_weight_rows_kernel<scalar_t, acc_t, 7, true>
                               : stencil_grad_weight_rows_kernel<scalar_t, acc_t, 7, false>;
       kernel<<<grid, dim3(kWarp, kRows), smem, stream>>>(x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(),
-                                                        part.data_ptr<acc_t>(), g, cc, groups, elat_taps);
+                                                        part.data_ptr<acc_t>(), g, cc, groups);
     } else {
       const size_t smem = (cc * (kTileH + g.K - 1) * (kTileW + g.K - 1) + kTileH * kTileW) * sizeof(acc_t);
       stencil_grad_weight_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kRows), smem, stream>>>(
-          x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups, elat_taps);
+          x.const_data_ptr<scalar_t>(), gc.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), g, cc, groups);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
