@@ -3,8 +3,10 @@ H·W per channel) and ``gates_pool_c`` (the same over C per pixel), both layouts
 
     python benchmarks/bench_gate_pools.py [--repeats 30] [--threads 2] [--out FILE.md]
 
-Prints (and with ``--out`` writes) one markdown row per op, layout and shape: the minimum
-and median of ``--repeats`` calls. These pools run in every channel and spatial gate of the
+Prints (and with ``--out`` writes) one markdown row per op, layout, shape and gate: the
+minimum and median of ``--repeats`` calls. "gate" is the (B, H·W) or (B, C) factor the
+model's gate chain passes (the spatial gate's S to the pool over H·W, the channel gate's G
+to the pool over C); "none" pools x itself. These pools run in every channel and spatial gate of the
 model; a change to them is an A/B between two builds, so run this in both trees, one after
 the other, several times (single runs on a 2-core machine move by 10-20 %).
 """
@@ -43,19 +45,23 @@ def main(argv: list[str] | None = None) -> list[str]:
     torch.set_num_threads(args.threads)
     lines = [f"# C++ gate pools, CPU ({platform.processor() or platform.machine()}, {args.threads} threads), "
              f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, float32, min / median of {args.repeats}",
-             "", "| op | layout | shape | min ms | median ms |", "|---|---|---|---:|---:|"]
+             "", "| op | layout | shape | gate | min ms | median ms |", "|---|---|---|---|---:|---:|"]
     print("\n".join(lines), flush=True)
     for layout in ("nchw", "channels_last"):
         for shape in SHAPES:
             x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
             if layout != "nchw":
                 x = x.contiguous(memory_format=torch.channels_last)
+            b, c, h, w = shape
+            gates = {"gates_pool_hw": torch.rand(b, h * w) + 0.5, "gates_pool_c": torch.rand(b, c) + 0.5}
             for op in ("gates_pool_hw", "gates_pool_c"):
                 f = getattr(torch.ops.disseg, op)
-                lo, med = _time(lambda: f(x, None), args.repeats)  # noqa: B023
-                row = f"| {op} | {layout} | {'x'.join(map(str, shape))} | {lo:.3f} | {med:.3f} |"
-                lines.append(row)
-                print(row, flush=True)
+                for gate in (None, gates[op]):
+                    lo, med = _time(lambda: f(x, gate), args.repeats)  # noqa: B023
+                    row = (f"| {op} | {layout} | {'x'.join(map(str, shape))} | {'none' if gate is None else 'yes'} "
+                           f"| {lo:.3f} | {med:.3f} |")
+                    lines.append(row)
+                    print(row, flush=True)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write("\n".join(lines) + "\n")

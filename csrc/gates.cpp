@@ -65,30 +65,59 @@ const acc_t* gate_ptr(const std::optional<at::Tensor>& t, int64_t B, int64_t n, 
 
 constexpr int64_t kBlock = 512;
 
-// The first p with v[p] == target (P − 1 if none: a row of NaNs), in 64-wide chunks: a
-// vectorised test per chunk, then a vectorised min-reduction over the matching indices of
-// the chunk that holds the target. (A scalar scan from 0 cost about as much as the whole
-// vectorised sum-and-max pass before it.)
-template <typename acc_t>
-int64_t first_equal(const acc_t* v, int64_t P, acc_t target) {
+// The first p < n with value(p) == target (n − 1 if none: a row of NaNs), in 64-wide
+// chunks: a vectorised test per chunk, then a vectorised min-reduction over the matching
+// indices of the chunk that holds the target. value(p) recomputes what the caller's pass
+// compared (x·gate, rounded the same way), so no row buffer is written. (A scalar scan from
+// 0 cost about as much as the whole vectorised sum-and-max pass before it.)
+template <typename acc_t, typename Value>
+int64_t first_equal(int64_t n, acc_t target, const Value& value) {
   constexpr int64_t kChunk = 64;
-  for (int64_t p0 = 0; p0 < P; p0 += kChunk) {
-    const int64_t e = std::min(P, p0 + kChunk);
+  for (int64_t p0 = 0; p0 < n; p0 += kChunk) {
+    const int64_t e = std::min(n, p0 + kChunk);
     int hit = 0;
 _Pragma("omp simd reduction(| : hit)")
-    for (int64_t p = p0; p < e; ++p) hit |= static_cast<int>(v[p] == target);
+    for (int64_t p = p0; p < e; ++p) hit |= static_cast<int>(value(p) == target);
     if (!hit) continue;
     int64_t first = e;
 _Pragma("omp simd reduction(min : first)")
-    for (int64_t p = p0; p < e; ++p) first = std::min(first, v[p] == target ? p : e);
+    for (int64_t p = p0; p < e; ++p) first = std::min(first, value(p) == target ? p : e);
     return first;
   }
-  return P - 1;
+  return n - 1;
+}
+
+// Mean, max and first arg-max of v[i] = x[i] · gate[i] (gate[i] = 1 without a gate) over one
+// unit-stride row of n values: a vectorised sum-and-max pass, then first_equal over the
+// same products. The max ignores NaNs; a row with no value above −inf answers −inf and the
+// first −inf, else n − 1. Both the NCHW pool over H·W and the channels_last pool over C are
+// this row (long rows there, short ones here: 16 lanes of arg-max kept through the pass
+// cost 2.5-4x more at C = 64, most of it in merging the lanes per pixel).
+template <bool kGate, typename scalar_t, typename acc_t>
+int64_t pool_row_with(const scalar_t* x, const acc_t* gate, int64_t n, acc_t& sum_out, acc_t& max_out) {
+  const auto value = [&](int64_t i) { return kGate ? acc_t(x[i]) * gate[i] : acc_t(x[i]); };
+  acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
+_Pragma("omp simd reduction(+ : sum) reduction(max : best)")
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = value(i);
+    sum += v;
+    best = v > best ? v : best;
+  }
+  sum_out = sum;
+  max_out = best;
+  return first_equal(n, best, value);
+}
+
+template <typename scalar_t, typename acc_t>
+int64_t pool_row(const scalar_t* x, const acc_t* gate, int64_t n, acc_t& sum_out, acc_t& max_out) {
+  return gate ? pool_row_with<true>(x, gate, n, sum_out, max_out) : pool_row_with<false>(x, gate, n, sum_out, max_out);
 }
 
 }  // namespace
 
-// Mean, max and first arg-max over p = (h, w) of y = x · S[b, p]; each (B, C).
+// Mean, max and first arg-max over p = (h, w) of y = x · S[b, p]; each (B, C). In every
+// layout (and in gates_pool_c), a row with no value above −inf (−inf and NaN only) answers
+// max −inf and the index of its first −inf, else the last index.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_cpu(const at::Tensor& x, const std::optional<at::Tensor>& S) {
   auto g = geometry(x, "gates_pool_hw");
   auto acc = acc_type(x);
@@ -107,34 +136,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_cpu(const at::Tenso
     const acc_t inv = acc_t(1) / acc_t(g.P);
     if (g.p_unit) {
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t lo, int64_t hi) {
-        std::vector<acc_t> row(g.P);
         for (int64_t bc = lo; bc < hi; ++bc) {
           const int64_t b = bc / g.C, c = bc % g.C;
-          const scalar_t* xr = xp + b * g.sB + c * g.sC;
-          const acc_t* sr = sp ? sp + b * g.P : nullptr;
-          acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
-          acc_t* rw = row.data();
-          if (sr) {
-_Pragma("omp simd reduction(+ : sum) reduction(max : best)")
-            for (int64_t p = 0; p < g.P; ++p) {
-              acc_t v = acc_t(xr[p]) * sr[p];
-              rw[p] = v;
-              sum += v;
-              best = v > best ? v : best;
-            }
-          } else {
-_Pragma("omp simd reduction(+ : sum) reduction(max : best)")
-            for (int64_t p = 0; p < g.P; ++p) {
-              acc_t v = acc_t(xr[p]);
-              rw[p] = v;
-              sum += v;
-              best = v > best ? v : best;
-            }
-          }
-          const int64_t bi = first_equal(rw, g.P, best);
+          acc_t sum, best;
+          idx_p[bc] = pool_row(xp + b * g.sB + c * g.sC, sp ? sp + b * g.P : nullptr, g.P, sum, best);
           mean_p[bc] = sum * inv;
           max_p[bc] = best;
-          idx_p[bc] = bi;
         }
       });
     } else {
@@ -163,6 +170,12 @@ _Pragma("omp simd")
             }
           }
           for (int64_t c = 0; c < n; ++c) {
+            if (!(be[c] > -std::numeric_limits<acc_t>::infinity())) {  // −inf and NaN only: as pool_row
+              const scalar_t* xc = xp + b * g.sB + (c0 + c) * g.sC;
+              bx[c] = first_equal(g.P, be[c], [&](int64_t p) {
+                return acc_t(xc[p * g.sP]) * (sp ? sp[b * g.P + p] : acc_t(1));
+              });
+            }
             mean_p[b * g.C + c0 + c] = su[c] * inv;
             max_p[b * g.C + c0 + c] = be[c];
             idx_p[b * g.C + c0 + c] = bx[c];
@@ -217,6 +230,12 @@ _Pragma("omp simd")
             }
           }
           for (int64_t p = 0; p < n; ++p) {
+            if (!(be[p] > -std::numeric_limits<acc_t>::infinity())) {  // −inf and NaN only: as pool_row
+              const scalar_t* xq = xp + b * g.sB + p0 + p;
+              bx[p] = first_equal(g.C, be[p], [&](int64_t c) {
+                return acc_t(xq[c * g.sC]) * (gp ? gp[b * g.C + c] : acc_t(1));
+              });
+            }
             mean_p[b * g.P + p0 + p] = su[p] * inv;
             max_p[b * g.P + p0 + p] = be[p];
             idx_p[b * g.P + p0 + p] = bx[p];
@@ -224,60 +243,14 @@ _Pragma("omp simd")
         }
       });
     } else {
-      // A pixel's C values are contiguous: 16 lanes, each with its own sum, maximum and first
-      // arg-max (the same pass), merged at the end; the overall first arg-max is the smallest
-      // lane index among the lanes that hold the maximum.
+      // A pixel's C values are contiguous: one row each.
       at::parallel_for(0, g.B * g.P, 64, [&](int64_t lo, int64_t hi) {
-        constexpr int64_t L = 16;
-        const int64_t full = g.C / L * L;
         int64_t b = lo / g.P, p = lo % g.P;  // counters, not a division per pixel
         for (int64_t bp = lo; bp < hi; ++bp, p = (p + 1 == g.P) ? (++b, 0) : p + 1) {
-          const scalar_t* xr = xp + b * g.sB + p * g.sP;
-          const acc_t* gr = gp ? gp + b * g.C : nullptr;
-          acc_t sl[L], bl[L];
-          int64_t il[L];
-          for (int64_t l = 0; l < L; ++l) {
-            sl[l] = acc_t(0);
-            bl[l] = -std::numeric_limits<acc_t>::infinity();
-            il[l] = g.C;
-          }
-          for (int64_t c0 = 0; c0 < full; c0 += L) {
-_Pragma("omp simd")
-            for (int64_t l = 0; l < L; ++l) {
-              const acc_t v = acc_t(xr[c0 + l]) * (gr ? gr[c0 + l] : acc_t(1));
-              sl[l] += v;
-              const bool gt = v > bl[l];
-              bl[l] = gt ? v : bl[l];
-              il[l] = gt ? c0 + l : il[l];
-            }
-          }
-          for (int64_t c = full; c < g.C; ++c) {
-            const int64_t l = c - full;
-            const acc_t v = acc_t(xr[c]) * (gr ? gr[c] : acc_t(1));
-            sl[l] += v;
-            if (v > bl[l]) bl[l] = v, il[l] = c;
-          }
-          acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
-_Pragma("omp simd reduction(+ : sum) reduction(max : best)")
-          for (int64_t l = 0; l < L; ++l) {
-            sum += sl[l];
-            best = bl[l] > best ? bl[l] : best;
-          }
-          int64_t bi = g.C;
-_Pragma("omp simd reduction(min : bi)")
-          for (int64_t l = 0; l < L; ++l) bi = std::min(bi, bl[l] == best ? il[l] : g.C);
-          if (bi == g.C) {  // no value above −inf (−inf or NaN only): the first −inf, else C − 1
-            bi = g.C - 1;
-            for (int64_t c = 0; c < g.C; ++c) {
-              if (acc_t(xr[c]) * (gr ? gr[c] : acc_t(1)) == best) {
-                bi = c;
-                break;
-              }
-            }
-          }
+          acc_t sum, best;
+          idx_p[bp] = pool_row(xp + b * g.sB + p * g.sP, gp ? gp + b * g.C : nullptr, g.C, sum, best);
           mean_p[bp] = sum * inv;
           max_p[bp] = best;
-          idx_p[bp] = bi;
         }
       });
     }

@@ -1166,7 +1166,8 @@ def test_cpu_pool_ops_first_argmax(channels_last, dtype):
     """csrc/gates.cpp's pools over H·W and over C: mean, max and the *first* arg-max, on
     integer-valued maps full of ties, with H·W = 221 and C = 150 (the arg-max search runs
     in 64-wide chunks: the first maximum sits in a later chunk for some rows), with and
-    without a gate; a row of NaNs keeps the old answer (max -inf, index n - 1)."""
+    without a gate; a row of NaNs answers max -inf and index n - 1, a row of NaNs and one
+    -inf that -inf's index, in both pools and both layouts."""
     torch.manual_seed(13)
     b, c, h, w = 2, 150, 13, 17
     x = torch.randint(-3, 3, (b, c, h, w)).to(dtype)
@@ -1191,8 +1192,17 @@ def test_cpu_pool_ops_first_argmax(channels_last, dtype):
         assert torch.equal(idx, (y == y.amax(1, keepdim=True)).float().argmax(1))
     assert int(torch.ops.disseg.gates_pool_hw(x, None)[2][0, 5]) == h * w - 1
     xn = torch.full((1, 2, 9, 9), float("nan"), dtype=dtype)
+    if channels_last:
+        xn = xn.contiguous(memory_format=torch.channels_last)
+    for op, n in ((torch.ops.disseg.gates_pool_hw, 81), (torch.ops.disseg.gates_pool_c, 2)):
+        _, mx, idx = op(xn, None)
+        assert torch.isinf(mx).all() and (mx < 0).all() and (idx == n - 1).all(), op
+    # NaN with one -inf: the max is -inf, the index that -inf's (p = 40 over H·W, c = 1 over C)
+    xn[0, 1, 4, 4] = float("-inf")
     _, mx, idx = torch.ops.disseg.gates_pool_hw(xn, None)
-    assert torch.isinf(mx).all() and (mx < 0).all() and (idx == 80).all()
+    assert idx.tolist() == [[80, 40]] and torch.isneginf(mx).all()
+    _, mx, idx = torch.ops.disseg.gates_pool_c(xn, None)
+    assert int(idx[0, 40]) == 1 and int(idx[0, 0]) == 1 and torch.isneginf(mx).all()
 
 
 @pytest.mark.skipif("cpu" not in GATE_BACKENDS, reason="C++ gate kernels unavailable")
