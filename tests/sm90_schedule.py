@@ -23,9 +23,9 @@ LN2 = 0.6931471805599453
 def launch_model(z, sqn, out, m_out, s_out, n, d, col_chunk, splits, params, variant, include_diagonal,
                  block_m=64, block_n=64):
     """Drop-in for ``dispersive_sm90.launch`` (same arguments, same outputs)."""
-    if col_chunk % block_n or n - (splits - 1) * col_chunk <= block_n:
-        raise ValueError(f"every split needs two or more whole column tiles: n={n}, col_chunk={col_chunk}, "
-                         f"splits={splits}")
+    from disseg_kernels.triton.dispersive_sm90 import check_splits
+
+    check_splits(n, col_chunk, splits, block_n)
     acc_t = out.dtype
     operand_t = z.dtype if z.dtype in (torch.bfloat16, torch.float16) else acc_t
     scale, inv_tau, _, dup_eps = (float(v) for v in params)

@@ -213,15 +213,19 @@ def test_rows_path_sm90_schedule_float64_exact(monkeypatch, n, splits, code, inc
 
 def test_sm90_schedule_model_catches_a_one_tile_split():
     """The schedule model refuses what the kernel cannot run (a split of one column tile:
-    its loop would run once and then take the same tile again as the last one), as the
-    real launch does: the folding in ``_rows_path`` is what keeps it out."""
+    its loop would run once and then take the same tile again as the last one) through
+    the real launch's ``check_splits``: ``_rows_path``'s folding of a one-tile tail and its
+    128-column split quantum are what keep such splits out."""
     from sm90_schedule import launch_model
 
     z = _z(64 + 128, 16, torch.float64)
     out, stats = torch.empty(2, 192, 16, dtype=torch.float64), torch.empty(2, 192, dtype=torch.float64)
     params = torch.tensor([1.0, 2.0, 1.0, 1e-12], dtype=torch.float64)
-    with pytest.raises(ValueError, match="two or more whole column tiles"):
+    with pytest.raises(ValueError, match="two or more column tiles"):
         launch_model(z, z.square().sum(1), out, stats, stats.clone(), 192, 16, 128, 2, params, 0, False)
+    # an inner split of one tile (col_chunk = 64; _rows_path's quantum of 128 keeps it out)
+    with pytest.raises(ValueError, match="two or more column tiles.*col_chunk=64"):
+        launch_model(z, z.square().sum(1), out, stats, stats.clone(), 192, 16, 64, 2, params, 0, False)
 
 
 def test_sm90_kernel_choice_and_its_errors(monkeypatch):

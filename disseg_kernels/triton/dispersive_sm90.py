@@ -282,14 +282,20 @@ def z_layout(d_pad: int):
     return gl.NVMMASharedLayout.get_default_for([BLOCK_N, d_pad], gl.bfloat16)
 
 
+def check_splits(n: int, col_chunk: int, splits: int, block_n: int = BLOCK_N) -> None:
+    """The kernel's column loop needs every split to hold two or more column tiles, the
+    inner ones whole (a one-tile split would run its tile twice: see the loop's bound)."""
+    if col_chunk % block_n or (splits > 1 and col_chunk < 2 * block_n) or n - (splits - 1) * col_chunk <= block_n:
+        raise ValueError(f"every split needs two or more column tiles of {block_n}, the inner ones whole: got n={n}, "
+                         f"col_chunk={col_chunk}, splits={splits}")
+
+
 def launch(z, sqn, out, m_out, s_out, n, d, col_chunk, splits, params, variant, include_diagonal) -> None:
     """Run the kernel into the Triton row kernel's output arrays (``dispersive._rows_path``).
     Split s covers columns [s * col_chunk, (s + 1) * col_chunk), the last one up to n."""
     import triton
 
-    if col_chunk % BLOCK_N or n - (splits - 1) * col_chunk <= BLOCK_N:
-        raise ValueError(f"every split needs two or more whole column tiles of {BLOCK_N}: got n={n}, "
-                         f"col_chunk={col_chunk}, splits={splits}")
+    check_splits(n, col_chunk, splits)
     d_pad = max(16, triton.next_power_of_2(d))
     desc = TensorDescriptor(z, [n, d], [d, 1], [BLOCK_N, d_pad], z_layout(d_pad))
     grid = (triton.cdiv(n, BLOCK_M), splits)
