@@ -32,31 +32,30 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._args import comma_list
 from benchmarks.bench_dispersive import _median_ms, _parse_shapes, machine_name, matmul_rate_gflops, write_csv
+from disseg_kernels.triton import ROWS_KERNELS, ROWS_LOOPS  # names only: no triton import
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["N", "D", "dtype", "config", "splits", "lazy", "loop", "ms", "tflops", "pct_matmul", "note"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
-def _parse_ints(text: str, name: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"{name}: expected comma-separated integers, got {text!r}") from None
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--shapes", default="16384x256,16384x128,65536x128")
-    p.add_argument("--splits", default="1,2,4", help="column splits to try (0 = the library's heuristic)")
-    p.add_argument("--lazy", default="0,1", help="lazy rescaling off/on")
-    p.add_argument("--loops", default="segments",
+    p.add_argument("--shapes", default="16384x256,16384x128,65536x128", type=comma_list(item=_parse_shapes))
+    p.add_argument("--splits", default="1,2,4", type=comma_list(item=int), help="column splits to try (0 = the library's heuristic)")
+    p.add_argument("--lazy", default="0,1", type=comma_list((0, 1), int), help="lazy rescaling off/on")
+    p.add_argument("--loops", default="segments", type=comma_list(ROWS_LOOPS),
                    help="the Triton kernel's column loop: segments (the default form) and/or one (one loop, "
                         "run-time masks; its wgmmas are not serialised by ptxas)")
-    p.add_argument("--kernels", default="triton",
+    p.add_argument("--kernels", default="triton", type=comma_list(ROWS_KERNELS),
                    help="row kernels: triton (the autotune list) and/or sm90 (the Gluon Hopper kernel, "
                         "disseg_kernels/triton/dispersive_sm90.py), timed right after the default launch")
     p.add_argument("--repeats", type=int, default=10)
@@ -295,16 +294,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     dtype = DTYPES[args.dtype]
     shapes = [(256, 16), (200, 32)] if args.quick else _parse_shapes(args.shapes)
-    splits_list = [1, 2] if args.quick else _parse_ints(args.splits, "--splits")
-    lazy_list = [0, 1] if args.quick else _parse_ints(args.lazy, "--lazy")
-    loops_list = [x.strip() for x in args.loops.split(",") if x.strip()]
-    if not loops_list or any(x not in ("segments", "one") for x in loops_list):
-        raise SystemExit(f"--loops: choose from segments,one; got {args.loops!r}")
+    splits_list = [1, 2] if args.quick else _ints(args.splits)
+    lazy_list = [0, 1] if args.quick else _ints(args.lazy)
+    loops_list = [x.strip() for x in args.loops.split(",") if x.strip()] or ["segments"]
     repeats = 1 if args.quick else args.repeats
-    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    bad = [k for k in kernels if k not in tdisp.ROWS_KERNELS]
-    if bad or not kernels:
-        raise SystemExit(f"--kernels: choose from {tdisp.ROWS_KERNELS}, got {args.kernels!r}")
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] or ["triton"]
     mm_rate = matmul_rate_gflops(device, dtype) if device == "cuda" else float("nan")
     start = time.perf_counter()
     rows: list[dict] = []

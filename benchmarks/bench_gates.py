@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels as dk
+from benchmarks._args import comma_list
 from benchmarks.bench_dispersive import _RssSampler, machine_name, wall_times_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -161,6 +162,7 @@ MODULES = {
     "elat": lambda c, fused, backend="auto": dk.ELAT(c, fused=fused, backend=backend),
     "telu": lambda c, fused, backend="auto": dk.TeLU(fused=fused, backend=backend),
 }
+OPS = tuple(sorted(MODULES)) + ("multiscale", "upsample")  # what --ops and --sizes may name
 
 
 def _family(op):
@@ -287,8 +289,8 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="small shapes (batch 2)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--ops", default="", help="comma-separated subset of ca,sa,cbam,cbat,elat,telu,multiscale,upsample")
-    p.add_argument("--sizes", default="",
+    p.add_argument("--ops", default="", type=comma_list(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--sizes", default="", type=comma_list(item=_size_item),
                    help="comma-separated BxCxHxW shapes instead of the built-in list, for every op of --ops; "
                         "op:BxCxHxW pins a shape to one op (e.g. 8x64x128x128,elat:8x64x256x256)")
     p.add_argument("--repeats", type=int, default=0, help="timing repeats (default 5 CPU / 20 CUDA)")
@@ -319,12 +321,17 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
     return b, c, h, w
 
 
+def _size_item(text: str) -> tuple[int, int, int, int]:
+    """One item of --sizes: BxCxHxW, or op:BxCxHxW for one op."""
+    op, _, shape = text.rpartition(":")
+    if op and op not in OPS:
+        raise ValueError(f"unknown op {op!r} (one of {', '.join(OPS)})")
+    return _parse_shape(shape)
+
+
 def select_cases(args) -> list[tuple]:
-    """(op, B, C, H, W) from --quick / --ops / --sizes."""
+    """(op, B, C, H, W) from --quick / --ops / --sizes (both checked by the parser)."""
     ops = [o for o in args.ops.split(",") if o] if args.ops else []
-    for o in ops:
-        if o not in MODULES and o not in ("multiscale", "upsample"):
-            raise SystemExit(f"--ops: unknown op {o!r} (one of {sorted(MODULES) + ['multiscale', 'upsample']})")
     if not args.sizes:
         cases = QUICK if args.quick else FULL
         return [c for c in cases if not ops or c[0] in ops]

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels as dk
+from benchmarks._args import comma_list
 from benchmarks.bench_dispersive import _rss_bytes, machine_name
 from disseg_kernels import _backend
 from disseg_kernels.reference.window_attention import window_attention_reference
@@ -242,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--channels", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--sizes", default=None, help="comma-separated H=W values")
-    p.add_argument("--what", default="op,block", help="op, block or both (comma-separated)")
-    p.add_argument("--backends", default=None, help="fused backends (default: all available)")
+    p.add_argument("--sizes", default=None, type=comma_list(item=int), help="comma-separated H=W values")
+    p.add_argument("--what", default="op,block", type=comma_list(("op", "block")), help="op, block or both (comma-separated)")
+    p.add_argument("--backends", default=None, type=comma_list(_backend.BACKENDS[1:]), help="fused backends (default: all available)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
-    p.add_argument("--compile-sizes", default=None,
+    p.add_argument("--compile-sizes", default=None, type=comma_list(item=int),
                    help="comma-separated H=W values that also time torch.compile (default: every size)")
     p.add_argument("--no-write", action="store_true")
     return p

@@ -46,6 +46,7 @@ import triton.language as tl
 
 from ._settings import autotune_enabled as _autotune_enabled
 from ._settings import interpret as _interpret
+from . import ROWS_KERNELS, ROWS_LOOPS  # noqa: F401  (the names; tdisp.ROWS_KERNELS stays)
 
 INFONCE_L2, INFONCE_L2SQ, INFONCE_COSINE, HINGE, COVARIANCE = 0, 1, 2, 3, 4
 _VARIANT_NAMES = ("infonce_l2", "infonce_l2sq", "infonce_cosine", "hinge", "covariance")
@@ -548,9 +549,6 @@ def _dot_settings(dtype: torch.dtype):
     return tl.float32, "ieee", tl.float32, "tf32"
 
 
-ROWS_KERNELS = ("triton", "sm90")
-
-
 def _named_choice(value: str | None, env: str, choices: tuple, what: str) -> str:
     """``value``, else the environment variable ``env``, else ``choices[0]``; a name outside
     ``choices`` is an error naming ``what``, the variable and the choices."""
@@ -566,9 +564,6 @@ def _rows_kernel_choice(kernel: str | None) -> str:
     "triton". "sm90" is the Gluon kernel of ``dispersive_sm90`` (Hopper, opt-in until it
     has been timed on a GPU)."""
     return _named_choice(kernel, "DISSEG_TRITON_ROWS_KERNEL", ROWS_KERNELS, "the row kernel")
-
-
-ROWS_LOOPS = ("segments", "one")
 
 
 def _one_loop_applies(variant: int, single_k: bool, direct_d: int, lazy: bool) -> bool:

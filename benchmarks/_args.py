@@ -1,0 +1,35 @@
+"""Argument checks shared by the benchmark scripts.
+
+A benchmark's list options (``--modes plain,fused``) are checked when argparse reads them,
+so a mistyped item stops the run at once, with argparse's message naming the option and
+the item, before a model is built or a device is touched. This matters most on the GPU
+machine, whose script (benchmarks/gpu/run_all.sh) has minutes per session;
+tests/test_gpu_script.py parses every command of that script this way.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+
+
+def comma_list(choices: Iterable | None = None, item: Callable = str) -> Callable[[str], str]:
+    """An argparse ``type`` for a comma-separated list. Each item must convert with ``item``
+    (int, a shape parser, ...) and, when ``choices`` is given, be one of them. It returns
+    the text unchanged (the script splits it where it always did); an empty text stays
+    allowed (the scripts read it as "the default list")."""
+    allowed = None if choices is None else tuple(choices)
+
+    def check(text: str) -> str:
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            try:
+                value = item(part)
+            except (ValueError, SystemExit) as exc:
+                raise argparse.ArgumentTypeError(f"{part!r}: {exc or 'not a valid item'}") from None
+            if allowed is not None and value not in allowed:
+                raise argparse.ArgumentTypeError(
+                    f"{part!r}: choose among {', '.join(map(str, allowed))}")
+        return text
+
+    return check
