@@ -12,11 +12,18 @@ split file, an empty split, a name listed twice, a missing image or mask, an amb
 name, an unreadable file, an image/mask size mismatch each raise :class:`DataError`
 naming the file and the line.
 
-Images load as float RGB in [0, 1]: RGB, RGBA (alpha dropped), grayscale, palette, and
-16-bit / 32-bit images (stretched from 0 to their maximum). Masks are binarised robustly:
-8-bit masks with ``> 127`` (JPEG masks have ringing near 0 and 255), label images (16-bit,
-32-bit, palette, and 8-bit masks whose non-zero pixels are mostly <= 127, such as GlaS's
-instance labels) with ``> 0``.
+Images and masks are turned upright by their EXIF orientation first (as cv2.imread does,
+so a mask drawn on the upright view of a camera JPEG fits it). Images load as float RGB in
+[0, 1]: RGB, RGBA (alpha dropped), grayscale, palette, and 16-bit / 32-bit images
+(stretched from 0 to their maximum). Masks are binarised robustly (:func:`binarize_mask`):
+- colour masks (RGB, palette: by the palette's colours, never its indices) count by their
+  brightest channel, so red on black is foreground; a mask whose colours are uniform and
+  whose shape is in its alpha channel uses the alpha;
+- 8-bit levels: ``> 127`` (JPEG masks ring near 0 and 255, anti-aliased edges take every
+  level), except label images read with ``> 0``: masks with no value above 127 (0/1 masks,
+  GlaS's instance labels) and masks whose non-zero values spread evenly over the range
+  (128 or more instance labels);
+- 16-bit, 32-bit and float masks: ``> 0``.
 
 Augmentations are written with torch and draw from a ``torch.Generator`` seeded by
 (seed, epoch, sample index): a sample's augmentation does not depend on the worker that
@@ -34,7 +41,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import UserError
 
@@ -62,7 +69,7 @@ def _open(path: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
-        return img
+        return ImageOps.exif_transpose(img)  # upright, as displayed (and as cv2.imread reads it)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -98,24 +105,44 @@ def load_image(path: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+# An 8-bit mask with values above 127 is read as instance labels (> 0) when at least this
+# share of its non-zero pixels lies in 64..191: 128+ labels fill the range about evenly,
+# while JPEG ringing and anti-aliasing around 0/255 masks sit near 0 and 255 (a disc of
+# radius 3 saved at JPEG quality 50-95 keeps it under 0.25).
+_LABEL_MID_SHARE = 0.4
+
+
+def _binarize_levels(a: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 levels -> bool; see the module docstring."""
+    nonzero = a > 0
+    high = a > 127
+    if not high.any():  # 0/1 masks, up to 127 instance labels
+        return nonzero
+    mid = int(((a >= 64) & (a <= 191)).sum())
+    if mid >= _LABEL_MID_SHARE * int(nonzero.sum()):
+        return nonzero
+    return high
+
+
 def binarize_mask(img: Image.Image) -> np.ndarray:
     """(H, W) bool; see the module docstring for the rule."""
-    if img.mode == "P":
-        return np.asarray(img) > 0  # palette index 0 = background
-    if img.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
-        img = img.convert("L")
+    if img.mode in ("P", "PA"):  # the palette's colours decide: an editor may put white first
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+        img = img.convert({"RGBa": "RGBA", "La": "LA"}.get(img.mode, "RGB"))
+    if img.mode in ("RGB", "RGBA", "LA"):
+        a = np.asarray(img)
+        level = a[..., :3].max(axis=2) if img.mode != "LA" else a[..., 0]
+        if img.mode != "RGB" and level.min() == level.max():
+            level = a[..., -1]  # uniform colour: the shape is in the alpha channel
+        return _binarize_levels(np.ascontiguousarray(level))
     a = _to_array(img)
     if a.ndim == 3:
         a = a.max(axis=2)
     if a.dtype == np.bool_:
         return a.copy()
-    if a.dtype == np.uint8 or img.mode == "L":
-        nonzero = a > 0
-        high = int((a > 127).sum())
-        low = int(nonzero.sum()) - high
-        if high == 0 or low > high:  # 0/1 masks and instance-label images
-            return nonzero
-        return a > 127
+    if a.dtype == np.uint8:
+        return _binarize_levels(a)
     return a > 0
 
 
@@ -150,7 +177,7 @@ def read_split(path: str) -> list[tuple[int, str]]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: split file not found")
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: a Windows editor's byte-order mark
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read the split file ({e})") from None
@@ -251,6 +278,11 @@ def make_splits(root: str, seed: int = 0, val: float = 0.1, test: float = 0.1,
     missing = [s for s in stems if s not in masks]
     if missing:
         raise DataError(f"{masks_dir}: no mask for {len(missing)} image(s), e.g. {missing[0]!r}")
+    for folder, index in ((images_dir, images), (masks_dir, masks)):  # what train would refuse
+        twice = [fns for s, fns in index.items() if s in stems and len(fns) > 1]
+        if twice:
+            raise DataError(f"{folder}: {len(twice)} name(s) with more than one file, e.g. {', '.join(twice[0])} "
+                            "(a split lists a name once: keep one file per name)")
     if not stems:
         raise DataError(f"{images_dir}: no images")
     targets = {sp: os.path.join(root, f"{sp}.txt") for sp in ("train", "val", "test")}
@@ -267,6 +299,8 @@ def make_splits(root: str, seed: int = 0, val: float = 0.1, test: float = 0.1,
         raise UserError(f"{root}: too few images ({len(order)}) for the requested split")
     for sp, names in parts.items():
         if sp == "test" and not names:
+            if os.path.exists(targets[sp]):  # only with --force: an old test split would overlap train
+                os.remove(targets[sp])
             continue
         write_text_atomic(targets[sp], "".join(n + "\n" for n in names))
     return parts

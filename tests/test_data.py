@@ -133,6 +133,57 @@ def test_mask_binarisation():
     assert D.binarize_mask(rgb).sum() == 16
 
 
+def test_mask_binarisation_of_user_formats():
+    """Masks as users' tools save them (found by a user-acceptance pass, 2026-11-28): small
+    objects in a JPEG mask (ringing pixels outnumber the objects: the old rule took them as
+    labels and grew each disc 2.5x), a two-colour palette that lists white first (the old
+    rule took index > 0: inverted), red on black (luminance 76: lost under > 127), a shape in
+    the alpha channel only, and 8-bit instance labels past 127 (read with > 0)."""
+    import io
+
+    yy, xx = np.mgrid[:128, :128]
+    rng = np.random.default_rng(0)
+    for quality in (50, 75, 95):
+        m = np.zeros((128, 128), bool)
+        for _ in range(6):
+            cy, cx = rng.uniform(10, 118, 2)
+            m |= (yy - cy) ** 2 + (xx - cx) ** 2 < 9
+        buf = io.BytesIO()
+        Image.fromarray((m * 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+        got = D.binarize_mask(Image.open(buf))
+        iou = (got & m).sum() / (got | m).sum()
+        assert iou > 0.8, (quality, iou)
+    m = np.zeros((20, 30), bool)
+    m[5:12, 8:20] = True
+    white_first = Image.fromarray((m * 255).astype(np.uint8)).convert("RGB").quantize(2)
+    assert white_first.getpalette()[:3] == [255, 255, 255]  # the case: index 0 is the foreground colour
+    assert np.array_equal(D.binarize_mask(white_first), m)
+    red = np.zeros((20, 30, 3), np.uint8)
+    red[m] = (255, 0, 0)
+    assert np.array_equal(D.binarize_mask(Image.fromarray(red)), m)
+    alpha = np.zeros((20, 30, 4), np.uint8)
+    alpha[..., 3] = m * 255
+    assert np.array_equal(D.binarize_mask(Image.fromarray(alpha, "RGBA")), m)
+    labels = np.zeros((40, 40), np.uint8)
+    labels.reshape(-1)[:1600:6] = np.arange(1, 268)[:len(labels.reshape(-1)[:1600:6])] % 256  # labels 1..255
+    assert np.array_equal(D.binarize_mask(Image.fromarray(labels)), labels > 0)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG stored sideways (EXIF Orientation 6) loads upright, so the mask drawn on
+    the upright view fits (cv2.imread's behaviour); both go through the same opener."""
+    raw = np.zeros((20, 30, 3), np.uint8)
+    raw[:, :5] = 255  # a bright band on the stored image's left
+    img = Image.fromarray(raw)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "cam.jpg", exif=exif.tobytes(), quality=95)
+    a = D.load_image(str(tmp_path / "cam.jpg"))
+    assert a.shape == (30, 20, 3)  # upright: the stored width is the height
+    assert a[:5, :, 0].mean() > 0.9 and a[-5:, :, 0].mean() < 0.1  # the left band is now on top
+    assert D.image_size(str(tmp_path / "cam.jpg")) == (20, 30)
+
+
 def test_dataset_resizes_and_keeps_binary(tmp_path):
     root = _write_set(tmp_path, size=(40, 30))
     _split(root, "train", ["a", "b"])
@@ -235,6 +286,25 @@ def test_make_splits_reproducible(tmp_path):
     p2 = D.make_splits(str(root), seed=3, val=0.2, test=0.1, force=True)
     assert p1 == p2
     assert D.load_split(str(root), "val")[0].name == p1["val"][0]
+    # --test 0 with --force: the old test.txt goes (its names are now in train.txt)
+    p3 = D.make_splits(str(root), seed=3, val=0.2, test=0.0, force=True)
+    assert not p3["test"] and not (root / "test.txt").exists()
+
+
+def test_make_splits_refuses_what_train_would(tmp_path):
+    """A name with two image files (or two masks) is refused by make-splits, as the split
+    it would write is refused by train ("ambiguous")."""
+    root = _write_set(tmp_path, names=["a", "b", "c"])
+    Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(root / "images" / "b.png")
+    with pytest.raises(D.DataError, match=r"images: 1 name\(s\) with more than one file, e\.g\. b\.jpg, b\.png"):
+        D.make_splits(str(root))
+
+
+def test_split_file_with_byte_order_mark(tmp_path):
+    """A split file saved by a Windows editor (UTF-8 with BOM) reads its first name."""
+    root = _write_set(tmp_path)
+    (root / "train.txt").write_bytes("\ufeffa\nb\n".encode("utf-8"))
+    assert [s.name for s in D.load_split(str(root), "train")] == ["a", "b"]
 
 
 def test_synthetic_deterministic_and_varied(tmp_path):
