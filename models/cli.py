@@ -27,7 +27,7 @@ from .config import TrainConfig, UserError, add_config_arguments, resolve_config
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import Trainer
+    from .trainer import Trainer, json_text
 
     cfg = resolve_config(args)
     if cfg.resume:
@@ -43,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = trainer.run()
         if trainer.dist.main:
-            print(json.dumps(summary, indent=1))
+            print(json_text(summary), end="")
     finally:
         trainer.close()
     return 0
@@ -93,11 +93,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_summary
     from .predict import predict
     from .synthetic import ensure_synthetic
-    from .trainer import Trainer, atomic_write_text
+    from .trainer import Trainer, atomic_write_text, json_text, make_output_dir
 
     t0, c0 = time.time(), time.process_time()
     out = args.out
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)
     for sub in ("stage1", "stage2", "eval", "overlays"):  # the demo's own outputs only
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     data = os.path.join(out, "data")
@@ -133,7 +133,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = {"val_mDSC": ev["mDSC"], "val_mIoU": ev["mIoU"], "val_recall": ev["Rec."],
               "val_precision": ev["Prec."], "val_hd95": ev["mean_hd95"], "seconds": round(total, 1), "cpu_seconds": round(cpu, 1),
               "stages": summaries, "checkpoint": ckpt, "out": os.path.abspath(out)}
-    atomic_write_text(os.path.join(out, "demo_summary.json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(os.path.join(out, "demo_summary.json"), json_text(result))
     for st, sm in summaries.items():
         print(f"[demo] Stage {'I' if st == 1 else 'II'}: best validation Dice {sm['best_val_mDSC']:.4f} "
               f"(epoch {sm['best_epoch']}, {sm['seconds']:.0f}s)")

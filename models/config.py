@@ -28,8 +28,9 @@ class UserError(Exception):
     exit_code = 2
 
 
-def _f(default, help, choices=None, group="training"):
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def _f(default, help, choices=None, group="training", path=False):
+    """A config field; ``path``: a file or folder, stored absolute (:func:`resolve_config`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "path": path})
 
 
 @dataclass
@@ -37,16 +38,17 @@ class TrainConfig:
     # ---------------------------------------------------------------- what to train
     stage: int = _f(1, "1 = Stage I (MedDisSeg1), 2 = Stage II (MedDisSeg2)", [1, 2], "run")
     data: Optional[str] = _f(None, "dataset ROOT (images/, masks/, train.txt, val.txt); "
-                             "omitted: the embedded synthetic dataset, generated into OUT/data", group="run")
-    init: Optional[str] = _f(None, "Stage II: Stage I checkpoint to start from (encoder copied)", group="run")
-    out: str = _f("runs/disseg", "run folder (logs, config, checkpoints)", group="run")
+                             "omitted: the embedded synthetic dataset, generated into OUT/data", group="run", path=True)
+    init: Optional[str] = _f(None, "Stage II: Stage I checkpoint to start from (encoder copied)", group="run",
+                             path=True)
+    out: str = _f("runs/disseg", "run folder (logs, config, checkpoints)", group="run", path=True)
     resume: bool = _f(False, "continue the run in OUT from OUT/last.pt", group="run")
     epochs: int = _f(300, "maximum number of epochs", group="run")
 
     # ---------------------------------------------------------------- model
     encoder: str = _f("resnet50", "encoder", ["resnet50", "resnet34", "resnet18"], "model")
     pretrained: Optional[str] = _f(None, "torchvision-format ResNet state dict (local file) "
-                                   "for the encoder; nothing is downloaded", group="model")
+                                   "for the encoder; nothing is downloaded", group="model", path=True)
     fused: bool = _f(True, "route TeLU, gates, CDFA and the dispersive loss through "
                      "disseg_kernels (--no-fused: plain PyTorch)", group="model")
     dispersive: bool = _f(True, "add the dispersive loss", group="model")
@@ -288,4 +290,9 @@ def resolve_config(ns: argparse.Namespace, cls=TrainConfig, base: Optional[dict]
         values.update(load_json_config(given["config"], cls))
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in given.items() if k in names})
-    return cls(**values).validate()
+    cfg = cls(**values).validate()  # its messages quote the paths as given
+    # then the paths absolute, as the run's config.json keeps them: `evaluate` without --data
+    # and `train --resume` work from any directory
+    paths = {f.name: os.path.abspath(os.path.expanduser(getattr(cfg, f.name))) for f in dataclasses.fields(cls)
+             if f.metadata.get("path") and isinstance(getattr(cfg, f.name), str)}
+    return dataclasses.replace(cfg, **paths)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from typing import Callable, Optional
@@ -23,7 +22,8 @@ import torch.nn.functional as F
 from . import data as D
 from .config import TrainConfig, UserError
 from .metrics import METRICS, image_metrics, summarize
-from .trainer import atomic_write_text, build_model_from_config, load_checkpoint, resolve_device
+from .trainer import (atomic_write_text, build_model_from_config, check_output_dir, json_text, load_checkpoint,
+                      make_output_dir, resolve_device)
 
 
 def load_model(checkpoint: str, device: torch.device, fused: Optional[bool] = None):
@@ -60,6 +60,8 @@ def evaluate(checkpoint: str, data: str, split: str = "val", out: Optional[str] 
              device: str = "auto", size: Optional[int] = None, amp: str = "none",
              log: Callable[[str], None] = print) -> dict:
     dev = resolve_device(device)
+    if out:
+        check_output_dir(out)
     samples = D.load_split(data, split)
     model, cfg = load_model(checkpoint, dev)
     s = size or cfg.size
@@ -87,14 +89,14 @@ def evaluate(checkpoint: str, data: str, split: str = "val", out: Optional[str] 
                     "resolution": "native" if native else f"{s}x{s}", "empty_policy": empty_policy,
                     "threshold": threshold, "stage": cfg.stage, "encoder": cfg.encoder})
     if out:
-        os.makedirs(out, exist_ok=True)
+        make_output_dir(out)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["name", *METRICS, "gt_pixels", "pred_pixels"])
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
         atomic_write_text(os.path.join(out, "per_case.csv"), buf.getvalue())
-        atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(os.path.join(out, "summary.json"), json_text(summary))
     log(format_summary(summary))
     return summary
 

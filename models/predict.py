@@ -20,7 +20,7 @@ from . import data as D
 from .config import UserError
 from .evaluate import load_model, predict_logits
 from .metrics import boundary
-from .trainer import atomic_write_bytes, resolve_device
+from .trainer import atomic_write_bytes, check_output_dir, make_output_dir, resolve_device
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, gt: Optional[np.ndarray] = None) -> np.ndarray:
@@ -57,14 +57,22 @@ def predict(checkpoint: str, inputs: str, out: str, threshold: float = 0.5, devi
             size: Optional[int] = None, mask_dir: Optional[str] = None, names: Optional[list[str]] = None,
             log: Callable[[str], None] = print) -> list[str]:
     dev = resolve_device(device)
+    check_output_dir(out)
     files = list_images(inputs)
     if names is not None:
         wanted = set(names)
         files = [f for f in files if os.path.splitext(os.path.basename(f))[0] in wanted]
+    by_stem: dict[str, list[str]] = {}
+    for f in files:
+        by_stem.setdefault(os.path.splitext(os.path.basename(f))[0], []).append(os.path.basename(f))
+    clash = [group for group in by_stem.values() if len(group) > 1]
+    if clash:  # their masks would be written to one file
+        raise UserError(f"--input={inputs!r}: {len(clash)} name(s) with more than one image, e.g. "
+                        f"{', '.join(clash[0])} (outputs are named NAME.png: keep one image per name)")
     model, cfg = load_model(checkpoint, dev)
     gt_index = D._index_folder(mask_dir) if mask_dir else {}
-    os.makedirs(os.path.join(out, "masks"), exist_ok=True)
-    os.makedirs(os.path.join(out, "overlays"), exist_ok=True)
+    make_output_dir(os.path.join(out, "masks"))
+    make_output_dir(os.path.join(out, "overlays"))
     written = []
     for path in files:
         img = D.load_image(path)

@@ -108,6 +108,42 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj) -> str:
+    """Strict JSON (NaN and infinities written as null, which any JSON reader takes)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=1, allow_nan=False) + "\n"
+
+
+def check_output_dir(path: str, what: str = "--out") -> None:
+    """A folder the user named can be made (or is one): else a UserError naming it, before any
+    work is done."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what}={path!r}: is a file, not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{what}={path!r}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what}={path!r}: {parent} is not writable")
+
+
+def make_output_dir(path: str, what: str = "--out") -> None:
+    check_output_dir(path, what)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what}={path!r}: cannot create the folder ({e.strerror or e})") from None
+
+
 def remove_stale_temporaries(folder: str) -> None:
     """Temporary files of writes killed midway (never the real files)."""
     if not os.path.isdir(folder):
@@ -433,6 +469,7 @@ class Trainer:
         if cfg.stage == 2 and cfg.init is None and not cfg.resume:
             self.log("notice: Stage II without --init: the encoder starts from "
                      + ("--pretrained" if cfg.pretrained else "random weights"))
+        check_output_dir(self.out)
         ckpt = None
         if cfg.resume:
             if not os.path.isfile(self.last_path):
@@ -449,7 +486,7 @@ class Trainer:
         self._main_only(self._prepare_data_main)
         self._prepare_data()  # validates every file before anything is written
         if self.dist.main:
-            os.makedirs(self.out, exist_ok=True)
+            make_output_dir(self.out)
             remove_stale_temporaries(self.out)
 
         set_determinism(cfg)
@@ -523,11 +560,11 @@ class Trainer:
             self.log(f"resumed {self.last_path}: epoch {self.epoch + 1}, batch {self.batch}, "
                      f"step {self.global_step}")
         elif self.dist.main:
-            atomic_write_text(os.path.join(self.out, "config.json"), json.dumps(cfg.to_dict(), indent=1) + "\n")
+            atomic_write_text(os.path.join(self.out, "config.json"), json_text(cfg.to_dict()))
         if self.dist.main:
             env = environment()
             env["world_size"] = self.dist.world
-            atomic_write_text(os.path.join(self.out, "env.json"), json.dumps(env, indent=1) + "\n")
+            atomic_write_text(os.path.join(self.out, "env.json"), json_text(env))
 
     # Tests run --cuda-graph's bookkeeping on the CPU (models.step_graph, emulate=True).
     _emulate_graph = False
@@ -598,8 +635,8 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise UserError(f"--init={self.cfg.init!r}: cannot copy it into Stage II ({e})") from None
         report = {"init": os.path.abspath(self.cfg.init), "copied": list(rep.copied), "left": list(rep.left)}
-        os.makedirs(self.out, exist_ok=True)
-        atomic_write_text(os.path.join(self.out, "transfer.json"), json.dumps(report, indent=1) + "\n")
+        make_output_dir(self.out)
+        atomic_write_text(os.path.join(self.out, "transfer.json"), json_text(report))
         self.log(f"Stage II init from {self.cfg.init}: {len(rep.copied)} keys copied, "
                  f"{len(rep.left)} left at their initial values (list in transfer.json)")
 
@@ -873,7 +910,7 @@ class Trainer:
         w.writeheader()
         w.writerows(rows)
         atomic_write_text(os.path.join(self.out, "metrics.csv"), buf.getvalue())
-        atomic_write_text(os.path.join(self.out, "metrics.json"), json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(os.path.join(self.out, "metrics.json"), json_text(rows))
         if not getattr(self, "_plot_off", False):
             if not plot_curves(rows, os.path.join(self.out, "curves.png")):
                 self._plot_off = True
@@ -937,7 +974,12 @@ class Trainer:
                    "epoch_cpu_seconds": round(time.process_time() - epoch_c0, 3)}
             self.history.append(row)
             metric = val["mIoU"] if not math.isnan(val["mIoU"]) else -math.inf
-            improved = metric > self.best_metric
+            # the first epoch is the best until one scores higher, so best.pt always exists
+            improved = metric > self.best_metric or self.best_epoch < 0
+            if math.isnan(val["mIoU"]):
+                self.log(f"warning: epoch {self.epoch + 1}: validation mIoU is NaN (no validation image could be "
+                         f"scored: every mask empty under --empty-policy={cfg.empty_policy}?); best.pt stays "
+                         + ("this epoch" if improved else f"epoch {self.best_epoch}") + " until an epoch scores")
             if improved:
                 self.best_metric, self.best_epoch, self.bad_epochs = metric, self.epoch + 1, 0
             else:
@@ -964,7 +1006,7 @@ class Trainer:
                    "stopped_early": stopped_early, "seconds": round(time.time() - t_start, 1),
                    "best": self.best_path, "last": self.last_path}
         if self.dist.main:
-            atomic_write_text(os.path.join(self.out, "summary.json"), json.dumps(summary, indent=1) + "\n")
+            atomic_write_text(os.path.join(self.out, "summary.json"), json_text(summary))
         return summary
 
     def close(self) -> None:

@@ -124,6 +124,67 @@ def test_bad_flags_and_files(tmp_path, capsys, trained):
     assert sorted(os.listdir(s1)) == before
 
 
+def test_unusable_out_folders_are_named(tmp_path, capsys, trained):
+    """An --out that cannot be a folder (a file in the way, or under a file) stops train,
+    evaluate and predict with one line naming it, before any work (a raw FileExistsError /
+    NotADirectoryError traceback before, found by the user-acceptance pass of 2026-11-28)."""
+    data, s1 = trained
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ck = str(s1 / "best.pt")
+    for out, expect in ((afile, "is a file, not a folder"), (afile / "sub", "afile is a file, not a folder")):
+        for argv in (["train", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY],
+                     ["evaluate", "--checkpoint", ck, "--data", str(data), "--out", str(out)],
+                     ["predict", "--checkpoint", ck, "--input", str(data / "images"), "--out", str(out)]):
+            err = _run_bad(argv, capsys)
+            assert f"--out='{out}'" in err and expect in err, (argv, err)
+    assert afile.read_text() == "x"
+
+
+def test_run_paths_are_stored_absolute(tmp_path, trained, monkeypatch, capsys):
+    """A run started with relative --data / --out saves absolute paths, so `evaluate` without
+    --data (the checkpoint's dataset) and the summary's paths work from another directory."""
+    data, _ = trained
+    monkeypatch.chdir(data.parent)
+    assert main(["train", "--stage", "1", "--data", data.name, "--out", "rel_run", "--epochs", "1", *TINY]) == 0
+    cfg = json.loads((data.parent / "rel_run" / "config.json").read_text())
+    assert cfg["data"] == str(data) and cfg["out"] == str(data.parent / "rel_run")
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--checkpoint", str(data.parent / "rel_run" / "best.pt"), "--device", "cpu"]) == 0
+    assert f"using the checkpoint's dataset {data}" in capsys.readouterr().out
+
+
+def test_predict_refuses_two_images_with_one_name(tmp_path, capsys, trained):
+    """case1.jpg and case1.png would both write masks/case1.png: refused, naming both."""
+    _, s1 = trained
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(src / "case1.jpg")
+    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(src / "case1.png")
+    err = _run_bad(["predict", "--checkpoint", str(s1 / "best.pt"), "--input", str(src), "--out", str(tmp_path / "p")],
+                   capsys)
+    assert "case1.jpg, case1.png" in err and not (tmp_path / "p" / "masks").exists()
+
+
+def test_best_checkpoint_exists_when_validation_cannot_score(tmp_path, capsys):
+    """Every validation mask empty (mIoU NaN under --empty-policy nan): best.pt is still
+    written (the first epoch, with a warning), and summary.json / metrics.json are strict
+    JSON (null, not NaN or -Infinity)."""
+    root = _dataset(tmp_path)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / "im3.png")  # the val split
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--out", str(out), "--epochs", "2", "--threshold", "1.0", *TINY]) == 0
+    log = capsys.readouterr()
+    assert "validation mIoU is NaN" in log.out + log.err
+    assert (out / "best.pt").is_file()
+    text = (out / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    summary = json.loads(text)
+    assert summary["best_epoch"] == 1 and summary["best_val_mIoU"] is None
+    assert "NaN" not in (out / "metrics.json").read_text()
+
+
 def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--stage", "3"])
