@@ -5,7 +5,8 @@ HD95 (pixels), at the training resolution (default: the image and mask resized t
 checkpoint's ``size``) or at the native resolution (``native=True``: the logits are
 resized bilinearly to the mask's own size). Writes ``OUT/per_case.csv`` (one row per
 image) and ``OUT/summary.json`` (means: mIoU, mDSC, Rec., Prec. and the others; NaN
-cases skipped, see :mod:`models.metrics` for the empty-mask policy).
+cases skipped, see :mod:`models.metrics` for the empty-mask policy; a mean with no case
+written as null).
 """
 
 from __future__ import annotations
