@@ -69,7 +69,9 @@ def _open(path: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
-        return ImageOps.exif_transpose(img)  # upright, as displayed (and as cv2.imread reads it)
+        if img.getexif().get(0x0112, 1) != 1:  # EXIF Orientation: upright, as displayed and as cv2.imread reads it
+            img = ImageOps.exif_transpose(img)  # (only then: without a tag it would copy the image)
+        return img
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
