@@ -310,6 +310,27 @@ def test_telu_extremes_finite_with_right_limit(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", TELU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_telu_finite_up_to_the_dtype_max(backend, dtype):
+    """The gradient stays finite up to the dtype's largest value (4·x overflowed past 8.5e37
+    in float32 and made inf·0 = NaN: found by a user-acceptance pass, 2026-11-28), as does
+    the finite reference derivative; float64 keeps its tiny values (telu(−100) = −3.7e−42,
+    not the float floor's 0)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton TeLU computes in float32 and refuses float64")
+    big = torch.finfo(dtype).max
+    x = torch.tensor([big, big / 3, -big, 50.0], dtype=dtype, requires_grad=True)
+    y = dk.telu(x, backend=backend)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all(), (y, g)
+    assert g[[0, 1, 3]].eq(1).all() and g[2] == 0 and y[[0, 1, 3]].eq(x[[0, 1, 3]]).all()
+    assert torch.isfinite(telu_grad_reference(x.detach())).all()
+    if dtype == torch.float64:
+        tiny = dk.telu(torch.tensor([-100.0], dtype=torch.float64), backend=backend)
+        torch.testing.assert_close(tiny, telu_reference(torch.tensor([-100.0], dtype=torch.float64)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", TELU_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_telu_matches_reference(backend, channels_last):
     """Values and gradients equal the eager formula in float32 on a range that avoids its
