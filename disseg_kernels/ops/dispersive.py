@@ -15,6 +15,7 @@ import torch
 
 from .. import _backend
 from ..reference.dispersive import DIAGONALS, VARIANTS, dispersive_loss_reference
+from ._autograd import error_on_differentiation
 
 # The integer codes the compiled kernels use for the variants (csrc/dispersive.cpp,
 # csrc/dispersive_cuda.cu and triton/dispersive.py share them).
@@ -65,16 +66,23 @@ def _(z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad, backen
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])  # dL/dz is a value here, not a graph
+    ctx.set_materialize_grads(False)  # no N x D zeros for that output's (absent) gradient
 
 
-def _backward(ctx, grad_loss, _grad_grad):
+def _backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:
+        return (None,) * 8
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0:
         raise RuntimeError(
             "dispersive_loss was computed without its gradient (z did not require grad "
             "or grad mode was off) and cannot be differentiated"
         )
-    return (grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None)
+    dz = grad * grad_loss.to(grad.dtype)
+    if torch.is_grad_enabled():  # create_graph=True: a second derivative through dz would be 0, not d²L
+        dz = error_on_differentiation(dz, "dispersive_loss")
+    return (dz, None, None, None, None, None, None, None)
 
 
 _dispersive_op.register_autograd(_backward, setup_context=_setup_context)

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..reference import gates as ref
-
-
+from ._autograd import first_order_only
 from .telu import TeLU
 
 
@@ -623,7 +622,7 @@ class _GatesEager(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("the gate ops")
     def backward(ctx, grad_out):
         x, *rest = ctx.saved_tensors
         params, saved = rest[: ctx.n_params], rest[ctx.n_params :]

@@ -13,6 +13,7 @@ import torch
 
 from .. import _backend
 from ..reference.multiscale import multiscale_concat_reference
+from ._autograd import first_order_only
 
 
 def _validate(tensors, scales):
@@ -147,7 +148,7 @@ class _MultiscaleEager(torch.autograd.Function):
         return _run_fwd(list(tensors), scales, backend)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("multiscale_concat")
     def backward(ctx, grad):
         grads, c0 = [], 0
         for (c, h, w, dtype, fmt), s, need in zip(ctx.shapes, ctx.scales, ctx.needs_input_grad[2:]):

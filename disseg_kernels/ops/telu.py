@@ -11,6 +11,7 @@ import torch
 
 from .. import _backend
 from ..reference.telu import telu_reference
+from ._autograd import first_order_only
 
 
 def telu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -102,7 +103,7 @@ class _TeluEager(torch.autograd.Function):
         return _run_fwd(x, backend)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("telu")
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         if grad.stride() != x.stride():

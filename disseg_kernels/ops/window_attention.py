@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..reference.window_attention import window_attention_reference
+from ._autograd import first_order_only
 from .telu import TeLU
 
 _FAMILY = "window_attention"
@@ -137,7 +138,7 @@ class _WindowAttentionEager(torch.autograd.Function):
         return _run_forward(backend, v, logits, kernel_size)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("window_attention")
     def backward(ctx, grad_y):
         v, logits = ctx.saved_tensors
         need_dv, need_dlogits = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

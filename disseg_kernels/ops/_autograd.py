@@ -1,0 +1,56 @@
+"""First-order-only backward passes, said so when a second derivative is asked for.
+
+The fused kernels compute gradients directly; they build no graph for them, so there is no
+double backward. ``torch.autograd.function.once_differentiable`` marks such a backward, but
+it attaches its error only when the incoming gradient itself requires grad. A gradient
+penalty (``torch.autograd.grad(y.sum(), x, create_graph=True)``, then a loss on that
+gradient) hands in a constant gradient, so the result came back detached and the penalty's
+contribution through the fused op was silently dropped. ``first_order_only`` attaches the
+error whenever a graph is being built (``create_graph=True``): the gradients still flow as
+values, and differentiating them raises a message naming the op.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def error_on_differentiation(outputs, op: str):
+    """``outputs`` (a tensor or a tuple, Nones allowed) as values that raise if differentiated."""
+    single = not isinstance(outputs, tuple)
+    items = (outputs,) if single else outputs
+    err = torch._C._functions.DelayedError(
+        f"disseg: {op} has no double backward (its fused kernels return gradients without a graph); "
+        "for second derivatives use backend='reference' or the module with fused=False".encode(),
+        len(items),
+    )
+
+    def alias(t):  # DelayedError needs inputs that require grad to give its outputs a grad_fn
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.detach()
+        t.requires_grad_(True)
+        return t
+
+    wrapped = err(*[alias(t) for t in items])
+    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+    return wrapped[0] if single else tuple(wrapped)
+
+
+def first_order_only(op: str):
+    """Decorate an ``autograd.Function.backward``: it runs without building a graph; under
+    ``create_graph=True`` its gradients raise a clear error if differentiated again."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            return error_on_differentiation(outputs, op)
+
+        return wrapper
+
+    return decorate
