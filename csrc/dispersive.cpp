@@ -995,6 +995,14 @@ std::tuple<double, at::Tensor> run_many_samples(const at::Tensor& z, int64_t var
 
 }  // namespace
 
+// double -> float with IEEE overflow to ±inf (a plain cast of an out-of-range double is
+// undefined behaviour in C++).
+inline float clamp_to_float(double v) {
+  if (v > static_cast<double>(std::numeric_limits<float>::max())) return std::numeric_limits<float>::infinity();
+  if (v < -static_cast<double>(std::numeric_limits<float>::max())) return -std::numeric_limits<float>::infinity();
+  return static_cast<float>(v);
+}
+
 std::tuple<at::Tensor, at::Tensor> dispersive_fused_cpu(const at::Tensor& z, int64_t variant, double tau,
                                                         double margin, bool include_diagonal, bool scale_by_dim,
                                                         bool need_grad) {
@@ -1021,7 +1029,11 @@ std::tuple<at::Tensor, at::Tensor> dispersive_fused_cpu(const at::Tensor& z, int
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "dispersive_fused_cpu", [&] {
     out = dispatch<scalar_t>(z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad);
   });
-  return {at::scalar_tensor(std::get<0>(out), z.options().dtype(loss_dtype)), std::get<1>(out)};
+  // The loss is accumulated in double; a float32 result past FLT_MAX is ±inf (as the other
+  // backends give), not scalar_tensor's "cannot be converted without overflow" error.
+  const double loss = std::get<0>(out);
+  const double stored = loss_dtype == at::kFloat ? static_cast<double>(clamp_to_float(loss)) : loss;
+  return {at::scalar_tensor(stored, z.options().dtype(loss_dtype)), std::get<1>(out)};
 }
 
 TORCH_LIBRARY_FRAGMENT(disseg, m) {

@@ -450,6 +450,8 @@ def _global_loss_and_grad(
         stats = add(_row_stats(rows, prep(bank), self_offset=None, grad_weight=1.0, **opts))
 
     npairs = _num_pairs(n_total, k, include_diagonal)
+    if npairs == 0:  # no row anywhere (n_total counts every rank: all return here, no collective skipped)
+        return z.new_zeros((), dtype=cdt), (torch.zeros_like(z) if need_grad else None)
     inv_d = 1.0 / dim if scale_by_dim else 1.0
     if variant == "hinge":
         total = comm.all_reduce(stats.s.sum().reshape(1), name="all_reduce(stats)")[0]

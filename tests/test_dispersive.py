@@ -14,6 +14,7 @@ What these tests protect:
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -259,6 +260,34 @@ def test_single_sample_is_zero_with_zero_gradient(backend, variant):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FUSED_PARAMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_batch_and_nan_single_row_are_zero(backend, variant):
+    """N = 0 (an empty batch) and N = 1 with a NaN row are the spec's N < 2 case too: 0 with
+    a zero gradient (the first crashed in a reshape, the second returned NaN: a
+    user-acceptance pass, 2026-11-28); so is the bank loss with no rows of z."""
+    device = _device_for(backend)
+    for z in (torch.randn(0, 5, device=device, requires_grad=True),
+              torch.full((1, 3), float("nan"), device=device, requires_grad=True)):
+        loss = dispersive_loss(z, variant=variant, backend=backend)
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and torch.equal(z.grad, torch.zeros_like(z)), (z.shape, loss)
+    if variant != "covariance":
+        z = torch.randn(0, 5, device=device, requires_grad=True)
+        loss = disseg_kernels.dispersive_loss_with_bank(z, torch.randn(4, 5, device=device), variant=variant)
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and z.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED_PARAMS)
+def test_loss_past_float32_range_is_inf_not_an_error(backend):
+    """A float32 loss beyond FLT_MAX (rows of 1e30, squared distances) is -inf as in the
+    reference: the C++ backend raised "value cannot be converted to type float"."""
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).to(_device_for(backend)) * 1e30
+    loss = dispersive_loss(z, variant="infonce_l2sq", backend=backend)
+    assert loss.dtype == torch.float32 and torch.isneginf(loss), loss
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED_PARAMS)
 @pytest.mark.parametrize("variant", ["infonce_l2", "hinge", "infonce_l2sq", "infonce_cosine"])
 def test_duplicate_rows_finite_with_zero_subgradient(backend, variant):
     """Duplicate rows (d = 0) give a finite loss and the subgradient 0 for the pair."""
@@ -386,6 +415,13 @@ def test_bad_arguments_name_the_argument(kwargs, match):
     z = torch.randn(4, 3)
     with pytest.raises(ValueError, match=match):
         dispersive_loss(z, **kwargs)
+
+
+def test_numpy_numbers_are_options_and_tensors_are_refused_clearly():
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(dispersive_loss(z, tau=np.float32(0.5)), dispersive_loss(z, tau=0.5))
+    with pytest.raises(TypeError, match=r"tau must be a Python or NumPy number, got a tensor \(pass float\(tau\)\)"):
+        dispersive_loss(z, tau=torch.tensor(0.5))
 
 
 def test_bad_inputs_name_the_problem():

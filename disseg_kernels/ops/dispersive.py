@@ -10,11 +10,12 @@ opaque node and ``opcheck`` passes.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .. import _backend
-from ..reference.dispersive import DIAGONALS, VARIANTS, dispersive_loss_reference
+from ..reference.dispersive import DIAGONALS, VARIANTS, dispersive_loss_reference, zero_loss
 from ._autograd import error_on_differentiation
 
 # The integer codes the compiled kernels use for the variants (csrc/dispersive.cpp,
@@ -97,10 +98,11 @@ def _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite):
         raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0 or not math.isfinite(tau):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0 or not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
+    for name, value in (("tau", tau), ("margin", margin)):
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a Python or NumPy number, got a tensor (pass float({name}))")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if diagonal not in DIAGONALS:
         raise ValueError(f"diagonal must be one of {DIAGONALS}, got {diagonal!r}")
     if not isinstance(scale_by_dim, bool):
@@ -145,9 +147,9 @@ def dispersive_loss(
     if chosen == "reference":
         return dispersive_loss_reference(z, variant, float(tau), float(margin), diagonal, scale_by_dim)
     n = z.shape[0]
-    flat = z.reshape(n, -1)
+    flat = z.reshape(n, math.prod(z.shape[1:]))  # explicit D: N = 0 reshapes too
     if n < 2 or flat.shape[1] == 0:
-        return (flat.sum() * 0.0).to(_loss_dtype(z.dtype))
+        return zero_loss(flat).to(_loss_dtype(z.dtype))
     need_grad = torch.is_grad_enabled() and z.requires_grad
     loss, _ = _dispersive_op(
         flat.contiguous(),

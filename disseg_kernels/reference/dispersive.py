@@ -21,10 +21,16 @@ DIAGONALS = ("exclude", "include")
 
 def _flatten(z: torch.Tensor) -> torch.Tensor:
     """(N, *) → (N, D); half types are read as they are and computed in float32."""
-    z = z.reshape(z.shape[0], -1)
+    z = z.reshape(z.shape[0], math.prod(z.shape[1:]))  # explicit D: N = 0 reshapes too
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()
     return z
+
+
+def zero_loss(z: torch.Tensor) -> torch.Tensor:
+    """0 with a zero gradient, still attached to z's graph (so backward() runs), even when z
+    holds NaN or inf (``z.sum() * 0`` would be NaN there): the spec's N < 2 case."""
+    return torch.where(torch.zeros((), dtype=torch.bool, device=z.device), z.sum(), 0.0)
 
 
 def pairwise_distance(z: torch.Tensor, variant: str, scale_by_dim: bool) -> torch.Tensor:
@@ -58,7 +64,7 @@ def dispersive_loss_reference(
     z = _flatten(z)
     n = z.shape[0]
     if n < 2:
-        return z.sum() * 0.0  # a zero that keeps the graph: zero gradient
+        return zero_loss(z)
 
     if variant == "covariance":
         zc = z - z.mean(dim=0, keepdim=True)
