@@ -241,21 +241,33 @@ def unavailable_reason(family: str, backend: str, device: torch.device) -> str |
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve(family: str, backend: str, device: torch.device | str) -> str:
-    """The backend that will run ``family`` on ``device`` (never "auto").
+# Kernels that compute in float32 whatever their input: a float64 input goes elsewhere.
+FLOAT32_ONLY = {("telu", "triton"), ("gates", "triton"), ("multiscale", "triton")}
+
+
+def resolve(family: str, backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend that will run ``family`` on ``device`` (never "auto"), for inputs of
+    ``dtype`` when given ("auto" passes over a float32-only kernel for float64 inputs).
 
     Raises ``ValueError`` for an unknown name and ``BackendUnavailable`` for a named
     backend that cannot run here.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     device = torch.device(device)
+    float64 = dtype == torch.float64
     if backend != "auto":
         reason = unavailable_reason(family, backend, device)
+        if reason is None and float64 and (family, backend) in FLOAT32_ONLY:
+            reason = "its kernels compute in float32; float64 inputs run on 'cpu', 'cuda' or 'reference'"
         if reason:
             raise BackendUnavailable(f"backend={backend!r} cannot run '{family}': {reason}")
         return backend
     for candidate in auto_order_for(family, device.type):
+        if float64 and (family, candidate) in FLOAT32_ONLY:
+            continue
         if candidate in FAMILIES[family] and unavailable_reason(family, candidate, device) is None:
             return candidate
     return "reference"
@@ -263,5 +275,7 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
 
 def available_backends(family: str, device: torch.device | str) -> list[str]:
     """Every backend (auto excluded) that can run ``family`` on ``device``."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     device = torch.device(device)
     return [b for b in BACKENDS[1:] if b in FAMILIES[family] and unavailable_reason(family, b, device) is None]

@@ -23,6 +23,8 @@ def _check_x(x: torch.Tensor, channels: int | None, name: str) -> None:
         raise TypeError(f"{name}: x must be a floating-point tensor, got dtype {x.dtype}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name}: x has {x.shape[1]} channels, the module was built for channels={channels}")
+    if x.shape[2] * x.shape[3] == 0 and x.shape[0] * x.shape[1] > 0:
+        raise ValueError(f"{name}: x has no pixels (H·W = 0, shape {tuple(x.shape)}): the max pools over H·W are undefined")
 
 
 def _check_backend(backend):
@@ -637,8 +639,8 @@ def _layout_ok(x: torch.Tensor) -> bool:
 
 def _fused_gates(program: str, x: torch.Tensor, params: list[torch.Tensor], backend: str) -> torch.Tensor:
     """The fused path of a gate module: resolve the backend, run ``disseg::gates_fwd``."""
-    chosen = _backend.resolve("gates", backend, x.device.type)
-    if chosen == "reference":
+    chosen = _backend.resolve("gates", backend, x.device.type, x.dtype)
+    if chosen == "reference" or x.numel() == 0:  # an empty batch: nothing for a kernel to do
         return _REFERENCE_PROGRAMS[program](x, params)
     if not _layout_ok(x):
         # Neither NCHW nor channels_last (e.g. a sliced view): the kernels need one of the

@@ -25,6 +25,8 @@ def _validate(tensors, scales):
     for i, (t, s) in enumerate(zip(tensors, scales)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"tensors[{i}] must be a 4-d (B, C, H, W) tensor, got {getattr(t, 'shape', t)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"tensors[{i}] must be a floating-point tensor, got dtype {t.dtype}")
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
             raise ValueError(f"scales[{i}] must be an integer ≥ 1, got {s!r}")
         hw = (t.shape[2] * s, t.shape[3] * s)
@@ -34,8 +36,10 @@ def _validate(tensors, scales):
             raise ValueError(
                 f"tensors[{i}] upsampled by {s} is {hw[0]}×{hw[1]}, but tensors[0] gives {out_hw[0]}×{out_hw[1]}"
             )
-        if t.shape[0] != tensors[0].shape[0] or t.dtype != tensors[0].dtype or t.device != tensors[0].device:
-            raise ValueError(f"tensors[{i}] differs from tensors[0] in batch size, dtype or device")
+        for what, a, b in (("batch size", t.shape[0], tensors[0].shape[0]), ("dtype", t.dtype, tensors[0].dtype),
+                           ("device", t.device, tensors[0].device)):
+            if a != b:
+                raise ValueError(f"tensors[{i}] has {what} {a}, tensors[0] has {b}: they must match")
 
 
 def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], backend: str = "auto") -> torch.Tensor:
@@ -51,7 +55,7 @@ def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], ba
     tensors = list(tensors)
     scales = [int(s) if not isinstance(s, bool) and isinstance(s, int) else s for s in scales]
     _validate(tensors, scales)
-    chosen = _backend.resolve("multiscale", backend, tensors[0].device.type)
+    chosen = _backend.resolve("multiscale", backend, tensors[0].device.type, tensors[0].dtype)
     if chosen == "reference":
         return multiscale_concat_reference(tensors, scales)
     return _multiscale_fused(tensors, scales, chosen)

@@ -20,7 +20,7 @@ def telu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    chosen = _backend.resolve("telu", backend, x.device.type)
+    chosen = _backend.resolve("telu", backend, x.device.type, x.dtype)
     if chosen == "reference":
         return telu_reference(x)
     return _telu_fused(x, chosen)

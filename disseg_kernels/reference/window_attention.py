@@ -48,6 +48,8 @@ def window_attention_reference(
     k = int(kernel_size)
     pad = k // 2 if padding is None else int(padding)
     B, C, H, W = v.shape
+    if v.numel() == 0 and stride == 1 and 2 * pad == k - 1:  # no channel or no pixel: nothing to attend (unfold refuses)
+        return v.clone()
     heads = logits.shape[1]
     if C % heads:
         raise ValueError(f"v has C={C} channels, not a multiple of heads={heads} (logits.shape[1])")

@@ -162,6 +162,9 @@ def _grid(written: torch.Tensor, b: int, c: int, n_pix: int):
 
 def multiscale_fwd_triton(tensors, scales):
     t0 = tensors[0]
+    if t0.dtype == torch.float64:  # (the backward takes the forward's dtype: checked here once)
+        raise ValueError("the Triton multiscale kernels compute in float32; float64 runs on the 'cpu', 'cuda' or "
+                         "'reference' backend")
     b, h, w = t0.shape[0], t0.shape[2] * scales[0], t0.shape[3] * scales[0]
     fmt = torch.channels_last if (t0.is_contiguous(memory_format=torch.channels_last) and not t0.is_contiguous()) else torch.contiguous_format
     out = t0.new_empty((b, sum(t.shape[1] for t in tensors), h, w)).contiguous(memory_format=fmt)

@@ -1,0 +1,72 @@
+"""Edge cases of the public API found by a user-acceptance pass (2026-11-28): empty inputs,
+dtypes a kernel cannot compute in, and the messages of bad calls. Each was a crash deep
+inside (ZeroDivisionError, F.unfold's message, a kernel's "not implemented for 'Int'") or
+a silent float32 computation of float64 inputs."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import disseg_kernels as dk
+from disseg_kernels import _backend
+
+CPU = torch.device("cpu")
+
+
+def _backends(family):
+    return ["reference"] + [b for b in ("cpu", "triton") if _backend.unavailable_reason(family, b, CPU) is None]
+
+
+@pytest.mark.parametrize("backend", _backends("gates"))
+def test_gates_on_empty_maps(backend):
+    """An empty batch runs (empty output, backward included); a map without pixels is an
+    error naming the module and the shape (the max pools over H·W are undefined)."""
+    for make in (lambda: dk.CBATGates(8, backend=backend), lambda: dk.ELAT(8, backend=backend),
+                 lambda: dk.ChannelAttention(8, backend=backend)):
+        x = torch.randn(0, 8, 5, 6, requires_grad=True)
+        y = make()(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+    for shape in ((1, 8, 0, 3), (2, 8, 3, 0)):
+        with pytest.raises(ValueError, match=re.escape(f"ChannelAttention: x has no pixels (H·W = 0, shape {shape})")):
+            dk.ChannelAttention(8, backend=backend)(torch.randn(shape))
+
+
+@pytest.mark.parametrize("backend", _backends("window_attention"))
+def test_window_attention_on_empty_maps(backend):
+    for v, logits in ((torch.randn(1, 0, 4, 4), torch.randn(1, 1, 16, 9, 9)),
+                      (torch.randn(1, 2, 0, 4), torch.randn(1, 1, 0, 9, 9))):
+        y = dk.window_attention(v, logits, 3, backend=backend)
+        assert y.shape == v.shape
+
+
+@pytest.mark.parametrize("family,call", [
+    ("telu", lambda b: dk.telu(torch.randn(3, dtype=torch.float64), backend=b)),
+    ("multiscale", lambda b: dk.multiscale_concat([torch.randn(1, 2, 4, 4, dtype=torch.float64)], [1], backend=b)),
+    ("gates", lambda b: dk.ChannelAttention(4, backend=b).double()(torch.randn(1, 4, 3, 3, dtype=torch.float64))),
+])
+def test_float32_only_kernels_refuse_float64_and_auto_passes_them_over(family, call):
+    """The Triton TeLU, gate and multi-scale kernels compute in float32: asked for float64
+    they are unavailable, saying why (multiscale computed it in float32 silently, 2e-7
+    off); "auto" never picks them for float64 (resolve's dtype)."""
+    if _backend.unavailable_reason(family, "triton", CPU) is None:
+        with pytest.raises(dk.BackendUnavailable, match="compute in float32; float64 inputs run on"):
+            call("triton")
+    assert _backend.resolve(family, "auto", CPU, torch.float64) != "triton"
+    assert call("auto").dtype == torch.float64
+
+
+def test_multiscale_dtype_and_mismatch_messages():
+    with pytest.raises(TypeError, match=r"tensors\[0\] must be a floating-point tensor, got dtype torch.int32"):
+        dk.multiscale_concat([torch.ones(1, 2, 4, 4, dtype=torch.int32)], [1])
+    with pytest.raises(ValueError, match=r"tensors\[1\] has dtype torch.float64, tensors\[0\] has torch.float32"):
+        dk.multiscale_concat([torch.ones(1, 2, 4, 4), torch.ones(1, 2, 2, 2, dtype=torch.float64)], [1, 2])
+    with pytest.raises(ValueError, match=r"tensors\[1\] has batch size 2, tensors\[0\] has 1"):
+        dk.multiscale_concat([torch.ones(1, 2, 4, 4), torch.ones(2, 2, 2, 2)], [1, 2])
+
+
+def test_unknown_family_is_named():
+    with pytest.raises(ValueError, match="family must be one of .* got 'nope'"):
+        dk.available_backends("nope", "cpu")
