@@ -70,3 +70,11 @@ def test_multiscale_dtype_and_mismatch_messages():
 def test_unknown_family_is_named():
     with pytest.raises(ValueError, match="family must be one of .* got 'nope'"):
         dk.available_backends("nope", "cpu")
+
+
+def test_module_reprs_show_fused_and_backend():
+    """A printed model says which path each gate module takes (TeLU and CDFA already did)."""
+    text = repr(dk.CBATGates(8, fused=False, backend="reference"))
+    assert text.count("fused=False, backend='reference'") >= 4  # the chain and each gate in it
+    assert "channels=8, fused=False" in text
+    assert "fused=True, backend='auto'" in repr(dk.TeLU())

@@ -654,7 +654,16 @@ def _fused_gates(program: str, x: torch.Tensor, params: list[torch.Tensor], back
     return _GatesEager.apply(x, program, chosen, *params)
 
 
-class ChannelAttention(torch.nn.Module):
+class _GateModule(torch.nn.Module):
+    """What every gate module's repr shows besides its parameters: its channels (where it
+    has them), fused and backend."""
+
+    def extra_repr(self) -> str:
+        channels = f"channels={self.channels}, " if hasattr(self, "channels") else ""
+        return f"{channels}fused={self.fused}, backend={self.backend!r}"
+
+
+class ChannelAttention(_GateModule):
     """out = x · σ(MLP(avg_HW x) + MLP(max_HW x)), MLP = fc1 (1×1 conv C→C/r) → ReLU → fc2."""
 
     def __init__(self, channels: int, ratio: int = 16, fused: bool = True, backend: str = "auto"):
@@ -676,7 +685,7 @@ class ChannelAttention(torch.nn.Module):
         return _fused_gates("ca", x, self._params(), self.backend)
 
 
-class SpatialAttention(torch.nn.Module):
+class SpatialAttention(_GateModule):
     """out = x · σ(conv_k([mean_C x, max_C x])), a 2→1 k×k conv without bias."""
 
     def __init__(self, kernel_size: int = 7, fused: bool = True, backend: str = "auto"):
@@ -697,7 +706,7 @@ class SpatialAttention(torch.nn.Module):
         return _fused_gates("sa", x, self._params(), self.backend)
 
 
-class CBAM(torch.nn.Module):
+class CBAM(_GateModule):
     """Channel gate (Linear → TeLU → Linear, biases, on avg and max) then a spatial gate
     (k×k 2→1 conv with bias) on the channel-gated map: out = x · g[b, c] · s[b, h, w]."""
 
@@ -723,7 +732,7 @@ class CBAM(torch.nn.Module):
         return _fused_gates("cbam", x, self._params(), self.backend)
 
 
-class ELAT(torch.nn.Module):
+class ELAT(_GateModule):
     """The encoder attention of Med-DisSeg Stage I.
 
     g = σ(mlp(avg_HW x)), mlp = Linear(C, C/r) → TeLU → Linear(C/r, C), no biases;
@@ -769,7 +778,7 @@ class ELAT(torch.nn.Module):
         return _fused_gates("elat", x, p, self.backend)
 
 
-class CBATGates(torch.nn.Module):
+class CBATGates(_GateModule):
     """The CBAT decoder block's gate chain: ``ca`` (ChannelAttention) → ``sa``
     (SpatialAttention) → ``cbam`` (CBAM). Fused: one op over the chain that reads x once
     per statistic, writes the output once and saves x and the small gates for backward."""

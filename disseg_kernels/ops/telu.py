@@ -136,4 +136,4 @@ class TeLU(torch.nn.Module):
         return telu(x, self.backend)
 
     def extra_repr(self) -> str:
-        return f"fused={self.fused}"
+        return f"fused={self.fused}, backend={self.backend!r}"
