@@ -274,8 +274,11 @@ def resolve(family: str, backend: str, device: torch.device | str, dtype: torch.
 
 
 def available_backends(family: str, device: torch.device | str) -> list[str]:
-    """Every backend (auto excluded) that can run ``family`` on ``device``."""
+    """Every backend (auto excluded) that can run ``family`` on ``device``; none for a CUDA
+    device on a machine without one (``resolve`` need not ask: a CUDA tensor proves one)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
     return [b for b in BACKENDS[1:] if b in FAMILIES[family] and unavailable_reason(family, b, device) is None]

@@ -67,9 +67,11 @@ def test_multiscale_dtype_and_mismatch_messages():
         dk.multiscale_concat([torch.ones(1, 2, 4, 4), torch.ones(2, 2, 2, 2)], [1, 2])
 
 
-def test_unknown_family_is_named():
+def test_unknown_family_is_named_and_no_cuda_means_no_cuda_backends():
     with pytest.raises(ValueError, match="family must be one of .* got 'nope'"):
         dk.available_backends("nope", "cpu")
+    if not torch.cuda.is_available():  # Triton was listed for "cuda" on a CPU-only torch
+        assert dk.available_backends("telu", "cuda") == []
 
 
 def test_module_reprs_show_fused_and_backend():
