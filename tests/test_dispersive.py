@@ -72,6 +72,23 @@ def _eager_loss_and_grad(z, **opts):
     return loss.detach(), grad
 
 
+@pytest.mark.parametrize("variant", ["infonce_l2", "hinge"])
+def test_compile_baseline_is_one_graph(variant):
+    """The benchmarks' torch.compile baseline compiles the eager formula whole: eager's
+    excluded diagonal is a boolean index (data-dependent shape) that splits the graph at
+    aten.nonzero (found by a user-acceptance pass, 2026-11-28), so the baseline uses
+    ``fixed_shape_mask=True``, which gives the same value."""
+    import torch._dynamo
+
+    z = _sample(40, 6, torch.float64)
+    split = torch._dynamo.explain(lambda t: eager_dispersive_loss(t, variant))(z)
+    whole = torch._dynamo.explain(lambda t: eager_dispersive_loss(t, variant, fixed_shape_mask=True))(z)
+    assert split.graph_break_count >= 1  # what the test is about: the eager form does split
+    assert whole.graph_count == 1 and whole.graph_break_count == 0, whole.break_reasons
+    torch.testing.assert_close(eager_dispersive_loss(z, variant, fixed_shape_mask=True),
+                               dispersive_loss_reference(z, variant), rtol=1e-9, atol=1e-9)
+
+
 def _sample(n, d, dtype=torch.float32, device="cpu", seed=0):
     """Rows scaled so that distances are O(1): the regime where eager's float32 is sound."""
     g = torch.Generator().manual_seed(seed)
