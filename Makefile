@@ -8,8 +8,9 @@ VENV       ?= .venv
 PYTHON     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup build demo test bench bench-cpu emulate-cuda clean
+.PHONY: setup build demo test bench emulate-cuda clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -40,8 +41,9 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
 
+# BENCH_ARGS: e.g. BENCH_ARGS="--quick --out-dir /tmp/bench" (default: the issue's shapes into benchmarks/results)
 bench: $(VENV)/.built
-	$(PYTHON) -m benchmarks.bench_dispersive
+	$(PYTHON) -m benchmarks.bench_dispersive $(BENCH_ARGS)
 
 # csrc/*.cu run on the CPU through the SIMT emulator against the C++ kernels (no GPU;
 # ~10 minutes on 2 cores; tests/cuda_emulation/README.md). Run it after touching a .cu file.

@@ -33,3 +33,44 @@ def comma_list(choices: Iterable | None = None, item: Callable = str) -> Callabl
         return text
 
     return check
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts (repeats, steps, calls): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type`` for counts that may be 0 (warm-up steps)."""
+    value = positive_int(text) if text.strip() not in ("0", "-0", "+0") else 0
+    return value
+
+
+def out_folder(text: str):
+    """An argparse ``type`` for an output folder: refused at once (not after the timing) when
+    a file is in the way of it or of a folder above it."""
+    from pathlib import Path
+
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {parent} is a file, not a folder")
+    return path
+
+
+def require_device(device: str) -> None:
+    """One line, before any work, where --device cuda cannot run here."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device on this machine")

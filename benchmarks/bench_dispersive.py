@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels
+from benchmarks._args import out_folder, positive_int, require_device
 from disseg_kernels import dispersive_loss
 from disseg_kernels.reference.dispersive import VARIANTS, eager_dispersive_loss
 
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--shapes", type=_parse_shapes, default=None, help="e.g. 2048x1024,8192x256")
     p.add_argument("--quick", action="store_true", help=f"small shapes {QUICK_SHAPES}, 3 repeats")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=positive_int, default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument(
         "--memory-budget-gb",
@@ -296,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="largest N×N footprint for eager/compile (default: half the available memory, at most 8 GB on CPU)",
     )
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--out-dir", type=out_folder, default=RESULTS)
     return p
 
 
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device on this machine")
+        require_device(args.device)
     dtype = getattr(torch, args.dtype)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     repeats = args.repeats or (3 if args.quick else 5)

@@ -58,6 +58,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks._args import out_folder, positive_int, require_device
+
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_SHAPES = [(256, 64), (8, 16384)]
 FULL_SHAPES = [(1024, 128), (8, 65536)]
@@ -479,17 +481,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--worlds", type=positive_int, nargs="+", default=[2, 3, 4])
     p.add_argument("--shapes", type=_parse_shapes, default=None, help="per-rank n×D list, e.g. 1024x128,8x65536")
     p.add_argument("--variant", default="infonce_l2")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--reps", type=positive_int, default=None)
+    p.add_argument("--out", type=out_folder, default=RESULTS)
     p.add_argument("--bank", action="store_true", help="time dispersive_loss_with_bank in one process instead")
     p.add_argument("--bank-shapes", type=_parse_bank_shapes, default=None, help="N×D×K list, e.g. 2048x256x4096")
     p.add_argument("--no-compile", action="store_true", help="--bank: skip the torch.compile baseline")
     p.add_argument("--threads", type=int, default=None,
                    help="--bank: torch.set_num_threads (1 gives stable figures on a shared machine)")
     args = p.parse_args(argv)
+    require_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.bank:

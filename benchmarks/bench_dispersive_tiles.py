@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._args import comma_list
+from benchmarks._args import comma_list, out_folder, positive_int, require_device
 from benchmarks.bench_dispersive import _median_ms, _parse_shapes, machine_name, matmul_rate_gflops, write_csv
 from disseg_kernels.triton import ROWS_KERNELS, ROWS_LOOPS  # names only: no triton import
 
@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="triton", type=comma_list(ROWS_KERNELS),
                    help="row kernels: triton (the autotune list) and/or sm90 (the Gluon Hopper kernel, "
                         "disseg_kernels/triton/dispersive_sm90.py), timed right after the default launch")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=positive_int, default=10)
     p.add_argument("--budget-s", type=float, default=0.0, help="stop the sweep after this long (0: no limit)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, one configuration (CPU interpreter smoke run)")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--out-dir", type=out_folder, default=RESULTS)
     p.add_argument("--compile-check", choices=["defaults", "all", "small", "sm90"],
                    help="compile for sm_90 without a GPU and report registers and spills, then exit")
     return p
@@ -285,8 +285,9 @@ def compile_check(which: str, dtypes=("bfloat16",), loops=("segments", "one")) -
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
-    if args.compile_check:
+    if args.compile_check:  # ahead of time: no GPU needed
         return compile_check(args.compile_check, (args.dtype,))
+    require_device(args.device)
     device = args.device
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import platform
 import time
 
 import torch
 
-import disseg_kernels  # noqa: F401  (registers torch.ops.disseg)
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench_gate_pools.py): the repo root importable
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import disseg_kernels  # noqa: F401,E402  (registers torch.ops.disseg)
+from benchmarks._args import positive_int  # noqa: E402
+from benchmarks.bench_dispersive import machine_name  # noqa: E402
 
 SHAPES = [(4, 64, 128, 128), (8, 64, 64, 64), (8, 256, 32, 32), (8, 1024, 16, 16)]
 
@@ -38,12 +44,12 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=positive_int, default=30)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    lines = [f"# C++ gate pools, CPU ({platform.processor() or platform.machine()}, {args.threads} threads), "
+    lines = [f"# C++ gate pools, CPU ({machine_name('cpu')}, {args.threads} threads), "
              f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, float32, min / median of {args.repeats}",
              "", "| op | layout | shape | gate | min ms | median ms |", "|---|---|---|---|---:|---:|"]
     print("\n".join(lines), flush=True)

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels as dk
-from benchmarks._args import comma_list
+from benchmarks._args import comma_list, out_folder, positive_int, require_device
 from benchmarks.bench_dispersive import _RssSampler, machine_name, wall_times_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -293,7 +293,7 @@ def build_parser():
     p.add_argument("--sizes", default="", type=comma_list(item=_size_item),
                    help="comma-separated BxCxHxW shapes instead of the built-in list, for every op of --ops; "
                         "op:BxCxHxW pins a shape to one op (e.g. 8x64x128x128,elat:8x64x256x256)")
-    p.add_argument("--repeats", type=int, default=0, help="timing repeats (default 5 CPU / 20 CUDA)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timing repeats (default 5 CPU / 20 CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--compile-check", action="store_true",
                    help="only compile the Triton kernel variants the fused modules launch, for sm_90 (no GPU needed; "
@@ -309,7 +309,7 @@ def build_parser():
     p.add_argument("--tag", default="", help="appended to the result files' names")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="CPU timing statistic")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU; default: torch's)")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", type=out_folder, default=RESULTS)
     return p
 
 
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device on this machine")
+        require_device(args.device)
     dtype = getattr(torch, args.dtype)
     STAT["value"] = args.stat
     if args.threads:

@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._args import comma_list
+from benchmarks._args import comma_list, out_folder, positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--ops", default=",".join(OPS), type=comma_list(OPS), help=f"comma-separated among {OPS}")
-    p.add_argument("--calls", type=int, default=200, help="calls per timed round")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--calls", type=positive_int, default=200, help="calls per timed round")
+    p.add_argument("--rounds", type=positive_int, default=7)
+    p.add_argument("--out", type=out_folder, default=RESULTS)
     p.add_argument("--tag", default="", help="appended to the result files' names")
     p.add_argument("--eager-custom-ops", action="store_true",
                    help="call the fused ops through their torch.library custom ops in eager mode too "

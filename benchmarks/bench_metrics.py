@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._args import out_folder, positive_int
 from models import metrics as M
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,11 +89,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--noise", default="0,0.02,0.1", help="speckle fractions, comma-separated")
     p.add_argument("--mask-noise", type=float, default=0.0,
                    help="speckle fraction of the mask too (a noisy label image: both boundaries long)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--pairwise-max", type=float, default=2e9,
                    help="time the pairwise method only up to this many distances")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=out_folder, default=RESULTS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import disseg_kernels as dk
 from disseg_kernels import _backend
-from benchmarks._args import comma_list
+from benchmarks._args import comma_list, non_negative_int, out_folder, positive_int, require_device
 from benchmarks.bench_dispersive import _RssSampler, machine_name
 from models import FUSED_OPS, DispersiveConfig, build_model
 from models.trainer import freed_memory_kept, keep_freed_memory, make_adam
@@ -499,8 +499,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--encoder", choices=("resnet18", "resnet34", "resnet50"))
     ap.add_argument("--batch", type=int)
     ap.add_argument("--size", type=int)
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--steps", type=int)
+    ap.add_argument("--warmup", type=non_negative_int)
+    ap.add_argument("--steps", type=positive_int)
     ap.add_argument("--amp", choices=tuple(AMP), default="none", help="autocast dtype (fp16 with GradScaler)")
     ap.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     ap.add_argument("--malloc", choices=("cache", "system"), default="cache",
@@ -511,7 +511,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--interleave", action="store_true",
                     help="each stage's modes in one process, their steps alternating (robust to a machine "
                          "whose speed drifts); CPU: no peak memory (run without it for that)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=out_folder, default=RESULTS)
     ap.add_argument("--tag", default="", help="appended to the result files' names")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one step per case and write its N most expensive kernels (CUDA) or ops (CPU)")
@@ -528,7 +528,7 @@ def main(argv=None) -> list[dict]:
         return []
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device on this machine")
+        require_device(args.device)
     enc, batch, size, warmup, steps = PRESETS[args.device][args.quick]
     enc, batch, size = args.encoder or enc, args.batch or batch, args.size or size
     warmup = warmup if args.warmup is None else args.warmup

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels as dk
-from benchmarks._args import comma_list
+from benchmarks._args import comma_list, positive_int, require_device
 from benchmarks.bench_dispersive import _rss_bytes, machine_name
 from disseg_kernels import _backend
 from disseg_kernels.reference.window_attention import window_attention_reference
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=None, type=comma_list(item=int), help="comma-separated H=W values")
     p.add_argument("--what", default="op,block", type=comma_list(("op", "block")), help="op, block or both (comma-separated)")
     p.add_argument("--backends", default=None, type=comma_list(_backend.BACKENDS[1:]), help="fused backends (default: all available)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--compile-sizes", default=None, type=comma_list(item=int),
                    help="comma-separated H=W values that also time torch.compile (default: every size)")
@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    require_device(args.device)
     preset = QUICK if args.quick else FULL
     args.batch = args.batch or preset["batch"]
     args.channels = args.channels or preset["channels"]
