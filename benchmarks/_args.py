@@ -35,21 +35,24 @@ def comma_list(choices: Iterable | None = None, item: Callable = str) -> Callabl
     return check
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type`` for counts (repeats, steps, calls): an integer >= 1."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts (repeats, steps, calls): an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An argparse ``type`` for counts that may be 0 (warm-up steps)."""
-    value = positive_int(text) if text.strip() not in ("0", "-0", "+0") else 0
-    return value
+    return _int_at_least(text, 0)
 
 
 def out_folder(text: str):
