@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     require_device(args.device)
     device = args.device
     if device == "cpu":
+        if not args.quick:  # the GPU shapes under the interpreter would run for hours, silently
+            raise SystemExit("--device cpu runs the Triton kernels under the interpreter: use --quick "
+                             "(the sweep's shapes are for a GPU)")
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from disseg_kernels.triton import dispersive as tdisp  # after TRITON_INTERPRET is set
 

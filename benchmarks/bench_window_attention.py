@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels as dk
-from benchmarks._args import comma_list, positive_int, require_device
+from benchmarks._args import comma_list, out_folder, positive_int, require_device
 from benchmarks.bench_dispersive import _rss_bytes, machine_name
 from disseg_kernels import _backend
 from disseg_kernels.reference.window_attention import window_attention_reference
@@ -203,11 +203,12 @@ def _ratios(rows: list[dict]) -> None:
 
 
 def write_results(rows, args, device, dtype, header) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     date = _dt.date.today().isoformat()
     suffix = "" if dtype == torch.float32 else f"_{str(dtype).split('.')[-1]}"
     tag = ("_quick" if args.quick else "") + (f"_H{args.sizes.replace(',', '-')}" if args.sizes else "")
-    stem = RESULTS / f"window_attention_{device}_{date}{suffix}{tag}"
+    stem = out / f"window_attention_{device}_{date}{suffix}{tag}"
     fields = ["what", "impl", "H", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "speedup_vs_eager", "mem_vs_eager"]
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["machine", "date", "batch", "channels", "heads", "dtype", *fields])
@@ -250,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--compile-sizes", default=None, type=comma_list(item=int),
                    help="comma-separated H=W values that also time torch.compile (default: every size)")
-    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="print the rows only (the ratios are then printed too)")
+    p.add_argument("--out", type=out_folder, default=RESULTS, help="folder for the CSV and markdown")
     return p
 
 
@@ -289,6 +291,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         csv_path, md_path = write_results(rows, args, device, dtype, header)
         print(f"wrote {csv_path} and {md_path}")
         print(md_path.read_text())
+    else:
+        for r in rows:
+            if r["impl"] != "eager":
+                print(f"{r['what']:5s} {r['impl']:8s} H={r['H']:4d} x eager {r['speedup_vs_eager']:.2f}, "
+                      f"peak x eager {r['mem_vs_eager']:.2f}")
     return rows
 
 
