@@ -57,18 +57,18 @@ def non_negative_int(text: str) -> int:
 
 def out_folder(text: str):
     """An argparse ``type`` for an output folder: refused at once (not after the timing) when
-    a file is in the way of it or of a folder above it."""
+    a file is in the way of it or of a folder above it (``models.trainer.check_output_dir``,
+    the trainer's own check)."""
     from pathlib import Path
 
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
-    parent = path.absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: {parent} is a file, not a folder")
-    return path
+    from models.config import UserError
+    from models.trainer import check_output_dir
+
+    try:
+        check_output_dir(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(exc).split(': ', 1)[1]}") from None
+    return Path(text)
 
 
 def require_device(device: str) -> None:
