@@ -35,6 +35,34 @@ def comma_list(choices: Iterable | None = None, item: Callable = str) -> Callabl
     return check
 
 
+def dims(count: int, low: int = 1) -> Callable[[str], list[tuple[int, ...]]]:
+    """An argparse ``type`` for a comma-separated list of shapes of ``count`` integers
+    joined by ``x`` (``2048x1024,8192x256``), each at least ``low``. It returns the list of
+    tuples; a malformed item or a size below ``low`` stops the run at once, naming it."""
+
+    def parse(text: str) -> list[tuple[int, ...]]:
+        out = []
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            fields = part.lower().split("x")
+            if len(fields) != count:
+                raise argparse.ArgumentTypeError(
+                    f"{part!r}: expected {count} sizes joined by 'x' (e.g. {'x'.join(['64'] * count)})")
+            try:
+                sizes = tuple(int(f) for f in fields)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{part!r}: the sizes must be integers") from None
+            if min(sizes) < low:
+                raise argparse.ArgumentTypeError(f"{part!r}: every size must be >= {low}")
+            out.append(sizes)
+        if not out:
+            raise argparse.ArgumentTypeError(f"{text!r}: no shape given")
+        return out
+
+    return parse
+
+
 def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels
-from benchmarks._args import out_folder, positive_int, require_device
+from benchmarks._args import dims, out_folder, positive_int, require_device
 from disseg_kernels import dispersive_loss
 from disseg_kernels.reference.dispersive import VARIANTS, eager_dispersive_loss
 
@@ -273,12 +273,7 @@ def measure(fn, z: torch.Tensor, device: str, repeats: int) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def _parse_shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for item in text.split(","):
-        n, d = item.lower().split("x")
-        shapes.append((int(n), int(d)))
-    return shapes
+_parse_shapes = dims(2)  # "2048x1024,8192x256" -> [(2048, 1024), (8192, 256)]
 
 
 def build_parser() -> argparse.ArgumentParser:

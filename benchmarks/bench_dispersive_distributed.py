@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks._args import out_folder, positive_int, require_device
+from benchmarks._args import dims, out_folder, positive_int, require_device
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_SHAPES = [(256, 64), (8, 16384)]
@@ -461,20 +461,8 @@ def bank_main(args, argv):
     return rows
 
 
-def _parse_bank_shapes(text):
-    out = []
-    for item in text.split(","):
-        n, d, k = item.lower().split("x")
-        out.append((int(n), int(d), int(k)))
-    return out
-
-
-def _parse_shapes(text):
-    out = []
-    for item in text.split(","):
-        n, d = item.lower().split("x")
-        out.append((int(n), int(d)))
-    return out
+_parse_bank_shapes = dims(3)  # N×D×K
+_parse_shapes = dims(2)  # per-rank n×D
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._args import comma_list, out_folder, positive_int, require_device
+from benchmarks._args import comma_list, non_negative_int, out_folder, positive_int, require_device
 from benchmarks.bench_dispersive import _median_ms, _parse_shapes, machine_name, matmul_rate_gflops, write_csv
 from disseg_kernels.triton import ROWS_KERNELS, ROWS_LOOPS  # names only: no triton import
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--shapes", default="16384x256,16384x128,65536x128", type=comma_list(item=_parse_shapes))
-    p.add_argument("--splits", default="1,2,4", type=comma_list(item=int), help="column splits to try (0 = the library's heuristic)")
+    p.add_argument("--splits", default="1,2,4", type=comma_list(item=non_negative_int), help="column splits to try (0 = the library's heuristic)")
     p.add_argument("--lazy", default="0,1", type=comma_list((0, 1), int), help="lazy rescaling off/on")
     p.add_argument("--loops", default="segments", type=comma_list(ROWS_LOOPS),
                    help="the Triton kernel's column loop: segments (the default form) and/or one (one loop, "

@@ -241,15 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="batch 2, H=W=16, 32")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--sizes", default=None, type=comma_list(item=int), help="comma-separated H=W values")
+    p.add_argument("--batch", type=positive_int, default=None)
+    p.add_argument("--channels", type=positive_int, default=None)
+    p.add_argument("--heads", type=positive_int, default=None, help="must divide --channels")
+    p.add_argument("--sizes", default=None, type=comma_list(item=positive_int), help="comma-separated H=W values")
     p.add_argument("--what", default="op,block", type=comma_list(("op", "block")), help="op, block or both (comma-separated)")
     p.add_argument("--backends", default=None, type=comma_list(_backend.BACKENDS[1:]), help="fused backends (default: all available)")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
-    p.add_argument("--compile-sizes", default=None, type=comma_list(item=int),
+    p.add_argument("--compile-sizes", default=None, type=comma_list(item=positive_int),
                    help="comma-separated H=W values that also time torch.compile (default: every size)")
     p.add_argument("--no-write", action="store_true", help="print the rows only (the ratios are then printed too)")
     p.add_argument("--out", type=out_folder, default=RESULTS, help="folder for the CSV and markdown")
@@ -257,12 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = build_parser().parse_args(argv)
-    require_device(args.device)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.batch = args.batch or preset["batch"]
     args.channels = args.channels or preset["channels"]
     args.heads = args.heads or preset["heads"]
+    if args.channels % args.heads:
+        parser.error(f"--heads {args.heads} must divide --channels {args.channels}")
+    require_device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else preset["sizes"]
     device, dtype = args.device, getattr(torch, args.dtype)
     if args.backends:
