@@ -80,3 +80,31 @@ def test_module_reprs_show_fused_and_backend():
     assert text.count("fused=False, backend='reference'") >= 4  # the chain and each gate in it
     assert "channels=8, fused=False" in text
     assert "fused=True, backend='auto'" in repr(dk.TeLU())
+
+
+@pytest.mark.parametrize("name", ["ChannelAttention", "SpatialAttention", "CBAM", "ELAT", "CBATGates"])
+def test_fused_gates_take_float64_x_with_float32_parameters(name):
+    """README, "Mixed dtypes are accepted": a fused gate module computes a float64 x in
+    float64 with its float32 parameters cast, returns float64 and gives float32 parameter
+    gradients; the values are the plain formula's on the same parameters cast to float64.
+    The plain module refuses the mismatch (as nn.Conv2d does)."""
+    torch.manual_seed(0)
+    make = getattr(dk, name)
+    args = () if name == "SpatialAttention" else (16,)
+    fused = make(*args, fused=True, backend="cpu")
+    plain64 = make(*args, fused=False).double()
+    plain64.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 16, 7, 9, dtype=torch.float64, requires_grad=True)
+    y = fused(x)
+    y.square().sum().backward()
+    x64 = x.detach().clone().requires_grad_()
+    y64 = plain64(x64)
+    y64.square().sum().backward()
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, y64, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, x64.grad, rtol=1e-9, atol=1e-11)
+    for (pname, p), p64 in zip(fused.named_parameters(), plain64.parameters()):
+        assert p.grad.dtype == torch.float32, pname
+        torch.testing.assert_close(p.grad, p64.grad.float(), rtol=1e-5, atol=1e-6, msg=pname)
+    with pytest.raises(RuntimeError):
+        make(*args, fused=False)(x.detach())
