@@ -24,7 +24,11 @@ class DispersiveConfig:
 
     Attributes:
         enabled: compute the loss (``SegOutput.disp_loss`` is None when False).
-        variant, tau: passed to ``disseg_kernels.dispersive_loss``.
+        variant, tau, margin, scale_by_dim: passed to ``disseg_kernels.dispersive_loss``
+            (τ is read by the InfoNCE variants only, the margin ε by ``"hinge"`` only).
+            With the hinge, ε must exceed the features' pairwise distances, or the term is
+            exactly 0: at the paper's f4 and sample granularity they are in the tens to
+            thousands (``scale_by_dim=True`` divides them by D).
         weight: λ. The model never applies it: the trainer multiplies ``disp_loss`` by it
             (the authors' Stage II passes 0.6 to the model and applies 0.2 in the
             training loop; here the configured value is the one applied).
@@ -38,6 +42,8 @@ class DispersiveConfig:
     enabled: bool = True
     variant: str = "infonce_l2"
     tau: float = 0.5
+    margin: float = 1.0
+    scale_by_dim: bool = False
     weight: float = 0.2
     feature: str = "f4"
     granularity: str = "sample"
@@ -55,8 +61,14 @@ class DispersiveConfig:
         w = self.weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"weight must be a finite number ≥ 0, got {w!r}")
-        # variant and tau are checked by the loss itself (one message, one place).
-        dispersive_loss(torch.zeros(2, 1), variant=self.variant, tau=self.tau, backend="reference")
+        # variant, tau, margin and scale_by_dim are checked by the loss itself (one message,
+        # one place).
+        dispersive_loss(torch.zeros(2, 1), **self.loss_options(), backend="reference")
+
+    def loss_options(self) -> dict:
+        """The options of ``disseg_kernels.dispersive_loss`` (and of its bank and
+        distributed forms) that this configuration sets."""
+        return dict(variant=self.variant, tau=self.tau, margin=self.margin, scale_by_dim=self.scale_by_dim)
 
 
 class SegOutput(NamedTuple):
@@ -77,10 +89,11 @@ class SegOutput(NamedTuple):
     disp_loss: Optional[torch.Tensor] = None
 
 
-def check_input(x: torch.Tensor, training: bool = False) -> None:
+def check_input(x: torch.Tensor, training: bool = False, param_dtype: torch.dtype | None = None) -> None:
     """Raise ValueError unless x is (B, 3, H, W) with B ≥ 1 and H, W positive multiples of
     16; in training mode BatchNorm also needs more than one value per channel at stride 16
-    (B · H/16 · W/16 > 1)."""
+    (B · H/16 · W/16 > 1). With ``param_dtype`` (the model's), a floating x of another dtype
+    is a TypeError unless autocast is on for x's device (which casts for the convolutions)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != 3:
@@ -93,6 +106,12 @@ def check_input(x: torch.Tensor, training: bool = False) -> None:
         )
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if (param_dtype is not None and x.dtype != param_dtype
+            and not torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(
+            f"x has dtype {x.dtype} but the model's parameters are {param_dtype}: convert one "
+            f"(x.to({param_dtype}) or model.to({x.dtype})), or run under torch.autocast"
+        )
     if training and b * (h // 16) * (w // 16) == 1:
         raise ValueError(
             f"x of shape {tuple(x.shape)} leaves one value per channel at stride 16, which "
@@ -123,16 +142,20 @@ class MedDisSegBase(nn.Module):
 
     def set_dispersive_fn(self, fn) -> None:
         """Compute the training-mode dispersive loss as ``fn(z)`` instead of
-        ``disseg_kernels.dispersive_loss(z, variant, tau, backend)``; None restores that.
+        ``disseg_kernels.dispersive_loss(z, **loss_options(), backend)``; None restores that.
 
         z is the (N, D) matrix of the configured feature and granularity. The trainer uses
         it for the global-batch loss under DDP and for the memory bank of negatives
-        (``--disp-bank``); ``fn`` must apply the configured variant and τ itself. In eval
+        (``--disp-bank``); ``fn`` must apply the configured options (``loss_options()``) itself. In eval
         mode the model keeps the local loss, so that evaluation never runs collectives.
         """
         if fn is not None and not callable(fn):
             raise TypeError(f"fn must be callable or None, got {type(fn).__name__}")
         self._dispersive_fn = fn
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """:func:`check_input` with this model's mode and parameter dtype."""
+        check_input(x, self.training, self.encoder.conv1.weight.dtype)
 
     @property
     def dispersive_backend(self) -> str:
@@ -152,7 +175,13 @@ class MedDisSegBase(nn.Module):
             z = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
         if self.training and self._dispersive_fn is not None:
             return self._dispersive_fn(z)
-        return dispersive_loss(z, variant=cfg.variant, tau=cfg.tau, backend=self.dispersive_backend)
+        try:
+            return dispersive_loss(z, **cfg.loss_options(), backend=self.dispersive_backend)
+        except MemoryError as exc:
+            if self.fused:
+                raise
+            raise MemoryError(f"fused=False computes the dispersive loss in plain PyTorch ({exc}); at "
+                              f"granularity {cfg.granularity!r} of {cfg.feature} use fused=True") from None
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """``{"encoder": [...], "head": [...]}``: the authors train the encoder with a

@@ -54,7 +54,11 @@ class TrainConfig:
     dispersive: bool = _f(True, "add the dispersive loss", group="model")
     disp_variant: str = _f("infonce_l2", "dispersive loss variant",
                            ["infonce_l2", "infonce_l2sq", "infonce_cosine", "hinge", "covariance"], "model")
-    disp_tau: float = _f(0.5, "dispersive temperature tau", group="model")
+    disp_tau: float = _f(0.5, "dispersive temperature tau (the infonce variants)", group="model")
+    disp_margin: float = _f(1.0, "margin epsilon of the hinge variant: pairs closer than it are pushed apart. It "
+                            "must exceed the features' distances or the loss is 0 (at f4, sample granularity "
+                            "they are in the tens to thousands; see --disp-scale-by-dim)", group="model")
+    disp_scale_by_dim: bool = _f(False, "divide every pairwise distance by D (the row length)", group="model")
     disp_weight: float = _f(0.2, "lambda: weight applied to the dispersive loss", group="model")
     disp_feature: str = _f("f4", "feature the dispersive loss is computed on", group="model")
     disp_granularity: str = _f("sample", "sample: N=B, D=C*H*W (the paper's); pixel: N=B*H*W, D=C",
@@ -194,6 +198,8 @@ class TrainConfig:
                 bad(name, "must be >= 0")
         if not self.disp_tau > 0:
             bad("disp_tau", "must be > 0")
+        if not self.disp_margin > 0:
+            bad("disp_margin", "must be > 0")
         if self.disp_bank < 0:
             bad("disp_bank", "must be >= 0 (0: no bank)")
         if self.disp_bank and not self.dispersive:

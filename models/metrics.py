@@ -120,11 +120,15 @@ def hd95(pred: torch.Tensor, gt: torch.Tensor) -> float:
 
 def image_metrics(pred: torch.Tensor, gt: torch.Tensor, empty_policy: str = "nan",
                   with_hd95: bool = True) -> dict[str, float]:
-    """Metrics of one binary (H, W) prediction against its binary (H, W) mask."""
+    """Metrics of one binary (H, W) prediction against its binary (H, W) mask.
+
+    Each may also be (1, H, W) or (1, 1, H, W), and bool or 0/1 numbers; anything else (a
+    probability map, logits, a 0/255 mask) is a ValueError naming it, because ``bool()``
+    would count every non-zero value as foreground. ``batch_metrics`` takes logits."""
     if empty_policy not in EMPTY_POLICIES:
         raise ValueError(f"empty_policy={empty_policy!r}: expected one of {EMPTY_POLICIES}")
-    pred, gt = pred.bool().squeeze(), gt.bool().squeeze()
-    if pred.shape != gt.shape or pred.ndim != 2:
+    pred, gt = _binary_2d(pred, "pred"), _binary_2d(gt, "gt")
+    if pred.shape != gt.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must be the same (H, W)")
     tp = int((pred & gt).sum())
     fp = int((pred & ~gt).sum())
@@ -145,9 +149,31 @@ def image_metrics(pred: torch.Tensor, gt: torch.Tensor, empty_policy: str = "nan
     return row
 
 
+def _binary_2d(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as a bool (H, W): leading size-1 dimensions dropped, values checked to be 0/1."""
+    shape = tuple(t.shape)
+    while t.ndim > 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be an (H, W) mask (or (1, H, W), (1, 1, H, W)), got shape {shape}")
+    if t.dtype != torch.bool:
+        if t.is_floating_point() or t.is_complex() or t.dtype.is_signed or t.dtype == torch.uint8:
+            bad = (t != 0) & (t != 1)
+            if bool(bad.any()):
+                v = t[bad].flatten()[0].item()
+                raise ValueError(f"{name} must be binary (bool or 0/1), got the value {v!r}: threshold "
+                                 f"probabilities or logits first (batch_metrics takes logits)")
+        t = t != 0
+    return t
+
+
 def batch_metrics(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5,
                   empty_policy: str = "nan", with_hd95: bool = True) -> list[dict[str, float]]:
-    """Per-image metrics of (B, 1, H, W) logits against (B, 1, H, W) masks."""
+    """Per-image metrics of (B, 1, H, W) logits against (B, 1, H, W) masks (probabilities
+    above ``threshold`` are foreground; masks above 0.5)."""
+    if logits.ndim != 4 or logits.shape[1] != 1 or tuple(masks.shape) != tuple(logits.shape):
+        raise ValueError(f"logits and masks must both be (B, 1, H, W), got logits {tuple(logits.shape)} "
+                         f"and masks {tuple(masks.shape)}")
     probs = torch.sigmoid(logits.detach().float()).cpu()
     preds = probs > threshold
     gts = masks.detach().cpu() > 0.5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DispersiveConfig, MedDisSegBase, SegOutput, check_input
+from .base import DispersiveConfig, MedDisSegBase, SegOutput
 from .blocks import StageOneHead
 
 
@@ -35,11 +35,13 @@ class MedDisSegStage1(MedDisSegBase):
         dispersive: DispersiveConfig | None = None,
         conv_first: bool = True,
     ):
+        if not isinstance(conv_first, bool):
+            raise TypeError(f"conv_first must be a bool, got {conv_first!r}")
         super().__init__(encoder, fused, dispersive)
         self.head = StageOneHead(self.encoder.channels, fused=fused, conv_first=conv_first)
 
     def forward(self, x: torch.Tensor) -> SegOutput:
-        check_input(x, self.training)
+        self.check_input(x)
         feats = self.encoder(x)
         disp = self.dispersive_term(feats)
         return SegOutput(mask=self.head(feats), disp_loss=disp)

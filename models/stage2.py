@@ -7,7 +7,7 @@ from torch import nn
 
 from disseg_kernels import ContrastDrivenFeatureAggregation, multiscale_concat
 
-from .base import DispersiveConfig, MedDisSegBase, SegOutput, check_input
+from .base import DispersiveConfig, MedDisSegBase, SegOutput
 from .blocks import (
     AuxiliaryHead,
     CBATDecoderBlock,
@@ -65,7 +65,7 @@ class MedDisSegStage2(MedDisSegBase):
         self.output_block = OutputBlock(c, 1, fused=fused)
 
     def forward(self, x: torch.Tensor) -> SegOutput:
-        check_input(x, self.training)
+        self.check_input(x)
         feats = self.encoder(x)
         disp = self.dispersive_term(feats)
         d1, d2, d3, d4 = (m(f) for m, f in zip((self.dconv1, self.dconv2, self.dconv3, self.dconv4), feats))

@@ -307,7 +307,7 @@ def build_model_from_config(cfg: TrainConfig):
     from . import DispersiveConfig, build_model
 
     disp = DispersiveConfig(enabled=cfg.dispersive, variant=cfg.disp_variant, tau=cfg.disp_tau,
-                            weight=cfg.disp_weight, feature=cfg.disp_feature,
+                            margin=cfg.disp_margin, scale_by_dim=cfg.disp_scale_by_dim, weight=cfg.disp_weight, feature=cfg.disp_feature,
                             granularity=cfg.disp_granularity, backend=cfg.disp_backend)
     return build_model(cfg.stage, encoder=cfg.encoder, fused=cfg.fused, dispersive=disp)
 
@@ -395,6 +395,7 @@ class Trainer:
         self._graph = None
         self._graph_parts: list[str] = []
         self._graph_mismatch_said = False
+        self._hinge_zero_said = False  # the warning that a hinge dispersive term was 0 all epoch
         self.last_path = os.path.join(self.out, "last.pt")
         self.best_path = os.path.join(self.out, "best.pt")
 
@@ -615,10 +616,11 @@ class Trainer:
         cfg = self.cfg
         self._disp_rows.append(z.detach())
         backend = self.model.dispersive_backend  # "reference" for --no-fused
+        options = self.model.dispersive.loss_options()
         if cfg.ddp:
-            return distributed_dispersive_loss(z, variant=cfg.disp_variant, tau=cfg.disp_tau, ring=cfg.disp_ring,
-                                               bank=self.bank, ddp_scale=True, backend=backend)
-        return dispersive_loss_with_bank(z, self.bank, variant=cfg.disp_variant, tau=cfg.disp_tau, backend=backend)
+            return distributed_dispersive_loss(z, **options, ring=cfg.disp_ring, bank=self.bank, ddp_scale=True,
+                                               backend=backend)
+        return dispersive_loss_with_bank(z, self.bank, **options, backend=backend)
 
     def _init_from_stage1(self, ckpt: dict) -> None:
         from . import transfer_stage1_to_stage2
@@ -973,6 +975,13 @@ class Trainer:
                    "epoch_seconds": round(time.time() - epoch_t0, 3),
                    "epoch_cpu_seconds": round(time.process_time() - epoch_c0, 3)}
             self.history.append(row)
+            if (cfg.dispersive and cfg.disp_variant == "hinge" and cfg.disp_weight > 0
+                    and row.get("train_disp") == 0.0 and not self._hinge_zero_said):
+                self._hinge_zero_said = True
+                self.log(f"warning: epoch {row['epoch']}: the hinge dispersive loss was exactly 0 on every batch: "
+                         f"every pair of {cfg.disp_feature} rows lies further apart than --disp-margin="
+                         f"{cfg.disp_margin:g}, so the term pushes nothing apart; raise --disp-margin or pass "
+                         f"--disp-scale-by-dim")
             metric = val["mIoU"] if not math.isnan(val["mIoU"]) else -math.inf
             # the first epoch is the best until one scores higher, so best.pt always exists
             improved = metric > self.best_metric or self.best_epoch < 0

@@ -29,6 +29,9 @@ def transfer_stage1_to_stage2(stage1: nn.Module | Mapping[str, torch.Tensor], st
     src = stage1.state_dict() if isinstance(stage1, nn.Module) else stage1
     if not isinstance(src, Mapping):
         raise TypeError(f"stage1 must be a module or a state dict, got {type(stage1).__name__}")
+    if not isinstance(stage2, nn.Module):
+        raise TypeError(f"stage2 must be the Stage II module (its weights are copied into in place), "
+                        f"got {type(stage2).__name__}")
     dst = stage2.state_dict()
     wanted = [k for k in src if k.startswith("encoder.")]
     if not wanted:

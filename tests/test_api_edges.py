@@ -108,3 +108,29 @@ def test_fused_gates_take_float64_x_with_float32_parameters(name):
         torch.testing.assert_close(p.grad, p64.grad.float(), rtol=1e-5, atol=1e-6, msg=pname)
     with pytest.raises(RuntimeError):
         make(*args, fused=False)(x.detach())
+
+
+def test_reference_dispersive_refuses_what_cannot_fit(monkeypatch):
+    """backend="reference" builds N×N matrices; a call that cannot fit the device's whole
+    memory is a MemoryError naming N and the sizes, before any allocation (the process was
+    OOM-killed without a message: a fused=False model at pixel granularity of f1 and the
+    paper's batch is N = 131,072). A call that fits is unchanged, and so are the fused
+    backends; a fused=False model says which option to change."""
+    from disseg_kernels.ops import dispersive as ops_dispersive
+    from models import DispersiveConfig, MedDisSegStage1
+
+    z = torch.empty(131072, 64)
+    with pytest.raises(MemoryError, match=r"N = 131072 needs at least 275 GB \(4·N² values of 4 bytes\)"):
+        dk.dispersive_loss(z, backend="reference")
+    monkeypatch.setattr(ops_dispersive, "_device_memory_bytes", lambda device: 1_000_000)
+    small = torch.randn(200, 3, requires_grad=True)  # 4·200²·4 = 640 kB: fits
+    dk.dispersive_loss(small, backend="reference").backward()
+    with pytest.raises(MemoryError, match="N = 600 needs at least 0.00576 GB"):
+        dk.dispersive_loss(torch.randn(600, 3), backend="reference")
+    torch.testing.assert_close(dk.dispersive_loss(torch.ones(600, 3), backend="cpu"), torch.tensor(0.0))
+    cfg = DispersiveConfig(feature="f1", granularity="pixel")
+    x = torch.randn(2, 3, 64, 64)  # f1 at stride 2: N = 2·32·32 = 2048 rows
+    with pytest.raises(MemoryError, match=r"fused=False computes the dispersive loss in plain PyTorch .*"
+                                          r"N = 2048 .* at granularity 'pixel' of f1 use fused=True"):
+        MedDisSegStage1("resnet18", fused=False, dispersive=cfg).train()(x)
+    assert MedDisSegStage1("resnet18", fused=True, dispersive=cfg).train()(x).disp_loss.isfinite()

@@ -195,3 +195,24 @@ def test_bench_metrics_runs_and_agrees(tmp_path):
     assert rows[1]["pred_boundary"] > 10 * rows[0]["pred_boundary"]
     assert all(r["pairwise_s"] > 0 and not r["pairwise_estimated"] for r in rows)
     assert "| 120x90 | 0.2 / 0.0 |" in next(tmp_path.glob("metrics_cpu_*.md")).read_text()
+
+
+def test_metric_inputs_are_checked():
+    """A probability map or logits given to image_metrics used to be read by bool() (every
+    non-zero value foreground: a perfect prediction at 0.9 / 0.1 scored Dice 0.4); a 1×W
+    mask lost its height in squeeze(); batch_metrics with (B, H, W) masks named an internal
+    slice. Now: 0/1 values only, leading size-1 dimensions only, shapes named."""
+    gt = torch.zeros(4, 4)
+    gt[1:3, 1:3] = 1
+    with pytest.raises(ValueError, match=r"pred must be binary \(bool or 0/1\), got the value 0.1"):
+        image_metrics(gt * 0.8 + 0.1, gt)
+    with pytest.raises(ValueError, match="gt must be binary .* got the value 255"):
+        image_metrics(gt.bool(), (gt * 255).to(torch.uint8))
+    assert image_metrics(gt[None, None], gt.to(torch.uint8), with_hd95=False)["dice"] == 1.0
+    row = torch.tensor([[0, 1, 1]])
+    assert image_metrics(row, row, with_hd95=False)["iou"] == 1.0  # 1×W stays (1, W)
+    with pytest.raises(ValueError, match=r"pred must be an \(H, W\) mask .* got shape \(2, 4, 4\)"):
+        image_metrics(torch.zeros(2, 4, 4), gt)
+    with pytest.raises(ValueError, match=r"logits and masks must both be \(B, 1, H, W\), got logits "
+                                         r"\(2, 1, 4, 4\) and masks \(2, 4, 4\)"):
+        batch_metrics(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4))

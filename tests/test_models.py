@@ -354,6 +354,29 @@ def test_dispersive_config_errors():
 # ---------------------------------------------------------------- input errors
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_input_dtype_must_match_the_parameters_outside_autocast(stage):
+    """float64 or bf16 x into a float32 model: a TypeError naming both dtypes (it was
+    PyTorch's "expected scalar type Double but found Float" from deep in the encoder). Under
+    autocast bf16 x runs, and a float64 model takes float64 x."""
+    model = STAGES[stage]("resnet18").eval()
+    for dtype in (torch.float64, torch.bfloat16):
+        with pytest.raises(TypeError, match=f"x has dtype {dtype} but the model's parameters are torch.float32"):
+            model(torch.randn(1, 3, 32, 32, dtype=dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).mask.float()).all()
+    with torch.no_grad():
+        assert model.double()(torch.randn(1, 3, 32, 32, dtype=torch.float64)).mask.dtype == torch.float64
+
+
+def test_constructor_and_transfer_argument_types():
+    with pytest.raises(TypeError, match="conv_first must be a bool, got 'no'"):
+        MedDisSegStage1("resnet18", conv_first="no")
+    s1 = MedDisSegStage1("resnet18")
+    with pytest.raises(TypeError, match="stage2 must be the Stage II module .* got OrderedDict"):
+        transfer_stage1_to_stage2(s1, MedDisSegStage2("resnet18").state_dict())
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 30, 32), (2, 3, 32, 40), (2, 1, 32, 32), (3, 32, 32), (2, 3, 8, 8)])
 def test_bad_shapes(shape):
     """H or W not a multiple of 16, wrong channel count or rank: ValueError naming the shape."""

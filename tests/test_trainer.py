@@ -421,3 +421,39 @@ def test_stage1_strong_copy_drawn_by_the_workers_is_the_same(tiny_data, tmp_path
     (l0, w0), (l1, w1) = runs
     assert l0 == l1
     assert all(torch.equal(v, w1[k]) for k, v in w0.items())
+
+
+def test_hinge_margin_reaches_the_loss_and_a_dead_hinge_is_announced(tiny_data, tmp_path):
+    """--disp-margin / --disp-scale-by-dim reach dispersive_loss (the model and the bank
+    path): with the default ε = 1 the f4 rows are tens apart, the hinge is exactly 0 and
+    the run says so once; with ε above the distances the term is positive and silent.
+    (Before, the model had no margin at all: a hinge run regularised nothing, silently.)"""
+    from models import DispersiveConfig, MedDisSegStage1
+    from disseg_kernels import dispersive_loss
+
+    torch.manual_seed(0)
+    cfg = DispersiveConfig(variant="hinge", margin=1e4, scale_by_dim=False)
+    m = MedDisSegStage1("resnet18", dispersive=cfg).train()
+    x = torch.randn(3, 3, 32, 32)
+    out = m(x)
+    z = m.encoder(x)[3].reshape(3, -1)
+    torch.testing.assert_close(out.disp_loss, dispersive_loss(z, variant="hinge", margin=1e4))
+    assert out.disp_loss > 0
+    scaled = MedDisSegStage1("resnet18", dispersive=DispersiveConfig(variant="hinge", scale_by_dim=True))
+    scaled.load_state_dict(m.state_dict())
+    torch.testing.assert_close(scaled.train()(x).disp_loss, dispersive_loss(z, variant="hinge", scale_by_dim=True))
+    with pytest.raises(ValueError, match="margin must be a finite number > 0, got -1"):
+        DispersiveConfig(variant="hinge", margin=-1)
+
+    for margin, bank, said in ((1.0, 0, True), (1e6, 8, False)):
+        lines = []
+        t = Trainer(_cfg(tiny_data, tmp_path / f"h{margin:g}", stage=1, disp_variant="hinge",
+                         disp_margin=margin, disp_bank=bank), log=lines.append)
+        t.run()
+        disp = [r["train_disp"] for r in t.history]
+        warned = [s for s in lines if "hinge dispersive loss was exactly 0" in s]
+        assert (disp == [0.0]) == said and len(warned) == int(said), (disp, warned)
+        if said:
+            assert "--disp-margin=1" in warned[0]
+    with pytest.raises(Exception, match="--disp-margin=0.0: must be > 0"):
+        _cfg(tiny_data, tmp_path / "bad", disp_margin=0.0)

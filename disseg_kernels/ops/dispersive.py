@@ -29,6 +29,45 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
+# The reference path's peak, in N×N matrices of at least float32 (the distances, the
+# off-diagonal copy, the scaled logits, and the backward's gradient of them: measured 4-6
+# at N = 4096). A lower bound: a call needing more than the device's whole memory is refused.
+_REFERENCE_NN_MATRICES = 4
+
+
+def _device_memory_bytes(device: torch.device) -> int | None:
+    """Physical memory of a CPU (Linux) or a CUDA device, None where unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            import os
+
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def check_reference_fits(z: torch.Tensor, variant: str) -> None:
+    """MemoryError, before any allocation, when the reference's N×N matrices cannot fit the
+    device's memory at all (at N = 131,072 they need 275 GB): the alternative is the
+    operating system's OOM killer ending the process with no message."""
+    n = z.shape[0]
+    if torch.compiler.is_compiling() or n < 2:  # under torch.compile: not checked (eager is)
+        return
+    itemsize = max(4, z.element_size())
+    need = _REFERENCE_NN_MATRICES * n * n * itemsize
+    have = _device_memory_bytes(z.device)
+    if have is not None and need > have:
+        raise MemoryError(
+            f"dispersive_loss(backend='reference', variant={variant!r}) builds N×N matrices: N = {n} needs at "
+            f"least {need / 1e9:.3g} GB ({_REFERENCE_NN_MATRICES}·N² values of {itemsize} bytes), more than "
+            f"this {z.device.type} device's {have / 1e9:.3g} GB; the fused backends (backend='auto') never "
+            f"build an N×N buffer"
+        )
+
+
 def _run_kernel(backend, z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad):
     code = VARIANT_CODES[variant]
     if backend in ("cpu", "cuda"):
@@ -145,6 +184,7 @@ def dispersive_loss(
     _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite)
     chosen = _backend.resolve("dispersive", backend, z.device)
     if chosen == "reference":
+        check_reference_fits(z, variant)
         return dispersive_loss_reference(z, variant, float(tau), float(margin), diagonal, scale_by_dim)
     n = z.shape[0]
     flat = z.reshape(n, math.prod(z.shape[1:]))  # explicit D: N = 0 reshapes too
