@@ -140,7 +140,7 @@ def _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite):
     for name, value in (("tau", tau), ("margin", margin)):
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a Python or NumPy number, got a tensor (pass float({name}))")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:  # NaN fails too; no math.isfinite: it breaks torch.compile on a symbolic float
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if diagonal not in DIAGONALS:
         raise ValueError(f"diagonal must be one of {DIAGONALS}, got {diagonal!r}")

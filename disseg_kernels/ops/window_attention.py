@@ -155,13 +155,17 @@ def _kernel_logits(logits: torch.Tensor, kk: int) -> torch.Tensor:
     dense and non-overlapping: e.g. the permuted view of a Linear's output), else a
     contiguous copy."""
     if logits.stride(-1) == 1 and logits.stride(-2) == kk:
+        # dense and non-overlapping: the strides of the dims of size > 1, taken in the
+        # order that makes each equal the product of the sizes before it, leave no gap.
+        # (A selection, not sorted(): sorted() of symbolic sizes breaks torch.compile's
+        # dynamic shapes.)
+        dims = [(n, st) for n, st in zip(logits.shape, logits.stride()) if n != 1]
         expected = 1
-        for size, stride in sorted(zip(logits.shape, logits.stride()), key=lambda p: (p[1], p[0])):
-            if size == 1:
-                continue
-            if stride != expected:
+        while dims:
+            hit = next((i for i, (_, st) in enumerate(dims) if st == expected), None)
+            if hit is None:
                 break
-            expected *= size
+            expected *= dims.pop(hit)[0]
         else:
             return logits
     return logits.contiguous()
