@@ -97,7 +97,7 @@ class NegativeBank(torch.nn.Module):
             return
         if flat.shape[1] != self.dim:
             raise ValueError(f"z must have dim = {self.dim} features per row, got shape {tuple(z.shape)}")
-        sizes = comm.all_gather_shapes(flat.shape[0], flat.shape[1], flat.device)
+        sizes = comm.all_gather_shapes(flat.shape[0], flat.shape[1], flat.device, flat.dtype)
         self.enqueue(comm.all_gather_rows(flat.contiguous(), sizes))
 
     def negatives(self) -> torch.Tensor:

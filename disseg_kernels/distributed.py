@@ -39,7 +39,7 @@ The backward pass needs no communication: the gradient is computed in the forwar
 
 Communication (bytes sent per rank, b = bytes per element, W ranks, n = max rows per rank)
 -----------------------------------------------------------------------------------------
-- ``ring=False`` (all-gather): sizes (2 int64), one all-gather of z: (W−1)·n·D·b, and two
+- ``ring=False`` (all-gather): sizes (3 int64: n, D, dtype), one all-gather of z: (W−1)·n·D·b, and two
   scalar all-reduces. Peak memory N·D for the gathered z, plus O(rows × tile) per tile.
 - ``ring=True`` (Inf-CL ring): W−1 steps; at each, a rank sends its current column block
   to rank+1 and receives the next from rank−1 (``batch_isend_irecv``) while it computes on
@@ -318,10 +318,12 @@ class _Comm:
             g = group if group is not None else dist.group.WORLD
             self.global_ranks = dist.get_process_group_ranks(g)
 
-    def all_gather_shapes(self, n: int, dim: int, device) -> list[int]:
+    def all_gather_shapes(self, n: int, dim: int, device, dtype: torch.dtype) -> list[int]:
+        """Every rank's row count; a ValueError on every rank where D or the dtype differ
+        (gloo/NCCL would otherwise abort the process on the mismatched all-gather)."""
         if self.world == 1:
             return [n]
-        mine = torch.tensor([n, dim], dtype=torch.int64, device=device)
+        mine = torch.tensor([n, dim, _dtype_code(dtype)], dtype=torch.int64, device=device)
         outs = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(outs, mine, group=self.group)
         _count("all_gather(sizes)", (self.world - 1) * _nbytes(mine))
@@ -330,6 +332,12 @@ class _Comm:
             raise ValueError(
                 f"z must have the same number of features on every rank; got D = {dims} "
                 f"(this rank: z of {n} rows × {dim} features)"
+            )
+        dtypes = [_DTYPES[int(o[2])] if 0 <= int(o[2]) < len(_DTYPES) else int(o[2]) for o in outs]
+        if any(d != dtype for d in dtypes):
+            raise ValueError(
+                f"z must have the same dtype on every rank; got {[str(d).replace('torch.', '') for d in dtypes]} "
+                f"(rank by rank; this rank: {dtype})"
             )
         return [int(o[0]) for o in outs]
 
@@ -385,6 +393,13 @@ class _Comm:
 # The global loss
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
 def _compute_dtype(dtype):
     return torch.float32 if dtype in _HALF else dtype
 
@@ -411,7 +426,7 @@ def _global_loss_and_grad(
     """(L of the global batch [+ bank], ∂L/∂z for this rank's rows) of flat z (n, D)."""
     n, dim = z.shape
     cdt = _compute_dtype(z.dtype)
-    sizes = comm.all_gather_shapes(n, dim, z.device)
+    sizes = comm.all_gather_shapes(n, dim, z.device, z.dtype)
     n_total = sum(sizes)
     k = 0 if bank is None else bank.shape[0]
     zc = z.to(cdt)
@@ -696,7 +711,8 @@ class DistributedDispersiveLoss(torch.nn.Module):
         return (
             f"variant={self.variant!r}, tau={self.tau}, margin={self.margin}, diagonal={self.diagonal!r}, "
             f"scale_by_dim={self.scale_by_dim}, ring={self.ring}, ddp_scale={self.ddp_scale}, "
-            f"backend={self.backend!r}"
+            f"covariance_mode={self.covariance_mode!r}, tile={self.tile}, "
+            f"group={'default' if self.group is None else 'custom'}, backend={self.backend!r}"
         )
 
 

@@ -146,6 +146,17 @@ def _run_cases(rank, world, group):
         results["check_finite"] = "no error"
     except ValueError as exc:
         results["check_finite"] = str(exc)
+
+    # a dtype that differs on the last rank: every rank raises, naming the dtypes (gloo
+    # aborted the process on the mismatched all-gather of z)
+    z = _slice(_global_z(sum(SIZES[world]), 1), SIZES[world], rank).clone()
+    if rank == world - 1:
+        z = z.float()
+    try:
+        distributed_dispersive_loss(z, group=group)
+        results["dtype_mismatch"] = "no error"
+    except ValueError as exc:
+        results["dtype_mismatch"] = str(exc)
     return results
 
 
@@ -266,6 +277,13 @@ def test_check_finite_raises_on_every_rank(spawned):
     _, per_rank = spawned
     for res in per_rank:
         assert "non-finite" in res["check_finite"] and "at least one rank" in res["check_finite"]
+
+
+def test_dtype_mismatch_raises_on_every_rank(spawned):
+    world, per_rank = spawned
+    want = str(["float64"] * (world - 1) + ["float32"])
+    for res in per_rank:
+        assert f"z must have the same dtype on every rank; got {want}" in res["dtype_mismatch"]
 
 
 def test_ddp_scale_multiplies_only_the_gradient(spawned):

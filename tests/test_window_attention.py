@@ -233,8 +233,8 @@ def test_input_validation():
         dk.window_attention(v, logits[:, :, :-1])
     with pytest.raises(ValueError, match="heads"):
         dk.window_attention(v[:, :5], torch.randn(1, 2, 20, 9, 9))
-    with pytest.raises(TypeError, match="dtype"):
-        dk.window_attention(v, logits.double())
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor, got dtype torch.int64"):
+        dk.window_attention(v, logits.long())
     with pytest.raises(ValueError, match="backend"):
         dk.window_attention(v, logits, 3, "fast")
     with pytest.raises(_backend.BackendUnavailable, match="cuda"):

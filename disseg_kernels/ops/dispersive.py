@@ -188,8 +188,12 @@ def dispersive_loss(
         return dispersive_loss_reference(z, variant, float(tau), float(margin), diagonal, scale_by_dim)
     n = z.shape[0]
     flat = z.reshape(n, math.prod(z.shape[1:]))  # explicit D: N = 0 reshapes too
-    if n < 2 or flat.shape[1] == 0:
+    if n < 2:
         return zero_loss(flat).to(_loss_dtype(z.dtype))
+    if flat.shape[1] == 0:
+        # D = 0: every pair has the same distance (0; 1 for cosine), so the loss of any N is
+        # that of two rows: the reference's (-1/τ for cosine, ε² for the hinge, 0 else)
+        return dispersive_loss_reference(flat[:2], variant, float(tau), float(margin), diagonal, scale_by_dim)
     need_grad = torch.is_grad_enabled() and z.requires_grad
     loss, _ = _dispersive_op(
         flat.contiguous(),

@@ -7,12 +7,14 @@ accumulates the output gradient's slices into the small inputs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 from .. import _backend
 from ..reference.multiscale import multiscale_concat_reference
+from ._args import as_int
 from ._autograd import first_order_only
 
 
@@ -36,8 +38,7 @@ def _validate(tensors, scales):
             raise ValueError(
                 f"tensors[{i}] upsampled by {s} is {hw[0]}×{hw[1]}, but tensors[0] gives {out_hw[0]}×{out_hw[1]}"
             )
-        for what, a, b in (("batch size", t.shape[0], tensors[0].shape[0]), ("dtype", t.dtype, tensors[0].dtype),
-                           ("device", t.device, tensors[0].device)):
+        for what, a, b in (("batch size", t.shape[0], tensors[0].shape[0]), ("device", t.device, tensors[0].device)):
             if a != b:
                 raise ValueError(f"tensors[{i}] has {what} {a}, tensors[0] has {b}: they must match")
 
@@ -50,11 +51,18 @@ def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], ba
         scales: integer factors sᵢ ≥ 1 (1 = as is).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
     Returns:
-        (B, ΣCᵢ, H, W).
+        (B, ΣCᵢ, H, W), in the inputs' promoted dtype (as ``torch.cat``: a bf16 map from
+        an autocast convolution next to a float32 skip gives float32).
     """
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"tensors must be a list or tuple of (B, C, H, W) tensors, got {type(tensors).__name__}")
+    if not isinstance(scales, (list, tuple)):
+        raise TypeError(f"scales must be a list or tuple of integers, got {type(scales).__name__}")
     tensors = list(tensors)
-    scales = [int(s) if not isinstance(s, bool) and isinstance(s, int) else s for s in scales]
+    scales = [as_int(s) for s in scales]
     _validate(tensors, scales)
+    common = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    tensors = [t if t.dtype == common else t.to(common) for t in tensors]
     chosen = _backend.resolve("multiscale", backend, tensors[0].device.type, tensors[0].dtype)
     if chosen == "reference":
         return multiscale_concat_reference(tensors, scales)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..reference.window_attention import window_attention_reference
+from ._args import as_int
 from ._autograd import first_order_only
 from .telu import TeLU
 
@@ -180,8 +181,8 @@ def _validate(v, logits, kernel_size):
         raise ValueError(f"v must have shape (B, C, H, W), got shape {tuple(v.shape)}")
     if not v.dtype.is_floating_point:
         raise TypeError(f"v must be a floating-point tensor, got dtype {v.dtype}")
-    if logits.dtype != v.dtype:
-        raise TypeError(f"logits must have v's dtype {v.dtype}, got {logits.dtype}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     if logits.device != v.device:
         raise ValueError(f"logits must be on v's device {v.device}, got {logits.device}")
     B, C, H, W = v.shape
@@ -208,15 +209,21 @@ def window_attention(
         v: (B, C, H, W) value map, C = heads · head_dim; float64, float32, bfloat16 or
             float16 (half types accumulate in float32). Channels-last memory is read
             without a copy by the CPU kernel; any strides work.
-        logits: (B, heads, H·W, k², k²) attention logits (slot s, then tap t), v's dtype.
-        kernel_size: k, odd.
+        logits: (B, heads, H·W, k², k²) attention logits (slot s, then tap t). A dtype
+            other than v's is promoted with it (as ``torch.matmul`` under autocast would
+            meet a bf16 v and float32 logits): both are computed in the wider one.
+        kernel_size: k, odd (a NumPy or 0-d tensor integer is taken too).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
-        (B, C, H, W) in v's dtype; channels-last memory from the fused backends.
+        (B, C, H, W) in the promoted dtype of v and logits; channels-last memory from the fused backends.
         Differentiable once through the fused backends (no double backward).
     """
+    kernel_size = as_int(kernel_size)
     _validate(v, logits, kernel_size)
+    if logits.dtype != v.dtype:
+        common = torch.promote_types(v.dtype, logits.dtype)
+        v, logits = v.to(common), logits.to(common)
     chosen = _backend.resolve(_FAMILY, backend, v.device)
     if chosen == "reference":
         return window_attention_reference(v, logits, kernel_size)
@@ -354,5 +361,6 @@ class ContrastDrivenFeatureAggregation(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_c={self.in_c}, out_c={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+            f"padding={self.padding}, stride={self.stride}, "
             f"fused={self.fused}, backend={self.backend!r}"
         )
