@@ -180,7 +180,11 @@ def load_torchvision_resnet(module: nn.Module, path: str | os.PathLike) -> LoadR
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path={path!r} is not a file (the ResNet checkpoint is read from a local file only)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: pickle, zip and torch errors alike
+        raise ValueError(f"path={path!r} cannot be read as a torch checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and wrapper not in encoder.state_dict():
             state = state[wrapper]

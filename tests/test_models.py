@@ -452,6 +452,10 @@ def test_load_torchvision_resnet_errors(tmp_path):
         load_torchvision_resnet(ResNetEncoder("resnet50"), path)
     with pytest.raises(FileNotFoundError, match="nope"):
         load_torchvision_resnet(ResNetEncoder("resnet50"), tmp_path / "nope.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="garbage.pth' cannot be read as a torch checkpoint"):
+        load_torchvision_resnet(ResNetEncoder("resnet18"), garbage)
 
 
 def test_transfer_stage1_to_stage2():
