@@ -65,47 +65,63 @@ const acc_t* gate_ptr(const std::optional<at::Tensor>& t, int64_t B, int64_t n, 
 
 constexpr int64_t kBlock = 512;
 
-// The first p < n with value(p) == target (n − 1 if none: a row of NaNs), in 64-wide
-// chunks: a vectorised test per chunk, then a vectorised min-reduction over the matching
-// indices of the chunk that holds the target. value(p) recomputes what the caller's pass
-// compared (x·gate, rounded the same way), so no row buffer is written. (A scalar scan from
-// 0 cost about as much as the whole vectorised sum-and-max pass before it.)
-template <typename acc_t, typename Value>
-int64_t first_equal(int64_t n, acc_t target, const Value& value) {
+// The first p < n where pred(p) holds (n − 1 if none), in 64-wide chunks: a vectorised
+// test per chunk, then a vectorised min-reduction over the matching indices of the chunk
+// that holds it. pred recomputes what the caller's pass compared (x·gate, rounded the same
+// way), so no row buffer is written. (A scalar scan from 0 cost about as much as the whole
+// vectorised sum-and-max pass before it.)
+template <typename Pred>
+int64_t first_where(int64_t n, const Pred& pred) {
   constexpr int64_t kChunk = 64;
   for (int64_t p0 = 0; p0 < n; p0 += kChunk) {
     const int64_t e = std::min(n, p0 + kChunk);
     int hit = 0;
 _Pragma("omp simd reduction(| : hit)")
-    for (int64_t p = p0; p < e; ++p) hit |= static_cast<int>(value(p) == target);
+    for (int64_t p = p0; p < e; ++p) hit |= static_cast<int>(pred(p));
     if (!hit) continue;
     int64_t first = e;
 _Pragma("omp simd reduction(min : first)")
-    for (int64_t p = p0; p < e; ++p) first = std::min(first, value(p) == target ? p : e);
+    for (int64_t p = p0; p < e; ++p) first = std::min(first, pred(p) ? p : e);
     return first;
   }
   return n - 1;
 }
 
+// The running max of a pool, as PyTorch's max pools have it: a NaN is above every number
+// and the first NaN stays; otherwise strictly greater wins (the first of equal values stays,
+// the lanes being visited in index order).
+template <typename T>
+inline bool ahead(T v, T best) {
+  return v > best || (v != v && best == best);
+}
+
 // Mean, max and first arg-max of v[i] = x[i] · gate[i] (gate[i] = 1 without a gate) over one
-// unit-stride row of n values: a vectorised sum-and-max pass, then first_equal over the
-// same products. The max ignores NaNs; a row with no value above −inf answers −inf and the
-// first −inf, else n − 1. Both the NCHW pool over H·W and the channels_last pool over C are
-// this row (long rows there, short ones here: 16 lanes of arg-max kept through the pass
-// cost 2.5-4x more at C = 64, most of it in merging the lanes per pixel).
+// unit-stride row of n values: a vectorised sum-and-max pass (with a NaN flag: the
+// reduction's max is unspecified for NaN), then first_where over the same products. A NaN
+// is the max, at its first index (as adaptive_max_pool2d and torch.max propagate it); a row
+// with no value above −inf answers −inf at index 0. Both the NCHW pool over H·W and the
+// channels_last pool over C are this row (long rows there, short ones here: 16 lanes of
+// arg-max kept through the pass cost 2.5-4x more at C = 64, most of it in merging the
+// lanes per pixel).
 template <bool kGate, typename scalar_t, typename acc_t>
 int64_t pool_row_with(const scalar_t* x, const acc_t* gate, int64_t n, acc_t& sum_out, acc_t& max_out) {
   const auto value = [&](int64_t i) { return kGate ? acc_t(x[i]) * gate[i] : acc_t(x[i]); };
   acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
-_Pragma("omp simd reduction(+ : sum) reduction(max : best)")
+  int nan = 0;
+_Pragma("omp simd reduction(+ : sum) reduction(max : best) reduction(| : nan)")
   for (int64_t i = 0; i < n; ++i) {
     const acc_t v = value(i);
     sum += v;
     best = v > best ? v : best;
+    nan |= static_cast<int>(v != v);
   }
   sum_out = sum;
+  if (nan) {
+    max_out = std::numeric_limits<acc_t>::quiet_NaN();
+    return first_where(n, [&](int64_t p) { const acc_t v = value(p); return v != v; });
+  }
   max_out = best;
-  return first_equal(n, best, value);
+  return first_where(n, [&](int64_t p) { return value(p) == best; });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -116,8 +132,8 @@ int64_t pool_row(const scalar_t* x, const acc_t* gate, int64_t n, acc_t& sum_out
 }  // namespace
 
 // Mean, max and first arg-max over p = (h, w) of y = x · S[b, p]; each (B, C). In every
-// layout (and in gates_pool_c), a row with no value above −inf (−inf and NaN only) answers
-// max −inf and the index of its first −inf, else the last index.
+// layout (and in gates_pool_c) a NaN is the max, at its first index, and a row with no
+// value above −inf answers −inf at index 0.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gates_pool_hw_cpu(const at::Tensor& x, const std::optional<at::Tensor>& S) {
   auto g = geometry(x, "gates_pool_hw");
   auto acc = acc_type(x);
@@ -164,18 +180,12 @@ _Pragma("omp simd")
             for (int64_t c = 0; c < n; ++c) {
               acc_t v = acc_t(xr[c]) * s;
               su[c] += v;
-              const bool gt = v > be[c];
+              const bool gt = ahead(v, be[c]);
               be[c] = gt ? v : be[c];
               bx[c] = gt ? p : bx[c];
             }
           }
-          for (int64_t c = 0; c < n; ++c) {
-            if (!(be[c] > -std::numeric_limits<acc_t>::infinity())) {  // −inf and NaN only: as pool_row
-              const scalar_t* xc = xp + b * g.sB + (c0 + c) * g.sC;
-              bx[c] = first_equal(g.P, be[c], [&](int64_t p) {
-                return acc_t(xc[p * g.sP]) * (sp ? sp[b * g.P + p] : acc_t(1));
-              });
-            }
+          for (int64_t c = 0; c < n; ++c) {  // a row of −inf only keeps index 0, as pool_row
             mean_p[b * g.C + c0 + c] = su[c] * inv;
             max_p[b * g.C + c0 + c] = be[c];
             idx_p[b * g.C + c0 + c] = bx[c];
@@ -224,18 +234,12 @@ _Pragma("omp simd")
             for (int64_t p = 0; p < n; ++p) {
               acc_t v = acc_t(xr[p]) * w;
               su[p] += v;
-              const bool gt = v > be[p];
+              const bool gt = ahead(v, be[p]);
               be[p] = gt ? v : be[p];
               bx[p] = gt ? c : bx[p];
             }
           }
-          for (int64_t p = 0; p < n; ++p) {
-            if (!(be[p] > -std::numeric_limits<acc_t>::infinity())) {  // −inf and NaN only: as pool_row
-              const scalar_t* xq = xp + b * g.sB + p0 + p;
-              bx[p] = first_equal(g.C, be[p], [&](int64_t c) {
-                return acc_t(xq[c * g.sC]) * (gp ? gp[b * g.C + c] : acc_t(1));
-              });
-            }
+          for (int64_t p = 0; p < n; ++p) {  // a row of −inf only keeps index 0, as pool_row
             mean_p[b * g.P + p0 + p] = su[p] * inv;
             max_p[b * g.P + p0 + p] = be[p];
             idx_p[b * g.P + p0 + p] = bx[p];

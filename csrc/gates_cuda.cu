@@ -163,12 +163,20 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// (sum, max, first arg-max) running statistics. A NaN never becomes the max (v > best is
-// false), as on the CPU; an all −inf row keeps the first index, an all-NaN row gives 0.
+// (sum, max, first arg-max) running statistics, in PyTorch's max-pool order as on the CPU:
+// a NaN is above every number and the first NaN (smallest index) stays; otherwise the
+// greater value, then the smaller index. An all −inf row keeps its first index.
+template <typename T>
+__device__ __forceinline__ bool ahead(T v, int64_t i, T best, int64_t arg) {
+  const bool v_nan = v != v, b_nan = best != best;
+  if (v_nan || b_nan) return v_nan && (!b_nan || i < arg);
+  return v > best || (v == best && i < arg);
+}
+
 template <typename T>
 __device__ __forceinline__ void take(T& sum, T& best, int64_t& arg, T v, int64_t i) {
   sum += v;
-  if (v > best || (v == best && arg == kNone)) {
+  if (ahead(v, i, best, arg)) {
     best = v;
     arg = i;
   }
@@ -177,7 +185,7 @@ __device__ __forceinline__ void take(T& sum, T& best, int64_t& arg, T v, int64_t
 template <typename T>
 __device__ __forceinline__ void merge(T& sum, T& best, int64_t& arg, T s2, T b2, int64_t a2) {
   sum += s2;
-  if (b2 > best || (b2 == best && a2 < arg)) {
+  if (ahead(b2, a2, best, arg)) {
     best = b2;
     arg = a2;
   }

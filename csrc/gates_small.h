@@ -235,13 +235,13 @@ DISSEG_HD T mlp_act(T h, bool telu, T& u, T& th) {
     return h * th;
   }
   u = th = T(0);
-  return h > T(0) ? h : T(0);
+  return h < T(0) ? T(0) : h;  // a NaN stays NaN, as torch.relu
 }
 
 template <typename T>
 DISSEG_HD T mlp_act_grad(T dt, T h, T u, T th, bool telu) {
   if (telu) return dt * (th + h * u * (T(1) - th * th));
-  return h > T(0) ? dt : T(0);
+  return h <= T(0) ? T(0) : dt;  // as torch.relu's backward (a NaN h passes dt)
 }
 
 }  // namespace small

@@ -1187,8 +1187,8 @@ def test_cpu_pool_ops_first_argmax(channels_last, dtype):
     """csrc/gates.cpp's pools over H·W and over C: mean, max and the *first* arg-max, on
     integer-valued maps full of ties, with H·W = 221 and C = 150 (the arg-max search runs
     in 64-wide chunks: the first maximum sits in a later chunk for some rows), with and
-    without a gate; a row of NaNs answers max -inf and index n - 1, a row of NaNs and one
-    -inf that -inf's index, in both pools and both layouts."""
+    without a gate; a row with a NaN answers NaN at its first NaN (PyTorch's max pools
+    propagate NaN), a row of -inf only -inf at index 0, in both pools and both layouts."""
     torch.manual_seed(13)
     b, c, h, w = 2, 150, 13, 17
     x = torch.randint(-3, 3, (b, c, h, w)).to(dtype)
@@ -1215,15 +1215,16 @@ def test_cpu_pool_ops_first_argmax(channels_last, dtype):
     xn = torch.full((1, 2, 9, 9), float("nan"), dtype=dtype)
     if channels_last:
         xn = xn.contiguous(memory_format=torch.channels_last)
-    for op, n in ((torch.ops.disseg.gates_pool_hw, 81), (torch.ops.disseg.gates_pool_c, 2)):
-        _, mx, idx = op(xn, None)
-        assert torch.isinf(mx).all() and (mx < 0).all() and (idx == n - 1).all(), op
-    # NaN with one -inf: the max is -inf, the index that -inf's (p = 40 over H·W, c = 1 over C)
+    for op in (torch.ops.disseg.gates_pool_hw, torch.ops.disseg.gates_pool_c):
+        _, mx, idx = op(xn, None)  # all NaN: NaN at index 0, as torch.max
+        assert mx.isnan().all() and (idx == 0).all(), op
+    # NaN with one -inf: still NaN, at the first NaN (the -inf is not above it)
     xn[0, 1, 4, 4] = float("-inf")
+    xn[0, 0, 0, 0] = xn[0, 1, 0, 0] = float("-inf")
     _, mx, idx = torch.ops.disseg.gates_pool_hw(xn, None)
-    assert idx.tolist() == [[80, 40]] and torch.isneginf(mx).all()
+    assert idx.tolist() == [[1, 1]] and mx.isnan().all()
     _, mx, idx = torch.ops.disseg.gates_pool_c(xn, None)
-    assert int(idx[0, 40]) == 1 and int(idx[0, 0]) == 1 and torch.isneginf(mx).all()
+    assert int(idx[0, 40]) == 0 and mx[0, 0] == float("-inf") and int(idx[0, 0]) == 0 and mx[0, 1:].isnan().all()
 
 
 @pytest.mark.skipif("cpu" not in GATE_BACKENDS, reason="C++ gate kernels unavailable")
@@ -1522,3 +1523,80 @@ def test_cuda_stencil_ops_match_cpu(layout, dtype):
             dc = E.gates_grad_x(d0, x, G, S, [], [], [], [], [], ww, dl, elat)
             assert dd.stride() == d0.stride()
             torch.testing.assert_close(dd.cpu(), dc, atol=tol["atol"] * scale, rtol=tol["rtol"])
+
+
+@pytest.mark.parametrize("backend", GATE_BACKENDS)
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_nan_spreads_as_in_the_plain_module(backend, name, channels_last):
+    """A NaN in x reaches the same outputs as through the plain formula: the max pools
+    propagate it (as adaptive_max_pool2d and torch.max do) and the channel MLP's ReLU keeps
+    it (as torch.relu does). Until 2026-11-28 the fused pools skipped NaN and the ReLU made
+    it 0, so a NaN pixel spread less far with fused=True (the README said so)."""
+    torch.manual_seed(0)
+    module = MODULES[name](16, backend=backend)
+    x = torch.randn(3, 16, 7, 9)
+    x[0, 3, 2, 4] = float("nan")
+    x[1, 5, 0, 0] = x[1, 6, 0, 0] = float("nan")
+    x[2, 1, 3, 3] = float("-inf")  # -inf without NaN: no NaN from the pools either way
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = _set_fused(module, True)(x)
+        yr = _set_fused(module, False)(x)
+    assert y.isnan().any()
+    assert torch.equal(y.isnan(), yr.isnan())
+    finite = ~yr.isnan()
+    torch.testing.assert_close(y[finite], yr[finite], atol=1e-5, rtol=1e-5)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_cpu_pools_take_the_first_nan(channels_last):
+    """gates_pool_hw / gates_pool_c: a NaN is the max at its first index; a row of -inf
+    only answers -inf at index 0; with or without a gate."""
+    x = torch.randn(2, 4, 3, 5)
+    x[0, 1, 1, 2] = x[0, 1, 2, 0] = float("nan")  # pool over H·W of (0, 1): first NaN at 7
+    x[1, 2] = float("-inf")  # (1, 2) all -inf
+    x[1, 0, 2, 4] = x[1, 3, 2, 4] = float("nan")  # pool over C of pixel 14 of sample 1: first NaN at c = 0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for gate in (None, torch.rand(2, 15) + 0.5):
+        _, mx, idx = torch.ops.disseg.gates_pool_hw(x, gate)
+        assert mx[0, 1].isnan() and idx[0, 1] == 7
+        assert mx[1, 2] == float("-inf") and idx[1, 2] == 0
+        assert torch.equal(mx.isnan(), torch.tensor([[False, True, False, False], [True, False, False, True]]))
+    _, mx, idx = torch.ops.disseg.gates_pool_c(x, torch.rand(2, 4) + 0.5)
+    assert mx[1, 14].isnan() and idx[1, 14] == 0
+    assert mx[0, 7].isnan() and idx[0, 7] == 1
+    assert int(mx.isnan().sum()) == 3
+
+
+@pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
+@pytest.mark.parametrize("tiles,target,channels_last", [((2, 4), 64, False), ((4, 2), 1000, True), (None, None, False)])
+def test_triton_pools_take_the_first_nan_through_splits(monkeypatch, channels_last, tiles, target):
+    """The Triton pools with forced tiles and splits (partials merged by a second launch):
+    a NaN is the max at its first index whichever piece holds it; -inf rows keep index 0;
+    the H·W pool of ELAT's stencil read agrees with the plain pool."""
+    from disseg_kernels.triton import gates as tg
+
+    monkeypatch.setattr(tg, "FORCE_TILES", tiles)
+    monkeypatch.setattr(tg, "FORCE_TARGET_PROGRAMS", target)
+    b, c, h, w = 2, 7, 3, 5
+    x = torch.randn(b, c, h, w)
+    x[0, 2, 2, 1] = x[0, 2, 0, 3] = float("nan")  # H·W pool of (0, 2): first NaN at p = 3 (a later piece holds 11)
+    x[1, 4] = float("-inf")
+    x[1, 6, 1, 1] = x[1, 1, 1, 1] = x[1, 4, 1, 1] = float("nan")  # C pool of pixel 6 of sample 1: first NaN at c = 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _, mx, idx = tg.pool_hw(x, None)
+    assert mx[0, 2].isnan() and int(idx[0, 2]) == 3
+    assert int(mx.isnan().sum()) == 4  # (0, 2), (1, 1), (1, 4), (1, 6)
+    assert mx[1, 4].isnan() and int(idx[1, 4]) == 6
+    _, mx, idx = tg.pool_c(x, torch.rand(b, c) + 0.1)
+    assert mx[1, 6].isnan() and int(idx[1, 6]) == 1
+    assert mx[0, 11].isnan() and int(idx[0, 11]) == 2 and int(mx.isnan().sum()) == 3
+    y = torch.randn(b, c, h, w)
+    y[0, 1] = float("-inf")
+    _, mx, idx = tg.pool_hw(y.to(memory_format=torch.channels_last) if channels_last else y, None)
+    assert mx[0, 1] == float("-inf") and int(idx[0, 1]) == 0

@@ -107,6 +107,29 @@ def _split(n_out_programs: int, length: int, block: int, target: int) -> tuple[i
 
 
 @triton.jit
+def _ahead(v, i, best, besti):
+    # The pools' order, as PyTorch's max pools have it: a NaN is above every number and
+    # the first NaN (smallest index) wins; otherwise greater, then the smaller index.
+    v_nan = v != v
+    b_nan = best != best
+    return (v_nan & (~b_nan | (i < besti))) | (~v_nan & ~b_nan & ((v > best) | ((v == best) & (i < besti))))
+
+
+@triton.jit
+def _max_first(v, idx, AXIS: tl.constexpr):
+    # (max, its first index) along AXIS of v (masked entries already -inf), NaN first: a NaN
+    # is the max at the smallest index holding one. tl.max's NaN handling is not specified,
+    # so NaNs are reduced apart.
+    isn = v != v
+    has_nan = tl.max(isn.to(tl.int32), axis=AXIS) > 0
+    nan_i = tl.min(tl.where(isn, idx, 2147483647), axis=AXIS)
+    vf = tl.where(isn, float("-inf"), v)
+    mx = tl.max(vf, axis=AXIS)
+    mx_i = tl.min(tl.where(vf == tl.expand_dims(mx, AXIS), idx, 2147483647), axis=AXIS)
+    return tl.where(has_nan, float("nan"), mx), tl.where(has_nan, nan_i, mx_i)
+
+
+@triton.jit
 def _pool_hw_kernel(x_ptr, s_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLIT, sB, sC, sP,
                     HAS_S: tl.constexpr, FINAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # Sum, max and first arg-max over p ∈ [split·CHUNK, (split+1)·CHUNK) of x·S for a block
@@ -118,9 +141,10 @@ def _pool_hw_kernel(x_ptr, s_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLI
     p_lo = split * CHUNK
     p_hi = tl.minimum(p_lo + CHUNK, P)
     # Per lane (element of the tile) across the tiles: sum, max and where it first occurred
-    # (strict >: a later tile never takes a tie; a NaN never becomes the max); reduced
-    # across lanes once at the end, not once per tile (a cross-lane max with indices per
-    # tile made this pass 1.7-2x a read of x on the H200).
+    # (strict >: a later tile never takes a tie; a NaN is above every number and the first
+    # NaN stays, as in PyTorch's max pools); reduced across lanes once at the end, not once
+    # per tile (a cross-lane max with indices per tile made this pass 1.7-2x a read of x on
+    # the H200).
     acc2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     best2 = tl.full((BLOCK_C, BLOCK_P), float("-inf"), dtype=tl.float32)
     besti2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.int32)
@@ -133,14 +157,14 @@ def _pool_hw_kernel(x_ptr, s_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLI
         if HAS_S:
             v = v * tl.load(s_ptr + b * P + offs_p, mask=mask_p, other=0.0)[None, :]
         acc2 += v
-        gt = m & (v > best2)
+        gt = m & ((v > best2) | ((v != v) & (best2 == best2)))  # a lane keeps its first NaN
         best2 = tl.where(gt, v, best2)
         besti2 = tl.where(gt, offs_p.to(tl.int32)[None, :], besti2)
     acc = tl.sum(acc2, axis=1)
-    best = tl.max(best2, axis=1)
-    # the first position of the max: the smallest index among the lanes that hold it (all
-    # lanes at -inf: index 0, as before)
-    besti = tl.min(tl.where(best2 == best[:, None], besti2, 2147483647), axis=1).to(tl.int64)
+    # the max and its first position: the smallest index among the lanes that hold it (a
+    # NaN first; all lanes at -inf: index 0, as before)
+    best, besti = _max_first(best2, besti2, 1)
+    besti = besti.to(tl.int64)
     besti = tl.where(best == float("-inf"), 0, besti)
     besti = tl.minimum(besti, P - 1)
     if FINAL:
@@ -178,10 +202,10 @@ def _pool_c_kernel(x_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLIT
             v = v * tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0)[:, None]
         acc += tl.sum(v, axis=0)
         vm = tl.where(m, v, float("-inf"))
-        tmax, targ = tl.max(vm, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        gt = tmax > best
+        tmax, targ = _max_first(vm, offs_c[:, None] + tl.zeros_like(offs_p)[None, :], 0)
+        gt = _ahead(tmax, targ, best, besti)
         best = tl.where(gt, tmax, best)
-        besti = tl.where(gt, c0 + targ.to(tl.int64), besti)
+        besti = tl.where(gt, targ, besti)
     besti = tl.minimum(besti, C - 1)
     if FINAL:
         tl.store(sum_ptr + b * P + offs_p, acc / C, mask=mask_p)
@@ -209,7 +233,7 @@ def _pool_combine_kernel(psum_ptr, pmax_ptr, pidx_ptr, mean_ptr, max_ptr, idx_pt
         acc += tl.load(psum_ptr + o, mask=mask, other=0.0)
         v = tl.load(pmax_ptr + o, mask=mask, other=float("-inf"))
         i = tl.load(pidx_ptr + o, mask=mask, other=0)
-        gt = v > best
+        gt = (v > best) | ((v != v) & (best == best))  # splits in order: the first NaN stays
         best = tl.where(gt, v, best)
         besti = tl.where(gt, i.to(tl.int64), besti)
     tl.store(mean_ptr + b * N + offs, acc / COUNT, mask=mask)
@@ -411,13 +435,12 @@ def _stencil_fwd_kernel(x_ptr, wt_ptr, out_ptr, psum_ptr, pmax_ptr, pidx_ptr, C,
                 acc += wv[:, None] * xv
                 if POOL and di == 0 and dj == 0:
                     vm = tl.where(mask_c[:, None] & mask_p[None, :], xv, float("-inf"))
-                    tmax, targ = tl.max(vm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                    gt = tmax > float("-inf")  # as _pool_hw_kernel: a block of no finite max keeps index 0
+                    tmax, targ = _max_first(vm, offs_p[None, :] + tl.zeros_like(offs_c)[:, None], 1)
+                    gt = tmax != float("-inf")  # as _pool_hw_kernel: a block of no max above -inf keeps index 0
                     o = (b * tl.num_programs(1) + pb) * C + offs_c
                     tl.store(psum_ptr + o, tl.sum(xv, axis=1), mask=mask_c)
-                    tl.store(pmax_ptr + o, tl.where(gt, tmax, float("-inf")), mask=mask_c)
-                    tl.store(pidx_ptr + o, tl.where(gt, pb * BLOCK_P + targ.to(tl.int64), 0).to(pidx_ptr.dtype.element_ty),
-                             mask=mask_c)
+                    tl.store(pmax_ptr + o, tmax, mask=mask_c)
+                    tl.store(pidx_ptr + o, tl.where(gt, targ, 0).to(pidx_ptr.dtype.element_ty), mask=mask_c)
     tl.store(out_ptr + b * P + offs_p, tl.sum(acc, axis=0), mask=mask_p)
 
 
@@ -487,7 +510,7 @@ def _mlp_act(h, TELU: tl.constexpr):
         th = _tanh_pos(u, tl.exp(-2.0 * u))
         return h * th, u, th
     else:
-        return tl.maximum(h, 0.0), h, h
+        return tl.where(h < 0.0, 0.0, h), h, h  # a NaN stays NaN, as torch.relu
 
 
 @triton.jit
@@ -495,7 +518,7 @@ def _mlp_act_grad(dt, h, u, th, TELU: tl.constexpr):
     if TELU:
         return dt * (th + h * u * (1.0 - th * th))
     else:
-        return tl.where(h > 0.0, dt, 0.0)
+        return tl.where(h <= 0.0, 0.0, dt)  # as torch.relu's backward
 
 
 @triton.jit

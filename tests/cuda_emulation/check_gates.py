@@ -93,6 +93,30 @@ if ONLY in (None, "maps"):  # pools, apply, reduce, grad_x
         xx = x.to(memory_format=torch.channels_last) if cl else x
         for e, c in zip(E.gates_pool_hw(xx, None), C.gates_pool_hw(xx, None)): close(e, c, f"-inf hw {cl}")
         for e, c in zip(E.gates_pool_c(xx, None), C.gates_pool_c(xx, None)): close(e, c, f"-inf c {cl}")
+    # NaN: the max at its first NaN, in both pools, every layout, split or not (SMS 1 and 64),
+    # with -inf and NaN mixed and rows of NaN only; with and without gates
+    for shape in [(2, 5, 7, 9), (1, 70, 3, 50), (2, 300, 2, 3)]:
+        for sms in ("1", "64"):
+            os.environ["DISSEG_EMU_SMS"] = sms
+            torch.manual_seed(1)
+            x = torch.randn(shape)
+            x[torch.rand(shape) < 0.02] = float("nan")
+            x[torch.rand(shape) < 0.02] = float("-inf")
+            x[0, 1] = float("nan")
+            x[-1, :, 0, 0] = float("nan")
+            G = torch.rand(shape[0], shape[1]) + 0.1
+            S = torch.rand(shape[0], shape[2], shape[3]) + 0.1
+            for cl in (False, True):
+                xx = x.contiguous(memory_format=torch.channels_last) if cl else x
+                for name, gate in (("gates_pool_hw", S), ("gates_pool_c", G)):
+                    for gg in (None, gate):
+                        for e, c, n in zip(getattr(E, name)(xx, gg), getattr(C, name)(xx, gg), "mean max idx".split()):
+                            if e.dtype == torch.long:
+                                close(e, c, f"nan {name} {n} {shape} cl={cl} sms={sms}")
+                            else:
+                                torch.testing.assert_close(e, c, atol=2e-5, rtol=2e-5, equal_nan=True,
+                                                           msg=lambda m: f"nan {name} {n} {shape} cl={cl} sms={sms}: {m}")
+    print("nan ok", round(time.time() - t0, 1))
     # empty
     x = torch.randn(2, 0, 3, 3)
     print([t.shape for t in E.gates_pool_hw(x, None)], [t.shape for t in E.gates_reduce(x, None, None, None)],
