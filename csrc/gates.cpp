@@ -87,17 +87,23 @@ _Pragma("omp simd reduction(min : first)")
   return n - 1;
 }
 
-// The running max of a pool, as PyTorch's max pools have it: a NaN is above every number
-// and the first NaN stays; otherwise strictly greater wins (the first of equal values stays,
-// the lanes being visited in index order).
-template <typename T>
-inline bool ahead(T v, T best) {
-  return v > best || (v != v && best == best);
+// A pool's NaN rule, as PyTorch's max pools have it: a NaN is above every number, at its
+// first index. The passes keep no NaN flag (one more lane array or reduction cost the
+// channels_last lane loop its vectorisation: 3x): a NaN makes the row's sum NaN, and only
+// then is the row searched for its first NaN (an inf − inf sum without one keeps the max).
+template <typename acc_t, typename Value>
+void first_nan(int64_t n, const Value& value, acc_t& best, int64_t& idx) {
+  const int64_t i = first_where(n, [&](int64_t p) { const acc_t v = value(p); return v != v; });
+  const acc_t v = value(i);
+  if (v != v) {
+    best = v;
+    idx = i;
+  }
 }
 
 // Mean, max and first arg-max of v[i] = x[i] · gate[i] (gate[i] = 1 without a gate) over one
-// unit-stride row of n values: a vectorised sum-and-max pass (with a NaN flag: the
-// reduction's max is unspecified for NaN), then first_where over the same products. A NaN
+// unit-stride row of n values: a vectorised sum-and-max pass, then first_where over the
+// same products (first_nan when the sum is NaN). A NaN
 // is the max, at its first index (as adaptive_max_pool2d and torch.max propagate it); a row
 // with no value above −inf answers −inf at index 0. Both the NCHW pool over H·W and the
 // channels_last pool over C are this row (long rows there, short ones here: 16 lanes of
@@ -107,21 +113,17 @@ template <bool kGate, typename scalar_t, typename acc_t>
 int64_t pool_row_with(const scalar_t* x, const acc_t* gate, int64_t n, acc_t& sum_out, acc_t& max_out) {
   const auto value = [&](int64_t i) { return kGate ? acc_t(x[i]) * gate[i] : acc_t(x[i]); };
   acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
-  int nan = 0;
-_Pragma("omp simd reduction(+ : sum) reduction(max : best) reduction(| : nan)")
+_Pragma("omp simd reduction(+ : sum) reduction(max : best)")
   for (int64_t i = 0; i < n; ++i) {
     const acc_t v = value(i);
     sum += v;
     best = v > best ? v : best;
-    nan |= static_cast<int>(v != v);
   }
   sum_out = sum;
-  if (nan) {
-    max_out = std::numeric_limits<acc_t>::quiet_NaN();
-    return first_where(n, [&](int64_t p) { const acc_t v = value(p); return v != v; });
-  }
+  int64_t idx = first_where(n, [&](int64_t p) { return value(p) == best; });
+  if (sum != sum) first_nan(n, value, best, idx);
   max_out = best;
-  return first_where(n, [&](int64_t p) { return value(p) == best; });
+  return idx;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -180,12 +182,17 @@ _Pragma("omp simd")
             for (int64_t c = 0; c < n; ++c) {
               acc_t v = acc_t(xr[c]) * s;
               su[c] += v;
-              const bool gt = ahead(v, be[c]);
+              const bool gt = v > be[c];
               be[c] = gt ? v : be[c];
               bx[c] = gt ? p : bx[c];
             }
           }
           for (int64_t c = 0; c < n; ++c) {  // a row of −inf only keeps index 0, as pool_row
+            if (su[c] != su[c]) {  // a NaN sum (rare): the max is the first NaN, if there is one
+              const scalar_t* xc = xp + b * g.sB + (c0 + c) * g.sC;
+              first_nan(g.P, [&](int64_t p) { return acc_t(xc[p * g.sP]) * (sp ? sp[b * g.P + p] : acc_t(1)); },
+                        be[c], bx[c]);
+            }
             mean_p[b * g.C + c0 + c] = su[c] * inv;
             max_p[b * g.C + c0 + c] = be[c];
             idx_p[b * g.C + c0 + c] = bx[c];
@@ -234,12 +241,17 @@ _Pragma("omp simd")
             for (int64_t p = 0; p < n; ++p) {
               acc_t v = acc_t(xr[p]) * w;
               su[p] += v;
-              const bool gt = ahead(v, be[p]);
+              const bool gt = v > be[p];
               be[p] = gt ? v : be[p];
               bx[p] = gt ? c : bx[p];
             }
           }
           for (int64_t p = 0; p < n; ++p) {  // a row of −inf only keeps index 0, as pool_row
+            if (su[p] != su[p]) {  // a NaN sum (rare): the max is the first NaN, if there is one
+              const scalar_t* xq = xp + b * g.sB + p0 + p;
+              first_nan(g.C, [&](int64_t c) { return acc_t(xq[c * g.sC]) * (gp ? gp[b * g.C + c] : acc_t(1)); },
+                        be[p], bx[p]);
+            }
             mean_p[b * g.P + p0 + p] = su[p] * inv;
             max_p[b * g.P + p0 + p] = be[p];
             idx_p[b * g.P + p0 + p] = bx[p];

@@ -1225,6 +1225,19 @@ def test_cpu_pool_ops_first_argmax(channels_last, dtype):
     assert idx.tolist() == [[1, 1]] and mx.isnan().all()
     _, mx, idx = torch.ops.disseg.gates_pool_c(xn, None)
     assert int(idx[0, 40]) == 0 and mx[0, 0] == float("-inf") and int(idx[0, 0]) == 0 and mx[0, 1:].isnan().all()
+    # inf and -inf without a NaN: the sum is NaN, the max +inf at its first index
+    xi = torch.zeros(1, 3, 4, 4, dtype=dtype)
+    xi[0, :, 1, 1], xi[0, :, 2, 2], xi[0, :, 3, 0] = float("-inf"), float("inf"), float("inf")
+    if channels_last:
+        xi = xi.contiguous(memory_format=torch.channels_last)
+    _, mx, idx = torch.ops.disseg.gates_pool_hw(xi, None)
+    assert (mx == float("inf")).all() and (idx == 10).all()
+    xc = torch.zeros(1, 3, 2, 2, dtype=dtype)
+    xc[0, 0, 0, 1], xc[0, 1, 0, 1], xc[0, 2, 0, 1] = float("-inf"), float("inf"), float("inf")
+    if channels_last:
+        xc = xc.contiguous(memory_format=torch.channels_last)
+    _, mx, idx = torch.ops.disseg.gates_pool_c(xc, None)
+    assert mx[0, 1] == float("inf") and int(idx[0, 1]) == 1
 
 
 @pytest.mark.skipif("cpu" not in GATE_BACKENDS, reason="C++ gate kernels unavailable")

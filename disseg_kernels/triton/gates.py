@@ -202,7 +202,16 @@ def _pool_c_kernel(x_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLIT
             v = v * tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0)[:, None]
         acc += tl.sum(v, axis=0)
         vm = tl.where(m, v, float("-inf"))
-        tmax, targ = _max_first(vm, offs_c[:, None] + tl.zeros_like(offs_p)[None, :], 0)
+        # the tile's max and first index over its numbers, and its first NaN, which wins: one
+        # more reduction per tile than before NaN was propagated (tl.max is not given the NaNs:
+        # what it does with them is not specified, and the interpreter's nanargmax raises)
+        isn = vm != vm
+        tmax, targ = tl.max(tl.where(isn, float("-inf"), vm), axis=0, return_indices=True,
+                            return_indices_tie_break_left=True)
+        nan_c = tl.min(tl.where(isn, offs_c[:, None], C), axis=0)
+        tnan = nan_c < C
+        tmax = tl.where(tnan, float("nan"), tmax)
+        targ = tl.where(tnan, nan_c, c0 + targ.to(tl.int64))
         gt = _ahead(tmax, targ, best, besti)
         best = tl.where(gt, tmax, best)
         besti = tl.where(gt, targ, besti)

@@ -102,6 +102,7 @@ if ONLY in (None, "maps"):  # pools, apply, reduce, grad_x
             x = torch.randn(shape)
             x[torch.rand(shape) < 0.02] = float("nan")
             x[torch.rand(shape) < 0.02] = float("-inf")
+            x[torch.rand(shape) < 0.01] = float("inf")  # inf − inf: a NaN sum without a NaN
             x[0, 1] = float("nan")
             x[-1, :, 0, 0] = float("nan")
             G = torch.rand(shape[0], shape[1]) + 0.1
