@@ -139,6 +139,7 @@ def dispersive_loss_with_bank(
         variant, tau, margin, diagonal, scale_by_dim: as in ``dispersive_loss``;
             ``covariance`` is not a pair loss and is rejected.
         tile: rows/columns per tile of the reference row statistics.
+        check_finite: reject NaN/inf in z and in the bank's rows (a device sync).
         backend: of the row statistics (``_row_stats``): ``"auto"`` (C++ on CPU, Triton
             on CUDA), ``"cpu"``, ``"triton"`` or ``"reference"`` (PyTorch tiles); an
             unavailable one raises ``BackendUnavailable``.
@@ -153,6 +154,9 @@ def dispersive_loss_with_bank(
     bank_rows = _check_bank(bank, flat.shape[1], z)
     if bank_rows is not None and bank_rows.shape[0] == 0:
         bank_rows = None
+    if check_finite and bank_rows is not None and not torch.isfinite(bank_rows).all():
+        raise ValueError("the bank holds a non-finite value (NaN or inf); check_finite=True rejects it "
+                         "(its rows are earlier batches' z: the loss went non-finite before this step)")
     opts = dict(variant=variant, tau=float(tau), margin=float(margin), include_diagonal=diagonal == "include",
                 scale_by_dim=scale_by_dim, ring=False, covariance_mode="auto", tile=tile, backend=chosen)
     need_grad = torch.is_grad_enabled() and z.requires_grad

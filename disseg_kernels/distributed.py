@@ -642,7 +642,7 @@ def distributed_dispersive_loss(
             or ``"auto"`` (D×D when 2·D ≤ N).
         tile: rows/columns per tile of the reference row statistics (the fused kernels
             choose their own).
-        check_finite: reject NaN/inf in z.
+        check_finite: reject NaN/inf in z and in the bank's rows (on any rank).
         backend: of the row statistics: ``"auto"`` (the fused kernel of z's device:
             C++ on CPU, Triton on CUDA), ``"cpu"``, ``"triton"`` or ``"reference"``
             (PyTorch tiles). An unavailable one raises ``BackendUnavailable``.
@@ -655,17 +655,23 @@ def distributed_dispersive_loss(
     _check_common(variant, ring, covariance_mode, tile, bank)
     chosen = _resolve_backend(backend, z.device)
     comm = _Comm(group)
+    flat = _flat(z)
+    bank_rows = _check_bank(bank, flat.shape[1], z)
     if check_finite:
         # agreed by every rank, so that all raise together instead of leaving the others
-        # waiting in a collective
-        ok = comm.all_reduce(torch.isfinite(z).all().to(torch.float32).reshape(1),
-                             op=dist.ReduceOp.MIN if comm.active else None, name="all_reduce(check)")
+        # waiting in a collective: z's rows, then the bank's (earlier batches' z)
+        local = torch.stack([torch.isfinite(z).all(),
+                             torch.isfinite(bank_rows).all() if bank_rows is not None else torch.ones((), dtype=torch.bool,
+                                                                                                    device=z.device)])
+        ok = comm.all_reduce(local.to(torch.float32), op=dist.ReduceOp.MIN if comm.active else None,
+                             name="all_reduce(check)")
         if float(ok[0]) == 0.0:
             raise ValueError(
                 "z holds a non-finite value (NaN or inf) on at least one rank; check_finite=True rejects it"
             )
-    flat = _flat(z)
-    bank_rows = _check_bank(bank, flat.shape[1], z)
+        if float(ok[1]) == 0.0:
+            raise ValueError("the bank holds a non-finite value (NaN or inf) on at least one rank; "
+                             "check_finite=True rejects it")
     opts = dict(variant=variant, tau=float(tau), margin=float(margin), include_diagonal=diagonal == "include",
                 scale_by_dim=scale_by_dim, ring=ring, covariance_mode=covariance_mode, tile=tile, backend=chosen)
     grad_scale = float(comm.world) if ddp_scale else 1.0

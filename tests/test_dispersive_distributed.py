@@ -569,3 +569,25 @@ def test_row_stats_contract(variant, self_offset, include_diagonal, backend):
             else:
                 assert torch.allclose(stats.m + stats.s.log(), lse, rtol=1e-12, atol=1e-12)
                 assert torch.allclose(stats.acc / stats.s[:, None], acc_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_bank_check_finite_looks_at_the_bank_too():
+    """check_finite=True rejected a NaN in z only; a NaN bank row (an earlier batch's z)
+    gave a NaN loss silently. Without check_finite it still runs (and is NaN)."""
+    z = torch.randn(4, 3)
+    bank = torch.randn(5, 3)
+    bank[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="the bank holds a non-finite value"):
+        dispersive_loss_with_bank(z, bank, check_finite=True)
+    assert dispersive_loss_with_bank(z, bank).isnan()
+    assert dispersive_loss_with_bank(z, bank[:2], check_finite=True).isfinite()
+
+
+def test_distributed_check_finite_looks_at_the_bank_too():
+    """The same rule in the distributed loss (one process, no group)."""
+    z = torch.randn(4, 3)
+    bank = torch.randn(5, 3)
+    bank[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="the bank holds a non-finite value"):
+        distributed_dispersive_loss(z, bank=bank, check_finite=True)
+    assert distributed_dispersive_loss(z, bank=bank[1:], check_finite=True).isfinite()
