@@ -1613,3 +1613,29 @@ def test_triton_pools_take_the_first_nan_through_splits(monkeypatch, channels_la
     y[0, 1] = float("-inf")
     _, mx, idx = tg.pool_hw(y.to(memory_format=torch.channels_last) if channels_last else y, None)
     assert mx[0, 1] == float("-inf") and int(idx[0, 1]) == 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_gpu_nan_spreads_as_in_the_plain_module(backend, name, channels_last):
+    """test_nan_spreads_as_in_the_plain_module on CUDA tensors, for the CUDA and the Triton
+    kernels (the CUDA pools' NaN order is otherwise checked only by the emulator)."""
+    if _backend.unavailable_reason("gates", backend, torch.device("cuda")):
+        pytest.skip(_backend.unavailable_reason("gates", backend, torch.device("cuda")))
+    torch.manual_seed(0)
+    module = MODULES[name](16, backend=backend).cuda()
+    x = torch.randn(3, 16, 40, 36, device="cuda")
+    x[0, 3, 2, 4] = float("nan")
+    x[1, 5, 0, 0] = x[1, 6, 30, 20] = float("nan")
+    x[2, 1, 3, 3] = float("-inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = _set_fused(module, True)(x)
+        yr = _set_fused(module, False)(x)
+    assert y.isnan().any()
+    assert torch.equal(y.isnan(), yr.isnan())
+    finite = ~yr.isnan()
+    torch.testing.assert_close(y[finite], yr[finite], atol=1e-4, rtol=1e-4)
