@@ -163,8 +163,8 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// (sum, max, first arg-max) running statistics, in PyTorch's max-pool order as on the CPU:
-// a NaN is above every number and the first NaN (smallest index) stays; otherwise the
+// (sum, max, first arg-max) running statistics, in the CPU's order: a NaN is above every
+// number (as PyTorch's max pools have it) and the first NaN (smallest index) stays; otherwise the
 // greater value, then the smaller index. An all −inf row keeps its first index.
 template <typename T>
 __device__ __forceinline__ bool ahead(T v, int64_t i, T best, int64_t arg) {

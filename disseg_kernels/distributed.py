@@ -333,8 +333,9 @@ class _Comm:
                 f"z must have the same number of features on every rank; got D = {dims} "
                 f"(this rank: z of {n} rows × {dim} features)"
             )
-        dtypes = [_DTYPES[int(o[2])] if 0 <= int(o[2]) < len(_DTYPES) else int(o[2]) for o in outs]
-        if any(d != dtype for d in dtypes):
+        codes = [int(o[2]) for o in outs]
+        if any(c != _dtype_code(dtype) for c in codes):
+            dtypes = [_DTYPES[c] if 0 <= c < len(_DTYPES) else f"code {c}" for c in codes]
             raise ValueError(
                 f"z must have the same dtype on every rank; got {[str(d).replace('torch.', '') for d in dtypes]} "
                 f"(rank by rank; this rank: {dtype})"
@@ -393,11 +394,14 @@ class _Comm:
 # The global loss
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Every floating dtype of this torch, in a fixed order (the ranks run the same torch): the
+# dtype check of the shape all-gather sends an index into it.
+_DTYPES = tuple(sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype) and d.is_floating_point},
+                       key=str))
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
-    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
 
 
 def _compute_dtype(dtype):

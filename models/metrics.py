@@ -122,7 +122,8 @@ def image_metrics(pred: torch.Tensor, gt: torch.Tensor, empty_policy: str = "nan
                   with_hd95: bool = True) -> dict[str, float]:
     """Metrics of one binary (H, W) prediction against its binary (H, W) mask.
 
-    Each may also be (1, H, W) or (1, 1, H, W), and bool or 0/1 numbers; anything else (a
+    Each may also be (1, H, W) or (1, 1, H, W) (not (H, W, 1)), and bool or 0/1 numbers of
+    any dtype; anything else (a
     probability map, logits, a 0/255 mask) is a ValueError naming it, because ``bool()``
     would count every non-zero value as foreground. ``batch_metrics`` takes logits."""
     if empty_policy not in EMPTY_POLICIES:
@@ -157,12 +158,11 @@ def _binary_2d(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.ndim != 2:
         raise ValueError(f"{name} must be an (H, W) mask (or (1, H, W), (1, 1, H, W)), got shape {shape}")
     if t.dtype != torch.bool:
-        if t.is_floating_point() or t.is_complex() or t.dtype.is_signed or t.dtype == torch.uint8:
-            bad = (t != 0) & (t != 1)
-            if bool(bad.any()):
-                v = t[bad].flatten()[0].item()
-                raise ValueError(f"{name} must be binary (bool or 0/1), got the value {v!r}: threshold "
-                                 f"probabilities or logits first (batch_metrics takes logits)")
+        bad = (t != 0) & (t != 1)
+        if bool(bad.any()):
+            v = t[bad].flatten()[0].item()
+            raise ValueError(f"{name} must be binary (bool or 0/1), got the value {v!r}: threshold "
+                             f"probabilities or logits first (batch_metrics takes logits)")
         t = t != 0
     return t
 

@@ -118,7 +118,9 @@ def test_reference_dispersive_refuses_what_cannot_fit(monkeypatch):
     from models import DispersiveConfig, MedDisSegStage1
 
     z = torch.empty(131072, 64)
-    with pytest.raises(MemoryError, match=r"N = 131072 needs at least 275 GB \(4·N² values of 4 bytes\)"):
+    monkeypatch.setattr(ops_dispersive, "_device_memory_bytes", lambda device: 64 * 2**30)  # any host
+    with pytest.raises(MemoryError, match=r"N = 131072 needs at least 275 GB \(4·N² values of 4 bytes\), more "
+                                          r"than this cpu device's 68.7 GB"):
         dk.dispersive_loss(z, backend="reference")
     monkeypatch.setattr(ops_dispersive, "_device_memory_bytes", lambda device: 1_000_000)
     small = torch.randn(200, 3, requires_grad=True)  # 4·200²·4 = 640 kB: fits
@@ -190,7 +192,7 @@ def test_window_attention_promotes_mixed_dtypes(backend):
 def test_integer_like_arguments_and_container_types():
     """NumPy integers and 0-d integer tensors are integers (F.unfold / F.interpolate take
     them; the message used to say "must be an odd int, got np.int64(3)"); one tensor where
-    a list belongs is named as such (it was reported as tensors[0] of the wrong rank)."""
+    a sequence belongs is named as such (it was reported as tensors[0] of the wrong rank)."""
     np = pytest.importorskip("numpy")
     v, logits = torch.randn(1, 4, 5, 6), torch.randn(1, 2, 30, 9, 9)
     torch.testing.assert_close(dk.window_attention(v, logits, np.int64(3)), dk.window_attention(v, logits, 3))
@@ -199,7 +201,11 @@ def test_integer_like_arguments_and_container_types():
         dk.window_attention(v, logits, 3.0)
     a, b = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)
     torch.testing.assert_close(dk.multiscale_concat([a, b], [1, np.int64(2)]), dk.multiscale_concat([a, b], [1, 2]))
-    with pytest.raises(TypeError, match="tensors must be a list or tuple of .* got Tensor"):
+    with pytest.raises(TypeError, match=r"tensors must be a sequence of \(B, C, H, W\) tensors, got one Tensor"):
         dk.multiscale_concat(a, [1])
+    # any sequence or iterable still works (a range, a generator, a NumPy array of scales)
+    want = dk.multiscale_concat([a, b], [1, 2])
+    torch.testing.assert_close(dk.multiscale_concat((t for t in (a, b)), range(1, 3)), want)
+    torch.testing.assert_close(dk.multiscale_concat([a, b], np.array([1, 2])), want)
     with pytest.raises(ValueError, match=r"scales\[1\] must be an integer ≥ 1, got 2.0"):
         dk.multiscale_concat([a, b], [1, 2.0])

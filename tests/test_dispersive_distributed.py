@@ -591,3 +591,16 @@ def test_distributed_check_finite_looks_at_the_bank_too():
     with pytest.raises(ValueError, match="the bank holds a non-finite value"):
         distributed_dispersive_loss(z, bank=bank, check_finite=True)
     assert distributed_dispersive_loss(z, bank=bank[1:], check_finite=True).isfinite()
+
+
+def test_dtype_codes_name_every_floating_dtype():
+    """The cross-rank dtype check sends an index per dtype: every floating dtype of this
+    torch has its own (an earlier table of four sent one shared code for the rest, so two
+    ranks agreeing on float8 were told they differ)."""
+    from disseg_kernels.distributed import _DTYPES, _dtype_code
+
+    floats = {d for d in vars(torch).values() if isinstance(d, torch.dtype) and d.is_floating_point}
+    assert set(_DTYPES) == floats
+    assert sorted(_dtype_code(d) for d in floats) == list(range(len(floats)))
+    assert _dtype_code(torch.float8_e4m3fn) != _dtype_code(torch.float8_e5m2)
+    assert _dtype_code(torch.int64) == -1

@@ -1187,8 +1187,8 @@ def test_cpu_pool_ops_first_argmax(channels_last, dtype):
     """csrc/gates.cpp's pools over H·W and over C: mean, max and the *first* arg-max, on
     integer-valued maps full of ties, with H·W = 221 and C = 150 (the arg-max search runs
     in 64-wide chunks: the first maximum sits in a later chunk for some rows), with and
-    without a gate; a row with a NaN answers NaN at its first NaN (PyTorch's max pools
-    propagate NaN), a row of -inf only -inf at index 0, in both pools and both layouts."""
+    without a gate; a row with a NaN answers NaN (PyTorch's max pools propagate NaN) at its
+    first NaN (as torch.max; adaptive_max_pool2d gives the last), a row of -inf only -inf at index 0, in both pools and both layouts."""
     torch.manual_seed(13)
     b, c, h, w = 2, 150, 13, 17
     x = torch.randint(-3, 3, (b, c, h, w)).to(dtype)
@@ -1542,10 +1542,11 @@ def test_cuda_stencil_ops_match_cpu(layout, dtype):
 @pytest.mark.parametrize("name", sorted(MODULES))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_nan_spreads_as_in_the_plain_module(backend, name, channels_last):
-    """A NaN in x reaches the same outputs as through the plain formula: the max pools
-    propagate it (as adaptive_max_pool2d and torch.max do) and the channel MLP's ReLU keeps
-    it (as torch.relu does). Until 2026-11-28 the fused pools skipped NaN and the ReLU made
-    it 0, so a NaN pixel spread less far with fused=True (the README said so)."""
+    """A NaN in x reaches the same outputs as through the plain formula. What this decides
+    is the channel MLP's ReLU, which now keeps a NaN (as torch.relu does; it made it 0, so
+    a NaN pixel spread less far with fused=True). The max pools' NaN rule cannot show here
+    (the mean pools carry the NaN into the same gates): test_cpu_pools_take_the_first_nan
+    and the Triton/CUDA pool tests check it."""
     torch.manual_seed(0)
     module = MODULES[name](16, backend=backend)
     x = torch.randn(3, 16, 7, 9)
@@ -1563,26 +1564,35 @@ def test_nan_spreads_as_in_the_plain_module(backend, name, channels_last):
     torch.testing.assert_close(y[finite], yr[finite], atol=1e-5, rtol=1e-5)
 
 
-@requires_cpu_ext
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_cpu_pools_take_the_first_nan(channels_last):
-    """gates_pool_hw / gates_pool_c: a NaN is the max at its first index; a row of -inf
-    only answers -inf at index 0; with or without a gate."""
+def _check_pools_take_the_first_nan(pool_hw, pool_c, device, channels_last):
+    """pool_hw / pool_c: a NaN is the max at its first index; a row of -inf only answers
+    -inf at index 0; with or without a gate."""
     x = torch.randn(2, 4, 3, 5)
     x[0, 1, 1, 2] = x[0, 1, 2, 0] = float("nan")  # pool over H·W of (0, 1): first NaN at 7
     x[1, 2] = float("-inf")  # (1, 2) all -inf
     x[1, 0, 2, 4] = x[1, 3, 2, 4] = float("nan")  # pool over C of pixel 14 of sample 1: first NaN at c = 0
+    x = x.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    for gate in (None, torch.rand(2, 15) + 0.5):
-        _, mx, idx = torch.ops.disseg.gates_pool_hw(x, gate)
+    for gate in (None, torch.rand(2, 15, device=device) + 0.5):
+        _, mx, idx = pool_hw(x, gate)
+        mx, idx = mx.cpu(), idx.cpu()
         assert mx[0, 1].isnan() and idx[0, 1] == 7
         assert mx[1, 2] == float("-inf") and idx[1, 2] == 0
         assert torch.equal(mx.isnan(), torch.tensor([[False, True, False, False], [True, False, False, True]]))
-    _, mx, idx = torch.ops.disseg.gates_pool_c(x, torch.rand(2, 4) + 0.5)
+    _, mx, idx = pool_c(x, torch.rand(2, 4, device=device) + 0.5)
+    mx, idx = mx.cpu(), idx.cpu()
     assert mx[1, 14].isnan() and idx[1, 14] == 0
     assert mx[0, 7].isnan() and idx[0, 7] == 1
     assert int(mx.isnan().sum()) == 3
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_cpu_pools_take_the_first_nan(channels_last):
+    """csrc/gates.cpp's gates_pool_hw / gates_pool_c (the NaN-skipping pools failed it)."""
+    _check_pools_take_the_first_nan(torch.ops.disseg.gates_pool_hw, torch.ops.disseg.gates_pool_c, "cpu",
+                                    channels_last)
 
 
 @pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
@@ -1621,7 +1631,7 @@ def test_triton_pools_take_the_first_nan_through_splits(monkeypatch, channels_la
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_gpu_nan_spreads_as_in_the_plain_module(backend, name, channels_last):
     """test_nan_spreads_as_in_the_plain_module on CUDA tensors, for the CUDA and the Triton
-    kernels (the CUDA pools' NaN order is otherwise checked only by the emulator)."""
+    kernels (the channel MLP's ReLU; the pools' NaN rule: test_gpu_pools_take_the_first_nan)."""
     if _backend.unavailable_reason("gates", backend, torch.device("cuda")):
         pytest.skip(_backend.unavailable_reason("gates", backend, torch.device("cuda")))
     torch.manual_seed(0)
@@ -1639,3 +1649,20 @@ def test_gpu_nan_spreads_as_in_the_plain_module(backend, name, channels_last):
     assert torch.equal(y.isnan(), yr.isnan())
     finite = ~yr.isnan()
     torch.testing.assert_close(y[finite], yr[finite], atol=1e-4, rtol=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_gpu_pools_take_the_first_nan(backend, channels_last):
+    """The CUDA kernels' pools (take/merge order) and the Triton pools on CUDA tensors: the
+    CPU test's cases (the emulator checks the CUDA order on the CPU too)."""
+    if _backend.unavailable_reason("gates", backend, torch.device("cuda")):
+        pytest.skip(_backend.unavailable_reason("gates", backend, torch.device("cuda")))
+    if backend == "cuda":
+        pools = (torch.ops.disseg.gates_pool_hw, torch.ops.disseg.gates_pool_c)
+    else:
+        from disseg_kernels.triton import gates as tg
+
+        pools = (tg.pool_hw, tg.pool_c)
+    _check_pools_take_the_first_nan(*pools, "cuda", channels_last)

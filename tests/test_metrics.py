@@ -206,8 +206,9 @@ def test_metric_inputs_are_checked():
     gt[1:3, 1:3] = 1
     with pytest.raises(ValueError, match=r"pred must be binary \(bool or 0/1\), got the value 0.1"):
         image_metrics(gt * 0.8 + 0.1, gt)
-    with pytest.raises(ValueError, match="gt must be binary .* got the value 255"):
-        image_metrics(gt.bool(), (gt * 255).to(torch.uint8))
+    for dtype in (torch.uint8, torch.int32, torch.uint16):
+        with pytest.raises(ValueError, match="gt must be binary .* got the value 255"):
+            image_metrics(gt.bool(), (gt * 255).to(dtype))
     assert image_metrics(gt[None, None], gt.to(torch.uint8), with_hd95=False)["dice"] == 1.0
     row = torch.tensor([[0, 1, 1]])
     assert image_metrics(row, row, with_hd95=False)["iou"] == 1.0  # 1×W stays (1, W)

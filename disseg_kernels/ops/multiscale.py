@@ -54,10 +54,8 @@ def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], ba
         (B, ΣCᵢ, H, W), in the inputs' promoted dtype (as ``torch.cat``: a bf16 map from
         an autocast convolution next to a float32 skip gives float32).
     """
-    if not isinstance(tensors, (list, tuple)):
-        raise TypeError(f"tensors must be a list or tuple of (B, C, H, W) tensors, got {type(tensors).__name__}")
-    if not isinstance(scales, (list, tuple)):
-        raise TypeError(f"scales must be a list or tuple of integers, got {type(scales).__name__}")
+    if isinstance(tensors, torch.Tensor):  # iterating it would give its batch entries
+        raise TypeError("tensors must be a sequence of (B, C, H, W) tensors, got one Tensor (wrap it: [t])")
     tensors = list(tensors)
     scales = [as_int(s) for s in scales]
     _validate(tensors, scales)

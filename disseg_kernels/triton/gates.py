@@ -108,8 +108,8 @@ def _split(n_out_programs: int, length: int, block: int, target: int) -> tuple[i
 
 @triton.jit
 def _ahead(v, i, best, besti):
-    # The pools' order, as PyTorch's max pools have it: a NaN is above every number and
-    # the first NaN (smallest index) wins; otherwise greater, then the smaller index.
+    # The pools' order, as on the CPU: a NaN is above every number (as PyTorch's max pools
+    # have it) and the first NaN (smallest index) wins; otherwise greater, then the smaller index.
     v_nan = v != v
     b_nan = best != best
     return (v_nan & (~b_nan | (i < besti))) | (~v_nan & ~b_nan & ((v > best) | ((v == best) & (i < besti))))
@@ -142,7 +142,7 @@ def _pool_hw_kernel(x_ptr, s_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLI
     p_hi = tl.minimum(p_lo + CHUNK, P)
     # Per lane (element of the tile) across the tiles: sum, max and where it first occurred
     # (strict >: a later tile never takes a tie; a NaN is above every number and the first
-    # NaN stays, as in PyTorch's max pools); reduced across lanes once at the end, not once
+    # NaN stays, as on the CPU); reduced across lanes once at the end, not once
     # per tile (a cross-lane max with indices per tile made this pass 1.7-2x a read of x on
     # the H200).
     acc2 = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
