@@ -89,6 +89,13 @@ class SegOutput(NamedTuple):
     disp_loss: Optional[torch.Tensor] = None
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): off
+        return False
+
+
 def check_input(x: torch.Tensor, training: bool = False, param_dtype: torch.dtype | None = None) -> None:
     """Raise ValueError unless x is (B, 3, H, W) with B ≥ 1 and H, W positive multiples of
     16; in training mode BatchNorm also needs more than one value per channel at stride 16
@@ -106,8 +113,7 @@ def check_input(x: torch.Tensor, training: bool = False, param_dtype: torch.dtyp
         )
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if (param_dtype is not None and x.dtype != param_dtype
-            and not torch.is_autocast_enabled(x.device.type)):
+    if param_dtype is not None and x.dtype != param_dtype and not _autocast_on(x.device.type):
         raise TypeError(
             f"x has dtype {x.dtype} but the model's parameters are {param_dtype}: convert one "
             f"(x.to({param_dtype}) or model.to({x.dtype})), or run under torch.autocast"
