@@ -1547,12 +1547,18 @@ def test_nan_spreads_as_in_the_plain_module(backend, name, channels_last):
     a NaN pixel spread less far with fused=True). The max pools' NaN rule cannot show here
     (the mean pools carry the NaN into the same gates): test_cpu_pools_take_the_first_nan
     and the Triton/CUDA pool tests check it."""
+    _check_nan_spreads(MODULES[name](16, backend=backend), (7, 9), "cpu", channels_last, tol=1e-5)
+
+
+def _check_nan_spreads(module, hw, device, channels_last, tol):
+    """NaN at a few pixels (two at one pixel), -inf at one: the fused and plain outputs have
+    the same NaNs and agree elsewhere."""
     torch.manual_seed(0)
-    module = MODULES[name](16, backend=backend)
-    x = torch.randn(3, 16, 7, 9)
+    x = torch.randn(3, 16, *hw)
     x[0, 3, 2, 4] = float("nan")
     x[1, 5, 0, 0] = x[1, 6, 0, 0] = float("nan")
     x[2, 1, 3, 3] = float("-inf")  # -inf without NaN: no NaN from the pools either way
+    x = x.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -1561,7 +1567,7 @@ def test_nan_spreads_as_in_the_plain_module(backend, name, channels_last):
     assert y.isnan().any()
     assert torch.equal(y.isnan(), yr.isnan())
     finite = ~yr.isnan()
-    torch.testing.assert_close(y[finite], yr[finite], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y[finite], yr[finite], atol=tol, rtol=tol)
 
 
 def _check_pools_take_the_first_nan(pool_hw, pool_c, device, channels_last):
@@ -1629,26 +1635,12 @@ def test_triton_pools_take_the_first_nan_through_splits(monkeypatch, channels_la
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("name", sorted(MODULES))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_gpu_nan_spreads_as_in_the_plain_module(backend, name, channels_last):
+def test_gpu_nan_spreads_as_in_the_plain_module(_no_tf32, backend, name, channels_last):
     """test_nan_spreads_as_in_the_plain_module on CUDA tensors, for the CUDA and the Triton
     kernels (the channel MLP's ReLU; the pools' NaN rule: test_gpu_pools_take_the_first_nan)."""
     if _backend.unavailable_reason("gates", backend, torch.device("cuda")):
         pytest.skip(_backend.unavailable_reason("gates", backend, torch.device("cuda")))
-    torch.manual_seed(0)
-    module = MODULES[name](16, backend=backend).cuda()
-    x = torch.randn(3, 16, 40, 36, device="cuda")
-    x[0, 3, 2, 4] = float("nan")
-    x[1, 5, 0, 0] = x[1, 6, 30, 20] = float("nan")
-    x[2, 1, 3, 3] = float("-inf")
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        y = _set_fused(module, True)(x)
-        yr = _set_fused(module, False)(x)
-    assert y.isnan().any()
-    assert torch.equal(y.isnan(), yr.isnan())
-    finite = ~yr.isnan()
-    torch.testing.assert_close(y[finite], yr[finite], atol=1e-4, rtol=1e-4)
+    _check_nan_spreads(MODULES[name](16, backend=backend).cuda(), (40, 36), "cuda", channels_last, tol=1e-4)
 
 
 @requires_cuda
