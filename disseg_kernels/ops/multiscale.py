@@ -59,8 +59,9 @@ def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], ba
     tensors = list(tensors)
     scales = [as_int(s) for s in scales]
     _validate(tensors, scales)
-    common = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    tensors = [t if t.dtype == common else t.to(common) for t in tensors]
+    if any(t.dtype != tensors[0].dtype for t in tensors):  # (promote_types is an aten call: only then)
+        common = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+        tensors = [t if t.dtype == common else t.to(common) for t in tensors]
     chosen = _backend.resolve("multiscale", backend, tensors[0].device.type, tensors[0].dtype)
     if chosen == "reference":
         return multiscale_concat_reference(tensors, scales)
