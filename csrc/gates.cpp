@@ -88,9 +88,10 @@ _Pragma("omp simd reduction(min : first)")
 }
 
 // A pool's NaN rule: a NaN is above every number (PyTorch's max pools and torch.max agree),
-// at its first index (as torch.max; adaptive_max_pool2d answers the last NaN). The passes keep no NaN flag (one more lane array or reduction cost the
-// channels_last lane loop its vectorisation: 3x): a NaN makes the row's sum NaN, and only
-// then is the row searched for its first NaN (an inf − inf sum without one keeps the max).
+// at its first index (as torch.max; adaptive_max_pool2d answers the last NaN). The passes
+// keep no NaN flag (one more lane array or reduction cost the channels_last lane loop its
+// vectorisation: 3x): a NaN makes the row's sum NaN, and only then is the row searched for
+// its first NaN (an inf − inf sum without one keeps the max).
 template <typename acc_t, typename Value>
 void first_nan(int64_t n, const Value& value, acc_t& best, int64_t& idx) {
   const int64_t i = first_where(n, [&](int64_t p) { const acc_t v = value(p); return v != v; });
@@ -103,9 +104,8 @@ void first_nan(int64_t n, const Value& value, acc_t& best, int64_t& idx) {
 
 // Mean, max and first arg-max of v[i] = x[i] · gate[i] (gate[i] = 1 without a gate) over one
 // unit-stride row of n values: a vectorised sum-and-max pass, then first_where over the
-// same products (first_nan when the sum is NaN). A NaN
-// is the max, at its first index (PyTorch propagates it too; first_nan); a row
-// with no value above −inf answers −inf at index 0. Both the NCHW pool over H·W and the
+// same products (first_nan when the sum is NaN). A NaN is the max, at its first index; a
+// row with no value above −inf answers −inf at index 0. Both the NCHW pool over H·W and the
 // channels_last pool over C are this row (long rows there, short ones here: 16 lanes of
 // arg-max kept through the pass cost 2.5-4x more at C = 64, most of it in merging the
 // lanes per pixel).

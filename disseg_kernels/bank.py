@@ -31,6 +31,7 @@ import torch
 from .distributed import (
     _Comm,
     _check_bank,
+    _check_finite,
     _check_common,
     _flat,
     _GlobalDispersive,
@@ -147,16 +148,15 @@ def dispersive_loss_with_bank(
     Returns:
         0-d tensor (z's dtype; float32 for half inputs).
     """
-    _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite)
+    _validate(z, variant, tau, margin, diagonal, scale_by_dim, False)
     _check_common(variant, False, "auto", tile, bank)
     chosen = _resolve_backend(backend, z.device)
     flat = _flat(z)
     bank_rows = _check_bank(bank, flat.shape[1], z)
     if bank_rows is not None and bank_rows.shape[0] == 0:
         bank_rows = None
-    if check_finite and bank_rows is not None and not torch.isfinite(bank_rows).all():
-        raise ValueError("the bank holds a non-finite value (NaN or inf); check_finite=True rejects it "
-                         "(its rows are earlier batches' z: the loss went non-finite before this step)")
+    if check_finite:
+        _check_finite(z, bank_rows, _LOCAL)
     opts = dict(variant=variant, tau=float(tau), margin=float(margin), include_diagonal=diagonal == "include",
                 scale_by_dim=scale_by_dim, ring=False, covariance_mode="auto", tile=tile, backend=chosen)
     need_grad = torch.is_grad_enabled() and z.requires_grad

@@ -404,6 +404,20 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return _DTYPES.index(dtype) if dtype in _DTYPES else -1
 
 
+def _check_finite(z: torch.Tensor, bank_rows: torch.Tensor | None, comm: _Comm) -> None:
+    """check_finite=True: a ValueError when z or the bank's rows (earlier batches' z) hold
+    NaN or inf, agreed by every rank (one all-reduce), so that all raise together instead of
+    leaving the others waiting in a collective."""
+    ok = torch.stack([torch.isfinite(z).all(),
+                      torch.isfinite(bank_rows).all() if bank_rows is not None else z.new_ones((), dtype=torch.bool)])
+    ok = comm.all_reduce(ok.to(torch.float32), op=dist.ReduceOp.MIN if comm.active else None,
+                         name="all_reduce(check)").tolist()
+    where = " on at least one rank" if comm.active else ""
+    for name, fine in zip(("z", "the bank"), ok):
+        if not fine:
+            raise ValueError(f"{name} holds a non-finite value (NaN or inf){where}; check_finite=True rejects it")
+
+
 def _compute_dtype(dtype):
     return torch.float32 if dtype in _HALF else dtype
 
@@ -662,20 +676,7 @@ def distributed_dispersive_loss(
     flat = _flat(z)
     bank_rows = _check_bank(bank, flat.shape[1], z)
     if check_finite:
-        # agreed by every rank, so that all raise together instead of leaving the others
-        # waiting in a collective: z's rows, then the bank's (earlier batches' z)
-        local = torch.stack([torch.isfinite(z).all(),
-                             torch.isfinite(bank_rows).all() if bank_rows is not None else torch.ones((), dtype=torch.bool,
-                                                                                                    device=z.device)])
-        ok = comm.all_reduce(local.to(torch.float32), op=dist.ReduceOp.MIN if comm.active else None,
-                             name="all_reduce(check)")
-        if float(ok[0]) == 0.0:
-            raise ValueError(
-                "z holds a non-finite value (NaN or inf) on at least one rank; check_finite=True rejects it"
-            )
-        if float(ok[1]) == 0.0:
-            raise ValueError("the bank holds a non-finite value (NaN or inf) on at least one rank; "
-                             "check_finite=True rejects it")
+        _check_finite(z, bank_rows, comm)
     opts = dict(variant=variant, tau=float(tau), margin=float(margin), include_diagonal=diagonal == "include",
                 scale_by_dim=scale_by_dim, ring=ring, covariance_mode=covariance_mode, tile=tile, backend=chosen)
     grad_scale = float(comm.world) if ddp_scale else 1.0

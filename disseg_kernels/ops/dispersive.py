@@ -140,7 +140,9 @@ def _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite):
     for name, value in (("tau", tau), ("margin", margin)):
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a Python or NumPy number, got a tensor (pass float({name}))")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:  # NaN fails too; no math.isfinite: it breaks torch.compile on a symbolic float
+        # 0 < value < inf (NaN fails it too), not math.isfinite: that breaks torch.compile
+        # on a symbolic float (a τ that changes between calls)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if diagonal not in DIAGONALS:
         raise ValueError(f"diagonal must be one of {DIAGONALS}, got {diagonal!r}")

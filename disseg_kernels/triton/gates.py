@@ -107,22 +107,40 @@ def _split(n_out_programs: int, length: int, block: int, target: int) -> tuple[i
 
 
 @triton.jit
-def _ahead(v, i, best, besti):
+def _above(v, best):
     # The pools' order, as on the CPU: a NaN is above every number (as PyTorch's max pools
-    # have it) and the first NaN (smallest index) wins; otherwise greater, then the smaller index.
-    v_nan = v != v
-    b_nan = best != best
-    return (v_nan & (~b_nan | (i < besti))) | (~v_nan & ~b_nan & ((v > best) | ((v == best) & (i < besti))))
+    # have it); one NaN is not above another. Values met in index order keep the first.
+    return (v > best) | ((v != v) & (best == best))
+
+
+@triton.jit
+def _ahead(v, i, best, besti):
+    # _above, and for equals (two NaNs included) the smaller index: values in any order.
+    tie = (v == best) | ((v != v) & (best != best))
+    return _above(v, best) | (tie & (i < besti))
+
+
+@triton.jit
+def _max_first_at(v, offs, base, NONE, AXIS: tl.constexpr):
+    # (max, first position) along AXIS of a tile v (masked entries -inf) whose positions
+    # along AXIS are offs = base + 0, 1, ...: tl.max over its numbers (it is not given the
+    # NaNs: what it does with them is not specified, and the interpreter's nanargmax
+    # raises), then the first NaN, which wins (NONE: a sentinel above every position).
+    isn = v != v
+    mx, arg = tl.max(tl.where(isn, float("-inf"), v), axis=AXIS, return_indices=True,
+                     return_indices_tie_break_left=True)
+    nan_at = tl.min(tl.where(isn, tl.expand_dims(offs, 1 - AXIS), NONE), axis=AXIS)
+    has_nan = nan_at < NONE
+    return tl.where(has_nan, float("nan"), mx), tl.where(has_nan, nan_at, base + arg.to(tl.int64))
 
 
 @triton.jit
 def _max_first(v, idx, AXIS: tl.constexpr):
-    # (max, its first index) along AXIS of v (masked entries already -inf), NaN first: a NaN
-    # is the max at the smallest index holding one. tl.max's NaN handling is not specified,
-    # so NaNs are reduced apart.
+    # (max, its smallest index) along AXIS of v (masked entries already -inf) whose indices
+    # idx are stored per element (the lanes' first arg-maxes), NaN first, as _max_first_at.
     isn = v != v
-    has_nan = tl.max(isn.to(tl.int32), axis=AXIS) > 0
     nan_i = tl.min(tl.where(isn, idx, 2147483647), axis=AXIS)
+    has_nan = nan_i < 2147483647
     vf = tl.where(isn, float("-inf"), v)
     mx = tl.max(vf, axis=AXIS)
     mx_i = tl.min(tl.where(vf == tl.expand_dims(mx, AXIS), idx, 2147483647), axis=AXIS)
@@ -157,7 +175,7 @@ def _pool_hw_kernel(x_ptr, s_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLI
         if HAS_S:
             v = v * tl.load(s_ptr + b * P + offs_p, mask=mask_p, other=0.0)[None, :]
         acc2 += v
-        gt = m & ((v > best2) | ((v != v) & (best2 == best2)))  # a lane keeps its first NaN
+        gt = m & _above(v, best2)  # a lane keeps its first NaN
         best2 = tl.where(gt, v, best2)
         besti2 = tl.where(gt, offs_p.to(tl.int32)[None, :], besti2)
     acc = tl.sum(acc2, axis=1)
@@ -201,17 +219,8 @@ def _pool_c_kernel(x_ptr, g_ptr, sum_ptr, max_ptr, idx_ptr, C, P, CHUNK, N_SPLIT
         if HAS_G:
             v = v * tl.load(g_ptr + b * C + offs_c, mask=mask_c, other=0.0)[:, None]
         acc += tl.sum(v, axis=0)
-        vm = tl.where(m, v, float("-inf"))
-        # the tile's max and first index over its numbers, and its first NaN, which wins: one
-        # more reduction per tile than before NaN was propagated (tl.max is not given the NaNs:
-        # what it does with them is not specified, and the interpreter's nanargmax raises)
-        isn = vm != vm
-        tmax, targ = tl.max(tl.where(isn, float("-inf"), vm), axis=0, return_indices=True,
-                            return_indices_tie_break_left=True)
-        nan_c = tl.min(tl.where(isn, offs_c[:, None], C), axis=0)
-        tnan = nan_c < C
-        tmax = tl.where(tnan, float("nan"), tmax)
-        targ = tl.where(tnan, nan_c, c0 + targ.to(tl.int64))
+        # one more reduction per tile than before NaN was propagated (the first NaN)
+        tmax, targ = _max_first_at(tl.where(m, v, float("-inf")), offs_c, c0, C, 0)
         gt = _ahead(tmax, targ, best, besti)
         best = tl.where(gt, tmax, best)
         besti = tl.where(gt, targ, besti)
@@ -242,7 +251,7 @@ def _pool_combine_kernel(psum_ptr, pmax_ptr, pidx_ptr, mean_ptr, max_ptr, idx_pt
         acc += tl.load(psum_ptr + o, mask=mask, other=0.0)
         v = tl.load(pmax_ptr + o, mask=mask, other=float("-inf"))
         i = tl.load(pidx_ptr + o, mask=mask, other=0)
-        gt = (v > best) | ((v != v) & (best == best))  # splits in order: the first NaN stays
+        gt = _above(v, best)  # splits in index order: the first NaN stays
         best = tl.where(gt, v, best)
         besti = tl.where(gt, i.to(tl.int64), besti)
     tl.store(mean_ptr + b * N + offs, acc / COUNT, mask=mask)
@@ -444,7 +453,7 @@ def _stencil_fwd_kernel(x_ptr, wt_ptr, out_ptr, psum_ptr, pmax_ptr, pidx_ptr, C,
                 acc += wv[:, None] * xv
                 if POOL and di == 0 and dj == 0:
                     vm = tl.where(mask_c[:, None] & mask_p[None, :], xv, float("-inf"))
-                    tmax, targ = _max_first(vm, offs_p[None, :] + tl.zeros_like(offs_c)[:, None], 1)
+                    tmax, targ = _max_first_at(vm, offs_p, pb * BLOCK_P, P, 1)
                     gt = tmax != float("-inf")  # as _pool_hw_kernel: a block of no max above -inf keeps index 0
                     o = (b * tl.num_programs(1) + pb) * C + offs_c
                     tl.store(psum_ptr + o, tl.sum(xv, axis=1), mask=mask_c)
