@@ -189,6 +189,34 @@ def test_window_attention_promotes_mixed_dtypes(backend):
         assert torch.isfinite(dk.window_attention(v, logits, backend=backend)).all()
 
 
+@pytest.mark.parametrize("backend", _backends("window_attention"))
+def test_window_attention_under_autocast_gives_the_autocast_dtype(backend):
+    """Under CPU bf16 autocast the reference's last step is an autocast matmul, so it
+    returns bf16 for float32 (or mixed) inputs; the fused op returned float32, so a model
+    switching fused=True changed its dtypes. It now rounds its float32-accumulated result
+    to bf16, and float64 inputs (which autocast leaves alone) stay float64."""
+    from disseg_kernels.reference.window_attention import window_attention_reference
+
+    torch.manual_seed(0)
+    v = torch.randn(1, 4, 5, 6, requires_grad=True)
+    logits = torch.randn(1, 2, 30, 9, 9, requires_grad=True)
+    exact = window_attention_reference(v.detach().double(), logits.detach().double())
+    for v_dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = dk.window_attention(v.to(v_dtype), logits, backend=backend)
+            ref = window_attention_reference(v.to(v_dtype), logits)
+        assert y.dtype == ref.dtype == torch.bfloat16, (v_dtype, y.dtype, ref.dtype)
+        err = (y.double() - exact).abs().max().item()
+        ref_err = (ref.double() - exact).abs().max().item()
+        assert err <= 2 * ref_err, (v_dtype, err, ref_err)
+        (dv,) = torch.autograd.grad(y.float().sum(), v)
+        assert dv.dtype == torch.float32 and torch.isfinite(dv).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64 = dk.window_attention(v.detach().double(), logits.detach().double(), backend=backend)
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64, exact)
+
+
 def test_integer_like_arguments_and_container_types():
     """NumPy integers and 0-d integer tensors are integers (F.unfold / F.interpolate take
     them; the message used to say "must be an odd int, got np.int64(3)"); one tensor where

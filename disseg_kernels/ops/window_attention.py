@@ -210,31 +210,50 @@ def window_attention(
             float16 (half types accumulate in float32). Channels-last memory is read
             without a copy by the CPU kernel; any strides work.
         logits: (B, heads, H·W, k², k²) attention logits (slot s, then tap t). A dtype
-            other than v's is promoted with it (as ``torch.matmul`` under autocast would
-            meet a bf16 v and float32 logits): both are computed in the wider one.
+            other than v's is promoted with it: both are computed in the wider one.
         kernel_size: k, odd (a NumPy or 0-d tensor integer is taken too).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
-        (B, C, H, W) in the promoted dtype of v and logits; channels-last memory from the fused backends.
+        (B, C, H, W) in the promoted dtype of v and logits; under autocast on v's device,
+        in the autocast dtype unless an input is float64 (the reference's last step is a
+        matmul, which autocast runs in that dtype). Channels-last memory from the fused
+        backends.
         Differentiable once through the fused backends (no double backward).
     """
     kernel_size = as_int(kernel_size)
     _validate(v, logits, kernel_size)
+    out_dtype = _autocast_dtype(v, logits)
     if logits.dtype != v.dtype:
         common = torch.promote_types(v.dtype, logits.dtype)
         v, logits = v.to(common), logits.to(common)
     chosen = _backend.resolve(_FAMILY, backend, v.device)
-    if chosen == "reference":
-        return window_attention_reference(v, logits, kernel_size)
-    if v.numel() == 0 or logits.numel() == 0:
-        return window_attention_reference(v, logits, kernel_size)
-    logits = _kernel_logits(logits, kernel_size * kernel_size)
+    if chosen == "reference" or v.numel() == 0 or logits.numel() == 0:
+        y = window_attention_reference(v, logits, kernel_size)
+    else:
+        y = _window_attention_fused(v, _kernel_logits(logits, kernel_size * kernel_size), kernel_size, chosen)
+    # The fused kernels accumulate in float32 whatever the autocast dtype; only the result
+    # is rounded to it, as the reference's autocast matmul rounds its output.
+    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _window_attention_fused(v, logits, kernel_size, chosen):
     if _backend.use_custom_op():
         return _window_attention_op(v, logits, kernel_size, chosen)
     if not (torch.is_grad_enabled() and (v.requires_grad or logits.requires_grad)):
         return _run_forward(chosen, v, logits, kernel_size)
     return _WindowAttentionEager.apply(v, logits, kernel_size, chosen)
+
+
+def _autocast_dtype(v, logits):
+    """The dtype autocast gives the reference's final matmul on v's device, or None when
+    autocast is off there or does not cast (a float64 input)."""
+    device_type = v.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if torch.float64 in (v.dtype, logits.dtype):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 # --------------------------------------------------------------------------- the block
