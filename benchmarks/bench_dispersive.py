@@ -6,9 +6,9 @@
     python -m benchmarks.bench_dispersive --shapes 2048x1024,8192x256 --variant infonce_l2sq
 
 For each shape (N, D) it times forward, backward and forward+backward (median of repeats,
-synchronised; ``triton.testing.do_bench`` on CUDA), measures peak extra memory (CUDA:
-``torch.cuda.max_memory_allocated``; CPU: a background sampler of the bytes malloc has
-in use (glibc mallinfo2; the resident set elsewhere), minus that before the call), and reports GFLOP/s on the 4·N²·D basis (forward Gram
+synchronised; ``triton.testing.do_bench`` on CUDA), measures peak extra memory (``benchmarks/_memory.py``: CUDA
+``max_memory_allocated``; CPU the larger of malloc's sampled bytes in use and the
+resident-set high-water mark, each above the level before the call), and reports GFLOP/s on the 4·N²·D basis (forward Gram
 2·N²·D plus the gradient's W·Z 2·N²·D) next to the machine's measured matmul rate, with
 ratios against eager (cdist → mask → exp → mean → log with autograd) and against
 torch.compile of eager (with the mask as ``torch.where`` of fixed shape, so that compile
@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import datetime as _dt
 import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,6 +35,8 @@ import torch
 
 import disseg_kernels
 from benchmarks._args import dims, out_folder, positive_int, require_device
+from benchmarks._memory import PeakMemory
+from benchmarks._memory import describe as describe_peak
 from disseg_kernels import dispersive_loss
 from disseg_kernels.reference.dispersive import VARIANTS, eager_dispersive_loss
 
@@ -76,70 +76,6 @@ def machine_name(device: str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _heap_reader():
-    """A function giving the bytes malloc has handed out and not yet freed (glibc's
-    mallinfo2: heap blocks in use plus mmapped blocks, every arena), or None.
-
-    This counts allocations, not pages: it needs no change to malloc's thresholds, which
-    would otherwise distort the timings (an mmap and page faults on every large block).
-    """
-    try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
-
-    def read() -> int:
-        info = fn()
-        return int(info.uordblks + info.hblkhd)
-
-    return read
-
-
-_HEAP_BYTES = _heap_reader()
-
-
-def _rss_bytes() -> int:
-    """Bytes in use by malloc (mallinfo2) where glibc has it, else the resident set."""
-    if _HEAP_BYTES is not None:
-        return _HEAP_BYTES()
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _RssSampler:
-    """Peak resident set above the level at start, sampled every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.0005):
-        self.interval = interval
-        self.base = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-    @property
-    def extra(self) -> int:
-        return max(0, self.peak - self.base)
 
 
 def load_average() -> str:
@@ -249,21 +185,12 @@ def measure(fn, z: torch.Tensor, device: str, repeats: int) -> dict:
     holder.clear()
     t_both = _median_ms(fwd_bwd, device, repeats)
 
-    z.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = 0
-        for _ in range(2):  # the sampler can miss a short peak; keep the larger
-            z.grad = None
-            with _RssSampler() as s:
-                fwd_bwd()
-            peak = max(peak, s.extra)
+    peak = 0
+    for _ in range(1 if device == "cuda" else 2):  # CPU: keep the larger of two (see benchmarks/_memory.py)
+        z.grad = None
+        with PeakMemory(device) as mem:
+            fwd_bwd()
+        peak = max(peak, mem.extra)
     z.grad = None
     return {"fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwdbwd_ms": t_both, "peak_mb": peak / 2**20}
 
@@ -416,7 +343,7 @@ def _write(rows, args, device, date, machine, mm_rate, load) -> None:
         "- command: `python -m benchmarks.bench_dispersive " + " ".join(args.argv) + "`",
         "- GFLOP/s on the 4·N²·D basis of forward+backward; x eager / x compile: fwd+bwd speed-up",
         "- peak: extra memory of one forward+backward"
-        + (" (CUDA max_memory_allocated)" if device == "cuda" else " (bytes in use by malloc above the level before the call, sampled)"),
+        + f" ({describe_peak(device)})",
         "",
         "| N | D | impl | fwd ms | bwd ms | fwd+bwd ms | peak MB | GFLOP/s | x eager | x compile | note |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",

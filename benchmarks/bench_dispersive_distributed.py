@@ -30,8 +30,9 @@ barrier before each, the slowest rank's time) in three ways:
 
 Bytes per rank are counted at the call sites (``disseg_kernels.distributed.count_communication``:
 all-gather (W−1)·chunk, all-reduce 2(W−1)/W·size, P2P the tensor; the baseline's are
-counted the same way by hand). Peak memory: CUDA ``max_memory_allocated``; CPU the peak
-resident set above the level before the call, sampled (noisy).
+counted the same way by hand). Peak memory: CUDA ``max_memory_allocated``; CPU the larger
+of malloc's sampled bytes in use and the resident-set high-water mark, above the level
+before the call (benchmarks/_memory.py).
 
 The markdown also writes the scaling model (bytes per rank, ring steps) with its
 predictions for 8 GPUs. Writes benchmarks/results/dispersive_distributed_<device>[_quick]_<date>
@@ -48,7 +49,6 @@ import platform
 import socket
 import statistics
 import tempfile
-import threading
 import time
 import sys
 import warnings
@@ -59,6 +59,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks._args import dims, out_folder, positive_int, require_device
+from benchmarks._memory import PeakMemory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_SHAPES = [(256, 64), (8, 16384)]
@@ -77,45 +78,6 @@ def machine_name(device: str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _Peak:
-    """Peak extra memory of a block: CUDA allocator, or the sampled CPU resident set."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._sample, daemon=True)
-        self._t.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._t.join()
-            self.peak = max(self.peak, _rss())
-        self.extra = max(0, self.peak - self.base)
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,7 +129,7 @@ def _worker(rank, world, port, device_type, cases, reps, outdir):
                     dist.barrier()
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    with count_communication() as c, _Peak(device) as pk:
+                    with count_communication() as c, PeakMemory(device) as pk:
                         t0 = time.perf_counter()
                         if method.startswith("baseline"):
                             loss = _baseline(z, variant, c, "reference" if method == "baseline_reference" else "auto")
@@ -406,7 +368,7 @@ def bank_benchmark(shapes, variant, device, reps, compile_ref=True):
                         torch.cuda.synchronize()
                     if rep:
                         bwd_times.append(time.perf_counter() - t0)
-                with _Peak(device) as pk:
+                with PeakMemory(device) as pk:
                     fwdbwd()
                 rows.append(dict(N=n, D=d, K=k, variant=variant, method=name, fwd_ms=fwd,
                                  bwd_ms=statistics.median(bwd_times) * 1e3, fwdbwd_ms=both,

@@ -11,7 +11,8 @@ ELAT, TeLU and the multi-scale concat, on the shapes the model runs at batch 8 a
 256×256 input (C = 64…1024, H = W = 16…128; ELAT at 64 channels and full resolution).
 For each: forward, backward and forward+backward time (median of repeats, synchronised;
 ``triton.testing.do_bench`` on CUDA), peak extra memory of a forward+backward (CUDA:
-``max_memory_allocated``; CPU: sampled resident set) and the bytes autograd saves for
+``max_memory_allocated``; CPU: the larger of malloc's sampled bytes in use and the
+resident-set high-water mark; benchmarks/_memory.py) and the bytes autograd saves for
 backward (unique storages seen by ``saved_tensors_hooks``, weights excluded) as a
 multiple of the input's size. "eager" is the module with ``fused=False``; "compile" is
 ``torch.compile`` of that module (inductor, static shapes, dynamo reset per case).
@@ -45,7 +46,8 @@ import torch
 
 import disseg_kernels as dk
 from benchmarks._args import comma_list, out_folder, positive_int, require_device
-from benchmarks.bench_dispersive import _RssSampler, machine_name, wall_times_ms
+from benchmarks._memory import PeakMemory
+from benchmarks.bench_dispersive import machine_name, wall_times_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAT = {"value": "median"}
@@ -266,19 +268,11 @@ def measure(fn, inputs, device, repeats, per_kernel=None) -> dict:
     holder.clear()
     t_both = _median_ms(fwd_bwd, device, repeats)
     gpu_ms = _kernel_ms(fwd_bwd, per_kernel=per_kernel) if device == "cuda" else float("nan")
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = 0
-        for _ in range(2):
-            with _RssSampler() as s:
-                fwd_bwd()
-            peak = max(peak, s.extra)
+    peak = 0
+    for _ in range(1 if device == "cuda" else 2):  # CPU: keep the larger of two (benchmarks/_memory.py)
+        with PeakMemory(device) as mem:
+            fwd_bwd()
+        peak = max(peak, mem.extra)
     for t in inputs:
         t.grad = None
     return {"fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwdbwd_ms": t_both, "gpu_ms": gpu_ms, "peak_mb": peak / 2**20}

@@ -11,8 +11,8 @@ one training step = forward, loss (with-logits BCE on every mask + 0.2 × the di
 loss), backward, Adam step. Reported: the median forward, backward and full-step time
 and images/s over ``--steps`` steps after ``--warmup``; the peak extra memory of one
 forward+backward above the level before it (gradients included; CUDA:
-``max_memory_allocated``; CPU: sampled resident set with glibc's mmap threshold fixed, each
-case in its own process); and the bytes autograd saves for backward (distinct storages
+``max_memory_allocated``; CPU: the larger of malloc's sampled bytes in use and the
+resident-set high-water mark, benchmarks/_memory.py; each case in its own process); and the bytes autograd saves for backward (distinct storages
 seen by ``saved_tensors_hooks``, parameters excluded), which does not depend on the
 allocator or the machine's noise.
 
@@ -42,7 +42,8 @@ import torch.nn.functional as F
 import disseg_kernels as dk
 from disseg_kernels import _backend
 from benchmarks._args import comma_list, non_negative_int, out_folder, positive_int, require_device
-from benchmarks.bench_dispersive import _RssSampler, machine_name
+from benchmarks._memory import PeakMemory
+from benchmarks.bench_dispersive import machine_name
 from models import FUSED_OPS, DispersiveConfig, build_model
 from models.trainer import freed_memory_kept, keep_freed_memory, make_adam
 
@@ -150,17 +151,10 @@ class _Case:
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        with PeakMemory(self.device) as mem:
             self.forward_loss().backward()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            with _RssSampler() as rss:
-                self.forward_loss().backward()
-            peak = rss.extra
         self.opt.zero_grad(set_to_none=True)
-        return peak
+        return mem.extra
 
     def capture(self) -> None:
         """Capture forward, loss and backward as one CUDA graph, as ``disseg train

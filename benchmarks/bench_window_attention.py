@@ -16,8 +16,8 @@ C, convolutions and BatchNorm included, train mode), each as: the fused backend(
 ``eager`` (the unfold / matmul / fold reference) and ``compile`` (torch.compile of eager).
 Times are medians of ``--repeats`` runs (ms): forward, backward alone, forward+backward.
 Peak memory is the extra memory of one forward+backward above what the inputs hold:
-CUDA ``max_memory_allocated``; CPU a background sampler of the resident set (glibc is
-told to return every block ≥ 64 KB to the OS so the resident set follows allocations).
+CUDA ``max_memory_allocated``; CPU the larger of malloc's sampled bytes in use and the
+resident-set high-water mark (benchmarks/_memory.py).
 
 Writes benchmarks/results/window_attention_<device>_<date>[_<dtype>].csv and .md with the
 machine and the date. ``main(argv)`` is importable (the GPU script calls it).
@@ -30,7 +30,6 @@ import csv
 import datetime as _dt
 import os
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -38,7 +37,8 @@ import torch
 
 import disseg_kernels as dk
 from benchmarks._args import comma_list, out_folder, positive_int, require_device
-from benchmarks.bench_dispersive import _rss_bytes, machine_name
+from benchmarks._memory import PeakMemory
+from benchmarks.bench_dispersive import machine_name
 from disseg_kernels import _backend
 from disseg_kernels.reference.window_attention import window_attention_reference
 
@@ -52,43 +52,6 @@ def _load_average() -> str:
         return " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-class _PeakMemory:
-    """Extra bytes at the peak of a region: CUDA allocator statistics, or RSS sampling."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def __enter__(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = self.peak = _rss_bytes()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
-
-    @property
-    def extra_mb(self) -> float:
-        return max(0, self.peak - self.base) / 2**20
 
 
 def _sync(device):
@@ -134,7 +97,7 @@ def measure(forward, leaves, device: str, repeats: int) -> dict:
     import gc
 
     gc.collect()
-    with _PeakMemory(device) as mem:
+    with PeakMemory(device) as mem:
         fwd_bwd()
     peak = mem.extra_mb
     clear()
