@@ -151,12 +151,15 @@ def image_metrics(pred: torch.Tensor, gt: torch.Tensor, empty_policy: str = "nan
 
 
 def _binary_2d(t: torch.Tensor, name: str) -> torch.Tensor:
-    """t as a bool (H, W): leading size-1 dimensions dropped, values checked to be 0/1."""
+    """t as a bool (H, W): size-1 dimensions before H (torch's (1, H, W)) or after W (an
+    image array's (H, W, 1)) dropped, values checked to be 0/1."""
     shape = tuple(t.shape)
     while t.ndim > 2 and t.shape[0] == 1:
         t = t[0]
+    while t.ndim > 2 and t.shape[-1] == 1:
+        t = t[..., 0]
     if t.ndim != 2:
-        raise ValueError(f"{name} must be an (H, W) mask (or (1, H, W), (1, 1, H, W)), got shape {shape}")
+        raise ValueError(f"{name} must be an (H, W) mask (or (1, H, W), (1, 1, H, W), (H, W, 1)), got shape {shape}")
     if t.dtype != torch.bool:
         bad = (t != 0) & (t != 1)
         if bool(bad.any()):

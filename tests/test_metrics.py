@@ -212,6 +212,10 @@ def test_metric_inputs_are_checked():
     assert image_metrics(gt[None, None], gt.to(torch.uint8), with_hd95=False)["dice"] == 1.0
     row = torch.tensor([[0, 1, 1]])
     assert image_metrics(row, row, with_hd95=False)["iou"] == 1.0  # 1×W stays (1, W)
+    # an image array's trailing channel, as PIL / NumPy give a mask read as (H, W, 1)
+    assert image_metrics(gt[:, :, None], gt[None], with_hd95=False)["dice"] == 1.0
+    with pytest.raises(ValueError, match=r"gt must be an \(H, W\) mask .* got shape \(4, 4, 3\)"):
+        image_metrics(gt, gt[:, :, None].expand(4, 4, 3))
     with pytest.raises(ValueError, match=r"pred must be an \(H, W\) mask .* got shape \(2, 4, 4\)"):
         image_metrics(torch.zeros(2, 4, 4), gt)
     with pytest.raises(ValueError, match=r"logits and masks must both be \(B, 1, H, W\), got logits "
