@@ -560,7 +560,10 @@ class Trainer:
             self._restore(ckpt)
             self.log(f"resumed {self.last_path}: epoch {self.epoch + 1}, batch {self.batch}, "
                      f"step {self.global_step}")
-        elif self.dist.main:
+        # config.json holds the settings the run goes on with: a resume that extends --epochs
+        # (or changes another resumable field) rewrites it, so that the next plain --resume,
+        # which reads it, does not fall back to the first run's settings
+        if self.dist.main:
             atomic_write_text(os.path.join(self.out, "config.json"), json_text(cfg.to_dict()))
         if self.dist.main:
             env = environment()
@@ -927,6 +930,9 @@ class Trainer:
             tqdm = None
         t_start = time.time()
         stopped_early = False
+        if self.epoch >= cfg.epochs:
+            self.log(f"nothing to train: the run has done its {cfg.epochs} epoch(s); "
+                     f"--resume --epochs N (N > {self.epoch}) trains it further")
         while self.epoch < cfg.epochs:
             epoch_t0, epoch_c0 = time.time(), time.process_time()
             self.sampler.set_epoch(self.epoch, self.batch)

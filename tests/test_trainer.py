@@ -184,6 +184,25 @@ def test_resume_after_sigkill_is_identical(tiny_data, tmp_path):
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
 
 
+def test_resume_that_extends_epochs_is_what_the_next_resume_continues(tiny_data, tmp_path, capsys):
+    """A run extended with `--resume --epochs N` and then interrupted went on, at the next
+    plain `--resume`, with the FIRST run's epochs (config.json, which the CLI resumes from,
+    was written by fresh runs only): it trained nothing, said nothing and exited 0. Now
+    every start writes config.json, and a resume with nothing left says so."""
+    from models.cli import main
+
+    out = tmp_path / "ext"
+    cfg = _cfg(tiny_data, out, stage=1, epochs=1)
+    Trainer(cfg, log=lambda s: None).run()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--threads", "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to train: the run has done its 2 epoch(s)" in printed
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 2
+
+
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     """An exception midway through the write (here: in fsync, after the bytes went to the
     temporary file) leaves the old checkpoint loadable and no temporary behind."""
