@@ -271,6 +271,9 @@ def make_splits(root: str, seed: int = 0, val: float = 0.1, test: float = 0.1,
             raise UserError(f"--{name}={frac!r}: must lie in [0, 1)")
     if val + test >= 1.0:
         raise UserError(f"--val={val!r} + --test={test!r} leave no training images")
+    if val == 0.0:
+        raise UserError("--val=0.0 leaves val.txt empty, and training needs a validation split (spec: "
+                        "ROOT/val.txt); give a fraction > 0")
     images_dir, masks_dir = os.path.join(root, "images"), os.path.join(root, "masks")
     for d in (images_dir, masks_dir):
         if not os.path.isdir(d):
@@ -294,7 +297,10 @@ def make_splits(root: str, seed: int = 0, val: float = 0.1, test: float = 0.1,
                 raise UserError(f"{p}: already exists (pass --force to overwrite)")
     order = list(stems)
     random.Random(seed).shuffle(order)
-    n_val, n_test = round(len(order) * val), round(len(order) * test)
+    # a requested split gets at least one image (0.1 of 3 images rounds to none: an empty
+    # val.txt, which train refuses)
+    n_val = max(1, round(len(order) * val))
+    n_test = max(1, round(len(order) * test)) if test > 0 else 0
     parts = {"val": sorted(order[:n_val]), "test": sorted(order[n_val:n_val + n_test]),
              "train": sorted(order[n_val + n_test:])}
     if not parts["train"]:

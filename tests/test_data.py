@@ -291,6 +291,20 @@ def test_make_splits_reproducible(tmp_path):
     assert not p3["test"] and not (root / "test.txt").exists()
 
 
+def test_make_splits_never_writes_an_empty_validation_split(tmp_path):
+    """make-splits wrote an empty val.txt (--val 0, or 0.1 of 3 images rounding to none),
+    which train then refused. --val 0 is now refused up front, and a requested val or test
+    fraction gets at least one image."""
+    root = _write_set(tmp_path, names=["a", "b", "c"])
+    with pytest.raises(D.UserError, match=r"--val=0.0 leaves val.txt empty"):
+        D.make_splits(str(root), val=0.0, test=0.0)
+    parts = D.make_splits(str(root), seed=0, val=0.1, test=0.1)
+    assert (len(parts["val"]), len(parts["test"]), len(parts["train"])) == (1, 1, 1)
+    assert len(D.load_split(str(root), "val")) == 1
+    with pytest.raises(D.UserError, match="too few images"):
+        D.make_splits(str(_write_set(tmp_path / "two", names=["a", "b"])), val=0.1, test=0.1)
+
+
 def test_make_splits_refuses_what_train_would(tmp_path):
     """A name with two image files (or two masks) is refused by make-splits, as the split
     it would write is refused by train ("ambiguous")."""
