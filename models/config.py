@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -31,6 +32,12 @@ class UserError(Exception):
 def _f(default, help, choices=None, group="training", path=False):
     """A config field; ``path``: a file or folder, stored absolute (:func:`resolve_config`)."""
     return field(default=default, metadata={"help": help, "choices": choices, "group": group, "path": path})
+
+
+# models.base.FEATURES and disseg_kernels.BACKENDS, spelt out so that the CLI reads its
+# flags without importing torch (tests/test_cli.py checks they agree)
+DISP_FEATURES = ("f1", "f2", "f3", "f4")
+DISP_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 
 @dataclass
@@ -60,10 +67,10 @@ class TrainConfig:
                             "they are in the tens to thousands; see --disp-scale-by-dim)", group="model")
     disp_scale_by_dim: bool = _f(False, "divide every pairwise distance by D (the row length)", group="model")
     disp_weight: float = _f(0.2, "lambda: weight applied to the dispersive loss", group="model")
-    disp_feature: str = _f("f4", "feature the dispersive loss is computed on", group="model")
+    disp_feature: str = _f("f4", "feature the dispersive loss is computed on", list(DISP_FEATURES), "model")
     disp_granularity: str = _f("sample", "sample: N=B, D=C*H*W (the paper's); pixel: N=B*H*W, D=C",
                                ["sample", "pixel"], "model")
-    disp_backend: str = _f("auto", "dispersive loss backend", group="model")
+    disp_backend: str = _f("auto", "dispersive loss backend", list(DISP_BACKENDS), "model")
     disp_bank: int = _f(0, "K: a FIFO memory bank of the K most recent embeddings (rows of z, "
                         "detached) used as extra negatives of the dispersive loss (0: off). It holds "
                         "K x D values: at the paper's granularity D = C*H*W of f4 (262,144 for "
@@ -160,8 +167,13 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
+            value = getattr(self, f.name)
+            if choices is not None and value not in choices:
                 bad(f.name, f"must be one of {choices}")
+            if value is None and "Optional" not in str(f.type):
+                bad(f.name, "must be given (only the path options take null)")
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, "must be a finite number")
         if self.size <= 0 or self.size % 16:
             bad("size", "must be a positive multiple of 16")
         for name in ("batch_size", "epochs", "synth_size"):
@@ -186,6 +198,11 @@ class TrainConfig:
             bad("plateau_factor", "must lie in (0, 1)")
         if self.grad_clip < 0:
             bad("grad_clip", "must be >= 0 (0: off)")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if self.size == 16 and self.batch_size == 1:
+            bad("batch_size", "a 16x16 input leaves one value per channel at stride 16, which BatchNorm "
+                              "cannot normalise in training: use --batch-size >= 2 or --size >= 32")
         for name in ("blur_kx", "blur_ky"):
             if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
                 bad(name, "must be a positive odd integer")

@@ -27,6 +27,15 @@ from .trainer import (atomic_write_text, build_model_from_config, check_output_d
                       make_output_dir, resolve_device)
 
 
+def check_inference_options(size: Optional[int], threshold: float) -> None:
+    """``--size`` (None: the training size) and ``--threshold`` of evaluate and predict,
+    checked before a model is loaded: the messages name the flag and its value."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 16):
+        raise UserError(f"--size={size!r}: must be a positive multiple of 16 (omit it for the training size)")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold={threshold!r}: must lie in [0, 1] (a probability)")
+
+
 def load_model(checkpoint: str, device: torch.device, fused: Optional[bool] = None):
     """(model in eval mode, its TrainConfig) from a trainer checkpoint."""
     ck = load_checkpoint(checkpoint)
@@ -60,14 +69,13 @@ def evaluate(checkpoint: str, data: str, split: str = "val", out: Optional[str] 
              native: bool = False, empty_policy: str = "nan", threshold: float = 0.5,
              device: str = "auto", size: Optional[int] = None, amp: str = "none",
              log: Callable[[str], None] = print) -> dict:
+    check_inference_options(size, threshold)
     dev = resolve_device(device)
     if out:
         check_output_dir(out)
     samples = D.load_split(data, split)
     model, cfg = load_model(checkpoint, dev)
     s = size or cfg.size
-    if s % 16:
-        raise UserError(f"--size={s}: must be a multiple of 16")
     rows = []
     for smp in samples:
         try:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import data as D
 from .config import UserError
-from .evaluate import load_model, predict_logits
+from .evaluate import check_inference_options, load_model, predict_logits
 from .metrics import boundary
 from .trainer import atomic_write_bytes, check_output_dir, make_output_dir, resolve_device
 
@@ -56,6 +56,7 @@ def list_images(path: str) -> list[str]:
 def predict(checkpoint: str, inputs: str, out: str, threshold: float = 0.5, device: str = "auto",
             size: Optional[int] = None, mask_dir: Optional[str] = None, names: Optional[list[str]] = None,
             log: Callable[[str], None] = print) -> list[str]:
+    check_inference_options(size, threshold)
     dev = resolve_device(device)
     check_output_dir(out)
     files = list_images(inputs)

@@ -114,6 +114,25 @@ def test_bad_flags_and_files(tmp_path, capsys, trained):
     unknown = tmp_path / "unknown.json"
     unknown.write_text('{"learning_rate": 0.1}')
     cases.append((["train", "--config", str(unknown)], "unknown key 'learning_rate'"))
+    # the user-acceptance pass of 2026-11-28 (later session): each was a traceback (exit 1)
+    # raised by the model or the loss after the data check, or silently meant "off"
+    ck = str(s1 / "best.pt")
+    cases += [
+        (["train", "--disp-tau", "inf", "--out", str(tmp_path / "a")], "--disp-tau=inf: must be a finite number"),
+        (["train", "--grad-clip", "nan", "--out", str(tmp_path / "a")], "--grad-clip=nan: must be a finite number"),
+        (["train", "--weight-decay", "-1", "--out", str(tmp_path / "a")], "--weight-decay=-1.0: must be >= 0"),
+        (["train", "--size", "16", "--batch-size", "1", "--out", str(tmp_path / "a")], "--batch-size=1: a 16x16"),
+        (["evaluate", "--checkpoint", ck, "--data", str(data), "--size", "-16"], "--size=-16: must be a positive"),
+        (["evaluate", "--checkpoint", ck, "--data", str(data), "--threshold", "2"], "--threshold=2.0: must lie in"),
+        (["predict", "--checkpoint", ck, "--input", str(tmp_path), "--out", str(tmp_path / "p"), "--size", "50"],
+         "--size=50: must be a positive multiple of 16"),
+        (["predict", "--checkpoint", ck, "--input", str(tmp_path), "--out", str(tmp_path / "p"), "--threshold",
+          "1.5"], "--threshold=1.5"),
+    ]
+    for name, text, expect in (("null.json", '{"lr": null}', "--lr=None: must be given"),
+                               ("nan.json", '{"disp_weight": NaN}', "--disp-weight=nan: must be a finite number")):
+        (tmp_path / name).write_text(text)
+        cases.append((["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "a")], expect))
     garbage_ckpt = tmp_path / "garbage.pt"
     garbage_ckpt.write_bytes(b"definitely not a checkpoint")
     cases.append((["evaluate", "--checkpoint", str(garbage_ckpt), "--data", str(data)], "not a readable checkpoint"))
@@ -122,6 +141,15 @@ def test_bad_flags_and_files(tmp_path, capsys, trained):
         err = _run_bad(argv, capsys)
         assert expect in err, (argv, err)
     assert sorted(os.listdir(s1)) == before
+
+
+def test_config_choices_agree_with_the_library():
+    """The CLI spells out the feature names and backends (to read its flags without torch)."""
+    import disseg_kernels
+    from models import base
+    from models.config import DISP_BACKENDS, DISP_FEATURES
+
+    assert DISP_FEATURES == base.FEATURES and DISP_BACKENDS == disseg_kernels.BACKENDS
 
 
 def test_unusable_out_folders_are_named(tmp_path, capsys, trained):
@@ -192,6 +220,13 @@ def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
+    # unknown dispersive feature / backend: argparse's choices now (they were tracebacks
+    # from the model, after the data check)
+    for flag, value in (("--disp-feature", "f9"), ("--disp-backend", "bogus")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", flag, value])
+        assert e.value.code == 2
+        assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
 
 
 def test_config_json_and_flag_override(tmp_path, trained):
