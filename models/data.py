@@ -210,6 +210,21 @@ def _lookup(index: dict[str, list[str]], folder: str, name: str, where: str, wha
     return os.path.join(folder, hits[0])
 
 
+# The mask names of the original downloads, where the mask is not named as its image: GlaS
+# (train_1.bmp, train_1_anno.bmp) and ISIC (ISIC_0000000.jpg, ISIC_0000000_segmentation.png).
+# A mask named exactly as its image always wins; these are looked up only when it is absent.
+MASK_SUFFIXES = ("_anno", "_segmentation")
+
+
+def mask_key(masks: dict[str, list[str]], stem: str) -> Optional[str]:
+    """The key of ``stem``'s mask in a masks folder's index: the stem itself, else the stem
+    with one of MASK_SUFFIXES; None when there is none."""
+    for key in (stem, *(stem + suffix for suffix in MASK_SUFFIXES)):
+        if masks.get(key):
+            return key
+    return None
+
+
 def split_samples(root: str, split: str, need_masks: bool = True) -> list[Sample]:
     """The samples a split file lists, with the paths resolved (files not opened yet)."""
     if not os.path.isdir(root):
@@ -228,7 +243,7 @@ def split_samples(root: str, split: str, need_masks: bool = True) -> list[Sample
         where = f"{split_path}:{no}"
         img = _lookup(images, images_dir, name, where, "image")
         stem = os.path.splitext(os.path.basename(img))[0]
-        msk = _lookup(masks, masks_dir, stem, where, "mask") if need_masks else None
+        msk = _lookup(masks, masks_dir, mask_key(masks, stem) or stem, where, "mask") if need_masks else None
         out.append(Sample(stem, img, msk, where))
     return out
 
@@ -280,11 +295,12 @@ def make_splits(root: str, seed: int = 0, val: float = 0.1, test: float = 0.1,
             raise DataError(f"{d}: folder not found")
     images, masks = _index_folder(images_dir), _index_folder(masks_dir)
     stems = sorted({os.path.splitext(fn)[0] for fns in images.values() for fn in fns})
-    missing = [s for s in stems if s not in masks]
+    missing = [s for s in stems if mask_key(masks, s) is None]
     if missing:
         raise DataError(f"{masks_dir}: no mask for {len(missing)} image(s), e.g. {missing[0]!r}")
     for folder, index in ((images_dir, images), (masks_dir, masks)):  # what train would refuse
-        twice = [fns for s, fns in index.items() if s in stems and len(fns) > 1]
+        keys = set(stems) if index is images else {mask_key(masks, s) for s in stems}
+        twice = [fns for s, fns in index.items() if s in keys and len(fns) > 1]
         if twice:
             raise DataError(f"{folder}: {len(twice)} name(s) with more than one file, e.g. {', '.join(twice[0])} "
                             "(a split lists a name once: keep one file per name)")

@@ -83,8 +83,9 @@ def predict(checkpoint: str, inputs: str, out: str, threshold: float = 0.5, devi
         pred = (torch.sigmoid(logits[0, 0]).cpu() > threshold).numpy()
         stem = os.path.splitext(os.path.basename(path))[0]
         gt = None
-        if stem in gt_index and len(gt_index[stem]) == 1:
-            gt = D.load_mask(os.path.join(mask_dir, gt_index[stem][0]))
+        key = D.mask_key(gt_index, stem)
+        if key is not None and len(gt_index[key]) == 1:
+            gt = D.load_mask(os.path.join(mask_dir, gt_index[key][0]))
             if gt.shape != pred.shape:
                 gt = None
         atomic_write_bytes(os.path.join(out, "masks", stem + ".png"), _png_bytes(pred.astype(np.uint8) * 255, "L"))

@@ -291,6 +291,31 @@ def test_make_splits_reproducible(tmp_path):
     assert not p3["test"] and not (root / "test.txt").exists()
 
 
+def test_glas_and_isic_mask_names_as_downloaded(tmp_path):
+    """GlaS names a mask train_1_anno.bmp and ISIC ISIC_0000000_segmentation.png: both
+    stopped with "no mask for 'train_1'" (a user had to rename every file). They are now
+    found through their suffix; a mask named exactly as its image still wins."""
+    for style, img_name, mask_name in (("glas", "train_{}.bmp", "train_{}_anno.bmp"),
+                                      ("isic", "ISIC_000000{}.jpg", "ISIC_000000{}_segmentation.png")):
+        root = tmp_path / style
+        _write_set(root, names=[])
+        for i in range(3):
+            Image.fromarray(np.full((16, 20, 3), 40 * i, np.uint8)).save(root / "images" / img_name.format(i))
+            m = np.zeros((16, 20), np.uint8)
+            m[2:4 + 3 * i, 3:9] = 255
+            Image.fromarray(m).save(root / "masks" / mask_name.format(i))
+        parts = D.make_splits(str(root), seed=0, val=0.3, test=0.0)
+        samples = D.load_split(str(root), "train") + D.load_split(str(root), "val")
+        assert sorted(s.name for s in samples) == sorted(parts["train"] + parts["val"])
+        for smp in samples:
+            assert os.path.basename(smp.mask) == mask_name.format(smp.name[-1]), smp
+    root = tmp_path / "both"
+    _write_set(root, names=["a"])
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(root / "masks" / "a_anno.png")
+    (root / "train.txt").write_text("a\n")
+    assert os.path.basename(D.load_split(str(root), "train")[0].mask) == "a.png"
+
+
 def test_make_splits_never_writes_an_empty_validation_split(tmp_path):
     """make-splits wrote an empty val.txt (--val 0, or 0.1 of 3 images rounding to none),
     which train then refused. --val 0 is now refused up front, and a requested val or test
