@@ -3,6 +3,7 @@
 Install (torch must already be installed; the build imports it):
 
     pip install torch==2.13.0            # or your CUDA build of torch
+    pip install ninja                    # parallel compiles (else one file at a time)
     pip install --no-build-isolation -e .
 
 Build switches (environment variables, in the manner of flash-attention's setup.py):
@@ -19,6 +20,7 @@ Build switches (environment variables, in the manner of flash-attention's setup.
 import glob
 import os
 import platform
+import sys
 
 from setuptools import find_packages, setup
 
@@ -28,6 +30,7 @@ from torch.utils.cpp_extension import (
     BuildExtension,
     CppExtension,
     CUDAExtension,
+    is_ninja_available,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,6 +70,24 @@ cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
 want_cuda = not _flag("DISSEG_SKIP_CUDA_BUILD") and bool(cuda_sources)
 have_cuda = CUDA_HOME is not None and torch.version.cuda is not None
 build_cuda = want_cuda and have_cuda and (torch.cuda.is_available() or _flag("DISSEG_FORCE_CUDA_BUILD"))
+
+if not build_cuda:
+    # Say why: pip shows it with -v, `python setup.py build_ext` always; at run time the
+    # "cuda" backend's error says the extension was built without it.
+    if not cuda_sources:
+        why = "no csrc/*.cu"
+    elif not want_cuda:
+        why = "DISSEG_SKIP_CUDA_BUILD is set"
+    elif torch.version.cuda is None:
+        why = f"torch {torch.__version__} is a CPU build"
+    elif CUDA_HOME is None:
+        why = "no CUDA toolkit (nvcc) found: set CUDA_HOME"
+    else:
+        why = "no GPU visible (DISSEG_FORCE_CUDA_BUILD=TRUE builds them anyway)"
+    print(f"disseg-kernels: building the C++ CPU kernels only; CUDA kernels skipped: {why}", file=sys.stderr)
+if not is_ninja_available():
+    print("disseg-kernels: ninja not found: the extension compiles one file at a time and MAX_JOBS has no "
+          "effect (pip install ninja)", file=sys.stderr)
 
 if build_cuda:
     archs = os.environ.get("DISSEG_CUDA_ARCHS", "80;90").replace(",", ";").split(";")

@@ -250,10 +250,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"load average at start: {load}")
     print(f"date: {date:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"matmul rate ({args.dtype}): {mm_rate:.1f} GFLOP/s")
-    print(f"variant {args.variant}, dtype {args.dtype}, backends {backends} + eager, compile")
-
     fns = _loss_fns(args.variant, backends, args.tau)
     impls = backends + ["eager"] + ([] if args.no_compile else ["compile"])
+    print(f"variant {args.variant}, dtype {args.dtype}, implementations {impls}")
     rows = []
     for n, d in shapes:
         gen = torch.Generator(device="cpu").manual_seed(0)

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/nuclei-dsb2018}
 OUT=${1:-runs/nuclei}; shift || true
-PY=${PY:-.venv/bin/python}
+if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi  # make test's venv, else yours
 rm -rf "$OUT"
 "$PY" -m models.cli train --stage 1 --data "$DATA" --out "$OUT" --encoder resnet18 --size 128 \
     --batch-size 4 --epochs 15 --lr 1e-3 --lr-encoder 1e-3 --dropout-size 16 --no-progress "$@"
