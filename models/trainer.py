@@ -334,6 +334,14 @@ def autocast_context(device: torch.device, amp: str, cache: bool = True):
 # ------------------------------------------------------------------------------------------
 # plotting
 
+def _rate_text(images_per_s: float) -> str:
+    """The epoch line's training rate; it is timed from the epoch's second step on (the first
+    pays for warm-up), so an epoch of one step has none."""
+    if math.isnan(images_per_s):
+        return "img/s n/a: timed from the epoch's second step"
+    return f"{images_per_s:.1f} img/s"
+
+
 def plot_curves(rows: list[dict], path: str) -> bool:
     """Loss and validation metrics per epoch to a PNG; False (with a notice) without matplotlib."""
     try:
@@ -348,10 +356,19 @@ def plot_curves(rows: list[dict], path: str) -> bool:
         return False
     ep = [r["epoch"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [r["train_loss"] for r in rows], label="train loss")
-    a.plot(ep, [r["val_loss"] for r in rows], label="val loss (mask DiceBCE)")
+    # the main mask's DiceBCE, train and val, on one axis (comparable); the training
+    # objective (with λ·dispersive, often negative and far larger) on its own axis
+    if "train_mask" in rows[0]:
+        a.plot(ep, [r["train_mask"] for r in rows], label="train mask DiceBCE")
+    a.plot(ep, [r["val_loss"] for r in rows], label="val mask DiceBCE")
     a.set_xlabel("epoch")
-    a.legend()
+    a.set_ylabel("mask DiceBCE")
+    total = a.twinx()
+    total.plot(ep, [r["train_loss"] for r in rows], "k--", linewidth=0.8, label="train objective (right axis)")
+    total.set_ylabel("training objective")
+    lines = a.get_legend_handles_labels()
+    extra = total.get_legend_handles_labels()
+    a.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize="small")
     a.set_title("loss")
     for key, lab in (("val_mIoU", "val mIoU"), ("val_mDSC", "val mDSC"), ("train_dice", "train Dice")):
         b.plot(ep, [r[key] for r in rows], label=lab)
@@ -1010,7 +1027,7 @@ class Trainer:
             self.log(f"stage {cfg.stage} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
                      f"dice {row['train_dice']:.3f} | val loss {row['val_loss']:.4f} mIoU {row['val_mIoU']:.4f} "
                      f"mDSC {row['val_mDSC']:.4f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s, "
-                     f"cpu {row['epoch_cpu_seconds']:.1f}s, {row['train_images_per_s']:.1f} img/s)")
+                     f"cpu {row['epoch_cpu_seconds']:.1f}s, {_rate_text(row['train_images_per_s'])})")
             if self.bad_epochs >= cfg.early_stop_patience > 0:
                 self.log(f"early stop: no better validation mIoU for {self.bad_epochs} epochs")
                 stopped_early = True
