@@ -498,6 +498,8 @@ class Trainer:
             raise UserError(f"--out={self.out!r} already holds a run (last.pt/best.pt); pass --resume "
                             "to continue it or choose another --out")
         init_ckpt = load_checkpoint(cfg.init) if (cfg.init and ckpt is None) else None
+        if init_ckpt is not None:
+            self._check_init(init_ckpt)  # before --out is created: a refused run leaves nothing
         if cfg.pretrained and not os.path.isfile(cfg.pretrained):
             raise UserError(f"--pretrained={cfg.pretrained!r}: no such file")
         self.dist.barrier()  # every rank has checked --out before rank 0 writes into it
@@ -642,9 +644,7 @@ class Trainer:
                                                backend=backend)
         return dispersive_loss_with_bank(z, self.bank, **options, backend=backend)
 
-    def _init_from_stage1(self, ckpt: dict) -> None:
-        from . import transfer_stage1_to_stage2
-
+    def _check_init(self, ckpt: dict) -> None:
         src_cfg = ckpt.get("config") or {}
         if src_cfg.get("stage", 1) != 1:
             raise UserError(f"--init={self.cfg.init!r}: a Stage {src_cfg.get('stage')} checkpoint; "
@@ -652,6 +652,10 @@ class Trainer:
         if src_cfg.get("encoder", self.cfg.encoder) != self.cfg.encoder:
             raise UserError(f"--init={self.cfg.init!r}: its encoder is {src_cfg.get('encoder')!r}, "
                             f"this run's --encoder is {self.cfg.encoder!r}")
+
+    def _init_from_stage1(self, ckpt: dict) -> None:
+        from . import transfer_stage1_to_stage2
+
         try:
             rep = transfer_stage1_to_stage2(ckpt["model"], self.model)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:

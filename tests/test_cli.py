@@ -143,6 +143,18 @@ def test_bad_flags_and_files(tmp_path, capsys, trained):
     assert sorted(os.listdir(s1)) == before
 
 
+def test_refused_init_leaves_no_out_folder(tmp_path, capsys, trained):
+    """An --init of another encoder was refused after --out had been created (an empty run
+    folder left behind); it is now checked first."""
+    data, s1 = trained
+    tiny34 = [a if a != "resnet18" else "resnet34" for a in TINY]
+    out = tmp_path / "s2"
+    err = _run_bad(["train", "--stage", "2", "--data", str(data), "--init", str(s1 / "best.pt"), "--out", str(out),
+                    *tiny34], capsys)
+    assert "its encoder is 'resnet18', this run's --encoder is 'resnet34'" in err
+    assert not out.exists()
+
+
 def test_config_choices_agree_with_the_library():
     """The CLI spells out the feature names and backends (to read its flags without torch)."""
     import disseg_kernels
