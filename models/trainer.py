@@ -433,6 +433,10 @@ class Trainer:
         self.data_root = os.path.join(self.out, "data") if cfg.data is None else cfg.data
         splits = D.check_dataset(self.data_root, ("train", "val"))
         self.train_samples, self.val_samples = splits["train"], splits["val"]
+        both = sorted({s.image for s in self.train_samples} & {s.image for s in self.val_samples})
+        if both and self.dist.main:  # allowed (a smoke test may want it), but never silently
+            self.log(f"warning: {len(both)} image(s) are in both train.txt and val.txt, e.g. "
+                     f"{os.path.basename(both[0])}: the validation scores are not held out")
 
     def _check_resume(self, saved: dict) -> None:
         diffs = [f"--{k.replace('_', '-')}: run has {saved.get(k)!r}, now {v!r}"

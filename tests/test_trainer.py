@@ -203,6 +203,26 @@ def test_resume_that_extends_epochs_is_what_the_next_resume_continues(tiny_data,
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 2
 
 
+def test_an_image_in_both_train_and_val_is_announced(tiny_data, tmp_path):
+    """An image listed in train.txt and val.txt trained without a word, so the validation
+    scores were not held out. The run still goes on (a smoke test may want it), with a
+    warning naming how many and one of them; disjoint splits say nothing."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    val_first = (root / "val.txt").read_text().split()[0]
+    with open(root / "train.txt", "a") as fh:
+        fh.write(val_first + "\n")
+    logs = []
+    Trainer(_cfg(str(root), tmp_path / "leak", stage=1), log=logs.append).setup()
+    said = [m for m in logs if "in both train.txt and val.txt" in m]
+    assert len(said) == 1 and said[0].startswith("warning: 1 image(s)") and val_first in said[0], logs
+    logs.clear()
+    Trainer(_cfg(tiny_data, tmp_path / "clean", stage=1), log=logs.append).setup()
+    assert not [m for m in logs if "train.txt and val.txt" in m]
+
+
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     """An exception midway through the write (here: in fsync, after the bytes went to the
     temporary file) leaves the old checkpoint loadable and no temporary behind."""
