@@ -12,9 +12,10 @@ reported; each covers the other's blind spot:
   mmapped blocks, every arena), sampled by a thread every ``interval`` seconds. It counts
   memory malloc reuses from earlier frees, but misses a peak shorter than the interval;
 - the kernel's resident-set high-water mark (``VmHWM``, reset at the start through
-  ``/proc/self/clear_refs``). It sees every new page however briefly it lived (an N×N
-  buffer freed within a millisecond included), but not memory malloc reuses without
-  touching new pages.
+  ``/proc/self/clear_refs``, after ``malloc_trim(0)`` has handed the pages malloc kept
+  back to the kernel). It sees every new page however briefly it lived (an N×N buffer
+  freed within a millisecond included); without the trim, a buffer placed in pages an
+  earlier free left resident would raise no mark.
 Neither changes malloc's thresholds, which would distort the timings. Where glibc or the
 reset is missing the other measure stands alone; with neither, the resident set is
 sampled.
@@ -25,7 +26,6 @@ import ctypes
 import os
 import re
 import threading
-import time
 
 import torch
 
@@ -74,14 +74,31 @@ def _status_kb(field: str) -> int | None:
     return int(hit.group(1)) if hit else None
 
 
+def _malloc_trim():
+    try:
+        fn = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    return fn
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
 def reset_resident_peak() -> bool:
-    """Reset the process's resident-set high-water mark (Linux ≥ 4.0); False where it cannot."""
+    """Hand malloc's free pages back to the kernel (glibc), then reset the process's
+    resident-set high-water mark (Linux ≥ 4.0). False where the mark cannot be reset, or
+    the reset was accepted but ignored (the mark still well above the resident set)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
-    return _status_kb("VmHWM") is not None
+    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 4096
 
 
 class PeakMemory:
@@ -107,14 +124,25 @@ class PeakMemory:
         self._hwm_base = resident_bytes() if self._hwm else 0
         self._base = self._peak = heap_bytes()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(started,), daemon=True)
         self._thread.start()
+        started.wait()  # the region starts after the sampler's first read
         return self
 
-    def _sample(self):
-        while not self._stop.is_set():
+    @property
+    def method(self) -> str:
+        """What this region's figure came from (after the region)."""
+        if self.device.type == "cuda":
+            return "CUDA max_memory_allocated"
+        first = "malloc's bytes in use (mallinfo2)" if _HEAP_BYTES is not None else "the resident set"
+        return first + (", sampled, and the resident-set high-water mark" if self._hwm else ", sampled")
+
+    def _sample(self, started):
+        self._peak = max(self._peak, heap_bytes())
+        started.set()
+        while not self._stop.wait(self.interval):
             self._peak = max(self._peak, heap_bytes())
-            self._stop.wait(self.interval)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -131,8 +159,11 @@ class PeakMemory:
 
 
 def describe(device) -> str:
-    """One line for a results table: how its peak column was measured."""
+    """One line for a results table: how its peak column is measured on this machine."""
     if torch.device(device).type == "cuda":
         return "CUDA max_memory_allocated above the level before"
-    return ("the larger of malloc's bytes in use (mallinfo2, sampled every 0.5 ms) and the resident-set "
-            "high-water mark (VmHWM), each above the level before")
+    first = "malloc's bytes in use (mallinfo2" if _HEAP_BYTES is not None else "the resident set ("
+    first += ", sampled every 0.5 ms)" if _HEAP_BYTES is not None else "sampled every 0.5 ms)"
+    if not reset_resident_peak():
+        return first + " above the level before (no resettable VmHWM here)"
+    return f"the larger of {first} and the resident-set high-water mark (VmHWM, after malloc_trim), each above the level before"

@@ -171,8 +171,10 @@ class TrainConfig:
             if choices is not None and value not in choices:
                 bad(f.name, f"must be one of {choices}")
             if value is None and "Optional" not in str(f.type):
-                bad(f.name, "must be given (only the path options take null)")
-            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, "must be given (only the path options take null; a null in a run's "
+                            "config.json stands for an inf or NaN JSON cannot hold: pass the flag)")
+            # grad_clip inf is "no clipping" (torch's clip_grad_norm_ reads it so)
+            if isinstance(value, float) and not math.isfinite(value) and not (f.name == "grad_clip" and value > 0):
                 bad(f.name, "must be a finite number")
         if self.size <= 0 or self.size % 16:
             bad("size", "must be a positive multiple of 16")

@@ -211,18 +211,27 @@ def _lookup(index: dict[str, list[str]], folder: str, name: str, where: str, wha
 
 
 # The mask names of the original downloads, where the mask is not named as its image: GlaS
-# (train_1.bmp, train_1_anno.bmp) and ISIC (ISIC_0000000.jpg, ISIC_0000000_segmentation.png).
-# A mask named exactly as its image always wins; these are looked up only when it is absent.
-MASK_SUFFIXES = ("_anno", "_segmentation")
+# (train_1.bmp, train_1_anno.bmp) and ISIC (ISIC_0000000.jpg, ISIC_0000000_segmentation.png;
+# ISIC 2016: _Segmentation). A mask named exactly as its image always wins; these are looked
+# up only when it is absent, and two of them for one image are refused as ambiguous.
+MASK_SUFFIXES = ("_anno", "_segmentation", "_Segmentation")
 
 
 def mask_key(masks: dict[str, list[str]], stem: str) -> Optional[str]:
     """The key of ``stem``'s mask in a masks folder's index: the stem itself, else the stem
-    with one of MASK_SUFFIXES; None when there is none."""
-    for key in (stem, *(stem + suffix for suffix in MASK_SUFFIXES)):
-        if masks.get(key):
-            return key
-    return None
+    with one of MASK_SUFFIXES; None when there is none. DataError when two suffixed masks
+    would both fit."""
+    if masks.get(stem):
+        return stem
+    hits = [stem + suffix for suffix in MASK_SUFFIXES if masks.get(stem + suffix)]
+    if len(hits) > 1:
+        files = [fn for key in hits for fn in masks[key]]
+        raise DataError(f"the mask of {stem!r} is ambiguous: {', '.join(files)} (keep one)")
+    return hits[0] if hits else None
+
+
+def _mask_names(stem: str) -> str:
+    return ", ".join(repr(n) for n in (stem, *(stem + suffix for suffix in MASK_SUFFIXES)))
 
 
 def split_samples(root: str, split: str, need_masks: bool = True) -> list[Sample]:
@@ -243,7 +252,15 @@ def split_samples(root: str, split: str, need_masks: bool = True) -> list[Sample
         where = f"{split_path}:{no}"
         img = _lookup(images, images_dir, name, where, "image")
         stem = os.path.splitext(os.path.basename(img))[0]
-        msk = _lookup(masks, masks_dir, mask_key(masks, stem) or stem, where, "mask") if need_masks else None
+        msk = None
+        if need_masks:
+            try:
+                key = mask_key(masks, stem)
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
+            if key is None:
+                raise DataError(f"{where}: no mask for {stem!r} in {masks_dir} (looked for {_mask_names(stem)})")
+            msk = _lookup(masks, masks_dir, key, where, "mask")
         out.append(Sample(stem, img, msk, where))
     return out
 
@@ -295,9 +312,16 @@ def make_splits(root: str, seed: int = 0, val: float = 0.1, test: float = 0.1,
             raise DataError(f"{d}: folder not found")
     images, masks = _index_folder(images_dir), _index_folder(masks_dir)
     stems = sorted({os.path.splitext(fn)[0] for fns in images.values() for fn in fns})
+    stem_set = set(stems)
+    masks_as_images = [s for s in stems for suffix in MASK_SUFFIXES
+                       if s.endswith(suffix) and s[:-len(suffix)] in stem_set]
+    if masks_as_images:  # GlaS ships its images and _anno masks in one folder
+        raise DataError(f"{images_dir}: {len(masks_as_images)} file(s) named as the mask of another image, e.g. "
+                        f"{masks_as_images[0]!r}: move the masks to {masks_dir}")
     missing = [s for s in stems if mask_key(masks, s) is None]
     if missing:
-        raise DataError(f"{masks_dir}: no mask for {len(missing)} image(s), e.g. {missing[0]!r}")
+        raise DataError(f"{masks_dir}: no mask for {len(missing)} image(s), e.g. {missing[0]!r} "
+                        f"(looked for {_mask_names(missing[0])})")
     for folder, index in ((images_dir, images), (masks_dir, masks)):  # what train would refuse
         keys = set(stems) if index is images else {mask_key(masks, s) for s in stems}
         twice = [fns for s, fns in index.items() if s in keys and len(fns) > 1]

@@ -33,6 +33,7 @@ in the checkpoints, so a resumed run keeps its negatives.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -586,8 +587,9 @@ class Trainer:
         # config.json holds the settings the run goes on with: a resume that extends --epochs
         # (or changes another resumable field) rewrites it, so that the next plain --resume,
         # which reads it, does not fall back to the first run's settings
-        if self.dist.main:
-            atomic_write_text(os.path.join(self.out, "config.json"), json_text(cfg.to_dict()))
+        if self.dist.main:  # resume=False: the file stays usable as a --config template
+            atomic_write_text(os.path.join(self.out, "config.json"),
+                              json_text(dataclasses.replace(cfg, resume=False).to_dict()))
         if self.dist.main:
             env = environment()
             env["world_size"] = self.dist.world
@@ -958,6 +960,10 @@ class Trainer:
         if self.epoch >= cfg.epochs:
             self.log(f"nothing to train: the run has done its {cfg.epochs} epoch(s); "
                      f"--resume --epochs N (N > {self.epoch}) trains it further")
+            previous = os.path.join(self.out, "summary.json")
+            if os.path.isfile(previous):  # the finished run's summary stands
+                with open(previous, encoding="utf-8") as fh:
+                    return json.load(fh)
         while self.epoch < cfg.epochs:
             epoch_t0, epoch_c0 = time.time(), time.process_time()
             self.sampler.set_epoch(self.epoch, self.batch)

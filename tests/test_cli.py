@@ -120,6 +120,7 @@ def test_bad_flags_and_files(tmp_path, capsys, trained):
     cases += [
         (["train", "--disp-tau", "inf", "--out", str(tmp_path / "a")], "--disp-tau=inf: must be a finite number"),
         (["train", "--grad-clip", "nan", "--out", str(tmp_path / "a")], "--grad-clip=nan: must be a finite number"),
+        (["train", "--grad-clip=-inf", "--out", str(tmp_path / "a")], "--grad-clip=-inf: must be a finite"),
         (["train", "--weight-decay", "-1", "--out", str(tmp_path / "a")], "--weight-decay=-1.0: must be >= 0"),
         (["train", "--size", "16", "--batch-size", "1", "--out", str(tmp_path / "a")], "--batch-size=1: a 16x16"),
         (["evaluate", "--checkpoint", ck, "--data", str(data), "--size", "-16"], "--size=-16: must be a positive"),

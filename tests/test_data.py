@@ -314,6 +314,20 @@ def test_glas_and_isic_mask_names_as_downloaded(tmp_path):
     Image.fromarray(np.zeros((16, 20), np.uint8)).save(root / "masks" / "a_anno.png")
     (root / "train.txt").write_text("a\n")
     assert os.path.basename(D.load_split(str(root), "train")[0].mask) == "a.png"
+    # two download names for one image, and a GlaS folder copied whole into images/: refused
+    root = tmp_path / "twice"
+    _write_set(root, names=["a"])
+    os.remove(root / "masks" / "a.png")
+    for suffix in ("_anno", "_Segmentation"):
+        Image.fromarray(np.zeros((16, 20), np.uint8)).save(root / "masks" / f"a{suffix}.png")
+    (root / "train.txt").write_text("a\n")
+    with pytest.raises(D.DataError, match=r"train.txt:1: the mask of 'a' is ambiguous: a_anno.png, a_Segmentation.png"):
+        D.load_split(str(root), "train")
+    root = tmp_path / "mixed"
+    _write_set(root, names=["t1", "t2"])
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(root / "images" / "t1_anno.png")
+    with pytest.raises(D.DataError, match=r"1 file\(s\) named as the mask of another image, e.g. 't1_anno'"):
+        D.make_splits(str(root), val=0.3, test=0.0)
 
 
 def test_make_splits_never_writes_an_empty_validation_split(tmp_path):

@@ -200,7 +200,12 @@ def test_resume_that_extends_epochs_is_what_the_next_resume_continues(tiny_data,
     assert main(["train", "--out", str(out), "--resume", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "nothing to train: the run has done its 2 epoch(s)" in printed
-    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["seconds"] > 0.5  # the finished run's, kept
+    # the saved config stays a template for a fresh run (it said resume: true)
+    assert json.loads((out / "config.json").read_text())["resume"] is False
+    assert main(["train", "--config", str(out / "config.json"), "--out", str(tmp_path / "again"), "--epochs", "1",
+                 "--threads", "1"]) == 0
 
 
 def test_an_image_in_both_train_and_val_is_announced(tiny_data, tmp_path):
