@@ -35,13 +35,24 @@ class _MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _heap_reader():
-    """A function giving the bytes malloc has in use (glibc's mallinfo2), or None."""
+def _libc_function(name: str, restype=None, argtypes=None):
+    """A glibc function through ctypes, or None where there is no glibc or no such function."""
     try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2
+        fn = getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    fn.restype = _MallInfo2
+    if restype is not None:
+        fn.restype = restype
+    if argtypes is not None:
+        fn.argtypes = argtypes
+    return fn
+
+
+def _heap_reader():
+    """A function giving the bytes malloc has in use (glibc's mallinfo2), or None."""
+    fn = _libc_function("mallinfo2", restype=_MallInfo2)
+    if fn is None:
+        return None
 
     def read() -> int:
         info = fn()
@@ -74,16 +85,7 @@ def _status_kb(field: str) -> int | None:
     return int(hit.group(1)) if hit else None
 
 
-def _malloc_trim():
-    try:
-        fn = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    return fn
-
-
-_MALLOC_TRIM = _malloc_trim()
+_MALLOC_TRIM = _libc_function("malloc_trim", argtypes=[ctypes.c_size_t])
 
 
 def reset_resident_peak() -> bool:
@@ -130,14 +132,6 @@ class PeakMemory:
         started.wait()  # the region starts after the sampler's first read
         return self
 
-    @property
-    def method(self) -> str:
-        """What this region's figure came from (after the region)."""
-        if self.device.type == "cuda":
-            return "CUDA max_memory_allocated"
-        first = "malloc's bytes in use (mallinfo2)" if _HEAP_BYTES is not None else "the resident set"
-        return first + (", sampled, and the resident-set high-water mark" if self._hwm else ", sampled")
-
     def _sample(self, started):
         self._peak = max(self._peak, heap_bytes())
         started.set()
@@ -162,8 +156,9 @@ def describe(device) -> str:
     """One line for a results table: how its peak column is measured on this machine."""
     if torch.device(device).type == "cuda":
         return "CUDA max_memory_allocated above the level before"
-    first = "malloc's bytes in use (mallinfo2" if _HEAP_BYTES is not None else "the resident set ("
-    first += ", sampled every 0.5 ms)" if _HEAP_BYTES is not None else "sampled every 0.5 ms)"
+    sampled = ("malloc's bytes in use (mallinfo2, " if _HEAP_BYTES is not None else "the resident set (") + \
+        "sampled every 0.5 ms)"
     if not reset_resident_peak():
-        return first + " above the level before (no resettable VmHWM here)"
-    return f"the larger of {first} and the resident-set high-water mark (VmHWM, after malloc_trim), each above the level before"
+        return sampled + " above the level before (no resettable VmHWM here)"
+    return (f"the larger of {sampled} and the resident-set high-water mark (VmHWM, after malloc_trim), "
+            "each above the level before")

@@ -40,6 +40,11 @@ DISP_FEATURES = ("f1", "f2", "f3", "f4")
 DISP_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 
+def valid_size(size) -> bool:
+    """An input size the model takes: a positive multiple of 16 (the encoder's stride)."""
+    return isinstance(size, int) and not isinstance(size, bool) and size > 0 and size % 16 == 0
+
+
 @dataclass
 class TrainConfig:
     # ---------------------------------------------------------------- what to train
@@ -176,7 +181,7 @@ class TrainConfig:
             # grad_clip inf is "no clipping" (torch's clip_grad_norm_ reads it so)
             if isinstance(value, float) and not math.isfinite(value) and not (f.name == "grad_clip" and value > 0):
                 bad(f.name, "must be a finite number")
-        if self.size <= 0 or self.size % 16:
+        if not valid_size(self.size):
             bad("size", "must be a positive multiple of 16")
         for name in ("batch_size", "epochs", "synth_size"):
             if getattr(self, name) <= 0:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .config import TrainConfig, UserError
+from .config import TrainConfig, UserError, valid_size
 from .metrics import METRICS, image_metrics, summarize
 from .trainer import (atomic_write_text, build_model_from_config, check_output_dir, json_text, load_checkpoint,
                       make_output_dir, resolve_device)
@@ -30,7 +30,7 @@ from .trainer import (atomic_write_text, build_model_from_config, check_output_d
 def check_inference_options(size: Optional[int], threshold: float) -> None:
     """``--size`` (None: the training size) and ``--threshold`` of evaluate and predict,
     checked before a model is loaded: the messages name the flag and its value."""
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 16):
+    if size is not None and not valid_size(size):
         raise UserError(f"--size={size!r}: must be a positive multiple of 16 (omit it for the training size)")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise UserError(f"--threshold={threshold!r}: must lie in [0, 1] (a probability)")
