@@ -318,12 +318,13 @@ def make_splits(root: str, seed: int = 0, val: float = 0.1, test: float = 0.1,
     if masks_as_images:  # GlaS ships its images and _anno masks in one folder
         raise DataError(f"{images_dir}: {len(masks_as_images)} file(s) named as the mask of another image, e.g. "
                         f"{masks_as_images[0]!r}: move the masks to {masks_dir}")
-    missing = [s for s in stems if mask_key(masks, s) is None]
+    mask_keys = {s: mask_key(masks, s) for s in stems}
+    missing = [s for s in stems if mask_keys[s] is None]
     if missing:
         raise DataError(f"{masks_dir}: no mask for {len(missing)} image(s), e.g. {missing[0]!r} "
                         f"(looked for {_mask_names(missing[0])})")
     for folder, index in ((images_dir, images), (masks_dir, masks)):  # what train would refuse
-        keys = set(stems) if index is images else {mask_key(masks, s) for s in stems}
+        keys = stem_set if index is images else set(mask_keys.values())
         twice = [fns for s, fns in index.items() if s in keys and len(fns) > 1]
         if twice:
             raise DataError(f"{folder}: {len(twice)} name(s) with more than one file, e.g. {', '.join(twice[0])} "

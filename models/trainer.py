@@ -590,7 +590,6 @@ class Trainer:
         if self.dist.main:  # resume=False: the file stays usable as a --config template
             atomic_write_text(os.path.join(self.out, "config.json"),
                               json_text(dataclasses.replace(cfg, resume=False).to_dict()))
-        if self.dist.main:
             env = environment()
             env["world_size"] = self.dist.world
             atomic_write_text(os.path.join(self.out, "env.json"), json_text(env))
