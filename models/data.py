@@ -720,6 +720,13 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         keep_rest = rest and not self.drop_last and (rest >= self.world or self.skip_empty)
         return full + (1 if keep_rest else 0)
 
+    def smallest_batch(self) -> int:
+        """The fewest samples any process gets in one step of an epoch (0: no step)."""
+        full, rest = divmod(self.n, self.global_batch)
+        if self.num_batches() > full:  # the incomplete last batch is kept
+            return rest // self.world
+        return self.batch_size if full else 0
+
     def __len__(self) -> int:
         return sum(1 for _ in self.__iter__())
 

@@ -122,10 +122,9 @@ def image_metrics(pred: torch.Tensor, gt: torch.Tensor, empty_policy: str = "nan
                   with_hd95: bool = True) -> dict[str, float]:
     """Metrics of one binary (H, W) prediction against its binary (H, W) mask.
 
-    Each may also be (1, H, W) or (1, 1, H, W) (not (H, W, 1)), and bool or 0/1 numbers of
-    any dtype; anything else (a
-    probability map, logits, a 0/255 mask) is a ValueError naming it, because ``bool()``
-    would count every non-zero value as foreground. ``batch_metrics`` takes logits."""
+    Each may also be (1, H, W), (1, 1, H, W) or (H, W, 1), and bool or 0/1 numbers of any
+    dtype; anything else (a probability map, logits, a 0/255 mask) is a ValueError naming
+    it, because ``bool()`` would count every non-zero value as foreground. ``batch_metrics`` takes logits."""
     if empty_policy not in EMPTY_POLICIES:
         raise ValueError(f"empty_policy={empty_policy!r}: expected one of {EMPTY_POLICIES}")
     pred, gt = _binary_2d(pred, "pred"), _binary_2d(gt, "gt")

@@ -572,6 +572,13 @@ class Trainer:
         if self.sampler.num_batches() == 0:
             raise UserError(f"{self.data_root}: {len(self.train_ds)} training image(s) cannot fill one step of "
                             f"{w} process(es)")
+        if cfg.size == 16 and self.sampler.smallest_batch() == 1:
+            # config refuses --batch-size 1 at size 16; a last batch of one image does the same
+            raise UserError(f"--size 16: a training step of one image leaves one value per channel at stride 16, "
+                            f"which BatchNorm cannot normalise in training, and {len(self.train_ds)} training "
+                            f"image(s) in batches of {cfg.batch_size}" + (f" over {w} processes" if w > 1 else "")
+                            + " leave such a step: use --size >= 32"
+                            + (", or leave out --no-drop-last" if len(self.train_ds) > cfg.batch_size * w else ""))
         self.val_sampler = D.EpochBatchSampler(len(self.val_ds), cfg.batch_size, cfg.seed, False, False,
                                                rank=r, world=w, skip_empty=True)
 
@@ -956,14 +963,23 @@ class Trainer:
             tqdm = None
         t_start = time.time()
         stopped_early = False
-        if self.epoch >= cfg.epochs:
+        # an early-stopped run resumed with the same patience has nothing left to train either:
+        # the loop would otherwise run one more epoch before it looked at the counter again
+        stopped = cfg.early_stop_patience > 0 and self.bad_epochs >= cfg.early_stop_patience
+        if self.epoch < cfg.epochs and stopped:
+            self.log(f"nothing to train: the run stopped early after epoch {self.epoch} (no better validation "
+                     f"mIoU for {self.bad_epochs} epochs, --early-stop-patience {cfg.early_stop_patience}); "
+                     f"--resume --early-stop-patience N (N > {self.bad_epochs}, or 0: off) trains it further")
+        elif self.epoch >= cfg.epochs:
             self.log(f"nothing to train: the run has done its {cfg.epochs} epoch(s); "
                      f"--resume --epochs N (N > {self.epoch}) trains it further")
+        if self.epoch >= cfg.epochs or stopped:
             previous = os.path.join(self.out, "summary.json")
             if os.path.isfile(previous):  # the finished run's summary stands
                 with open(previous, encoding="utf-8") as fh:
                     return json.load(fh)
-        while self.epoch < cfg.epochs:
+            stopped_early = stopped
+        while self.epoch < cfg.epochs and not stopped_early:
             epoch_t0, epoch_c0 = time.time(), time.process_time()
             self.sampler.set_epoch(self.epoch, self.batch)
             loader = self._loader(self.train_ds, self.sampler)

@@ -264,6 +264,19 @@ def test_sampler_resume_mid_epoch_and_epoch_orders():
     assert list(s2) == full
 
 
+def test_sampler_smallest_batch_is_what_the_epoch_yields():
+    """smallest_batch() (the trainer's size-16 guard reads it) equals the fewest samples any
+    process gets in a step, with and without drop_last, on one process and several."""
+    for n, bs, drop, world in ((12, 4, True, 1), (13, 4, True, 1), (13, 4, False, 1), (9, 4, False, 1),
+                               (1, 8, True, 1), (0, 4, False, 1), (11, 2, False, 2), (13, 2, False, 2),
+                               (9, 2, False, 2), (17, 3, False, 4)):
+        sizes = [len(D.EpochBatchSampler(n, bs, drop_last=drop, rank=r, world=world).shard(b))
+                 for r in range(world)
+                 for b in D.EpochBatchSampler(n, bs, drop_last=drop, rank=r, world=world).batches()]
+        s = D.EpochBatchSampler(n, bs, drop_last=drop, world=world)
+        assert s.smallest_batch() == min(sizes, default=0), (n, bs, drop, world)
+
+
 def test_dataset_augmentation_depends_on_epoch_and_index_only(tmp_path):
     root = _write_set(tmp_path)
     _split(root, "train", ["a", "b", "c"])

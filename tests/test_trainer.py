@@ -137,10 +137,41 @@ def test_amp_step_matches_float32(tiny_data, tmp_path, fused, amp):
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
-def test_grad_clip_and_early_stop(tiny_data, tmp_path):
-    s = Trainer(_cfg(tiny_data, tmp_path / "es", epochs=5, early_stop_patience=1, grad_clip=0.5,
+def test_grad_clip_and_early_stop(tiny_data, tmp_path, capsys):
+    """Early stop ends the run; resuming it with the same patience trains nothing and says
+    so (it used to train one more epoch before looking at the counter again), and a larger
+    patience trains on."""
+    from models.cli import main
+
+    out = tmp_path / "es"
+    s = Trainer(_cfg(tiny_data, out, epochs=5, early_stop_patience=1, grad_clip=0.5,
                      lr=1e-9, lr_encoder=1e-9), log=lambda s: None).run()
     assert s["stopped_early"] and s["epochs_run"] < 5
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--threads", "1"]) == 0
+    assert "nothing to train: the run stopped early" in capsys.readouterr().out
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] == s["epochs_run"]
+    assert json.loads((out / "summary.json").read_text()) == s
+    assert main(["train", "--out", str(out), "--resume", "--threads", "1", "--early-stop-patience", "3"]) == 0
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] > s["epochs_run"]
+
+
+def test_size_16_refuses_a_training_step_of_one_image(tiny_data, tmp_path):
+    """At --size 16 a step of one image leaves one value per channel at stride 16, and
+    BatchNorm raised mid-run. Config refuses --batch-size 1; a last batch of one (12 images
+    in batches of 11 with --no-drop-last) is now refused at set-up, before any training."""
+    from models.config import UserError
+
+    with pytest.raises(UserError, match="--size 16: a training step of one image.*--no-drop-last"):
+        Trainer(_cfg(tiny_data, tmp_path / "a", size=16, batch_size=11, drop_last=False),
+                log=lambda s: None).setup()
+    assert not any((tmp_path / "a").glob("*.pt"))
+    # what it guards against: the step itself fails on a batch of one, mid-run
+    t = Trainer(_cfg(tiny_data, tmp_path / "b", size=16, batch_size=11), log=lambda s: None)
+    t.setup()  # drop_last leaves one batch of 11
+    x, y = torch.rand(1, 3, 16, 16), torch.ones(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="leaves one value per channel at stride 16"):
+        t.train_step(x, y, torch.tensor([0]), None)
 
 
 _KILLER = r"""
