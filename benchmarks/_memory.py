@@ -19,6 +19,10 @@ reported; each covers the other's blind spot:
 Neither changes malloc's thresholds, which would distort the timings. Where glibc or the
 reset is missing the other measure stands alone; with neither, the resident set is
 sampled.
+
+Regions may nest, or overlap from several threads: both marks are process-wide, so a
+region starting inside another first folds the mark so far into every open region, then
+resets it.
 """
 from __future__ import annotations
 
@@ -103,6 +107,10 @@ def reset_resident_peak() -> bool:
     return hwm is not None and rss is not None and hwm <= rss + 4096
 
 
+_OPEN: list["PeakMemory"] = []  # regions entered and not yet left, in any thread
+_OPEN_LOCK = threading.Lock()
+
+
 class PeakMemory:
     """Peak bytes above the level at entry of the region it wraps (see the module's
     docstring for how each device measures it). ``extra`` in bytes, ``extra_mb`` in MiB."""
@@ -116,14 +124,28 @@ class PeakMemory:
     def extra_mb(self) -> float:
         return self.extra / 2**20
 
-    def __enter__(self):
+    def _mark(self) -> int:
+        """The process-wide high-water mark this region reads (bytes, absolute): CUDA's
+        max_memory_allocated, or VmHWM on the CPU (0 where it cannot be reset)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        self._hwm = reset_resident_peak()
-        self._hwm_base = resident_bytes() if self._hwm else 0
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_kb("VmHWM") * 1024 if self._hwm else 0
+
+    def __enter__(self):
+        with _OPEN_LOCK:
+            for region in _OPEN:  # the reset below wipes their mark: keep what it read so far
+                if region.device == self.device:
+                    region._folded = max(region._folded, region._mark())
+            self._folded = 0
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                self._base = torch.cuda.memory_allocated(self.device)
+                _OPEN.append(self)
+                return self
+            self._hwm = reset_resident_peak()
+            self._hwm_base = resident_bytes() if self._hwm else 0
+            _OPEN.append(self)
         self._base = self._peak = heap_bytes()
         self._stop = threading.Event()
         started = threading.Event()
@@ -141,14 +163,18 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.extra = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        with _OPEN_LOCK:
+            _OPEN.remove(self)
+            mark = max(self._folded, self._mark())
+        if self.device.type == "cuda":
+            self.extra = max(0, mark - self._base)
             return
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, heap_bytes())
         extra = self._peak - self._base
         if self._hwm:
-            extra = max(extra, _status_kb("VmHWM") * 1024 - self._hwm_base)
+            extra = max(extra, mark - self._hwm_base)
         self.extra = max(0, extra)
 
 

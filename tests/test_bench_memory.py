@@ -35,3 +35,19 @@ def test_memory_held_at_the_end_and_an_empty_region():
         pass
     assert empty.extra < 2 * MB, empty.extra_mb
     del kept
+
+
+@pytest.mark.skipif(not reset_resident_peak(), reason="no resettable VmHWM (/proc/self/clear_refs) here")
+def test_a_nested_region_keeps_the_outer_regions_peak():
+    """The high-water mark is process-wide: a region opened inside another (or in another
+    thread) reset it, and the outer region lost every peak before that point. The inner
+    region now folds the mark into the open ones before resetting it."""
+    junk = [torch.ones(24 * MB // 4) for _ in range(3)]  # raises glibc's mmap threshold past 16 MiB
+    del junk
+    with PeakMemory("cpu", interval=60.0) as outer:
+        t = torch.ones(16 * MB // 4)  # 16 MiB, written, freed before the inner region
+        del t
+        with PeakMemory("cpu", interval=60.0) as inner:
+            pass
+    assert 15 * MB <= outer.extra < 24 * MB, outer.extra_mb
+    assert inner.extra < 2 * MB, inner.extra_mb
