@@ -11,8 +11,6 @@ written as null).
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from typing import Callable, Optional
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from . import data as D
 from .config import TrainConfig, UserError, valid_size
 from .metrics import METRICS, image_metrics, summarize
-from .trainer import (atomic_write_text, build_model_from_config, check_output_dir, json_text, load_checkpoint,
+from .trainer import (atomic_write_text, build_model_from_config, check_output_dir, csv_text, json_text, load_checkpoint,
                       make_output_dir, resolve_device)
 
 
@@ -99,12 +97,8 @@ def evaluate(checkpoint: str, data: str, split: str = "val", out: Optional[str] 
                     "threshold": threshold, "stage": cfg.stage, "encoder": cfg.encoder})
     if out:
         make_output_dir(out)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["name", *METRICS, "gt_pixels", "pred_pixels"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-        atomic_write_text(os.path.join(out, "per_case.csv"), buf.getvalue())
+        fields = ["name", *METRICS, "gt_pixels", "pred_pixels"]
+        atomic_write_text(os.path.join(out, "per_case.csv"), csv_text(rows, fields))
         atomic_write_text(os.path.join(out, "summary.json"), json_text(summary))
     log(format_summary(summary))
     return summary

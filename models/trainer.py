@@ -123,6 +123,17 @@ def json_text(obj) -> str:
     return json.dumps(clean(obj), indent=1, allow_nan=False) + "\n"
 
 
+def csv_text(rows: list[dict], fieldnames: list[str]) -> str:
+    """CSV of ``rows``, a missing value (NaN, or a key the row lacks) as an empty field,
+    as ``json_text`` writes it null: one spelling of "no value" in every file we write."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fieldnames)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
 def check_output_dir(path: str, what: str = "--out") -> None:
     """A folder the user named can be made (or is one): else a UserError naming it, before any
     work is done."""
@@ -943,11 +954,7 @@ class Trainer:
         keys = list(rows[0].keys())
         for r in rows[1:]:
             keys += [k for k in r if k not in keys]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(os.path.join(self.out, "metrics.csv"), buf.getvalue())
+        atomic_write_text(os.path.join(self.out, "metrics.csv"), csv_text(rows, keys))
         atomic_write_text(os.path.join(self.out, "metrics.json"), json_text(rows))
         if not getattr(self, "_plot_off", False):
             if not plot_curves(rows, os.path.join(self.out, "curves.png")):

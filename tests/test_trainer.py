@@ -21,7 +21,7 @@ from models.config import TrainConfig
 from models.evaluate import evaluate
 from models.losses import consistency, dice_bce, stage1_loss, stage2_loss
 from models.predict import predict
-from models.trainer import Trainer, load_checkpoint, make_adam, save_checkpoint
+from models.trainer import Trainer, json_text, load_checkpoint, make_adam, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,6 +172,17 @@ def test_size_16_refuses_a_training_step_of_one_image(tiny_data, tmp_path):
     x, y = torch.rand(1, 3, 16, 16), torch.ones(1, 1, 16, 16)
     with pytest.raises(ValueError, match="leaves one value per channel at stride 16"):
         t.train_step(x, y, torch.tensor([0]), None)
+
+
+def test_metric_files_write_a_missing_value_one_way():
+    """metrics.csv wrote NaN as "nan" where per_case.csv wrote an empty field (and JSON
+    null): a spreadsheet read one as text and the other as blank. Both CSVs now leave it
+    empty, as they do a key a row lacks."""
+    from models.trainer import csv_text
+
+    text = csv_text([{"a": 1.5, "b": math.nan}, {"a": 2}], ["a", "b"])
+    assert text.splitlines() == ["a,b", "1.5,", "2,"]
+    assert json.loads(json_text({"b": math.nan, "c": [math.inf]})) == {"b": None, "c": [None]}
 
 
 _KILLER = r"""
