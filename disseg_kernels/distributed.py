@@ -74,7 +74,7 @@ import torch.distributed as dist
 
 from . import _backend
 from .ops.dispersive import VARIANT_CODES, _validate
-from .ops._autograd import first_order_only
+from .ops._autograd import first_order_only, scale_saved_grad
 
 _HALF = (torch.float16, torch.bfloat16)
 _INFONCE = ("infonce_l2", "infonce_l2sq", "infonce_cosine")
@@ -571,7 +571,7 @@ class _GlobalDispersive(torch.autograd.Function):
     @first_order_only("the bank / distributed dispersive loss")
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * (grad_loss * ctx.grad_scale).to(grad.dtype), None, None, None, None, None
+        return scale_saved_grad(grad, grad_loss * ctx.grad_scale), None, None, None, None, None
 
 
 def _flat(z: torch.Tensor) -> torch.Tensor:

@@ -347,6 +347,28 @@ def test_grad_output_not_one(backend):
     assert _err(z.grad, 3.7 * ref_g) <= 1e-4 * float(3.7 * ref_g.abs().max())
 
 
+@pytest.mark.parametrize("backend", FUSED_PARAMS + ["distributed", "bank"])
+def test_float16_gradient_under_gradscalers_default_scale(backend):
+    """GradScaler starts at 2**16, which is inf in float16: the backward cast grad_output to
+    z's dtype before scaling, so every float16 gradient came back inf (the scaler skipped the
+    step each time its scale grew back). The scale is now applied in float32."""
+    from disseg_kernels import dispersive_loss_with_bank, distributed_dispersive_loss
+
+    device = _device_for("cpu" if backend in ("distributed", "bank") else backend)
+    z = _sample(8, 64, seed=3).to(device).half().requires_grad_(True)
+    if backend == "distributed":  # no process group: the single-process loss, through its own autograd
+        loss = distributed_dispersive_loss(z)
+    elif backend == "bank":
+        loss = dispersive_loss_with_bank(z, torch.zeros(0, 64, device=device, dtype=torch.float16))
+    else:
+        loss = dispersive_loss(z, backend=backend)
+    (65536.0 * loss).backward()
+    _, ref_g = _ref_loss_and_grad(z.detach().cpu())
+    assert torch.isfinite(z.grad).all()
+    got = z.grad.cpu().double() / 65536.0
+    assert _err(got, ref_g) <= 2e-3 * float(ref_g.abs().max())
+
+
 def test_no_grad_forward_matches():
     """Under no_grad the fused op skips the gradient and returns the same value."""
     z = _sample(40, 16, seed=4)

@@ -16,6 +16,16 @@ import functools
 import torch
 
 
+def scale_saved_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``grad · scale`` in grad's dtype, for a loss whose forward saved dL/dz: the backward of
+    the fused dispersive loss. For half grads the product is taken in float32, because the
+    scale itself may not fit: GradScaler's default 2**16 is inf in float16 (max 65504),
+    which made every gradient inf and the scaler skip the step."""
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        return (grad.float() * scale.float()).to(grad.dtype)
+    return grad * scale.to(grad.dtype)
+
+
 def error_on_differentiation(outputs, op: str):
     """``outputs`` (a tensor or a tuple, Nones allowed) as values that raise if differentiated."""
     single = not isinstance(outputs, tuple)

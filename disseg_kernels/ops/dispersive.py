@@ -16,7 +16,7 @@ import torch
 
 from .. import _backend
 from ..reference.dispersive import DIAGONALS, VARIANTS, dispersive_loss_reference, zero_loss
-from ._autograd import error_on_differentiation
+from ._autograd import error_on_differentiation, scale_saved_grad
 
 # The integer codes the compiled kernels use for the variants (csrc/dispersive.cpp,
 # csrc/dispersive_cuda.cu and triton/dispersive.py share them).
@@ -119,7 +119,7 @@ def _backward(ctx, grad_loss, _grad_of_grad):
             "dispersive_loss was computed without its gradient (z did not require grad "
             "or grad mode was off) and cannot be differentiated"
         )
-    dz = grad * grad_loss.to(grad.dtype)
+    dz = scale_saved_grad(grad, grad_loss)
     if torch.is_grad_enabled():  # create_graph=True: a second derivative through dz would be 0, not d²L
         dz = error_on_differentiation(dz, "dispersive_loss")
     return (dz, None, None, None, None, None, None, None)
