@@ -206,16 +206,16 @@ def compile_check_small() -> list[dict]:
         block_k = 32 if block_n >= 64 else 64
         cases = [("gram_partial", tdisp._gram_partial_kernel,
                   {"Z": "*bf16", "PART": "*fp64", "N": "i32", "D": "i32", "CHUNK": "i32"},
-                  {"BLOCK_N": block_n, "BLOCK_K": block_k}, 8 if block_n >= 64 else 4)]
+                  {"BLOCK_N": block_n, "BLOCK_K": block_k, "SHIFT": True}, 8 if block_n >= 64 else 4)]
         for variant in range(4):
             cases.append((f"coefficients v{variant}", tdisp._small_coefficients_kernel,
                           {"GRAM": "*fp64", "C": "*fp32", "LOSS": "*fp64", "N": "i32", "TAU": "i64", "MARGIN": "i64",
                            "SCALE": "i64", "PAIRS": "i64"},
-                          {"VARIANT": variant, "INCLUDE_DIAG": False, "DUP_EPS": tdisp._DUP_EPS_FP64,
+                          {"VARIANT": variant, "INCLUDE_DIAG": False, "DUP_EPS": tdisp.DUP_EPS[torch.float64],
                            "BLOCK_N": block_n}, tdisp._small_warps(block_n)))
         cases.append(("rowmix", tdisp._rowmix_kernel,
                       {"C": "*fp32", "Z": "*bf16", "OUT": "*bf16", "N": "i32", "D": "i32"},
-                      {"BLOCK_N": block_n, "BLOCK_D": 64 if block_n >= 64 else 128, "CDT": tl.float32},
+                      {"BLOCK_N": block_n, "BLOCK_D": 64 if block_n >= 64 else 128, "CDT": tl.float32, "SHIFT": True},
                       tdisp._small_warps(block_n)))
         for name, fn, sig, consts, warps in cases:
             attrs = {(i,): div16 for i, a in enumerate(fn.arg_names) if sig.get(a, "").startswith("*")}

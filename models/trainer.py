@@ -4,6 +4,7 @@ One :class:`Trainer` runs one stage into one run folder::
 
     OUT/config.json     the resolved config          OUT/env.json   versions, git hash, argv
     OUT/metrics.csv     one row per epoch            OUT/metrics.json  the same rows
+                        (val_loss: the main mask's DiceBCE, which ReduceLROnPlateau watches)
     OUT/curves.png      training curves (matplotlib; skipped with a notice if absent)
     OUT/best.pt         best validation mIoU         OUT/last.pt    the latest state
     OUT/transfer.json   Stage II: the keys copied from the Stage I checkpoint and the rest
@@ -981,6 +982,8 @@ class Trainer:
             self.log(f"nothing to train: the run has done its {cfg.epochs} epoch(s); "
                      f"--resume --epochs N (N > {self.epoch}) trains it further")
         if self.epoch >= cfg.epochs or stopped:
+            if self.dist.main:  # a kill between last.pt and the logs left them an epoch short
+                self._write_logs()
             previous = os.path.join(self.out, "summary.json")
             if os.path.isfile(previous):  # the finished run's summary stands
                 with open(previous, encoding="utf-8") as fh:

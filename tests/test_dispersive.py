@@ -348,12 +348,15 @@ def test_grad_output_not_one(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED_PARAMS + ["distributed", "bank"])
-def test_float16_gradient_under_gradscalers_default_scale(backend):
+def test_float16_gradient_under_gradscalers_default_scale(backend, monkeypatch):
     """GradScaler starts at 2**16, which is inf in float16: the backward cast grad_output to
     z's dtype before scaling, so every float16 gradient came back inf (the scaler skipped the
     step each time its scale grew back). The scale is now applied in float32."""
     from disseg_kernels import dispersive_loss_with_bank, distributed_dispersive_loss
 
+    from disseg_kernels.ops import _autograd
+
+    monkeypatch.setattr(_autograd, "_SCALE_CHUNK", 100)  # 512 elements: 5 chunks and a partial one
     device = _device_for("cpu" if backend in ("distributed", "bank") else backend)
     z = _sample(8, 64, seed=3).to(device).half().requires_grad_(True)
     if backend == "distributed":  # no process group: the single-process loss, through its own autograd

@@ -148,8 +148,15 @@ def test_grad_clip_and_early_stop(tiny_data, tmp_path, capsys):
                      lr=1e-9, lr_encoder=1e-9), log=lambda s: None).run()
     assert s["stopped_early"] and s["epochs_run"] < 5
     capsys.readouterr()
+    # a kill after last.pt and before the logs: the resume that has nothing to train
+    # rewrites them from the checkpoint's history
+    logged = (out / "metrics.csv").read_text()
+    (out / "metrics.csv").unlink()
+    (out / "metrics.json").unlink()
     assert main(["train", "--out", str(out), "--resume", "--threads", "1"]) == 0
     assert "nothing to train: the run stopped early" in capsys.readouterr().out
+    assert (out / "metrics.csv").read_text() == logged
+    assert len(json.loads((out / "metrics.json").read_text())) == s["epochs_run"]
     assert load_checkpoint(str(out / "last.pt"))["epoch"] == s["epochs_run"]
     assert json.loads((out / "summary.json").read_text()) == s
     assert main(["train", "--out", str(out), "--resume", "--threads", "1", "--early-stop-patience", "3"]) == 0

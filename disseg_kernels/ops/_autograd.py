@@ -16,14 +16,23 @@ import functools
 import torch
 
 
+_SCALE_CHUNK = 1 << 24  # elements per float32 temporary (64 MB) in scale_saved_grad
+
+
 def scale_saved_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``grad · scale`` in grad's dtype, for a loss whose forward saved dL/dz: the backward of
-    the fused dispersive loss. For half grads the product is taken in float32, because the
-    scale itself may not fit: GradScaler's default 2**16 is inf in float16 (max 65504),
-    which made every gradient inf and the scaler skip the step."""
-    if grad.dtype in (torch.float16, torch.bfloat16):
-        return (grad.float() * scale.float()).to(grad.dtype)
-    return grad * scale.to(grad.dtype)
+    the fused dispersive loss. For half grads each product is taken in float32 and rounded
+    once, because the scale itself may not fit: GradScaler's default 2**16 is inf in float16
+    (max 65504), which made every gradient inf and the scaler skip the step (and bf16 would
+    round the scale to 8 bits). In chunks, so that the float32 copy stays 64 MB where the
+    gradient is gigabytes (N·D > 2**31 in bf16 is 4.3 GB)."""
+    if grad.dtype not in (torch.float16, torch.bfloat16):
+        return grad * scale.to(grad.dtype)
+    out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+    src, dst, s = grad.reshape(-1), out.view(-1), scale.float()
+    for k in range(0, src.numel(), _SCALE_CHUNK):
+        dst[k:k + _SCALE_CHUNK].copy_(src[k:k + _SCALE_CHUNK].float().mul_(s))
+    return out
 
 
 def error_on_differentiation(outputs, op: str):

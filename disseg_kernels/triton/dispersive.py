@@ -61,10 +61,16 @@ _MAX_DO = 256
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
 
-# Relative threshold under which d^2 computed from the Gram matrix is rounding noise and the
-# pair is treated as a duplicate (d = 0, subgradient 0, never 1/0).
-_DUP_EPS_FP32 = 2e-6
-_DUP_EPS_FP64 = 1e-12
+# A pair is a duplicate (d = 0, subgradient 0, never 1/0) where its Gram distance
+# d^2 = n_i + n_j - 2 g_ij is <= DUP_EPS (n_i + n_j), DUP_EPS by the accumulation dtype:
+# - float32: 0, so where it is <= 0. It was 2e-6: every pair closer than ~1.4e-3 at unit
+#   norm lost its gradient, a relative gradient error of 1.0 where near-duplicate rows
+#   dominate the softmax, against eager's 0.03-0.13 from the same float32 Gram noise (now
+#   0.02-0.12). The C++ kernel recomputes such tiles in float64 instead.
+# - float64: 1e-12 (pairs within ~1e-6 of a norm, as the C++ float64 tiles): a duplicate's
+#   rounding noise (~1e-16) would otherwise give it d ~ 1e-8 and a gradient.
+# The kernels take it as a parameter (PARAMS, the few-samples kernel's DUP_EPS).
+DUP_EPS = {torch.float32: 0.0, torch.float64: 1e-12}
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -631,8 +637,7 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
     out = torch.empty((splits, n, d) if need_grad else (1, 1, 1), device=z.device, dtype=acc_dtype)
 
     ACC, GRAM_PREC, PV_DTYPE, PV_PREC = _dot_settings(z.dtype)
-    dup_eps = _DUP_EPS_FP64 if z.dtype == torch.float64 else _DUP_EPS_FP32
-    params = device_params((scale, 1.0 / tau, margin, dup_eps), acc_dtype, z.device)
+    params = device_params((scale, 1.0 / tau, margin, DUP_EPS[acc_dtype]), acc_dtype, z.device)
     args = (z, sqn, rinv, proj, out, m_out, s_out, n, d, col_chunk, min(triton.next_power_of_2(n), 16384), params)
     direct_d = d if d <= _DIRECT_MAX_D else 0
     meta = dict(
@@ -694,6 +699,7 @@ def _gram_partial_kernel(
     CHUNK,  # columns per program, a multiple of BLOCK_K
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SHIFT: tl.constexpr,  # the Gram of z_i - z_0 (the L2 family: distances ignore a shift)
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N).to(tl.int64)
@@ -705,6 +711,11 @@ def _gram_partial_kernel(
         kk = start + k0 + ks
         zt = tl.load(Z + rows[:, None] * D + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < D), other=0.0)
         zt = zt.to(tl.float32)
+        if SHIFT:
+            # rows sharing a large common part (features after a ReLU) would leave d^2 =
+            # n_i + n_j - 2 g_ij the difference of large, float32-rounded chunk products
+            z0 = tl.load(Z + kk, mask=kk < D, other=0.0).to(tl.float32)
+            zt = tl.where(row_ok[:, None], zt - z0[None, :], 0.0)
         # float64 tl.dot does not lower on GPUs (Hopper: "PassManager::run failed"): each
         # BLOCK_K-long partial product is exact-ish in float32 (fp32 FMA, no TF32), and the
         # long sum over D, where float32 loses ~6e-3, is carried in float64.
@@ -723,6 +734,7 @@ def _rowmix_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CDT: tl.constexpr,
+    SHIFT: tl.constexpr,  # C @ (Z - 1 z_0^T): equal to C @ Z where C's rows sum to 0 (the L2 family)
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N).to(tl.int64)
@@ -731,15 +743,18 @@ def _rowmix_kernel(
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     mask = row_ok[:, None] & (cols[None, :] < D)
     zt = tl.load(Z + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(CDT)
+    if SHIFT:  # without the common part, sum_j c_ij z_j cancels nothing large
+        z0 = tl.load(Z + cols, mask=cols < D, other=0.0).to(CDT)
+        zt = tl.where(mask, zt - z0[None, :], 0.0)
     out = tl.dot(c, zt, input_precision="ieee", out_dtype=CDT)
     if OUT.dtype.element_ty != CDT:
         out = out.to(tl.float32)  # float64 -> half goes through float32 (the interpreter needs it)
     tl.store(OUT + rows[:, None] * D + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _gram_float64(z: torch.Tensor, block_n: int) -> torch.Tensor:
-    """The N x N Gram matrix of z accumulated in float64, split over D, zero-padded to
-    (block_n, block_n)."""
+def _gram_float64(z: torch.Tensor, block_n: int, shift: bool = False) -> torch.Tensor:
+    """The N x N Gram matrix of z (of z_i - z_0 with ``shift``) accumulated in float64,
+    split over D, zero-padded to (block_n, block_n)."""
     n, d = z.shape
     if z.dtype == torch.float64:
         gram = z @ z.T  # a float64 GEMM (float64 tl.dot does not lower on GPUs)
@@ -752,7 +767,7 @@ def _gram_float64(z: torch.Tensor, block_n: int) -> torch.Tensor:
         chunk = max(block_k, triton.cdiv(triton.cdiv(d, 1024), block_k) * block_k)
     n_chunks = triton.cdiv(d, chunk)
     part = torch.empty((n_chunks, block_n, block_n), device=z.device, dtype=torch.float64)
-    _gram_partial_kernel[(n_chunks,)](z, part, n, d, chunk, BLOCK_N=block_n, BLOCK_K=block_k,
+    _gram_partial_kernel[(n_chunks,)](z, part, n, d, chunk, BLOCK_N=block_n, BLOCK_K=block_k, SHIFT=shift,
                                       num_warps=8 if block_n >= 64 else 4)
     return part.sum(0) if n_chunks > 1 else part[0]
 
@@ -880,7 +895,11 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
     one pass C @ Z for the gradient: four launches whatever the variant."""
     n, d = z.shape
     block_n = max(16, triton.next_power_of_2(n))
-    gram = _gram_float64(z, block_n)
+    # The L2 family's distances and gradient ignore a common shift of the rows, so float32 z
+    # is read as z_i - z_0: float32 chunk products of rows 1 ± 0.01 cost 100x eager's error
+    # unshifted. Cosine depends on the norms themselves.
+    shift = variant != 2 and z.dtype != torch.float64
+    gram = _gram_float64(z, block_n, shift)
     # C is at most 64 x 64: each gradient entry sums <= 64 products, so float32 (fp32 FMA,
     # no TF32) keeps it within ~1e-7 of float64; float64 z keeps float64.
     c = torch.empty((block_n, block_n), device=z.device, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
@@ -888,7 +907,7 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
     pairs = n * n if include_diagonal else n * (n - 1)
     _small_coefficients_kernel[(1,)](
         gram, c, loss, n, _f64_bits(tau), _f64_bits(margin), _f64_bits(scale), _f64_bits(pairs), VARIANT=variant,
-        INCLUDE_DIAG=bool(include_diagonal), DUP_EPS=_DUP_EPS_FP64, BLOCK_N=block_n, num_warps=_small_warps(block_n))
+        INCLUDE_DIAG=bool(include_diagonal), DUP_EPS=DUP_EPS[torch.float64], BLOCK_N=block_n, num_warps=_small_warps(block_n))
     loss = loss[0]
     grad = None
     if need_grad:
@@ -897,7 +916,8 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
         grad = torch.empty_like(z)
         block_d = 64 if block_n >= 64 else 128
         _rowmix_kernel[(triton.cdiv(d, block_d),)](
-            c, z, grad, n, d, BLOCK_N=block_n, BLOCK_D=block_d, CDT=tl.float32, num_warps=_small_warps(block_n),
+            c, z, grad, n, d, BLOCK_N=block_n, BLOCK_D=block_d, CDT=tl.float32, SHIFT=shift,
+            num_warps=_small_warps(block_n),
         )
     return loss, grad
 
