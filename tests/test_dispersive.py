@@ -469,12 +469,24 @@ def test_numpy_numbers_are_options_and_tensors_are_refused_clearly():
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         dispersive_loss(torch.randn(5))
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match="float64, float32, bfloat16 or float16 tensor, got dtype torch.int64"):
         dispersive_loss(torch.ones(4, 3, dtype=torch.int64))
+    nan = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
     with pytest.raises(ValueError, match="non-finite"):
-        dispersive_loss(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), check_finite=True)
+        dispersive_loss(nan, check_finite=True)
     with pytest.raises(ValueError, match="tau"):
         disseg_kernels.DispersiveLoss(tau=-2)
+    # each backend failed its own way on float8 (RuntimeError, NotImplementedError, TypeError)
+    with pytest.raises(TypeError, match="got dtype torch.float8_e4m3fn .cast float8 to bfloat16 first"):
+        dispersive_loss(torch.ones(4, 3).to(torch.float8_e4m3fn))
+    # scale_by_dim at D = 0 gave NaN or -inf (one process) and a ZeroDivisionError (distributed)
+    for fn in (dispersive_loss, disseg_kernels.distributed_dispersive_loss):
+        with pytest.raises(ValueError, match=r"scale_by_dim=True divides every distance by D, and z of shape \(4, 0\)"):
+            fn(torch.ones(4, 0), scale_by_dim=True)
+    # the module had no check_finite (the spec's "when checking is on" only reached the function)
+    with pytest.raises(ValueError, match="non-finite"):
+        disseg_kernels.DispersiveLoss(check_finite=True)(nan)
+    assert "check_finite=True" in repr(disseg_kernels.DispersiveLoss(check_finite=True))
 
 
 def test_unavailable_backend_says_why():

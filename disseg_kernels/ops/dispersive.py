@@ -23,6 +23,7 @@ from ._autograd import error_on_differentiation, scale_saved_grad
 VARIANT_CODES = {name: code for code, name in enumerate(VARIANTS)}
 
 _HALF = (torch.float16, torch.bfloat16)
+_DTYPES = (torch.float64, torch.float32) + _HALF
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,8 +134,9 @@ def _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite):
         raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
     if z.dim() < 2:
         raise ValueError(f"z must have shape (N, *) with at least 2 dimensions, got shape {tuple(z.shape)}")
-    if not z.dtype.is_floating_point:
-        raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}")
+    if z.dtype not in _DTYPES:
+        raise TypeError(f"z must be a float64, float32, bfloat16 or float16 tensor, got dtype {z.dtype}"
+                        + (" (cast float8 to bfloat16 first)" if z.dtype.is_floating_point else ""))
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     for name, value in (("tau", tau), ("margin", margin)):
@@ -148,6 +150,8 @@ def _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite):
         raise ValueError(f"diagonal must be one of {DIAGONALS}, got {diagonal!r}")
     if not isinstance(scale_by_dim, bool):
         raise TypeError(f"scale_by_dim must be a bool, got {scale_by_dim!r}")
+    if scale_by_dim and math.prod(z.shape[1:]) == 0:
+        raise ValueError(f"scale_by_dim=True divides every distance by D, and z of shape {tuple(z.shape)} has D = 0")
     if check_finite and not torch.isfinite(z).all():
         raise ValueError("z holds a non-finite value (NaN or inf); check_finite=True rejects it")
 
@@ -221,20 +225,26 @@ class DispersiveLoss(torch.nn.Module):
         diagonal: str = "exclude",
         scale_by_dim: bool = False,
         backend: str = "auto",
+        check_finite: bool = False,
     ):
         super().__init__()
         # Validate once here, with a dummy input, so a bad option fails at construction.
         _validate(torch.zeros(2, 1), variant, tau, margin, diagonal, scale_by_dim, False)
         if backend not in _backend.BACKENDS:
             raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         self.variant, self.tau, self.margin = variant, float(tau), float(margin)
         self.diagonal, self.scale_by_dim, self.backend = diagonal, scale_by_dim, backend
+        self.check_finite = check_finite
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return dispersive_loss(z, self.variant, self.tau, self.margin, self.diagonal, self.scale_by_dim, self.backend)
+        return dispersive_loss(z, self.variant, self.tau, self.margin, self.diagonal, self.scale_by_dim, self.backend,
+                               self.check_finite)
 
     def extra_repr(self) -> str:
         return (
             f"variant={self.variant!r}, tau={self.tau}, margin={self.margin}, "
             f"diagonal={self.diagonal!r}, scale_by_dim={self.scale_by_dim}, backend={self.backend!r}"
+            + (", check_finite=True" if self.check_finite else "")
         )
