@@ -985,9 +985,11 @@ class Trainer:
             if self.dist.main:  # a kill between last.pt and the logs left them an epoch short
                 self._write_logs()
             previous = os.path.join(self.out, "summary.json")
-            if os.path.isfile(previous):  # the finished run's summary stands
+            if os.path.isfile(previous):  # the finished run's summary stands, if it is this state's
                 with open(previous, encoding="utf-8") as fh:
-                    return json.load(fh)
+                    summary = json.load(fh)
+                if (summary.get("epochs_run"), summary.get("steps")) == (self.epoch, self.global_step):
+                    return summary
             stopped_early = stopped
         while self.epoch < cfg.epochs and not stopped_early:
             epoch_t0, epoch_c0 = time.time(), time.process_time()

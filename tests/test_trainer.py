@@ -251,6 +251,13 @@ def test_resume_that_extends_epochs_is_what_the_next_resume_continues(tiny_data,
     assert "nothing to train: the run has done its 2 epoch(s)" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 2 and summary["seconds"] > 0.5  # the finished run's, kept
+    # a kill after the last last.pt and before summary.json: the resume that has nothing
+    # to train writes this run's summary, not the one an earlier, shorter run left
+    stale = dict(summary, epochs_run=1, steps=3, seconds=0.0)
+    (out / "summary.json").write_text(json.dumps(stale))
+    assert main(["train", "--out", str(out), "--resume", "--threads", "1"]) == 0
+    rewritten = json.loads((out / "summary.json").read_text())
+    assert (rewritten["epochs_run"], rewritten["steps"]) == (2, summary["steps"])
     # the saved config stays a template for a fresh run (it said resume: true)
     assert json.loads((out / "config.json").read_text())["resume"] is False
     assert main(["train", "--config", str(out / "config.json"), "--out", str(tmp_path / "again"), "--epochs", "1",
