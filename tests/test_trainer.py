@@ -137,6 +137,50 @@ def test_amp_step_matches_float32(tiny_data, tmp_path, fused, amp):
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
+def test_defaults_are_the_specs():
+    """spec/trainer.md's training recipe and model.md's dispersive defaults, as the
+    defaults a plain `disseg train` runs with (every test builds its own config, so
+    nothing else would notice one drifting)."""
+    c = TrainConfig()
+    assert (c.lr, c.lr_encoder, c.batch_size, c.size) == (1e-4, 1e-4, 8, 256)
+    assert (c.plateau_patience, c.early_stop_patience) == (30, 100)
+    assert (c.rotate_deg, c.rotate_p, c.hflip_p, c.vflip_p) == (35.0, 0.3, 0.3, 0.3)
+    assert (c.dropout_p, c.dropout_holes, c.dropout_size) == (0.3, 10, 32)
+    assert (c.jitter_brightness, c.jitter_contrast, c.jitter_saturation, c.jitter_hue, c.gray_p) == (
+        0.3, 0.3, 0.3, 0.1, 0.5)
+    assert (c.blur_kx, c.blur_ky, c.blur_sigma_min, c.blur_sigma_max) == (1, 7, 0.1, 3.0)
+    assert (c.disp_weight, c.disp_tau, c.disp_variant, c.disp_feature, c.disp_granularity) == (
+        0.2, 0.5, "infonce_l2", "f4", "sample")
+    assert c.threshold == 0.5 and c.encoder == "resnet50"
+
+
+def test_adam_groups_and_plateau_on_validation_loss(tiny_data, tmp_path, monkeypatch):
+    """Adam with the encoder and the rest as separate groups (their own lr), and
+    ReduceLROnPlateau stepped with each epoch's validation loss: with patience 0 and the
+    validation loss held at 1.0, the second epoch cuts both rates tenfold."""
+    t = Trainer(_cfg(tiny_data, tmp_path / "pl", epochs=2, plateau_patience=0, lr=2e-6, lr_encoder=1e-6),
+                log=lambda s: None)
+    t.setup()
+    enc = {id(p) for p in t.model.encoder.parameters()}
+    groups = t.optimizer.param_groups
+    assert len(groups) == 2 and {id(p) for p in groups[0]["params"]} == enc
+    assert not enc & {id(p) for p in groups[1]["params"]}
+    seen = []
+    step = type(t.scheduler).step
+
+    def recording_step(self, metric, *args, **kwargs):
+        seen.append(float(metric))
+        return step(self, metric, *args, **kwargs)
+
+    monkeypatch.setattr(type(t.scheduler), "step", recording_step)
+    validate = t.validate
+    monkeypatch.setattr(t, "validate", lambda *a, **k: dict(validate(*a, **k), loss=1.0))
+    t.run()
+    assert seen == [r["val_loss"] for r in t.history] == [1.0, 1.0]
+    assert [r["lr_encoder"] for r in t.history] == pytest.approx([1e-6, 1e-7])
+    assert [r["lr"] for r in t.history] == pytest.approx([2e-6, 2e-7])
+
+
 def test_grad_clip_and_early_stop(tiny_data, tmp_path, capsys):
     """Early stop ends the run; resuming it with the same patience trains nothing and says
     so (it used to train one more epoch before looking at the counter again), and a larger
