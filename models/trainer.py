@@ -451,6 +451,20 @@ class Trainer:
             self.log(f"warning: {len(both)} image(s) are in both train.txt and val.txt, e.g. "
                      f"{os.path.basename(both[0])}: the validation scores are not held out")
 
+    def _warn_unused_dispersive_options(self) -> None:
+        """--disp-tau and --disp-margin each serve some variants only: one changed from its
+        default for a variant that ignores it is said, never silently dropped."""
+        cfg = self.cfg
+        if not cfg.dispersive or not self.dist.main:
+            return
+        default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        if cfg.disp_variant in ("hinge", "covariance") and cfg.disp_tau != default["disp_tau"]:
+            self.log(f"warning: --disp-tau {cfg.disp_tau:g} has no effect on --disp-variant {cfg.disp_variant} "
+                     f"(the temperature of the infonce variants)")
+        if cfg.disp_variant != "hinge" and cfg.disp_margin != default["disp_margin"]:
+            self.log(f"warning: --disp-margin {cfg.disp_margin:g} has no effect on --disp-variant "
+                     f"{cfg.disp_variant} (the hinge's margin)")
+
     def _check_resume(self, saved: dict) -> None:
         diffs = [f"--{k.replace('_', '-')}: run has {saved.get(k)!r}, now {v!r}"
                  for k, v in self.cfg.to_dict().items()
@@ -522,6 +536,7 @@ class Trainer:
         self.dist.barrier()  # every rank has checked --out before rank 0 writes into it
         self._main_only(self._prepare_data_main)
         self._prepare_data()  # validates every file before anything is written
+        self._warn_unused_dispersive_options()
         if self.dist.main:
             make_output_dir(self.out)
             remove_stale_temporaries(self.out)

@@ -340,6 +340,21 @@ def test_resume_that_extends_epochs_is_what_the_next_resume_continues(tiny_data,
                  "--threads", "1"]) == 0
 
 
+def test_dispersive_options_a_variant_ignores_are_announced(tiny_data, tmp_path):
+    """--disp-tau with the hinge or covariance variant, and --disp-margin with any but the
+    hinge, were dropped without a word; each is now a warning (defaults say nothing)."""
+    said = []
+    for i, (variant, extra) in enumerate((("hinge", dict(disp_tau=0.1)), ("infonce_l2", dict(disp_margin=5.0)),
+                                          ("hinge", dict(disp_margin=5.0)), ("covariance", {}))):
+        lines = []
+        Trainer(_cfg(tiny_data, tmp_path / f"w{i}", disp_variant=variant, **extra), log=lines.append).setup()
+        said.append([ln for ln in lines if "has no effect" in ln])
+    assert said[0] == ["warning: --disp-tau 0.1 has no effect on --disp-variant hinge "
+                       "(the temperature of the infonce variants)"]
+    assert said[1] == ["warning: --disp-margin 5 has no effect on --disp-variant infonce_l2 (the hinge's margin)"]
+    assert said[2] == said[3] == []
+
+
 def test_an_image_in_both_train_and_val_is_announced(tiny_data, tmp_path):
     """An image listed in train.txt and val.txt trained without a word, so the validation
     scores were not held out. The run still goes on (a smoke test may want it), with a
