@@ -211,7 +211,7 @@ def compile_check_small() -> list[dict]:
             cases.append((f"coefficients v{variant}", tdisp._small_coefficients_kernel,
                           {"GRAM": "*fp64", "C": "*fp32", "LOSS": "*fp64", "N": "i32", "TAU": "i64", "MARGIN": "i64",
                            "SCALE": "i64", "PAIRS": "i64"},
-                          {"VARIANT": variant, "INCLUDE_DIAG": False, "DUP_EPS": tdisp.DUP_EPS[torch.float64],
+                          {"VARIANT": variant, "INCLUDE_DIAG": False, "DUP_EPS": tdisp.dup_threshold(torch.float64),
                            "BLOCK_N": block_n}, tdisp._small_warps(block_n)))
         cases.append(("rowmix", tdisp._rowmix_kernel,
                       {"C": "*fp32", "Z": "*bf16", "OUT": "*bf16", "N": "i32", "D": "i32"},

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from . import data as D
 from .config import TrainConfig, UserError, valid_size
 from .metrics import METRICS, image_metrics, summarize
-from .trainer import (atomic_write_text, build_model_from_config, check_output_dir, csv_text, json_text, load_checkpoint,
-                      make_output_dir, resolve_device)
+from .trainer import (atomic_write_text, build_model_from_config, check_output_dir, csv_text, json_text,
+                      load_checkpoint, make_output_dir, resolve_device)
 
 
 def check_inference_options(size: Optional[int], threshold: float) -> None:

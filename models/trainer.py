@@ -536,6 +536,23 @@ class Trainer:
         self.dist.barrier()  # every rank has checked --out before rank 0 writes into it
         self._main_only(self._prepare_data_main)
         self._prepare_data()  # validates every file before anything is written
+        # the samplers (and their refusals) before --out is made or a model built
+        r, w = self.dist.rank, self.dist.world
+        self.sampler = D.EpochBatchSampler(len(self.train_samples), cfg.batch_size, cfg.seed, True, cfg.drop_last,
+                                           rank=r, world=w)
+        if self.sampler.num_batches() == 0:
+            raise UserError(f"{self.data_root}: {len(self.train_samples)} training image(s) cannot fill one "
+                            f"step of {w} process(es)")
+        n_train = len(self.train_samples)
+        if cfg.size == 16 and self.sampler.smallest_batch() == 1:
+            # config refuses --batch-size 1 at size 16; a last batch of one image does the same
+            raise UserError(f"--size 16: a training step of one image leaves one value per channel at stride 16, "
+                            f"which BatchNorm cannot normalise in training, and {n_train} training image(s) in "
+                            f"batches of {cfg.batch_size}" + (f" over {w} processes" if w > 1 else "")
+                            + " leave such a step: use --size >= 32"
+                            + (", or leave out --no-drop-last" if n_train > cfg.batch_size * w else ""))
+        self.val_sampler = D.EpochBatchSampler(len(self.val_samples), cfg.batch_size, cfg.seed, False, False,
+                                               rank=r, world=w, skip_empty=True)
         self._warn_unused_dispersive_options()
         if self.dist.main:
             make_output_dir(self.out)
@@ -593,21 +610,6 @@ class Trainer:
         strong = self.photo if cfg.stage == 1 and self._workers() > 0 else None
         self.train_ds = D.SegDataset(self.train_samples, cfg.size, self.aug, cfg.seed, strong=strong)
         self.val_ds = D.SegDataset(self.val_samples, cfg.size, None, cfg.seed)
-        r, w = self.dist.rank, self.dist.world
-        self.sampler = D.EpochBatchSampler(len(self.train_ds), cfg.batch_size, cfg.seed, True, cfg.drop_last,
-                                           rank=r, world=w)
-        if self.sampler.num_batches() == 0:
-            raise UserError(f"{self.data_root}: {len(self.train_ds)} training image(s) cannot fill one step of "
-                            f"{w} process(es)")
-        if cfg.size == 16 and self.sampler.smallest_batch() == 1:
-            # config refuses --batch-size 1 at size 16; a last batch of one image does the same
-            raise UserError(f"--size 16: a training step of one image leaves one value per channel at stride 16, "
-                            f"which BatchNorm cannot normalise in training, and {len(self.train_ds)} training "
-                            f"image(s) in batches of {cfg.batch_size}" + (f" over {w} processes" if w > 1 else "")
-                            + " leave such a step: use --size >= 32"
-                            + (", or leave out --no-drop-last" if len(self.train_ds) > cfg.batch_size * w else ""))
-        self.val_sampler = D.EpochBatchSampler(len(self.val_ds), cfg.batch_size, cfg.seed, False, False,
-                                               rank=r, world=w, skip_empty=True)
 
         # position and bookkeeping
         self.epoch, self.batch, self.global_step = 0, 0, 0
@@ -976,6 +978,11 @@ class Trainer:
             if not plot_curves(rows, os.path.join(self.out, "curves.png")):
                 self._plot_off = True
 
+    def _patience_spent(self) -> bool:
+        """Early stopping's rule: --early-stop-patience epochs (0: never) without a better
+        validation mIoU."""
+        return self.bad_epochs >= self.cfg.early_stop_patience > 0
+
     def run(self) -> dict:
         cfg = self.cfg
         if not hasattr(self, "model"):
@@ -988,7 +995,7 @@ class Trainer:
         stopped_early = False
         # an early-stopped run resumed with the same patience has nothing left to train either:
         # the loop would otherwise run one more epoch before it looked at the counter again
-        stopped = cfg.early_stop_patience > 0 and self.bad_epochs >= cfg.early_stop_patience
+        stopped = self._patience_spent()
         if self.epoch < cfg.epochs and stopped:
             self.log(f"nothing to train: the run stopped early after epoch {self.epoch} (no better validation "
                      f"mIoU for {self.bad_epochs} epochs, --early-stop-patience {cfg.early_stop_patience}); "
@@ -1084,7 +1091,7 @@ class Trainer:
                      f"dice {row['train_dice']:.3f} | val loss {row['val_loss']:.4f} mIoU {row['val_mIoU']:.4f} "
                      f"mDSC {row['val_mDSC']:.4f}{' *' if improved else ''} ({row['epoch_seconds']:.1f}s, "
                      f"cpu {row['epoch_cpu_seconds']:.1f}s, {_rate_text(row['train_images_per_s'])})")
-            if self.bad_epochs >= cfg.early_stop_patience > 0:
+            if self._patience_spent():
                 self.log(f"early stop: no better validation mIoU for {self.bad_epochs} epochs")
                 stopped_early = True
                 break

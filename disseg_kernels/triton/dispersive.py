@@ -72,6 +72,12 @@ _HALF = (torch.float16, torch.bfloat16)
 # The kernels take it as a parameter (PARAMS, the few-samples kernel's DUP_EPS).
 DUP_EPS = {torch.float32: 0.0, torch.float64: 1e-12}
 
+
+def dup_threshold(dtype: torch.dtype) -> float:
+    """DUP_EPS of the tiles a kernel accumulates for inputs of ``dtype`` (float64 for float64,
+    float32 for the rest)."""
+    return DUP_EPS[torch.float64 if dtype == torch.float64 else torch.float32]
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -637,7 +643,7 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
     out = torch.empty((splits, n, d) if need_grad else (1, 1, 1), device=z.device, dtype=acc_dtype)
 
     ACC, GRAM_PREC, PV_DTYPE, PV_PREC = _dot_settings(z.dtype)
-    params = device_params((scale, 1.0 / tau, margin, DUP_EPS[acc_dtype]), acc_dtype, z.device)
+    params = device_params((scale, 1.0 / tau, margin, dup_threshold(z.dtype)), acc_dtype, z.device)
     args = (z, sqn, rinv, proj, out, m_out, s_out, n, d, col_chunk, min(triton.next_power_of_2(n), 16384), params)
     direct_d = d if d <= _DIRECT_MAX_D else 0
     meta = dict(
@@ -895,8 +901,8 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
     one pass C @ Z for the gradient: four launches whatever the variant."""
     n, d = z.shape
     block_n = max(16, triton.next_power_of_2(n))
-    # The L2 family's distances and gradient ignore a common shift of the rows, so float32 z
-    # is read as z_i - z_0: float32 chunk products of rows 1 ± 0.01 cost 100x eager's error
+    # The L2 family's distances and gradient ignore a common shift of the rows, so float32
+    # and half z are read as z_i - z_0: float32 chunk products of rows 1 ± 0.01 cost 100x eager's error
     # unshifted. Cosine depends on the norms themselves.
     shift = variant != 2 and z.dtype != torch.float64
     gram = _gram_float64(z, block_n, shift)
@@ -907,7 +913,7 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
     pairs = n * n if include_diagonal else n * (n - 1)
     _small_coefficients_kernel[(1,)](
         gram, c, loss, n, _f64_bits(tau), _f64_bits(margin), _f64_bits(scale), _f64_bits(pairs), VARIANT=variant,
-        INCLUDE_DIAG=bool(include_diagonal), DUP_EPS=DUP_EPS[torch.float64], BLOCK_N=block_n, num_warps=_small_warps(block_n))
+        INCLUDE_DIAG=bool(include_diagonal), DUP_EPS=dup_threshold(torch.float64), BLOCK_N=block_n, num_warps=_small_warps(block_n))
     loss = loss[0]
     grad = None
     if need_grad:

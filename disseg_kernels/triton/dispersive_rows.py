@@ -18,9 +18,9 @@ the distance tile, an online per-row max, and acc += V C̃ by a second tl.dot, f
 For the L2 family rows and columns are shifted by the row block's mean (computed by torch,
 one (D,) vector per row block): distances ignore it, and it removes the cancellation of a
 large common offset in both the Gram distance and r_i z_i − Σ_j v_ij z_j. A pair whose
-Gram distance d² is at or below ``DUP_EPS``·(‖r̃_i‖² + ‖c̃_j‖²) (float32: at or below 0) is a
-duplicate (d = 0, weight 0), as in ``triton/dispersive.py``; the self pair, when included, has d = 0 exactly. Unlike
-the C++ kernel there is no float64 recomputation of close pairs: float32 tiles keep a
+Gram distance d² is at or below ``dup_threshold``·(‖r̃_i‖² + ‖c̃_j‖²) (float32: at or below 0)
+is a duplicate (d = 0, weight 0), as in ``triton/dispersive.py``; the self pair, when
+included, has d = 0 exactly. Unlike the C++ kernel there is no float64 recomputation of close pairs: float32 tiles keep a
 float32 Gram error (of order 1e-7 (‖r̃_i‖² + ‖c̃_j‖²) in d²).
 """
 
@@ -31,11 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from disseg_kernels.triton.dispersive import DUP_EPS, device_params
+from disseg_kernels.triton.dispersive import device_params, dup_threshold
 from ._settings import interpret as _interpret
 
 INFONCE_L2, INFONCE_L2SQ, INFONCE_COSINE, HINGE = 0, 1, 2, 3
-
 
 
 @triton.jit
@@ -237,7 +236,7 @@ def dispersive_row_stats_triton(
     else:
         shift = rows.new_zeros((1, 1))
     params = device_params((1.0 / d if scale_by_dim else 1.0, 1.0 / tau, margin, grad_weight,
-                            DUP_EPS[torch.float64 if dt == torch.float64 else torch.float32]), dt, rows.device)
+                            dup_threshold(dt)), dt, rows.device)
     out = acc if need_grad else rows.new_empty((1, 1))
     grid = (n_blocks, triton.cdiv(d, bdo) if need_grad else 1)
     _row_stats_kernel[grid](
