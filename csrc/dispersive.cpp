@@ -1019,6 +1019,14 @@ std::tuple<at::Tensor, at::Tensor> dispersive_fused_cpu(const at::Tensor& z, int
   TORCH_CHECK(tau > 0 && std::isfinite(tau), "dispersive_fused_cpu: tau must be a finite number > 0, got ", tau);
   TORCH_CHECK(margin > 0 && std::isfinite(margin), "dispersive_fused_cpu: margin must be a finite number > 0, got ",
               margin);
+  if (dt == at::kHalf && need_grad) {
+    // dL/dz of float16 z comes back in float32 (disseg_kernels.ops._autograd.saved_grad_dtype):
+    // it is taken at a loss scale of 1, where float16 flushes entries of ~1e-5 to subnormals
+    // or 0 before GradScaler's 2**16 can reach them. The float32 kernels read the same
+    // values (every float16 is a float32) and accumulate as the half ones do; the copy is
+    // 2 bytes per element of z.
+    return dispersive_fused_cpu(z.to(at::kFloat), variant, tau, margin, include_diagonal, scale_by_dim, need_grad);
+  }
   const auto loss_dtype = dt == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = z.size(0), D = z.size(1);
   if (N < 2 || D == 0) {

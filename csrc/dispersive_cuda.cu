@@ -352,9 +352,10 @@ __global__ void __launch_bounds__(kThreads) gram_partial_kernel(
 }
 
 // grad[:, c] = C @ z[:, c] for the block's columns, C (n x n, double) staged in shared memory.
-template <typename scalar_t>
+// out_t: float for float16 z (saved_grad_type), scalar_t otherwise.
+template <typename scalar_t, typename out_t>
 __global__ void __launch_bounds__(kThreads) rowmix_kernel(
-    const double* __restrict__ coef, const scalar_t* __restrict__ z, scalar_t* __restrict__ grad, int64_t n,
+    const double* __restrict__ coef, const scalar_t* __restrict__ z, out_t* __restrict__ grad, int64_t n,
     int64_t d) {
   __shared__ double c_s[kSmallNMax * kSmallNMax];
   for (int e = threadIdx.x; e < n * n; e += kThreads) c_s[e] = coef[e];
@@ -364,12 +365,12 @@ __global__ void __launch_bounds__(kThreads) rowmix_kernel(
   for (int64_t i = 0; i < n; ++i) {
     double s = 0.0;
     for (int64_t j = 0; j < n; ++j) s += c_s[i * n + j] * load_acc<double>(z + j * d + col);
-    grad[i * d + col] = static_cast<scalar_t>(static_cast<float>(s));
+    grad[i * d + col] = static_cast<out_t>(static_cast<float>(s));
   }
 }
 
 template <>
-__global__ void __launch_bounds__(kThreads) rowmix_kernel<double>(
+__global__ void __launch_bounds__(kThreads) rowmix_kernel<double, double>(
     const double* __restrict__ coef, const double* __restrict__ z, double* __restrict__ grad, int64_t n,
     int64_t d) {
   __shared__ double c_s[kSmallNMax * kSmallNMax];
@@ -389,6 +390,10 @@ __global__ void __launch_bounds__(kThreads) rowmix_kernel<double>(
 // ---------------------------------------------------------------------------------------
 
 int64_t pair_count(int64_t n, bool include_diagonal) { return include_diagonal ? n * n : n * (n - 1); }
+
+// The dtype of dL/dz: float32 for float16 z, whose loss-scale-1 gradient would flush to
+// subnormals or 0 before GradScaler's scale reaches it (disseg_kernels.ops._autograd.saved_grad_dtype).
+at::ScalarType saved_grad_type(at::ScalarType t) { return t == at::kHalf ? at::kFloat : t; }
 
 // (loss, C) in double from the exact N x N Gram matrix, grad = C Z. Mirrors the Triton
 // path's _small_coefficients.
@@ -454,11 +459,12 @@ std::tuple<at::Tensor, at::Tensor> small_path(
   at::Tensor grad;
   if (need_grad) {
     coef = coef.contiguous();
-    grad = at::empty_like(z);
+    grad = at::empty_like(z, z.options().dtype(saved_grad_type(z.scalar_type())));
     const auto blocks = static_cast<unsigned>((d + kThreads - 1) / kThreads);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, z.scalar_type(), "dispersive_rowmix", [&] {
-      rowmix_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-          coef.data_ptr<double>(), z.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), n, d);
+      using out_t = std::conditional_t<std::is_same<scalar_t, at::Half>::value, float, scalar_t>;
+      rowmix_kernel<scalar_t, out_t><<<blocks, kThreads, 0, stream>>>(
+          coef.data_ptr<double>(), z.data_ptr<scalar_t>(), grad.data_ptr<out_t>(), n, d);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -532,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor> rows_path(
     if (variant == kInfoCosine) coef = coef * rinv;
   }
   at::Tensor grad;
-  if (need_grad) grad = out.mul_(coef.unsqueeze(1)).to(z.scalar_type());
+  if (need_grad) grad = out.mul_(coef.unsqueeze(1)).to(saved_grad_type(z.scalar_type()));
   return {loss, grad};
 }
 
@@ -556,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor> covariance(const at::Tensor& z, bool need_gra
   }
   const auto loss = (frob - col.square().sum()) / denom;
   at::Tensor grad;
-  if (need_grad) grad = ((4.0 / denom) * (zzz - zc * col.unsqueeze(0))).to(z.scalar_type());
+  if (need_grad) grad = ((4.0 / denom) * (zzz - zc * col.unsqueeze(0))).to(saved_grad_type(z.scalar_type()));
   return {loss, grad};
 }
 

@@ -74,7 +74,7 @@ import torch.distributed as dist
 
 from . import _backend
 from .ops.dispersive import VARIANT_CODES, _validate
-from .ops._autograd import first_order_only, scale_saved_grad
+from .ops._autograd import first_order_only, saved_grad_dtype, scale_saved_grad
 
 _HALF = (torch.float16, torch.bfloat16)
 _INFONCE = ("infonce_l2", "infonce_l2sq", "infonce_cosine")
@@ -492,7 +492,7 @@ def _global_loss_and_grad(
         grad = None
         if need_grad:
             grad = -(2.0 / npairs) * inv_d * stats.acc
-        return loss, None if grad is None else grad.to(z.dtype)
+        return loss, None if grad is None else grad.to(saved_grad_dtype(z.dtype))
 
     # InfoNCE: global logsumexp of the per-row (m_i + log s_i)
     lse_rows = stats.m + torch.log(stats.s)  # −inf for a row with no pair
@@ -514,7 +514,7 @@ def _global_loss_and_grad(
         grad = (inv_d / tau) * coef[:, None] * grad
     else:
         grad = -(inv_d / tau) * coef[:, None] * stats.acc
-    return loss, grad.to(z.dtype)
+    return loss, grad.to(saved_grad_dtype(z.dtype))
 
 
 def _covariance(z, zc, sizes, comm, ring, covariance_mode, need_grad, tile):
@@ -534,7 +534,7 @@ def _covariance(z, zc, sizes, comm, ring, covariance_mode, need_grad, tile):
         if not need_grad:
             return loss, None
         g_off = g - torch.diag_embed(g.diagonal())
-        return loss, (4.0 / denom * (zbar @ g_off)).to(z.dtype)
+        return loss, (4.0 / denom * (zbar @ g_off)).to(saved_grad_dtype(z.dtype))
 
     mean = colsum / n_total
     opts = dict(variant="covariance", tau=1.0, margin=1.0, scale_by_dim=False, include_diagonal=True,
@@ -550,7 +550,7 @@ def _covariance(z, zc, sizes, comm, ring, covariance_mode, need_grad, tile):
     loss = (total - colsq.square().sum()) / denom
     if not need_grad:
         return loss, None
-    return loss, (4.0 / denom * (stats.acc - zbar * colsq)).to(z.dtype)
+    return loss, (4.0 / denom * (stats.acc - zbar * colsq)).to(saved_grad_dtype(z.dtype))
 
 
 class _GlobalDispersive(torch.autograd.Function):
@@ -563,15 +563,16 @@ class _GlobalDispersive(torch.autograd.Function):
         # the caller is in: its matmuls must not drop to bf16/fp16 behind its back.
         with torch.autocast(device_type=z.device.type, enabled=False):
             loss, grad = _global_loss_and_grad(z.detach(), bank, comm, need_grad=need_grad, **opts)
-        ctx.grad_scale = grad_scale
-        ctx.save_for_backward(grad if grad is not None else z.new_empty(0))
+        ctx.grad_scale, ctx.z_dtype = grad_scale, z.dtype
+        # the loss too: under create_graph it anchors the no-double-backward error to z
+        ctx.save_for_backward(grad if grad is not None else z.new_empty(0), loss)
         return loss
 
     @staticmethod
     @first_order_only("the bank / distributed dispersive loss")
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_loss * ctx.grad_scale), None, None, None, None, None
+        grad = ctx.saved_tensors[0]
+        return scale_saved_grad(grad, grad_loss * ctx.grad_scale, ctx.z_dtype), None, None, None, None, None
 
 
 def _flat(z: torch.Tensor) -> torch.Tensor:

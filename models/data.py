@@ -346,13 +346,26 @@ def make_splits(root: str, seed: int = 0, val: float = 0.1, test: float = 0.1,
              "train": sorted(order[n_val + n_test:])}
     if not parts["train"]:
         raise UserError(f"{root}: too few images ({len(order)}) for the requested split")
-    for sp, names in parts.items():
+    lines = {sp: [_split_line(images, n) for n in names] for sp, names in parts.items()}  # before any write
+    for sp, names in lines.items():
         if sp == "test" and not names:
             if os.path.exists(targets[sp]):  # only with --force: an old test split would overlap train
                 os.remove(targets[sp])
             continue
         write_text_atomic(targets[sp], "".join(n + "\n" for n in names))
     return parts
+
+
+def _split_line(images: dict[str, list[str]], stem: str) -> str:
+    """How a split file names an image: its stem, or its file name where the stem ends in
+    whitespace (read_split strips every line, so 'a b ' would come back as 'a b')."""
+    if stem == stem.strip():
+        return stem
+    name = images[stem][0]
+    if name != name.strip():
+        raise DataError(f"{name!r}: a name that starts with whitespace cannot be listed in a split file "
+                        "(its lines are read stripped): rename the image and its mask")
+    return name
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import data as D
 from .config import TrainConfig, UserError, valid_size
-from .metrics import METRICS, image_metrics, summarize
+from .metrics import METRICS, image_metrics, scored_counts, summarize
 from .trainer import (atomic_write_text, build_model_from_config, check_output_dir, csv_text, json_text,
                       load_checkpoint, make_output_dir, resolve_device)
 
@@ -92,6 +92,7 @@ def evaluate(checkpoint: str, data: str, split: str = "val", out: Optional[str] 
                "gt_pixels": int(gt.sum()), "pred_pixels": int(pred.sum())}
         rows.append(row)
     summary = summarize(rows)
+    summary["n_scored"] = scored_counts(rows)
     summary.update({"checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data), "split": split,
                     "resolution": "native" if native else f"{s}x{s}", "empty_policy": empty_policy,
                     "threshold": threshold, "stage": cfg.stage, "encoder": cfg.encoder})
@@ -108,6 +109,17 @@ def format_summary(s: dict) -> str:
     def f(v):
         return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
-    return (f"{s.get('split', '')} ({s['n_images']} images, {s.get('resolution', '')}): "
+    text = (f"{s.get('split', '')} ({s['n_images']} images, {s.get('resolution', '')}): "
             f"mIoU {f(s['mIoU'])}  mDSC {f(s['mDSC'])}  Rec. {f(s['Rec.'])}  Prec. {f(s['Prec.'])}  "
             f"F2 {f(s.get('mean_f2'))}  Acc. {f(s.get('mean_accuracy'))}  HD95 {f(s.get('mean_hd95'))} px")
+    # a mean over fewer images than the split is said so: e.g. precision is undefined for
+    # an empty prediction, so a model that misses targets is averaged over fewer images
+    fewer = {m: k for m, k in (s.get("n_scored") or {}).items() if k < s["n_images"]}
+    if fewer:
+        text += "; means over fewer images (the rest undefined: an empty mask or prediction): " + ", ".join(
+            f"{_SHORT.get(m, m)} {k}" for m, k in fewer.items())
+    return text
+
+
+_SHORT = {"iou": "mIoU", "dice": "mDSC", "recall": "Rec.", "precision": "Prec.", "f2": "F2",
+          "accuracy": "Acc.", "hd95": "HD95"}

@@ -17,9 +17,13 @@ pixels), by a separable distance transform evaluated at the boundary pixels only
 Empty masks (``empty_policy``):
 - both P and G empty: ``"nan"`` makes every ratio and HD95 NaN (the case is skipped by the
   means); ``"one"`` scores IoU = Dice = recall = precision = F2 = 1 and HD95 = 0.
-- only one empty: IoU = Dice = F2 = 0; recall (G empty) or precision (P empty) is 0/0 and
-  NaN; HD95 is undefined and NaN. Accuracy is always defined.
-Means (:func:`summarize`) ignore NaN.
+- only one empty (a missed target, or a false alarm on an image without one), under either
+  policy: IoU = Dice = F2 = 0; recall (G empty) or precision (P empty) is 0/0 and NaN, as
+  its definition says; HD95 is the image diagonal √(H² + W²), the worst it can be. (Until
+  2026-11-28 it was NaN, so that the mean HD95 skipped every missed target: a model that
+  predicted nothing scored 0 px.)
+Means (:func:`summarize`) ignore NaN; :func:`scored_counts` says how many images each mean
+covers, which ``disseg evaluate`` prints and saves wherever it is fewer than all.
 """
 
 from __future__ import annotations
@@ -146,6 +150,8 @@ def image_metrics(pred: torch.Tensor, gt: torch.Tensor, empty_policy: str = "nan
     if tp + fp + fn == 0 and empty_policy == "one":
         row.update(iou=1.0, dice=1.0, recall=1.0, precision=1.0, f2=1.0,
                    hd95=0.0 if with_hd95 else math.nan)
+    elif with_hd95 and (tp + fp == 0) != (tp + fn == 0):  # exactly one mask empty
+        row["hd95"] = math.hypot(*pred.shape)
     return row
 
 
@@ -185,6 +191,11 @@ def batch_metrics(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 
 def nanmean(values: Iterable[float]) -> float:
     vals = [v for v in values if not math.isnan(v)]
     return sum(vals) / len(vals) if vals else math.nan
+
+
+def scored_counts(rows: Sequence[dict[str, float]]) -> dict[str, int]:
+    """How many images each metric's mean covers (its non-NaN values)."""
+    return {m: sum(not math.isnan(r[m]) for r in rows) for m in METRICS if rows and m in rows[0]}
 
 
 def summarize(rows: Sequence[dict[str, float]]) -> dict[str, float]:

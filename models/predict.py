@@ -59,6 +59,8 @@ def predict(checkpoint: str, inputs: str, out: str, threshold: float = 0.5, devi
     check_inference_options(size, threshold)
     dev = resolve_device(device)
     check_output_dir(out)
+    if mask_dir is not None and not os.path.isdir(mask_dir):  # before the model is loaded
+        raise UserError(f"--masks={mask_dir!r}: no such folder")
     files = list_images(inputs)
     if names is not None:
         wanted = set(names)

@@ -29,9 +29,29 @@ def test_gates_on_empty_maps(backend):
         y = make()(x)
         y.sum().backward()
         assert y.shape == x.shape and x.grad.shape == x.shape
-    for shape in ((1, 8, 0, 3), (2, 8, 3, 0)):
+    for shape in ((1, 8, 0, 3), (2, 8, 3, 0), (0, 8, 0, 4)):  # the empty batch without pixels was a raw pool error
         with pytest.raises(ValueError, match=re.escape(f"ChannelAttention: x has no pixels (H·W = 0, shape {shape})")):
             dk.ChannelAttention(8, backend=backend)(torch.randn(shape))
+    # no channels: SpatialAttention's mean/max over C (was an IndexError from max())
+    with pytest.raises(ValueError, match=re.escape("SpatialAttention: x has no channels (C = 0, shape (1, 0, 4, 4))")):
+        dk.SpatialAttention(backend=backend)(torch.randn(1, 0, 4, 4))
+
+
+def test_argument_types_are_named():
+    """Found by an audit on 2026-11-28: each was accepted silently or failed inside torch."""
+    import numpy as np
+
+    with pytest.raises(TypeError, match="check_finite must be a bool, got 'yes'"):
+        dk.dispersive_loss(torch.randn(3, 2), check_finite="yes")
+    with pytest.raises(TypeError, match="check_finite must be a bool, got 1"):
+        dk.DispersiveLoss(check_finite=1)
+    with pytest.raises(TypeError, match="scales must be a sequence of integers, one per tensor, got 2"):
+        dk.multiscale_concat([torch.randn(1, 2, 2, 2)], 2)
+    with pytest.raises(TypeError, match="channels must be an int, got 8.0"):
+        dk.ChannelAttention(8.0)
+    with pytest.raises(TypeError, match="reduction must be an int, got 2.5"):
+        dk.CBAM(8, reduction=2.5)
+    assert dk.ChannelAttention(np.int64(8), ratio=np.int32(4)).fc1.out_channels == 2  # integers of any kind
 
 
 @pytest.mark.parametrize("backend", _backends("window_attention"))

@@ -206,6 +206,13 @@ def test_predict_refuses_two_images_with_one_name(tmp_path, capsys, trained):
     err = _run_bad(["predict", "--checkpoint", str(s1 / "best.pt"), "--input", str(src), "--out", str(tmp_path / "p")],
                    capsys)
     assert "case1.jpg, case1.png" in err and not (tmp_path / "p" / "masks").exists()
+    # --masks that is not a folder: one message and status 2 (was a FileNotFoundError
+    # traceback after the model had loaded)
+    os.remove(src / "case1.png")
+    for bad in (tmp_path / "nope", src / "case1.jpg"):
+        err = _run_bad(["predict", "--checkpoint", str(s1 / "best.pt"), "--input", str(src), "--out",
+                        str(tmp_path / "p"), "--masks", str(bad)], capsys)
+        assert f"--masks={str(bad)!r}: no such folder" in err
 
 
 def test_best_checkpoint_exists_when_validation_cannot_score(tmp_path, capsys):

@@ -395,3 +395,19 @@ def test_nuclei_fixture_loads():
     assert len(splits["train"]) == 12 and len(splits["val"]) == 4
     img, msk, _ = D.SegDataset(splits["val"], 128)[0]
     assert img.shape == (3, 128, 128) and 0.05 < msk.mean() < 0.5
+
+
+def test_make_splits_writes_names_ending_in_whitespace_so_they_load(tmp_path):
+    """'a b .png' was written as 'a b ' and read back stripped as 'a b' (no such image):
+    make-splits succeeded and train refused its split. Such a name is now written with its
+    extension; one that starts with whitespace is refused before anything is written."""
+    root = _write_set(tmp_path, names=["a", "b", "c", "d b "])
+    parts = D.make_splits(str(root), seed=0, val=0.25, test=0.25)
+    loaded = sorted(s.name for sp in ("train", "val", "test") for s in D.load_split(str(root), sp))
+    assert len(loaded) == 4 and sorted(parts["train"] + parts["val"] + parts["test"]) == ["a", "b", "c", "d b "]
+    assert any(line.startswith("d b .") for sp in ("train", "val", "test")
+               for line in (root / f"{sp}.txt").read_text().splitlines())
+    lead = _write_set(tmp_path / "lead", names=["a", "b", " c"])
+    with pytest.raises(D.DataError, match=r"' c\.\w+': a name that starts with whitespace"):
+        D.make_splits(str(lead), val=0.3, test=0.0)
+    assert not (tmp_path / "lead" / "train.txt").exists()

@@ -33,6 +33,14 @@ def _check(fn, *inputs, match):
     assert all(g.requires_grad for g in grads)
     with pytest.raises(RuntimeError, match=match):
         sum(g.square().sum() for g in grads).backward()
+    # torch.autograd.grad runs only the nodes on a path to its inputs: the error's node must
+    # be on it. Before 2026-11-28 (12:20 UTC) it hung off a detached leaf, so this returned
+    # None with allow_unused=True (the penalty silently dropped) and otherwise said only
+    # "appears to not have been used in the graph".
+    for allow_unused in (False, True):
+        grads = torch.autograd.grad(fn(*inputs).sum(), inputs, create_graph=True)
+        with pytest.raises(RuntimeError, match=match):
+            torch.autograd.grad(sum(g.square().sum() for g in grads), inputs, allow_unused=allow_unused)
 
 
 @_cpu_backend("dispersive")

@@ -121,11 +121,32 @@ def test_one_side_empty(policy):
     m = _t(_blob(10, 10, 5, 5, 2))
     fp_only = image_metrics(m, z, policy)  # predicted something where there is nothing
     assert fp_only["iou"] == 0 and fp_only["dice"] == 0 and fp_only["precision"] == 0 and fp_only["f2"] == 0
-    assert math.isnan(fp_only["recall"]) and math.isnan(fp_only["hd95"])
+    # HD95 is the worst value, the image diagonal: NaN let the mean skip every miss
+    assert math.isnan(fp_only["recall"]) and fp_only["hd95"] == pytest.approx(math.hypot(10, 10))
     assert fp_only["accuracy"] == pytest.approx(_hand([[bool(v) for v in r] for r in m.tolist()],
                                                       [[False] * 10] * 10)["accuracy"])
     missed = image_metrics(z, m, policy)
     assert missed["recall"] == 0 and math.isnan(missed["precision"]) and missed["dice"] == 0
+    assert missed["hd95"] == pytest.approx(math.hypot(10, 10))
+    assert math.isnan(image_metrics(z, m, policy, with_hd95=False)["hd95"])
+
+
+def test_a_blank_model_is_not_rewarded():
+    """A model that predicts nothing: its mean HD95 is the worst value, not 0 px (the one
+    both-empty image was all the mean used to cover), and the summary says over how many
+    images precision is averaged (1 of 3: an empty prediction has no precision)."""
+    from models.evaluate import format_summary
+    from models.metrics import scored_counts
+
+    z = torch.zeros(10, 10, dtype=torch.bool)
+    gts = [_t(_blob(10, 10, 5, 5, 2)), _t(_blob(10, 10, 4, 6, 3)), z]
+    rows = [image_metrics(z, g, "one") for g in gts]
+    s = summarize(rows)
+    assert s["mean_hd95"] == pytest.approx(2 * math.hypot(10, 10) / 3)
+    assert s["Prec."] == 1.0 and s["Rec."] == pytest.approx(1 / 3)
+    s["n_scored"] = scored_counts(rows)
+    assert s["n_scored"]["precision"] == 1 and s["n_scored"]["hd95"] == 3 and s["n_scored"]["iou"] == 3
+    assert "means over fewer images" in format_summary(s) and "Prec. 1" in format_summary(s)
 
 
 def test_batch_metrics_threshold_and_summary():

@@ -16,7 +16,7 @@ import torch
 
 from .. import _backend
 from ..reference.dispersive import DIAGONALS, VARIANTS, dispersive_loss_reference, zero_loss
-from ._autograd import error_on_differentiation, scale_saved_grad
+from ._autograd import error_on_differentiation, saved_grad_dtype, scale_saved_grad
 
 # The integer codes the compiled kernels use for the variants (csrc/dispersive.cpp,
 # csrc/dispersive_cuda.cu and triton/dispersive.py share them).
@@ -93,7 +93,8 @@ def _dispersive_op(
     need_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, dL/dz) of a contiguous (N, D) z; dL/dz is empty when ``need_grad`` is False."""
+    """(loss, dL/dz) of a contiguous (N, D) z; dL/dz (float32 for float16 z:
+    ``saved_grad_dtype``) is empty when ``need_grad`` is False."""
     loss, grad = _run_kernel(backend, z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad)
     return loss, grad
 
@@ -101,12 +102,14 @@ def _dispersive_op(
 @_dispersive_op.register_fake
 def _(z, variant, tau, margin, include_diagonal, scale_by_dim, need_grad, backend):
     loss = z.new_empty((), dtype=_loss_dtype(z.dtype))
-    grad = torch.empty_like(z) if need_grad else z.new_empty((0,))
+    grad = torch.empty_like(z, dtype=saved_grad_dtype(z.dtype)) if need_grad else z.new_empty((0,))
     return loss, grad
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    # the loss (0-d) too: under create_graph it anchors the no-double-backward error to z
+    ctx.save_for_backward(output[1], output[0])
+    ctx.z_dtype = inputs[0].dtype
     ctx.mark_non_differentiable(output[1])  # dL/dz is a value here, not a graph
     ctx.set_materialize_grads(False)  # no N x D zeros for that output's (absent) gradient
 
@@ -114,15 +117,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:
         return (None,) * 8
-    (grad,) = ctx.saved_tensors
+    grad, loss = ctx.saved_tensors
     if grad.numel() == 0:
         raise RuntimeError(
             "dispersive_loss was computed without its gradient (z did not require grad "
             "or grad mode was off) and cannot be differentiated"
         )
-    dz = scale_saved_grad(grad, grad_loss)
+    dz = scale_saved_grad(grad, grad_loss, ctx.z_dtype)
     if torch.is_grad_enabled():  # create_graph=True: a second derivative through dz would be 0, not d²L
-        dz = error_on_differentiation(dz, "dispersive_loss")
+        dz = error_on_differentiation(dz, "dispersive_loss", anchors=(loss,))
     return (dz, None, None, None, None, None, None, None)
 
 
@@ -148,8 +151,9 @@ def _validate(z, variant, tau, margin, diagonal, scale_by_dim, check_finite):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if diagonal not in DIAGONALS:
         raise ValueError(f"diagonal must be one of {DIAGONALS}, got {diagonal!r}")
-    if not isinstance(scale_by_dim, bool):
-        raise TypeError(f"scale_by_dim must be a bool, got {scale_by_dim!r}")
+    for name, flag in (("scale_by_dim", scale_by_dim), ("check_finite", check_finite)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if scale_by_dim and math.prod(z.shape[1:]) == 0:
         raise ValueError(f"scale_by_dim=True divides every distance by D, and z of shape {tuple(z.shape)} has D = 0")
     if check_finite and not torch.isfinite(z).all():
@@ -229,11 +233,9 @@ class DispersiveLoss(torch.nn.Module):
     ):
         super().__init__()
         # Validate once here, with a dummy input, so a bad option fails at construction.
-        _validate(torch.zeros(2, 1), variant, tau, margin, diagonal, scale_by_dim, False)
+        _validate(torch.zeros(2, 1), variant, tau, margin, diagonal, scale_by_dim, check_finite)
         if backend not in _backend.BACKENDS:
             raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         self.variant, self.tau, self.margin = variant, float(tau), float(margin)
         self.diagonal, self.scale_by_dim, self.backend = diagonal, scale_by_dim, backend
         self.check_finite = check_finite

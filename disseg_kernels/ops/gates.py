@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..reference import gates as ref
+from ._args import as_int
 from ._autograd import first_order_only
 from .telu import TeLU
 
@@ -23,8 +24,10 @@ def _check_x(x: torch.Tensor, channels: int | None, name: str) -> None:
         raise TypeError(f"{name}: x must be a floating-point tensor, got dtype {x.dtype}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name}: x has {x.shape[1]} channels, the module was built for channels={channels}")
-    if x.shape[2] * x.shape[3] == 0 and x.shape[0] * x.shape[1] > 0:
+    if x.shape[2] * x.shape[3] == 0 and x.shape[1] > 0:  # a batch of 0 too: the pools refuse it
         raise ValueError(f"{name}: x has no pixels (H·W = 0, shape {tuple(x.shape)}): the max pools over H·W are undefined")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: x has no channels (C = 0, shape {tuple(x.shape)}): the mean and max over C are undefined")
 
 
 def _check_backend(backend):
@@ -33,6 +36,10 @@ def _check_backend(backend):
 
 
 def _hidden(channels: int, ratio: int, name: str) -> int:
+    channels, ratio = as_int(channels), as_int(ratio)
+    for arg, value in (("channels", channels), (name, ratio)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg} must be an int, got {value!r}")
     if channels < 1:
         raise ValueError(f"channels must be ≥ 1, got {channels}")
     if ratio < 1:

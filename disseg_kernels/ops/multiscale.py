@@ -57,6 +57,8 @@ def multiscale_concat(tensors: Sequence[torch.Tensor], scales: Sequence[int], ba
     if isinstance(tensors, torch.Tensor):  # iterating it would give its batch entries
         raise TypeError("tensors must be a sequence of (B, C, H, W) tensors, got one Tensor (wrap it: [t])")
     tensors = list(tensors)
+    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+        raise TypeError(f"scales must be a sequence of integers, one per tensor, got {scales!r}")
     scales = [as_int(s) for s in scales]
     _validate(tensors, scales)
     if any(t.dtype != tensors[0].dtype for t in tensors):  # (promote_types is an aten call: only then)
@@ -156,11 +158,20 @@ class _MultiscaleEager(torch.autograd.Function):
     def forward(ctx, scales, backend, *tensors):
         ctx.scales, ctx.backend = scales, backend
         ctx.shapes = [(t.shape[1], t.shape[2], t.shape[3], t.dtype, _out_format(t)) for t in tensors]
-        return _run_fwd(list(tensors), scales, backend)
+        out = _run_fwd(list(tensors), scales, backend)
+        # An empty second output, saved: unpacked in backward its grad_fn is this node, which
+        # is how first_order_only's error reaches the inputs' graph (no input is saved: the
+        # backward needs only their shapes, and saving them would keep them alive).
+        anchor = out.new_empty((0,))
+        ctx.save_for_backward(anchor)
+        ctx.set_materialize_grads(False)
+        return out, anchor
 
     @staticmethod
     @first_order_only("multiscale_concat")
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_anchor):
+        if grad is None:
+            return (None, None) + (None,) * len(ctx.shapes)
         grads, c0 = [], 0
         for (c, h, w, dtype, fmt), s, need in zip(ctx.shapes, ctx.scales, ctx.needs_input_grad[2:]):
             if need:
@@ -177,4 +188,4 @@ def _multiscale_fused(tensors, scales, backend):
         return _multiscale_op(tensors, scales, backend)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return _run_fwd(tensors, scales, backend)
-    return _MultiscaleEager.apply(scales, backend, *tensors)
+    return _MultiscaleEager.apply(scales, backend, *tensors)[0]

@@ -4,7 +4,8 @@
 need_grad) -> (loss, grad)`` has the contract of ``torch.ops.disseg.dispersive_fused``:
 z is a contiguous (N, D) tensor (N >= 2, D >= 1) of float32, bfloat16, float16 or float64;
 the loss is 0-d (float32 for half inputs, else z's dtype); grad = dL/dz in z's shape and
-dtype, or an empty tensor when ``need_grad`` is False. Variant codes: 0 infonce_l2,
+dtype (float32 for float16 z: ``ops._autograd.saved_grad_dtype``), or an empty tensor when
+``need_grad`` is False. Variant codes: 0 infonce_l2,
 1 infonce_l2sq, 2 infonce_cosine, 3 hinge, 4 covariance.
 
 Two regimes, two kernel sets:
@@ -47,6 +48,7 @@ import triton.language as tl
 from ._settings import autotune_enabled as _autotune_enabled
 from ._settings import interpret as _interpret
 from . import ROWS_KERNELS, ROWS_LOOPS  # noqa: F401  (the names; tdisp.ROWS_KERNELS stays)
+from ..ops._autograd import saved_grad_dtype
 
 INFONCE_L2, INFONCE_L2SQ, INFONCE_COSINE, HINGE, COVARIANCE = 0, 1, 2, 3, 4
 _VARIANT_NAMES = ("infonce_l2", "infonce_l2sq", "infonce_cosine", "hinge", "covariance")
@@ -686,8 +688,8 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
             grad = out[0].mul_(coef[0][:, None])
         else:
             grad = torch.einsum("sn,snd->nd", coef, out)
-        if grad.dtype != z.dtype:
-            grad = grad.to(z.dtype)
+        if grad.dtype != saved_grad_dtype(z.dtype):
+            grad = grad.to(saved_grad_dtype(z.dtype))
     return loss, grad
 
 
@@ -919,7 +921,7 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
     if need_grad:
         if z.dtype == torch.float64:
             return loss, c[:n, :n] @ z  # float64 tl.dot does not lower on GPUs
-        grad = torch.empty_like(z)
+        grad = torch.empty_like(z, dtype=saved_grad_dtype(z.dtype))
         block_d = 64 if block_n >= 64 else 128
         _rowmix_kernel[(triton.cdiv(d, block_d),)](
             c, z, grad, n, d, BLOCK_N=block_n, BLOCK_D=block_d, CDT=tl.float32, SHIFT=shift,
@@ -1019,7 +1021,7 @@ def dispersive_fused_triton(
     loss_dtype = torch.float32 if z.dtype in _HALF else z.dtype
     loss = loss.to(loss_dtype)
     if need_grad:
-        grad = grad.to(z.dtype)
+        grad = grad.to(saved_grad_dtype(z.dtype))
     else:
         grad = z.new_empty((0,))
     return loss, grad
