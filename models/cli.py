@@ -58,8 +58,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cfg = load_checkpoint(args.checkpoint).get("config") or {}
         data = cfg.get("data") or os.path.join(cfg.get("out", "."), "data")
         print(f"--data not given: using the checkpoint's dataset {data}")
-    evaluate(args.checkpoint, data, args.split, args.out, args.native, args.empty_policy, args.threshold,
+    out = args.out
+    if out is None:  # the files are the result (trainer.md): next to the checkpoint unless told
+        out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                           f"eval_{args.split}" + ("_native" if args.native else ""))
+    evaluate(args.checkpoint, data, args.split, out, args.native, args.empty_policy, args.threshold,
              args.device, args.size, args.amp)
+    print(f"per_case.csv and summary.json written in {out}")
     return 0
 
 
@@ -161,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="a checkpoint written by `disseg train`")
     e.add_argument("--data", default=None, help="dataset ROOT (default: the checkpoint's)")
     e.add_argument("--split", default="val", help="split file name without .txt (default: val)")
-    e.add_argument("--out", default=None, help="folder for per_case.csv and summary.json")
+    e.add_argument("--out", default=None, help="folder for per_case.csv and summary.json "
+                   "(default: eval_SPLIT[_native] next to the checkpoint)")
     e.add_argument("--native", action="store_true", help="evaluate at each image's native size")
     e.add_argument("--size", type=int, default=None, help="evaluation input size (default: the training size)")
     e.add_argument("--empty-policy", choices=["nan", "one"], default="nan",

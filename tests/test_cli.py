@@ -193,7 +193,12 @@ def test_run_paths_are_stored_absolute(tmp_path, trained, monkeypatch, capsys):
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", "--checkpoint", str(data.parent / "rel_run" / "best.pt"), "--device", "cpu"]) == 0
-    assert f"using the checkpoint's dataset {data}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"using the checkpoint's dataset {data}" in printed
+    # without --out the files still exist (they were not written at all before 2026-11-28)
+    default = data.parent / "rel_run" / "eval_val"
+    assert f"written in {default}" in printed
+    assert (default / "per_case.csv").is_file() and json.loads((default / "summary.json").read_text())["n_images"] > 0
 
 
 def test_predict_refuses_two_images_with_one_name(tmp_path, capsys, trained):
