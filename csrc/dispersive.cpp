@@ -53,6 +53,21 @@ enum Variant : int64_t { kL2 = 0, kL2sq = 1, kCosine = 2, kHinge = 3, kCovarianc
 
 constexpr int64_t kSmallN = 64;  // N <= kSmallN: float64 Gram, reduction split over D
 constexpr double kNormEps = 1e-12;
+// A float64 Gram distance d^2 = n_i + n_j - 2 G_ij below kExactD2 (n_i + n_j) is taken again
+// from exact differences (exact_d2): the Gram form loses digits to cancellation there (rows
+// 1e-9 apart at unit norm: all of them), and duplicate rows get d = 0 exactly.
+constexpr double kExactD2 = 1e-3;
+
+// sum_k (x_k - y_k)^2 in float64 (the difference of two float32 or half values is exact).
+template <typename T>
+double exact_d2(const T* x, const T* y, int64_t D) {
+  double d2 = 0.0;
+  for (int64_t k = 0; k < D; ++k) {
+    const double t = static_cast<double>(x[k]) - static_cast<double>(y[k]);
+    d2 += t * t;
+  }
+  return d2;
+}
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 bool is_l2_family(int64_t v) { return v == kL2 || v == kL2sq || v == kHinge; }
@@ -372,11 +387,13 @@ std::tuple<double, at::Tensor> small_n_forward_backward(const at::Tensor& z, int
     }
   } else {
     // L2 family: W symmetric, A = diag(rowsum W) - W.
-    std::vector<double> u((size_t)N * N, 0.0);  // ||z_i - z_j||
+    std::vector<double> u((size_t)N * N, 0.0);  // ||z_i - z_j|| (0 on the diagonal)
     for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j < N; ++j) {
-        const double d2 = std::max(G[i * N + i] + G[j * N + j] - 2.0 * G[i * N + j], 0.0);
-        u[i * N + j] = variant == kL2sq ? d2 : std::sqrt(d2);  // kL2sq: holds d2
+      for (int64_t j = i + 1; j < N; ++j) {
+        const double nsum = G[i * N + i] + G[j * N + j];
+        double d2 = std::max(nsum - 2.0 * G[i * N + j], 0.0);
+        if (d2 < kExactD2 * nsum) d2 = exact_d2(zp + i * D, zp + j * D, D);  // near duplicates
+        u[i * N + j] = u[j * N + i] = variant == kL2sq ? d2 : std::sqrt(d2);  // kL2sq: holds d2
       }
     std::vector<double> W((size_t)N * N, 0.0);
     if (variant == kHinge) {
@@ -578,6 +595,7 @@ struct ManySamples {
   struct Workspace {
     std::vector<acc_t> S, rowsum, colsum, zi, zj;     // S: the Gram tile, then V in place
     std::vector<double> Sd, rowsum_d, colsum_d, zid, zjd;  // the float64 tile path
+    std::vector<double> X;  // exact d2 of a float64 tile's near-duplicate pairs
   };
   std::vector<Workspace> ws;
 
@@ -633,7 +651,8 @@ struct ManySamples {
   // the tile's loss sum (sum of exp(E - t) or of hinge^2) and its maximum t of E = -d/tau.
   template <typename g_t>
   Status elementwise(bool diag, int64_t i0, int64_t j0, int64_t bi, int64_t bj, g_t* S, const g_t* sq,
-                     g_t* rowsum, g_t* colsum, bool check_close, double& tile_sum, double& t) const {
+                     g_t* rowsum, g_t* colsum, bool check_close, double& tile_sum, double& t,
+                     const g_t* X = nullptr) const {
     using VG = Vec<g_t>;
     constexpr int64_t WG = VG::size();
     constexpr int full = (int)((1ULL << WG) - 1);
@@ -642,9 +661,12 @@ struct ManySamples {
     const VG kappa(g_t(1.0 / 16.0)), hmargin((g_t)margin), vs((g_t)s);
     // Duplicate rows: d2 = n_i + n_j - 2 G_ij is exactly 0 only if the GEMM computes G_ij
     // and G_ii alike, which a BLAS need not do (MKL on an AMD EPYC gave them different
-    // last bits; infonce_l2's weight p / ||z_i - z_j|| then blew up). A pair within this
-    // relative distance of a duplicate is one, as in the Triton kernel (_DUP_EPS_*).
-    const VG dup_eps(std::is_same<g_t, double>::value ? g_t(1e-12) : g_t(2e-6));
+    // last bits; infonce_l2's weight p / ||z_i - z_j|| then blew up). A float64 tile takes
+    // its close pairs' d2 from exact differences (X, >= 0 where set; 0 for duplicates), so
+    // it needs no threshold (it had 1e-12 (n_i + n_j) until 2026-11-28, which took the
+    // gradient of every pair closer than ~1e-6 of its norm); a float32 tile with a pair
+    // this close has already gone to float64 (check_close).
+    const VG dup_eps(std::is_same<g_t, double>::value ? g_t(0) : g_t(2e-6));
     const g_t* nj = sq + j0;
     if (!diag) std::fill(colsum, colsum + ldS, g_t(0));
     const g_t negc = static_cast<g_t>(-s / tau);
@@ -670,6 +692,10 @@ struct ManySamples {
         } else {
           const VG nsum = ni + VG::loadu(nj + b0);
           VG d2 = at::vec::maximum(at::vec::fmadd(sv, VG(g_t(-2)), nsum), zero);
+          if (X != nullptr) {
+            const VG xv = VG::loadu(X + a * ldS + b0);
+            d2 = VG::blendv(d2, xv, xv >= zero);
+          }
           d2 = VG::blendv(d2, zero, d2 <= nsum * dup_eps);
           if (check_close) {
             VG close = d2 < nsum * kappa;
@@ -731,6 +757,27 @@ struct ManySamples {
     return kOk;
   }
 
+  // The float64 tile's near-duplicate pairs (d2 < kExactD2 (n_i + n_j) by the Gram form):
+  // their d2 from exact differences of the rows, in X (bi x ldS; -1 elsewhere). nullptr
+  // when the tile has none, the usual case.
+  const double* exact_close_pairs(bool diag, int64_t i0, int64_t j0, int64_t bi, int64_t bj, const double* Sd,
+                                  const double* zid, const double* zjd, Workspace& w) const {
+    double* X = nullptr;
+    for (int64_t a = 0; a < bi; ++a)
+      for (int64_t b = diag ? a : 0; b < bj; ++b) {
+        const double nsum = sqn_d[i0 + a] + sqn_d[j0 + b];
+        if (!(nsum - 2.0 * Sd[a * ldS + b] < kExactD2 * nsum)) continue;
+        if (X == nullptr) {
+          w.X.assign(tc.B * ldS, -1.0);
+          X = w.X.data();
+        }
+        const double d2 = diag && a == b ? 0.0 : exact_d2(zid + a * D, zjd + b * D, D);
+        X[a * ldS + b] = d2;
+        if (diag) X[b * ldS + a] = d2;
+      }
+    return X;
+  }
+
   void tile(int64_t I, int64_t J, Workspace& w) {
     const bool diag = I == J;
     const int64_t bi = rows(I), bj = rows(J), i0 = row0(I), j0 = row0(J);
@@ -761,7 +808,8 @@ struct ManySamples {
           sqn[i0 + a] = static_cast<acc_t>(Sd[a * ldS + a]);
         }
       }
-      st = elementwise<double>(diag, i0, j0, bi, bj, Sd, sqn_d.data(), rsd, csd, false, tile_sum, t);
+      const double* X = variant == kCosine ? nullptr : exact_close_pairs(diag, i0, j0, bi, bj, Sd, zid, zjd, w);
+      st = elementwise<double>(diag, i0, j0, bi, bj, Sd, sqn_d.data(), rsd, csd, false, tile_sum, t, X);
       if (st == kOk && !kAccF64) {
         for (int64_t a = 0; a < bi; ++a) {
           for (int64_t b = 0; b < bj; ++b) S[a * ldS + b] = static_cast<acc_t>(Sd[a * ldS + b]);

@@ -34,7 +34,7 @@
 // Memory: O(threads x tile x D); nothing n x m.
 
 constexpr double kRowsClose = 1.0 / 16.0;  // float32 tile -> float64 tile
-constexpr double kRowsExact = 1e-3;        // float64 Gram distance -> exact differences
+constexpr double kRowsExact = kExactD2;    // float64 Gram distance -> exact differences
 constexpr double kL2sqF32 = 64.0;          // infonce_l2sq: largest (n_i + n_j) s / tau of a float32 tile
 
 template <typename T>
@@ -123,14 +123,7 @@ struct RowStatsRect {
       const int64_t bself = has_self ? self0 + a : -1;
       for (int64_t b = 0; b < bj; ++b) {
         if (b == bself || !(srow[b] < kRowsExact * (nr[a] + nc[b]))) continue;
-        const T* x = R + (i0 + a) * D;
-        const T* y = C + (j0 + b) * D;
-        double d2 = 0.0;
-        for (int64_t k = 0; k < D; ++k) {
-          const double t = (double)x[k] - (double)y[k];
-          d2 += t * t;
-        }
-        srow[b] = d2;
+        srow[b] = exact_d2(R + (i0 + a) * D, C + (j0 + b) * D, D);
       }
     }
   }

@@ -171,3 +171,21 @@ def test_bad_arguments_to_the_operator(kwargs, match):
     args.update(kwargs)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.disseg.dispersive_fused(torch.randn(4, 3), args["variant"], args["tau"], args["margin"], False, False, True)
+
+
+@pytest.mark.parametrize("n", [5, 100])  # the few-samples path (N <= 64) and the tiles
+@pytest.mark.parametrize("gap", [1e-7, 1e-9])
+@pytest.mark.parametrize("variant", ["infonce_l2", "infonce_l2sq", "hinge"])
+def test_float64_near_duplicate_rows_keep_their_gradient(n, gap, variant):
+    """Two float64 rows `gap` apart at unit norm. The float64 tiles counted a pair with Gram
+    distance <= 1e-12 (n_i + n_j) as a duplicate (zero gradient), and the few-samples path
+    lost every digit of d^2 = n_i + n_j - 2 G_ij to cancellation: a relative gradient error
+    of 0.7-1.0 (found by an audit, 2026-11-28). Close pairs now take d^2 from exact
+    differences, as the distributed row kernel already did."""
+    g = torch.Generator().manual_seed(n)
+    z = torch.nn.functional.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=1)
+    z[1] = z[0] + gap * torch.randn(16, generator=g, dtype=torch.float64)
+    ref, ref_g = _ref(z, variant, margin=0.5)
+    got, got_g = _fused(z, variant, margin=0.5)
+    assert float(got) == pytest.approx(float(ref), rel=1e-12, abs=1e-14)
+    assert float((got_g - ref_g).norm() / ref_g.norm()) <= 1e-6
