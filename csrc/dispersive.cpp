@@ -661,12 +661,11 @@ struct ManySamples {
     const VG kappa(g_t(1.0 / 16.0)), hmargin((g_t)margin), vs((g_t)s);
     // Duplicate rows: d2 = n_i + n_j - 2 G_ij is exactly 0 only if the GEMM computes G_ij
     // and G_ii alike, which a BLAS need not do (MKL on an AMD EPYC gave them different
-    // last bits; infonce_l2's weight p / ||z_i - z_j|| then blew up). A float64 tile takes
-    // its close pairs' d2 from exact differences (X, >= 0 where set; 0 for duplicates), so
-    // it needs no threshold (it had 1e-12 (n_i + n_j) until 2026-11-28, which took the
-    // gradient of every pair closer than ~1e-6 of its norm); a float32 tile with a pair
-    // this close has already gone to float64 (check_close).
-    const VG dup_eps(std::is_same<g_t, double>::value ? g_t(0) : g_t(2e-6));
+    // last bits; infonce_l2's weight p / ||z_i - z_j|| then blew up). No threshold is
+    // needed: a float32 tile with a close pair goes to float64 (check_close), and a float64
+    // tile takes its close pairs' d2 from exact differences (X, >= 0 where set; 0 for
+    // duplicates). Until 2026-11-28 a float64 pair within 1e-12 (n_i + n_j) counted as a
+    // duplicate, which took the gradient of every pair closer than ~1e-6 of its norm.
     const g_t* nj = sq + j0;
     if (!diag) std::fill(colsum, colsum + ldS, g_t(0));
     const g_t negc = static_cast<g_t>(-s / tau);
@@ -696,7 +695,6 @@ struct ManySamples {
             const VG xv = VG::loadu(X + a * ldS + b0);
             d2 = VG::blendv(d2, xv, xv >= zero);
           }
-          d2 = VG::blendv(d2, zero, d2 <= nsum * dup_eps);
           if (check_close) {
             VG close = d2 < nsum * kappa;
             if (tail || has_diag) close = VG::blendv(close, zero, invalid);
@@ -764,14 +762,14 @@ struct ManySamples {
                                   const double* zid, const double* zjd, Workspace& w) const {
     double* X = nullptr;
     for (int64_t a = 0; a < bi; ++a)
-      for (int64_t b = diag ? a : 0; b < bj; ++b) {
+      for (int64_t b = diag ? a + 1 : 0; b < bj; ++b) {  // a row with itself: d2 = 2 n_i - 2 n_i = 0 exactly
         const double nsum = sqn_d[i0 + a] + sqn_d[j0 + b];
         if (!(nsum - 2.0 * Sd[a * ldS + b] < kExactD2 * nsum)) continue;
         if (X == nullptr) {
           w.X.assign(tc.B * ldS, -1.0);
           X = w.X.data();
         }
-        const double d2 = diag && a == b ? 0.0 : exact_d2(zid + a * D, zjd + b * D, D);
+        const double d2 = exact_d2(zid + a * D, zjd + b * D, D);
         X[a * ldS + b] = d2;
         if (diag) X[b * ldS + a] = d2;
       }

@@ -492,7 +492,7 @@ def _global_loss_and_grad(
         grad = None
         if need_grad:
             grad = -(2.0 / npairs) * inv_d * stats.acc
-        return loss, None if grad is None else grad.to(saved_grad_dtype(z.dtype))
+        return loss, grad
 
     # InfoNCE: global logsumexp of the per-row (m_i + log s_i)
     lse_rows = stats.m + torch.log(stats.s)  # −inf for a row with no pair
@@ -514,7 +514,7 @@ def _global_loss_and_grad(
         grad = (inv_d / tau) * coef[:, None] * grad
     else:
         grad = -(inv_d / tau) * coef[:, None] * stats.acc
-    return loss, grad.to(saved_grad_dtype(z.dtype))
+    return loss, grad
 
 
 def _covariance(z, zc, sizes, comm, ring, covariance_mode, need_grad, tile):
@@ -534,7 +534,7 @@ def _covariance(z, zc, sizes, comm, ring, covariance_mode, need_grad, tile):
         if not need_grad:
             return loss, None
         g_off = g - torch.diag_embed(g.diagonal())
-        return loss, (4.0 / denom * (zbar @ g_off)).to(saved_grad_dtype(z.dtype))
+        return loss, 4.0 / denom * (zbar @ g_off)
 
     mean = colsum / n_total
     opts = dict(variant="covariance", tau=1.0, margin=1.0, scale_by_dim=False, include_diagonal=True,
@@ -550,7 +550,7 @@ def _covariance(z, zc, sizes, comm, ring, covariance_mode, need_grad, tile):
     loss = (total - colsq.square().sum()) / denom
     if not need_grad:
         return loss, None
-    return loss, (4.0 / denom * (stats.acc - zbar * colsq)).to(saved_grad_dtype(z.dtype))
+    return loss, 4.0 / denom * (stats.acc - zbar * colsq)
 
 
 class _GlobalDispersive(torch.autograd.Function):
@@ -563,6 +563,8 @@ class _GlobalDispersive(torch.autograd.Function):
         # the caller is in: its matmuls must not drop to bf16/fp16 behind its back.
         with torch.autocast(device_type=z.device.type, enabled=False):
             loss, grad = _global_loss_and_grad(z.detach(), bank, comm, need_grad=need_grad, **opts)
+        if grad is not None:  # computed in float32 for half z; saved as the fused kernels save it
+            grad = grad.to(saved_grad_dtype(z.dtype))
         ctx.grad_scale, ctx.z_dtype = grad_scale, z.dtype
         # the loss too: under create_graph it anchors the no-double-backward error to z
         ctx.save_for_backward(grad if grad is not None else z.new_empty(0), loss)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import data as D
 from .config import TrainConfig, UserError, valid_size
-from .metrics import METRICS, image_metrics, scored_counts, summarize
+from .metrics import METRICS, PAPER_NAMES, image_metrics, scored_counts, summarize
 from .trainer import (atomic_write_text, build_model_from_config, check_output_dir, csv_text, json_text,
                       load_checkpoint, make_output_dir, resolve_device)
 
@@ -121,5 +121,4 @@ def format_summary(s: dict) -> str:
     return text
 
 
-_SHORT = {"iou": "mIoU", "dice": "mDSC", "recall": "Rec.", "precision": "Prec.", "f2": "F2",
-          "accuracy": "Acc.", "hd95": "HD95"}
+_SHORT = {**PAPER_NAMES, "f2": "F2", "accuracy": "Acc.", "hd95": "HD95"}  # the summary line's names

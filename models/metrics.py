@@ -34,6 +34,7 @@ from typing import Iterable, Sequence
 import torch
 
 METRICS = ("iou", "dice", "recall", "precision", "f2", "accuracy", "hd95")
+PAPER_NAMES = {"iou": "mIoU", "dice": "mDSC", "recall": "Rec.", "precision": "Prec."}  # the paper's table
 EMPTY_POLICIES = ("nan", "one")
 
 
@@ -201,8 +202,7 @@ def scored_counts(rows: Sequence[dict[str, float]]) -> dict[str, int]:
 def summarize(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """Means over images (NaN ignored), under the paper's names and ours."""
     means = {m: nanmean(r[m] for r in rows) for m in METRICS if rows and m in rows[0]}
-    out = {"mIoU": means.get("iou", math.nan), "mDSC": means.get("dice", math.nan),
-           "Rec.": means.get("recall", math.nan), "Prec.": means.get("precision", math.nan)}
+    out = {name: means.get(m, math.nan) for m, name in PAPER_NAMES.items()}
     out.update({f"mean_{k}": v for k, v in means.items()})
     out["n_images"] = len(rows)
     return out

@@ -69,8 +69,10 @@ _HALF = (torch.float16, torch.bfloat16)
 #   norm lost its gradient, a relative gradient error of 1.0 where near-duplicate rows
 #   dominate the softmax, against eager's 0.03-0.13 from the same float32 Gram noise (now
 #   0.02-0.12). The C++ kernel recomputes such tiles in float64 instead.
-# - float64: 1e-12 (pairs within ~1e-6 of a norm, as the C++ float64 tiles): a duplicate's
-#   rounding noise (~1e-16) would otherwise give it d ~ 1e-8 and a gradient.
+# - float64: 1e-12 (pairs within ~1e-6 of a norm): a duplicate's rounding noise (~1e-16)
+#   would otherwise give it d ~ 1e-8 and a gradient. It also drops the gradient of true
+#   near-duplicates that close; the C++ kernels take those pairs' d^2 from exact
+#   differences instead (kExactD2), which these kernels do not yet do.
 # The kernels take it as a parameter (PARAMS, the few-samples kernel's DUP_EPS).
 DUP_EPS = {torch.float32: 0.0, torch.float64: 1e-12}
 
@@ -688,9 +690,7 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
             grad = out[0].mul_(coef[0][:, None])
         else:
             grad = torch.einsum("sn,snd->nd", coef, out)
-        if grad.dtype != saved_grad_dtype(z.dtype):
-            grad = grad.to(saved_grad_dtype(z.dtype))
-    return loss, grad
+    return loss, grad  # in acc_dtype: dispersive_fused_triton casts it (saved_grad_dtype)
 
 
 # --------------------------------------------------------------------------------------
