@@ -12,7 +12,8 @@ reports TFLOP/s on the 4·N²·D basis and the fraction of the device's measured
 in the same dtype (issue 2's bar: ≥ 60 % at N ≥ 16,384). Configurations that do not fit
 (out of shared memory or registers) are listed as failed, with the reason.
 
-``--compile-check defaults|all`` needs no GPU: it compiles the kernel for sm_90 with
+``--compile-check defaults|all`` (and ``small``, ``sm90``, ``row_stats`` for the other
+Triton dispersive kernels) needs no GPU: it compiles the kernel for sm_90 with
 Triton's bundled ptxas, for the fixed default blocks or the whole autotune list, and
 prints each variant's registers, local-memory stack (spills) and wgmma count from
 ``cuobjdump`` (tests/test_dispersive_triton.py checks that the defaults do not spill).
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=0.0, help="stop the sweep after this long (0: no limit)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, one configuration (CPU interpreter smoke run)")
     p.add_argument("--out-dir", type=out_folder, default=RESULTS)
-    p.add_argument("--compile-check", choices=["defaults", "all", "small", "sm90"],
+    p.add_argument("--compile-check", choices=["defaults", "all", "small", "sm90", "row_stats"],
                    help="compile for sm_90 without a GPU and report registers and spills, then exit")
     return p
 
@@ -211,7 +212,7 @@ def compile_check_small() -> list[dict]:
             cases.append((f"coefficients v{variant}", tdisp._small_coefficients_kernel,
                           {"GRAM": "*fp64", "C": "*fp32", "LOSS": "*fp64", "N": "i32", "TAU": "i64", "MARGIN": "i64",
                            "SCALE": "i64", "PAIRS": "i64"},
-                          {"VARIANT": variant, "INCLUDE_DIAG": False, "DUP_EPS": tdisp.dup_threshold(torch.float64),
+                          {"VARIANT": variant, "INCLUDE_DIAG": False, "DUP_EPS": tdisp.SMALL_DUP_EPS, "GRAM_IS_D2": False,
                            "BLOCK_N": block_n}, tdisp._small_warps(block_n)))
         cases.append(("rowmix", tdisp._rowmix_kernel,
                       {"C": "*fp32", "Z": "*bf16", "OUT": "*bf16", "N": "i32", "D": "i32"},
@@ -227,6 +228,40 @@ def compile_check_small() -> list[dict]:
     return rows
 
 
+def compile_check_row_stats(dtypes=("fp32", "fp64")) -> list[dict]:
+    """Compile the row-statistics kernel of the bank and distributed losses
+    (``triton/dispersive_rows._row_stats_kernel``, the blocks of its ``_blocks``) for
+    sm_90, for ``dtypes`` ("fp32", "fp64"), every pair variant, with and without the gradient and the
+    self pair. Returns [] (and says SKIP) where the toolchain is absent."""
+    why = _sm90_toolchain()
+    if why:
+        print(f"SKIP: {why}")
+        return []
+    import triton.language as tl
+
+    from disseg_kernels.triton import dispersive_rows as trows
+
+    fn = trows._row_stats_kernel
+    bm, bn, bk, bdo, warps = trows._blocks(4096, 4096, 128, interpret=False)
+    rows = []
+    for name in dtypes:
+        acc = {"fp32": tl.float32, "fp64": tl.float64}[name]
+        sig = {a: f"*{name}" for a in ("R", "C", "SHIFT", "M_OUT", "S_OUT", "ACC", "PARAMS")}
+        sig.update({a: "i32" for a in ("n", "m", "D", "self_offset")})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig.get(a, "").startswith("*")}
+        for variant in range(4):
+            for need_grad, has_self in ((True, True), (True, False), (False, True)):
+                consts = dict(VARIANT=variant, HAS_SELF=has_self, INCLUDE_DIAG=False, NEED_GRAD=need_grad, ACC_T=acc,
+                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo)
+                row = {"kernel": "row_stats", "dtype": name, "variant": variant, "need_grad": need_grad,
+                       "self": has_self, **compile_sm90(fn, sig, consts, attrs, warps)}
+                rows.append(row)
+                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    bad = [r for r in rows if "error" in r or r["stack"]]
+    print(f"{len(rows)} row-statistics kernels compiled for sm_90; failures (error or spill): {len(bad)}")
+    return rows
+
+
 def compile_check(which: str, dtypes=("bfloat16",), loops=("segments", "one")) -> list[dict]:
     """Compile the row kernel (infonce_l2, gradient on) for sm_90 for each D of
     CHECK_WIDTHS and each block config (the fixed default, or the autotune list), and read
@@ -236,6 +271,8 @@ def compile_check(which: str, dtypes=("bfloat16",), loops=("segments", "one")) -
         return compile_check_small()
     if which == "sm90":
         return compile_check_sm90_gluon()
+    if which == "row_stats":
+        return compile_check_row_stats()
     why = _sm90_toolchain()
     if why:
         print(f"SKIP: {why}")

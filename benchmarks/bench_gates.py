@@ -14,8 +14,10 @@ For each: forward, backward and forward+backward time (median of repeats, synchr
 ``max_memory_allocated``; CPU: the larger of malloc's sampled bytes in use and the
 resident-set high-water mark; benchmarks/_memory.py) and the bytes autograd saves for
 backward (unique storages seen by ``saved_tensors_hooks``, weights excluded) as a
-multiple of the input's size. "eager" is the module with ``fused=False``; "compile" is
-``torch.compile`` of that module (inductor, static shapes, dynamo reset per case).
+multiple of the input's size. "eager" is the module with ``fused=False`` (for TeLU the
+authors' formula ``telu_eager``, one elementwise pass fewer than the module's finite-gradient
+``telu_reference``); "compile" is ``torch.compile`` of it (inductor, static shapes, dynamo
+reset per case).
 
 On CUDA, times are CUDA-event medians with L2 flushed before each repeat, the backward
 timed on a fresh forward each repeat (``retain_graph`` breaks compiled backwards), and two
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 
 import disseg_kernels as dk
+from disseg_kernels.reference.telu import telu_eager
 from benchmarks._args import comma_list, out_folder, positive_int, require_device
 from benchmarks._memory import PeakMemory
 from benchmarks.bench_dispersive import machine_name, wall_times_ms
@@ -162,8 +165,15 @@ MODULES = {
     "cbam": lambda c, fused, backend="auto": dk.CBAM(c, fused=fused, backend=backend),
     "cbat": lambda c, fused, backend="auto": dk.CBATGates(c, fused=fused, backend=backend),
     "elat": lambda c, fused, backend="auto": dk.ELAT(c, fused=fused, backend=backend),
-    "telu": lambda c, fused, backend="auto": dk.TeLU(fused=fused, backend=backend),
+    "telu": lambda c, fused, backend="auto": dk.TeLU(fused=fused, backend=backend) if fused else _EagerTeLU(),
 }
+
+
+class _EagerTeLU(torch.nn.Module):
+    """The authors' TeLU (``reference.telu.telu_eager``): the eager baseline."""
+
+    def forward(self, x):
+        return telu_eager(x)
 OPS = tuple(sorted(MODULES)) + ("multiscale", "upsample")  # what --ops and --sizes may name
 
 

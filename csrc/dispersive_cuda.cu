@@ -396,9 +396,11 @@ int64_t pair_count(int64_t n, bool include_diagonal) { return include_diagonal ?
 at::ScalarType saved_grad_type(at::ScalarType t) { return t == at::kHalf ? at::kFloat : t; }
 
 // (loss, C) in double from the exact N x N Gram matrix, grad = C Z. Mirrors the Triton
-// path's _small_coefficients.
+// path's _small_coefficients. With ``gram_is_d2`` (the L2 family of float64 z) the matrix
+// holds squared distances from exact differences, and a duplicate is d^2 <= 0.
 std::tuple<at::Tensor, at::Tensor> small_coefficients(
-    const at::Tensor& gram, int64_t variant, double tau, double margin, bool include_diagonal, double scale) {
+    const at::Tensor& gram, int64_t variant, double tau, double margin, bool include_diagonal, double scale,
+    bool gram_is_d2) {
   const int64_t n = gram.size(0);
   const auto eye = at::eye(n, gram.options().dtype(at::kBool));
   const auto pair = include_diagonal ? at::ones_like(eye) : eye.logical_not();
@@ -413,9 +415,17 @@ std::tuple<at::Tensor, at::Tensor> small_coefficients(
     ghat = gram * rinv.unsqueeze(1) * rinv.unsqueeze(0);
     d = scale * (1.0 - ghat);
   } else {
-    const auto nsum = sq.unsqueeze(1) + sq.unsqueeze(0);
-    auto d2 = (nsum - 2.0 * gram).clamp_min(0);
-    dup = (d2 <= 1e-12 * nsum).logical_or(eye);
+    at::Tensor d2;
+    if (gram_is_d2) {
+      d2 = gram.clamp_min(0);
+      dup = (d2 <= 0.0).logical_or(eye);
+    } else {
+      // double sums of products of float32 or half values: noise of ~1e-16 (n_i + n_j) hides
+      // any pair this close anyway
+      const auto nsum = sq.unsqueeze(1) + sq.unsqueeze(0);
+      d2 = (nsum - 2.0 * gram).clamp_min(0);
+      dup = (d2 <= 1e-12 * nsum).logical_or(eye);
+    }
     d2 = d2.masked_fill(dup, 0.0);
     const auto dist = d2.sqrt();
     d = scale * (variant == kInfoL2sq ? d2 : dist);
@@ -444,18 +454,27 @@ std::tuple<at::Tensor, at::Tensor> small_path(
     bool need_grad) {
   const int64_t n = z.size(0), d = z.size(1);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // Enough chunks to fill the device several times over, each a multiple of kGramK.
-  int64_t chunk = ((d + 1023) / 1024 + kGramK - 1) / kGramK * kGramK;
-  chunk = std::max<int64_t>(chunk, kGramK);
-  const int64_t n_chunks = (d + chunk - 1) / chunk;
-  auto part = at::empty({n_chunks, n, n}, z.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, z.scalar_type(), "dispersive_gram", [&] {
-    gram_partial_kernel<scalar_t><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), part.data_ptr<double>(), n, d, chunk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  const auto gram = part.sum(0);
-  auto [loss, coef] = small_coefficients(gram, variant, tau, margin, include_diagonal, scale);
+  // float64: the L2 family's d^2 from exact differences. n_i + n_j - 2 G_ij keeps no digit of
+  // rows 1e-9 apart, and a 1e-12 (n_i + n_j) duplicate threshold dropped the gradient of
+  // rows within ~1e-6 of a norm (the C++ kernels' kExactD2 rule, Triton's _small_path).
+  const bool exact = z.scalar_type() == at::kDouble && variant != kInfoCosine;
+  at::Tensor gram;
+  if (exact) {
+    gram = at::cdist(z, z, 2.0, /*compute_mode: donot_use_mm_for_euclid_dist*/ 2).square();
+  } else {
+    // Enough chunks to fill the device several times over, each a multiple of kGramK.
+    int64_t chunk = ((d + 1023) / 1024 + kGramK - 1) / kGramK * kGramK;
+    chunk = std::max<int64_t>(chunk, kGramK);
+    const int64_t n_chunks = (d + chunk - 1) / chunk;
+    auto part = at::empty({n_chunks, n, n}, z.options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, z.scalar_type(), "dispersive_gram", [&] {
+      gram_partial_kernel<scalar_t><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(
+          z.data_ptr<scalar_t>(), part.data_ptr<double>(), n, d, chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    gram = part.sum(0);
+  }
+  auto [loss, coef] = small_coefficients(gram, variant, tau, margin, include_diagonal, scale, exact);
   at::Tensor grad;
   if (need_grad) {
     coef = coef.contiguous();

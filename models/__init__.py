@@ -18,7 +18,8 @@ documented where it is made:
   ``view`` fails there) (``models.base``);
 - any H, W divisible by 16 (the authors' ``H``, ``W`` arguments are unused), with a clear
   error otherwise;
-- TeLU's fused form has finite gradients where ``x * tanh(exp(x))`` gives NaN;
+- TeLU has finite gradients where the authors' ``x * tanh(exp(x))`` gives NaN, fused
+  (the finite derivative) and plain (eˣ of min(x, 10): the same values);
 - ``fused=True`` routes the listed ops (``FUSED_OPS``) through the fused kernels;
   ``fused=False`` is the plain PyTorch path; the two agree within float32 rounding.
 """

@@ -19,8 +19,9 @@ Deliberate differences from the authors' code (xiaoquan-1/Med-DisSeg, on ConDSeg
   faster forward+backward than ``F.interpolate``, and its backward is a gather on CUDA
   and Triton, so deterministic, where ATen's CUDA ``upsample_bilinear2d_backward``
   accumulates with atomics (``torch.use_deterministic_algorithms`` rejects it).
-- TeLU is ``disseg_kernels.TeLU``: its fused form returns the finite limit where the
-  authors' ``x * tanh(exp(x))`` gives NaN gradients (x ≳ 89 in float32, ≳ 11 in float16).
+- TeLU is ``disseg_kernels.TeLU``: both its fused and its plain form return the finite
+  limit where the authors' ``x * tanh(exp(x))`` gives NaN gradients (x ≳ 89 in float32,
+  ≳ 11 in float16).
 """
 
 from __future__ import annotations

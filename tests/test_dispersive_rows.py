@@ -212,6 +212,23 @@ def test_triton_kernel_matches_definition(variant, dtype):
         assert e1 <= tol[0] and e2 <= tol[1], (n, m, dim, off, inc, e1, e2)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("variant", ["infonce_l2", "infonce_l2sq", "hinge"])
+def test_float64_near_duplicate_columns_keep_their_weight(backend, variant):
+    """float64 rows 1e-9 apart from a column, at unit norm (in the first and in a later
+    column tile). The Triton kernel counted Gram distances <= 1e-12 (n_i + n_j) as
+    duplicates, weight 0 where these pairs dominate the row; close pairs now take d^2
+    from exact differences, as the C++ kernel's do."""
+    g = torch.Generator().manual_seed(1)
+    rows = torch.nn.functional.normalize(torch.randn(20, 16, generator=g, dtype=torch.float64), dim=1)
+    cols = torch.nn.functional.normalize(torch.randn(70, 16, generator=g, dtype=torch.float64), dim=1)
+    cols[3] = rows[0] + 1e-9 * torch.randn(16, generator=g, dtype=torch.float64)
+    cols[66] = rows[5] + 1e-9 * torch.randn(16, generator=g, dtype=torch.float64)
+    st = _call(rows, cols, variant, None, False, 1.0, backend)
+    e1, e2 = _row_errors(st, _truth(rows, cols, variant, None, False, 1.0), variant)
+    assert e1 <= 1e-11 and e2 <= 1e-6, (e1, e2)
+
+
 @pytest.mark.parametrize("variant", PAIR_VARIANTS)
 def test_bank_loss_every_backend_equals_reference(variant):
     """dispersive_loss_with_bank and distributed_dispersive_loss (no group) with

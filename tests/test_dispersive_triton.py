@@ -134,6 +134,29 @@ def test_rows_path_near_duplicate_rows_keep_their_gradient(code):
     assert got <= 2 * eager + 1e-6, (got, eager)
 
 
+@pytest.mark.parametrize("path,n", [("small", 5), ("rows", 200)])
+@pytest.mark.parametrize("gap", [1e-7, 1e-9])
+@pytest.mark.parametrize("code", [0, 1, 3])
+def test_float64_near_duplicate_rows_keep_their_gradient(path, n, gap, code):
+    """Float64 rows `gap` apart at unit norm, in a diagonal tile (rows 0, 1) and in an
+    unmasked tile (rows 2, 150 at N = 200). The float64 tiles and the few-samples epilogue
+    counted a pair with Gram distance <= 1e-12 (n_i + n_j) as a duplicate (gradient 0),
+    and d^2 = n_i + n_j - 2 G_ij keeps no digit of a pair 1e-9 apart: a relative gradient
+    error of ~1 where these pairs dominate. The tiles now take a close pair's d^2 from
+    exact differences (as the C++ kernels do) and the float64 few-samples path every
+    pair's: within 1e-6 of the float64 reference."""
+    g = torch.Generator().manual_seed(n)
+    z = torch.nn.functional.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=1)
+    z[1] = z[0] + gap * torch.randn(16, generator=g, dtype=torch.float64)
+    if n > 150:
+        z[150] = z[2] + gap * torch.randn(16, generator=g, dtype=torch.float64)
+    z = z.to(DEVICE)
+    loss, grad = tdisp.dispersive_fused_triton(z, code, 0.5, 0.5, False, False, True, _path=path)
+    ref, ref_g = _ref(z, code, margin=0.5)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-12, abs=1e-14)
+    assert float((grad.cpu() - ref_g).norm() / ref_g.norm()) <= 1e-6
+
+
 @pytest.mark.parametrize("code", [0, 1, 3])
 def test_small_path_rows_with_a_common_offset(code):
     """Rows 1 ± 0.01 (features after a ReLU share a large common part): d² = n_i + n_j −
@@ -485,7 +508,8 @@ def _sm90_compile_check(call: str, max_stack: int, expect: int, serialised_ok: b
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
-    code = (f"from benchmarks.bench_dispersive_tiles import compile_check, compile_check_small; rows = {call}; "
+    code = (f"from benchmarks.bench_dispersive_tiles import compile_check, compile_check_small, "
+            f"compile_check_row_stats; rows = {call}; "
             f"bad = [r for r in rows if 'error' in r or r['stack'] > {max_stack} "
             f"or ({not serialised_ok} and r['serialised'] != 'no')]; "
             "print('BAD', bad) if bad else print('CLEAN', len(rows))")
@@ -515,6 +539,17 @@ def test_small_path_kernels_compile_without_spills_for_sm90():
     and 64 with no local-memory spills: float64 exp/log/sqrt lower there, and the 64 x 64
     programs use 8 warps (with 4, the epilogue spilled 40 B and C @ Z 448 B per thread)."""
     _sm90_compile_check("compile_check_small()", max_stack=0, expect=18)
+
+
+def test_row_stats_kernel_compiles_without_spills_for_sm90():
+    """The bank and distributed losses' row-statistics kernel (triton/dispersive_rows.py)
+    compiles for sm_90 with no local-memory spills in float32 and at most 64 B per thread
+    in float64 (8-48 B with its exact close-pair loop), every pair variant, with and
+    without the gradient and the self pair. Its old blocks (64-wide feature chunks,
+    128-wide output chunks, 4 warps) spilled 4.6-9.0 KB per thread in float32 and
+    1.5-2.0 KB in float64."""
+    _sm90_compile_check("compile_check_row_stats(('fp32',))", max_stack=0, expect=12)
+    _sm90_compile_check("compile_check_row_stats(('fp64',))", max_stack=64, expect=12)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import disseg_kernels as dk
 from disseg_kernels import _backend
 from disseg_kernels.reference.multiscale import multiscale_concat_reference
-from disseg_kernels.reference.telu import telu_grad_reference, telu_reference
+from disseg_kernels.reference.telu import telu_eager, telu_grad_reference, telu_reference
 
 
 def _fused_backends(family):
@@ -338,6 +338,29 @@ def test_telu_finite_up_to_the_dtype_max(backend, dtype):
     if dtype == torch.float64:
         tiny = dk.telu(torch.tensor([-100.0], dtype=torch.float64), backend=backend)
         torch.testing.assert_close(tiny, telu_reference(torch.tensor([-100.0], dtype=torch.float64)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_plain_telu_values_are_eager_and_its_gradient_is_finite(dtype):
+    """The plain path (TeLU(fused=False), the gates' plain MLPs, the plain Med-DisSeg) gives
+    the authors' formula's values bit for bit, its gradient bit for bit where that is
+    finite, and 1 where eager autograd gives NaN (x past ~11 in float16, ~89 in float32).
+    It used the authors' formula itself: a plain model under fp16 autocast with a head
+    pre-activation past 11 got NaN parameter gradients (found by an audit, 2026-11-28)."""
+    x = torch.linspace(-120.0, 120.0, 24001, dtype=torch.float64).to(dtype)
+    x = torch.cat([x, torch.tensor([torch.finfo(dtype).max, float("inf"), float("-inf"), float("nan")], dtype=dtype)])
+    finite_x = x[:-3].clone().requires_grad_()
+    eager_x = x[:-3].clone().requires_grad_()
+    y = dk.TeLU(fused=False)(finite_x)
+    (g,) = torch.autograd.grad(y.sum(), finite_x)
+    ye = telu_eager(eager_x)
+    (ge,) = torch.autograd.grad(ye.sum(), eager_x)
+    assert torch.equal(y, ye)
+    ok = ge.isfinite()
+    if dtype != torch.float64:
+        assert not ok.all()  # eager's NaN is really reached here
+    assert g.isfinite().all() and torch.equal(g[ok], ge[ok]) and g[~ok].eq(1).all()
+    assert torch.equal(telu_reference(x).isnan(), telu_eager(x).isnan())  # -inf·0 and NaN stay NaN
 
 
 @pytest.mark.parametrize("backend", TELU_BACKENDS)

@@ -201,6 +201,24 @@ def test_fused_matches_plain(stage):
         assert err_f <= 2 * err_p + 1e-5, (name, err_f, err_p)
 
 
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, 95.0), (torch.float16, 12.0)])
+def test_plain_model_gradient_finite_past_telus_overflow(dtype, bias):
+    """A head pre-activation past e^x's overflow (89 in float32, 11 in float16): the fused
+    and the plain model both give finite gradients. The plain path used TeLU's eager
+    formula, whose autograd gives inf·0 = NaN there: 6 parameters got NaN gradients
+    (found by an audit, 2026-11-28)."""
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = MedDisSegStage1("resnet18", fused=fused)
+        with torch.no_grad():
+            model.head.convs[0].bn.bias[0] = bias  # one channel's BN shift: its TeLU input is ~bias
+        model = model.to(dtype)
+        out = model(torch.randn(2, 3, 32, 32, dtype=dtype))
+        out.mask.float().mean().backward()
+        bad = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+        assert out.mask.isfinite().all() and not bad, (fused, bad)
+
+
 def test_stage1_conv_first_is_the_literal_order():
     """Stage I's head runs its 1×1 convs before the upsampling (conv_first=True): the same
     function as the literal order (upsample, then conv) — outputs and gradients within

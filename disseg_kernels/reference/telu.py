@@ -1,9 +1,17 @@
 """TeLU in plain PyTorch, as written in ``shared/spec/attention.md``.
 
-telu(x) = x · tanh(eˣ). This is the eager formula (autograd differentiates it): its
-gradient is NaN from x ≈ 89 in float32 and x ≈ 11 in float16, where eˣ overflows and
-autograd forms inf · 0. ``telu_grad_reference`` is the derivative written so that it is
-finite for every finite x; the fused kernels implement that one.
+telu(x) = x · tanh(eˣ).
+- ``telu_reference``: the formula with eˣ taken of min(x, 10). tanh(e¹⁰) is exactly 1.0
+  in float16, bfloat16, float32 and float64, so its values are bit for bit the eager
+  formula's in every dtype (inf and NaN included), and autograd's gradient is bit for bit
+  eager's wherever eager's is finite and the finite limit (1) elsewhere. It is the
+  ``fused=False`` path of TeLU and of the gates' MLPs (so of the plain Med-DisSeg), and
+  the ``"reference"`` backend.
+- ``telu_eager``: the authors' formula as written. Its gradient is NaN from x ≈ 89 in
+  float32 and x ≈ 11 in float16, where eˣ overflows and autograd forms inf · 0. The
+  benchmarks' eager baseline (one elementwise pass fewer than ``telu_reference``).
+- ``telu_grad_reference``: the derivative written so that it is finite for every finite
+  x; the fused kernels implement that one.
 """
 
 from __future__ import annotations
@@ -11,8 +19,19 @@ from __future__ import annotations
 import torch
 
 
+# min(x, TELU_EXP_CAP) inside eˣ: tanh(e^10) = 1.0 in every float dtype (1 - 2e^-44052).
+TELU_EXP_CAP = 10.0
+
+
 def telu_reference(x: torch.Tensor) -> torch.Tensor:
-    """x · tanh(eˣ), elementwise, in x's dtype (the eager formula)."""
+    """x · tanh(e^min(x, 10)), elementwise, in x's dtype: the eager formula's values, with
+    a gradient that is finite for every finite x (see the module docstring)."""
+    return x * torch.tanh(torch.exp(x.clamp(max=TELU_EXP_CAP)))
+
+
+def telu_eager(x: torch.Tensor) -> torch.Tensor:
+    """x · tanh(eˣ) as the authors write it: autograd's gradient is NaN past x ≈ 89
+    (float32) and x ≈ 11 (float16). The benchmarks' eager baseline."""
     return x * torch.tanh(torch.exp(x))
 
 

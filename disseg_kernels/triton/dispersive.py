@@ -63,24 +63,47 @@ _MAX_DO = 256
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
 
-# A pair is a duplicate (d = 0, subgradient 0, never 1/0) where its Gram distance
-# d^2 = n_i + n_j - 2 g_ij is <= DUP_EPS (n_i + n_j), DUP_EPS by the accumulation dtype:
-# - float32: 0, so where it is <= 0. It was 2e-6: every pair closer than ~1.4e-3 at unit
-#   norm lost its gradient, a relative gradient error of 1.0 where near-duplicate rows
-#   dominate the softmax, against eager's 0.03-0.13 from the same float32 Gram noise (now
-#   0.02-0.12). The C++ kernel recomputes such tiles in float64 instead.
-# - float64: 1e-12 (pairs within ~1e-6 of a norm): a duplicate's rounding noise (~1e-16)
-#   would otherwise give it d ~ 1e-8 and a gradient. It also drops the gradient of true
-#   near-duplicates that close; the C++ kernels take those pairs' d^2 from exact
-#   differences instead (kExactD2), which these kernels do not yet do.
-# The kernels take it as a parameter (PARAMS, the few-samples kernel's DUP_EPS).
-DUP_EPS = {torch.float32: 0.0, torch.float64: 1e-12}
+# A pair is a duplicate (d = 0, subgradient 0, never 1/0) where its distance d^2 is <= 0.
+# The Gram distance d^2 = n_i + n_j - 2 g_ij of close rows is mostly rounding noise:
+# - float32 tiles keep it (as eager's float32 Gram does). A threshold of 2e-6 (n_i + n_j)
+#   once dropped the gradient of every pair closer than ~1.4e-3 at unit norm: a relative
+#   gradient error of 1.0 where near-duplicates dominate the softmax, against eager's
+#   0.03-0.13.
+# - float64 tiles take the d^2 of a pair below EXACT_D2 (n_i + n_j) from exact differences
+#   sum_k (z_ik - z_jk)^2, as the C++ kernels do (kExactD2): ``_exact_close_pairs``. They
+#   used a threshold of 1e-12 (n_i + n_j), which dropped the gradient of rows within ~1e-6
+#   of a norm (relative error ~1 where those pairs dominate). The float64 few-samples path
+#   takes every L2-family distance from exact differences (``_small_path``).
+# The row kernels read the threshold from PARAMS (``exact_threshold``: 0 turns it off).
+EXACT_D2 = 1e-3
 
 
-def dup_threshold(dtype: torch.dtype) -> float:
-    """DUP_EPS of the tiles a kernel accumulates for inputs of ``dtype`` (float64 for float64,
-    float32 for the rest)."""
-    return DUP_EPS[torch.float64 if dtype == torch.float64 else torch.float32]
+def exact_threshold(dtype: torch.dtype) -> float:
+    """The EXACT_D2 of the tiles a kernel accumulates for inputs of ``dtype``: EXACT_D2 for
+    float64, 0 (no exact recomputation) for the float32 tiles of every other dtype."""
+    return EXACT_D2 if dtype == torch.float64 else 0.0
+
+
+@triton.jit
+def _exact_close_pairs(R, C, rows, cols, row_ok, col_ok, D, d2, nsum, skip, exact_eps,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(d2, dup) of a float64 tile: pairs with Gram distance d2 < exact_eps (n_i + n_j),
+    outside ``skip``, get d^2 = sum_k (r_ik - c_jk)^2 from rows R and columns C (D wide);
+    dup marks d^2 <= 0. The loop over D runs only in tiles that hold such a pair (rare:
+    near-duplicate rows), so the other tiles pay one compare per pair and one reduction."""
+    close = (d2 < exact_eps * nsum) & ~skip
+    dup = d2 <= 0.0
+    if tl.max(tl.max(close.to(tl.int32), 1), 0) > 0:
+        # summed into d2 itself (a second float64 tile would stay live: sm_90 spilled 240 B)
+        d2 = tl.where(close, 0.0, d2)
+        for k in range(0, D):
+            a = tl.load(R + rows * D + k, mask=row_ok, other=0.0).to(tl.float64)
+            b = tl.load(C + cols * D + k, mask=col_ok, other=0.0).to(tl.float64)
+            diff = a[:, None] - b[None, :]
+            d2 += tl.where(close, diff * diff, 0.0)
+        dup = d2 <= 0.0
+    return d2, dup
+
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -96,7 +119,7 @@ def _rows_tile(
     start_n, Z, SQN, RINV, N, D,
     zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
     m_i, s_i, r_i, acc,
-    scale, margin, dup_eps, e_scale,
+    scale, margin, exact_eps, e_scale,
     VARIANT: tl.constexpr, INCLUDE_DIAG: tl.constexpr, NEED_GRAD: tl.constexpr, DIRECT_D: tl.constexpr,
     SINGLE_K: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, GRAM_PREC: tl.constexpr,
     PV_DTYPE: tl.constexpr, PV_PREC: tl.constexpr, TF32_ROUND: tl.constexpr, UPCAST: tl.constexpr,
@@ -178,7 +201,15 @@ def _rows_tile(
         else:
             nsum = n_i[:, None] + n_j[None, :]
             d2 = nsum - 2.0 * g
-            dup = d2 <= dup_eps * nsum
+            if ACC == tl.float64:
+                if MASKED:
+                    skip = diag  # the pair (i, i): a duplicate or not a pair
+                else:
+                    skip = tl.zeros((BLOCK_M, BLOCK_N), tl.int1)
+                d2, dup = _exact_close_pairs(Z, Z, rows, cols, rows < N, col_ok, D, d2, nsum, skip, exact_eps,
+                                             BLOCK_M, BLOCK_N)
+            else:
+                dup = d2 <= 0.0
         if INCLUDE_DIAG and MASKED:
             dup = dup | diag
         if VARIANT == 1:
@@ -309,7 +340,7 @@ def _dispersive_rows_kernel(
     D,
     COL_CHUNK,  # columns per split (grid axis 2), a multiple of 128 (so of every BLOCK_N)
     N_BUCKET,  # only a key for the autotuner
-    PARAMS,  # (4,) ACC dtype: scale (1/D with scale_by_dim else 1), 1/tau, margin, dup_eps
+    PARAMS,  # (4,) ACC dtype: scale (1/D with scale_by_dim else 1), 1/tau, margin, exact_threshold
     VARIANT: tl.constexpr,
     INCLUDE_DIAG: tl.constexpr,
     NEED_GRAD: tl.constexpr,
@@ -341,7 +372,7 @@ def _dispersive_rows_kernel(
     scale = tl.load(PARAMS)
     inv_tau = tl.load(PARAMS + 1)
     margin = tl.load(PARAMS + 2)
-    dup_eps = tl.load(PARAMS + 3)
+    exact_eps = tl.load(PARAMS + 3)
     n_i = tl.load(SQN + rows, mask=row_ok, other=0.0)
     # Cosine-only row data (loaded for every variant: one vector per program, kept simple).
     rinv_i = tl.load(RINV + rows, mask=row_ok, other=0.0)
@@ -384,7 +415,7 @@ def _dispersive_rows_kernel(
             masked_rt = ((start_n > row0 - BLOCK_N) & (start_n < row0 + BLOCK_M)) | (start_n + BLOCK_N > N)
             m_i, s_i, r_i, acc = _rows_tile(
                 start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
-                m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
+                m_i, s_i, r_i, acc, scale, margin, exact_eps, e_scale,
                 VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
                 TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, False, True, masked_rt)
     else:
@@ -403,7 +434,7 @@ def _dispersive_rows_kernel(
             for start_n in range(seg_lo, seg_hi, BLOCK_N):
                 m_i, s_i, r_i, acc = _rows_tile(
                     start_n, Z, SQN, RINV, N, D, zi, row0, rows, n_i, rinv_i, nrm_i, has_norm_i, ks, dcols, dcol_ok,
-                    m_i, s_i, r_i, acc, scale, margin, dup_eps, e_scale,
+                    m_i, s_i, r_i, acc, scale, margin, exact_eps, e_scale,
                     VARIANT, INCLUDE_DIAG, NEED_GRAD, DIRECT_D, SINGLE_K, BLOCK_K, ACC, GRAM_PREC, PV_DTYPE, PV_PREC,
                     TF32_ROUND, UPCAST, LAZY, BLOCK_M, BLOCK_N, seg % 2 == 1)
 
@@ -479,7 +510,7 @@ def _rows_configs(d_pad: int, fma: bool = False) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-FMA_SHAPES = [(64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]  # fp32: 8 B spill at most; fp64: none for the first
+FMA_SHAPES = [(64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]  # fp32: 8 B spill at most; fp64: 56 B for the first (its exact close-pair loop; none without it)
 
 _TUNED: dict[tuple[int, bool], object] = {}
 
@@ -647,7 +678,7 @@ def _rows_path(z, variant, tau, margin, include_diagonal, scale, need_grad, auto
     out = torch.empty((splits, n, d) if need_grad else (1, 1, 1), device=z.device, dtype=acc_dtype)
 
     ACC, GRAM_PREC, PV_DTYPE, PV_PREC = _dot_settings(z.dtype)
-    params = device_params((scale, 1.0 / tau, margin, dup_threshold(z.dtype)), acc_dtype, z.device)
+    params = device_params((scale, 1.0 / tau, margin, exact_threshold(z.dtype)), acc_dtype, z.device)
     args = (z, sqn, rinv, proj, out, m_out, s_out, n, d, col_chunk, min(triton.next_power_of_2(n), 16384), params)
     direct_d = d if d <= _DIRECT_MAX_D else 0
     meta = dict(
@@ -782,7 +813,7 @@ def _gram_float64(z: torch.Tensor, block_n: int, shift: bool = False) -> torch.T
 
 @triton.jit
 def _small_coefficients_kernel(
-    GRAM,  # (BLOCK_N, BLOCK_N) float64 Gram matrix, zero-padded
+    GRAM,  # (BLOCK_N, BLOCK_N) float64 Gram matrix, zero-padded (GRAM_IS_D2: squared distances)
     C,  # (BLOCK_N, BLOCK_N) out: grad = C[:N, :N] @ Z, zero outside N x N
     LOSS,  # (1,) float64 out
     N,
@@ -792,7 +823,8 @@ def _small_coefficients_kernel(
     PAIRS,
     VARIANT: tl.constexpr,
     INCLUDE_DIAG: tl.constexpr,
-    DUP_EPS: tl.constexpr,
+    DUP_EPS: tl.constexpr,  # a Gram distance <= DUP_EPS (n_i + n_j) is a duplicate
+    GRAM_IS_D2: tl.constexpr,  # GRAM holds exact d^2 (the L2 family of float64 z): duplicates are d^2 <= 0
     BLOCK_N: tl.constexpr,
 ):
     """(loss, C) from the exact Gram matrix, in float64, in one program: the whole epilogue
@@ -822,9 +854,13 @@ def _small_coefficients_kernel(
         ghat = g * rinv_i * rinv_j
         d = scale * (1.0 - ghat)
     else:
-        nsum = sq_i + sq_j
-        d2 = tl.maximum(nsum - 2.0 * g, 0.0)
-        dup = (d2 <= DUP_EPS * nsum) | eye  # equal rows: distance 0, subgradient 0
+        if GRAM_IS_D2:
+            d2 = tl.maximum(g, 0.0)
+            dup = (d2 <= 0.0) | eye
+        else:
+            nsum = sq_i + sq_j
+            d2 = tl.maximum(nsum - 2.0 * g, 0.0)
+            dup = (d2 <= DUP_EPS * nsum) | eye  # equal rows: distance 0, subgradient 0
         d2 = tl.where(dup, 0.0, d2)
         dist = tl.sqrt(d2)
         if VARIANT == 1:
@@ -867,6 +903,12 @@ def _small_coefficients_kernel(
     tl.store(LOSS, loss)
 
 
+# The few-samples epilogue's duplicate threshold on a Gram distance (float32 and half z: a
+# float64 sum of float32 chunk products, whose noise (~1e-7 (n_i + n_j)) hides any pair this
+# close anyway; float64 z takes exact distances instead).
+SMALL_DUP_EPS = 1e-12
+
+
 def _small_warps(block_n: int) -> int:
     """Warps of the epilogue and C @ Z programs: 8 at N > 32 (with 4, sm_90 spills 40-448 B
     per thread there: benchmarks/bench_dispersive_tiles.py --compile-check small)."""
@@ -907,7 +949,14 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
     # and half z are read as z_i - z_0: float32 chunk products of rows 1 ± 0.01 cost 100x eager's error
     # unshifted. Cosine depends on the norms themselves.
     shift = variant != 2 and z.dtype != torch.float64
-    gram = _gram_float64(z, block_n, shift)
+    exact = variant != 2 and z.dtype == torch.float64
+    if exact:
+        # float64: d^2 from exact differences (never n_i + n_j - 2 G_ij, which keeps no digit
+        # of rows 1e-9 apart): N^2 D / 2 more FLOPs than the Gram, on a validation dtype.
+        d2 = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").square_()
+        gram = torch.nn.functional.pad(d2, (0, block_n - n, 0, block_n - n))
+    else:
+        gram = _gram_float64(z, block_n, shift)
     # C is at most 64 x 64: each gradient entry sums <= 64 products, so float32 (fp32 FMA,
     # no TF32) keeps it within ~1e-7 of float64; float64 z keeps float64.
     c = torch.empty((block_n, block_n), device=z.device, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
@@ -915,7 +964,8 @@ def _small_path(z, variant, tau, margin, include_diagonal, scale, need_grad):
     pairs = n * n if include_diagonal else n * (n - 1)
     _small_coefficients_kernel[(1,)](
         gram, c, loss, n, _f64_bits(tau), _f64_bits(margin), _f64_bits(scale), _f64_bits(pairs), VARIANT=variant,
-        INCLUDE_DIAG=bool(include_diagonal), DUP_EPS=dup_threshold(torch.float64), BLOCK_N=block_n, num_warps=_small_warps(block_n))
+        INCLUDE_DIAG=bool(include_diagonal), DUP_EPS=SMALL_DUP_EPS, GRAM_IS_D2=exact, BLOCK_N=block_n,
+        num_warps=_small_warps(block_n))
     loss = loss[0]
     grad = None
     if need_grad:

@@ -18,10 +18,12 @@ the distance tile, an online per-row max, and acc += V C̃ by a second tl.dot, f
 For the L2 family rows and columns are shifted by the row block's mean (computed by torch,
 one (D,) vector per row block): distances ignore it, and it removes the cancellation of a
 large common offset in both the Gram distance and r_i z_i − Σ_j v_ij z_j. A pair whose
-Gram distance d² is at or below ``dup_threshold``·(‖r̃_i‖² + ‖c̃_j‖²) (float32: at or below 0)
-is a duplicate (d = 0, weight 0), as in ``triton/dispersive.py``; the self pair, when
-included, has d = 0 exactly. Unlike the C++ kernel there is no float64 recomputation of close pairs: float32 tiles keep a
-float32 Gram error (of order 1e-7 (‖r̃_i‖² + ‖c̃_j‖²) in d²).
+distance d² is at or below 0 is a duplicate (d = 0, weight 0), as in
+``triton/dispersive.py``; the self pair, when included, has d = 0 exactly. float64 tiles
+take the d² of a pair closer than ``EXACT_D2``·(‖r̃_i‖² + ‖c̃_j‖²) from exact differences
+(``_exact_close_pairs``), as the C++ kernel does. float32 tiles have no float64
+recomputation of close pairs (unlike the C++ kernel): they keep a float32 Gram error (of
+order 1e-7 (‖r̃_i‖² + ‖c̃_j‖²) in d²).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from disseg_kernels.triton.dispersive import device_params, dup_threshold
+from disseg_kernels.triton.dispersive import _exact_close_pairs, device_params, exact_threshold
 from ._settings import interpret as _interpret
 
 INFONCE_L2, INFONCE_L2SQ, INFONCE_COSINE, HINGE = 0, 1, 2, 3
@@ -49,7 +51,7 @@ def _row_stats_kernel(
     m,
     D,
     self_offset,  # column i + self_offset is row i (when HAS_SELF)
-    PARAMS,  # (5,): scale (1/D or 1), 1/tau, margin, grad_weight, dup_eps
+    PARAMS,  # (5,): scale (1/D or 1), 1/tau, margin, grad_weight, exact_threshold
     VARIANT: tl.constexpr,
     HAS_SELF: tl.constexpr,
     INCLUDE_DIAG: tl.constexpr,
@@ -74,7 +76,7 @@ def _row_stats_kernel(
     inv_tau = tl.load(PARAMS + 1)
     margin = tl.load(PARAMS + 2)
     gw = tl.load(PARAMS + 3)
-    dup_eps = tl.load(PARAMS + 4)
+    exact_eps = tl.load(PARAMS + 4)
 
     # ||r~_i||^2 of the shifted rows
     nr = tl.zeros((BLOCK_M,), ACC_T)
@@ -126,7 +128,12 @@ def _row_stats_kernel(
         else:
             nsum = nr[:, None] + nc[None, :]
             d2 = tl.maximum(nsum - 2.0 * g, 0.0)
-            d2 = tl.where((d2 <= dup_eps * nsum) | is_self, 0.0, d2)  # duplicates: d = 0 exactly
+            if ACC_T == tl.float64:
+                d2, dup = _exact_close_pairs(R, C, rows, cols, row_ok, col_ok, D, d2, nsum, is_self, exact_eps,
+                                             BLOCK_M, BLOCK_N)
+            else:
+                dup = d2 <= 0.0
+            d2 = tl.where(dup | is_self, 0.0, d2)  # duplicates: d = 0 exactly
             d_raw = tl.sqrt(d2)  # ||z_i - z_j||
             if VARIANT == 1:
                 d = d2 * scale
@@ -177,12 +184,19 @@ def _row_stats_kernel(
         tl.store(ACC + rows[:, None] * D + dcols[None, :], out, mask=omask)
 
 
-def _blocks(n: int, m: int, d: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps)."""
+def _blocks(n: int, m: int, d: int, interpret: bool | None = None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps).
+
+    On a GPU: the chunked layout of the main row kernel's float32/float64 FMA dots, 16-wide
+    feature chunks and 64-wide output chunks over 8 warps. Until 2026-11-28 it used
+    64-wide chunks, 128-wide outputs and 4 warps, which sm_90 compiled with 4.6-9.0 KB
+    (float32) and 1.5-2.0 KB (float64) of local-memory spills per thread; these blocks
+    spill nothing (``python -m benchmarks.bench_dispersive_tiles --compile-check
+    row_stats``). Output chunks of 64 recompute the Gram tile once per 64 columns of D."""
     d_pad = max(16, triton.next_power_of_2(max(d, 1)))
-    if _interpret():
+    if _interpret() if interpret is None else interpret:
         return 32, 32, min(64, d_pad), min(128, d_pad), 4
-    return 64, 64, min(64, d_pad), min(128, d_pad), 4
+    return 64, 64, 16, min(64, d_pad), 8
 
 
 def dispersive_row_stats_triton(
@@ -236,7 +250,7 @@ def dispersive_row_stats_triton(
     else:
         shift = rows.new_zeros((1, 1))
     params = device_params((1.0 / d if scale_by_dim else 1.0, 1.0 / tau, margin, grad_weight,
-                            dup_threshold(dt)), dt, rows.device)
+                            exact_threshold(dt)), dt, rows.device)
     out = acc if need_grad else rows.new_empty((1, 1))
     grid = (n_blocks, triton.cdiv(d, bdo) if need_grad else 1)
     _row_stats_kernel[grid](

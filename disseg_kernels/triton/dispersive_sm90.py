@@ -154,7 +154,7 @@ if _IMPORT_ERROR is None:
         M_OUT,  # (SPLITS, N) float32: per-row max of -d/tau (natural log units)
         S_OUT,  # (SPLITS, N) float32: per-row sum of exp(-d/tau - m_i)
         N, D, COL_CHUNK,
-        PARAMS,  # (4,) float32: scale, 1/tau, margin (unused), dup_eps
+        PARAMS,  # (4,) float32: scale, 1/tau, margin (unused), exact_threshold (0 for bf16: dup is d2 <= 0)
         VARIANT: gl.constexpr, INCLUDE_DIAG: gl.constexpr, D_PAD: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     ):
