@@ -17,14 +17,32 @@ class TransferReport(NamedTuple):
     unused: list[str]
 
 
+# What torch.compile (OptimizedModule) and DistributedDataParallel put before a module's keys.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _unwrapped(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the prefixes of torch.compile and DDP wrappers removed (repeatedly,
+    where every key carries the same one)."""
+    state = dict(state)
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def transfer_stage1_to_stage2(stage1: nn.Module | Mapping[str, torch.Tensor], stage2: nn.Module) -> TransferReport:
     """Copy Stage I's encoder (parameters and BatchNorm buffers) into Stage II, in place.
 
     This is what the authors' Stage II training does with a Stage I checkpoint (it keeps
     the ``layer*`` entries). Only ``encoder.*`` keys are candidates: Stage I's head has
-    no counterpart in Stage II. ``stage1`` may be a module or its state dict. Every
-    candidate must exist in Stage II with the same shape (else ``ValueError``: the two
-    were built with different encoders).
+    no counterpart in Stage II. ``stage1`` may be a module or its state dict; either
+    model may be wrapped by ``torch.compile`` or DDP (the report names keys without the
+    wrappers' prefixes). Every candidate must exist in Stage II with the same shape (else
+    ``ValueError``: the two were built with different encoders), and ``stage1`` must be a
+    Stage I (a source with keys other than ``encoder.*`` and ``head.*`` is refused).
     """
     src = stage1.state_dict() if isinstance(stage1, nn.Module) else stage1
     if not isinstance(src, Mapping):
@@ -32,10 +50,15 @@ def transfer_stage1_to_stage2(stage1: nn.Module | Mapping[str, torch.Tensor], st
     if not isinstance(stage2, nn.Module):
         raise TypeError(f"stage2 must be the Stage II module (its weights are copied into in place), "
                         f"got {type(stage2).__name__}")
-    dst = stage2.state_dict()
+    src = _unwrapped(src)
+    dst = _unwrapped(stage2.state_dict())  # the same tensors: copy_ writes into stage2
     wanted = [k for k in src if k.startswith("encoder.")]
     if not wanted:
         raise ValueError("stage1 has no 'encoder.*' keys: is it a MedDisSegStage1 (or its state dict)?")
+    foreign = [k for k in src if not k.startswith(("encoder.", "head."))]
+    if foreign:
+        raise ValueError(f"stage1 is not a Stage I model: it has {len(foreign)} keys outside 'encoder.*' and "
+                         f"'head.*' (first: {foreign[:3]}); a Stage II checkpoint is resumed, not transferred")
     missing = [k for k in wanted if k not in dst]
     missing += [k for k in dst if k.startswith("encoder.") and k not in src]
     bad = [f"{k}: {tuple(src[k].shape)} vs {tuple(dst[k].shape)}" for k in wanted if k in dst and src[k].shape != dst[k].shape]

@@ -493,3 +493,21 @@ def test_transfer_stage1_to_stage2():
     for other in ("resnet34", "resnet50"):
         with pytest.raises(ValueError, match="encoder"):
             transfer_stage1_to_stage2(s1, MedDisSegStage2(other, fused=False))
+
+
+def test_transfer_through_wrappers_and_refuses_a_stage2_source():
+    """torch.compile'd models and DDP-style 'module.' state dicts transfer like plain ones
+    (they were refused with "stage1 has no 'encoder.*' keys"); a Stage II model given as
+    stage1 is refused (it was accepted, every key "unused"). Found by an audit, 2026-11-28."""
+    s1 = MedDisSegStage1("resnet18")
+    s1(torch.randn(2, 3, 32, 32))
+    enc = {k: v for k, v in s1.state_dict().items() if k.startswith("encoder.")}
+    for source, target in ((torch.compile(s1), MedDisSegStage2("resnet18")),
+                           ({"module." + k: v for k, v in s1.state_dict().items()}, MedDisSegStage2("resnet18")),
+                           (s1, torch.compile(MedDisSegStage2("resnet18")))):
+        report = transfer_stage1_to_stage2(source, target)
+        assert report.copied == list(enc) and all(k.startswith("head.") for k in report.unused)
+        got = getattr(target, "_orig_mod", target).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in enc.items())
+    with pytest.raises(ValueError, match="not a Stage I model"):
+        transfer_stage1_to_stage2(MedDisSegStage2("resnet18"), MedDisSegStage2("resnet18"))
