@@ -76,7 +76,7 @@ def predict(checkpoint: str, inputs: str, out: str, threshold: float = 0.5, devi
     gt_index = D._index_folder(mask_dir) if mask_dir else {}
     make_output_dir(os.path.join(out, "masks"))
     make_output_dir(os.path.join(out, "overlays"))
-    written = []
+    written, no_outline = [], []
     for path in files:
         img = D.load_image(path)
         H, W = img.shape[:2]
@@ -85,13 +85,24 @@ def predict(checkpoint: str, inputs: str, out: str, threshold: float = 0.5, devi
         pred = (torch.sigmoid(logits[0, 0]).cpu() > threshold).numpy()
         stem = os.path.splitext(os.path.basename(path))[0]
         gt = None
-        key = D.mask_key(gt_index, stem)
-        if key is not None and len(gt_index[key]) == 1:
-            gt = D.load_mask(os.path.join(mask_dir, gt_index[key][0]))
-            if gt.shape != pred.shape:
-                gt = None
+        if mask_dir:
+            key = D.mask_key(gt_index, stem)
+            if key is None:
+                no_outline.append(f"{stem} (no mask)")
+            elif len(gt_index[key]) > 1:
+                no_outline.append(f"{stem} (several masks: {', '.join(sorted(gt_index[key]))})")
+            else:
+                gt = D.load_mask(os.path.join(mask_dir, gt_index[key][0]))
+                if gt.shape != pred.shape:
+                    no_outline.append(f"{stem} (mask {gt_index[key][0]} is {gt.shape[1]}x{gt.shape[0]}, "
+                                      f"the image {W}x{H})")
+                    gt = None
         atomic_write_bytes(os.path.join(out, "masks", stem + ".png"), _png_bytes(pred.astype(np.uint8) * 255, "L"))
         atomic_write_bytes(os.path.join(out, "overlays", stem + ".png"), _png_bytes(overlay(img, pred, gt), "RGB"))
         written.append(stem)
     log(f"wrote {len(written)} masks to {os.path.join(out, 'masks')} and overlays to {os.path.join(out, 'overlays')}")
+    if no_outline:
+        shown = "; ".join(no_outline[:10]) + (f"; and {len(no_outline) - 10} more" if len(no_outline) > 10 else "")
+        log(f"warning: --masks={mask_dir!r}: {len(no_outline)} of {len(written)} overlays have no ground-truth "
+            f"outline: {shown}")
     return written

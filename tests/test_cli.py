@@ -220,6 +220,25 @@ def test_predict_refuses_two_images_with_one_name(tmp_path, capsys, trained):
         assert f"--masks={str(bad)!r}: no such folder" in err
 
 
+def test_predict_names_the_images_its_masks_cannot_outline(tmp_path, capsys, trained):
+    """predict --masks: an image without a mask, or with a mask of another size, gets no
+    ground-truth outline, and the run says which (it said nothing: found by a
+    user-acceptance pass, 2026-11-28)."""
+    _, s1 = trained
+    src, masks = tmp_path / "in", tmp_path / "gt"
+    src.mkdir()
+    masks.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(src / f"{name}.png")
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(masks / "a.png")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(masks / "b.png")
+    assert main(["predict", "--checkpoint", str(s1 / "best.pt"), "--input", str(src), "--out", str(tmp_path / "p"),
+                 "--masks", str(masks)]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 3 overlays have no ground-truth outline" in out
+    assert "b (mask b.png is 48x40, the image 48x48)" in out and "c (no mask)" in out and "a (" not in out
+
+
 def test_best_checkpoint_exists_when_validation_cannot_score(tmp_path, capsys):
     """Every validation mask empty (mIoU NaN under --empty-policy nan): best.pt is still
     written (the first epoch, with a warning), and summary.json / metrics.json are strict

@@ -510,7 +510,7 @@ def _rows_configs(d_pad: int, fma: bool = False) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-FMA_SHAPES = [(64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]  # fp32: 8 B spill at most; fp64: 56 B for the first (its exact close-pair loop; none without it)
+FMA_SHAPES = [(64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]  # sm_90: fp32 none; fp64 56 B for the first (its exact close-pair loop; none without it)
 
 _TUNED: dict[tuple[int, bool], object] = {}
 
