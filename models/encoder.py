@@ -173,8 +173,9 @@ def load_torchvision_resnet(module: nn.Module, path: str | os.PathLike) -> LoadR
     keys the encoder uses: each must be in the file with the encoder's shape, else
     ``KeyError`` / ``ValueError`` listing them (``num_batches_tracked``, absent from
     torchvision's older checkpoints, is the one key that may be missing: it keeps its
-    value). Every other key of the file is reported in ``LoadReport.unused``, not loaded.
-    Nothing is downloaded.
+    value). A key under the encoder's stem or stages (layer1-3) that the encoder lacks (a
+    deeper ResNet's blocks) is a ``ValueError`` too. Every other key of the file (layer4,
+    fc) is reported in ``LoadReport.unused``, not loaded. Nothing is downloaded.
     """
     encoder = _encoder_of(module)
     path = os.fspath(path)
@@ -204,6 +205,17 @@ def load_torchvision_resnet(module: nn.Module, path: str | os.PathLike) -> LoadR
     ]
     if bad:
         raise ValueError(f"the checkpoint {path!r} has shapes that do not fit the {encoder.name} encoder: {bad[:5]}")
+    # Keys under the encoder's own parts (the stem, layer1-3) that it does not have: blocks of a
+    # deeper network (a ResNet-34 file has 3/4/6 blocks where ResNet-18 has 2/2/2): its shapes
+    # fit, but its weights belong to other blocks. (layer4 and fc are unused by design.)
+    parts = {k.split(".", 1)[0] for k in own}
+    foreign = sorted(k for k in state if k not in own and k.split(".", 1)[0] in parts)
+    if foreign:
+        raise ValueError(
+            f"the checkpoint {path!r} has {len(foreign)} key(s) in the {encoder.name} encoder's stages that it "
+            f"does not have, e.g. {foreign[:3]}: it is a deeper ResNet's state dict (use the encoder that "
+            f"matches it: --encoder)"
+        )
     loaded = [k for k in own if k in state]
     with torch.no_grad():
         for k in loaded:

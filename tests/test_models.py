@@ -468,6 +468,13 @@ def test_load_torchvision_resnet_errors(tmp_path):
     torch.save(state, path)
     with pytest.raises(KeyError, match="layer3.5.conv1.weight"):
         load_torchvision_resnet(ResNetEncoder("resnet50"), path)
+    # A ResNet-34 file into a ResNet-18: every ResNet-18 key is there with its shape, but the
+    # extra blocks (layer1.2, layer2.2-3, layer3.2-5) show it is another network. It loaded,
+    # "84 unused keys" (found by a user-acceptance pass, 2026-11-28).
+    r34 = tmp_path / "resnet34.pth"
+    torch.save(ResNetEncoder("resnet34").state_dict(), r34)
+    with pytest.raises(ValueError, match=r"layer1\.2\..*deeper ResNet"):
+        load_torchvision_resnet(ResNetEncoder("resnet18"), r34)
     with pytest.raises(FileNotFoundError, match="nope"):
         load_torchvision_resnet(ResNetEncoder("resnet50"), tmp_path / "nope.pth")
     garbage = tmp_path / "garbage.pth"
