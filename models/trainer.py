@@ -554,6 +554,7 @@ class Trainer:
         self.val_sampler = D.EpochBatchSampler(len(self.val_samples), cfg.batch_size, cfg.seed, False, False,
                                                rank=r, world=w, skip_empty=True)
         self._warn_unused_dispersive_options()
+        self._check_plain_dispersive_fits()  # before --out is made
         if self.dist.main:
             make_output_dir(self.out)
             remove_stale_temporaries(self.out)
@@ -629,6 +630,29 @@ class Trainer:
             env = environment()
             env["world_size"] = self.dist.world
             atomic_write_text(os.path.join(self.out, "env.json"), json_text(env))
+
+    def _check_plain_dispersive_fits(self) -> None:
+        """--no-fused at pixel granularity computes the dispersive loss in plain PyTorch, with
+        N x N matrices (N = batch x H x W of the feature, over every process): refused here
+        when they cannot fit the device, before --out is made. The model raised the same
+        MemoryError at the first step, as a traceback, after config.json was written."""
+        cfg = self.cfg
+        if cfg.fused or not cfg.dispersive or cfg.disp_granularity != "pixel":
+            return
+        from disseg_kernels.ops.dispersive import check_reference_fits
+
+        from .base import FEATURES
+        from .encoder import ResNetEncoder
+
+        with torch.device("meta"):  # shapes only: nothing computed or allocated
+            feats = ResNetEncoder(cfg.encoder)(torch.zeros(1, 3, cfg.size, cfg.size))
+        f = feats[FEATURES.index(cfg.disp_feature)]
+        n = cfg.batch_size * self.dist.world * f.shape[2] * f.shape[3]
+        try:
+            check_reference_fits(torch.zeros((), device=self.device).expand(n, f.shape[1]), cfg.disp_variant)
+        except MemoryError as e:
+            raise UserError(f"--no-fused with --disp-granularity pixel at {cfg.disp_feature}, --size {cfg.size} and "
+                            f"--batch-size {cfg.batch_size}: {e}; leave out --no-fused") from None
 
     # Tests run --cuda-graph's bookkeeping on the CPU (models.step_graph, emulate=True).
     _emulate_graph = False

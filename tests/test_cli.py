@@ -239,6 +239,20 @@ def test_predict_names_the_images_its_masks_cannot_outline(tmp_path, capsys, tra
     assert "b (mask b.png is 48x40, the image 48x48)" in out and "c (no mask)" in out and "a (" not in out
 
 
+def test_plain_pixel_dispersive_that_cannot_fit_is_refused_before_out(tmp_path, capsys, trained):
+    """--no-fused at pixel granularity of f1, 512x512, batch 8: N = 524,288 pixel rows, whose
+    N x N matrices cannot fit any machine. One line, status 2, no --out. It was a 35-line
+    MemoryError traceback at the first step, after config.json was written (found by a
+    user-acceptance pass, 2026-11-28)."""
+    data, _ = trained
+    out = tmp_path / "run"
+    err = _run_bad(["train", "--stage", "1", "--data", str(data), "--out", str(out), "--encoder", "resnet18",
+                    "--size", "512", "--batch-size", "8", "--no-fused", "--disp-granularity", "pixel",
+                    "--disp-feature", "f1"], capsys)
+    assert "--no-fused with --disp-granularity pixel at f1" in err and "N = 524288" in err
+    assert "leave out --no-fused" in err and not out.exists()
+
+
 def test_best_checkpoint_exists_when_validation_cannot_score(tmp_path, capsys):
     """Every validation mask empty (mIoU NaN under --empty-policy nan): best.pt is still
     written (the first epoch, with a warning), and summary.json / metrics.json are strict
