@@ -177,7 +177,8 @@ def _index_folder(folder: str) -> dict[str, list[str]]:
 def read_split(path: str) -> list[tuple[int, str]]:
     """(line number, name) pairs of a split file; raises DataError for the split file's faults."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: split file not found")
+        raise DataError(f"{path}: split file not found (`disseg make-splits {os.path.dirname(path) or '.'}` "
+                        f"writes train.txt, val.txt and test.txt)")
     try:
         with open(path, encoding="utf-8-sig") as fh:  # -sig: a Windows editor's byte-order mark
             lines = fh.read().splitlines()

@@ -171,12 +171,18 @@ def remove_stale_temporaries(folder: str) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by the trainer, or a bare state dict (wrapped); UserError if unreadable."""
+    if os.path.isdir(path):
+        inside = [f for f in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, f))]
+        raise UserError(f"{path}: a folder, not a checkpoint file"
+                        + (f" (it holds {' and '.join(inside)}: pass {os.path.join(path, inside[0])})" if inside else ""))
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any decoding failure is the file's fault
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        # the first sentence only: torch's advice on weights_only=False is not for a command-line user
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

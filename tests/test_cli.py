@@ -102,6 +102,11 @@ def test_bad_flags_and_files(tmp_path, capsys, trained):
         (["train", "--pretrained", str(tmp_path / "r18.pth"), "--data", str(data), "--out", str(tmp_path / "a")],
          "r18.pth'"),
         (["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(data)], "checkpoint not found"),
+        # a run folder for its checkpoint: say which file (user-acceptance pass, 2026-11-28)
+        (["evaluate", "--checkpoint", str(s1), "--data", str(data)],
+         f"a folder, not a checkpoint file (it holds best.pt and last.pt: pass {s1 / 'best.pt'})"),
+        (["evaluate", "--checkpoint", str(s1 / "config.json"), "--data", str(data)],
+         "config.json: not a readable checkpoint (UnpicklingError: Weights only load failed)"),
         (["evaluate", "--checkpoint", str(s1 / "best.pt"), "--data", str(tmp_path / "nodata")],
          "dataset folder not found"),
         (["predict", "--checkpoint", str(s1 / "best.pt"), "--input", str(tmp_path), "--out", str(tmp_path / "p")],

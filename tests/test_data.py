@@ -50,7 +50,7 @@ def test_names_with_and_without_extension_mixed_extensions(tmp_path):
     ("unreadable", "train.txt:2: "),
     ("empty_split", "train.txt: the split file is empty"),
     ("duplicate", "train.txt:3: 'a.jpg' is listed twice (first on line 1)"),
-    ("no_split", "train.txt: split file not found"),
+    ("no_split", "train.txt: split file not found (`disseg make-splits "),
     ("ambiguous", "train.txt:1: image for 'a' is ambiguous"),
 ])
 def test_validation_names_file_and_line(tmp_path, fault, expect):
