@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=positive_int, default=30)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="")
+    p.add_argument("--out", default="", help="also write the markdown table to this file (a file path, e.g. "
+                   "benchmarks/results/gate_pools_cpu_DATE.md; default: print only)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     lines = [f"# C++ gate pools, CPU ({machine_name('cpu')}, {args.threads} threads), "

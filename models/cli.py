@@ -87,8 +87,8 @@ def _cmd_make_splits(args: argparse.Namespace) -> int:
 # demo
 
 # CPU-sized: ResNet-18, 48x48 inputs, 160 training images, 10 + 8 epochs (20 steps each).
-# Sized for about 7-9 minutes on a quiet 2-core machine (Stage II's step costs about twice
-# Stage I's); the spec's full-size settings are the `disseg train` defaults.
+# Sized for about 5-9 minutes on a 2-core machine (4.9-6.2 min measured quiet; Stage II's
+# step costs about twice Stage I's); the spec's full-size settings are the `disseg train` defaults.
 DEMO_DEFAULTS = dict(encoder="resnet18", size=48, batch_size=8, synth_train=160, synth_val=40,
                      synth_size=96, epochs1=10, epochs2=8, lr=1e-3, lr_encoder=1e-3, dropout_size=8,
                      plateau_patience=3, plateau_factor=0.5)
@@ -200,19 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate the synthetic dataset, train Stage I then Stage II (CPU-sized), "
                        "evaluate the final model on the validation split, write overlays and curves, print "
                        "the summary.")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--encoder", default=DEMO_DEFAULTS["encoder"], choices=["resnet18", "resnet34", "resnet50"])
+    d.add_argument("--out", default="runs/demo", help="output folder (data/, stage1/, stage2/, eval/, overlays/)")
+    d.add_argument("--encoder", default=DEMO_DEFAULTS["encoder"], choices=["resnet18", "resnet34", "resnet50"],
+                   help="encoder of both stages")
+    demo_help = {"size": "training and evaluation input size", "batch_size": "batch size",
+                 "synth_train": "synthetic training images", "synth_val": "synthetic validation images",
+                 "synth_size": "side of the generated images", "epochs1": "Stage I epochs", "epochs2": "Stage II epochs"}
     for k in ("size", "batch_size", "synth_train", "synth_val", "synth_size", "epochs1", "epochs2"):
-        d.add_argument("--" + k.replace("_", "-"), type=int, default=DEMO_DEFAULTS[k])
-    d.add_argument("--plateau-patience", type=int, default=DEMO_DEFAULTS["plateau_patience"])
-    for k in ("lr", "lr_encoder", "plateau_factor"):
-        d.add_argument("--" + k.replace("_", "-"), type=float, default=DEMO_DEFAULTS[k])
-    d.add_argument("--dropout-size", type=int, default=DEMO_DEFAULTS["dropout_size"])
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, default=0)
-    d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    d.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
-    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+        d.add_argument("--" + k.replace("_", "-"), type=int, default=DEMO_DEFAULTS[k], help=demo_help[k])
+    d.add_argument("--plateau-patience", type=int, default=DEMO_DEFAULTS["plateau_patience"],
+                   help="epochs without improvement before the learning rate drops")
+    for k, what in (("lr", "Adam learning rate"), ("lr_encoder", "Adam learning rate of the encoder"),
+                    ("plateau_factor", "learning-rate factor on a plateau")):
+        d.add_argument("--" + k.replace("_", "-"), type=float, default=DEMO_DEFAULTS[k], help=what)
+    d.add_argument("--dropout-size", type=int, default=DEMO_DEFAULTS["dropout_size"],
+                   help="side of the augmentation's dropped squares")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the augmentation")
+    d.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    d.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="the fused kernels (--no-fused: plain PyTorch)")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     d.set_defaults(func=_cmd_demo)
     return p
 
