@@ -290,6 +290,15 @@ def test_argparse_errors_exit_2(capsys):
             main(["train", flag, value])
         assert e.value.code == 2
         assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+    # an unknown flag: the command's usage and name (it was the top-level usage and
+    # "disseg: error"; user-acceptance pass, 2026-11-28)
+    for argv, usage in ((["train", "--val-split", "0.2"], "usage: disseg train"),
+                        (["make-splits", "x", "--bogus"], "usage: disseg make-splits")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and usage in err
+        assert f"disseg {argv[0]}: error: unrecognized arguments: {' '.join(argv[-2 if argv[0] == 'train' else -1:])}" in err
 
 
 def test_config_json_and_flag_override(tmp_path, trained):
