@@ -637,6 +637,17 @@ class Trainer:
             env["world_size"] = self.dist.world
             atomic_write_text(os.path.join(self.out, "env.json"), json_text(env))
 
+    def _disp_feature_shape(self) -> torch.Size:
+        """(1, C, H, W) of the dispersive feature for one --size input: the encoder run on
+        the meta device (shapes only: nothing computed or allocated)."""
+        from .base import FEATURES
+        from .encoder import ResNetEncoder
+
+        cfg = self.cfg
+        with torch.device("meta"):
+            feats = ResNetEncoder(cfg.encoder)(torch.zeros(1, 3, cfg.size, cfg.size))
+        return feats[FEATURES.index(cfg.disp_feature)].shape
+
     def _check_plain_dispersive_fits(self) -> None:
         """--no-fused at pixel granularity computes the dispersive loss in plain PyTorch, with
         N x N matrices (N = batch x H x W of the feature, over every process): refused here
@@ -647,15 +658,10 @@ class Trainer:
             return
         from disseg_kernels.ops.dispersive import check_reference_fits
 
-        from .base import FEATURES
-        from .encoder import ResNetEncoder
-
-        with torch.device("meta"):  # shapes only: nothing computed or allocated
-            feats = ResNetEncoder(cfg.encoder)(torch.zeros(1, 3, cfg.size, cfg.size))
-        f = feats[FEATURES.index(cfg.disp_feature)]
-        n = cfg.batch_size * self.dist.world * f.shape[2] * f.shape[3]
+        f = self._disp_feature_shape()
+        n = cfg.batch_size * self.dist.world * f[2] * f[3]
         try:
-            check_reference_fits(torch.zeros((), device=self.device).expand(n, f.shape[1]), cfg.disp_variant)
+            check_reference_fits(torch.zeros((), device=self.device).expand(n, f[1]), cfg.disp_variant)
         except MemoryError as e:
             raise UserError(f"--no-fused with --disp-granularity pixel at {cfg.disp_feature}, --size {cfg.size} and "
                             f"--batch-size {cfg.batch_size}: {e}; leave out --no-fused") from None
@@ -678,21 +684,12 @@ class Trainer:
             raise UserError(f"--cuda-graph: {why}")
 
     def _make_bank(self):
-        """The memory bank, its D read from the encoder's output (one eval-mode forward of zeros)."""
+        """The memory bank, its D from the dispersive feature's shape."""
         from disseg_kernels import NegativeBank
 
-        from .base import FEATURES
-
         cfg = self.cfg
-        enc = self.model.encoder
-        was = enc.training
-        enc.eval()  # no BatchNorm update
-        try:
-            with torch.no_grad():
-                f = enc(torch.zeros(1, 3, cfg.size, cfg.size, device=self.device))[FEATURES.index(cfg.disp_feature)]
-        finally:
-            enc.train(was)
-        dim = f.shape[1] * (f.shape[2] * f.shape[3] if cfg.disp_granularity == "sample" else 1)
+        f = self._disp_feature_shape()
+        dim = f[1] * (f[2] * f[3] if cfg.disp_granularity == "sample" else 1)
         dtype = torch.bfloat16 if cfg.disp_bank_dtype == "bfloat16" else torch.float32
         gib = cfg.disp_bank * dim * (2 if dtype == torch.bfloat16 else 4) / 2**30
         self.log(f"memory bank: {cfg.disp_bank} rows x {dim} features ({cfg.disp_bank_dtype}), {gib:.3g} GiB")

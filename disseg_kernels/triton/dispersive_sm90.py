@@ -97,7 +97,7 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _pair_weights(
         s, n_i, SQN, N, start_n, row0, masked, m_i, s_i,
-        scale, dup_eps, c2,
+        scale, c2,
         mma_s: gl.constexpr, VARIANT: gl.constexpr, INCLUDE_DIAG: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     ):
@@ -110,9 +110,8 @@ if _IMPORT_ERROR is None:
         cols = start_n + gl.arange(0, BLOCK_N, layout=col_l)
         col_ok = cols < N
         n_j = gl.load(SQN + cols, mask=col_ok, other=0.0)
-        nsum = n_i[:, None] + n_j[None, :]
-        d2 = nsum - 2.0 * s
-        dup = d2 <= dup_eps * nsum
+        d2 = n_i[:, None] + n_j[None, :] - 2.0 * s
+        dup = d2 <= 0.0  # as the Triton kernel's float32 tiles
         # f: the factor that turns p into the weight; 0 on duplicates (their subgradient)
         if VARIANT == 1:
             f = gl.where(dup, 0.0, 1.0)
@@ -154,7 +153,7 @@ if _IMPORT_ERROR is None:
         M_OUT,  # (SPLITS, N) float32: per-row max of -d/tau (natural log units)
         S_OUT,  # (SPLITS, N) float32: per-row sum of exp(-d/tau - m_i)
         N, D, COL_CHUNK,
-        PARAMS,  # (4,) float32: scale, 1/tau, margin (unused), exact_threshold (0 for bf16: dup is d2 <= 0)
+        PARAMS,  # (4,) float32: scale, 1/tau, margin and exact_threshold (both unused here)
         VARIANT: gl.constexpr, INCLUDE_DIAG: gl.constexpr, D_PAD: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     ):
@@ -185,7 +184,6 @@ if _IMPORT_ERROR is None:
 
         scale = gl.load(PARAMS)
         inv_tau = gl.load(PARAMS + 1)
-        dup_eps = gl.load(PARAMS + 3)
         c2 = -scale * inv_tau * 1.4426950408889634
         rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
         n_i = gl.load(SQN + rows_s, mask=rows_s < N, other=0.0)
@@ -233,7 +231,7 @@ if _IMPORT_ERROR is None:
                                    is_async=True)
             # 2. This tile's weights.
             masked = (start_n > diag_lo) & (start_n < diag_hi)
-            w, alpha, m_i, s_i = _pair_weights(s_cur, n_i, SQN, N, start_n, row0, masked, m_i, s_i, scale, dup_eps,
+            w, alpha, m_i, s_i = _pair_weights(s_cur, n_i, SQN, N, start_n, row0, masked, m_i, s_i, scale,
                                                c2, mma_s, VARIANT, INCLUDE_DIAG, BLOCK_M, BLOCK_N)
             # 3. Both products in flight are done: the previous weights' product (its slot
             #    takes the tile STAGES - 1 ahead of it) and S(t+1). A wait for zero
@@ -252,7 +250,7 @@ if _IMPORT_ERROR is None:
         # The last tile (it always holds column N - 1 or the split's end: masked).
         t_last = n_tiles - 1
         start_n = lo + t_last * BLOCK_N
-        w, alpha, m_i, s_i = _pair_weights(s_cur, n_i, SQN, N, start_n, row0, True, m_i, s_i, scale, dup_eps,
+        w, alpha, m_i, s_i = _pair_weights(s_cur, n_i, SQN, N, start_n, row0, True, m_i, s_i, scale,
                                            c2, mma_s, VARIANT, INCLUDE_DIAG, BLOCK_M, BLOCK_N)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
