@@ -5,6 +5,8 @@
 // Each input is read once and each output element written once, straight into its
 // channel slice; no upsampled intermediate. Inputs and output are indexed through their
 // strides (NCHW or channels_last, the output in the layout of the first input).
+#include "cpu_lanes.h"  // first: it sets ATen's vector width
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
@@ -39,6 +41,86 @@ Taps<acc_t> taps(int64_t in, int64_t out) {
     t.i0[o] = i0, t.i1[o] = i0 + step, t.l0[o] = acc_t(1) - l1, t.l1[o] = l1;
   }
   return t;
+}
+
+// Unit-stride rows, in float lanes for float / bfloat16 / float16 (cpu_lanes.h: a scalar
+// c10::BFloat16 or c10::Half conversion in the loop keeps it scalar, 3-5x slower than
+// float), the same products in the same order as the scalar tail; double stays scalar.
+
+// q[c] = a0·(b0·p00[c] + b1·p01[c]) + a1·(b0·p10[c] + b1·p11[c])
+template <typename T, typename acc_t>
+void blend4_row(T* __restrict__ q, const T* __restrict__ p00, const T* __restrict__ p01, const T* __restrict__ p10,
+                const T* __restrict__ p11, acc_t a0, acc_t a1, acc_t b0, acc_t b1, int64_t n) {
+  int64_t c = 0;
+  if constexpr (lanes::has_lanes<T>) {
+    const lanes::fvec A0(a0), A1(a1), B0(b0), B1(b1);
+    for (; c + lanes::kWidth <= n; c += lanes::kWidth) {
+      const lanes::fvec top = B0 * lanes::load(p00 + c) + B1 * lanes::load(p01 + c);
+      const lanes::fvec bottom = B0 * lanes::load(p10 + c) + B1 * lanes::load(p11 + c);
+      lanes::store(q + c, A0 * top + A1 * bottom);
+    }
+  }
+  _Pragma("omp simd")
+  for (int64_t k = c; k < n; ++k)
+    q[k] = T(a0 * (b0 * acc_t(p00[k]) + b1 * acc_t(p01[k])) + a1 * (b0 * acc_t(p10[k]) + b1 * acc_t(p11[k])));
+}
+
+// o[i] = a0·h0[i] + a1·h1[i] (h in the accumulation type)
+template <typename T, typename acc_t>
+void blend2_row(T* __restrict__ o, const acc_t* __restrict__ h0, const acc_t* __restrict__ h1, acc_t a0, acc_t a1,
+                int64_t n) {
+  int64_t i = 0;
+  if constexpr (lanes::has_lanes<T>) {
+    const lanes::fvec A0(a0), A1(a1);
+    for (; i + lanes::kWidth <= n; i += lanes::kWidth)
+      lanes::store(o + i, A0 * lanes::fvec::loadu(h0 + i) + A1 * lanes::fvec::loadu(h1 + i));
+  }
+  _Pragma("omp simd")
+  for (int64_t k = i; k < n; ++k) o[k] = T(a0 * h0[k] + a1 * h1[k]);
+}
+
+// d0[i] += k0·g[i] and d1[i] += k1·g[i] (d0, d1 disjoint rows of the accumulation type)
+template <typename T, typename acc_t>
+void axpy2_row(acc_t* __restrict__ d0, acc_t* __restrict__ d1, const T* __restrict__ g, acc_t k0, acc_t k1,
+               int64_t n) {
+  int64_t i = 0;
+  if constexpr (lanes::has_lanes<T>) {
+    const lanes::fvec K0(k0), K1(k1);
+    for (; i + lanes::kWidth <= n; i += lanes::kWidth) {
+      const lanes::fvec v = lanes::load(g + i);
+      (lanes::fvec::loadu(d0 + i) + K0 * v).store(d0 + i);
+      (lanes::fvec::loadu(d1 + i) + K1 * v).store(d1 + i);
+    }
+  }
+  _Pragma("omp simd")
+  for (int64_t k = i; k < n; ++k) {
+    const acc_t v = acc_t(g[k]);
+    d0[k] += k0 * v;
+    d1[k] += k1 * v;
+  }
+}
+
+// d[i] += k·g[i]
+template <typename T, typename acc_t>
+void axpy_row(acc_t* __restrict__ d, const T* __restrict__ g, acc_t k, int64_t n) {
+  int64_t i = 0;
+  if constexpr (lanes::has_lanes<T>) {
+    const lanes::fvec K(k);
+    for (; i + lanes::kWidth <= n; i += lanes::kWidth)
+      (lanes::fvec::loadu(d + i) + K * lanes::load(g + i)).store(d + i);
+  }
+  _Pragma("omp simd")
+  for (int64_t m = i; m < n; ++m) d[m] += k * acc_t(g[m]);
+}
+
+// o[i] = T(src[i])
+template <typename T, typename acc_t>
+void round_row(T* __restrict__ o, const acc_t* __restrict__ src, int64_t n) {
+  int64_t i = 0;
+  if constexpr (lanes::has_lanes<T>) {
+    for (; i + lanes::kWidth <= n; i += lanes::kWidth) lanes::store(o + i, lanes::fvec::loadu(src + i));
+  }
+  for (; i < n; ++i) o[i] = T(src[i]);
 }
 
 }  // namespace
@@ -76,13 +158,7 @@ at::Tensor multiscale_fwd_cpu(at::TensorList tensors, at::IntArrayRef scales) {
               const int64_t w0 = tw.i0[ow] * sW, w1 = tw.i1[ow] * sW;
               scalar_t* o = ob + b * osB + oh * osH + ow * osW;
               if (sC == 1) {  // channels_last input too: unit stride on both sides (vectorised)
-                const scalar_t *__restrict__ p00 = r0 + w0, *__restrict__ p01 = r0 + w1;
-                const scalar_t *__restrict__ p10 = r1 + w0, *__restrict__ p11 = r1 + w1;
-                scalar_t* __restrict__ q = o;
-                _Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c)
-                  q[c] = scalar_t(a0 * (b0 * acc_t(p00[c]) + b1 * acc_t(p01[c])) +
-                                  a1 * (b0 * acc_t(p10[c]) + b1 * acc_t(p11[c])));
+                blend4_row(o, r0 + w0, r0 + w1, r1 + w0, r1 + w1, a0, a1, b0, b1, C);
                 continue;
               }
               for (int64_t c = 0; c < C; ++c) {
@@ -115,8 +191,7 @@ at::Tensor multiscale_fwd_cpu(at::TensorList tensors, at::IntArrayRef scales) {
               const acc_t* __restrict__ h1 = hrows.data() + th.i1[oh] * W;
               scalar_t* __restrict__ orow = o + oh * osH;
               if (osW == 1) {
-                _Pragma("omp simd")
-                for (int64_t ow = 0; ow < W; ++ow) orow[ow] = scalar_t(a0 * h0[ow] + a1 * h1[ow]);
+                blend2_row(orow, h0, h1, a0, a1, W);
               } else {
                 for (int64_t ow = 0; ow < W; ++ow) orow[ow * osW] = scalar_t(a0 * h0[ow] + a1 * h1[ow]);
               }
@@ -180,17 +255,9 @@ at::Tensor multiscale_bwd_cpu(const at::Tensor& grad_out, int64_t c0, int64_t C,
               const acc_t k0 = a * tw.l0[ow], k1 = a * tw.l1[ow];
               acc_t* __restrict__ d0 = buf.data() + tw.i0[ow] * C;
               if (tw.i0[ow] == tw.i1[ow]) {
-                const acc_t k = k0 + k1;
-                _Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) d0[c] += k * acc_t(gv[c]);
+                axpy_row(d0, gv, k0 + k1, C);
               } else {
-                acc_t* __restrict__ d1 = buf.data() + tw.i1[ow] * C;  // the next pixel's C values
-                _Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t v = acc_t(gv[c]);
-                  d0[c] += k0 * v;
-                  d1[c] += k1 * v;
-                }
+                axpy2_row(d0, buf.data() + tw.i1[ow] * C, gv, k0, k1, C);  // d1: the next pixel's C values
               }
             }
           }
@@ -198,7 +265,11 @@ at::Tensor multiscale_bwd_cpu(const at::Tensor& grad_out, int64_t c0, int64_t C,
           for (int64_t w = 0; w < Wi; ++w) {
             const acc_t* src = buf.data() + w * C;
             scalar_t* dst = o + w * isW;
-            for (int64_t c = 0; c < C; ++c) dst[c * isC] = scalar_t(src[c]);
+            if (isC == 1) {
+              round_row(dst, src, C);
+            } else {
+              for (int64_t c = 0; c < C; ++c) dst[c * isC] = scalar_t(src[c]);
+            }
           }
         }
       });
@@ -236,14 +307,7 @@ at::Tensor multiscale_bwd_cpu(const at::Tensor& grad_out, int64_t c0, int64_t C,
             }
             continue;
           }
-          acc_t* __restrict__ v1 = vrows.data() + th.i1[oh] * W;  // another row than v0
-          const acc_t a0 = th.l0[oh], a1 = th.l1[oh];
-          _Pragma("omp simd")
-          for (int64_t ow = 0; ow < W; ++ow) {
-            const acc_t v = acc_t(grow[ow]);
-            v0[ow] += a0 * v;
-            v1[ow] += a1 * v;
-          }
+          axpy2_row(v0, vrows.data() + th.i1[oh] * W, grow, th.l0[oh], th.l1[oh], W);  // v1: another row than v0
         }
         for (int64_t ih = 0; ih < Hi; ++ih) {
           const acc_t* vr = vrows.data() + ih * W;

@@ -3,15 +3,16 @@
 // One read and one write forward; backward reads x and the incoming gradient and writes
 // once. float, bfloat16 and float16 run 16 (AVX-512) or 8 (AVX2 + FMA) lanes at a time in
 // float with SLEEF's vector exp (the one ATen's own kernels use, exported by libtorch_cpu)
-// where the compiler targets AVX2 (float16 on AVX2 also needs F16C); half lanes are widened
-// on load and rounded to nearest even on store, as c10's scalar conversions do. The scalar
-// tail and double use std::exp. With u = eˣ and
+// where the compiler targets AVX2; half lanes are widened on load and rounded to nearest
+// even on store (cpu_lanes.h). The scalar tail and double use std::exp. With u = eˣ and
 // e = e^{−2u}:
 //   tanh(u)     = (1 − e) / (1 + e)              (a series for u < 0.05: no cancellation)
 //   1 − tanh²u  = 4e / (1 + e)²
 // eˣ is taken of min(x, 20) (e^{−2u} is 0 beyond it in every dtype), and the exp of an
 // argument below −80 is taken as exactly 0 (no denormals: they are ~50× slower), so the derivative's x·u·(1 − tanh²u) is 0,
 // never inf · 0: both are finite for every finite x and tend to x and 1.
+#include "cpu_lanes.h"  // first: it sets ATen's vector width
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -144,88 +145,29 @@ inline __m256 telu_bwd8(__m256 x) {
 }
 #endif
 
-// Lanes of T widened to float on load and rounded back (to nearest, ties to even) on store.
-// bfloat16 is float's upper half: widening is a shift; rounding adds 0x7FFF plus the kept
-// part's last bit, and a NaN becomes c10's quiet NaN 0x7FC0. float16 uses the hardware
-// conversions (round to nearest even, as c10::Half).
-template <typename T>
-struct HasLanes : std::integral_constant<bool, std::is_same<T, float>::value || std::is_same<T, c10::BFloat16>::value
-#if defined(DISSEG_TELU_AVX512) || defined(__F16C__)
-                                                    || std::is_same<T, c10::Half>::value
-#endif
-                                         > {};
-
-#ifdef DISSEG_TELU_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(c10::BFloat16* p, __m512 v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
-inline void store16(c10::Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-#endif
-
-#ifdef DISSEG_TELU_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(c10::BFloat16* p, __m256 v) {
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-#ifdef __F16C__
-inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline void store8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-#endif
-#endif
-
 // The vector part of [i, hi): returns where the scalar tail starts.
 template <typename T>
 int64_t telu_fwd_lanes(const T* xp, T* yp, int64_t i, int64_t hi) {
-#if defined(DISSEG_TELU_AVX512) || defined(DISSEG_TELU_AVX2)
-  if constexpr (HasLanes<T>::value) {
 #ifdef DISSEG_TELU_AVX512
-    for (; i + 16 <= hi; i += 16) store16(yp + i, telu_fwd16(load16(xp + i)));
-#else
-    for (; i + 8 <= hi; i += 8) store8(yp + i, telu_fwd8(load8(xp + i)));
-#endif
-  }
+  if constexpr (lanes::has_lanes<T> && lanes::kWidth == 16)
+    for (; i + 16 <= hi; i += 16) lanes::store(yp + i, lanes::fvec(telu_fwd16(lanes::load(xp + i))));
+#elif defined(DISSEG_TELU_AVX2)
+  if constexpr (lanes::has_lanes<T> && lanes::kWidth == 8)
+    for (; i + 8 <= hi; i += 8) lanes::store(yp + i, lanes::fvec(telu_fwd8(lanes::load(xp + i))));
 #endif
   return i;
 }
 
 template <typename T>
 int64_t telu_bwd_lanes(const T* gp, const T* xp, T* dp, int64_t i, int64_t hi) {
-#if defined(DISSEG_TELU_AVX512) || defined(DISSEG_TELU_AVX2)
-  if constexpr (HasLanes<T>::value) {
 #ifdef DISSEG_TELU_AVX512
-    for (; i + 16 <= hi; i += 16) store16(dp + i, _mm512_mul_ps(load16(gp + i), telu_bwd16(load16(xp + i))));
-#else
-    for (; i + 8 <= hi; i += 8) store8(dp + i, _mm256_mul_ps(load8(gp + i), telu_bwd8(load8(xp + i))));
-#endif
-  }
+  if constexpr (lanes::has_lanes<T> && lanes::kWidth == 16)
+    for (; i + 16 <= hi; i += 16)
+      lanes::store(dp + i, lanes::fvec(_mm512_mul_ps(lanes::load(gp + i), telu_bwd16(lanes::load(xp + i)))));
+#elif defined(DISSEG_TELU_AVX2)
+  if constexpr (lanes::has_lanes<T> && lanes::kWidth == 8)
+    for (; i + 8 <= hi; i += 8)
+      lanes::store(dp + i, lanes::fvec(_mm256_mul_ps(lanes::load(gp + i), telu_bwd8(lanes::load(xp + i)))));
 #endif
   return i;
 }

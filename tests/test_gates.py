@@ -519,6 +519,40 @@ def test_multiscale_half_within_eager_error(backend, dtype, channels_last):
         assert e_fused <= 2 * e_eager + 1e-3, (e_fused, e_eager)
 
 
+
+@pytest.mark.skipif("cpu" not in MS_BACKENDS, reason="C++ multiscale kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_multiscale_half_is_the_float_kernel_rounded_once(dtype, channels_last):
+    """The C++ multi-scale concat of half inputs, and its input gradients, are the float
+    kernel's results on the widened inputs rounded once to nearest: within half a unit in
+    the last place of the half result, plus float's own rounding error (bounded by the same
+    op on |inputs|: fused multiply-adds may differ between the float and half builds of a
+    loop, and an output that cancels is far smaller than its taps). Truncating breaks it. The
+    rows (W = 40 in NCHW, C = 37 / 19 / 5 in channels_last) span full float lanes and a
+    scalar tail: half types run the float lanes of csrc/cpu_lanes.h (widen on load, round
+    on store), where scalar half conversions kept them 2-5x slower than float."""
+    torch.manual_seed(13)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shapes, scales = [(2, 37, 24, 40), (2, 19, 12, 20), (2, 5, 6, 10)], [1, 2, 4]
+    ts = [(torch.randn(s) * 4).to(dtype).to(memory_format=fmt) for s in shapes]
+    go = torch.randn(2, 61, 24, 40).to(dtype).to(memory_format=fmt)
+
+    def run(inputs, grad):
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        y = dk.multiscale_concat(inputs, scales, backend="cpu")
+        return (y, *torch.autograd.grad(y, inputs, grad))
+
+    half = run(ts, go)
+    wide = run([t.float() for t in ts], go.float())
+    magnitude = run([t.float().abs() for t in ts], go.float().abs())
+    fi = torch.finfo(dtype)
+    for got, want, mag in zip(half, wide, magnitude):
+        assert got.dtype == dtype and got.stride() == want.stride()
+        ulp = fi.eps * torch.exp2(torch.floor(torch.log2(got.float().abs().clamp_min(fi.smallest_normal))))
+        err = (got.float() - want).abs()
+        assert (err <= 0.5 * ulp + 2.0**-21 * mag).all(), (err / ulp).max()
+        assert (got == want.to(dtype)).float().mean() > 0.99
 @pytest.mark.skipif("triton" not in MS_BACKENDS, reason="Triton multiscale kernels unavailable")
 @pytest.mark.parametrize("separable", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
