@@ -26,7 +26,7 @@ template <typename T>
 constexpr bool has_lanes = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
 template <typename T>
-inline fvec load(const T* p) {
+inline fvec load_float(const T* p) {
   static_assert(has_lanes<T>);
   if constexpr (std::is_same_v<T, float>) {
     return fvec::loadu(p);
@@ -38,13 +38,21 @@ inline fvec load(const T* p) {
 }
 
 template <typename T>
-inline void store(T* p, const fvec& v) {
+inline void store_float(T* p, const fvec& v) {
   static_assert(has_lanes<T>);
   if constexpr (std::is_same_v<T, float>) {
     v.store(p);
   } else {
     at::vec::convert_from_float<T>(v, v).store(p, kWidth);
   }
+}
+
+// dst[i] = float(src[i]) for i < n.
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) load_float(src + i).store(dst + i);
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 }  // namespace lanes

@@ -55,9 +55,9 @@ void blend4_row(T* __restrict__ q, const T* __restrict__ p00, const T* __restric
   if constexpr (lanes::has_lanes<T>) {
     const lanes::fvec A0(a0), A1(a1), B0(b0), B1(b1);
     for (; c + lanes::kWidth <= n; c += lanes::kWidth) {
-      const lanes::fvec top = B0 * lanes::load(p00 + c) + B1 * lanes::load(p01 + c);
-      const lanes::fvec bottom = B0 * lanes::load(p10 + c) + B1 * lanes::load(p11 + c);
-      lanes::store(q + c, A0 * top + A1 * bottom);
+      const lanes::fvec top = B0 * lanes::load_float(p00 + c) + B1 * lanes::load_float(p01 + c);
+      const lanes::fvec bottom = B0 * lanes::load_float(p10 + c) + B1 * lanes::load_float(p11 + c);
+      lanes::store_float(q + c, A0 * top + A1 * bottom);
     }
   }
   _Pragma("omp simd")
@@ -73,7 +73,7 @@ void blend2_row(T* __restrict__ o, const acc_t* __restrict__ h0, const acc_t* __
   if constexpr (lanes::has_lanes<T>) {
     const lanes::fvec A0(a0), A1(a1);
     for (; i + lanes::kWidth <= n; i += lanes::kWidth)
-      lanes::store(o + i, A0 * lanes::fvec::loadu(h0 + i) + A1 * lanes::fvec::loadu(h1 + i));
+      lanes::store_float(o + i, A0 * lanes::fvec::loadu(h0 + i) + A1 * lanes::fvec::loadu(h1 + i));
   }
   _Pragma("omp simd")
   for (int64_t k = i; k < n; ++k) o[k] = T(a0 * h0[k] + a1 * h1[k]);
@@ -87,7 +87,7 @@ void axpy2_row(acc_t* __restrict__ d0, acc_t* __restrict__ d1, const T* __restri
   if constexpr (lanes::has_lanes<T>) {
     const lanes::fvec K0(k0), K1(k1);
     for (; i + lanes::kWidth <= n; i += lanes::kWidth) {
-      const lanes::fvec v = lanes::load(g + i);
+      const lanes::fvec v = lanes::load_float(g + i);
       (lanes::fvec::loadu(d0 + i) + K0 * v).store(d0 + i);
       (lanes::fvec::loadu(d1 + i) + K1 * v).store(d1 + i);
     }
@@ -107,7 +107,7 @@ void axpy_row(acc_t* __restrict__ d, const T* __restrict__ g, acc_t k, int64_t n
   if constexpr (lanes::has_lanes<T>) {
     const lanes::fvec K(k);
     for (; i + lanes::kWidth <= n; i += lanes::kWidth)
-      (lanes::fvec::loadu(d + i) + K * lanes::load(g + i)).store(d + i);
+      (lanes::fvec::loadu(d + i) + K * lanes::load_float(g + i)).store(d + i);
   }
   _Pragma("omp simd")
   for (int64_t m = i; m < n; ++m) d[m] += k * acc_t(g[m]);
@@ -118,7 +118,7 @@ template <typename T, typename acc_t>
 void round_row(T* __restrict__ o, const acc_t* __restrict__ src, int64_t n) {
   int64_t i = 0;
   if constexpr (lanes::has_lanes<T>) {
-    for (; i + lanes::kWidth <= n; i += lanes::kWidth) lanes::store(o + i, lanes::fvec::loadu(src + i));
+    for (; i + lanes::kWidth <= n; i += lanes::kWidth) lanes::store_float(o + i, lanes::fvec::loadu(src + i));
   }
   for (; i < n; ++i) o[i] = T(src[i]);
 }

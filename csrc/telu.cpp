@@ -150,10 +150,10 @@ template <typename T>
 int64_t telu_fwd_lanes(const T* xp, T* yp, int64_t i, int64_t hi) {
 #ifdef DISSEG_TELU_AVX512
   if constexpr (lanes::has_lanes<T> && lanes::kWidth == 16)
-    for (; i + 16 <= hi; i += 16) lanes::store(yp + i, lanes::fvec(telu_fwd16(lanes::load(xp + i))));
+    for (; i + 16 <= hi; i += 16) lanes::store_float(yp + i, lanes::fvec(telu_fwd16(lanes::load_float(xp + i))));
 #elif defined(DISSEG_TELU_AVX2)
   if constexpr (lanes::has_lanes<T> && lanes::kWidth == 8)
-    for (; i + 8 <= hi; i += 8) lanes::store(yp + i, lanes::fvec(telu_fwd8(lanes::load(xp + i))));
+    for (; i + 8 <= hi; i += 8) lanes::store_float(yp + i, lanes::fvec(telu_fwd8(lanes::load_float(xp + i))));
 #endif
   return i;
 }
@@ -163,11 +163,11 @@ int64_t telu_bwd_lanes(const T* gp, const T* xp, T* dp, int64_t i, int64_t hi) {
 #ifdef DISSEG_TELU_AVX512
   if constexpr (lanes::has_lanes<T> && lanes::kWidth == 16)
     for (; i + 16 <= hi; i += 16)
-      lanes::store(dp + i, lanes::fvec(_mm512_mul_ps(lanes::load(gp + i), telu_bwd16(lanes::load(xp + i)))));
+      lanes::store_float(dp + i, lanes::fvec(_mm512_mul_ps(lanes::load_float(gp + i), telu_bwd16(lanes::load_float(xp + i)))));
 #elif defined(DISSEG_TELU_AVX2)
   if constexpr (lanes::has_lanes<T> && lanes::kWidth == 8)
     for (; i + 8 <= hi; i += 8)
-      lanes::store(dp + i, lanes::fvec(_mm256_mul_ps(lanes::load(gp + i), telu_bwd8(lanes::load(xp + i)))));
+      lanes::store_float(dp + i, lanes::fvec(_mm256_mul_ps(lanes::load_float(gp + i), telu_bwd8(lanes::load_float(xp + i)))));
 #endif
   return i;
 }

@@ -1273,7 +1273,7 @@ def test_cuda_multiscale_gradcheck_and_opcheck():
 
 @pytest.mark.skipif("cpu" not in GATE_BACKENDS, reason="C++ gate kernels unavailable")
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_pool_ops_first_argmax(channels_last, dtype):
     """csrc/gates.cpp's pools over H·W and over C: mean, max and the *first* arg-max, on
     integer-valued maps full of ties, with H·W = 221 and C = 150 (the arg-max search runs
@@ -1661,14 +1661,14 @@ def _check_nan_spreads(module, hw, device, channels_last, tol):
     torch.testing.assert_close(y[finite], yr[finite], atol=tol, rtol=tol)
 
 
-def _check_pools_take_the_first_nan(pool_hw, pool_c, device, channels_last):
+def _check_pools_take_the_first_nan(pool_hw, pool_c, device, channels_last, dtype=torch.float32):
     """pool_hw / pool_c: a NaN is the max at its first index; a row of -inf only answers
     -inf at index 0; with or without a gate."""
     x = torch.randn(2, 4, 3, 5)
     x[0, 1, 1, 2] = x[0, 1, 2, 0] = float("nan")  # pool over H·W of (0, 1): first NaN at 7
     x[1, 2] = float("-inf")  # (1, 2) all -inf
     x[1, 0, 2, 4] = x[1, 3, 2, 4] = float("nan")  # pool over C of pixel 14 of sample 1: first NaN at c = 0
-    x = x.to(device)
+    x = x.to(device, dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     for gate in (None, torch.rand(2, 15, device=device) + 0.5):
@@ -1686,10 +1686,12 @@ def _check_pools_take_the_first_nan(pool_hw, pool_c, device, channels_last):
 
 @requires_cpu_ext
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_cpu_pools_take_the_first_nan(channels_last):
-    """csrc/gates.cpp's gates_pool_hw / gates_pool_c (the NaN-skipping pools failed it)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_pools_take_the_first_nan(channels_last, dtype):
+    """csrc/gates.cpp's gates_pool_hw / gates_pool_c (the NaN-skipping pools failed it);
+    float16 rows are widened to float before the pools' lane loops."""
     _check_pools_take_the_first_nan(torch.ops.disseg.gates_pool_hw, torch.ops.disseg.gates_pool_c, "cpu",
-                                    channels_last)
+                                    channels_last, dtype)
 
 
 @pytest.mark.skipif(not TRITON_GATES, reason="Triton gate kernels unavailable")
