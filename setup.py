@@ -15,6 +15,10 @@ Build switches (environment variables, in the manner of flash-attention's setup.
     MAX_JOBS=N                    parallel compile jobs (default: bounded by cores and by
                                   memory, about 3 GB per job for the CUDA files)
     DISSEG_DEBUG=1                -O0 -g instead of -O3
+    DISSEG_CPU_ARCH=native        x86-64: the C++ kernels' -march (default native: the
+                                  build machine's vector width, e.g. AVX-512). A build
+                                  that runs on other CPUs too: x86-64-v3 (AVX2 + FMA),
+                                  x86-64-v4 (AVX-512), or none (no -march: SSE2 only)
 """
 
 import glob
@@ -58,10 +62,13 @@ os.environ["MAX_JOBS"] = _bounded_max_jobs()
 debug = _flag("DISSEG_DEBUG")
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags += ["-std=c++17", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"]
+cpu_arch = os.environ.get("DISSEG_CPU_ARCH", "native").strip() or "native"
+if not all(ch.isalnum() or ch in "-_." for ch in cpu_arch):
+    sys.exit(f"setup.py: DISSEG_CPU_ARCH must be a -march value such as native, x86-64-v3 or none; got {cpu_arch!r}")
 if platform.machine() in {"x86_64", "AMD64"}:
-    # Let the compiler vectorise the fused loops for the CPU it is built on
-    # (AVX-512 where present); at::vec::Vectorized picks its width from these flags.
-    cxx_flags += ["-march=native", "-ffp-contract=fast"]
+    # Let the compiler vectorise the fused loops for the CPU it is built on (AVX-512
+    # where present) or the one named; at::vec::Vectorized picks its width from these flags.
+    cxx_flags += ["-ffp-contract=fast"] + ([] if cpu_arch == "none" else [f"-march={cpu_arch}"])
 link_flags = ["-fopenmp"]
 
 cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
