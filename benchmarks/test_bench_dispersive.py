@@ -16,14 +16,6 @@ from disseg_kernels.reference.dispersive import eager_dispersive_loss
 
 pytest.importorskip("pytest_benchmark")
 
-
-@pytest.fixture(autouse=True)
-def _needs_the_plugin(request):
-    """Skip (not error) where pytest-benchmark is installed but not loaded (-p no:benchmark,
-    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1): its `benchmark` fixture is then missing."""
-    if not request.config.pluginmanager.hasplugin("benchmark"):
-        pytest.skip("the pytest-benchmark plugin is not loaded")
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(8, 32768), (512, 256), (1024, 64)]
 BACKENDS = [
