@@ -648,3 +648,22 @@ def test_hinge_margin_reaches_the_loss_and_a_dead_hinge_is_announced(tiny_data, 
             assert "--disp-margin=1" in warned[0]
     with pytest.raises(Exception, match="--disp-margin=0.0: must be > 0"):
         _cfg(tiny_data, tmp_path / "bad", disp_margin=0.0)
+
+
+@pytest.mark.parametrize("fast_fp16", [False, True])
+def test_fp16_autocast_on_a_cpu_without_fp16_convolutions_is_announced(tiny_data, tmp_path, monkeypatch, fast_fp16):
+    """--amp fp16 on a CPU whose oneDNN has no float16 convolution (this host's AVX-512
+    without AVX512-FP16): torch runs them in slow_conv2d, ~30x slower than --amp bf16 for a
+    Stage II step, with nothing said. The set-up now says so and names bf16; a CPU with
+    fast fp16 convolutions, or --amp bf16, hears nothing."""
+    import models.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_cpu_has_fast_fp16_conv", lambda: fast_fp16)
+    for amp in ("fp16", "bf16"):
+        logs = []
+        Trainer(_cfg(tiny_data, tmp_path / f"{amp}_{fast_fp16}", stage=1, amp=amp), log=logs.append).setup()
+        said = [m for m in logs if "--amp fp16 on this CPU" in m]
+        assert len(said) == (1 if amp == "fp16" and not fast_fp16 else 0), logs
+        if said:
+            assert "--amp bf16" in said[0]
+    assert isinstance(trainer_module._cpu_has_fast_fp16_conv(), bool)
