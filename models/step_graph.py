@@ -3,8 +3,8 @@
 Why: on a GPU the fused model's step is host-bound. Its ~2,200 operations (477 Triton
 launches; ``python -m benchmarks.bench_host_overhead --ops stage2``) each cost the host more
 than the device spends on them, so the H200 ran the fused Stage II step in about the plain
-one's wall time although its device time was about half (README, "Stage II training step,
-GPU"). A replay issues the whole forward and backward with one call.
+one's wall time although its device time was about half (docs/results.md, "Stage II
+training step, GPU"). A replay issues the whole forward and backward with one call.
 
 What is captured: ``body(*inputs)``, which runs the forward, the loss and ``backward()`` and
 returns a tuple of tensors (the loss, its parts, the predictions the metrics read). What
