@@ -388,20 +388,19 @@ std::tuple<at::Tensor, at::Tensor> gates_reduce_cpu(const at::Tensor& x, const s
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((nthreads + g.B - 1) / g.B, g.p_unit ? g.C : g.P));
     std::vector<acc_t> part_u(splits > 1 ? g.B * splits * g.C : 0), part_v(splits > 1 ? g.B * splits * g.P : 0);
     at::parallel_for(0, g.B * splits, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> tmp(g.p_unit ? g.P : g.C);
+      std::vector<float> xbuf, rbuf;  // float16 rows widened (lane_row)
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t b = t / splits, k = t % splits;
         acc_t* ur = splits > 1 ? part_u.data() + t * g.C : up + b * g.C;
         acc_t* vr = splits > 1 ? part_v.data() + t * g.P : vp + b * g.P;
         const acc_t* gr = gp ? gp + b * g.C : nullptr;
         const acc_t* sr = sp ? sp + b * g.P : nullptr;
-        acc_t* tw = tmp.data();
         if (g.p_unit) {
           const int64_t c_lo = g.C * k / splits, c_hi = g.C * (k + 1) / splits;
           for (int64_t c = c_lo; c < c_hi; ++c) {
             const int64_t off = b * g.sB + c * g.sC;
-            const scalar_t* xr = xp + off;
-            const scalar_t* rr = rp ? rp + off : nullptr;
+            const auto* xr = lane_row(xp + off, g.P, xbuf);
+            const auto* rr = rp ? lane_row(rp + off, g.P, rbuf) : nullptr;
             const acc_t w = gr ? gr[c] : acc_t(1);
             acc_t u = 0;
 _Pragma("omp simd reduction(+ : u)")
@@ -416,8 +415,8 @@ _Pragma("omp simd reduction(+ : u)")
           const int64_t p_lo = g.P * k / splits, p_hi = g.P * (k + 1) / splits;
           for (int64_t p = p_lo; p < p_hi; ++p) {
             const int64_t off = b * g.sB + p * g.sP;
-            const scalar_t* xr = xp + off;
-            const scalar_t* rr = rp ? rp + off : nullptr;
+            const auto* xr = lane_row(xp + off, g.C, xbuf);
+            const auto* rr = rp ? lane_row(rp + off, g.C, rbuf) : nullptr;
             const acc_t s = sr ? sr[p] : acc_t(1);
             acc_t v = 0;
 _Pragma("omp simd reduction(+ : v)")
@@ -429,7 +428,6 @@ _Pragma("omp simd reduction(+ : v)")
             vr[p] = v;
           }
         }
-        (void)tw;
       }
     });
     if (splits > 1) {

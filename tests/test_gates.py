@@ -97,10 +97,15 @@ def test_gate_gradcheck_float64(name):
 @requires_cpu_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["ca", "cbam", "cbat", "elat"])
-def test_gate_half_within_eager_error(name, dtype):
-    """bf16/fp16: the fused error against float32 is at most 2× eager's own (plus a floor)."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_gate_half_within_eager_error(name, dtype, channels_last):
+    """bf16/fp16: the fused error against float32 is at most 2× eager's own (plus a floor),
+    in both layouts (float16 rows are widened in float lanes before the pools and the
+    backward's reductions: rows of 17 channels and of 80 pixels)."""
     torch.manual_seed(3)
-    _check_half_within_eager_error(name, dtype, "cpu", torch.randn(2, 17, 8, 10), torch.randn(2, 17, 8, 10))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, go = (torch.randn(2, 17, 8, 10).to(memory_format=fmt) for _ in range(2))
+    _check_half_within_eager_error(name, dtype, "cpu", x, go)
 
 
 def _check_half_within_eager_error(name, dtype, backend, x32, go32):
