@@ -10,19 +10,14 @@ torch.compile is benchmarks/bench_dispersive.py.
 import pytest
 import torch
 
-import disseg_kernels
+from benchmarks._cases import DEVICE, fused_backends
 from disseg_kernels import dispersive_loss
 from disseg_kernels.reference.dispersive import eager_dispersive_loss
 
 pytest.importorskip("pytest_benchmark")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(8, 32768), (512, 256), (1024, 64)]
-BACKENDS = [
-    b
-    for b in disseg_kernels.available_backends("dispersive", DEVICE)
-    if b != "reference" and not (DEVICE == "cpu" and b == "triton")
-]
+BACKENDS = fused_backends("dispersive")
 
 
 def _fwd_bwd(fn, z):

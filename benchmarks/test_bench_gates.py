@@ -13,20 +13,11 @@ import pytest
 import torch
 
 import disseg_kernels as dk
+from benchmarks._cases import DEVICE, fused_backends
 from disseg_kernels.reference.multiscale import multiscale_concat_reference
 from disseg_kernels.reference.telu import telu_eager
 
 pytest.importorskip("pytest_benchmark")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _backends(family):
-    return [
-        b
-        for b in dk.available_backends(family, DEVICE)
-        if b != "reference" and not (DEVICE == "cpu" and b == "triton")  # (the interpreter is not a benchmark)
-    ]
 
 
 def _fwd_bwd(fn, inputs, params=()):
@@ -53,7 +44,7 @@ GATE_SHAPES = {"cbat": [(2, 64, 64, 64), (2, 512, 16, 16)], "elat": [(2, 64, 64,
 @pytest.mark.parametrize(
     "op,shape", [(op, s) for op, shapes in GATE_SHAPES.items() for s in shapes], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v
 )
-@pytest.mark.parametrize("impl", _backends("gates") + ["eager"])
+@pytest.mark.parametrize("impl", fused_backends("gates") + ["eager"])
 def test_gates_fwd_bwd(benchmark, impl, op, shape):
     torch.manual_seed(0)
     fused = impl != "eager"
@@ -64,7 +55,7 @@ def test_gates_fwd_bwd(benchmark, impl, op, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("impl", _backends("telu") + ["eager"])
+@pytest.mark.parametrize("impl", fused_backends("telu") + ["eager"])
 def test_telu_fwd_bwd(benchmark, impl, dtype):
     x = torch.randn(2, 64, 64, 64, device=DEVICE).to(dtype).requires_grad_()
     fn = telu_eager if impl == "eager" else (lambda t: dk.telu(t, backend=impl))
@@ -72,7 +63,7 @@ def test_telu_fwd_bwd(benchmark, impl, dtype):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("impl", _backends("multiscale") + ["eager"])
+@pytest.mark.parametrize("impl", fused_backends("multiscale") + ["eager"])
 def test_multiscale_fwd_bwd(benchmark, impl, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     shapes, scales = [(2, 64, 64, 64), (2, 64, 32, 32), (2, 64, 16, 16)], [1, 2, 4]

@@ -12,16 +12,12 @@ import pytest
 import torch
 
 import disseg_kernels as dk
+from benchmarks._cases import DEVICE, fused_backends
 from disseg_kernels.reference.window_attention import window_attention_reference
 
 pytest.importorskip("pytest_benchmark")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [
-    b
-    for b in dk.available_backends("window_attention", DEVICE)
-    if b != "reference" and not (DEVICE == "cpu" and b == "triton")
-]
+BACKENDS = fused_backends("window_attention")
 
 
 @pytest.mark.parametrize("size", [16, 32], ids=lambda s: f"H=W={s}")
